@@ -1,0 +1,180 @@
+//! `KeyService`: create, read, list, update and delete API keys.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::convert::{from_timestamp, key_to_pb, limits_from_pb};
+use super::error::store_err;
+use super::{Admin, AdminError, AdminResult, principal};
+use crate::domain::FieldError;
+use crate::domain::key::{ApiKey, validate_expiry, validate_key_name};
+use crate::domain::secret::{Secret, SecretKind};
+use crate::pb;
+use crate::pb::key_service_server::KeyService;
+
+pub use crate::pb::key_service_server::KeyServiceServer;
+
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+#[derive(Clone)]
+pub struct KeyApi(pub Arc<Admin>);
+
+fn parse_id(field: &'static str, id: &str) -> Result<Uuid, FieldError> {
+    if id.is_empty() {
+        return Err(FieldError::new(field, "is required"));
+    }
+    Uuid::parse_str(id).map_err(|_| FieldError::new(field, format!("'{id}' is not a key id")))
+}
+
+impl Admin {
+    async fn key_by_id(&self, id: &str) -> AdminResult<ApiKey> {
+        let id = parse_id("id", id)?;
+        self.store.get_key(id).await?.ok_or(AdminError::NotFound("key"))
+    }
+
+    fn key_pb(&self, key: &ApiKey) -> AdminResult<pb::ApiKey> {
+        let view = self.shared.view()?;
+        let gateway = view.gateway_name(key.gateway_id).unwrap_or_default();
+        Ok(key_to_pb(key, gateway, self.shared.clock.now()))
+    }
+}
+
+#[tonic::async_trait]
+impl KeyService for KeyApi {
+    #[tracing::instrument(skip_all, fields(gateway, key_id))]
+    async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let who = principal(&request)?;
+        let req = request.into_inner();
+        tracing::Span::current().record("gateway", req.gateway.as_str());
+        let run = async {
+            let now = self.0.shared.clock.now();
+            validate_key_name("name", &req.name)?;
+            let limits = limits_from_pb(req.limits.as_ref())?;
+            let expires_at = req.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
+            if let Some(at) = expires_at {
+                validate_expiry("expires_at", at, now)?;
+            }
+            let gateway = self.0.gateway_by_name("gateway", &req.gateway).await?;
+            let secret = Secret::generate(SecretKind::ApiKey);
+            let key = ApiKey {
+                id: Uuid::now_v7(),
+                gateway_id: gateway.id,
+                name: req.name.trim().to_string(),
+                prefix: secret.display_prefix(),
+                enabled: true,
+                legacy: false,
+                limits,
+                created_at: now,
+                expires_at,
+                last_used_at: None,
+            };
+            tracing::Span::current().record("key_id", key.id.to_string());
+            let _w = self.0.writes.lock().await;
+            self.0.store.insert_key(&key, &secret.hash()).await?;
+            self.0.shared.view_mut()?.upsert_key(key.clone(), vec![secret.hash()]);
+            tracing::info!(token = %who.name, "key created");
+            AdminResult::Ok(pb::CreateKeyResponse {
+                key: Some(key_to_pb(&key, &gateway.name, now)),
+                secret: secret.expose().to_string(),
+            })
+        };
+        Ok(Response::new(run.await?))
+    }
+
+    async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
+        principal(&request)?;
+        let key = self.0.key_by_id(&request.get_ref().id).await?;
+        Ok(Response::new(self.0.key_pb(&key)?))
+    }
+
+    async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+        principal(&request)?;
+        let req = request.into_inner();
+        let run = async {
+            let page_size = match req.page_size {
+                0 => DEFAULT_PAGE_SIZE,
+                n if n > MAX_PAGE_SIZE => {
+                    return Err(FieldError::new("page_size", format!("must be at most {MAX_PAGE_SIZE}")).into());
+                }
+                n => n,
+            };
+            let after = if req.page_token.is_empty() {
+                None
+            } else {
+                Some(parse_id("page_token", &req.page_token)?.to_string())
+            };
+            let gateway = self.0.gateway_by_name("gateway", &req.gateway).await?;
+            let page = crate::store::Page { after: after.as_deref(), limit: page_size + 1 };
+            let mut keys = self.0.store.list_keys(gateway.id, page).await?;
+            let next_page_token = if keys.len() > page_size as usize {
+                keys.truncate(page_size as usize);
+                keys.last().map(|k| k.id.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            let now = self.0.shared.clock.now();
+            AdminResult::Ok(pb::ListKeysResponse {
+                keys: keys.iter().map(|k| key_to_pb(k, &gateway.name, now)).collect(),
+                next_page_token,
+            })
+        };
+        Ok(Response::new(run.await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(key_id))]
+    async fn update_key(&self, request: Request<pb::UpdateKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
+        let who = principal(&request)?;
+        let req = request.into_inner();
+        tracing::Span::current().record("key_id", req.id.as_str());
+        let run = async {
+            let now = self.0.shared.clock.now();
+            if req.clear_expires_at && req.expires_at.is_some() {
+                return Err(FieldError::new("clear_expires_at", "cannot be combined with expires_at").into());
+            }
+            let _w = self.0.writes.lock().await;
+            let mut key = self.0.key_by_id(&req.id).await?;
+            if let Some(name) = &req.name {
+                validate_key_name("name", name)?;
+                key.name = name.trim().to_string();
+            }
+            if let Some(enabled) = req.enabled {
+                key.enabled = enabled;
+            }
+            if let Some(limits) = &req.limits {
+                key.limits = limits_from_pb(Some(limits))?;
+            }
+            if let Some(t) = &req.expires_at {
+                let at = from_timestamp("expires_at", t)?;
+                validate_expiry("expires_at", at, now)?;
+                key.expires_at = Some(at);
+            }
+            if req.clear_expires_at {
+                key.expires_at = None;
+            }
+            self.0.store.update_key(&key).await.map_err(store_err("key"))?;
+            self.0.shared.view_mut()?.replace_key(key.clone());
+            tracing::info!(token = %who.name, enabled = key.enabled, "key updated");
+            self.0.key_pb(&key)
+        };
+        Ok(Response::new(run.await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(key_id))]
+    async fn delete_key(&self, request: Request<pb::DeleteKeyRequest>) -> Result<Response<pb::DeleteKeyResponse>, Status> {
+        let who = principal(&request)?;
+        let req = request.into_inner();
+        tracing::Span::current().record("key_id", req.id.as_str());
+        let run = async {
+            let id = parse_id("id", &req.id)?;
+            let _w = self.0.writes.lock().await;
+            self.0.store.delete_key(id, self.0.shared.clock.now()).await.map_err(store_err("key"))?;
+            self.0.shared.view_mut()?.remove_key(id);
+            tracing::info!(token = %who.name, "key deleted");
+            AdminResult::Ok(pb::DeleteKeyResponse {})
+        };
+        Ok(Response::new(run.await?))
+    }
+}

@@ -1,0 +1,206 @@
+//! Wiring: open storage, migrate, load the in-memory view, start listeners, drain on signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::admin::auth::TokenRegistry;
+use crate::admin::gateways::GatewayServiceServer;
+use crate::admin::keys::KeyServiceServer;
+use crate::admin::{Admin, AdminAuth, GatewayApi, KeyApi};
+use crate::authz::{AuthorizationServer, AuthzService};
+use crate::config::{ServeArgs, ServeRole};
+use crate::domain::access::{AccessToken, Role};
+use crate::domain::clock::Clock;
+use crate::domain::secret::{Secret, SecretKind};
+use crate::domain::view::View;
+use crate::state::Shared;
+use crate::store::{self, Store};
+
+/// Names reported by `grpc.health.v1.Health`, besides the overall "".
+const HEALTH_SERVICES: &[&str] = &[
+    "envoy.service.auth.v3.Authorization",
+    "portcullis.admin.v1.GatewayService",
+    "portcullis.admin.v1.KeyService",
+];
+
+/// A started server.
+pub struct Running {
+    pub authz_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    health: HealthReporter,
+    drain_timeout: Duration,
+}
+
+/// Opens storage, runs migrations and nothing else.
+pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
+    let store = store::open(database_url).await.with_context(|| format!("opening {}", store::redact_url(database_url)))?;
+    store.migrate().await.context("running migrations")?;
+    Ok(())
+}
+
+/// Makes sure someone can administer this instance: the bootstrap token, or a first owner token.
+async fn bootstrap(store: &dyn Store, tokens: &mut TokenRegistry, args: &ServeArgs, clock: &dyn Clock) -> anyhow::Result<()> {
+    let now = clock.now();
+    let owner = |name: &str| AccessToken {
+        id: uuid::Uuid::now_v7(),
+        name: name.to_string(),
+        role: Role::Owner,
+        gateways: vec![],
+        created_at: now,
+        expires_at: None,
+        revoked_at: None,
+    };
+    if let Some(secret) = args.bootstrap_token.as_deref() {
+        if secret.trim().len() < 16 || secret.trim() != secret {
+            bail!("PORTCULLIS_BOOTSTRAP_TOKEN must be at least 16 characters with no surrounding spaces");
+        }
+        let hash = Secret::from_plaintext(secret).hash();
+        if !tokens.contains(&hash) {
+            let token = owner("bootstrap");
+            store.insert_access_token(&token, &hash).await.context("storing the bootstrap token")?;
+            tracing::info!(token_id = %token.id, "bootstrap owner token stored");
+            tokens.insert(token, hash);
+        }
+    } else if !tokens.has_usable_owner(now) {
+        let secret = Secret::generate(SecretKind::AccessToken);
+        let token = owner("owner");
+        store.insert_access_token(&token, &secret.hash()).await.context("storing the first owner token")?;
+        tokens.insert(token, secret.hash());
+        // Printed once, on stderr, never logged.
+        eprintln!(
+            "\nPortcullis created the first owner management token. It is shown only this once; store it now:\n\n    {}\n\nUse it as `authorization: Bearer <token>` (or PORTCULLIS_TOKEN for the CLI).\n",
+            secret.expose()
+        );
+    }
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpIncoming, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))?;
+    let local = listener.local_addr()?;
+    Ok((TcpIncoming::from(listener).with_nodelay(Some(true)), local))
+}
+
+pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    if args.redis_url.is_some() {
+        bail!("--redis-url (shared counters across replicas) is not supported by this version; run one replica without it");
+    }
+    let url = store::redact_url(&args.database.database_url);
+    let store = store::open(&args.database.database_url).await.with_context(|| format!("opening {url}"))?;
+    store.migrate().await.context("running migrations")?;
+    let snapshot = store.load().await.context("loading gateways, keys and tokens")?;
+    let mut tokens = TokenRegistry::new(snapshot.access_tokens, args.dev);
+    bootstrap(&*store, &mut tokens, args, &*clock).await?;
+    if args.dev {
+        tracing::warn!("--dev is on: the management token `test-token` is accepted as an owner; never use this in production");
+    }
+    let view = View::new(snapshot.gateways, snapshot.keys);
+    tracing::info!(database = %url, gateways = view.gateway_count(), keys = view.key_count(), "storage migrated and view loaded");
+    let shared = Arc::new(Shared::new(view, tokens, clock));
+
+    let (health, health_server) = tonic_health::server::health_reporter();
+    let (shutdown, rx) = watch::channel(false);
+    let signal = move || {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut tasks = Vec::new();
+    let mut authz_addr = None;
+    let mut admin_addr = None;
+
+    if args.role != ServeRole::Admin {
+        let (incoming, addr) = bind(args.authz_addr, "authz").await?;
+        authz_addr = Some(addr);
+        let router = Server::builder()
+            .add_service(health_server.clone())
+            .add_service(AuthorizationServer::new(AuthzService::new(Arc::clone(&shared))));
+        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal())));
+        tracing::info!(%addr, "authz listener (ext_authz, health) ready");
+    }
+    if args.role != ServeRole::Authz {
+        let (incoming, addr) = bind(args.admin_addr, "admin").await?;
+        admin_addr = Some(addr);
+        let admin = Admin::new(Arc::clone(&shared), Arc::clone(&store));
+        let auth = AdminAuth::new(Arc::clone(&shared));
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building reflection v1")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building reflection v1alpha")?;
+        let router = Server::builder()
+            .add_service(health_server.clone())
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(GatewayServiceServer::with_interceptor(GatewayApi(Arc::clone(&admin)), auth.clone()))
+            .add_service(KeyServiceServer::with_interceptor(KeyApi(admin), auth));
+        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal())));
+        tracing::info!(%addr, "admin listener (admin API, health, reflection) ready");
+    }
+    for name in std::iter::once(&"").chain(HEALTH_SERVICES) {
+        health.set_service_status(name, ServingStatus::Serving).await;
+    }
+    Ok(Running { authz_addr, admin_addr, shared, shutdown, tasks, health, drain_timeout: args.drain_timeout })
+}
+
+impl Running {
+    /// Health to NOT_SERVING, stop accepting, finish in-flight calls (bounded), return.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        for name in std::iter::once(&"").chain(HEALTH_SERVICES) {
+            self.health.set_service_status(name, ServingStatus::NotServing).await;
+        }
+        let _ = self.shutdown.send(true);
+        let drain = async {
+            for task in self.tasks {
+                task.await.context("listener task panicked")?.context("listener failed")?;
+            }
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(self.drain_timeout, drain).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(timeout = ?self.drain_timeout, "drain timed out; exiting with calls still open");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs `serve` until SIGTERM or Ctrl-C, then drains.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let running = start(&args, Arc::new(crate::domain::clock::SystemClock)).await?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down: health NOT_SERVING, draining");
+    running.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+    }
+    Ok(())
+}

@@ -1,0 +1,382 @@
+//! The admin client: `portcullis gateways …`, `portcullis keys …`.
+//! Tables for people, `--json` for scripts, one-line errors.
+
+mod output;
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Subcommand, ValueEnum};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::pb;
+use crate::pb::gateway_service_client::GatewayServiceClient;
+use crate::pb::key_service_client::KeyServiceClient;
+
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// Admin API address.
+    #[arg(long, env = "PORTCULLIS_ADMIN_URL", default_value = "http://127.0.0.1:50052", global = true)]
+    pub admin_url: String,
+    /// Management token.
+    #[arg(long, env = "PORTCULLIS_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Create, list, inspect, update and delete gateways.
+    Gateways {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        cmd: GatewaysCmd,
+    },
+    /// Create, list, enable, disable, update and delete API keys.
+    Keys {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Location {
+    Header,
+    Query,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Period {
+    Never,
+    Daily,
+    Weekly,
+    Monthly,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewaySettings {
+    /// Header or query parameter clients put their key in (default x-api-key).
+    #[arg(long)]
+    key_name: Option<String>,
+    /// Where clients put their key.
+    #[arg(long, value_enum)]
+    key_location: Option<Location>,
+    /// Header that carries the provider credential upstream, e.g. authorization.
+    #[arg(long)]
+    upstream_header: Option<String>,
+    /// The provider credential, e.g. "Bearer sk-…" (write-only). Prefer the env var.
+    #[arg(long, env = "PORTCULLIS_UPSTREAM_VALUE", hide_env_values = true)]
+    upstream_value: Option<String>,
+    /// Tokens reserved for a request that names no max_tokens.
+    #[arg(long)]
+    default_reservation_tokens: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GatewaysCmd {
+    Create {
+        name: String,
+        #[command(flatten)]
+        settings: GatewaySettings,
+    },
+    List,
+    Get {
+        name: String,
+    },
+    Update {
+        name: String,
+        #[command(flatten)]
+        settings: GatewaySettings,
+        /// Stop sending a provider credential.
+        #[arg(long, conflicts_with_all = ["upstream_header", "upstream_value"])]
+        clear_upstream: bool,
+    },
+    Delete {
+        name: String,
+        /// Also delete the gateway's keys.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Spend cap in USD per period, e.g. 12.50.
+    #[arg(long)]
+    cost_limit: Option<String>,
+    /// Token cap per period.
+    #[arg(long)]
+    token_limit: Option<u64>,
+    /// Requests per rolling 60-second window.
+    #[arg(long)]
+    rpm: Option<u32>,
+    /// When cost and token counters reset (UTC).
+    #[arg(long, value_enum)]
+    reset_period: Option<Period>,
+}
+
+impl LimitArgs {
+    fn any(&self) -> bool {
+        self.cost_limit.is_some() || self.token_limit.is_some() || self.rpm.is_some() || self.reset_period.is_some()
+    }
+
+    fn to_pb(&self) -> pb::Limits {
+        pb::Limits {
+            cost_limit_usd: self.cost_limit.clone(),
+            token_limit: self.token_limit,
+            requests_per_minute: self.rpm,
+            reset_period: match self.reset_period.unwrap_or(Period::Never) {
+                Period::Never => pb::ResetPeriod::Never,
+                Period::Daily => pb::ResetPeriod::Daily,
+                Period::Weekly => pb::ResetPeriod::Weekly,
+                Period::Monthly => pb::ResetPeriod::Monthly,
+            } as i32,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Create a key; its secret is printed once.
+    Create {
+        name: String,
+        #[arg(long)]
+        gateway: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Expiry, RFC 3339 (e.g. 2027-01-01T00:00:00Z).
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        gateway: String,
+        /// Fetch at most this many (default: all pages).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    Get {
+        id: String,
+    },
+    Enable {
+        id: String,
+    },
+    Disable {
+        id: String,
+    },
+    /// Rename, change limits (replaces all of them) or expiry.
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[arg(long)]
+        expires_at: Option<String>,
+        #[arg(long, conflicts_with = "expires_at")]
+        clear_expires_at: bool,
+    },
+    /// Delete a key permanently.
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Clone)]
+struct Auth(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Svc = InterceptedService<Channel, Auth>;
+
+async fn connect(conn: &Connection) -> anyhow::Result<(GatewayServiceClient<Svc>, KeyServiceClient<Svc>)> {
+    let token = conn.token.as_deref().ok_or_else(|| anyhow!("no management token: pass --token or set PORTCULLIS_TOKEN"))?;
+    let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        .map_err(|_| anyhow!("the management token has characters that cannot be sent"))?;
+    let channel = Endpoint::from_shared(conn.admin_url.clone())
+        .with_context(|| format!("invalid --admin-url '{}'", conn.admin_url))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|_| anyhow!("cannot reach the admin API at {}", conn.admin_url))?;
+    let auth = Auth(value);
+    Ok((
+        GatewayServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        KeyServiceClient::with_interceptor(channel, auth),
+    ))
+}
+
+/// A gRPC status as one line: "key not found (NOT_FOUND)".
+fn status_err(s: Status) -> anyhow::Error {
+    let code = format!("{:?}", s.code());
+    let mut upper = String::new();
+    for (i, c) in code.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            upper.push('_');
+        }
+        upper.push(c.to_ascii_uppercase());
+    }
+    anyhow!("{} ({upper})", s.message())
+}
+
+fn timestamp(field: &str, s: &str) -> anyhow::Result<prost_types::Timestamp> {
+    let t = chrono::DateTime::parse_from_rfc3339(s).with_context(|| format!("{field}: '{s}' is not an RFC 3339 time"))?;
+    Ok(prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 })
+}
+
+fn inbound(s: &GatewaySettings) -> Option<pb::InboundAuth> {
+    (s.key_name.is_some() || s.key_location.is_some()).then(|| pb::InboundAuth {
+        key_name: s.key_name.clone().unwrap_or_default(),
+        location: match s.key_location.unwrap_or(Location::Header) {
+            Location::Header => pb::KeyLocation::Header,
+            Location::Query => pb::KeyLocation::Query,
+        } as i32,
+    })
+}
+
+fn upstream(s: &GatewaySettings) -> Option<pb::UpstreamAuth> {
+    (s.upstream_header.is_some() || s.upstream_value.is_some()).then(|| pb::UpstreamAuth {
+        header_name: s.upstream_header.clone().unwrap_or_default(),
+        value: s.upstream_value.clone().unwrap_or_default(),
+        value_set: false,
+    })
+}
+
+pub async fn run(cmd: CliCommand) -> anyhow::Result<()> {
+    match cmd {
+        CliCommand::Gateways { conn, cmd } => gateways(&conn, cmd).await,
+        CliCommand::Keys { conn, cmd } => keys(&conn, cmd).await,
+    }
+}
+
+async fn gateways(conn: &Connection, cmd: GatewaysCmd) -> anyhow::Result<()> {
+    let (mut client, _) = connect(conn).await?;
+    let out = output::Out { json: conn.json };
+    match cmd {
+        GatewaysCmd::Create { name, settings } => {
+            let g = client
+                .create_gateway(pb::CreateGatewayRequest {
+                    name,
+                    inbound_auth: inbound(&settings),
+                    upstream_auth: upstream(&settings),
+                    default_reservation_tokens: settings.default_reservation_tokens.unwrap_or(0),
+                })
+                .await
+                .map_err(status_err)?;
+            out.gateways(&[g.into_inner()]);
+        }
+        GatewaysCmd::List => {
+            let list = client.list_gateways(pb::ListGatewaysRequest {}).await.map_err(status_err)?;
+            out.gateways(&list.into_inner().gateways);
+        }
+        GatewaysCmd::Get { name } => {
+            let g = client.get_gateway(pb::GetGatewayRequest { name }).await.map_err(status_err)?;
+            out.gateways(&[g.into_inner()]);
+        }
+        GatewaysCmd::Update { name, settings, clear_upstream } => {
+            let upstream_auth = if clear_upstream { Some(pb::UpstreamAuth::default()) } else { upstream(&settings) };
+            let g = client
+                .update_gateway(pb::UpdateGatewayRequest {
+                    name,
+                    inbound_auth: inbound(&settings),
+                    upstream_auth,
+                    default_reservation_tokens: settings.default_reservation_tokens,
+                })
+                .await
+                .map_err(status_err)?;
+            out.gateways(&[g.into_inner()]);
+        }
+        GatewaysCmd::Delete { name, force } => {
+            let r = client
+                .delete_gateway(pb::DeleteGatewayRequest { name: name.clone(), force })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            out.message(
+                serde_json::json!({"deleted": name, "deleted_keys": r.deleted_keys}),
+                &format!("Deleted gateway {name} and {} keys", r.deleted_keys),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn keys(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
+    let (_, mut client) = connect(conn).await?;
+    let out = output::Out { json: conn.json };
+    let set_enabled = |id: String, enabled: bool| pb::UpdateKeyRequest { id, enabled: Some(enabled), ..Default::default() };
+    match cmd {
+        KeysCmd::Create { name, gateway, limits, expires_at } => {
+            let expires_at = expires_at.as_deref().map(|s| timestamp("--expires-at", s)).transpose()?;
+            let r = client
+                .create_key(pb::CreateKeyRequest { gateway, name, limits: limits.any().then(|| limits.to_pb()), expires_at })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            out.created_key(&r);
+        }
+        KeysCmd::List { gateway, limit } => {
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_keys(pb::ListKeysRequest { gateway: gateway.clone(), page_size: 1000, page_token })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                all.extend(page.keys);
+                if page.next_page_token.is_empty() || limit.is_some_and(|l| all.len() >= l) {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if let Some(l) = limit {
+                all.truncate(l);
+            }
+            out.keys(&all);
+        }
+        KeysCmd::Get { id } => {
+            let k = client.get_key(pb::GetKeyRequest { id }).await.map_err(status_err)?;
+            out.keys(&[k.into_inner()]);
+        }
+        KeysCmd::Enable { id } => {
+            let k = client.update_key(set_enabled(id, true)).await.map_err(status_err)?;
+            out.keys(&[k.into_inner()]);
+        }
+        KeysCmd::Disable { id } => {
+            let k = client.update_key(set_enabled(id, false)).await.map_err(status_err)?;
+            out.keys(&[k.into_inner()]);
+        }
+        KeysCmd::Update { id, name, limits, expires_at, clear_expires_at } => {
+            let expires_at = expires_at.as_deref().map(|s| timestamp("--expires-at", s)).transpose()?;
+            let k = client
+                .update_key(pb::UpdateKeyRequest {
+                    id,
+                    name,
+                    enabled: None,
+                    limits: limits.any().then(|| limits.to_pb()),
+                    expires_at,
+                    clear_expires_at,
+                })
+                .await
+                .map_err(status_err)?;
+            out.keys(&[k.into_inner()]);
+        }
+        KeysCmd::Delete { id } => {
+            client.delete_key(pb::DeleteKeyRequest { id: id.clone() }).await.map_err(status_err)?;
+            out.message(serde_json::json!({"deleted": id}), &format!("Deleted key {id}"));
+        }
+    }
+    Ok(())
+}

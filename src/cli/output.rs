@@ -1,0 +1,177 @@
+//! CLI output: aligned tables for people, JSON for scripts.
+
+use serde_json::{Value, json};
+
+use crate::pb;
+
+pub struct Out {
+    pub json: bool,
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+fn status_name(s: i32) -> &'static str {
+    match pb::KeyStatus::try_from(s) {
+        Ok(pb::KeyStatus::Active) => "ACTIVE",
+        Ok(pb::KeyStatus::Disabled) => "DISABLED",
+        Ok(pb::KeyStatus::Expired) => "EXPIRED",
+        _ => "UNKNOWN",
+    }
+}
+
+fn period_name(p: i32) -> &'static str {
+    match pb::ResetPeriod::try_from(p) {
+        Ok(pb::ResetPeriod::Daily) => "daily",
+        Ok(pb::ResetPeriod::Weekly) => "weekly",
+        Ok(pb::ResetPeriod::Monthly) => "monthly",
+        _ => "never",
+    }
+}
+
+fn gateway_json(g: &pb::Gateway) -> Value {
+    let inbound = g.inbound_auth.clone().unwrap_or_default();
+    json!({
+        "id": g.id,
+        "name": g.name,
+        "inbound_auth": {
+            "key_name": inbound.key_name,
+            "location": if inbound.location == pb::KeyLocation::Query as i32 { "query" } else { "header" },
+        },
+        "upstream_auth": g.upstream_auth.as_ref().map(|u| json!({"header_name": u.header_name, "value_set": u.value_set})),
+        "default_reservation_tokens": g.default_reservation_tokens,
+        "created_at": ts(&g.created_at),
+    })
+}
+
+fn limits_json(l: &Option<pb::Limits>) -> Value {
+    let l = l.clone().unwrap_or_default();
+    json!({
+        "cost_limit_usd": l.cost_limit_usd,
+        "token_limit": l.token_limit,
+        "requests_per_minute": l.requests_per_minute,
+        "reset_period": period_name(l.reset_period),
+    })
+}
+
+fn key_json(k: &pb::ApiKey) -> Value {
+    json!({
+        "id": k.id,
+        "gateway": k.gateway,
+        "name": k.name,
+        "prefix": k.prefix,
+        "status": status_name(k.status),
+        "enabled": k.enabled,
+        "legacy": k.legacy,
+        "limits": limits_json(&k.limits),
+        "created_at": ts(&k.created_at),
+        "expires_at": k.expires_at.as_ref().map(|_| ts(&k.expires_at)),
+        "last_used_at": k.last_used_at.as_ref().map(|_| ts(&k.last_used_at)),
+    })
+}
+
+fn limits_text(l: &Option<pb::Limits>) -> String {
+    let Some(l) = l else { return "-".into() };
+    let mut parts = Vec::new();
+    if let Some(c) = &l.cost_limit_usd {
+        parts.push(format!("${c}"));
+    }
+    if let Some(t) = l.token_limit {
+        parts.push(format!("{t} tokens"));
+    }
+    if let Some(r) = l.requests_per_minute {
+        parts.push(format!("{r} rpm"));
+    }
+    if parts.is_empty() {
+        return "-".into();
+    }
+    if l.reset_period != pb::ResetPeriod::Never as i32 {
+        parts.push(period_name(l.reset_period).to_string());
+    }
+    parts.join(", ")
+}
+
+/// Prints rows under a header, each column as wide as its widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+impl Out {
+    fn print_json(&self, v: Value) {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+
+    pub fn gateways(&self, gs: &[pb::Gateway]) {
+        if self.json {
+            return self.print_json(Value::Array(gs.iter().map(gateway_json).collect()));
+        }
+        let rows = gs
+            .iter()
+            .map(|g| {
+                let inbound = g.inbound_auth.clone().unwrap_or_default();
+                let location = if inbound.location == pb::KeyLocation::Query as i32 { "query" } else { "header" };
+                vec![
+                    g.name.clone(),
+                    format!("{location}:{}", inbound.key_name),
+                    g.upstream_auth.as_ref().map(|u| format!("{} (set)", u.header_name)).unwrap_or_else(|| "-".into()),
+                    ts(&g.created_at),
+                    g.id.clone(),
+                ]
+            })
+            .collect();
+        table(&["NAME", "CLIENT KEY IN", "PROVIDER KEY", "CREATED AT", "ID"], rows);
+    }
+
+    pub fn keys(&self, ks: &[pb::ApiKey]) {
+        if self.json {
+            return self.print_json(Value::Array(ks.iter().map(key_json).collect()));
+        }
+        let rows = ks
+            .iter()
+            .map(|k| {
+                vec![
+                    k.name.clone(),
+                    format!("{}…", k.prefix),
+                    status_name(k.status).to_string(),
+                    limits_text(&k.limits),
+                    ts(&k.created_at),
+                    if k.expires_at.is_some() { ts(&k.expires_at) } else { "never".into() },
+                    k.id.clone(),
+                ]
+            })
+            .collect();
+        table(&["NAME", "PREFIX", "STATUS", "LIMITS", "CREATED AT", "EXPIRES", "ID"], rows);
+    }
+
+    pub fn created_key(&self, r: &pb::CreateKeyResponse) {
+        let key = r.key.clone().unwrap_or_default();
+        if self.json {
+            let mut v = key_json(&key);
+            v["secret"] = Value::String(r.secret.clone());
+            return self.print_json(v);
+        }
+        self.keys(&[key]);
+        println!("\nSecret (shown only this once; store it now):\n{}", r.secret);
+    }
+
+    pub fn message(&self, json: Value, text: &str) {
+        if self.json { self.print_json(json) } else { println!("{text}") }
+    }
+}

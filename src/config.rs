@@ -1,0 +1,80 @@
+//! One clap struct per command: every setting has a flag, an env var and a default.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cli::CliCommand;
+
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about = "API keys with limits for LLM gateways built on Envoy")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Envoy-facing (authz) and operator-facing (admin) gRPC listeners.
+    Serve(ServeArgs),
+    /// Run the database migrations and exit.
+    Migrate(DatabaseArgs),
+    #[command(flatten)]
+    Admin(CliCommand),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ServeRole {
+    /// Both listeners.
+    All,
+    /// Only the Envoy-facing listener (ext_authz, ext_proc, health).
+    Authz,
+    /// Only the admin listener.
+    Admin,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Storage: `sqlite://PATH` (created if missing).
+    #[arg(long, env = "PORTCULLIS_DATABASE_URL", default_value = "sqlite://portcullis.db")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Envoy-facing listener: ext_authz Check, ext_proc metering, health.
+    #[arg(long, env = "PORTCULLIS_AUTHZ_ADDR", default_value = "127.0.0.1:50051")]
+    pub authz_addr: SocketAddr,
+
+    /// Operator-facing listener: admin API, health, reflection.
+    #[arg(long, env = "PORTCULLIS_ADMIN_ADDR", default_value = "127.0.0.1:50052")]
+    pub admin_addr: SocketAddr,
+
+    /// Which listeners this process runs.
+    #[arg(long, env = "PORTCULLIS_ROLE", value_enum, default_value_t = ServeRole::All)]
+    pub role: ServeRole,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Shared counters for several replicas (Redis). Without it counters live in the process.
+    #[arg(long, env = "PORTCULLIS_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Make sure an owner management token with this secret exists (at least 16 characters).
+    #[arg(long, env = "PORTCULLIS_BOOTSTRAP_TOKEN", hide_env_values = true)]
+    pub bootstrap_token: Option<String>,
+
+    /// Development mode: also accept the management token `test-token` as an owner. Never in production.
+    #[arg(long, env = "PORTCULLIS_DEV")]
+    pub dev: bool,
+
+    /// How long SIGTERM waits for in-flight calls before exiting.
+    #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `portcullis=debug`.
+    #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
+    pub log: String,
+}

@@ -1,0 +1,334 @@
+//! The Check decision: a pure function of the view, the request and the clock.
+//! Identify the gateway, find the key, check its status. Denials are data.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::gateway::{Gateway, InboundAuth, KeyLocation};
+use super::key::{ApiKey, KeyStatus};
+use super::secret::{self, SecretHash, SecretKind, Shape};
+use super::view::View;
+
+/// What Check needs from an HTTP request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestParts<'a> {
+    /// `context_extensions["gateway"]`.
+    pub gateway: Option<&'a str>,
+    /// Lowercase header names, as Envoy sends them.
+    pub headers: &'a HashMap<String, String>,
+    /// Path with query string.
+    pub path: &'a str,
+}
+
+/// Why a presented key is not accepted. Clients see one message for all of them;
+/// the log says which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidReason {
+    /// Our prefix, wrong checksum: refused without a lookup.
+    Malformed,
+    /// No key has this secret (never issued, or deleted).
+    Unknown,
+    Disabled,
+    Expired,
+    /// A valid key of another gateway.
+    OtherGateway,
+}
+
+impl InvalidReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidReason::Malformed => "malformed",
+            InvalidReason::Unknown => "unknown_or_deleted",
+            InvalidReason::Disabled => "disabled",
+            InvalidReason::Expired => "expired",
+            InvalidReason::OtherGateway => "other_gateway",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// The route names no gateway, or one we do not know: an operator error.
+    GatewayNotConfigured { name: String },
+    MissingKey,
+    InvalidKey { reason: InvalidReason, key_id: Option<Uuid> },
+}
+
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub gateway: Arc<Gateway>,
+    pub key: Arc<ApiKey>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Allow(Admitted),
+    Deny(Denial),
+}
+
+/// Decides one request.
+pub fn decide(view: &View, req: &RequestParts<'_>, now: DateTime<Utc>) -> Decision {
+    let name = req.gateway.unwrap_or("");
+    let Some(gateway) = view.gateway(name) else {
+        return Decision::Deny(Denial::GatewayNotConfigured { name: name.to_string() });
+    };
+    let Some(presented) = extract_key(&gateway.inbound, req.headers, req.path) else {
+        return Decision::Deny(Denial::MissingKey);
+    };
+    let invalid = |reason, key_id| Decision::Deny(Denial::InvalidKey { reason, key_id });
+    if secret::shape(&presented, SecretKind::ApiKey) == Shape::BadChecksum {
+        return invalid(InvalidReason::Malformed, None);
+    }
+    let Some(key) = view.key_by_hash(&SecretHash::of(&presented)) else {
+        return invalid(InvalidReason::Unknown, None);
+    };
+    if key.gateway_id != gateway.id {
+        return invalid(InvalidReason::OtherGateway, Some(key.id));
+    }
+    match key.status(now) {
+        KeyStatus::Active => Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key) }),
+        KeyStatus::Disabled => invalid(InvalidReason::Disabled, Some(key.id)),
+        KeyStatus::Expired => invalid(InvalidReason::Expired, Some(key.id)),
+    }
+}
+
+/// Reads the key where the gateway says clients put it. `None` when absent or blank.
+pub fn extract_key<'a>(
+    inbound: &InboundAuth,
+    headers: &'a HashMap<String, String>,
+    path: &'a str,
+) -> Option<Cow<'a, str>> {
+    let raw: Cow<'a, str> = match inbound.location {
+        KeyLocation::Header => Cow::Borrowed(headers.get(&inbound.key_name)?.as_str()),
+        KeyLocation::Query => query_param(path, &inbound.key_name)?,
+    };
+    let stripped = strip_bearer(&raw);
+    if stripped.is_empty() {
+        return None;
+    }
+    Some(match raw {
+        Cow::Borrowed(b) => Cow::Borrowed(strip_bearer(b)),
+        Cow::Owned(ref o) => Cow::Owned(strip_bearer(o).to_string()),
+    })
+}
+
+/// Strips surrounding spaces and a leading `Bearer ` in any case.
+pub fn strip_bearer(value: &str) -> &str {
+    let v = value.trim();
+    let rest = match v.get(..6) {
+        Some(p) if p.eq_ignore_ascii_case("bearer") => &v[6..],
+        _ => return v,
+    };
+    // "Bearer" alone, or followed by white space; "Bearerabc" is a value of its own.
+    if rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_whitespace()) { rest.trim() } else { v }
+}
+
+/// The first value of query parameter `name` in `path`, percent-decoded.
+pub fn query_param<'a>(path: &'a str, name: &str) -> Option<Cow<'a, str>> {
+    let query = path.split_once('?')?.1;
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k) == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{Duration, TimeZone};
+
+    use super::*;
+    use crate::domain::clock::{Clock, ManualClock};
+    use crate::domain::gateway::DEFAULT_KEY_NAME;
+    use crate::domain::key::Limits;
+    use crate::domain::secret::Secret;
+
+    struct Fixture {
+        view: View,
+        clock: ManualClock,
+        secret: Secret,
+        key_id: Uuid,
+    }
+
+    fn gateway(name: &str, inbound: InboundAuth) -> Gateway {
+        Gateway {
+            id: Uuid::now_v7(),
+            name: name.into(),
+            inbound,
+            upstream: None,
+            default_reservation_tokens: 0,
+            created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+        }
+    }
+
+    fn fixture(inbound: InboundAuth) -> Fixture {
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap());
+        let demo = gateway("demo", inbound);
+        let other = gateway("other", InboundAuth::default());
+        let secret = Secret::generate(SecretKind::ApiKey);
+        let key = ApiKey {
+            id: Uuid::now_v7(),
+            gateway_id: demo.id,
+            name: "token-user01".into(),
+            prefix: secret.display_prefix(),
+            enabled: true,
+            legacy: false,
+            limits: Limits::default(),
+            created_at: clock.now(),
+            expires_at: Some(clock.now() + Duration::hours(1)),
+            last_used_at: None,
+        };
+        let key_id = key.id;
+        let view = View::new(vec![demo, other], vec![(key, secret.hash())]);
+        Fixture { view, clock, secret, key_id }
+    }
+
+    fn run(f: &Fixture, gateway: Option<&str>, headers: &[(&str, &str)], path: &str) -> Decision {
+        let headers: HashMap<String, String> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        decide(&f.view, &RequestParts { gateway, headers: &headers, path }, f.clock.now())
+    }
+
+    fn denial(d: Decision) -> Denial {
+        match d {
+            Decision::Deny(d) => d,
+            Decision::Allow(a) => panic!("expected a denial, got an allow for key {}", a.key.id),
+        }
+    }
+
+    #[test]
+    fn active_key_in_default_header_is_admitted() {
+        let f = fixture(InboundAuth::default());
+        match run(&f, Some("demo"), &[(DEFAULT_KEY_NAME, f.secret.expose())], "/v1/chat/completions") {
+            Decision::Allow(a) => {
+                assert_eq!(a.key.id, f.key_id);
+                assert_eq!(a.gateway.name, "demo");
+            }
+            Decision::Deny(d) => panic!("denied: {d:?}"),
+        }
+    }
+
+    #[test]
+    fn bearer_prefix_and_spaces_are_stripped() {
+        assert_eq!(strip_bearer("Bearer abc"), "abc");
+        assert_eq!(strip_bearer("  bEaReR   abc  "), "abc");
+        assert_eq!(strip_bearer("abc"), "abc");
+        assert_eq!(strip_bearer("Bearer"), "");
+        assert_eq!(strip_bearer("Bearer\tabc"), "abc");
+        assert_eq!(strip_bearer("Bearer "), "");
+        assert_eq!(strip_bearer("Bearerabc"), "Bearerabc");
+        let f = fixture(InboundAuth::new("Authorization", KeyLocation::Header).unwrap());
+        let value = format!("BEARER {}", f.secret.expose());
+        assert!(matches!(run(&f, Some("demo"), &[("authorization", &value)], "/"), Decision::Allow(_)));
+    }
+
+    #[test]
+    fn missing_and_blank_keys() {
+        let f = fixture(InboundAuth::default());
+        assert_eq!(denial(run(&f, Some("demo"), &[], "/")), Denial::MissingKey);
+        assert_eq!(denial(run(&f, Some("demo"), &[("x-api-key", "  ")], "/")), Denial::MissingKey);
+        assert_eq!(denial(run(&f, Some("demo"), &[("x-api-key", "Bearer ")], "/")), Denial::MissingKey);
+        // The key in another header does not count.
+        let d = run(&f, Some("demo"), &[("authorization", f.secret.expose())], "/");
+        assert_eq!(denial(d), Denial::MissingKey);
+    }
+
+    #[test]
+    fn unknown_gateway_fails_closed() {
+        let f = fixture(InboundAuth::default());
+        let h = [("x-api-key", f.secret.expose())];
+        assert_eq!(denial(run(&f, Some("nope"), &h, "/")), Denial::GatewayNotConfigured { name: "nope".into() });
+        assert_eq!(denial(run(&f, None, &h, "/")), Denial::GatewayNotConfigured { name: "".into() });
+    }
+
+    #[test]
+    fn invalid_keys_say_why() {
+        let f = fixture(InboundAuth::default());
+        let reason = |d: Decision| match denial(d) {
+            Denial::InvalidKey { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        let mut typo = f.secret.expose().to_string();
+        typo.replace_range(10..11, if &typo[10..11] == "x" { "y" } else { "x" });
+        assert_eq!(reason(run(&f, Some("demo"), &[("x-api-key", &typo)], "/")), InvalidReason::Malformed);
+        let stranger = Secret::generate(SecretKind::ApiKey);
+        assert_eq!(reason(run(&f, Some("demo"), &[("x-api-key", stranger.expose())], "/")), InvalidReason::Unknown);
+        assert_eq!(
+            reason(run(&f, Some("other"), &[("x-api-key", f.secret.expose())], "/")),
+            InvalidReason::OtherGateway
+        );
+    }
+
+    #[test]
+    fn status_changes_apply_to_the_next_decision() {
+        let mut f = fixture(InboundAuth::default());
+        let h = [("x-api-key", f.secret.expose().to_string())];
+        let h: Vec<(&str, &str)> = h.iter().map(|(a, b)| (*a, b.as_str())).collect();
+        let mut key = (**f.view.key_by_hash(&f.secret.hash()).unwrap()).clone();
+        key.enabled = false;
+        f.view.replace_key(key.clone());
+        assert!(matches!(
+            denial(run(&f, Some("demo"), &h, "/")),
+            Denial::InvalidKey { reason: InvalidReason::Disabled, key_id: Some(id) } if id == f.key_id
+        ));
+        key.enabled = true;
+        f.view.replace_key(key);
+        assert!(matches!(run(&f, Some("demo"), &h, "/"), Decision::Allow(_)));
+        f.clock.advance(Duration::hours(1));
+        assert!(matches!(
+            denial(run(&f, Some("demo"), &h, "/")),
+            Denial::InvalidKey { reason: InvalidReason::Expired, .. }
+        ));
+        f.view.remove_key(f.key_id);
+        assert!(matches!(
+            denial(run(&f, Some("demo"), &h, "/")),
+            Denial::InvalidKey { reason: InvalidReason::Unknown, .. }
+        ));
+    }
+
+    #[test]
+    fn query_parameter_location() {
+        let f = fixture(InboundAuth::new("api_key", KeyLocation::Query).unwrap());
+        let path = format!("/v1/chat/completions?x=1&api_key={}&y=2", f.secret.expose());
+        assert!(matches!(run(&f, Some("demo"), &[], &path), Decision::Allow(_)));
+        // A header of the same name is not the query parameter.
+        assert_eq!(denial(run(&f, Some("demo"), &[("api_key", f.secret.expose())], "/")), Denial::MissingKey);
+        assert_eq!(denial(run(&f, Some("demo"), &[], "/v1?api_key=")), Denial::MissingKey);
+        assert_eq!(denial(run(&f, Some("demo"), &[], "/v1?api_keyx=1")), Denial::MissingKey);
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(query_param("/p?k=a%20b", "k").as_deref(), Some("a b"));
+        assert_eq!(query_param("/p?a=1&k=Bearer%20x#frag", "k").as_deref(), Some("Bearer x"));
+        assert_eq!(query_param("/p?k", "k").as_deref(), Some(""));
+        assert_eq!(query_param("/p?k=%zz%2", "k").as_deref(), Some("%zz%2"));
+        assert_eq!(query_param("/p", "k"), None);
+    }
+}

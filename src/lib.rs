@@ -1,0 +1,46 @@
+//! Portcullis: API keys with limits for LLM gateways built on Envoy.
+
+pub mod admin;
+pub mod app;
+pub mod authz;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod state;
+pub mod store;
+
+use std::process::ExitCode;
+
+use config::{Cli, Command};
+
+/// Our own admin protos, compiled by `build.rs`.
+pub mod pb {
+    tonic::include_proto!("portcullis.admin.v1");
+
+    /// Descriptor set for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("portcullis_descriptor");
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs one command line. Errors print as one line and exit non-zero.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(args) => {
+            init_tracing(&args.log);
+            app::serve(args).await
+        }
+        Command::Migrate(db) => app::migrate(&db.database_url).await,
+        Command::Admin(cmd) => cli::run(cmd).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

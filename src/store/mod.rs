@@ -1,0 +1,112 @@
+//! Storage behind one async trait. SQLite is the first implementation; PostgreSQL
+//! follows the same trait. The request path never calls it.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::access::AccessToken;
+use crate::domain::gateway::Gateway;
+use crate::domain::key::ApiKey;
+use crate::domain::secret::SecretHash;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness rule was hit; the payload names what (e.g. "gateway name").
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    #[error("the gateway still has {0} keys")]
+    GatewayHasKeys(u64),
+    #[error("storage is unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// Everything the request path needs, read at start.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub gateways: Vec<Gateway>,
+    pub keys: Vec<(ApiKey, SecretHash)>,
+    pub access_tokens: Vec<(AccessToken, SecretHash)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Page<'a> {
+    /// Return items after this id (ids are time-ordered UUIDv7).
+    pub after: Option<&'a str>,
+    pub limit: u32,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn migrate(&self) -> Result<(), StoreError>;
+    async fn load(&self) -> Result<Snapshot, StoreError>;
+
+    async fn insert_gateway(&self, gateway: &Gateway) -> Result<(), StoreError>;
+    /// Replaces a live gateway's settings, found by id.
+    async fn update_gateway(&self, gateway: &Gateway) -> Result<(), StoreError>;
+    /// Soft-deletes a live gateway; with `force` also its keys, whose ids are returned.
+    async fn delete_gateway(&self, id: Uuid, force: bool, now: DateTime<Utc>) -> Result<Vec<Uuid>, StoreError>;
+    async fn get_gateway(&self, name: &str) -> Result<Option<Gateway>, StoreError>;
+    async fn list_gateways(&self) -> Result<Vec<Gateway>, StoreError>;
+
+    async fn insert_key(&self, key: &ApiKey, hash: &SecretHash) -> Result<(), StoreError>;
+    /// Replaces a live key's mutable fields (name, enabled, limits, expiry).
+    async fn update_key(&self, key: &ApiKey) -> Result<(), StoreError>;
+    async fn delete_key(&self, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError>;
+    async fn list_keys(&self, gateway_id: Uuid, page: Page<'_>) -> Result<Vec<ApiKey>, StoreError>;
+
+    async fn insert_access_token(&self, token: &AccessToken, hash: &SecretHash) -> Result<(), StoreError>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens the store a database URL names.
+pub async fn open(url: &str) -> Result<DynStore, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else {
+        Err(StoreError::Unavailable(
+            format!("unsupported database URL scheme in '{}': use sqlite://PATH", redact_url(url)).into(),
+        ))
+    }
+}
+
+/// A database URL with any password replaced, fit for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+pub(crate) fn from_micros(field: &str, v: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(v).ok_or_else(|| StoreError::Corrupt(format!("{field}: timestamp {v} out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(super::redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(super::redact_url("sqlite://portcullis.db"), "sqlite://portcullis.db");
+    }
+}

@@ -1,0 +1,341 @@
+//! SQLite: the embedded default (`sqlite://portcullis.db`, created if missing).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
+use uuid::Uuid;
+
+use super::{Page, Snapshot, Store, StoreError, from_micros, to_micros};
+use crate::domain::access::{AccessToken, Role};
+use crate::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
+use crate::domain::key::{ApiKey, Limits, ResetPeriod};
+use crate::domain::secret::SecretHash;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+/// Maps a write error: a unique violation is `what` already existing.
+fn write_err(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
+    move |e| match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists(what),
+        _ => unavailable(e),
+    }
+}
+
+fn uuid(row: &SqliteRow, col: &str) -> Result<Uuid, StoreError> {
+    let s: String = row.try_get(col).map_err(unavailable)?;
+    Uuid::parse_str(&s).map_err(|_| StoreError::Corrupt(format!("{col}: '{s}' is not a UUID")))
+}
+
+fn time(row: &SqliteRow, col: &str) -> Result<DateTime<Utc>, StoreError> {
+    from_micros(col, row.try_get(col).map_err(unavailable)?)
+}
+
+fn opt_time(row: &SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let v: Option<i64> = row.try_get(col).map_err(unavailable)?;
+    v.map(|v| from_micros(col, v)).transpose()
+}
+
+fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
+    row: &'r SqliteRow,
+    col: &str,
+) -> Result<T, StoreError> {
+    row.try_get(col).map_err(unavailable)
+}
+
+fn hash(row: &SqliteRow) -> Result<SecretHash, StoreError> {
+    let b: Vec<u8> = get(row, "secret_hash")?;
+    SecretHash::from_slice(&b).ok_or_else(|| StoreError::Corrupt("secret_hash: not 32 bytes".into()))
+}
+
+fn gateway_from(row: &SqliteRow) -> Result<Gateway, StoreError> {
+    let location: String = get(row, "key_location")?;
+    let location = KeyLocation::parse(&location)
+        .ok_or_else(|| StoreError::Corrupt(format!("key_location: '{location}'")))?;
+    let header: Option<String> = get(row, "upstream_header")?;
+    let value: Option<String> = get(row, "upstream_value")?;
+    let reservation: i64 = get(row, "default_reservation_tokens")?;
+    Ok(Gateway {
+        id: uuid(row, "id")?,
+        name: get(row, "name")?,
+        inbound: InboundAuth { key_name: get(row, "key_name")?, location },
+        upstream: match (header, value) {
+            (Some(header_name), Some(value)) => Some(UpstreamAuth { header_name, value }),
+            _ => None,
+        },
+        default_reservation_tokens: u64::try_from(reservation).unwrap_or(0),
+        created_at: time(row, "created_at")?,
+    })
+}
+
+fn key_from(row: &SqliteRow) -> Result<ApiKey, StoreError> {
+    let period: String = get(row, "reset_period")?;
+    let token_limit: Option<i64> = get(row, "token_limit")?;
+    let rpm: Option<i64> = get(row, "requests_per_minute")?;
+    Ok(ApiKey {
+        id: uuid(row, "id")?,
+        gateway_id: uuid(row, "gateway_id")?,
+        name: get(row, "name")?,
+        prefix: get(row, "prefix")?,
+        enabled: get(row, "enabled")?,
+        legacy: get(row, "legacy")?,
+        limits: Limits {
+            cost_limit_micros: get(row, "cost_limit_micros")?,
+            token_limit: token_limit.map(|t| t.max(0) as u64),
+            requests_per_minute: rpm.map(|r| r.clamp(0, u32::MAX as i64) as u32),
+            reset_period: ResetPeriod::parse(&period)
+                .ok_or_else(|| StoreError::Corrupt(format!("reset_period: '{period}'")))?,
+        },
+        created_at: time(row, "created_at")?,
+        expires_at: opt_time(row, "expires_at")?,
+        last_used_at: opt_time(row, "last_used_at")?,
+    })
+}
+
+fn token_from(row: &SqliteRow) -> Result<AccessToken, StoreError> {
+    let role: String = get(row, "role")?;
+    let gateways: String = get(row, "gateways")?;
+    Ok(AccessToken {
+        id: uuid(row, "id")?,
+        name: get(row, "name")?,
+        role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt(format!("role: '{role}'")))?,
+        gateways: serde_json::from_str(&gateways).map_err(|e| StoreError::Corrupt(format!("gateways: {e}")))?,
+        created_at: time(row, "created_at")?,
+        expires_at: opt_time(row, "expires_at")?,
+        revoked_at: opt_time(row, "revoked_at")?,
+    })
+}
+
+const KEY_COLUMNS: &str = "id, gateway_id, name, secret_hash, prefix, enabled, legacy, cost_limit_micros, \
+    token_limit, requests_per_minute, reset_period, created_at, expires_at, last_used_at";
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(unavailable)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Unavailable(Box::new(e)))
+    }
+
+    async fn load(&self) -> Result<Snapshot, StoreError> {
+        let gateways = self.list_gateways().await?;
+        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE deleted_at IS NULL"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let keys = rows.iter().map(|r| Ok((key_from(r)?, hash(r)?))).collect::<Result<_, StoreError>>()?;
+        let rows = sqlx::query(
+            "SELECT id, name, secret_hash, role, gateways, created_at, expires_at, revoked_at FROM access_tokens",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let access_tokens = rows.iter().map(|r| Ok((token_from(r)?, hash(r)?))).collect::<Result<_, StoreError>>()?;
+        Ok(Snapshot { gateways, keys, access_tokens })
+    }
+
+    async fn insert_gateway(&self, g: &Gateway) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO gateways (id, name, key_name, key_location, upstream_header, upstream_value, \
+             default_reservation_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(g.id.to_string())
+        .bind(&g.name)
+        .bind(&g.inbound.key_name)
+        .bind(g.inbound.location.as_str())
+        .bind(g.upstream.as_ref().map(|u| u.header_name.as_str()))
+        .bind(g.upstream.as_ref().map(|u| u.value.as_str()))
+        .bind(g.default_reservation_tokens as i64)
+        .bind(to_micros(g.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(write_err("gateway"))?;
+        Ok(())
+    }
+
+    async fn update_gateway(&self, g: &Gateway) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE gateways SET key_name = ?, key_location = ?, upstream_header = ?, upstream_value = ?, \
+             default_reservation_tokens = ? WHERE id = ? AND deleted_at IS NULL",
+        )
+        .bind(&g.inbound.key_name)
+        .bind(g.inbound.location.as_str())
+        .bind(g.upstream.as_ref().map(|u| u.header_name.as_str()))
+        .bind(g.upstream.as_ref().map(|u| u.value.as_str()))
+        .bind(g.default_reservation_tokens as i64)
+        .bind(g.id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+    }
+
+    async fn delete_gateway(&self, id: Uuid, force: bool, now: DateTime<Utc>) -> Result<Vec<Uuid>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let rows = sqlx::query("SELECT id FROM api_keys WHERE gateway_id = ? AND deleted_at IS NULL")
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let key_ids = rows.iter().map(|r| uuid(r, "id")).collect::<Result<Vec<_>, _>>()?;
+        if !key_ids.is_empty() && !force {
+            return Err(StoreError::GatewayHasKeys(key_ids.len() as u64));
+        }
+        sqlx::query("UPDATE api_keys SET deleted_at = ? WHERE gateway_id = ? AND deleted_at IS NULL")
+            .bind(to_micros(now))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let done = sqlx::query("UPDATE gateways SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL")
+            .bind(to_micros(now))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(key_ids)
+    }
+
+    async fn get_gateway(&self, name: &str) -> Result<Option<Gateway>, StoreError> {
+        let row = sqlx::query("SELECT * FROM gateways WHERE name = ? AND deleted_at IS NULL")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(gateway_from).transpose()
+    }
+
+    async fn list_gateways(&self) -> Result<Vec<Gateway>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM gateways WHERE deleted_at IS NULL ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(gateway_from).collect()
+    }
+
+    async fn insert_key(&self, k: &ApiKey, hash: &SecretHash) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(k.id.to_string())
+        .bind(k.gateway_id.to_string())
+        .bind(&k.name)
+        .bind(&hash.0[..])
+        .bind(&k.prefix)
+        .bind(k.enabled)
+        .bind(k.legacy)
+        .bind(k.limits.cost_limit_micros)
+        .bind(k.limits.token_limit.map(|t| t as i64))
+        .bind(k.limits.requests_per_minute.map(i64::from))
+        .bind(k.limits.reset_period.as_str())
+        .bind(to_micros(k.created_at))
+        .bind(k.expires_at.map(to_micros))
+        .bind(k.last_used_at.map(to_micros))
+        .execute(&self.pool)
+        .await
+        .map_err(write_err("a key with this name in the gateway"))?;
+        Ok(())
+    }
+
+    async fn update_key(&self, k: &ApiKey) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET name = ?, enabled = ?, cost_limit_micros = ?, token_limit = ?, \
+             requests_per_minute = ?, reset_period = ?, expires_at = ? WHERE id = ? AND deleted_at IS NULL",
+        )
+        .bind(&k.name)
+        .bind(k.enabled)
+        .bind(k.limits.cost_limit_micros)
+        .bind(k.limits.token_limit.map(|t| t as i64))
+        .bind(k.limits.requests_per_minute.map(i64::from))
+        .bind(k.limits.reset_period.as_str())
+        .bind(k.expires_at.map(to_micros))
+        .bind(k.id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(write_err("a key with this name in the gateway"))?;
+        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+    }
+
+    async fn delete_key(&self, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE api_keys SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL")
+            .bind(to_micros(now))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+    }
+
+    async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ? AND deleted_at IS NULL"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(key_from).transpose()
+    }
+
+    async fn list_keys(&self, gateway_id: Uuid, page: Page<'_>) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE gateway_id = ? AND deleted_at IS NULL AND id > ? \
+             ORDER BY id LIMIT ?"
+        ))
+        .bind(gateway_id.to_string())
+        .bind(page.after.unwrap_or(""))
+        .bind(i64::from(page.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(key_from).collect()
+    }
+
+    async fn insert_access_token(&self, t: &AccessToken, hash: &SecretHash) -> Result<(), StoreError> {
+        let gateways = serde_json::to_string(&t.gateways).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO access_tokens (id, name, secret_hash, role, gateways, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(t.id.to_string())
+        .bind(&t.name)
+        .bind(&hash.0[..])
+        .bind(t.role.as_str())
+        .bind(gateways)
+        .bind(to_micros(t.created_at))
+        .bind(t.expires_at.map(to_micros))
+        .execute(&self.pool)
+        .await
+        .map_err(write_err("access token"))?;
+        Ok(())
+    }
+}
