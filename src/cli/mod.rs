@@ -188,29 +188,36 @@ pub enum KeysCmd {
     },
 }
 
+/// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
-struct Auth(MetadataValue<tonic::metadata::Ascii>);
+pub struct BearerAuth(MetadataValue<tonic::metadata::Ascii>);
 
-impl tonic::service::Interceptor for Auth {
+impl BearerAuth {
+    pub fn new(token: &str) -> anyhow::Result<Self> {
+        MetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .map(BearerAuth)
+            .map_err(|_| anyhow!("the management token has characters that cannot be sent"))
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         request.metadata_mut().insert("authorization", self.0.clone());
         Ok(request)
     }
 }
 
-type Svc = InterceptedService<Channel, Auth>;
+type Svc = InterceptedService<Channel, BearerAuth>;
 
 async fn connect(conn: &Connection) -> anyhow::Result<(GatewayServiceClient<Svc>, KeyServiceClient<Svc>)> {
     let token = conn.token.as_deref().ok_or_else(|| anyhow!("no management token: pass --token or set PORTCULLIS_TOKEN"))?;
-    let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
-        .map_err(|_| anyhow!("the management token has characters that cannot be sent"))?;
+    let auth = BearerAuth::new(token)?;
     let channel = Endpoint::from_shared(conn.admin_url.clone())
         .with_context(|| format!("invalid --admin-url '{}'", conn.admin_url))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect()
         .await
         .map_err(|_| anyhow!("cannot reach the admin API at {}", conn.admin_url))?;
-    let auth = Auth(value);
     Ok((
         GatewayServiceClient::with_interceptor(channel.clone(), auth.clone()),
         KeyServiceClient::with_interceptor(channel, auth),

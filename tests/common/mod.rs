@@ -1,0 +1,247 @@
+//! Real parts for integration tests: portcullis in-process (or as a process), a real
+//! Envoy, the project's fake upstream, and a small HTTP/1.1 client. Everything on 127.0.0.1.
+#![allow(dead_code)]
+
+pub mod http;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use clap::Parser;
+use portcullis::app::{self, Running};
+use portcullis::cli::BearerAuth;
+use portcullis::config::{Cli, Command as PcCommand};
+use portcullis::domain::clock::ManualClock;
+use portcullis::pb;
+use portcullis::pb::gateway_service_client::GatewayServiceClient;
+use portcullis::pb::key_service_client::KeyServiceClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// The owner token every test server is bootstrapped with.
+pub const OWNER_TOKEN: &str = "owner-token-for-tests-0123456789";
+
+pub type Gateways = GatewayServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type Keys = KeyServiceClient<InterceptedService<Channel, BearerAuth>>;
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Waits for `probe` to succeed, polling; fails the test after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Portcullis running in this process on a manual clock and a fresh SQLite file.
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub clock: Arc<ManualClock>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()));
+        let running = Self::boot(dir.path(), Arc::clone(&clock), extra).await;
+        TestServer { running: Some(running), clock, dir }
+    }
+
+    async fn boot(dir: &Path, clock: Arc<ManualClock>, extra: &[&str]) -> Running {
+        let db = format!("sqlite://{}", dir.join("portcullis.db").display());
+        let mut argv = vec![
+            "portcullis",
+            "serve",
+            "--authz-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--database-url",
+            &db,
+            "--bootstrap-token",
+            OWNER_TOKEN,
+        ];
+        argv.extend_from_slice(extra);
+        let PcCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
+        app::start(&args, clock).await.expect("portcullis starts")
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("server is running")
+    }
+
+    pub fn authz_port(&self) -> u16 {
+        self.running().authz_addr.unwrap().port()
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.running().admin_addr.unwrap())
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.admin_url()).unwrap().connect().await.unwrap()
+    }
+
+    pub async fn clients_with(&self, token: &str) -> (Gateways, Keys) {
+        let ch = self.channel().await;
+        let auth = BearerAuth::new(token).unwrap();
+        (GatewayServiceClient::with_interceptor(ch.clone(), auth.clone()), KeyServiceClient::with_interceptor(ch, auth))
+    }
+
+    pub async fn clients(&self) -> (Gateways, Keys) {
+        self.clients_with(OWNER_TOKEN).await
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.unwrap();
+        }
+    }
+}
+
+pub fn gateway_req(name: &str) -> pb::CreateGatewayRequest {
+    pb::CreateGatewayRequest { name: name.into(), ..Default::default() }
+}
+
+/// Creates a key and returns (key, secret).
+pub async fn create_key(keys: &mut Keys, gateway: &str, name: &str) -> (pb::ApiKey, String) {
+    let r = keys
+        .create_key(pb::CreateKeyRequest { gateway: gateway.into(), name: name.into(), ..Default::default() })
+        .await
+        .expect("create key")
+        .into_inner();
+    (r.key.unwrap(), r.secret)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The project's fake OpenAI-compatible upstream (tools/fake_upstream.py).
+pub struct FakeUpstream {
+    _child: Child,
+    pub port: u16,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> FakeUpstream {
+        let mut child = Command::new("python3")
+            .arg(manifest_dir().join("tools/fake_upstream.py"))
+            .args(["--port", "0"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 runs the fake upstream");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("fake upstream starts")
+            .unwrap()
+            .unwrap();
+        let port = line.strip_prefix("listening on ").expect("port line").trim().parse().unwrap();
+        FakeUpstream { _child: child, port }
+    }
+
+    /// What the upstream received, oldest first.
+    pub async fn received(&self) -> Vec<serde_json::Value> {
+        let r = http::request(self.port, "GET", "upstream", "/_fake/requests", &[], None).await;
+        serde_json::from_str::<Vec<serde_json::Value>>(&r.body).unwrap()
+    }
+}
+
+pub fn envoy_bin() -> String {
+    std::env::var("PORTCULLIS_ENVOY_BIN").unwrap_or_else(|_| "envoy".into())
+}
+
+/// A real Envoy running envoy/loopback.yaml.
+pub struct Envoy {
+    _child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    pub async fn start(authz_port: u16, upstream_port: u16) -> Envoy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let template = std::fs::read_to_string(manifest_dir().join("envoy/loopback.yaml")).unwrap();
+        let config = template
+            .replace("__LISTEN_PORT__", &port.to_string())
+            .replace("__ADMIN_PORT__", "0")
+            .replace("__AUTHZ_PORT__", &authz_port.to_string())
+            .replace("__UPSTREAM_PORT__", &upstream_port.to_string());
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let admin_path = dir.path().join("admin-address");
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&config_path)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .args(["--use-dynamic-base-id", "--concurrency", "1", "-l", "warning"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run `{}` ({e}): run scripts/install-envoy.sh", envoy_bin()));
+        let admin_port: u16 = eventually("envoy admin address", Duration::from_secs(30), || {
+            let p = admin_path.clone();
+            async move {
+                let s = std::fs::read_to_string(p).ok()?;
+                s.trim().rsplit(':').next()?.parse().ok()
+            }
+        })
+        .await;
+        eventually("envoy ready", Duration::from_secs(30), || async move {
+            let r = http::try_request(admin_port, "GET", "admin", "/ready", &[], None).await?;
+            (r.status == 200).then_some(())
+        })
+        .await;
+        Envoy { _child: child, port, admin_port, _dir: dir }
+    }
+
+    /// Sends a request to gateway `host` ("demo.gateway.local", ...).
+    pub async fn send(&self, host: &str, path: &str, headers: &[(&str, &str)]) -> http::Response {
+        let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut h = headers.to_vec();
+        h.push(("content-type", "application/json"));
+        http::request(self.port, "POST", host, path, &h, Some(body)).await
+    }
+}
+
+/// A full stack: portcullis (in-process, manual clock), the fake upstream and Envoy.
+pub struct Stack {
+    pub server: TestServer,
+    pub upstream: FakeUpstream,
+    pub envoy: Envoy,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let server = TestServer::start().await;
+        let upstream = FakeUpstream::start().await;
+        let envoy = Envoy::start(server.authz_port(), upstream.port).await;
+        Stack { server, upstream, envoy }
+    }
+}

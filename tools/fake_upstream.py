@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""A fake OpenAI/Anthropic-compatible upstream for Portcullis demos and tests.
+
+POST /v1/chat/completions   OpenAI chat completions: JSON, or SSE when "stream": true
+                            (the final chunk carries usage, as with stream_options.include_usage).
+POST /v1/messages           Anthropic messages: JSON, or SSE (message_start / message_delta usage).
+GET  /_fake/requests        what this server received (method, path, headers), for tests.
+DELETE /_fake/requests      forget them.
+
+Usage numbers: request header `x-fake-usage: PROMPT,COMPLETION` (default 12,30).
+Prints `listening on PORT` once ready. Standard library only.
+"""
+import argparse
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+RECEIVED = []
+LOCK = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "fake-llm/1"
+
+    def log_message(self, fmt, *args):  # quiet
+        pass
+
+    def _send(self, status, body, content_type="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _read_body(self):
+        n = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(n) if n else b""
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+
+    def _record(self):
+        with LOCK:
+            RECEIVED.append({
+                "method": self.command,
+                "path": self.path,
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+            })
+
+    def _usage(self):
+        raw = self.headers.get("x-fake-usage", "12,30")
+        try:
+            p, c = (int(x) for x in raw.split(","))
+        except ValueError:
+            p, c = 12, 30
+        return p, c
+
+    def do_GET(self):
+        if self.path == "/_fake/requests":
+            with LOCK:
+                return self._send(200, list(RECEIVED))
+        self._record()
+        self._send(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    def do_DELETE(self):
+        if self.path == "/_fake/requests":
+            with LOCK:
+                RECEIVED.clear()
+            return self._send(200, {})
+        self._send(404, {"error": {"message": "not found"}})
+
+    def do_POST(self):
+        body = self._read_body()
+        self._record()
+        model = body.get("model", "fake-model")
+        prompt, completion = self._usage()
+        path = self.path.split("?", 1)[0]
+        if path == "/v1/chat/completions":
+            return self._openai(body, model, prompt, completion)
+        if path == "/v1/messages":
+            return self._anthropic(body, model, prompt, completion)
+        self._send(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
+
+    def _sse(self, events):
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for event in events:
+            data = event.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _openai(self, body, model, prompt, completion):
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if not body.get("stream"):
+            return self._send(200, {
+                "id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the fake upstream."},
+                             "finish_reason": "stop"}],
+                "usage": usage,
+            })
+        chunks = []
+        for word in ["Hello", " from", " the", " fake", " upstream."]:
+            chunks.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                           "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
+        chunks.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                       "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        chunks.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                       "choices": [], "usage": usage})
+        self._sse([f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"])
+
+    def _anthropic(self, body, model, prompt, completion):
+        if not body.get("stream"):
+            return self._send(200, {
+                "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": "Hello from the fake upstream."}],
+                "stop_reason": "end_turn",
+                "usage": {"input_tokens": prompt, "output_tokens": completion},
+            })
+        events = [
+            ("message_start", {"type": "message_start", "message": {
+                "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
+                "usage": {"input_tokens": prompt, "output_tokens": 1}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "Hello from the fake upstream."}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": completion}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        self._sse([f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8081, help="0 picks a free port")
+    args = ap.parse_args()
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
+    print(f"listening on {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
