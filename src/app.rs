@@ -46,13 +46,20 @@ pub struct Running {
 
 /// Opens storage, runs migrations and nothing else.
 pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
-    let store = store::open(database_url).await.with_context(|| format!("opening {}", store::redact_url(database_url)))?;
+    let store = store::open(database_url)
+        .await
+        .with_context(|| format!("opening {}", store::redact_url(database_url)))?;
     store.migrate().await.context("running migrations")?;
     Ok(())
 }
 
 /// Makes sure someone can administer this instance: the bootstrap token, or a first owner token.
-async fn bootstrap(store: &dyn Store, tokens: &mut TokenRegistry, args: &ServeArgs, clock: &dyn Clock) -> anyhow::Result<()> {
+async fn bootstrap(
+    store: &dyn Store,
+    tokens: &mut TokenRegistry,
+    args: &ServeArgs,
+    clock: &dyn Clock,
+) -> anyhow::Result<()> {
     let now = clock.now();
     let owner = |name: &str| AccessToken {
         id: uuid::Uuid::now_v7(),
@@ -65,19 +72,27 @@ async fn bootstrap(store: &dyn Store, tokens: &mut TokenRegistry, args: &ServeAr
     };
     if let Some(secret) = args.bootstrap_token.as_deref() {
         if secret.trim().len() < 16 || secret.trim() != secret {
-            bail!("PORTCULLIS_BOOTSTRAP_TOKEN must be at least 16 characters with no surrounding spaces");
+            bail!(
+                "PORTCULLIS_BOOTSTRAP_TOKEN must be at least 16 characters with no surrounding spaces"
+            );
         }
         let hash = Secret::from_plaintext(secret).hash();
         if !tokens.contains(&hash) {
             let token = owner("bootstrap");
-            store.insert_access_token(&token, &hash).await.context("storing the bootstrap token")?;
+            store
+                .insert_access_token(&token, &hash)
+                .await
+                .context("storing the bootstrap token")?;
             tracing::info!(token_id = %token.id, "bootstrap owner token stored");
             tokens.insert(token, hash);
         }
     } else if !tokens.has_usable_owner(now) {
         let secret = Secret::generate(SecretKind::AccessToken);
         let token = owner("owner");
-        store.insert_access_token(&token, &secret.hash()).await.context("storing the first owner token")?;
+        store
+            .insert_access_token(&token, &secret.hash())
+            .await
+            .context("storing the first owner token")?;
         tokens.insert(token, secret.hash());
         // Printed once, on stderr, never logged.
         eprintln!(
@@ -89,23 +104,34 @@ async fn bootstrap(store: &dyn Store, tokens: &mut TokenRegistry, args: &ServeAr
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpIncoming, SocketAddr)> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} listener on {addr}"))?;
     let local = listener.local_addr()?;
     Ok((TcpIncoming::from(listener).with_nodelay(Some(true)), local))
 }
 
 pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     if args.redis_url.is_some() {
-        bail!("--redis-url (shared counters across replicas) is not supported by this version; run one replica without it");
+        bail!(
+            "--redis-url (shared counters across replicas) is not supported by this version; run one replica without it"
+        );
     }
     let url = store::redact_url(&args.database.database_url);
-    let store = store::open(&args.database.database_url).await.with_context(|| format!("opening {url}"))?;
+    let store = store::open(&args.database.database_url)
+        .await
+        .with_context(|| format!("opening {url}"))?;
     store.migrate().await.context("running migrations")?;
-    let snapshot = store.load().await.context("loading gateways, keys and tokens")?;
+    let snapshot = store
+        .load()
+        .await
+        .context("loading gateways, keys and tokens")?;
     let mut tokens = TokenRegistry::new(snapshot.access_tokens, args.dev);
     bootstrap(&*store, &mut tokens, args, &*clock).await?;
     if args.dev {
-        tracing::warn!("--dev is on: the management token `test-token` is accepted as an owner; never use this in production");
+        tracing::warn!(
+            "--dev is on: the management token `test-token` is accepted as an owner; never use this in production"
+        );
     }
     let view = View::new(snapshot.gateways, snapshot.keys);
     tracing::info!(database = %url, gateways = view.gateway_count(), keys = view.key_count(), "storage migrated and view loaded");
@@ -128,8 +154,12 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         authz_addr = Some(addr);
         let router = Server::builder()
             .add_service(health_server.clone())
-            .add_service(AuthorizationServer::new(AuthzService::new(Arc::clone(&shared))));
-        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal())));
+            .add_service(AuthorizationServer::new(AuthzService::new(Arc::clone(
+                &shared,
+            ))));
+        tasks.push(tokio::spawn(
+            router.serve_with_incoming_shutdown(incoming, signal()),
+        ));
         tracing::info!(%addr, "authz listener (ext_authz, health) ready");
     }
     if args.role != ServeRole::Authz {
@@ -151,27 +181,46 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             .add_service(health_server.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(GatewayServiceServer::with_interceptor(GatewayApi(Arc::clone(&admin)), auth.clone()))
+            .add_service(GatewayServiceServer::with_interceptor(
+                GatewayApi(Arc::clone(&admin)),
+                auth.clone(),
+            ))
             .add_service(KeyServiceServer::with_interceptor(KeyApi(admin), auth));
-        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal())));
+        tasks.push(tokio::spawn(
+            router.serve_with_incoming_shutdown(incoming, signal()),
+        ));
         tracing::info!(%addr, "admin listener (admin API, health, reflection) ready");
     }
     for name in std::iter::once(&"").chain(HEALTH_SERVICES) {
-        health.set_service_status(name, ServingStatus::Serving).await;
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
     }
-    Ok(Running { authz_addr, admin_addr, shared, shutdown, tasks, health, drain_timeout: args.drain_timeout })
+    Ok(Running {
+        authz_addr,
+        admin_addr,
+        shared,
+        shutdown,
+        tasks,
+        health,
+        drain_timeout: args.drain_timeout,
+    })
 }
 
 impl Running {
     /// Health to NOT_SERVING, stop accepting, finish in-flight calls (bounded), return.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         for name in std::iter::once(&"").chain(HEALTH_SERVICES) {
-            self.health.set_service_status(name, ServingStatus::NotServing).await;
+            self.health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
         }
         let _ = self.shutdown.send(true);
         let drain = async {
             for task in self.tasks {
-                task.await.context("listener task panicked")?.context("listener failed")?;
+                task.await
+                    .context("listener task panicked")?
+                    .context("listener failed")?;
             }
             anyhow::Ok(())
         };

@@ -10,7 +10,10 @@ use crate::domain::money;
 use crate::pb;
 
 pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
-    Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 pub fn from_timestamp(field: &'static str, t: &Timestamp) -> Result<DateTime<Utc>, FieldError> {
@@ -21,11 +24,18 @@ pub fn from_timestamp(field: &'static str, t: &Timestamp) -> Result<DateTime<Utc
 }
 
 pub fn inbound_from_pb(a: Option<&pb::InboundAuth>) -> Result<InboundAuth, FieldError> {
-    let Some(a) = a else { return Ok(InboundAuth::default()) };
+    let Some(a) = a else {
+        return Ok(InboundAuth::default());
+    };
     let location = match pb::KeyLocation::try_from(a.location) {
         Ok(pb::KeyLocation::Unspecified | pb::KeyLocation::Header) => KeyLocation::Header,
         Ok(pb::KeyLocation::Query) => KeyLocation::Query,
-        Err(_) => return Err(FieldError::new("inbound_auth.location", format!("unknown location {}", a.location))),
+        Err(_) => {
+            return Err(FieldError::new(
+                "inbound_auth.location",
+                format!("unknown location {}", a.location),
+            ));
+        }
     };
     InboundAuth::new(&a.key_name, location)
 }
@@ -38,7 +48,10 @@ pub fn upstream_from_pb(a: Option<&pb::UpstreamAuth>) -> Result<Option<UpstreamA
             if a.value.is_empty() {
                 Ok(None)
             } else {
-                Err(FieldError::new("upstream_auth.header_name", "is required when value is set"))
+                Err(FieldError::new(
+                    "upstream_auth.header_name",
+                    "is required when value is set",
+                ))
             }
         }
         Some(a) => UpstreamAuth::new(&a.header_name, &a.value).map(Some),
@@ -68,16 +81,27 @@ pub fn gateway_to_pb(g: &Gateway) -> pb::Gateway {
 }
 
 pub fn limits_from_pb(l: Option<&pb::Limits>) -> Result<Limits, FieldError> {
-    let Some(l) = l else { return Ok(Limits::default()) };
+    let Some(l) = l else {
+        return Ok(Limits::default());
+    };
     let reset_period = match pb::ResetPeriod::try_from(l.reset_period) {
         Ok(pb::ResetPeriod::Never) => ResetPeriod::Never,
         Ok(pb::ResetPeriod::Daily) => ResetPeriod::Daily,
         Ok(pb::ResetPeriod::Weekly) => ResetPeriod::Weekly,
         Ok(pb::ResetPeriod::Monthly) => ResetPeriod::Monthly,
-        Err(_) => return Err(FieldError::new("limits.reset_period", format!("unknown period {}", l.reset_period))),
+        Err(_) => {
+            return Err(FieldError::new(
+                "limits.reset_period",
+                format!("unknown period {}", l.reset_period),
+            ));
+        }
     };
     let limits = Limits {
-        cost_limit_micros: l.cost_limit_usd.as_deref().map(|s| money::parse_usd("limits.cost_limit_usd", s)).transpose()?,
+        cost_limit_micros: l
+            .cost_limit_usd
+            .as_deref()
+            .map(|s| money::parse_usd("limits.cost_limit_usd", s))
+            .transpose()?,
         token_limit: l.token_limit,
         requests_per_minute: l.requests_per_minute,
         reset_period,

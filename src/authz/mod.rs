@@ -26,23 +26,40 @@ impl AuthzService {
     /// Decides one CheckRequest. Never fails: faults become a 503 denial.
     pub fn decide(&self, req: &CheckRequest) -> CheckResponse {
         let attrs = req.attributes.as_ref();
-        let gateway = attrs.and_then(|a| a.context_extensions.get("gateway")).map(String::as_str);
-        let http = attrs.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let gateway = attrs
+            .and_then(|a| a.context_extensions.get("gateway"))
+            .map(String::as_str);
+        let http = attrs
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
         let empty = HashMap::new();
         // Envoy sends `headers` unless `encode_raw_headers` is on; then only `header_map`.
         let raw;
         let (headers, path) = match http {
             Some(h) if h.headers.is_empty() && h.header_map.is_some() => {
-                raw = h.header_map.iter().flat_map(|m| &m.headers).map(|hv| {
-                    let v = if hv.raw_value.is_empty() { hv.value.clone() } else { String::from_utf8_lossy(&hv.raw_value).into_owned() };
-                    (hv.key.to_ascii_lowercase(), v)
-                }).collect::<HashMap<_, _>>();
+                raw = h
+                    .header_map
+                    .iter()
+                    .flat_map(|m| &m.headers)
+                    .map(|hv| {
+                        let v = if hv.raw_value.is_empty() {
+                            hv.value.clone()
+                        } else {
+                            String::from_utf8_lossy(&hv.raw_value).into_owned()
+                        };
+                        (hv.key.to_ascii_lowercase(), v)
+                    })
+                    .collect::<HashMap<_, _>>();
                 (&raw, h.path.as_str())
             }
             Some(h) => (&h.headers, h.path.as_str()),
             None => (&empty, ""),
         };
-        let parts = RequestParts { gateway, headers, path };
+        let parts = RequestParts {
+            gateway,
+            headers,
+            path,
+        };
         let now = self.shared.clock.now();
         let decision = match self.shared.view() {
             Ok(view) => check::decide(&view, &parts, now),
@@ -67,15 +84,18 @@ fn log_decision(decision: &Decision) {
         }
         Decision::Deny(Denial::MissingKey) => tracing::debug!("denied: missing key"),
         Decision::Deny(Denial::InvalidKey { reason, key_id }) => match key_id {
-            Some(id) => tracing::info!(reason = reason.as_str(), key_id = %id, "denied: invalid key"),
-            None => tracing::info!(reason = reason.as_str(), "denied: invalid key"),
+            Some(id) => tracing::info!(reason = %reason, key_id = %id, "denied: invalid key"),
+            None => tracing::info!(reason = %reason, "denied: invalid key"),
         },
     }
 }
 
 #[tonic::async_trait]
 impl Authorization for AuthzService {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
         // A denial is a CheckResponse with an HTTP status, never a gRPC error: Envoy
         // would map a gRPC error to `status_on_error` and lose our body.
         Ok(Response::new(self.decide(request.get_ref())))

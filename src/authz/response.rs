@@ -2,9 +2,11 @@
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
-use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{CheckResponse, DeniedHttpResponse, OkHttpResponse};
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckResponse, DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 
@@ -30,25 +32,41 @@ pub fn from_decision(decision: &Decision) -> CheckResponse {
                 "type": "server_error",
                 "code": "gateway_not_configured",
             }});
-            deny(StatusCode::ServiceUnavailable, RPC_UNAVAILABLE, body.to_string())
+            deny(
+                StatusCode::ServiceUnavailable,
+                RPC_UNAVAILABLE,
+                body.to_string(),
+            )
         }
-        Decision::Deny(Denial::MissingKey) => {
-            deny(StatusCode::Unauthorized, RPC_UNAUTHENTICATED, MISSING_KEY_BODY.to_string())
-        }
-        Decision::Deny(Denial::InvalidKey { .. }) => {
-            deny(StatusCode::Unauthorized, RPC_UNAUTHENTICATED, INVALID_KEY_BODY.to_string())
-        }
+        Decision::Deny(Denial::MissingKey) => deny(
+            StatusCode::Unauthorized,
+            RPC_UNAUTHENTICATED,
+            MISSING_KEY_BODY.to_string(),
+        ),
+        Decision::Deny(Denial::InvalidKey { .. }) => deny(
+            StatusCode::Unauthorized,
+            RPC_UNAUTHENTICATED,
+            INVALID_KEY_BODY.to_string(),
+        ),
     }
 }
 
 /// Any fault on the request path: deny with 503, never allow.
 pub fn internal_error() -> CheckResponse {
-    deny(StatusCode::ServiceUnavailable, RPC_UNAVAILABLE, INTERNAL_BODY.to_string())
+    deny(
+        StatusCode::ServiceUnavailable,
+        RPC_UNAVAILABLE,
+        INTERNAL_BODY.to_string(),
+    )
 }
 
 fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
     HeaderValueOption {
-        header: Some(HeaderValue { key: key.to_string(), value: value.to_string(), ..Default::default() }),
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            ..Default::default()
+        }),
         append_action: action as i32,
         ..Default::default()
     }
@@ -56,10 +74,19 @@ fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOpti
 
 fn deny(status: StatusCode, rpc_code: i32, body: String) -> CheckResponse {
     CheckResponse {
-        status: Some(rpc::Status { code: rpc_code, ..Default::default() }),
+        status: Some(rpc::Status {
+            code: rpc_code,
+            ..Default::default()
+        }),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-            status: Some(HttpStatus { code: status as i32 }),
-            headers: vec![header("content-type", "application/json", HeaderAppendAction::OverwriteIfExistsOrAdd)],
+            status: Some(HttpStatus {
+                code: status as i32,
+            }),
+            headers: vec![header(
+                "content-type",
+                "application/json",
+                HeaderAppendAction::OverwriteIfExistsOrAdd,
+            )],
             body,
         })),
         dynamic_metadata: None,
@@ -67,7 +94,9 @@ fn deny(status: StatusCode, rpc_code: i32, body: String) -> CheckResponse {
 }
 
 fn string_value(s: &str) -> Value {
-    Value { kind: Some(Kind::StringValue(s.to_string())) }
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
 }
 
 fn allow(a: &Admitted) -> CheckResponse {
@@ -84,13 +113,20 @@ fn allow(a: &Admitted) -> CheckResponse {
         KeyLocation::Query => ok.query_parameters_to_remove.push(inbound.key_name.clone()),
     }
     if let Some(u) = upstream {
-        ok.headers.push(header(&u.header_name, &u.value, HeaderAppendAction::OverwriteIfExistsOrAdd));
+        ok.headers.push(header(
+            &u.header_name,
+            &u.value,
+            HeaderAppendAction::OverwriteIfExistsOrAdd,
+        ));
     }
     let mut fields = std::collections::HashMap::with_capacity(2);
     fields.insert("key_id".to_string(), string_value(&a.key.id.to_string()));
     fields.insert("gateway".to_string(), string_value(&a.gateway.name));
     CheckResponse {
-        status: Some(rpc::Status { code: RPC_OK, ..Default::default() }),
+        status: Some(rpc::Status {
+            code: RPC_OK,
+            ..Default::default()
+        }),
         http_response: Some(HttpResponse::OkResponse(ok)),
         dynamic_metadata: Some(Struct { fields }),
     }

@@ -44,7 +44,10 @@ where
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -63,9 +66,15 @@ impl TestServer {
 
     pub async fn start_with(extra: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()));
+        let clock = Arc::new(ManualClock::new(
+            Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap(),
+        ));
         let running = Self::boot(dir.path(), Arc::clone(&clock), extra).await;
-        TestServer { running: Some(running), clock, dir }
+        TestServer {
+            running: Some(running),
+            clock,
+            dir,
+        }
     }
 
     async fn boot(dir: &Path, clock: Arc<ManualClock>, extra: &[&str]) -> Running {
@@ -83,7 +92,9 @@ impl TestServer {
             OWNER_TOKEN,
         ];
         argv.extend_from_slice(extra);
-        let PcCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
+        let PcCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+            unreachable!()
+        };
         app::start(&args, clock).await.expect("portcullis starts")
     }
 
@@ -100,13 +111,20 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.admin_url()).unwrap().connect().await.unwrap()
+        Channel::from_shared(self.admin_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     pub async fn clients_with(&self, token: &str) -> (Gateways, Keys) {
         let ch = self.channel().await;
         let auth = BearerAuth::new(token).unwrap();
-        (GatewayServiceClient::with_interceptor(ch.clone(), auth.clone()), KeyServiceClient::with_interceptor(ch, auth))
+        (
+            GatewayServiceClient::with_interceptor(ch.clone(), auth.clone()),
+            KeyServiceClient::with_interceptor(ch, auth),
+        )
     }
 
     pub async fn clients(&self) -> (Gateways, Keys) {
@@ -121,13 +139,20 @@ impl TestServer {
 }
 
 pub fn gateway_req(name: &str) -> pb::CreateGatewayRequest {
-    pb::CreateGatewayRequest { name: name.into(), ..Default::default() }
+    pb::CreateGatewayRequest {
+        name: name.into(),
+        ..Default::default()
+    }
 }
 
 /// Creates a key and returns (key, secret).
 pub async fn create_key(keys: &mut Keys, gateway: &str, name: &str) -> (pb::ApiKey, String) {
     let r = keys
-        .create_key(pb::CreateKeyRequest { gateway: gateway.into(), name: name.into(), ..Default::default() })
+        .create_key(pb::CreateKeyRequest {
+            gateway: gateway.into(),
+            name: name.into(),
+            ..Default::default()
+        })
         .await
         .expect("create key")
         .into_inner();
@@ -135,7 +160,11 @@ pub async fn create_key(keys: &mut Keys, gateway: &str, name: &str) -> (pb::ApiK
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The project's fake OpenAI-compatible upstream (tools/fake_upstream.py).
@@ -159,8 +188,16 @@ impl FakeUpstream {
             .expect("fake upstream starts")
             .unwrap()
             .unwrap();
-        let port = line.strip_prefix("listening on ").expect("port line").trim().parse().unwrap();
-        FakeUpstream { _child: child, port }
+        let port = line
+            .strip_prefix("listening on ")
+            .expect("port line")
+            .trim()
+            .parse()
+            .unwrap();
+        FakeUpstream {
+            _child: child,
+            port,
+        }
     }
 
     /// What the upstream received, oldest first.
@@ -200,11 +237,22 @@ impl Envoy {
             .arg(&config_path)
             .arg("--admin-address-path")
             .arg(&admin_path)
-            .args(["--use-dynamic-base-id", "--concurrency", "1", "-l", "warning"])
+            .args([
+                "--use-dynamic-base-id",
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+            ])
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run `{}` ({e}): run scripts/install-envoy.sh", envoy_bin()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run `{}` ({e}): run scripts/install-envoy.sh",
+                    envoy_bin()
+                )
+            });
         let admin_port: u16 = eventually("envoy admin address", Duration::from_secs(30), || {
             let p = admin_path.clone();
             async move {
@@ -218,7 +266,12 @@ impl Envoy {
             (r.status == 200).then_some(())
         })
         .await;
-        Envoy { _child: child, port, admin_port, _dir: dir }
+        Envoy {
+            _child: child,
+            port,
+            admin_port,
+            _dir: dir,
+        }
     }
 
     /// Sends a request to gateway `host` ("demo.gateway.local", ...).
@@ -242,6 +295,10 @@ impl Stack {
         let server = TestServer::start().await;
         let upstream = FakeUpstream::start().await;
         let envoy = Envoy::start(server.authz_port(), upstream.port).await;
-        Stack { server, upstream, envoy }
+        Stack {
+            server,
+            upstream,
+            envoy,
+        }
     }
 }
