@@ -29,7 +29,7 @@ impl SecretKind {
     }
 
     /// Total length of a generated secret of this kind.
-    pub const fn len(self) -> usize {
+    pub const fn secret_len(self) -> usize {
         self.prefix().len() + RANDOM_LEN + CHECKSUM_LEN
     }
 }
@@ -52,7 +52,7 @@ impl Secret {
 
     /// A new random secret: prefix + 32 base62 characters + 6-character base62 CRC32.
     pub fn generate(kind: SecretKind) -> Self {
-        let mut s = String::with_capacity(kind.len());
+        let mut s = String::with_capacity(kind.secret_len());
         s.push_str(kind.prefix());
         let mut buf = [0u8; 64];
         let mut filled = 0;
