@@ -27,11 +27,8 @@ use crate::state::Shared;
 use crate::store::{self, Store};
 
 /// Names reported by `grpc.health.v1.Health`, besides the overall "".
-const HEALTH_SERVICES: &[&str] = &[
-    "envoy.service.auth.v3.Authorization",
-    "portcullis.admin.v1.GatewayService",
-    "portcullis.admin.v1.KeyService",
-];
+const HEALTH_SERVICES: &[&str] =
+    &["envoy.service.auth.v3.Authorization", "portcullis.admin.v1.GatewayService", "portcullis.admin.v1.KeyService"];
 
 /// A started server.
 pub struct Running {
@@ -46,9 +43,8 @@ pub struct Running {
 
 /// Opens storage, runs migrations and nothing else.
 pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
-    let store = store::open(database_url)
-        .await
-        .with_context(|| format!("opening {}", store::redact_url(database_url)))?;
+    let store =
+        store::open(database_url).await.with_context(|| format!("opening {}", store::redact_url(database_url)))?;
     store.migrate().await.context("running migrations")?;
     Ok(())
 }
@@ -72,27 +68,19 @@ async fn bootstrap(
     };
     if let Some(secret) = args.bootstrap_token.as_deref() {
         if secret.trim().len() < 16 || secret.trim() != secret {
-            bail!(
-                "PORTCULLIS_BOOTSTRAP_TOKEN must be at least 16 characters with no surrounding spaces"
-            );
+            bail!("PORTCULLIS_BOOTSTRAP_TOKEN must be at least 16 characters with no surrounding spaces");
         }
         let hash = Secret::from_plaintext(secret).hash();
         if !tokens.contains(&hash) {
             let token = owner("bootstrap");
-            store
-                .insert_access_token(&token, &hash)
-                .await
-                .context("storing the bootstrap token")?;
+            store.insert_access_token(&token, &hash).await.context("storing the bootstrap token")?;
             tracing::info!(token_id = %token.id, "bootstrap owner token stored");
             tokens.insert(token, hash);
         }
     } else if !tokens.has_usable_owner(now) {
         let secret = Secret::generate(SecretKind::AccessToken);
         let token = owner("owner");
-        store
-            .insert_access_token(&token, &secret.hash())
-            .await
-            .context("storing the first owner token")?;
+        store.insert_access_token(&token, &secret.hash()).await.context("storing the first owner token")?;
         tokens.insert(token, secret.hash());
         // Printed once, on stderr, never logged.
         eprintln!(
@@ -104,9 +92,7 @@ async fn bootstrap(
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpIncoming, SocketAddr)> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} listener on {addr}"))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))?;
     let local = listener.local_addr()?;
     Ok((TcpIncoming::from(listener).with_nodelay(Some(true)), local))
 }
@@ -118,14 +104,9 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         );
     }
     let url = store::redact_url(&args.database.database_url);
-    let store = store::open(&args.database.database_url)
-        .await
-        .with_context(|| format!("opening {url}"))?;
+    let store = store::open(&args.database.database_url).await.with_context(|| format!("opening {url}"))?;
     store.migrate().await.context("running migrations")?;
-    let snapshot = store
-        .load()
-        .await
-        .context("loading gateways, keys and tokens")?;
+    let snapshot = store.load().await.context("loading gateways, keys and tokens")?;
     let mut tokens = TokenRegistry::new(snapshot.access_tokens, args.dev);
     bootstrap(&*store, &mut tokens, args, &*clock).await?;
     if args.dev {
@@ -154,12 +135,8 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         authz_addr = Some(addr);
         let router = Server::builder()
             .add_service(health_server.clone())
-            .add_service(AuthorizationServer::new(AuthzService::new(Arc::clone(
-                &shared,
-            ))));
-        tasks.push(tokio::spawn(
-            router.serve_with_incoming_shutdown(incoming, signal()),
-        ));
+            .add_service(AuthorizationServer::new(AuthzService::new(Arc::clone(&shared))));
+        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal())));
         tracing::info!(%addr, "authz listener (ext_authz, health) ready");
     }
     if args.role != ServeRole::Authz {
@@ -181,46 +158,27 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             .add_service(health_server.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(GatewayServiceServer::with_interceptor(
-                GatewayApi(Arc::clone(&admin)),
-                auth.clone(),
-            ))
+            .add_service(GatewayServiceServer::with_interceptor(GatewayApi(Arc::clone(&admin)), auth.clone()))
             .add_service(KeyServiceServer::with_interceptor(KeyApi(admin), auth));
-        tasks.push(tokio::spawn(
-            router.serve_with_incoming_shutdown(incoming, signal()),
-        ));
+        tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal())));
         tracing::info!(%addr, "admin listener (admin API, health, reflection) ready");
     }
     for name in std::iter::once(&"").chain(HEALTH_SERVICES) {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
+        health.set_service_status(name, ServingStatus::Serving).await;
     }
-    Ok(Running {
-        authz_addr,
-        admin_addr,
-        shared,
-        shutdown,
-        tasks,
-        health,
-        drain_timeout: args.drain_timeout,
-    })
+    Ok(Running { authz_addr, admin_addr, shared, shutdown, tasks, health, drain_timeout: args.drain_timeout })
 }
 
 impl Running {
     /// Health to NOT_SERVING, stop accepting, finish in-flight calls (bounded), return.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         for name in std::iter::once(&"").chain(HEALTH_SERVICES) {
-            self.health
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
+            self.health.set_service_status(name, ServingStatus::NotServing).await;
         }
         let _ = self.shutdown.send(true);
         let drain = async {
             for task in self.tasks {
-                task.await
-                    .context("listener task panicked")?
-                    .context("listener failed")?;
+                task.await.context("listener task panicked")?.context("listener failed")?;
             }
             anyhow::Ok(())
         };

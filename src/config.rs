@@ -8,11 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::cli::CliCommand;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "portcullis",
-    version,
-    about = "API keys with limits for LLM gateways built on Envoy"
-)]
+#[command(name = "portcullis", version, about = "API keys with limits for LLM gateways built on Envoy")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -41,11 +37,7 @@ pub enum ServeRole {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// Storage: `sqlite://PATH` (created if missing).
-    #[arg(
-        long,
-        env = "PORTCULLIS_DATABASE_URL",
-        default_value = "sqlite://portcullis.db"
-    )]
+    #[arg(long, env = "PORTCULLIS_DATABASE_URL", default_value = "sqlite://portcullis.db")]
     pub database_url: String,
 }
 

@@ -18,8 +18,7 @@ pub mod pb {
     tonic::include_proto!("portcullis.admin.v1");
 
     /// Descriptor set for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("portcullis_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("portcullis_descriptor");
 }
 
 fn init_tracing(filter: &str) {

@@ -20,11 +20,7 @@ pub struct ViewPoisoned;
 
 impl Shared {
     pub fn new(view: View, tokens: TokenRegistry, clock: Arc<dyn Clock>) -> Self {
-        Shared {
-            view: RwLock::new(view),
-            tokens: RwLock::new(tokens),
-            clock,
-        }
+        Shared { view: RwLock::new(view), tokens: RwLock::new(tokens), clock }
     }
 
     pub fn view(&self) -> Result<RwLockReadGuard<'_, View>, ViewPoisoned> {

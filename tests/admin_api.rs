@@ -10,21 +10,14 @@ use portcullis::pb;
 use tonic::Code;
 
 fn ts(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: 0,
-    }
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: 0 }
 }
 
 #[track_caller]
 fn assert_status<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, contains: &str) {
     let s = r.expect_err("expected an error");
     assert_eq!(s.code(), code, "message: {}", s.message());
-    assert!(
-        s.message().contains(contains),
-        "'{}' does not mention '{contains}'",
-        s.message()
-    );
+    assert!(s.message().contains(contains), "'{}' does not mention '{contains}'", s.message());
 }
 
 #[tokio::test]
@@ -34,40 +27,17 @@ async fn every_admin_rpc_requires_a_valid_management_token() {
         let (mut gw, mut keys) = server.clients_with(token).await;
         let r = gw.list_gateways(pb::ListGatewaysRequest {}).await;
         let s = r.expect_err("refused");
-        assert_eq!(
-            (s.code(), s.message()),
-            (Code::Unauthenticated, "Unauthorized"),
-            "token {token:?}"
-        );
-        let s = keys
-            .get_key(pb::GetKeyRequest { id: "x".into() })
-            .await
-            .expect_err("refused");
-        assert_eq!(
-            (s.code(), s.message()),
-            (Code::Unauthenticated, "Unauthorized")
-        );
+        assert_eq!((s.code(), s.message()), (Code::Unauthenticated, "Unauthorized"), "token {token:?}");
+        let s = keys.get_key(pb::GetKeyRequest { id: "x".into() }).await.expect_err("refused");
+        assert_eq!((s.code(), s.message()), (Code::Unauthenticated, "Unauthorized"));
     }
     // No authorization header at all.
     let mut raw = pb::gateway_service_client::GatewayServiceClient::new(server.channel().await);
-    let s = raw
-        .create_gateway(gateway_req("demo"))
-        .await
-        .expect_err("refused");
-    assert_eq!(
-        (s.code(), s.message()),
-        (Code::Unauthenticated, "Unauthorized")
-    );
+    let s = raw.create_gateway(gateway_req("demo")).await.expect_err("refused");
+    assert_eq!((s.code(), s.message()), (Code::Unauthenticated, "Unauthorized"));
     // The token without the Bearer scheme is refused too.
     let (mut gw, _) = server.clients().await;
-    assert!(
-        gw.list_gateways(pb::ListGatewaysRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .gateways
-            .is_empty()
-    );
+    assert!(gw.list_gateways(pb::ListGatewaysRequest {}).await.unwrap().into_inner().gateways.is_empty());
 }
 
 #[tokio::test]
@@ -76,11 +46,7 @@ async fn dev_mode_accepts_test_token() {
     let (mut gw, _) = server.clients_with("test-token").await;
     gw.create_gateway(gateway_req("demo")).await.unwrap();
     let (mut gw, _) = server.clients_with("test-token-but-longer").await;
-    assert_status(
-        gw.list_gateways(pb::ListGatewaysRequest {}).await,
-        Code::Unauthenticated,
-        "Unauthorized",
-    );
+    assert_status(gw.list_gateways(pb::ListGatewaysRequest {}).await, Code::Unauthenticated, "Unauthorized");
 }
 
 #[tokio::test]
@@ -89,58 +55,28 @@ async fn gateway_crud_and_validation() {
     let (mut gw, mut keys) = server.clients().await;
 
     for bad in ["", "Demo", "-x", "a_b", &"a".repeat(64)] {
-        assert_status(
-            gw.create_gateway(gateway_req(bad)).await,
-            Code::InvalidArgument,
-            "name",
-        );
+        assert_status(gw.create_gateway(gateway_req(bad)).await, Code::InvalidArgument, "name");
     }
     let bad_inbound = pb::CreateGatewayRequest {
         name: "demo".into(),
-        inbound_auth: Some(pb::InboundAuth {
-            key_name: "bad header".into(),
-            location: 1,
-        }),
+        inbound_auth: Some(pb::InboundAuth { key_name: "bad header".into(), location: 1 }),
         ..Default::default()
     };
-    assert_status(
-        gw.create_gateway(bad_inbound).await,
-        Code::InvalidArgument,
-        "inbound_auth.key_name",
-    );
+    assert_status(gw.create_gateway(bad_inbound).await, Code::InvalidArgument, "inbound_auth.key_name");
     let bad_location = pb::CreateGatewayRequest {
         name: "demo".into(),
-        inbound_auth: Some(pb::InboundAuth {
-            key_name: "k".into(),
-            location: 9,
-        }),
+        inbound_auth: Some(pb::InboundAuth { key_name: "k".into(), location: 9 }),
         ..Default::default()
     };
-    assert_status(
-        gw.create_gateway(bad_location).await,
-        Code::InvalidArgument,
-        "inbound_auth.location",
-    );
+    assert_status(gw.create_gateway(bad_location).await, Code::InvalidArgument, "inbound_auth.location");
     let no_value = pb::CreateGatewayRequest {
         name: "demo".into(),
-        upstream_auth: Some(pb::UpstreamAuth {
-            header_name: "authorization".into(),
-            ..Default::default()
-        }),
+        upstream_auth: Some(pb::UpstreamAuth { header_name: "authorization".into(), ..Default::default() }),
         ..Default::default()
     };
-    assert_status(
-        gw.create_gateway(no_value).await,
-        Code::InvalidArgument,
-        "upstream_auth.value",
-    );
+    assert_status(gw.create_gateway(no_value).await, Code::InvalidArgument, "upstream_auth.value");
     assert!(
-        gw.list_gateways(pb::ListGatewaysRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .gateways
-            .is_empty(),
+        gw.list_gateways(pb::ListGatewaysRequest {}).await.unwrap().into_inner().gateways.is_empty(),
         "no half-written rows"
     );
 
@@ -160,50 +96,21 @@ async fn gateway_crud_and_validation() {
         .into_inner();
     assert_eq!(created.name, "demo");
     assert_eq!(created.inbound_auth.as_ref().unwrap().key_name, "x-api-key");
-    assert_eq!(
-        created.inbound_auth.as_ref().unwrap().location,
-        pb::KeyLocation::Header as i32
-    );
+    assert_eq!(created.inbound_auth.as_ref().unwrap().location, pb::KeyLocation::Header as i32);
     let up = created.upstream_auth.clone().unwrap();
-    assert_eq!(
-        (up.header_name.as_str(), up.value.as_str(), up.value_set),
-        ("authorization", "", true)
-    );
+    assert_eq!((up.header_name.as_str(), up.value.as_str(), up.value_set), ("authorization", "", true));
     assert_eq!(created.default_reservation_tokens, 256);
-    assert_status(
-        gw.create_gateway(gateway_req("demo")).await,
-        Code::AlreadyExists,
-        "gateway",
-    );
+    assert_status(gw.create_gateway(gateway_req("demo")).await, Code::AlreadyExists, "gateway");
 
-    let got = gw
-        .get_gateway(pb::GetGatewayRequest {
-            name: "demo".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = gw.get_gateway(pb::GetGatewayRequest { name: "demo".into() }).await.unwrap().into_inner();
     assert_eq!(got, created);
-    assert!(
-        !format!("{got:?}").contains("sk-provider-secret"),
-        "provider key returned"
-    );
-    assert_status(
-        gw.get_gateway(pb::GetGatewayRequest {
-            name: "nope".into(),
-        })
-        .await,
-        Code::NotFound,
-        "gateway",
-    );
+    assert!(!format!("{got:?}").contains("sk-provider-secret"), "provider key returned");
+    assert_status(gw.get_gateway(pb::GetGatewayRequest { name: "nope".into() }).await, Code::NotFound, "gateway");
 
     let updated = gw
         .update_gateway(pb::UpdateGatewayRequest {
             name: "demo".into(),
-            inbound_auth: Some(pb::InboundAuth {
-                key_name: "api_key".into(),
-                location: pb::KeyLocation::Query as i32,
-            }),
+            inbound_auth: Some(pb::InboundAuth { key_name: "api_key".into(), location: pb::KeyLocation::Query as i32 }),
             upstream_auth: None,
             default_reservation_tokens: Some(0),
         })
@@ -211,10 +118,7 @@ async fn gateway_crud_and_validation() {
         .unwrap()
         .into_inner();
     assert_eq!(updated.inbound_auth.unwrap().key_name, "api_key");
-    assert!(
-        updated.upstream_auth.unwrap().value_set,
-        "an update that leaves upstream_auth alone keeps it"
-    );
+    assert!(updated.upstream_auth.unwrap().value_set, "an update that leaves upstream_auth alone keeps it");
     let cleared = gw
         .update_gateway(pb::UpdateGatewayRequest {
             name: "demo".into(),
@@ -226,11 +130,7 @@ async fn gateway_crud_and_validation() {
         .into_inner();
     assert!(cleared.upstream_auth.is_none());
     assert_status(
-        gw.update_gateway(pb::UpdateGatewayRequest {
-            name: "nope".into(),
-            ..Default::default()
-        })
-        .await,
+        gw.update_gateway(pb::UpdateGatewayRequest { name: "nope".into(), ..Default::default() }).await,
         Code::NotFound,
         "gateway",
     );
@@ -238,44 +138,18 @@ async fn gateway_crud_and_validation() {
     // A gateway with keys is only deleted with force, and takes its keys with it.
     let (key, _) = create_key(&mut keys, "demo", "k1").await;
     assert_status(
-        gw.delete_gateway(pb::DeleteGatewayRequest {
-            name: "demo".into(),
-            force: false,
-        })
-        .await,
+        gw.delete_gateway(pb::DeleteGatewayRequest { name: "demo".into(), force: false }).await,
         Code::FailedPrecondition,
         "force",
     );
-    let r = gw
-        .delete_gateway(pb::DeleteGatewayRequest {
-            name: "demo".into(),
-            force: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r =
+        gw.delete_gateway(pb::DeleteGatewayRequest { name: "demo".into(), force: true }).await.unwrap().into_inner();
     assert_eq!(r.deleted_keys, 1);
-    assert_status(
-        keys.get_key(pb::GetKeyRequest { id: key.id }).await,
-        Code::NotFound,
-        "key",
-    );
-    assert_status(
-        gw.get_gateway(pb::GetGatewayRequest {
-            name: "demo".into(),
-        })
-        .await,
-        Code::NotFound,
-        "gateway",
-    );
+    assert_status(keys.get_key(pb::GetKeyRequest { id: key.id }).await, Code::NotFound, "key");
+    assert_status(gw.get_gateway(pb::GetGatewayRequest { name: "demo".into() }).await, Code::NotFound, "gateway");
     // The name can be used again.
     gw.create_gateway(gateway_req("demo")).await.unwrap();
-    gw.delete_gateway(pb::DeleteGatewayRequest {
-        name: "demo".into(),
-        force: false,
-    })
-    .await
-    .unwrap();
+    gw.delete_gateway(pb::DeleteGatewayRequest { name: "demo".into(), force: false }).await.unwrap();
 }
 
 #[tokio::test]
@@ -286,53 +160,26 @@ async fn key_crud_validation_and_secrets() {
     gw.create_gateway(gateway_req("other")).await.unwrap();
     let now = server.clock.now();
 
-    let req = |name: &str| pb::CreateKeyRequest {
-        gateway: "demo".into(),
-        name: name.into(),
-        ..Default::default()
-    };
+    let req = |name: &str| pb::CreateKeyRequest { gateway: "demo".into(), name: name.into(), ..Default::default() };
+    assert_status(keys.create_key(req("")).await, Code::InvalidArgument, "name");
     assert_status(
-        keys.create_key(req("")).await,
-        Code::InvalidArgument,
-        "name",
-    );
-    assert_status(
-        keys.create_key(pb::CreateKeyRequest {
-            gateway: "nope".into(),
-            ..req("k")
-        })
-        .await,
+        keys.create_key(pb::CreateKeyRequest { gateway: "nope".into(), ..req("k") }).await,
         Code::NotFound,
         "gateway",
     );
     assert_status(
-        keys.create_key(pb::CreateKeyRequest {
-            gateway: "".into(),
-            ..req("k")
-        })
-        .await,
+        keys.create_key(pb::CreateKeyRequest { gateway: "".into(), ..req("k") }).await,
         Code::InvalidArgument,
         "gateway",
     );
     assert_status(
-        keys.create_key(pb::CreateKeyRequest {
-            expires_at: Some(ts(now - Duration::seconds(1))),
-            ..req("k")
-        })
-        .await,
+        keys.create_key(pb::CreateKeyRequest { expires_at: Some(ts(now - Duration::seconds(1))), ..req("k") }).await,
         Code::InvalidArgument,
         "expires_at",
     );
-    let bad_limits = pb::Limits {
-        cost_limit_usd: Some("12.3.4".into()),
-        ..Default::default()
-    };
+    let bad_limits = pb::Limits { cost_limit_usd: Some("12.3.4".into()), ..Default::default() };
     assert_status(
-        keys.create_key(pb::CreateKeyRequest {
-            limits: Some(bad_limits),
-            ..req("k")
-        })
-        .await,
+        keys.create_key(pb::CreateKeyRequest { limits: Some(bad_limits), ..req("k") }).await,
         Code::InvalidArgument,
         "limits.cost_limit_usd",
     );
@@ -358,53 +205,17 @@ async fn key_crud_validation_and_secrets() {
     assert_eq!(key.gateway, "demo");
     assert_eq!(key.status, pb::KeyStatus::Active as i32);
     assert!(key.enabled && !key.legacy);
-    assert_eq!(
-        key.limits.as_ref().unwrap().cost_limit_usd.as_deref(),
-        Some("12.50")
-    );
-    assert_eq!(
-        key.expires_at.as_ref().unwrap().seconds,
-        (now + Duration::days(30)).timestamp()
-    );
-    assert_status(
-        keys.create_key(req("token-user01")).await,
-        Code::AlreadyExists,
-        "name",
-    );
+    assert_eq!(key.limits.as_ref().unwrap().cost_limit_usd.as_deref(), Some("12.50"));
+    assert_eq!(key.expires_at.as_ref().unwrap().seconds, (now + Duration::days(30)).timestamp());
+    assert_status(keys.create_key(req("token-user01")).await, Code::AlreadyExists, "name");
     // The same name in another gateway is fine.
-    keys.create_key(pb::CreateKeyRequest {
-        gateway: "other".into(),
-        ..req("token-user01")
-    })
-    .await
-    .unwrap();
+    keys.create_key(pb::CreateKeyRequest { gateway: "other".into(), ..req("token-user01") }).await.unwrap();
 
-    let got = keys
-        .get_key(pb::GetKeyRequest { id: key.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = keys.get_key(pb::GetKeyRequest { id: key.id.clone() }).await.unwrap().into_inner();
     assert_eq!(got, key);
-    assert!(
-        !format!("{got:?}").contains(&secret[12..]),
-        "secret returned after creation"
-    );
-    assert_status(
-        keys.get_key(pb::GetKeyRequest {
-            id: "not-a-uuid".into(),
-        })
-        .await,
-        Code::InvalidArgument,
-        "id",
-    );
-    assert_status(
-        keys.get_key(pb::GetKeyRequest {
-            id: uuid::Uuid::nil().to_string(),
-        })
-        .await,
-        Code::NotFound,
-        "key",
-    );
+    assert!(!format!("{got:?}").contains(&secret[12..]), "secret returned after creation");
+    assert_status(keys.get_key(pb::GetKeyRequest { id: "not-a-uuid".into() }).await, Code::InvalidArgument, "id");
+    assert_status(keys.get_key(pb::GetKeyRequest { id: uuid::Uuid::nil().to_string() }).await, Code::NotFound, "key");
 
     // Updates: rename, disable, limits, expiry.
     let u = keys
@@ -412,10 +223,7 @@ async fn key_crud_validation_and_secrets() {
             id: key.id.clone(),
             name: Some("token-user02".into()),
             enabled: Some(false),
-            limits: Some(pb::Limits {
-                requests_per_minute: Some(10),
-                ..Default::default()
-            }),
+            limits: Some(pb::Limits { requests_per_minute: Some(10), ..Default::default() }),
             ..Default::default()
         })
         .await
@@ -449,37 +257,19 @@ async fn key_crud_validation_and_secrets() {
     assert_status(
         keys.update_key(pb::UpdateKeyRequest {
             id: key.id.clone(),
-            limits: Some(pb::Limits {
-                requests_per_minute: Some(0),
-                ..Default::default()
-            }),
+            limits: Some(pb::Limits { requests_per_minute: Some(0), ..Default::default() }),
             ..Default::default()
         })
         .await,
         Code::InvalidArgument,
         "limits.requests_per_minute",
     );
-    let unchanged = keys
-        .get_key(pb::GetKeyRequest { id: key.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let unchanged = keys.get_key(pb::GetKeyRequest { id: key.id.clone() }).await.unwrap().into_inner();
     assert_eq!(unchanged, u, "a refused update changes nothing");
 
-    keys.delete_key(pb::DeleteKeyRequest { id: key.id.clone() })
-        .await
-        .unwrap();
-    assert_status(
-        keys.get_key(pb::GetKeyRequest { id: key.id.clone() }).await,
-        Code::NotFound,
-        "key",
-    );
-    assert_status(
-        keys.delete_key(pb::DeleteKeyRequest { id: key.id.clone() })
-            .await,
-        Code::NotFound,
-        "key",
-    );
+    keys.delete_key(pb::DeleteKeyRequest { id: key.id.clone() }).await.unwrap();
+    assert_status(keys.get_key(pb::GetKeyRequest { id: key.id.clone() }).await, Code::NotFound, "key");
+    assert_status(keys.delete_key(pb::DeleteKeyRequest { id: key.id.clone() }).await, Code::NotFound, "key");
     // A deleted key's name can be reused.
     keys.create_key(req("token-user02")).await.unwrap();
 }
@@ -492,12 +282,7 @@ async fn list_keys_pages_in_creation_order() {
     gw.create_gateway(gateway_req("other")).await.unwrap();
     let mut names = Vec::new();
     for i in 0..5 {
-        names.push(
-            create_key(&mut keys, "demo", &format!("token-user{i:02}"))
-                .await
-                .0
-                .name,
-        );
+        names.push(create_key(&mut keys, "demo", &format!("token-user{i:02}")).await.0.name);
     }
     create_key(&mut keys, "other", "elsewhere").await;
 
@@ -506,11 +291,7 @@ async fn list_keys_pages_in_creation_order() {
     let mut pages = 0;
     loop {
         let page = keys
-            .list_keys(pb::ListKeysRequest {
-                gateway: "demo".into(),
-                page_size: 2,
-                page_token: token,
-            })
+            .list_keys(pb::ListKeysRequest { gateway: "demo".into(), page_size: 2, page_token: token })
             .await
             .unwrap()
             .into_inner();
@@ -524,22 +305,11 @@ async fn list_keys_pages_in_creation_order() {
     }
     assert_eq!(seen, names);
     assert_eq!(pages, 3);
-    let all = keys
-        .list_keys(pb::ListKeysRequest {
-            gateway: "demo".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let all = keys.list_keys(pb::ListKeysRequest { gateway: "demo".into(), ..Default::default() }).await.unwrap();
     assert_eq!(all.get_ref().keys.len(), 5);
     assert!(all.get_ref().next_page_token.is_empty());
     assert_status(
-        keys.list_keys(pb::ListKeysRequest {
-            gateway: "demo".into(),
-            page_size: 1001,
-            ..Default::default()
-        })
-        .await,
+        keys.list_keys(pb::ListKeysRequest { gateway: "demo".into(), page_size: 1001, ..Default::default() }).await,
         Code::InvalidArgument,
         "page_size",
     );
@@ -554,11 +324,7 @@ async fn list_keys_pages_in_creation_order() {
         "page_token",
     );
     assert_status(
-        keys.list_keys(pb::ListKeysRequest {
-            gateway: "nope".into(),
-            ..Default::default()
-        })
-        .await,
+        keys.list_keys(pb::ListKeysRequest { gateway: "nope".into(), ..Default::default() }).await,
         Code::NotFound,
         "gateway",
     );
@@ -569,59 +335,35 @@ async fn reflection_v1_and_v1alpha_list_the_admin_services() {
     use tokio_stream::StreamExt;
     let server = TestServer::start().await;
 
-    let mut v1 = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
-        server.channel().await,
-    );
+    let mut v1 =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(server.channel().await);
     let req = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(
-            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
-                String::new(),
-            ),
-        ),
+        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
-    let mut stream = v1
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = v1.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
     let resp = stream.next().await.unwrap().unwrap();
-    let Some(
-        tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(
-            list,
-        ),
-    ) = resp.message_response
+    let Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        resp.message_response
     else {
         panic!("unexpected reflection response");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for want in [
-        "portcullis.admin.v1.GatewayService",
-        "portcullis.admin.v1.KeyService",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "{want} missing from {names:?}"
-        );
+    for want in ["portcullis.admin.v1.GatewayService", "portcullis.admin.v1.KeyService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
 
     use tonic_reflection::pb::v1alpha as a;
-    let mut alpha =
-        a::server_reflection_client::ServerReflectionClient::new(server.channel().await);
+    let mut alpha = a::server_reflection_client::ServerReflectionClient::new(server.channel().await);
     let req = a::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(
-            a::server_reflection_request::MessageRequest::FileContainingSymbol(
-                "portcullis.admin.v1.KeyService".into(),
-            ),
-        ),
+        message_request: Some(a::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "portcullis.admin.v1.KeyService".into(),
+        )),
     };
-    let mut stream = alpha
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = alpha.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
     let resp = stream.next().await.unwrap().unwrap();
     match resp.message_response {
         Some(a::server_reflection_response::MessageResponse::FileDescriptorResponse(fd)) => {
@@ -637,46 +379,25 @@ async fn health_serves_on_both_listeners_and_flips_on_shutdown() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let mut server = TestServer::start().await;
-    let authz =
-        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", server.authz_port()))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+    let authz = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", server.authz_port()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     for (ch, service) in [
         (authz.clone(), "envoy.service.auth.v3.Authorization"),
         (authz.clone(), ""),
         (server.channel().await, "portcullis.admin.v1.KeyService"),
         (server.channel().await, ""),
     ] {
-        let r = HealthClient::new(ch)
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            r.into_inner().status,
-            ServingStatus::Serving as i32,
-            "{service}"
-        );
+        let r = HealthClient::new(ch).check(HealthCheckRequest { service: service.into() }).await.unwrap();
+        assert_eq!(r.into_inner().status, ServingStatus::Serving as i32, "{service}");
     }
-    let mut watch = HealthClient::new(authz)
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status,
-        ServingStatus::Serving as i32
-    );
+    let mut watch =
+        HealthClient::new(authz).watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(watch.next().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
     let stop = tokio::spawn(async move { server.stop().await });
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status,
-        ServingStatus::NotServing as i32
-    );
+    assert_eq!(watch.next().await.unwrap().unwrap().status, ServingStatus::NotServing as i32);
     drop(watch);
     stop.await.unwrap();
 }

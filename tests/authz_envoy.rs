@@ -9,8 +9,10 @@ use portcullis::pb;
 const DEMO: &str = "demo.gateway.local";
 const OTHER: &str = "other.gateway.local";
 const PATH: &str = "/v1/chat/completions";
-const INVALID: &str = r#"{"error":{"message":"Invalid authentication token","type":"invalid_request_error","code":"invalid_api_key"}}"#;
-const MISSING: &str = r#"{"error":{"message":"Missing authentication token","type":"invalid_request_error","code":"missing_api_key"}}"#;
+const INVALID: &str =
+    r#"{"error":{"message":"Invalid authentication token","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+const MISSING: &str =
+    r#"{"error":{"message":"Missing authentication token","type":"invalid_request_error","code":"missing_api_key"}}"#;
 
 fn assert_denied(r: &common::http::Response, status: u16, body: &str) {
     assert_eq!(r.status, status, "body: {}", r.body);
@@ -18,11 +20,7 @@ fn assert_denied(r: &common::http::Response, status: u16, body: &str) {
     assert_eq!(r.header("content-type"), Some("application/json"));
 }
 
-async fn gateway_with_provider_key(
-    gw: &mut Gateways,
-    name: &str,
-    inbound: Option<pb::InboundAuth>,
-) {
+async fn gateway_with_provider_key(gw: &mut Gateways, name: &str, inbound: Option<pb::InboundAuth>) {
     gw.create_gateway(pb::CreateGatewayRequest {
         name: name.into(),
         inbound_auth: inbound,
@@ -44,10 +42,7 @@ async fn allowed_request_reaches_upstream_with_provider_key_and_without_client_k
     gateway_with_provider_key(&mut gw, "demo", None).await;
     let (key, secret) = create_key(&mut keys, "demo", "token-user01").await;
 
-    let r = stack
-        .envoy
-        .send(DEMO, PATH, &[("x-api-key", &secret)])
-        .await;
+    let r = stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["usage"]["completion_tokens"], 30);
 
@@ -55,20 +50,11 @@ async fn allowed_request_reaches_upstream_with_provider_key_and_without_client_k
     assert_eq!(received.len(), 1);
     let headers = &received[0]["headers"];
     assert_eq!(headers["authorization"], "Bearer sk-provider-secret");
-    assert!(
-        headers.get("x-api-key").is_none(),
-        "client key leaked upstream: {headers}"
-    );
+    assert!(headers.get("x-api-key").is_none(), "client key leaked upstream: {headers}");
     assert_eq!(received[0]["path"], PATH);
     let as_text = received[0].to_string();
-    assert!(
-        !as_text.contains(&secret),
-        "the client secret reached the upstream"
-    );
-    assert!(
-        !as_text.contains(&key.id),
-        "nothing of ours but the provider key goes upstream"
-    );
+    assert!(!as_text.contains(&secret), "the client secret reached the upstream");
+    assert!(!as_text.contains(&key.id), "nothing of ours but the provider key goes upstream");
 }
 
 #[tokio::test]
@@ -80,59 +66,20 @@ async fn missing_invalid_and_cross_gateway_keys_are_refused() {
     let (_, demo_secret) = create_key(&mut keys, "demo", "demo-key").await;
 
     assert_denied(&stack.envoy.send(DEMO, PATH, &[]).await, 401, MISSING);
+    assert_denied(&stack.envoy.send(DEMO, PATH, &[("x-api-key", "   ")]).await, 401, MISSING);
+    assert_denied(&stack.envoy.send(DEMO, PATH, &[("x-api-key", "pcs_not-a-real-key")]).await, 401, INVALID);
     assert_denied(
-        &stack.envoy.send(DEMO, PATH, &[("x-api-key", "   ")]).await,
-        401,
-        MISSING,
-    );
-    assert_denied(
-        &stack
-            .envoy
-            .send(DEMO, PATH, &[("x-api-key", "pcs_not-a-real-key")])
-            .await,
-        401,
-        INVALID,
-    );
-    assert_denied(
-        &stack
-            .envoy
-            .send(
-                DEMO,
-                PATH,
-                &[("x-api-key", "sk-some-other-providers-key-123")],
-            )
-            .await,
+        &stack.envoy.send(DEMO, PATH, &[("x-api-key", "sk-some-other-providers-key-123")]).await,
         401,
         INVALID,
     );
     let mut typo = demo_secret.clone();
     typo.replace_range(20..21, if &typo[20..21] == "a" { "b" } else { "a" });
-    assert_denied(
-        &stack.envoy.send(DEMO, PATH, &[("x-api-key", &typo)]).await,
-        401,
-        INVALID,
-    );
+    assert_denied(&stack.envoy.send(DEMO, PATH, &[("x-api-key", &typo)]).await, 401, INVALID);
     // A valid key of gateway demo is not a key of gateway other.
-    assert_denied(
-        &stack
-            .envoy
-            .send(OTHER, PATH, &[("x-api-key", &demo_secret)])
-            .await,
-        401,
-        INVALID,
-    );
-    assert!(
-        stack.upstream.received().await.is_empty(),
-        "no refused request reaches the upstream"
-    );
-    assert_eq!(
-        stack
-            .envoy
-            .send(DEMO, PATH, &[("x-api-key", &demo_secret)])
-            .await
-            .status,
-        200
-    );
+    assert_denied(&stack.envoy.send(OTHER, PATH, &[("x-api-key", &demo_secret)]).await, 401, INVALID);
+    assert!(stack.upstream.received().await.is_empty(), "no refused request reaches the upstream");
+    assert_eq!(stack.envoy.send(DEMO, PATH, &[("x-api-key", &demo_secret)]).await.status, 200);
 }
 
 #[tokio::test]
@@ -156,117 +103,59 @@ async fn key_lifecycle_disable_reenable_expire_delete() {
     let send = || stack.envoy.send(DEMO, PATH, &auth);
 
     assert_eq!(send().await.status, 200);
-    let set_enabled = |enabled| pb::UpdateKeyRequest {
-        id: id.clone(),
-        enabled: Some(enabled),
-        ..Default::default()
-    };
-    let k = keys
-        .update_key(set_enabled(false))
-        .await
-        .unwrap()
-        .into_inner();
+    let set_enabled = |enabled| pb::UpdateKeyRequest { id: id.clone(), enabled: Some(enabled), ..Default::default() };
+    let k = keys.update_key(set_enabled(false)).await.unwrap().into_inner();
     assert_eq!(k.status, pb::KeyStatus::Disabled as i32);
     assert_denied(&send().await, 401, INVALID);
-    let k = keys
-        .update_key(set_enabled(true))
-        .await
-        .unwrap()
-        .into_inner();
+    let k = keys.update_key(set_enabled(true)).await.unwrap().into_inner();
     assert_eq!(k.status, pb::KeyStatus::Active as i32);
     assert_eq!(send().await.status, 200);
 
     stack.server.clock.advance(Duration::hours(1));
     assert_denied(&send().await, 401, INVALID);
-    let k = keys
-        .get_key(pb::GetKeyRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let k = keys.get_key(pb::GetKeyRequest { id: id.clone() }).await.unwrap().into_inner();
     assert_eq!(k.status, pb::KeyStatus::Expired as i32);
     let k = keys
-        .update_key(pb::UpdateKeyRequest {
-            id: id.clone(),
-            clear_expires_at: true,
-            ..Default::default()
-        })
+        .update_key(pb::UpdateKeyRequest { id: id.clone(), clear_expires_at: true, ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(k.status, pb::KeyStatus::Active as i32);
     assert_eq!(send().await.status, 200);
 
-    keys.delete_key(pb::DeleteKeyRequest { id: id.clone() })
-        .await
-        .unwrap();
+    keys.delete_key(pb::DeleteKeyRequest { id: id.clone() }).await.unwrap();
     assert_denied(&send().await, 401, INVALID);
     assert_eq!(stack.upstream.received().await.len(), 3);
 }
 
-fn portcullis_ts(
-    clock: &portcullis::domain::clock::ManualClock,
-    after: Duration,
-) -> prost_types::Timestamp {
+fn portcullis_ts(clock: &portcullis::domain::clock::ManualClock, after: Duration) -> prost_types::Timestamp {
     use portcullis::domain::clock::Clock;
     let t = clock.now() + after;
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: 0,
-    }
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: 0 }
 }
 
 #[tokio::test]
 async fn authorization_bearer_header_is_replaced_by_the_provider_key() {
     let stack = Stack::start().await;
     let (mut gw, mut keys) = stack.server.clients().await;
-    let inbound = pb::InboundAuth {
-        key_name: "Authorization".into(),
-        location: pb::KeyLocation::Header as i32,
-    };
+    let inbound = pb::InboundAuth { key_name: "Authorization".into(), location: pb::KeyLocation::Header as i32 };
     gateway_with_provider_key(&mut gw, "demo", Some(inbound)).await;
     let (_, secret) = create_key(&mut keys, "demo", "sdk").await;
 
     // What the OpenAI SDK sends.
-    let r = stack
-        .envoy
-        .send(
-            DEMO,
-            PATH,
-            &[("Authorization", &format!("Bearer {secret}"))],
-        )
-        .await;
+    let r = stack.envoy.send(DEMO, PATH, &[("Authorization", &format!("Bearer {secret}"))]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let received = stack.upstream.received().await;
-    assert_eq!(
-        received[0]["headers"]["authorization"],
-        "Bearer sk-provider-secret"
-    );
-    assert_denied(
-        &stack
-            .envoy
-            .send(DEMO, PATH, &[("x-api-key", &secret)])
-            .await,
-        401,
-        MISSING,
-    );
-    assert_denied(
-        &stack
-            .envoy
-            .send(DEMO, PATH, &[("authorization", "Bearer pcs_wrong")])
-            .await,
-        401,
-        INVALID,
-    );
+    assert_eq!(received[0]["headers"]["authorization"], "Bearer sk-provider-secret");
+    assert_denied(&stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await, 401, MISSING);
+    assert_denied(&stack.envoy.send(DEMO, PATH, &[("authorization", "Bearer pcs_wrong")]).await, 401, INVALID);
 }
 
 #[tokio::test]
 async fn authorization_header_without_provider_key_is_removed() {
     let stack = Stack::start().await;
     let (mut gw, mut keys) = stack.server.clients().await;
-    let inbound = pb::InboundAuth {
-        key_name: "authorization".into(),
-        location: pb::KeyLocation::Header as i32,
-    };
+    let inbound = pb::InboundAuth { key_name: "authorization".into(), location: pb::KeyLocation::Header as i32 };
     gw.create_gateway(pb::CreateGatewayRequest {
         name: "demo".into(),
         inbound_auth: Some(inbound),
@@ -275,66 +164,31 @@ async fn authorization_header_without_provider_key_is_removed() {
     .await
     .unwrap();
     let (_, secret) = create_key(&mut keys, "demo", "sdk").await;
-    let r = stack
-        .envoy
-        .send(
-            DEMO,
-            PATH,
-            &[("authorization", &format!("bearer   {secret} "))],
-        )
-        .await;
+    let r = stack.envoy.send(DEMO, PATH, &[("authorization", &format!("bearer   {secret} "))]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let received = stack.upstream.received().await;
-    assert!(
-        received[0]["headers"].get("authorization").is_none(),
-        "{}",
-        received[0]
-    );
+    assert!(received[0]["headers"].get("authorization").is_none(), "{}", received[0]);
 }
 
 #[tokio::test]
 async fn query_parameter_key_is_accepted_and_stripped() {
     let stack = Stack::start().await;
     let (mut gw, mut keys) = stack.server.clients().await;
-    let inbound = pb::InboundAuth {
-        key_name: "api_key".into(),
-        location: pb::KeyLocation::Query as i32,
-    };
+    let inbound = pb::InboundAuth { key_name: "api_key".into(), location: pb::KeyLocation::Query as i32 };
     gateway_with_provider_key(&mut gw, "demo", Some(inbound)).await;
     let (_, secret) = create_key(&mut keys, "demo", "query-client").await;
 
-    let r = stack
-        .envoy
-        .send(
-            DEMO,
-            &format!("{PATH}?api-version=1&api_key={secret}&x=y"),
-            &[],
-        )
-        .await;
+    let r = stack.envoy.send(DEMO, &format!("{PATH}?api-version=1&api_key={secret}&x=y"), &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let received = stack.upstream.received().await;
     let path = received[0]["path"].as_str().unwrap();
-    assert!(
-        !path.contains(&secret),
-        "key left in the upstream URL: {path}"
-    );
-    assert!(
-        path.starts_with(PATH) && path.contains("api-version=1") && path.contains("x=y"),
-        "{path}"
-    );
-    assert_eq!(
-        received[0]["headers"]["authorization"],
-        "Bearer sk-provider-secret"
-    );
+    assert!(!path.contains(&secret), "key left in the upstream URL: {path}");
+    assert!(path.starts_with(PATH) && path.contains("api-version=1") && path.contains("x=y"), "{path}");
+    assert_eq!(received[0]["headers"]["authorization"], "Bearer sk-provider-secret");
+    let entry = stack.envoy.access_log_entry(|v| v["status"] == 200).await;
+    assert_eq!(entry["path"], PATH, "the access log leaves the query (and its key) out");
     // In a header it is not where this gateway looks.
-    assert_denied(
-        &stack
-            .envoy
-            .send(DEMO, PATH, &[("x-api-key", &secret)])
-            .await,
-        401,
-        MISSING,
-    );
+    assert_denied(&stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await, 401, MISSING);
 }
 
 #[tokio::test]
@@ -343,57 +197,22 @@ async fn gateway_changes_apply_to_the_next_request() {
     let (mut gw, mut keys) = stack.server.clients().await;
     gw.create_gateway(gateway_req("demo")).await.unwrap();
     let (_, secret) = create_key(&mut keys, "demo", "k").await;
-    assert_eq!(
-        stack
-            .envoy
-            .send(DEMO, PATH, &[("x-api-key", &secret)])
-            .await
-            .status,
-        200
-    );
+    assert_eq!(stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await.status, 200);
     gw.update_gateway(pb::UpdateGatewayRequest {
         name: "demo".into(),
-        inbound_auth: Some(pb::InboundAuth {
-            key_name: "x-portcullis-key".into(),
-            location: 0,
-        }),
+        inbound_auth: Some(pb::InboundAuth { key_name: "x-portcullis-key".into(), location: 0 }),
         ..Default::default()
     })
     .await
     .unwrap();
-    assert_denied(
-        &stack
-            .envoy
-            .send(DEMO, PATH, &[("x-api-key", &secret)])
-            .await,
-        401,
-        MISSING,
-    );
-    assert_eq!(
-        stack
-            .envoy
-            .send(DEMO, PATH, &[("X-Portcullis-Key", &secret)])
-            .await
-            .status,
-        200
-    );
+    assert_denied(&stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await, 401, MISSING);
+    assert_eq!(stack.envoy.send(DEMO, PATH, &[("X-Portcullis-Key", &secret)]).await.status, 200);
     let received = stack.upstream.received().await;
     assert!(received[1]["headers"].get("x-portcullis-key").is_none());
-    gw.delete_gateway(pb::DeleteGatewayRequest {
-        name: "demo".into(),
-        force: true,
-    })
-    .await
-    .unwrap();
-    let r = stack
-        .envoy
-        .send(DEMO, PATH, &[("x-portcullis-key", &secret)])
-        .await;
+    gw.delete_gateway(pb::DeleteGatewayRequest { name: "demo".into(), force: true }).await.unwrap();
+    let r = stack.envoy.send(DEMO, PATH, &[("x-portcullis-key", &secret)]).await;
     assert_eq!(r.status, 503);
-    assert_eq!(
-        r.json()["error"]["message"],
-        "gateway 'demo' is not configured"
-    );
+    assert_eq!(r.json()["error"]["message"], "gateway 'demo' is not configured");
 }
 
 #[tokio::test]
@@ -403,20 +222,11 @@ async fn unknown_or_unnamed_gateway_fails_closed_with_503() {
     gw.create_gateway(gateway_req("demo")).await.unwrap();
     let (_, secret) = create_key(&mut keys, "demo", "k").await;
 
-    let r = stack
-        .envoy
-        .send("ghost.gateway.local", PATH, &[("x-api-key", &secret)])
-        .await;
+    let r = stack.envoy.send("ghost.gateway.local", PATH, &[("x-api-key", &secret)]).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.header("content-type"), Some("application/json"));
-    assert_eq!(
-        r.json()["error"]["message"],
-        "gateway 'ghost' is not configured"
-    );
-    let r = stack
-        .envoy
-        .send("unrouted.example", PATH, &[("x-api-key", &secret)])
-        .await;
+    assert_eq!(r.json()["error"]["message"], "gateway 'ghost' is not configured");
+    let r = stack.envoy.send("unrouted.example", PATH, &[("x-api-key", &secret)]).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["error"]["message"], "gateway '' is not configured");
     assert!(stack.upstream.received().await.is_empty());

@@ -7,14 +7,7 @@ use common::{envoy_bin, manifest_dir};
 
 fn envoy_validates(path: &std::path::Path) {
     let out = std::process::Command::new(envoy_bin())
-        .args([
-            "--mode",
-            "validate",
-            "--use-dynamic-base-id",
-            "-l",
-            "error",
-            "-c",
-        ])
+        .args(["--mode", "validate", "--use-dynamic-base-id", "-l", "error", "-c"])
         .arg(path)
         .output()
         .expect("envoy runs (scripts/install-envoy.sh)");
@@ -53,10 +46,5 @@ fn docker_compose_matches_the_repository() {
         .arg(manifest_dir().join("tools/check_compose.py"))
         .output()
         .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }

@@ -25,12 +25,7 @@ impl Proc {
     fn spawn(db: &str, authz: u16, admin: u16, env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--database-url", db])
-            .args([
-                "--authz-addr",
-                &format!("127.0.0.1:{authz}"),
-                "--admin-addr",
-                &format!("127.0.0.1:{admin}"),
-            ])
+            .args(["--authz-addr", &format!("127.0.0.1:{authz}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
             .env_remove("PORTCULLIS_BOOTSTRAP_TOKEN")
             .env("PORTCULLIS_LOG", "debug")
             .stderr(Stdio::piped())
@@ -66,43 +61,25 @@ impl Proc {
             false
         })
         .await;
-        assert!(
-            matches!(found, Ok(true)),
-            "no '{needle}' in stderr: {seen:#?}"
-        );
+        assert!(matches!(found, Ok(true)), "no '{needle}' in stderr: {seen:#?}");
         seen
     }
 
     async fn sigterm(mut self) -> (std::process::ExitStatus, Vec<String>) {
         let pid = self.child.id().unwrap().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .unwrap()
-            .unwrap();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap();
         let log = self.log.lock().unwrap().clone();
         (status, log)
     }
 }
 
 async fn clients(admin: u16, token: &str) -> (Gateways, Keys) {
-    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{admin}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch =
+        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{admin}")).unwrap().connect().await.unwrap();
     let auth = portcullis::cli::BearerAuth::new(token).unwrap();
     (
-        pb::gateway_service_client::GatewayServiceClient::with_interceptor(
-            ch.clone(),
-            auth.clone(),
-        ),
+        pb::gateway_service_client::GatewayServiceClient::with_interceptor(ch.clone(), auth.clone()),
         pb::key_service_client::KeyServiceClient::with_interceptor(ch, auth),
     )
 }
@@ -118,11 +95,7 @@ async fn state_survives_a_sigterm_restart_and_secrets_stay_out_of_logs() {
     let lines = p.wait_for("admin listener").await;
     let token = lines
         .iter()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("pcm_")
-                .map(|rest| format!("pcm_{rest}"))
-        })
+        .find_map(|l| l.trim().strip_prefix("pcm_").map(|rest| format!("pcm_{rest}")))
         .expect("the first owner token is printed");
     assert_eq!(token.len(), 42);
 
@@ -142,25 +115,12 @@ async fn state_survives_a_sigterm_restart_and_secrets_stay_out_of_logs() {
     .unwrap();
     let (kept, kept_secret) = create_key(&mut keys, "demo", "kept").await;
     let (disabled, disabled_secret) = create_key(&mut keys, "demo", "disabled").await;
-    keys.update_key(pb::UpdateKeyRequest {
-        id: disabled.id.clone(),
-        enabled: Some(false),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    keys.update_key(pb::UpdateKeyRequest { id: disabled.id.clone(), enabled: Some(false), ..Default::default() })
+        .await
+        .unwrap();
     let send = |secret: String| {
         let envoy = &envoy;
-        async move {
-            envoy
-                .send(
-                    "demo.gateway.local",
-                    "/v1/chat/completions",
-                    &[("x-api-key", &secret)],
-                )
-                .await
-                .status
-        }
+        async move { envoy.send("demo.gateway.local", "/v1/chat/completions", &[("x-api-key", &secret)]).await.status }
     };
     assert_eq!(send(kept_secret.clone()).await, 200);
     assert_eq!(send(disabled_secret.clone()).await, 401);
@@ -174,71 +134,42 @@ async fn state_survives_a_sigterm_restart_and_secrets_stay_out_of_logs() {
     // Second start on the same database: no new owner token, same state.
     let mut p = Proc::spawn(&db, authz, admin, &[]);
     let lines = p.wait_for("admin listener").await;
-    assert!(
-        !lines.iter().any(|l| l.contains("pcm_")),
-        "no second owner token: {lines:#?}"
-    );
-    let status = eventually(
-        "envoy reaches the restarted portcullis",
-        Duration::from_secs(20),
-        || {
-            let s = kept_secret.clone();
-            let send = &send;
-            async move {
-                let st = send(s).await;
-                (st != 503).then_some(st)
-            }
-        },
-    )
+    assert!(!lines.iter().any(|l| l.contains("pcm_")), "no second owner token: {lines:#?}");
+    let status = eventually("envoy reaches the restarted portcullis", Duration::from_secs(20), || {
+        let s = kept_secret.clone();
+        let send = &send;
+        async move {
+            let st = send(s).await;
+            (st != 503).then_some(st)
+        }
+    })
     .await;
     assert_eq!(status, 200);
     assert_eq!(send(disabled_secret.clone()).await, 401);
     let (_, mut keys) = clients(admin, &token).await;
     let listed = keys
-        .list_keys(pb::ListKeysRequest {
-            gateway: "demo".into(),
-            ..Default::default()
-        })
+        .list_keys(pb::ListKeysRequest { gateway: "demo".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
         .keys;
-    assert_eq!(
-        listed.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
-        [kept.id.as_str(), disabled.id.as_str()]
-    );
-    keys.update_key(pb::UpdateKeyRequest {
-        id: disabled.id.clone(),
-        enabled: Some(true),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    assert_eq!(listed.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), [kept.id.as_str(), disabled.id.as_str()]);
+    keys.update_key(pb::UpdateKeyRequest { id: disabled.id.clone(), enabled: Some(true), ..Default::default() })
+        .await
+        .unwrap();
     assert_eq!(send(disabled_secret.clone()).await, 200);
     let received = upstream.received().await;
-    assert!(
-        received
-            .iter()
-            .all(|r| r["headers"]["authorization"] == "Bearer sk-provider-never-logged")
-    );
+    assert!(received.iter().all(|r| r["headers"]["authorization"] == "Bearer sk-provider-never-logged"));
     drop(keys);
 
     let (status, log2) = p.sigterm().await;
     assert!(status.success());
     let all = [log1, log2].concat().join("\n");
-    for secret in [
-        kept_secret.as_str(),
-        disabled_secret.as_str(),
-        "sk-provider-never-logged",
-    ] {
+    for secret in [kept_secret.as_str(), disabled_secret.as_str(), "sk-provider-never-logged"] {
         assert!(!all.contains(secret), "a secret reached the logs");
     }
     assert!(all.contains("reason=disabled"), "denials say why: {all}");
-    assert_eq!(
-        all.matches(&token).count(),
-        1,
-        "the owner token is printed exactly once"
-    );
+    assert_eq!(all.matches(&token).count(), 1, "the owner token is printed exactly once");
 }
 
 #[tokio::test]
@@ -246,39 +177,20 @@ async fn bootstrap_token_is_an_owner_and_short_ones_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("b.db").display());
     let out = Command::new(BIN)
-        .args([
-            "serve",
-            "--database-url",
-            &db,
-            "--authz-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--database-url", &db, "--authz-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .env("PORTCULLIS_BOOTSTRAP_TOKEN", "short")
         .output()
         .await
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("PORTCULLIS_BOOTSTRAP_TOKEN must be at least 16"),
-        "{err}"
-    );
+    assert!(err.contains("PORTCULLIS_BOOTSTRAP_TOKEN must be at least 16"), "{err}");
     assert!(!err.contains("short"), "{err}");
 
     let admin = free_port();
-    let mut p = Proc::spawn(
-        &db,
-        free_port(),
-        admin,
-        &[("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN)],
-    );
+    let mut p = Proc::spawn(&db, free_port(), admin, &[("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN)]);
     let lines = p.wait_for("admin listener").await;
-    assert!(
-        !lines.iter().any(|l| l.contains("pcm_")),
-        "a bootstrap token replaces the printed one"
-    );
+    assert!(!lines.iter().any(|l| l.contains("pcm_")), "a bootstrap token replaces the printed one");
     let (mut gw, _) = clients(admin, OWNER_TOKEN).await;
     gw.create_gateway(gateway_req("demo")).await.unwrap();
     assert!(p.sigterm().await.0.success());
@@ -293,18 +205,10 @@ async fn dev_mode_warns_at_start() {
         &db,
         free_port(),
         admin,
-        &[
-            ("PORTCULLIS_DEV", "true"),
-            ("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN),
-        ],
+        &[("PORTCULLIS_DEV", "true"), ("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN)],
     );
     let lines = p.wait_for("admin listener").await;
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("WARN") && l.contains("test-token")),
-        "{lines:#?}"
-    );
+    assert!(lines.iter().any(|l| l.contains("WARN") && l.contains("test-token")), "{lines:#?}");
     let (mut gw, _) = clients(admin, "test-token").await;
     gw.create_gateway(gateway_req("demo")).await.unwrap();
     assert!(p.sigterm().await.0.success());
@@ -315,25 +219,13 @@ async fn migrate_creates_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.db");
     let out = Command::new(BIN)
-        .args([
-            "migrate",
-            "--database-url",
-            &format!("sqlite://{}", path.display()),
-        ])
+        .args(["migrate", "--database-url", &format!("sqlite://{}", path.display())])
         .output()
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(path.exists());
-    let bad = Command::new(BIN)
-        .args(["migrate", "--database-url", "mysql://x"])
-        .output()
-        .await
-        .unwrap();
+    let bad = Command::new(BIN).args(["migrate", "--database-url", "mysql://x"]).output().await.unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unsupported database URL"));
 }
@@ -346,11 +238,7 @@ async fn cli(admin_url: &str, args: &[&str]) -> (bool, String, String) {
         .output()
         .await
         .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 #[tokio::test]
@@ -359,85 +247,35 @@ async fn cli_manages_gateways_and_keys() {
     let url = server.admin_url();
     let (ok, out, err) = cli(
         &url,
-        &[
-            "gateways",
-            "create",
-            "demo",
-            "--upstream-header",
-            "authorization",
-            "--upstream-value",
-            "Bearer sk-x",
-        ],
+        &["gateways", "create", "demo", "--upstream-header", "authorization", "--upstream-value", "Bearer sk-x"],
     )
     .await;
     assert!(ok, "{err}");
-    assert!(
-        out.contains("demo") && out.contains("authorization (set)") && !out.contains("sk-x"),
-        "{out}"
-    );
+    assert!(out.contains("demo") && out.contains("authorization (set)") && !out.contains("sk-x"), "{out}");
 
-    let (ok, out, _) = cli(
-        &url,
-        &[
-            "keys",
-            "create",
-            "token-user01",
-            "--gateway",
-            "demo",
-            "--json",
-        ],
-    )
-    .await;
+    let (ok, out, _) = cli(&url, &["keys", "create", "token-user01", "--gateway", "demo", "--json"]).await;
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let id = v["id"].as_str().unwrap().to_string();
     assert!(v["secret"].as_str().unwrap().starts_with("pcs_"));
     assert_eq!(v["status"], "ACTIVE");
 
-    let (ok, out, err) = cli(
-        &url,
-        &[
-            "keys",
-            "create",
-            "token-user02",
-            "--gateway",
-            "demo",
-            "--rpm",
-            "5",
-        ],
-    )
-    .await;
+    let (ok, out, err) = cli(&url, &["keys", "create", "token-user02", "--gateway", "demo", "--rpm", "5"]).await;
     assert!(ok, "{err}");
-    assert!(
-        out.contains("shown only this once") && out.contains("5 rpm"),
-        "{out}"
-    );
+    assert!(out.contains("shown only this once") && out.contains("5 rpm"), "{out}");
 
     let (ok, out, _) = cli(&url, &["keys", "disable", &id]).await;
     assert!(ok && out.contains("DISABLED"), "{out}");
     let (ok, out, _) = cli(&url, &["keys", "list", "--gateway", "demo"]).await;
     assert!(ok);
     assert!(out.starts_with("NAME"), "{out}");
-    assert!(
-        out.contains("token-user01") && out.contains("token-user02") && out.contains("DISABLED"),
-        "{out}"
-    );
-    assert!(
-        !out.contains("pcs_") || out.lines().all(|l| !l.contains("pcs_") || l.contains('…')),
-        "{out}"
-    );
+    assert!(out.contains("token-user01") && out.contains("token-user02") && out.contains("DISABLED"), "{out}");
+    assert!(!out.contains("pcs_") || out.lines().all(|l| !l.contains("pcs_") || l.contains('…')), "{out}");
     let (ok, out, _) = cli(&url, &["keys", "enable", &id, "--json"]).await;
     assert!(ok);
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["status"],
-        "ACTIVE"
-    );
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["status"], "ACTIVE");
 
-    let (ok, _, err) = cli(
-        &url,
-        &["keys", "create", "token-user01", "--gateway", "demo"],
-    )
-    .await;
+    let (ok, _, err) = cli(&url, &["keys", "create", "token-user01", "--gateway", "demo"]).await;
     assert!(!ok);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("already exists (ALREADY_EXISTS)"), "{err}");

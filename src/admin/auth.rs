@@ -35,10 +35,7 @@ pub struct TokenRegistry {
 
 impl TokenRegistry {
     pub fn new(tokens: Vec<(AccessToken, SecretHash)>, dev: bool) -> Self {
-        TokenRegistry {
-            by_hash: tokens.into_iter().map(|(t, h)| (h, t)).collect(),
-            dev,
-        }
+        TokenRegistry { by_hash: tokens.into_iter().map(|(t, h)| (h, t)).collect(), dev }
     }
 
     pub fn insert(&mut self, token: AccessToken, hash: SecretHash) {
@@ -50,20 +47,13 @@ impl TokenRegistry {
     }
 
     pub fn has_usable_owner(&self, now: DateTime<Utc>) -> bool {
-        self.by_hash
-            .values()
-            .any(|t| t.role == Role::Owner && t.is_usable(now))
+        self.by_hash.values().any(|t| t.role == Role::Owner && t.is_usable(now))
     }
 
     /// The principal for a presented secret, if it is a usable token.
     pub fn authenticate(&self, presented: &str, now: DateTime<Utc>) -> Option<Principal> {
         if self.dev && presented == DEV_TOKEN {
-            return Some(Principal {
-                token_id: None,
-                name: "dev".into(),
-                role: Role::Owner,
-                gateways: vec![],
-            });
+            return Some(Principal { token_id: None, name: "dev".into(), role: Role::Owner, gateways: vec![] });
         }
         let t = self.by_hash.get(&SecretHash::of(presented))?;
         t.is_usable(now).then(|| Principal {
@@ -93,26 +83,16 @@ fn unauthorized() -> Status {
 
 impl Interceptor for AdminAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let value = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(unauthorized)?;
+        let value = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).ok_or_else(unauthorized)?;
         let trimmed = value.trim();
-        let has_scheme = trimmed
-            .get(..7)
-            .is_some_and(|p| p.eq_ignore_ascii_case("bearer "));
+        let has_scheme = trimmed.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer "));
         let presented = strip_bearer(trimmed);
         if !has_scheme || presented.is_empty() {
             return Err(unauthorized());
         }
         let now = self.shared.clock.now();
         let principal = {
-            let tokens = self
-                .shared
-                .tokens
-                .read()
-                .map_err(|_| Status::unavailable("token registry unavailable"))?;
+            let tokens = self.shared.tokens.read().map_err(|_| Status::unavailable("token registry unavailable"))?;
             tokens.authenticate(presented, now)
         };
         let principal = principal.ok_or_else(unauthorized)?;

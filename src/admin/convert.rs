@@ -10,10 +10,7 @@ use crate::domain::money;
 use crate::pb;
 
 pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
-    Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
+    Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
 pub fn from_timestamp(field: &'static str, t: &Timestamp) -> Result<DateTime<Utc>, FieldError> {
@@ -31,10 +28,7 @@ pub fn inbound_from_pb(a: Option<&pb::InboundAuth>) -> Result<InboundAuth, Field
         Ok(pb::KeyLocation::Unspecified | pb::KeyLocation::Header) => KeyLocation::Header,
         Ok(pb::KeyLocation::Query) => KeyLocation::Query,
         Err(_) => {
-            return Err(FieldError::new(
-                "inbound_auth.location",
-                format!("unknown location {}", a.location),
-            ));
+            return Err(FieldError::new("inbound_auth.location", format!("unknown location {}", a.location)));
         }
     };
     InboundAuth::new(&a.key_name, location)
@@ -48,10 +42,7 @@ pub fn upstream_from_pb(a: Option<&pb::UpstreamAuth>) -> Result<Option<UpstreamA
             if a.value.is_empty() {
                 Ok(None)
             } else {
-                Err(FieldError::new(
-                    "upstream_auth.header_name",
-                    "is required when value is set",
-                ))
+                Err(FieldError::new("upstream_auth.header_name", "is required when value is set"))
             }
         }
         Some(a) => UpstreamAuth::new(&a.header_name, &a.value).map(Some),
@@ -90,10 +81,7 @@ pub fn limits_from_pb(l: Option<&pb::Limits>) -> Result<Limits, FieldError> {
         Ok(pb::ResetPeriod::Weekly) => ResetPeriod::Weekly,
         Ok(pb::ResetPeriod::Monthly) => ResetPeriod::Monthly,
         Err(_) => {
-            return Err(FieldError::new(
-                "limits.reset_period",
-                format!("unknown period {}", l.reset_period),
-            ));
+            return Err(FieldError::new("limits.reset_period", format!("unknown period {}", l.reset_period)));
         }
     };
     let limits = Limits {

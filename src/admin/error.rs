@@ -47,9 +47,7 @@ impl From<AdminError> for Status {
         match e {
             AdminError::Invalid(f) => Status::invalid_argument(f.to_string()),
             AdminError::NotFound(what) => Status::not_found(format!("{what} not found")),
-            AdminError::AlreadyExists(what) => {
-                Status::already_exists(format!("{what} already exists"))
-            }
+            AdminError::AlreadyExists(what) => Status::already_exists(format!("{what} already exists")),
             AdminError::FailedPrecondition(m) => Status::failed_precondition(m),
             AdminError::Unavailable(cause) => {
                 tracing::error!(error = %cause, "admin call failed: storage unavailable");

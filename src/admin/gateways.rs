@@ -20,25 +20,15 @@ pub struct GatewayApi(pub Arc<Admin>);
 
 fn check_reservation(tokens: u64) -> Result<u64, FieldError> {
     if tokens > i64::MAX as u64 {
-        return Err(FieldError::new(
-            "default_reservation_tokens",
-            "is too large",
-        ));
+        return Err(FieldError::new("default_reservation_tokens", "is too large"));
     }
     Ok(tokens)
 }
 
 impl Admin {
-    pub(crate) async fn gateway_by_name(
-        &self,
-        field: &'static str,
-        name: &str,
-    ) -> AdminResult<Gateway> {
+    pub(crate) async fn gateway_by_name(&self, field: &'static str, name: &str) -> AdminResult<Gateway> {
         validate_gateway_name(field, name)?;
-        self.store
-            .get_gateway(name)
-            .await?
-            .ok_or(AdminError::NotFound("gateway"))
+        self.store.get_gateway(name).await?.ok_or(AdminError::NotFound("gateway"))
     }
 }
 
@@ -71,15 +61,9 @@ impl GatewayService for GatewayApi {
         Ok(Response::new(run.await?))
     }
 
-    async fn get_gateway(
-        &self,
-        request: Request<pb::GetGatewayRequest>,
-    ) -> Result<Response<pb::Gateway>, Status> {
+    async fn get_gateway(&self, request: Request<pb::GetGatewayRequest>) -> Result<Response<pb::Gateway>, Status> {
         principal(&request)?;
-        let g = self
-            .0
-            .gateway_by_name("name", &request.get_ref().name)
-            .await?;
+        let g = self.0.gateway_by_name("name", &request.get_ref().name).await?;
         Ok(Response::new(gateway_to_pb(&g)))
     }
 
@@ -88,15 +72,8 @@ impl GatewayService for GatewayApi {
         request: Request<pb::ListGatewaysRequest>,
     ) -> Result<Response<pb::ListGatewaysResponse>, Status> {
         principal(&request)?;
-        let all = self
-            .0
-            .store
-            .list_gateways()
-            .await
-            .map_err(AdminError::from)?;
-        Ok(Response::new(pb::ListGatewaysResponse {
-            gateways: all.iter().map(gateway_to_pb).collect(),
-        }))
+        let all = self.0.store.list_gateways().await.map_err(AdminError::from)?;
+        Ok(Response::new(pb::ListGatewaysResponse { gateways: all.iter().map(gateway_to_pb).collect() }))
     }
 
     #[tracing::instrument(skip_all, fields(gateway))]
@@ -119,11 +96,7 @@ impl GatewayService for GatewayApi {
             if let Some(t) = req.default_reservation_tokens {
                 g.default_reservation_tokens = check_reservation(t)?;
             }
-            self.0
-                .store
-                .update_gateway(&g)
-                .await
-                .map_err(store_err("gateway"))?;
+            self.0.store.update_gateway(&g).await.map_err(store_err("gateway"))?;
             self.0.shared.view_mut()?.upsert_gateway(g.clone());
             tracing::info!(token = %who.name, gateway_id = %g.id, "gateway updated");
             AdminResult::Ok(gateway_to_pb(&g))
@@ -143,17 +116,10 @@ impl GatewayService for GatewayApi {
             let _w = self.0.writes.lock().await;
             let g = self.0.gateway_by_name("name", &req.name).await?;
             let now = self.0.shared.clock.now();
-            let deleted = self
-                .0
-                .store
-                .delete_gateway(g.id, req.force, now)
-                .await
-                .map_err(store_err("gateway"))?;
+            let deleted = self.0.store.delete_gateway(g.id, req.force, now).await.map_err(store_err("gateway"))?;
             self.0.shared.view_mut()?.remove_gateway(&g.name);
             tracing::info!(token = %who.name, gateway_id = %g.id, deleted_keys = deleted.len(), "gateway deleted");
-            AdminResult::Ok(pb::DeleteGatewayResponse {
-                deleted_keys: deleted.len() as u64,
-            })
+            AdminResult::Ok(pb::DeleteGatewayResponse { deleted_keys: deleted.len() as u64 })
         };
         Ok(Response::new(run.await?))
     }

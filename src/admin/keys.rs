@@ -32,10 +32,7 @@ fn parse_id(field: &'static str, id: &str) -> Result<Uuid, FieldError> {
 impl Admin {
     async fn key_by_id(&self, id: &str) -> AdminResult<ApiKey> {
         let id = parse_id("id", id)?;
-        self.store
-            .get_key(id)
-            .await?
-            .ok_or(AdminError::NotFound("key"))
+        self.store.get_key(id).await?.ok_or(AdminError::NotFound("key"))
     }
 
     fn key_pb(&self, key: &ApiKey) -> AdminResult<pb::ApiKey> {
@@ -59,11 +56,7 @@ impl KeyService for KeyApi {
             let now = self.0.shared.clock.now();
             validate_key_name("name", &req.name)?;
             let limits = limits_from_pb(req.limits.as_ref())?;
-            let expires_at = req
-                .expires_at
-                .as_ref()
-                .map(|t| from_timestamp("expires_at", t))
-                .transpose()?;
+            let expires_at = req.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
             if let Some(at) = expires_at {
                 validate_expiry("expires_at", at, now)?;
             }
@@ -84,10 +77,7 @@ impl KeyService for KeyApi {
             tracing::Span::current().record("key_id", key.id.to_string());
             let _w = self.0.writes.lock().await;
             self.0.store.insert_key(&key, &secret.hash()).await?;
-            self.0
-                .shared
-                .view_mut()?
-                .upsert_key(key.clone(), vec![secret.hash()]);
+            self.0.shared.view_mut()?.upsert_key(key.clone(), vec![secret.hash()]);
             tracing::info!(token = %who.name, "key created");
             AdminResult::Ok(pb::CreateKeyResponse {
                 key: Some(key_to_pb(&key, &gateway.name, now)),
@@ -97,30 +87,20 @@ impl KeyService for KeyApi {
         Ok(Response::new(run.await?))
     }
 
-    async fn get_key(
-        &self,
-        request: Request<pb::GetKeyRequest>,
-    ) -> Result<Response<pb::ApiKey>, Status> {
+    async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         principal(&request)?;
         let key = self.0.key_by_id(&request.get_ref().id).await?;
         Ok(Response::new(self.0.key_pb(&key)?))
     }
 
-    async fn list_keys(
-        &self,
-        request: Request<pb::ListKeysRequest>,
-    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+    async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
         principal(&request)?;
         let req = request.into_inner();
         let run = async {
             let page_size = match req.page_size {
                 0 => DEFAULT_PAGE_SIZE,
                 n if n > MAX_PAGE_SIZE => {
-                    return Err(FieldError::new(
-                        "page_size",
-                        format!("must be at most {MAX_PAGE_SIZE}"),
-                    )
-                    .into());
+                    return Err(FieldError::new("page_size", format!("must be at most {MAX_PAGE_SIZE}")).into());
                 }
                 n => n,
             };
@@ -130,10 +110,7 @@ impl KeyService for KeyApi {
                 Some(parse_id("page_token", &req.page_token)?.to_string())
             };
             let gateway = self.0.gateway_by_name("gateway", &req.gateway).await?;
-            let page = crate::store::Page {
-                after: after.as_deref(),
-                limit: page_size + 1,
-            };
+            let page = crate::store::Page { after: after.as_deref(), limit: page_size + 1 };
             let mut keys = self.0.store.list_keys(gateway.id, page).await?;
             let next_page_token = if keys.len() > page_size as usize {
                 keys.truncate(page_size as usize);
@@ -143,10 +120,7 @@ impl KeyService for KeyApi {
             };
             let now = self.0.shared.clock.now();
             AdminResult::Ok(pb::ListKeysResponse {
-                keys: keys
-                    .iter()
-                    .map(|k| key_to_pb(k, &gateway.name, now))
-                    .collect(),
+                keys: keys.iter().map(|k| key_to_pb(k, &gateway.name, now)).collect(),
                 next_page_token,
             })
         };
@@ -154,21 +128,14 @@ impl KeyService for KeyApi {
     }
 
     #[tracing::instrument(skip_all, fields(key_id))]
-    async fn update_key(
-        &self,
-        request: Request<pb::UpdateKeyRequest>,
-    ) -> Result<Response<pb::ApiKey>, Status> {
+    async fn update_key(&self, request: Request<pb::UpdateKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         let who = principal(&request)?;
         let req = request.into_inner();
         tracing::Span::current().record("key_id", req.id.as_str());
         let run = async {
             let now = self.0.shared.clock.now();
             if req.clear_expires_at && req.expires_at.is_some() {
-                return Err(FieldError::new(
-                    "clear_expires_at",
-                    "cannot be combined with expires_at",
-                )
-                .into());
+                return Err(FieldError::new("clear_expires_at", "cannot be combined with expires_at").into());
             }
             let _w = self.0.writes.lock().await;
             let mut key = self.0.key_by_id(&req.id).await?;
@@ -190,11 +157,7 @@ impl KeyService for KeyApi {
             if req.clear_expires_at {
                 key.expires_at = None;
             }
-            self.0
-                .store
-                .update_key(&key)
-                .await
-                .map_err(store_err("key"))?;
+            self.0.store.update_key(&key).await.map_err(store_err("key"))?;
             self.0.shared.view_mut()?.replace_key(key.clone());
             tracing::info!(token = %who.name, enabled = key.enabled, "key updated");
             self.0.key_pb(&key)
@@ -213,11 +176,7 @@ impl KeyService for KeyApi {
         let run = async {
             let id = parse_id("id", &req.id)?;
             let _w = self.0.writes.lock().await;
-            self.0
-                .store
-                .delete_key(id, self.0.shared.clock.now())
-                .await
-                .map_err(store_err("key"))?;
+            self.0.store.delete_key(id, self.0.shared.clock.now()).await.map_err(store_err("key"))?;
             self.0.shared.view_mut()?.remove_key(id);
             tracing::info!(token = %who.name, "key deleted");
             AdminResult::Ok(pb::DeleteKeyResponse {})

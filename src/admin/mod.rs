@@ -28,11 +28,7 @@ pub struct Admin {
 
 impl Admin {
     pub fn new(shared: Arc<Shared>, store: DynStore) -> Arc<Self> {
-        Arc::new(Admin {
-            shared,
-            store,
-            writes: tokio::sync::Mutex::new(()),
-        })
+        Arc::new(Admin { shared, store, writes: tokio::sync::Mutex::new(()) })
     }
 }
 
@@ -42,7 +38,5 @@ fn principal<T>(request: &Request<T>) -> AdminResult<Principal> {
         .extensions()
         .get::<Principal>()
         .cloned()
-        .ok_or_else(|| {
-            AdminError::Internal("admin call reached a handler without authentication".into())
-        })
+        .ok_or_else(|| AdminError::Internal("admin call reached a handler without authentication".into()))
 }

@@ -26,12 +26,8 @@ impl AuthzService {
     /// Decides one CheckRequest. Never fails: faults become a 503 denial.
     pub fn decide(&self, req: &CheckRequest) -> CheckResponse {
         let attrs = req.attributes.as_ref();
-        let gateway = attrs
-            .and_then(|a| a.context_extensions.get("gateway"))
-            .map(String::as_str);
-        let http = attrs
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref());
+        let gateway = attrs.and_then(|a| a.context_extensions.get("gateway")).map(String::as_str);
+        let http = attrs.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         let empty = HashMap::new();
         // Envoy sends `headers` unless `encode_raw_headers` is on; then only `header_map`.
         let raw;
@@ -55,11 +51,7 @@ impl AuthzService {
             Some(h) => (&h.headers, h.path.as_str()),
             None => (&empty, ""),
         };
-        let parts = RequestParts {
-            gateway,
-            headers,
-            path,
-        };
+        let parts = RequestParts { gateway, headers, path };
         let now = self.shared.clock.now();
         let decision = match self.shared.view() {
             Ok(view) => check::decide(&view, &parts, now),
@@ -92,10 +84,7 @@ fn log_decision(decision: &Decision) {
 
 #[tonic::async_trait]
 impl Authorization for AuthzService {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         // A denial is a CheckResponse with an HTTP status, never a gRPC error: Envoy
         // would map a gRPC error to `status_on_error` and lose our body.
         Ok(Response::new(self.decide(request.get_ref())))

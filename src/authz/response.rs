@@ -3,9 +3,7 @@
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{
-    CheckResponse, DeniedHttpResponse, OkHttpResponse,
-};
+use envoy_types::pb::envoy::service::auth::v3::{CheckResponse, DeniedHttpResponse, OkHttpResponse};
 use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
@@ -13,8 +11,10 @@ use envoy_types::pb::google::rpc;
 use crate::domain::check::{Admitted, Decision, Denial};
 use crate::domain::gateway::KeyLocation;
 
-const MISSING_KEY_BODY: &str = r#"{"error":{"message":"Missing authentication token","type":"invalid_request_error","code":"missing_api_key"}}"#;
-const INVALID_KEY_BODY: &str = r#"{"error":{"message":"Invalid authentication token","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+const MISSING_KEY_BODY: &str =
+    r#"{"error":{"message":"Missing authentication token","type":"invalid_request_error","code":"missing_api_key"}}"#;
+const INVALID_KEY_BODY: &str =
+    r#"{"error":{"message":"Invalid authentication token","type":"invalid_request_error","code":"invalid_api_key"}}"#;
 const INTERNAL_BODY: &str = r#"{"error":{"message":"The authorization service is unavailable","type":"server_error","code":"service_unavailable"}}"#;
 
 // google.rpc.Code values. Envoy only tells OK from not-OK; these make its logs readable.
@@ -32,41 +32,25 @@ pub fn from_decision(decision: &Decision) -> CheckResponse {
                 "type": "server_error",
                 "code": "gateway_not_configured",
             }});
-            deny(
-                StatusCode::ServiceUnavailable,
-                RPC_UNAVAILABLE,
-                body.to_string(),
-            )
+            deny(StatusCode::ServiceUnavailable, RPC_UNAVAILABLE, body.to_string())
         }
-        Decision::Deny(Denial::MissingKey) => deny(
-            StatusCode::Unauthorized,
-            RPC_UNAUTHENTICATED,
-            MISSING_KEY_BODY.to_string(),
-        ),
-        Decision::Deny(Denial::InvalidKey { .. }) => deny(
-            StatusCode::Unauthorized,
-            RPC_UNAUTHENTICATED,
-            INVALID_KEY_BODY.to_string(),
-        ),
+        Decision::Deny(Denial::MissingKey) => {
+            deny(StatusCode::Unauthorized, RPC_UNAUTHENTICATED, MISSING_KEY_BODY.to_string())
+        }
+        Decision::Deny(Denial::InvalidKey { .. }) => {
+            deny(StatusCode::Unauthorized, RPC_UNAUTHENTICATED, INVALID_KEY_BODY.to_string())
+        }
     }
 }
 
 /// Any fault on the request path: deny with 503, never allow.
 pub fn internal_error() -> CheckResponse {
-    deny(
-        StatusCode::ServiceUnavailable,
-        RPC_UNAVAILABLE,
-        INTERNAL_BODY.to_string(),
-    )
+    deny(StatusCode::ServiceUnavailable, RPC_UNAVAILABLE, INTERNAL_BODY.to_string())
 }
 
 fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
     HeaderValueOption {
-        header: Some(HeaderValue {
-            key: key.to_string(),
-            value: value.to_string(),
-            ..Default::default()
-        }),
+        header: Some(HeaderValue { key: key.to_string(), value: value.to_string(), ..Default::default() }),
         append_action: action as i32,
         ..Default::default()
     }
@@ -74,19 +58,10 @@ fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOpti
 
 fn deny(status: StatusCode, rpc_code: i32, body: String) -> CheckResponse {
     CheckResponse {
-        status: Some(rpc::Status {
-            code: rpc_code,
-            ..Default::default()
-        }),
+        status: Some(rpc::Status { code: rpc_code, ..Default::default() }),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-            status: Some(HttpStatus {
-                code: status as i32,
-            }),
-            headers: vec![header(
-                "content-type",
-                "application/json",
-                HeaderAppendAction::OverwriteIfExistsOrAdd,
-            )],
+            status: Some(HttpStatus { code: status as i32 }),
+            headers: vec![header("content-type", "application/json", HeaderAppendAction::OverwriteIfExistsOrAdd)],
             body,
         })),
         dynamic_metadata: None,
@@ -94,9 +69,7 @@ fn deny(status: StatusCode, rpc_code: i32, body: String) -> CheckResponse {
 }
 
 fn string_value(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_string())),
-    }
+    Value { kind: Some(Kind::StringValue(s.to_string())) }
 }
 
 fn allow(a: &Admitted) -> CheckResponse {
@@ -113,20 +86,13 @@ fn allow(a: &Admitted) -> CheckResponse {
         KeyLocation::Query => ok.query_parameters_to_remove.push(inbound.key_name.clone()),
     }
     if let Some(u) = upstream {
-        ok.headers.push(header(
-            &u.header_name,
-            &u.value,
-            HeaderAppendAction::OverwriteIfExistsOrAdd,
-        ));
+        ok.headers.push(header(&u.header_name, &u.value, HeaderAppendAction::OverwriteIfExistsOrAdd));
     }
     let mut fields = std::collections::HashMap::with_capacity(2);
     fields.insert("key_id".to_string(), string_value(&a.key.id.to_string()));
     fields.insert("gateway".to_string(), string_value(&a.gateway.name));
     CheckResponse {
-        status: Some(rpc::Status {
-            code: RPC_OK,
-            ..Default::default()
-        }),
+        status: Some(rpc::Status { code: RPC_OK, ..Default::default() }),
         http_response: Some(HttpResponse::OkResponse(ok)),
         dynamic_metadata: Some(Struct { fields }),
     }

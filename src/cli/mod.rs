@@ -17,12 +17,7 @@ use crate::pb::key_service_client::KeyServiceClient;
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
     /// Admin API address.
-    #[arg(
-        long,
-        env = "PORTCULLIS_ADMIN_URL",
-        default_value = "http://127.0.0.1:50052",
-        global = true
-    )]
+    #[arg(long, env = "PORTCULLIS_ADMIN_URL", default_value = "http://127.0.0.1:50052", global = true)]
     pub admin_url: String,
     /// Management token.
     #[arg(long, env = "PORTCULLIS_TOKEN", hide_env_values = true, global = true)]
@@ -128,10 +123,7 @@ pub struct LimitArgs {
 
 impl LimitArgs {
     fn any(&self) -> bool {
-        self.cost_limit.is_some()
-            || self.token_limit.is_some()
-            || self.rpm.is_some()
-            || self.reset_period.is_some()
+        self.cost_limit.is_some() || self.token_limit.is_some() || self.rpm.is_some() || self.reset_period.is_some()
     }
 
     fn to_pb(&self) -> pb::Limits {
@@ -210,22 +202,16 @@ impl BearerAuth {
 
 impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+        request.metadata_mut().insert("authorization", self.0.clone());
         Ok(request)
     }
 }
 
 type Svc = InterceptedService<Channel, BearerAuth>;
 
-async fn connect(
-    conn: &Connection,
-) -> anyhow::Result<(GatewayServiceClient<Svc>, KeyServiceClient<Svc>)> {
-    let token = conn
-        .token
-        .as_deref()
-        .ok_or_else(|| anyhow!("no management token: pass --token or set PORTCULLIS_TOKEN"))?;
+async fn connect(conn: &Connection) -> anyhow::Result<(GatewayServiceClient<Svc>, KeyServiceClient<Svc>)> {
+    let token =
+        conn.token.as_deref().ok_or_else(|| anyhow!("no management token: pass --token or set PORTCULLIS_TOKEN"))?;
     let auth = BearerAuth::new(token)?;
     let channel = Endpoint::from_shared(conn.admin_url.clone())
         .with_context(|| format!("invalid --admin-url '{}'", conn.admin_url))?
@@ -253,12 +239,9 @@ fn status_err(s: Status) -> anyhow::Error {
 }
 
 fn timestamp(field: &str, s: &str) -> anyhow::Result<prost_types::Timestamp> {
-    let t = chrono::DateTime::parse_from_rfc3339(s)
-        .with_context(|| format!("{field}: '{s}' is not an RFC 3339 time"))?;
-    Ok(prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    })
+    let t =
+        chrono::DateTime::parse_from_rfc3339(s).with_context(|| format!("{field}: '{s}' is not an RFC 3339 time"))?;
+    Ok(prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 })
 }
 
 fn inbound(s: &GatewaySettings) -> Option<pb::InboundAuth> {
@@ -303,29 +286,15 @@ async fn gateways(conn: &Connection, cmd: GatewaysCmd) -> anyhow::Result<()> {
             out.gateways(&[g.into_inner()]);
         }
         GatewaysCmd::List => {
-            let list = client
-                .list_gateways(pb::ListGatewaysRequest {})
-                .await
-                .map_err(status_err)?;
+            let list = client.list_gateways(pb::ListGatewaysRequest {}).await.map_err(status_err)?;
             out.gateways(&list.into_inner().gateways);
         }
         GatewaysCmd::Get { name } => {
-            let g = client
-                .get_gateway(pb::GetGatewayRequest { name })
-                .await
-                .map_err(status_err)?;
+            let g = client.get_gateway(pb::GetGatewayRequest { name }).await.map_err(status_err)?;
             out.gateways(&[g.into_inner()]);
         }
-        GatewaysCmd::Update {
-            name,
-            settings,
-            clear_upstream,
-        } => {
-            let upstream_auth = if clear_upstream {
-                Some(pb::UpstreamAuth::default())
-            } else {
-                upstream(&settings)
-            };
+        GatewaysCmd::Update { name, settings, clear_upstream } => {
+            let upstream_auth = if clear_upstream { Some(pb::UpstreamAuth::default()) } else { upstream(&settings) };
             let g = client
                 .update_gateway(pb::UpdateGatewayRequest {
                     name,
@@ -339,10 +308,7 @@ async fn gateways(conn: &Connection, cmd: GatewaysCmd) -> anyhow::Result<()> {
         }
         GatewaysCmd::Delete { name, force } => {
             let r = client
-                .delete_gateway(pb::DeleteGatewayRequest {
-                    name: name.clone(),
-                    force,
-                })
+                .delete_gateway(pb::DeleteGatewayRequest { name: name.clone(), force })
                 .await
                 .map_err(status_err)?
                 .into_inner();
@@ -358,22 +324,11 @@ async fn gateways(conn: &Connection, cmd: GatewaysCmd) -> anyhow::Result<()> {
 async fn keys(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
     let (_, mut client) = connect(conn).await?;
     let out = output::Out { json: conn.json };
-    let set_enabled = |id: String, enabled: bool| pb::UpdateKeyRequest {
-        id,
-        enabled: Some(enabled),
-        ..Default::default()
-    };
+    let set_enabled =
+        |id: String, enabled: bool| pb::UpdateKeyRequest { id, enabled: Some(enabled), ..Default::default() };
     match cmd {
-        KeysCmd::Create {
-            name,
-            gateway,
-            limits,
-            expires_at,
-        } => {
-            let expires_at = expires_at
-                .as_deref()
-                .map(|s| timestamp("--expires-at", s))
-                .transpose()?;
+        KeysCmd::Create { name, gateway, limits, expires_at } => {
+            let expires_at = expires_at.as_deref().map(|s| timestamp("--expires-at", s)).transpose()?;
             let r = client
                 .create_key(pb::CreateKeyRequest {
                     gateway,
@@ -391,11 +346,7 @@ async fn keys(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
             let mut page_token = String::new();
             loop {
                 let page = client
-                    .list_keys(pb::ListKeysRequest {
-                        gateway: gateway.clone(),
-                        page_size: 1000,
-                        page_token,
-                    })
+                    .list_keys(pb::ListKeysRequest { gateway: gateway.clone(), page_size: 1000, page_token })
                     .await
                     .map_err(status_err)?
                     .into_inner();
@@ -411,37 +362,19 @@ async fn keys(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
             out.keys(&all);
         }
         KeysCmd::Get { id } => {
-            let k = client
-                .get_key(pb::GetKeyRequest { id })
-                .await
-                .map_err(status_err)?;
+            let k = client.get_key(pb::GetKeyRequest { id }).await.map_err(status_err)?;
             out.keys(&[k.into_inner()]);
         }
         KeysCmd::Enable { id } => {
-            let k = client
-                .update_key(set_enabled(id, true))
-                .await
-                .map_err(status_err)?;
+            let k = client.update_key(set_enabled(id, true)).await.map_err(status_err)?;
             out.keys(&[k.into_inner()]);
         }
         KeysCmd::Disable { id } => {
-            let k = client
-                .update_key(set_enabled(id, false))
-                .await
-                .map_err(status_err)?;
+            let k = client.update_key(set_enabled(id, false)).await.map_err(status_err)?;
             out.keys(&[k.into_inner()]);
         }
-        KeysCmd::Update {
-            id,
-            name,
-            limits,
-            expires_at,
-            clear_expires_at,
-        } => {
-            let expires_at = expires_at
-                .as_deref()
-                .map(|s| timestamp("--expires-at", s))
-                .transpose()?;
+        KeysCmd::Update { id, name, limits, expires_at, clear_expires_at } => {
+            let expires_at = expires_at.as_deref().map(|s| timestamp("--expires-at", s)).transpose()?;
             let k = client
                 .update_key(pb::UpdateKeyRequest {
                     id,
@@ -456,14 +389,8 @@ async fn keys(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
             out.keys(&[k.into_inner()]);
         }
         KeysCmd::Delete { id } => {
-            client
-                .delete_key(pb::DeleteKeyRequest { id: id.clone() })
-                .await
-                .map_err(status_err)?;
-            out.message(
-                serde_json::json!({"deleted": id}),
-                &format!("Deleted key {id}"),
-            );
+            client.delete_key(pb::DeleteKeyRequest { id: id.clone() }).await.map_err(status_err)?;
+            out.message(serde_json::json!({"deleted": id}), &format!("Deleted key {id}"));
         }
     }
     Ok(())

@@ -104,11 +104,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
@@ -130,27 +126,17 @@ impl Out {
             .iter()
             .map(|g| {
                 let inbound = g.inbound_auth.clone().unwrap_or_default();
-                let location = if inbound.location == pb::KeyLocation::Query as i32 {
-                    "query"
-                } else {
-                    "header"
-                };
+                let location = if inbound.location == pb::KeyLocation::Query as i32 { "query" } else { "header" };
                 vec![
                     g.name.clone(),
                     format!("{location}:{}", inbound.key_name),
-                    g.upstream_auth
-                        .as_ref()
-                        .map(|u| format!("{} (set)", u.header_name))
-                        .unwrap_or_else(|| "-".into()),
+                    g.upstream_auth.as_ref().map(|u| format!("{} (set)", u.header_name)).unwrap_or_else(|| "-".into()),
                     ts(&g.created_at),
                     g.id.clone(),
                 ]
             })
             .collect();
-        table(
-            &["NAME", "CLIENT KEY IN", "PROVIDER KEY", "CREATED AT", "ID"],
-            rows,
-        );
+        table(&["NAME", "CLIENT KEY IN", "PROVIDER KEY", "CREATED AT", "ID"], rows);
     }
 
     pub fn keys(&self, ks: &[pb::ApiKey]) {
@@ -166,27 +152,12 @@ impl Out {
                     status_name(k.status).to_string(),
                     limits_text(&k.limits),
                     ts(&k.created_at),
-                    if k.expires_at.is_some() {
-                        ts(&k.expires_at)
-                    } else {
-                        "never".into()
-                    },
+                    if k.expires_at.is_some() { ts(&k.expires_at) } else { "never".into() },
                     k.id.clone(),
                 ]
             })
             .collect();
-        table(
-            &[
-                "NAME",
-                "PREFIX",
-                "STATUS",
-                "LIMITS",
-                "CREATED AT",
-                "EXPIRES",
-                "ID",
-            ],
-            rows,
-        );
+        table(&["NAME", "PREFIX", "STATUS", "LIMITS", "CREATED AT", "EXPIRES", "ID"], rows);
     }
 
     pub fn created_key(&self, r: &pb::CreateKeyResponse) {
@@ -197,17 +168,10 @@ impl Out {
             return self.print_json(v);
         }
         self.keys(&[key]);
-        println!(
-            "\nSecret (shown only this once; store it now):\n{}",
-            r.secret
-        );
+        println!("\nSecret (shown only this once; store it now):\n{}", r.secret);
     }
 
     pub fn message(&self, json: Value, text: &str) {
-        if self.json {
-            self.print_json(json)
-        } else {
-            println!("{text}")
-        }
+        if self.json { self.print_json(json) } else { println!("{text}") }
     }
 }

@@ -85,9 +85,7 @@ pub enum Decision {
 pub fn decide(view: &View, req: &RequestParts<'_>, now: DateTime<Utc>) -> Decision {
     let name = req.gateway.unwrap_or("");
     let Some(gateway) = view.gateway(name) else {
-        return Decision::Deny(Denial::GatewayNotConfigured {
-            name: name.to_string(),
-        });
+        return Decision::Deny(Denial::GatewayNotConfigured { name: name.to_string() });
     };
     let Some(presented) = extract_key(&gateway.inbound, req.headers, req.path) else {
         return Decision::Deny(Denial::MissingKey);
@@ -103,10 +101,7 @@ pub fn decide(view: &View, req: &RequestParts<'_>, now: DateTime<Utc>) -> Decisi
         return invalid(InvalidReason::OtherGateway, Some(key.id));
     }
     match key.status(now) {
-        KeyStatus::Active => Decision::Allow(Admitted {
-            gateway: Arc::clone(gateway),
-            key: Arc::clone(key),
-        }),
+        KeyStatus::Active => Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key) }),
         KeyStatus::Disabled => invalid(InvalidReason::Disabled, Some(key.id)),
         KeyStatus::Expired => invalid(InvalidReason::Expired, Some(key.id)),
     }
@@ -140,11 +135,7 @@ pub fn strip_bearer(value: &str) -> &str {
         _ => return v,
     };
     // "Bearer" alone, or followed by white space; "Bearerabc" is a value of its own.
-    if rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_whitespace()) {
-        rest.trim()
-    } else {
-        v
-    }
+    if rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_whitespace()) { rest.trim() } else { v }
 }
 
 /// The first value of query parameter `name` in `path`, percent-decoded.
@@ -227,28 +218,12 @@ mod tests {
         };
         let key_id = key.id;
         let view = View::new(vec![demo, other], vec![(key, secret.hash())]);
-        Fixture {
-            view,
-            clock,
-            secret,
-            key_id,
-        }
+        Fixture { view, clock, secret, key_id }
     }
 
     fn run(f: &Fixture, gateway: Option<&str>, headers: &[(&str, &str)], path: &str) -> Decision {
-        let headers: HashMap<String, String> = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        decide(
-            &f.view,
-            &RequestParts {
-                gateway,
-                headers: &headers,
-                path,
-            },
-            f.clock.now(),
-        )
+        let headers: HashMap<String, String> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        decide(&f.view, &RequestParts { gateway, headers: &headers, path }, f.clock.now())
     }
 
     fn denial(d: Decision) -> Denial {
@@ -261,12 +236,7 @@ mod tests {
     #[test]
     fn active_key_in_default_header_is_admitted() {
         let f = fixture(InboundAuth::default());
-        match run(
-            &f,
-            Some("demo"),
-            &[(DEFAULT_KEY_NAME, f.secret.expose())],
-            "/v1/chat/completions",
-        ) {
+        match run(&f, Some("demo"), &[(DEFAULT_KEY_NAME, f.secret.expose())], "/v1/chat/completions") {
             Decision::Allow(a) => {
                 assert_eq!(a.key.id, f.key_id);
                 assert_eq!(a.gateway.name, "demo");
@@ -286,31 +256,17 @@ mod tests {
         assert_eq!(strip_bearer("Bearerabc"), "Bearerabc");
         let f = fixture(InboundAuth::new("Authorization", KeyLocation::Header).unwrap());
         let value = format!("BEARER {}", f.secret.expose());
-        assert!(matches!(
-            run(&f, Some("demo"), &[("authorization", &value)], "/"),
-            Decision::Allow(_)
-        ));
+        assert!(matches!(run(&f, Some("demo"), &[("authorization", &value)], "/"), Decision::Allow(_)));
     }
 
     #[test]
     fn missing_and_blank_keys() {
         let f = fixture(InboundAuth::default());
         assert_eq!(denial(run(&f, Some("demo"), &[], "/")), Denial::MissingKey);
-        assert_eq!(
-            denial(run(&f, Some("demo"), &[("x-api-key", "  ")], "/")),
-            Denial::MissingKey
-        );
-        assert_eq!(
-            denial(run(&f, Some("demo"), &[("x-api-key", "Bearer ")], "/")),
-            Denial::MissingKey
-        );
+        assert_eq!(denial(run(&f, Some("demo"), &[("x-api-key", "  ")], "/")), Denial::MissingKey);
+        assert_eq!(denial(run(&f, Some("demo"), &[("x-api-key", "Bearer ")], "/")), Denial::MissingKey);
         // The key in another header does not count.
-        let d = run(
-            &f,
-            Some("demo"),
-            &[("authorization", f.secret.expose())],
-            "/",
-        );
+        let d = run(&f, Some("demo"), &[("authorization", f.secret.expose())], "/");
         assert_eq!(denial(d), Denial::MissingKey);
     }
 
@@ -318,16 +274,8 @@ mod tests {
     fn unknown_gateway_fails_closed() {
         let f = fixture(InboundAuth::default());
         let h = [("x-api-key", f.secret.expose())];
-        assert_eq!(
-            denial(run(&f, Some("nope"), &h, "/")),
-            Denial::GatewayNotConfigured {
-                name: "nope".into()
-            }
-        );
-        assert_eq!(
-            denial(run(&f, None, &h, "/")),
-            Denial::GatewayNotConfigured { name: "".into() }
-        );
+        assert_eq!(denial(run(&f, Some("nope"), &h, "/")), Denial::GatewayNotConfigured { name: "nope".into() });
+        assert_eq!(denial(run(&f, None, &h, "/")), Denial::GatewayNotConfigured { name: "".into() });
     }
 
     #[test]
@@ -339,27 +287,11 @@ mod tests {
         };
         let mut typo = f.secret.expose().to_string();
         typo.replace_range(10..11, if &typo[10..11] == "x" { "y" } else { "x" });
-        assert_eq!(
-            reason(run(&f, Some("demo"), &[("x-api-key", &typo)], "/")),
-            InvalidReason::Malformed
-        );
+        assert_eq!(reason(run(&f, Some("demo"), &[("x-api-key", &typo)], "/")), InvalidReason::Malformed);
         let stranger = Secret::generate(SecretKind::ApiKey);
+        assert_eq!(reason(run(&f, Some("demo"), &[("x-api-key", stranger.expose())], "/")), InvalidReason::Unknown);
         assert_eq!(
-            reason(run(
-                &f,
-                Some("demo"),
-                &[("x-api-key", stranger.expose())],
-                "/"
-            )),
-            InvalidReason::Unknown
-        );
-        assert_eq!(
-            reason(run(
-                &f,
-                Some("other"),
-                &[("x-api-key", f.secret.expose())],
-                "/"
-            )),
+            reason(run(&f, Some("other"), &[("x-api-key", f.secret.expose())], "/")),
             InvalidReason::OtherGateway
         );
     }
@@ -382,18 +314,12 @@ mod tests {
         f.clock.advance(Duration::hours(1));
         assert!(matches!(
             denial(run(&f, Some("demo"), &h, "/")),
-            Denial::InvalidKey {
-                reason: InvalidReason::Expired,
-                ..
-            }
+            Denial::InvalidKey { reason: InvalidReason::Expired, .. }
         ));
         f.view.remove_key(f.key_id);
         assert!(matches!(
             denial(run(&f, Some("demo"), &h, "/")),
-            Denial::InvalidKey {
-                reason: InvalidReason::Unknown,
-                ..
-            }
+            Denial::InvalidKey { reason: InvalidReason::Unknown, .. }
         ));
     }
 
@@ -401,37 +327,17 @@ mod tests {
     fn query_parameter_location() {
         let f = fixture(InboundAuth::new("api_key", KeyLocation::Query).unwrap());
         let path = format!("/v1/chat/completions?x=1&api_key={}&y=2", f.secret.expose());
-        assert!(matches!(
-            run(&f, Some("demo"), &[], &path),
-            Decision::Allow(_)
-        ));
+        assert!(matches!(run(&f, Some("demo"), &[], &path), Decision::Allow(_)));
         // A header of the same name is not the query parameter.
-        assert_eq!(
-            denial(run(
-                &f,
-                Some("demo"),
-                &[("api_key", f.secret.expose())],
-                "/"
-            )),
-            Denial::MissingKey
-        );
-        assert_eq!(
-            denial(run(&f, Some("demo"), &[], "/v1?api_key=")),
-            Denial::MissingKey
-        );
-        assert_eq!(
-            denial(run(&f, Some("demo"), &[], "/v1?api_keyx=1")),
-            Denial::MissingKey
-        );
+        assert_eq!(denial(run(&f, Some("demo"), &[("api_key", f.secret.expose())], "/")), Denial::MissingKey);
+        assert_eq!(denial(run(&f, Some("demo"), &[], "/v1?api_key=")), Denial::MissingKey);
+        assert_eq!(denial(run(&f, Some("demo"), &[], "/v1?api_keyx=1")), Denial::MissingKey);
     }
 
     #[test]
     fn query_values_are_percent_decoded() {
         assert_eq!(query_param("/p?k=a%20b", "k").as_deref(), Some("a b"));
-        assert_eq!(
-            query_param("/p?a=1&k=Bearer%20x#frag", "k").as_deref(),
-            Some("Bearer x")
-        );
+        assert_eq!(query_param("/p?a=1&k=Bearer%20x#frag", "k").as_deref(), Some("Bearer x"));
         assert_eq!(query_param("/p?k", "k").as_deref(), Some(""));
         assert_eq!(query_param("/p?k=%zz%2", "k").as_deref(), Some("%zz%2"));
         assert_eq!(query_param("/p", "k"), None);

@@ -43,10 +43,7 @@ pub struct InboundAuth {
 
 impl Default for InboundAuth {
     fn default() -> Self {
-        InboundAuth {
-            key_name: DEFAULT_KEY_NAME.to_string(),
-            location: KeyLocation::Header,
-        }
+        InboundAuth { key_name: DEFAULT_KEY_NAME.to_string(), location: KeyLocation::Header }
     }
 }
 
@@ -54,27 +51,18 @@ impl InboundAuth {
     /// Validates and normalises; an empty name means the default.
     pub fn new(key_name: &str, location: KeyLocation) -> Result<Self, FieldError> {
         let key_name = key_name.trim();
-        let key_name = if key_name.is_empty() {
-            DEFAULT_KEY_NAME
-        } else {
-            key_name
-        };
+        let key_name = if key_name.is_empty() { DEFAULT_KEY_NAME } else { key_name };
         let key_name = match location {
             KeyLocation::Header => {
                 validate_header_name("inbound_auth.key_name", key_name)?;
                 key_name.to_ascii_lowercase()
             }
             KeyLocation::Query => {
-                if key_name.len() > 128
-                    || !key_name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+                if key_name.len() > 128 || !key_name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
                 {
                     return Err(FieldError::new(
                         "inbound_auth.key_name",
-                        format!(
-                            "'{key_name}' is not a query parameter name (letters, digits, '-', '_', '.', '~')"
-                        ),
+                        format!("'{key_name}' is not a query parameter name (letters, digits, '-', '_', '.', '~')"),
                     ));
                 }
                 key_name.to_string()
@@ -94,10 +82,7 @@ pub struct UpstreamAuth {
 
 impl fmt::Debug for UpstreamAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpstreamAuth")
-            .field("header_name", &self.header_name)
-            .field("value", &"<redacted>")
-            .finish()
+        f.debug_struct("UpstreamAuth").field("header_name", &self.header_name).field("value", &"<redacted>").finish()
     }
 }
 
@@ -107,27 +92,15 @@ impl UpstreamAuth {
         validate_header_name("upstream_auth.header_name", header_name)?;
         let lower = header_name.to_ascii_lowercase();
         if lower == "host" || lower == "content-length" || lower == "transfer-encoding" {
-            return Err(FieldError::new(
-                "upstream_auth.header_name",
-                format!("'{lower}' cannot carry a credential"),
-            ));
+            return Err(FieldError::new("upstream_auth.header_name", format!("'{lower}' cannot carry a credential")));
         }
         if value.is_empty() {
-            return Err(FieldError::new(
-                "upstream_auth.value",
-                "is required when header_name is set",
-            ));
+            return Err(FieldError::new("upstream_auth.value", "is required when header_name is set"));
         }
         if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-            return Err(FieldError::new(
-                "upstream_auth.value",
-                "must not contain control characters",
-            ));
+            return Err(FieldError::new("upstream_auth.value", "must not contain control characters"));
         }
-        Ok(UpstreamAuth {
-            header_name: lower,
-            value: value.to_string(),
-        })
+        Ok(UpstreamAuth { header_name: lower, value: value.to_string() })
     }
 }
 
@@ -147,17 +120,13 @@ pub fn validate_gateway_name(field: &'static str, name: &str) -> Result<(), Fiel
     let ok = !b.is_empty()
         && b.len() <= 63
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter()
-            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
     if ok {
         Ok(())
     } else if name.is_empty() {
         Err(FieldError::new(field, "is required"))
     } else {
-        Err(FieldError::new(
-            field,
-            format!("'{name}' must match [a-z0-9][a-z0-9-]{{0,62}}"),
-        ))
+        Err(FieldError::new(field, format!("'{name}' must match [a-z0-9][a-z0-9-]{{0,62}}")))
     }
 }
 
@@ -167,15 +136,8 @@ pub fn validate_header_name(field: &'static str, name: &str) -> Result<(), Field
     if name.is_empty() {
         return Err(FieldError::new(field, "is required"));
     }
-    if name.len() > 128
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || TCHAR.contains(&b))
-    {
-        return Err(FieldError::new(
-            field,
-            format!("'{name}' is not an HTTP header name"),
-        ));
+    if name.len() > 128 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || TCHAR.contains(&b)) {
+        return Err(FieldError::new(field, format!("'{name}' is not an HTTP header name")));
     }
     Ok(())
 }
@@ -199,30 +161,12 @@ mod tests {
     fn inbound_auth_normalises_header_names() {
         let a = InboundAuth::new("X-Custom-Key", KeyLocation::Header).unwrap();
         assert_eq!(a.key_name, "x-custom-key");
-        assert_eq!(
-            InboundAuth::new("", KeyLocation::Header).unwrap(),
-            InboundAuth::default()
-        );
+        assert_eq!(InboundAuth::new("", KeyLocation::Header).unwrap(), InboundAuth::default());
         let q = InboundAuth::new("api_Key", KeyLocation::Query).unwrap();
         assert_eq!(q.key_name, "api_Key");
-        assert_eq!(
-            InboundAuth::new("bad header", KeyLocation::Header)
-                .unwrap_err()
-                .field,
-            "inbound_auth.key_name"
-        );
-        assert_eq!(
-            InboundAuth::new(":path", KeyLocation::Header)
-                .unwrap_err()
-                .field,
-            "inbound_auth.key_name"
-        );
-        assert_eq!(
-            InboundAuth::new("a&b", KeyLocation::Query)
-                .unwrap_err()
-                .field,
-            "inbound_auth.key_name"
-        );
+        assert_eq!(InboundAuth::new("bad header", KeyLocation::Header).unwrap_err().field, "inbound_auth.key_name");
+        assert_eq!(InboundAuth::new(":path", KeyLocation::Header).unwrap_err().field, "inbound_auth.key_name");
+        assert_eq!(InboundAuth::new("a&b", KeyLocation::Query).unwrap_err().field, "inbound_auth.key_name");
     }
 
     #[test]
@@ -230,17 +174,8 @@ mod tests {
         let u = UpstreamAuth::new("Authorization", "Bearer sk-secret").unwrap();
         assert_eq!(u.header_name, "authorization");
         assert!(!format!("{u:?}").contains("sk-secret"));
-        assert_eq!(
-            UpstreamAuth::new("authorization", "").unwrap_err().field,
-            "upstream_auth.value"
-        );
-        assert_eq!(
-            UpstreamAuth::new("host", "x").unwrap_err().field,
-            "upstream_auth.header_name"
-        );
-        assert_eq!(
-            UpstreamAuth::new("a", "x\r\ny").unwrap_err().field,
-            "upstream_auth.value"
-        );
+        assert_eq!(UpstreamAuth::new("authorization", "").unwrap_err().field, "upstream_auth.value");
+        assert_eq!(UpstreamAuth::new("host", "x").unwrap_err().field, "upstream_auth.header_name");
+        assert_eq!(UpstreamAuth::new("a", "x\r\ny").unwrap_err().field, "upstream_auth.value");
     }
 }

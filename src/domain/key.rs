@@ -46,9 +46,7 @@ pub struct Limits {
 
 impl Limits {
     pub fn is_empty(&self) -> bool {
-        self.cost_limit_micros.is_none()
-            && self.token_limit.is_none()
-            && self.requests_per_minute.is_none()
+        self.cost_limit_micros.is_none() && self.token_limit.is_none() && self.requests_per_minute.is_none()
     }
 
     pub fn validate(&self) -> Result<(), FieldError> {
@@ -109,25 +107,15 @@ pub fn validate_key_name(field: &'static str, name: &str) -> Result<(), FieldErr
         return Err(FieldError::new(field, "must be at most 128 characters"));
     }
     if name.chars().any(char::is_control) {
-        return Err(FieldError::new(
-            field,
-            "must not contain control characters",
-        ));
+        return Err(FieldError::new(field, "must not contain control characters"));
     }
     Ok(())
 }
 
 /// An expiry must lie in the future.
-pub fn validate_expiry(
-    field: &'static str,
-    at: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> Result<(), FieldError> {
+pub fn validate_expiry(field: &'static str, at: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), FieldError> {
     if at <= now {
-        return Err(FieldError::new(
-            field,
-            format!("{} is in the past", at.to_rfc3339()),
-        ));
+        return Err(FieldError::new(field, format!("{} is in the past", at.to_rfc3339())));
     }
     Ok(())
 }
@@ -162,16 +150,9 @@ mod tests {
         clock.advance(Duration::seconds(9));
         assert_eq!(k.status(clock.now()), KeyStatus::Active);
         clock.advance(Duration::seconds(1));
-        assert_eq!(
-            k.status(clock.now()),
-            KeyStatus::Expired,
-            "expires exactly at expires_at"
-        );
+        assert_eq!(k.status(clock.now()), KeyStatus::Expired, "expires exactly at expires_at");
         assert_eq!(key(false, None).status(clock.now()), KeyStatus::Disabled);
-        assert_eq!(
-            key(false, Some(clock.now())).status(clock.now()),
-            KeyStatus::Disabled
-        );
+        assert_eq!(key(false, Some(clock.now())).status(clock.now()), KeyStatus::Disabled);
         assert_eq!(key(true, None).status(clock.now()), KeyStatus::Active);
     }
 
@@ -182,22 +163,13 @@ mod tests {
         assert_eq!(validate_key_name("name", "a\nb").unwrap_err().field, "name");
         let now = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
         assert!(validate_expiry("expires_at", now + Duration::seconds(1), now).is_ok());
-        assert_eq!(
-            validate_expiry("expires_at", now, now).unwrap_err().field,
-            "expires_at"
-        );
+        assert_eq!(validate_expiry("expires_at", now, now).unwrap_err().field, "expires_at");
     }
 
     #[test]
     fn limits_validation() {
         assert!(Limits::default().is_empty());
-        let l = Limits {
-            requests_per_minute: Some(0),
-            ..Default::default()
-        };
-        assert_eq!(
-            l.validate().unwrap_err().field,
-            "limits.requests_per_minute"
-        );
+        let l = Limits { requests_per_minute: Some(0), ..Default::default() };
+        assert_eq!(l.validate().unwrap_err().field, "limits.requests_per_minute");
     }
 }

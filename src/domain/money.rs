@@ -6,12 +6,7 @@ pub const MICROS_PER_USD: i64 = 1_000_000;
 
 /// Parses a non-negative decimal USD amount ("12.50", "0.000001", "3") into micro-USD.
 pub fn parse_usd(field: &'static str, s: &str) -> Result<i64, FieldError> {
-    let bad = || {
-        FieldError::new(
-            field,
-            format!("'{s}' is not a USD amount like \"12.50\" (at most 6 decimals)"),
-        )
-    };
+    let bad = || FieldError::new(field, format!("'{s}' is not a USD amount like \"12.50\" (at most 6 decimals)"));
     let s = s.trim();
     let (whole, frac) = match s.split_once('.') {
         Some((w, f)) => (w, f),
@@ -20,25 +15,15 @@ pub fn parse_usd(field: &'static str, s: &str) -> Result<i64, FieldError> {
     if whole.is_empty() && frac.is_empty() {
         return Err(bad());
     }
-    if !whole.bytes().all(|b| b.is_ascii_digit())
-        || !frac.bytes().all(|b| b.is_ascii_digit())
-        || frac.len() > 6
-    {
+    if !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) || frac.len() > 6 {
         return Err(bad());
     }
-    let whole: i64 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| bad())?
-    };
+    let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
     let mut frac_micros: i64 = 0;
     for (i, b) in frac.bytes().enumerate() {
         frac_micros += i64::from(b - b'0') * 10i64.pow(5 - i as u32);
     }
-    whole
-        .checked_mul(MICROS_PER_USD)
-        .and_then(|w| w.checked_add(frac_micros))
-        .ok_or_else(bad)
+    whole.checked_mul(MICROS_PER_USD).and_then(|w| w.checked_add(frac_micros)).ok_or_else(bad)
 }
 
 /// Formats micro-USD as a decimal string with at least two decimals: 12500000 -> "12.50".
@@ -69,16 +54,7 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_money() {
-        for bad in [
-            "",
-            ".",
-            "-1",
-            "1.0000001",
-            "1e3",
-            "abc",
-            "1.2.3",
-            "99999999999999999999",
-        ] {
+        for bad in ["", ".", "-1", "1.0000001", "1e3", "abc", "1.2.3", "99999999999999999999"] {
             let err = parse_usd("limits.cost_limit_usd", bad).unwrap_err();
             assert_eq!(err.field, "limits.cost_limit_usd", "{bad}");
         }

@@ -116,11 +116,7 @@ pub fn shape(presented: &str, kind: SecretKind) -> Shape {
         return Shape::BadChecksum;
     }
     let (random, sum) = rest.split_at(RANDOM_LEN);
-    if checksum(random) == sum {
-        Shape::Valid
-    } else {
-        Shape::BadChecksum
-    }
+    if checksum(random) == sum { Shape::Valid } else { Shape::BadChecksum }
 }
 
 /// SHA-256 of a secret: the only form we store or index.
@@ -139,11 +135,7 @@ impl SecretHash {
 
 impl fmt::Debug for SecretHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "SecretHash({:02x}{:02x}{:02x}{:02x}..)",
-            self.0[0], self.0[1], self.0[2], self.0[3]
-        )
+        write!(f, "SecretHash({:02x}{:02x}{:02x}{:02x}..)", self.0[0], self.0[1], self.0[2], self.0[3])
     }
 }
 
@@ -180,11 +172,7 @@ mod tests {
             let mut bytes = text.as_bytes().to_vec();
             bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
             let typo = String::from_utf8(bytes).unwrap();
-            assert_eq!(
-                shape(&typo, SecretKind::ApiKey),
-                Shape::BadChecksum,
-                "position {i}"
-            );
+            assert_eq!(shape(&typo, SecretKind::ApiKey), Shape::BadChecksum, "position {i}");
         }
         assert_eq!(shape(&text[..41], SecretKind::ApiKey), Shape::BadChecksum);
         assert_eq!(shape("pcs_short", SecretKind::ApiKey), Shape::BadChecksum);
@@ -192,10 +180,7 @@ mod tests {
 
     #[test]
     fn other_strings_are_foreign() {
-        assert_eq!(
-            shape("sk-legacy-0123456789abcdef", SecretKind::ApiKey),
-            Shape::Foreign
-        );
+        assert_eq!(shape("sk-legacy-0123456789abcdef", SecretKind::ApiKey), Shape::Foreign);
         let token = Secret::generate(SecretKind::AccessToken);
         assert_eq!(shape(token.expose(), SecretKind::ApiKey), Shape::Foreign);
     }

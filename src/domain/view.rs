@@ -54,20 +54,14 @@ impl View {
 
     pub fn upsert_gateway(&mut self, gateway: Gateway) {
         self.gateway_names.insert(gateway.id, gateway.name.clone());
-        self.gateways
-            .insert(gateway.name.clone(), Arc::new(gateway));
+        self.gateways.insert(gateway.name.clone(), Arc::new(gateway));
     }
 
     /// Removes a gateway and every key that belongs to it.
     pub fn remove_gateway(&mut self, name: &str) {
         if let Some(g) = self.gateways.remove(name) {
             self.gateway_names.remove(&g.id);
-            let ids: Vec<Uuid> = self
-                .keys
-                .values()
-                .filter(|k| k.gateway_id == g.id)
-                .map(|k| k.id)
-                .collect();
+            let ids: Vec<Uuid> = self.keys.values().filter(|k| k.gateway_id == g.id).map(|k| k.id).collect();
             for id in ids {
                 self.remove_key(id);
             }

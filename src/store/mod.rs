@@ -53,12 +53,7 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces a live gateway's settings, found by id.
     async fn update_gateway(&self, gateway: &Gateway) -> Result<(), StoreError>;
     /// Soft-deletes a live gateway; with `force` also its keys, whose ids are returned.
-    async fn delete_gateway(
-        &self,
-        id: Uuid,
-        force: bool,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Uuid>, StoreError>;
+    async fn delete_gateway(&self, id: Uuid, force: bool, now: DateTime<Utc>) -> Result<Vec<Uuid>, StoreError>;
     async fn get_gateway(&self, name: &str) -> Result<Option<Gateway>, StoreError>;
     async fn list_gateways(&self) -> Result<Vec<Gateway>, StoreError>;
 
@@ -69,11 +64,7 @@ pub trait Store: Send + Sync + 'static {
     async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError>;
     async fn list_keys(&self, gateway_id: Uuid, page: Page<'_>) -> Result<Vec<ApiKey>, StoreError>;
 
-    async fn insert_access_token(
-        &self,
-        token: &AccessToken,
-        hash: &SecretHash,
-    ) -> Result<(), StoreError>;
+    async fn insert_access_token(&self, token: &AccessToken, hash: &SecretHash) -> Result<(), StoreError>;
 }
 
 pub type DynStore = Arc<dyn Store>;
@@ -84,11 +75,7 @@ pub async fn open(url: &str) -> Result<DynStore, StoreError> {
         Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
     } else {
         Err(StoreError::Unavailable(
-            format!(
-                "unsupported database URL scheme in '{}': use sqlite://PATH",
-                redact_url(url)
-            )
-            .into(),
+            format!("unsupported database URL scheme in '{}': use sqlite://PATH", redact_url(url)).into(),
         ))
     }
 }
@@ -120,13 +107,7 @@ pub(crate) fn from_micros(field: &str, v: i64) -> Result<DateTime<Utc>, StoreErr
 mod tests {
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(
-            super::redact_url("postgres://u:pw@h/db"),
-            "postgres://u:***@h/db"
-        );
-        assert_eq!(
-            super::redact_url("sqlite://portcullis.db"),
-            "sqlite://portcullis.db"
-        );
+        assert_eq!(super::redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(super::redact_url("sqlite://portcullis.db"), "sqlite://portcullis.db");
     }
 }

@@ -6,9 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
 use uuid::Uuid;
 
 use super::{Page, Snapshot, Store, StoreError, from_micros, to_micros};
@@ -58,24 +56,20 @@ fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
 
 fn hash(row: &SqliteRow) -> Result<SecretHash, StoreError> {
     let b: Vec<u8> = get(row, "secret_hash")?;
-    SecretHash::from_slice(&b)
-        .ok_or_else(|| StoreError::Corrupt("secret_hash: not 32 bytes".into()))
+    SecretHash::from_slice(&b).ok_or_else(|| StoreError::Corrupt("secret_hash: not 32 bytes".into()))
 }
 
 fn gateway_from(row: &SqliteRow) -> Result<Gateway, StoreError> {
     let location: String = get(row, "key_location")?;
-    let location = KeyLocation::parse(&location)
-        .ok_or_else(|| StoreError::Corrupt(format!("key_location: '{location}'")))?;
+    let location =
+        KeyLocation::parse(&location).ok_or_else(|| StoreError::Corrupt(format!("key_location: '{location}'")))?;
     let header: Option<String> = get(row, "upstream_header")?;
     let value: Option<String> = get(row, "upstream_value")?;
     let reservation: i64 = get(row, "default_reservation_tokens")?;
     Ok(Gateway {
         id: uuid(row, "id")?,
         name: get(row, "name")?,
-        inbound: InboundAuth {
-            key_name: get(row, "key_name")?,
-            location,
-        },
+        inbound: InboundAuth { key_name: get(row, "key_name")?, location },
         upstream: match (header, value) {
             (Some(header_name), Some(value)) => Some(UpstreamAuth { header_name, value }),
             _ => None,
@@ -116,8 +110,7 @@ fn token_from(row: &SqliteRow) -> Result<AccessToken, StoreError> {
         id: uuid(row, "id")?,
         name: get(row, "name")?,
         role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt(format!("role: '{role}'")))?,
-        gateways: serde_json::from_str(&gateways)
-            .map_err(|e| StoreError::Corrupt(format!("gateways: {e}")))?,
+        gateways: serde_json::from_str(&gateways).map_err(|e| StoreError::Corrupt(format!("gateways: {e}")))?,
         created_at: time(row, "created_at")?,
         expires_at: opt_time(row, "expires_at")?,
         revoked_at: opt_time(row, "revoked_at")?,
@@ -148,39 +141,24 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Unavailable(Box::new(e)))
+        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Unavailable(Box::new(e)))
     }
 
     async fn load(&self) -> Result<Snapshot, StoreError> {
         let gateways = self.list_gateways().await?;
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE deleted_at IS NULL"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        let keys = rows
-            .iter()
-            .map(|r| Ok((key_from(r)?, hash(r)?)))
-            .collect::<Result<_, StoreError>>()?;
+        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE deleted_at IS NULL"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let keys = rows.iter().map(|r| Ok((key_from(r)?, hash(r)?))).collect::<Result<_, StoreError>>()?;
         let rows = sqlx::query(
             "SELECT id, name, secret_hash, role, gateways, created_at, expires_at, revoked_at FROM access_tokens",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        let access_tokens = rows
-            .iter()
-            .map(|r| Ok((token_from(r)?, hash(r)?)))
-            .collect::<Result<_, StoreError>>()?;
-        Ok(Snapshot {
-            gateways,
-            keys,
-            access_tokens,
-        })
+        let access_tokens = rows.iter().map(|r| Ok((token_from(r)?, hash(r)?))).collect::<Result<_, StoreError>>()?;
+        Ok(Snapshot { gateways, keys, access_tokens })
     }
 
     async fn insert_gateway(&self, g: &Gateway) -> Result<(), StoreError> {
@@ -216,48 +194,32 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
-        if done.rows_affected() == 0 {
-            Err(StoreError::NotFound)
-        } else {
-            Ok(())
-        }
+        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
     }
 
-    async fn delete_gateway(
-        &self,
-        id: Uuid,
-        force: bool,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Uuid>, StoreError> {
+    async fn delete_gateway(&self, id: Uuid, force: bool, now: DateTime<Utc>) -> Result<Vec<Uuid>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let rows =
-            sqlx::query("SELECT id FROM api_keys WHERE gateway_id = ? AND deleted_at IS NULL")
-                .bind(id.to_string())
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        let key_ids = rows
-            .iter()
-            .map(|r| uuid(r, "id"))
-            .collect::<Result<Vec<_>, _>>()?;
+        let rows = sqlx::query("SELECT id FROM api_keys WHERE gateway_id = ? AND deleted_at IS NULL")
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let key_ids = rows.iter().map(|r| uuid(r, "id")).collect::<Result<Vec<_>, _>>()?;
         if !key_ids.is_empty() && !force {
             return Err(StoreError::GatewayHasKeys(key_ids.len() as u64));
         }
-        sqlx::query(
-            "UPDATE api_keys SET deleted_at = ? WHERE gateway_id = ? AND deleted_at IS NULL",
-        )
-        .bind(to_micros(now))
-        .bind(id.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let done =
-            sqlx::query("UPDATE gateways SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL")
-                .bind(to_micros(now))
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+        sqlx::query("UPDATE api_keys SET deleted_at = ? WHERE gateway_id = ? AND deleted_at IS NULL")
+            .bind(to_micros(now))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let done = sqlx::query("UPDATE gateways SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL")
+            .bind(to_micros(now))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -283,26 +245,24 @@ impl Store for SqliteStore {
     }
 
     async fn insert_key(&self, k: &ApiKey, hash: &SecretHash) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(k.id.to_string())
-        .bind(k.gateway_id.to_string())
-        .bind(&k.name)
-        .bind(&hash.0[..])
-        .bind(&k.prefix)
-        .bind(k.enabled)
-        .bind(k.legacy)
-        .bind(k.limits.cost_limit_micros)
-        .bind(k.limits.token_limit.map(|t| t as i64))
-        .bind(k.limits.requests_per_minute.map(i64::from))
-        .bind(k.limits.reset_period.as_str())
-        .bind(to_micros(k.created_at))
-        .bind(k.expires_at.map(to_micros))
-        .bind(k.last_used_at.map(to_micros))
-        .execute(&self.pool)
-        .await
-        .map_err(write_err("a key with this name in the gateway"))?;
+        sqlx::query(&format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+            .bind(k.id.to_string())
+            .bind(k.gateway_id.to_string())
+            .bind(&k.name)
+            .bind(&hash.0[..])
+            .bind(&k.prefix)
+            .bind(k.enabled)
+            .bind(k.legacy)
+            .bind(k.limits.cost_limit_micros)
+            .bind(k.limits.token_limit.map(|t| t as i64))
+            .bind(k.limits.requests_per_minute.map(i64::from))
+            .bind(k.limits.reset_period.as_str())
+            .bind(to_micros(k.created_at))
+            .bind(k.expires_at.map(to_micros))
+            .bind(k.last_used_at.map(to_micros))
+            .execute(&self.pool)
+            .await
+            .map_err(write_err("a key with this name in the gateway"))?;
         Ok(())
     }
 
@@ -322,36 +282,25 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(write_err("a key with this name in the gateway"))?;
-        if done.rows_affected() == 0 {
-            Err(StoreError::NotFound)
-        } else {
-            Ok(())
-        }
+        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
     }
 
     async fn delete_key(&self, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
-        let done =
-            sqlx::query("UPDATE api_keys SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL")
-                .bind(to_micros(now))
-                .bind(id.to_string())
-                .execute(&self.pool)
-                .await
-                .map_err(unavailable)?;
-        if done.rows_affected() == 0 {
-            Err(StoreError::NotFound)
-        } else {
-            Ok(())
-        }
+        let done = sqlx::query("UPDATE api_keys SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL")
+            .bind(to_micros(now))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
     }
 
     async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ? AND deleted_at IS NULL"
-        ))
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ? AND deleted_at IS NULL"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
         row.as_ref().map(key_from).transpose()
     }
 
@@ -369,13 +318,8 @@ impl Store for SqliteStore {
         rows.iter().map(key_from).collect()
     }
 
-    async fn insert_access_token(
-        &self,
-        t: &AccessToken,
-        hash: &SecretHash,
-    ) -> Result<(), StoreError> {
-        let gateways =
-            serde_json::to_string(&t.gateways).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    async fn insert_access_token(&self, t: &AccessToken, hash: &SecretHash) -> Result<(), StoreError> {
+        let gateways = serde_json::to_string(&t.gateways).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         sqlx::query(
             "INSERT INTO access_tokens (id, name, secret_hash, role, gateways, created_at, expires_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -12,10 +12,7 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -46,10 +43,8 @@ pub async fn try_request(
 ) -> Option<Response> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     let body = body.unwrap_or("");
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -57,10 +52,7 @@ pub async fn try_request(
     req.push_str(body);
     s.write_all(req.as_bytes()).await.ok()?;
     let mut raw = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(30), s.read_to_end(&mut raw))
-        .await
-        .ok()?
-        .ok()?;
+    tokio::time::timeout(std::time::Duration::from_secs(30), s.read_to_end(&mut raw)).await.ok()?.ok()?;
     parse(&raw)
 }
 
@@ -74,22 +66,13 @@ fn parse(raw: &[u8]) -> Option<Response> {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
     let body = if chunked {
         let mut out = Vec::new();
         loop {
             let nl = rest.windows(2).position(|w| w == b"\r\n")?;
-            let size = usize::from_str_radix(
-                std::str::from_utf8(&rest[..nl])
-                    .ok()?
-                    .split(';')
-                    .next()?
-                    .trim(),
-                16,
-            )
-            .ok()?;
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..nl]).ok()?.split(';').next()?.trim(), 16).ok()?;
             rest = &rest[nl + 2..];
             if size == 0 {
                 break;
@@ -101,9 +84,5 @@ fn parse(raw: &[u8]) -> Option<Response> {
     } else {
         rest.to_vec()
     };
-    Some(Response {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Some(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }

@@ -44,10 +44,7 @@ where
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -66,15 +63,9 @@ impl TestServer {
 
     pub async fn start_with(extra: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(
-            Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap(),
-        ));
+        let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()));
         let running = Self::boot(dir.path(), Arc::clone(&clock), extra).await;
-        TestServer {
-            running: Some(running),
-            clock,
-            dir,
-        }
+        TestServer { running: Some(running), clock, dir }
     }
 
     async fn boot(dir: &Path, clock: Arc<ManualClock>, extra: &[&str]) -> Running {
@@ -92,9 +83,7 @@ impl TestServer {
             OWNER_TOKEN,
         ];
         argv.extend_from_slice(extra);
-        let PcCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-            unreachable!()
-        };
+        let PcCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
         app::start(&args, clock).await.expect("portcullis starts")
     }
 
@@ -111,20 +100,13 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.admin_url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        Channel::from_shared(self.admin_url()).unwrap().connect().await.unwrap()
     }
 
     pub async fn clients_with(&self, token: &str) -> (Gateways, Keys) {
         let ch = self.channel().await;
         let auth = BearerAuth::new(token).unwrap();
-        (
-            GatewayServiceClient::with_interceptor(ch.clone(), auth.clone()),
-            KeyServiceClient::with_interceptor(ch, auth),
-        )
+        (GatewayServiceClient::with_interceptor(ch.clone(), auth.clone()), KeyServiceClient::with_interceptor(ch, auth))
     }
 
     pub async fn clients(&self) -> (Gateways, Keys) {
@@ -139,20 +121,13 @@ impl TestServer {
 }
 
 pub fn gateway_req(name: &str) -> pb::CreateGatewayRequest {
-    pb::CreateGatewayRequest {
-        name: name.into(),
-        ..Default::default()
-    }
+    pb::CreateGatewayRequest { name: name.into(), ..Default::default() }
 }
 
 /// Creates a key and returns (key, secret).
 pub async fn create_key(keys: &mut Keys, gateway: &str, name: &str) -> (pb::ApiKey, String) {
     let r = keys
-        .create_key(pb::CreateKeyRequest {
-            gateway: gateway.into(),
-            name: name.into(),
-            ..Default::default()
-        })
+        .create_key(pb::CreateKeyRequest { gateway: gateway.into(), name: name.into(), ..Default::default() })
         .await
         .expect("create key")
         .into_inner();
@@ -160,11 +135,7 @@ pub async fn create_key(keys: &mut Keys, gateway: &str, name: &str) -> (pb::ApiK
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The project's fake OpenAI-compatible upstream (tools/fake_upstream.py).
@@ -188,16 +159,8 @@ impl FakeUpstream {
             .expect("fake upstream starts")
             .unwrap()
             .unwrap();
-        let port = line
-            .strip_prefix("listening on ")
-            .expect("port line")
-            .trim()
-            .parse()
-            .unwrap();
-        FakeUpstream {
-            _child: child,
-            port,
-        }
+        let port = line.strip_prefix("listening on ").expect("port line").trim().parse().unwrap();
+        FakeUpstream { _child: child, port }
     }
 
     /// What the upstream received, oldest first.
@@ -214,6 +177,8 @@ pub fn envoy_bin() -> String {
 /// A real Envoy running envoy/loopback.yaml.
 pub struct Envoy {
     _child: Child,
+    /// Access-log lines (JSON) Envoy wrote to stdout.
+    access_log: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
     pub port: u16,
     pub admin_port: u16,
     _dir: tempfile::TempDir,
@@ -232,27 +197,26 @@ impl Envoy {
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config).unwrap();
         let admin_path = dir.path().join("admin-address");
-        let child = Command::new(envoy_bin())
+        let mut child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&config_path)
             .arg("--admin-address-path")
             .arg(&admin_path)
-            .args([
-                "--use-dynamic-base-id",
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-            ])
-            .stdout(Stdio::null())
+            .args(["--use-dynamic-base-id", "--concurrency", "1", "-l", "warning"])
+            .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run `{}` ({e}): run scripts/install-envoy.sh",
-                    envoy_bin()
-                )
-            });
+            .unwrap_or_else(|e| panic!("cannot run `{}` ({e}): run scripts/install-envoy.sh", envoy_bin()));
+        let access_log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&access_log);
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
         let admin_port: u16 = eventually("envoy admin address", Duration::from_secs(30), || {
             let p = admin_path.clone();
             async move {
@@ -266,12 +230,16 @@ impl Envoy {
             (r.status == 200).then_some(())
         })
         .await;
-        Envoy {
-            _child: child,
-            port,
-            admin_port,
-            _dir: dir,
-        }
+        Envoy { _child: child, access_log, port, admin_port, _dir: dir }
+    }
+
+    /// Waits for an access-log entry that `matches`.
+    pub async fn access_log_entry(&self, matches: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        eventually("an Envoy access-log entry", Duration::from_secs(10), || {
+            let found = self.access_log.lock().unwrap().iter().find(|v| matches(v)).cloned();
+            async move { found }
+        })
+        .await
     }
 
     /// Sends a request to gateway `host` ("demo.gateway.local", ...).
@@ -295,10 +263,6 @@ impl Stack {
         let server = TestServer::start().await;
         let upstream = FakeUpstream::start().await;
         let envoy = Envoy::start(server.authz_port(), upstream.port).await;
-        Stack {
-            server,
-            upstream,
-            envoy,
-        }
+        Stack { server, upstream, envoy }
     }
 }
