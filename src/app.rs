@@ -118,6 +118,17 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     tracing::info!(database = %url, gateways = view.gateway_count(), keys = view.key_count(), "storage migrated and view loaded");
     let shared = Arc::new(Shared::new(view, tokens, clock));
 
+    // Forget request windows of idle keys once a minute.
+    let sweeper = Arc::downgrade(&shared);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let Some(shared) = sweeper.upgrade() else { break };
+            shared.windows.sweep(shared.clock.now());
+        }
+    });
+
     let (health, health_server) = tonic_health::server::health_reporter();
     let (shutdown, rx) = watch::channel(false);
     let signal = move || {

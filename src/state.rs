@@ -5,10 +5,13 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::admin::auth::TokenRegistry;
 use crate::domain::clock::Clock;
 use crate::domain::view::View;
+use crate::domain::window::RequestWindows;
 
 pub struct Shared {
     view: RwLock<View>,
     pub tokens: RwLock<TokenRegistry>,
+    /// Requests-per-minute windows of this process.
+    pub windows: RequestWindows,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -20,7 +23,7 @@ pub struct ViewPoisoned;
 
 impl Shared {
     pub fn new(view: View, tokens: TokenRegistry, clock: Arc<dyn Clock>) -> Self {
-        Shared { view: RwLock::new(view), tokens: RwLock::new(tokens), clock }
+        Shared { view: RwLock::new(view), tokens: RwLock::new(tokens), windows: RequestWindows::default(), clock }
     }
 
     pub fn view(&self) -> Result<RwLockReadGuard<'_, View>, ViewPoisoned> {

@@ -231,3 +231,54 @@ async fn unknown_or_unnamed_gateway_fails_closed_with_503() {
     assert_eq!(r.json()["error"]["message"], "gateway '' is not configured");
     assert!(stack.upstream.received().await.is_empty());
 }
+
+#[tokio::test]
+async fn requests_per_minute_limit_stops_at_exactly_n_with_rate_limit_headers() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let r = keys
+        .create_key(pb::CreateKeyRequest {
+            gateway: "demo".into(),
+            name: "rpm-3".into(),
+            limits: Some(pb::Limits { requests_per_minute: Some(3), ..Default::default() }),
+            expires_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let auth = [("x-api-key", r.secret.as_str())];
+    for remaining in ["2", "1", "0"] {
+        let r = stack.envoy.send(DEMO, PATH, &auth).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some(remaining));
+    }
+    let denied = stack.envoy.send(DEMO, PATH, &auth).await;
+    assert_eq!(denied.status, 429, "{}", denied.body);
+    assert_eq!(denied.header("content-type"), Some("application/json"));
+    assert_eq!(denied.json()["error"]["type"], "rate_limit_error");
+    assert_eq!(denied.json()["error"]["code"], "rate_limit_exceeded");
+    assert!(denied.json()["error"]["message"].as_str().unwrap().contains("3 requests per minute"));
+    assert_eq!(denied.header("retry-after"), Some("60"));
+    assert_eq!(denied.header("x-ratelimit-limit-requests"), Some("3"));
+    assert_eq!(denied.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(denied.header("x-ratelimit-reset-requests"), Some("60s"));
+
+    // Denied requests use no slot: the window frees exactly 60 s after the first admission.
+    stack.server.clock.advance(Duration::seconds(59));
+    let denied = stack.envoy.send(DEMO, PATH, &auth).await;
+    assert_eq!((denied.status, denied.header("retry-after")), (429, Some("1")));
+    stack.server.clock.advance(Duration::seconds(1));
+    let r = stack.envoy.send(DEMO, PATH, &auth).await;
+    assert_eq!(r.status, 200);
+    // All three earlier admissions (same instant on the manual clock) have left together.
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("2"));
+    assert_eq!(stack.upstream.received().await.len(), 4, "only admitted requests reach the upstream");
+
+    // Keys without a limit get no rate-limit headers.
+    let (_, free) = create_key(&mut keys, "demo", "unlimited").await;
+    let r = stack.envoy.send(DEMO, PATH, &[("x-api-key", &free)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-limit-requests"), None);
+}

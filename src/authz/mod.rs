@@ -54,7 +54,7 @@ impl AuthzService {
         let parts = RequestParts { gateway, headers, path };
         let now = self.shared.clock.now();
         let decision = match self.shared.view() {
-            Ok(view) => check::decide(&view, &parts, now),
+            Ok(view) => check::decide(&view, &self.shared.windows, &parts, now),
             Err(e) => {
                 tracing::error!(error = %e, "check denied: internal error");
                 return response::internal_error();
@@ -75,6 +75,10 @@ fn log_decision(decision: &Decision) {
             tracing::warn!(gateway = %name, "denied: gateway is not configured");
         }
         Decision::Deny(Denial::MissingKey) => tracing::debug!("denied: missing key"),
+        Decision::Deny(Denial::RateLimited { key_id, admission }) => {
+            tracing::info!(key_id = %key_id, limit = admission.limit, "denied: requests per minute exceeded")
+        }
+        Decision::Deny(Denial::Internal(cause)) => tracing::error!(cause, "denied: internal error"),
         Decision::Deny(Denial::InvalidKey { reason, key_id }) => match key_id {
             Some(id) => tracing::info!(reason = %reason, key_id = %id, "denied: invalid key"),
             None => tracing::info!(reason = %reason, "denied: invalid key"),

@@ -10,6 +10,7 @@ use envoy_types::pb::google::rpc;
 
 use crate::domain::check::{Admitted, Decision, Denial};
 use crate::domain::gateway::KeyLocation;
+use crate::domain::window::Admission;
 
 const MISSING_KEY_BODY: &str =
     r#"{"error":{"message":"Missing authentication token","type":"invalid_request_error","code":"missing_api_key"}}"#;
@@ -19,6 +20,7 @@ const INTERNAL_BODY: &str = r#"{"error":{"message":"The authorization service is
 
 // google.rpc.Code values. Envoy only tells OK from not-OK; these make its logs readable.
 const RPC_OK: i32 = 0;
+const RPC_RESOURCE_EXHAUSTED: i32 = 8;
 const RPC_UNAVAILABLE: i32 = 14;
 const RPC_UNAUTHENTICATED: i32 = 16;
 
@@ -40,7 +42,38 @@ pub fn from_decision(decision: &Decision) -> CheckResponse {
         Decision::Deny(Denial::InvalidKey { .. }) => {
             deny(StatusCode::Unauthorized, RPC_UNAUTHENTICATED, INVALID_KEY_BODY.to_string())
         }
+        Decision::Deny(Denial::RateLimited { admission: a, .. }) => {
+            let retry = a.retry_after_secs();
+            let body = serde_json::json!({"error": {
+                "message": format!(
+                    "Rate limit reached: {} requests per minute. A request slot frees in {retry}s.",
+                    a.limit
+                ),
+                "type": "rate_limit_error",
+                "code": "rate_limit_exceeded",
+            }});
+            let mut r = deny(StatusCode::TooManyRequests, RPC_RESOURCE_EXHAUSTED, body.to_string());
+            if let Some(HttpResponse::DeniedResponse(d)) = r.http_response.as_mut() {
+                d.headers.push(set_header("retry-after", &retry.to_string()));
+                d.headers.extend(rpm_headers(a));
+                d.headers.push(set_header("x-ratelimit-reset-requests", &format!("{retry}s")));
+            }
+            r
+        }
+        Decision::Deny(Denial::Internal(_)) => internal_error(),
     }
+}
+
+fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    header(key, value, HeaderAppendAction::OverwriteIfExistsOrAdd)
+}
+
+/// `x-ratelimit-limit-requests` / `x-ratelimit-remaining-requests`.
+fn rpm_headers(a: &Admission) -> [HeaderValueOption; 2] {
+    [
+        set_header("x-ratelimit-limit-requests", &a.limit.to_string()),
+        set_header("x-ratelimit-remaining-requests", &a.remaining.to_string()),
+    ]
 }
 
 /// Any fault on the request path: deny with 503, never allow.
@@ -61,7 +94,7 @@ fn deny(status: StatusCode, rpc_code: i32, body: String) -> CheckResponse {
         status: Some(rpc::Status { code: rpc_code, ..Default::default() }),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus { code: status as i32 }),
-            headers: vec![header("content-type", "application/json", HeaderAppendAction::OverwriteIfExistsOrAdd)],
+            headers: vec![set_header("content-type", "application/json")],
             body,
         })),
         dynamic_metadata: None,
@@ -86,7 +119,10 @@ fn allow(a: &Admitted) -> CheckResponse {
         KeyLocation::Query => ok.query_parameters_to_remove.push(inbound.key_name.clone()),
     }
     if let Some(u) = upstream {
-        ok.headers.push(header(&u.header_name, &u.value, HeaderAppendAction::OverwriteIfExistsOrAdd));
+        ok.headers.push(set_header(&u.header_name, &u.value));
+    }
+    if let Some(rpm) = &a.rpm {
+        ok.response_headers_to_add.extend(rpm_headers(rpm));
     }
     let mut fields = std::collections::HashMap::with_capacity(2);
     fields.insert("key_id".to_string(), string_value(&a.key.id.to_string()));

@@ -12,6 +12,7 @@ use super::gateway::{Gateway, InboundAuth, KeyLocation};
 use super::key::{ApiKey, KeyStatus};
 use super::secret::{self, SecretHash, SecretKind, Shape};
 use super::view::View;
+use super::window::{Admission, RequestWindows};
 
 /// What Check needs from an HTTP request.
 #[derive(Debug, Clone, Copy)]
@@ -67,12 +68,21 @@ pub enum Denial {
         reason: InvalidReason,
         key_id: Option<Uuid>,
     },
+    /// The key's requests-per-minute window is full.
+    RateLimited {
+        key_id: Uuid,
+        admission: Admission,
+    },
+    /// A fault inside Portcullis: fail closed.
+    Internal(&'static str),
 }
 
 #[derive(Debug, Clone)]
 pub struct Admitted {
     pub gateway: Arc<Gateway>,
     pub key: Arc<ApiKey>,
+    /// Present for keys with a requests-per-minute limit.
+    pub rpm: Option<Admission>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,8 +91,8 @@ pub enum Decision {
     Deny(Denial),
 }
 
-/// Decides one request.
-pub fn decide(view: &View, req: &RequestParts<'_>, now: DateTime<Utc>) -> Decision {
+/// Decides one request: identify the gateway, find the key, check its status, then its limits.
+pub fn decide(view: &View, windows: &RequestWindows, req: &RequestParts<'_>, now: DateTime<Utc>) -> Decision {
     let name = req.gateway.unwrap_or("");
     let Some(gateway) = view.gateway(name) else {
         return Decision::Deny(Denial::GatewayNotConfigured { name: name.to_string() });
@@ -101,10 +111,19 @@ pub fn decide(view: &View, req: &RequestParts<'_>, now: DateTime<Utc>) -> Decisi
         return invalid(InvalidReason::OtherGateway, Some(key.id));
     }
     match key.status(now) {
-        KeyStatus::Active => Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key) }),
-        KeyStatus::Disabled => invalid(InvalidReason::Disabled, Some(key.id)),
-        KeyStatus::Expired => invalid(InvalidReason::Expired, Some(key.id)),
+        KeyStatus::Active => {}
+        KeyStatus::Disabled => return invalid(InvalidReason::Disabled, Some(key.id)),
+        KeyStatus::Expired => return invalid(InvalidReason::Expired, Some(key.id)),
     }
+    let rpm = match key.limits.requests_per_minute {
+        None => None,
+        Some(limit) => match windows.admit(key.id, limit, now) {
+            Some(a) if a.admitted => Some(a),
+            Some(a) => return Decision::Deny(Denial::RateLimited { key_id: key.id, admission: a }),
+            None => return Decision::Deny(Denial::Internal("request windows lock poisoned")),
+        },
+    };
+    Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key), rpm })
 }
 
 /// Reads the key where the gateway says clients put it. `None` when absent or blank.
@@ -183,6 +202,7 @@ mod tests {
 
     struct Fixture {
         view: View,
+        windows: RequestWindows,
         clock: ManualClock,
         secret: Secret,
         key_id: Uuid,
@@ -218,12 +238,12 @@ mod tests {
         };
         let key_id = key.id;
         let view = View::new(vec![demo, other], vec![(key, secret.hash())]);
-        Fixture { view, clock, secret, key_id }
+        Fixture { view, windows: RequestWindows::default(), clock, secret, key_id }
     }
 
     fn run(f: &Fixture, gateway: Option<&str>, headers: &[(&str, &str)], path: &str) -> Decision {
         let headers: HashMap<String, String> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        decide(&f.view, &RequestParts { gateway, headers: &headers, path }, f.clock.now())
+        decide(&f.view, &f.windows, &RequestParts { gateway, headers: &headers, path }, f.clock.now())
     }
 
     fn denial(d: Decision) -> Denial {
@@ -321,6 +341,39 @@ mod tests {
             denial(run(&f, Some("demo"), &h, "/")),
             Denial::InvalidKey { reason: InvalidReason::Unknown, .. }
         ));
+    }
+
+    #[test]
+    fn requests_per_minute_are_enforced_after_status() {
+        let mut f = fixture(InboundAuth::default());
+        let h = [("x-api-key", f.secret.expose().to_string())];
+        let h: Vec<(&str, &str)> = h.iter().map(|(a, b)| (*a, b.as_str())).collect();
+        let mut key = (**f.view.key_by_hash(&f.secret.hash()).unwrap()).clone();
+        key.limits.requests_per_minute = Some(2);
+        f.view.replace_key(key.clone());
+        for remaining in [1, 0] {
+            match run(&f, Some("demo"), &h, "/") {
+                Decision::Allow(a) => assert_eq!(a.rpm.map(|r| (r.limit, r.remaining)), Some((2, remaining))),
+                Decision::Deny(d) => panic!("{d:?}"),
+            }
+        }
+        f.clock.advance(Duration::seconds(20));
+        match denial(run(&f, Some("demo"), &h, "/")) {
+            Denial::RateLimited { key_id, admission } => {
+                assert_eq!(key_id, f.key_id);
+                assert_eq!(admission.retry_after_secs(), 40);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A disabled key is refused as invalid, and uses no slot.
+        key.enabled = false;
+        f.view.replace_key(key.clone());
+        assert!(matches!(denial(run(&f, Some("demo"), &h, "/")), Denial::InvalidKey { .. }));
+        key.enabled = true;
+        f.view.replace_key(key);
+        f.clock.advance(Duration::seconds(40));
+        assert!(matches!(run(&f, Some("demo"), &h, "/"), Decision::Allow(_)));
+        assert_eq!(f.windows.count(f.key_id, f.clock.now()), 1, "the first two left the window");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod key;
 pub mod money;
 pub mod secret;
 pub mod view;
+pub mod window;
 
 use std::fmt;
 
