@@ -1,0 +1,144 @@
+//! Check decision benchmark: Portcullis's full Check (decode CheckRequest, decide on a warm
+//! view with 10 000 keys, shape and encode the CheckResponse) against an "ideal" baseline
+//! measured in the same run (decode, SHA-256 + HashMap lookup, encode a bare OK).
+//! Reported as ns per Check and as a ratio to the baseline. Run: `cargo bench --bench check`.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use envoy_types::pb::google::rpc;
+use portcullis::admin::auth::TokenRegistry;
+use portcullis::authz::AuthzService;
+use portcullis::domain::clock::SystemClock;
+use portcullis::domain::gateway::{Gateway, InboundAuth, UpstreamAuth};
+use portcullis::domain::key::{ApiKey, Limits};
+use portcullis::domain::secret::{Secret, SecretKind};
+use portcullis::domain::view::View;
+use portcullis::state::Shared;
+use prost::Message;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+const KEYS: usize = 10_000;
+const ITERS: u32 = 300_000;
+
+fn check_request(secret: &str) -> Vec<u8> {
+    let mut headers = HashMap::new();
+    for (k, v) in [
+        (":authority", "demo.gateway.local"),
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+        ("user-agent", "OpenAI/Python 1.54.0"),
+        ("x-request-id", "5c2a4d4e-2f0b-4a55-9a0f-8c6f0b7c1e11"),
+        ("x-api-key", secret),
+    ] {
+        headers.insert(k.to_string(), v.to_string());
+    }
+    let req = CheckRequest {
+        attributes: Some(AttributeContext {
+            context_extensions: HashMap::from([("gateway".to_string(), "demo".to_string())]),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "POST".into(),
+                    path: "/v1/chat/completions".into(),
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    req.encode_to_vec()
+}
+
+fn measure(name: &str, mut f: impl FnMut() -> usize) -> f64 {
+    for _ in 0..ITERS / 10 {
+        black_box(f());
+    }
+    let start = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..ITERS {
+        bytes += black_box(f());
+    }
+    let ns = start.elapsed().as_nanos() as f64 / f64::from(ITERS);
+    println!("{name:<44} {ns:>8.0} ns/Check  ({bytes} response bytes)");
+    ns
+}
+
+fn main() {
+    let gateway = Gateway {
+        id: Uuid::now_v7(),
+        name: "demo".into(),
+        inbound: InboundAuth::default(),
+        upstream: Some(UpstreamAuth::new("authorization", "Bearer sk-provider").unwrap()),
+        default_reservation_tokens: 0,
+        created_at: Utc::now(),
+    };
+    let mut keys = Vec::new();
+    let mut secrets = Vec::new();
+    for i in 0..KEYS {
+        let s = Secret::generate(SecretKind::ApiKey);
+        let limits = if i == 0 {
+            Limits { requests_per_minute: Some(u32::MAX), ..Default::default() }
+        } else {
+            Limits::default()
+        };
+        keys.push((
+            ApiKey {
+                id: Uuid::now_v7(),
+                gateway_id: gateway.id,
+                name: format!("k{i}"),
+                prefix: s.display_prefix(),
+                enabled: true,
+                legacy: false,
+                limits,
+                created_at: Utc::now(),
+                expires_at: None,
+                last_used_at: None,
+            },
+            s.hash(),
+        ));
+        secrets.push(s);
+    }
+    let ideal: HashMap<[u8; 32], u64> = keys.iter().enumerate().map(|(i, (_, h))| (h.0, i as u64)).collect();
+    let shared = Arc::new(Shared::new(View::new(vec![gateway], keys), TokenRegistry::default(), Arc::new(SystemClock)));
+    let svc = AuthzService::new(shared);
+
+    let with_rpm = check_request(secrets[0].expose());
+    let without = check_request(secrets[1].expose());
+    let unknown = check_request(Secret::generate(SecretKind::ApiKey).expose());
+
+    println!("Check decision, {KEYS} keys in the view, {ITERS} iterations each");
+    let baseline = measure("baseline: decode + SHA-256 + HashMap + encode", || {
+        let req = CheckRequest::decode(without.as_slice()).unwrap();
+        let http = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref()).unwrap();
+        let key = http.headers.get("x-api-key").map(String::as_str).unwrap_or("");
+        let hit = ideal.get(&<[u8; 32]>::from(Sha256::digest(key.as_bytes()))).is_some();
+        let resp = CheckResponse {
+            status: Some(rpc::Status { code: if hit { 0 } else { 16 }, ..Default::default() }),
+            ..Default::default()
+        };
+        resp.encode_to_vec().len()
+    });
+    let run = |bytes: &[u8]| {
+        let req = CheckRequest::decode(bytes).unwrap();
+        svc.decide(&req).encode_to_vec().len()
+    };
+    let allow = measure("portcullis: allow, no limits", || run(&without));
+    let rpm = measure("portcullis: allow, requests/min limit", || run(&with_rpm));
+    let deny = measure("portcullis: deny, unknown key", || run(&unknown));
+    println!();
+    println!(
+        "ratio to baseline: allow {:.2}x, allow with limit {:.2}x, deny {:.2}x",
+        allow / baseline,
+        rpm / baseline,
+        deny / baseline
+    );
+}
