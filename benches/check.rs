@@ -120,11 +120,11 @@ fn main() {
         let req = CheckRequest::decode(without.as_slice()).unwrap();
         let http = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref()).unwrap();
         let key = http.headers.get("x-api-key").map(String::as_str).unwrap_or("");
-        let hit = ideal.get(&<[u8; 32]>::from(Sha256::digest(key.as_bytes()))).is_some();
-        let resp = CheckResponse {
-            status: Some(rpc::Status { code: if hit { 0 } else { 16 }, ..Default::default() }),
-            ..Default::default()
+        let code = match ideal.get(&<[u8; 32]>::from(Sha256::digest(key.as_bytes()))) {
+            Some(_) => 0,
+            None => 16,
         };
+        let resp = CheckResponse { status: Some(rpc::Status { code, ..Default::default() }), ..Default::default() };
         resp.encode_to_vec().len()
     });
     let run = |bytes: &[u8]| {

@@ -26,9 +26,21 @@ use crate::domain::view::View;
 use crate::state::Shared;
 use crate::store::{self, Store};
 
-/// Names reported by `grpc.health.v1.Health`, besides the overall "".
-const HEALTH_SERVICES: &[&str] =
-    &["envoy.service.auth.v3.Authorization", "portcullis.admin.v1.GatewayService", "portcullis.admin.v1.KeyService"];
+/// Names reported by `grpc.health.v1.Health` (besides the overall ""), per side.
+const AUTHZ_HEALTH: &[&str] = &["envoy.service.auth.v3.Authorization"];
+const ADMIN_HEALTH: &[&str] = &["portcullis.admin.v1.GatewayService", "portcullis.admin.v1.KeyService"];
+
+/// The service names this role serves, "" first.
+fn health_names(role: ServeRole) -> Vec<&'static str> {
+    let mut names = vec![""];
+    if role != ServeRole::Admin {
+        names.extend_from_slice(AUTHZ_HEALTH);
+    }
+    if role != ServeRole::Authz {
+        names.extend_from_slice(ADMIN_HEALTH);
+    }
+    names
+}
 
 /// A started server.
 pub struct Running {
@@ -38,6 +50,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     health: HealthReporter,
+    health_names: Vec<&'static str>,
     drain_timeout: Duration,
 }
 
@@ -77,7 +90,7 @@ async fn bootstrap(
             tracing::info!(token_id = %token.id, "bootstrap owner token stored");
             tokens.insert(token, hash);
         }
-    } else if !tokens.has_usable_owner(now) {
+    } else if !tokens.has_owner() && args.role != ServeRole::Authz {
         let secret = Secret::generate(SecretKind::AccessToken);
         let token = owner("owner");
         store.insert_access_token(&token, &secret.hash()).await.context("storing the first owner token")?;
@@ -174,16 +187,26 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal())));
         tracing::info!(%addr, "admin listener (admin API, health, reflection) ready");
     }
-    for name in std::iter::once(&"").chain(HEALTH_SERVICES) {
+    let health_names = health_names(args.role);
+    for name in &health_names {
         health.set_service_status(name, ServingStatus::Serving).await;
     }
-    Ok(Running { authz_addr, admin_addr, shared, shutdown, tasks, health, drain_timeout: args.drain_timeout })
+    Ok(Running {
+        authz_addr,
+        admin_addr,
+        shared,
+        shutdown,
+        tasks,
+        health,
+        health_names,
+        drain_timeout: args.drain_timeout,
+    })
 }
 
 impl Running {
     /// Health to NOT_SERVING, stop accepting, finish in-flight calls (bounded), return.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        for name in std::iter::once(&"").chain(HEALTH_SERVICES) {
+        for name in &self.health_names {
             self.health.set_service_status(name, ServingStatus::NotServing).await;
         }
         let _ = self.shutdown.send(true);

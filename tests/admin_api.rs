@@ -105,6 +105,21 @@ async fn gateway_crud_and_validation() {
     let got = gw.get_gateway(pb::GetGatewayRequest { name: "demo".into() }).await.unwrap().into_inner();
     assert_eq!(got, created);
     assert!(!format!("{got:?}").contains("sk-provider-secret"), "provider key returned");
+    let listed = gw.list_gateways(pb::ListGatewaysRequest {}).await.unwrap().into_inner();
+    assert!(!format!("{listed:?}").contains("sk-provider-secret"), "provider key listed");
+    // The value is write-only: renaming the header without resending it keeps it.
+    let renamed = gw
+        .update_gateway(pb::UpdateGatewayRequest {
+            name: "demo".into(),
+            upstream_auth: Some(pb::UpstreamAuth { header_name: "x-provider-key".into(), ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let up = renamed.upstream_auth.clone().unwrap();
+    assert_eq!((up.header_name.as_str(), up.value.as_str(), up.value_set), ("x-provider-key", "", true));
+    assert!(!format!("{renamed:?}").contains("sk-provider-secret"));
     assert_status(gw.get_gateway(pb::GetGatewayRequest { name: "nope".into() }).await, Code::NotFound, "gateway");
 
     let updated = gw
@@ -221,6 +236,16 @@ async fn key_crud_validation_and_secrets() {
     let got = keys.get_key(pb::GetKeyRequest { id: key.id.clone() }).await.unwrap().into_inner();
     assert_eq!(got, key);
     assert!(!format!("{got:?}").contains(&secret[12..]), "secret returned after creation");
+    let listed = keys.list_keys(pb::ListKeysRequest { gateway: "demo".into(), ..Default::default() }).await.unwrap();
+    assert!(!format!("{listed:?}").contains(&secret[12..]), "secret listed");
+    // Renaming onto another live key's name is refused.
+    create_key(&mut keys, "demo", "taken").await;
+    assert_status(
+        keys.update_key(pb::UpdateKeyRequest { id: key.id.clone(), name: Some("taken".into()), ..Default::default() })
+            .await,
+        Code::AlreadyExists,
+        "name",
+    );
     assert_status(keys.get_key(pb::GetKeyRequest { id: "not-a-uuid".into() }).await, Code::InvalidArgument, "id");
     assert_status(keys.get_key(pb::GetKeyRequest { id: uuid::Uuid::nil().to_string() }).await, Code::NotFound, "key");
 
@@ -406,4 +431,22 @@ async fn health_serves_on_both_listeners_and_flips_on_shutdown() {
     assert_eq!(watch.next().await.unwrap().unwrap().status, ServingStatus::NotServing as i32);
     drop(watch);
     stop.await.unwrap();
+}
+
+#[tokio::test]
+async fn role_authz_runs_only_the_envoy_facing_listener() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let server = TestServer::start_with(&["--role", "authz"]).await;
+    assert!(server.running().admin_addr.is_none());
+    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", server.authz_port()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(ch);
+    let r = health.check(HealthCheckRequest { service: "envoy.service.auth.v3.Authorization".into() }).await.unwrap();
+    assert_eq!(r.into_inner().status, ServingStatus::Serving as i32);
+    let s = health.check(HealthCheckRequest { service: "portcullis.admin.v1.KeyService".into() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "an authz-only process does not claim the admin services");
 }

@@ -7,9 +7,9 @@ use uuid::Uuid;
 
 use super::convert::{gateway_to_pb, inbound_from_pb, upstream_from_pb};
 use super::error::store_err;
-use super::{Admin, AdminError, AdminResult, principal};
+use super::{Admin, AdminError, AdminResult, detached, principal};
 use crate::domain::FieldError;
-use crate::domain::gateway::{Gateway, validate_gateway_name};
+use crate::domain::gateway::{Gateway, UpstreamAuth, validate_gateway_name};
 use crate::pb;
 use crate::pb::gateway_service_server::GatewayService;
 
@@ -42,7 +42,8 @@ impl GatewayService for GatewayApi {
         let who = principal(&request)?;
         let req = request.into_inner();
         tracing::Span::current().record("gateway", req.name.as_str());
-        let run = async {
+        let admin = Arc::clone(&self.0);
+        let run = async move {
             validate_gateway_name("name", &req.name)?;
             let gateway = Gateway {
                 id: Uuid::now_v7(),
@@ -50,15 +51,15 @@ impl GatewayService for GatewayApi {
                 inbound: inbound_from_pb(req.inbound_auth.as_ref())?,
                 upstream: upstream_from_pb(req.upstream_auth.as_ref())?,
                 default_reservation_tokens: check_reservation(req.default_reservation_tokens)?,
-                created_at: self.0.shared.clock.now(),
+                created_at: admin.shared.clock.now(),
             };
-            let _w = self.0.writes.lock().await;
-            self.0.store.insert_gateway(&gateway).await?;
-            self.0.shared.view_mut()?.upsert_gateway(gateway.clone());
+            let _w = admin.writes.lock().await;
+            admin.store.insert_gateway(&gateway).await?;
+            admin.shared.view_mut()?.upsert_gateway(gateway.clone());
             tracing::info!(token = %who.name, gateway_id = %gateway.id, "gateway created");
             AdminResult::Ok(gateway_to_pb(&gateway))
         };
-        Ok(Response::new(run.await?))
+        Ok(Response::new(detached(run).await?))
     }
 
     async fn get_gateway(&self, request: Request<pb::GetGatewayRequest>) -> Result<Response<pb::Gateway>, Status> {
@@ -84,24 +85,30 @@ impl GatewayService for GatewayApi {
         let who = principal(&request)?;
         let req = request.into_inner();
         tracing::Span::current().record("gateway", req.name.as_str());
-        let run = async {
-            let _w = self.0.writes.lock().await;
-            let mut g = self.0.gateway_by_name("name", &req.name).await?;
+        let admin = Arc::clone(&self.0);
+        let run = async move {
+            let _w = admin.writes.lock().await;
+            let mut g = admin.gateway_by_name("name", &req.name).await?;
             if let Some(a) = req.inbound_auth.as_ref() {
                 g.inbound = inbound_from_pb(Some(a))?;
             }
             if let Some(a) = req.upstream_auth.as_ref() {
-                g.upstream = upstream_from_pb(Some(a))?;
+                // The value is write-only: a header name with no value keeps the stored one
+                // (so a read-modify-write round trip or a header rename needs no secret).
+                g.upstream = match (&g.upstream, a.header_name.trim().is_empty(), a.value.is_empty()) {
+                    (Some(old), false, true) => Some(UpstreamAuth::new(&a.header_name, &old.value)?),
+                    _ => upstream_from_pb(Some(a))?,
+                };
             }
             if let Some(t) = req.default_reservation_tokens {
                 g.default_reservation_tokens = check_reservation(t)?;
             }
-            self.0.store.update_gateway(&g).await.map_err(store_err("gateway"))?;
-            self.0.shared.view_mut()?.upsert_gateway(g.clone());
+            admin.store.update_gateway(&g).await.map_err(store_err("gateway"))?;
+            admin.shared.view_mut()?.upsert_gateway(g.clone());
             tracing::info!(token = %who.name, gateway_id = %g.id, "gateway updated");
             AdminResult::Ok(gateway_to_pb(&g))
         };
-        Ok(Response::new(run.await?))
+        Ok(Response::new(detached(run).await?))
     }
 
     #[tracing::instrument(skip_all, fields(gateway))]
@@ -112,15 +119,16 @@ impl GatewayService for GatewayApi {
         let who = principal(&request)?;
         let req = request.into_inner();
         tracing::Span::current().record("gateway", req.name.as_str());
-        let run = async {
-            let _w = self.0.writes.lock().await;
-            let g = self.0.gateway_by_name("name", &req.name).await?;
-            let now = self.0.shared.clock.now();
-            let deleted = self.0.store.delete_gateway(g.id, req.force, now).await.map_err(store_err("gateway"))?;
-            self.0.shared.view_mut()?.remove_gateway(&g.name);
+        let admin = Arc::clone(&self.0);
+        let run = async move {
+            let _w = admin.writes.lock().await;
+            let g = admin.gateway_by_name("name", &req.name).await?;
+            let now = admin.shared.clock.now();
+            let deleted = admin.store.delete_gateway(g.id, req.force, now).await.map_err(store_err("gateway"))?;
+            admin.shared.view_mut()?.remove_gateway(&g.name);
             tracing::info!(token = %who.name, gateway_id = %g.id, deleted_keys = deleted.len(), "gateway deleted");
             AdminResult::Ok(pb::DeleteGatewayResponse { deleted_keys: deleted.len() as u64 })
         };
-        Ok(Response::new(run.await?))
+        Ok(Response::new(detached(run).await?))
     }
 }

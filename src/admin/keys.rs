@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::convert::{from_timestamp, key_to_pb, limits_from_pb};
 use super::error::store_err;
-use super::{Admin, AdminError, AdminResult, principal};
+use super::{Admin, AdminError, AdminResult, detached, principal};
 use crate::domain::FieldError;
 use crate::domain::key::{ApiKey, validate_expiry, validate_key_name};
 use crate::domain::secret::{Secret, SecretKind};
@@ -52,15 +52,18 @@ impl KeyService for KeyApi {
         let who = principal(&request)?;
         let req = request.into_inner();
         tracing::Span::current().record("gateway", req.gateway.as_str());
-        let run = async {
-            let now = self.0.shared.clock.now();
+        let admin = Arc::clone(&self.0);
+        let run = async move {
+            let now = admin.shared.clock.now();
             validate_key_name("name", &req.name)?;
             let limits = limits_from_pb(req.limits.as_ref())?;
             let expires_at = req.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
             if let Some(at) = expires_at {
                 validate_expiry("expires_at", at, now)?;
             }
-            let gateway = self.0.gateway_by_name("gateway", &req.gateway).await?;
+            // Under the write lock: the gateway cannot be deleted between lookup and insert.
+            let _w = admin.writes.lock().await;
+            let gateway = admin.gateway_by_name("gateway", &req.gateway).await?;
             let secret = Secret::generate(SecretKind::ApiKey);
             let key = ApiKey {
                 id: Uuid::now_v7(),
@@ -75,16 +78,15 @@ impl KeyService for KeyApi {
                 last_used_at: None,
             };
             tracing::Span::current().record("key_id", key.id.to_string());
-            let _w = self.0.writes.lock().await;
-            self.0.store.insert_key(&key, &secret.hash()).await?;
-            self.0.shared.view_mut()?.upsert_key(key.clone(), vec![secret.hash()]);
+            admin.store.insert_key(&key, &secret.hash()).await?;
+            admin.shared.view_mut()?.upsert_key(key.clone(), vec![secret.hash()]);
             tracing::info!(token = %who.name, "key created");
             AdminResult::Ok(pb::CreateKeyResponse {
                 key: Some(key_to_pb(&key, &gateway.name, now)),
                 secret: secret.expose().to_string(),
             })
         };
-        Ok(Response::new(run.await?))
+        Ok(Response::new(detached(run).await?))
     }
 
     async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
@@ -132,13 +134,14 @@ impl KeyService for KeyApi {
         let who = principal(&request)?;
         let req = request.into_inner();
         tracing::Span::current().record("key_id", req.id.as_str());
-        let run = async {
-            let now = self.0.shared.clock.now();
+        let admin = Arc::clone(&self.0);
+        let run = async move {
+            let now = admin.shared.clock.now();
             if req.clear_expires_at && req.expires_at.is_some() {
                 return Err(FieldError::new("clear_expires_at", "cannot be combined with expires_at").into());
             }
-            let _w = self.0.writes.lock().await;
-            let mut key = self.0.key_by_id(&req.id).await?;
+            let _w = admin.writes.lock().await;
+            let mut key = admin.key_by_id(&req.id).await?;
             if let Some(name) = &req.name {
                 validate_key_name("name", name)?;
                 key.name = name.trim().to_string();
@@ -157,12 +160,12 @@ impl KeyService for KeyApi {
             if req.clear_expires_at {
                 key.expires_at = None;
             }
-            self.0.store.update_key(&key).await.map_err(store_err("key"))?;
-            self.0.shared.view_mut()?.replace_key(key.clone());
+            admin.store.update_key(&key).await.map_err(store_err("key"))?;
+            admin.shared.view_mut()?.replace_key(key.clone());
             tracing::info!(token = %who.name, enabled = key.enabled, "key updated");
-            self.0.key_pb(&key)
+            admin.key_pb(&key)
         };
-        Ok(Response::new(run.await?))
+        Ok(Response::new(detached(run).await?))
     }
 
     #[tracing::instrument(skip_all, fields(key_id))]
@@ -173,14 +176,15 @@ impl KeyService for KeyApi {
         let who = principal(&request)?;
         let req = request.into_inner();
         tracing::Span::current().record("key_id", req.id.as_str());
-        let run = async {
+        let admin = Arc::clone(&self.0);
+        let run = async move {
             let id = parse_id("id", &req.id)?;
-            let _w = self.0.writes.lock().await;
-            self.0.store.delete_key(id, self.0.shared.clock.now()).await.map_err(store_err("key"))?;
-            self.0.shared.view_mut()?.remove_key(id);
+            let _w = admin.writes.lock().await;
+            admin.store.delete_key(id, admin.shared.clock.now()).await.map_err(store_err("key"))?;
+            admin.shared.view_mut()?.remove_key(id);
             tracing::info!(token = %who.name, "key deleted");
             AdminResult::Ok(pb::DeleteKeyResponse {})
         };
-        Ok(Response::new(run.await?))
+        Ok(Response::new(detached(run).await?))
     }
 }

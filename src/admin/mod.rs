@@ -32,6 +32,19 @@ impl Admin {
     }
 }
 
+/// Runs an admin mutation to completion even if the caller goes away. tonic drops a
+/// handler's future when the client cancels; a commit without its view update would
+/// leave Check enforcing stale state (a disabled key still admitted), so the commit and
+/// the view update run in their own task.
+async fn detached<T: Send + 'static>(
+    run: impl std::future::Future<Output = AdminResult<T>> + Send + 'static,
+) -> AdminResult<T> {
+    use tracing::Instrument;
+    tokio::spawn(run.instrument(tracing::Span::current()))
+        .await
+        .map_err(|e| AdminError::Internal(format!("admin task failed: {e}")))?
+}
+
 /// The caller the auth interceptor identified.
 fn principal<T>(request: &Request<T>) -> AdminResult<Principal> {
     request

@@ -97,8 +97,9 @@ impl UpstreamAuth {
         if value.is_empty() {
             return Err(FieldError::new("upstream_auth.value", "is required when header_name is set"));
         }
-        if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-            return Err(FieldError::new("upstream_auth.value", "must not contain control characters"));
+        // RFC 9110 field-value: visible ASCII, space and tab.
+        if !value.bytes().all(|b| b == b' ' || b == b'\t' || (0x21..=0x7e).contains(&b)) {
+            return Err(FieldError::new("upstream_auth.value", "must be visible ASCII (no control characters)"));
         }
         Ok(UpstreamAuth { header_name: lower, value: value.to_string() })
     }
@@ -177,5 +178,8 @@ mod tests {
         assert_eq!(UpstreamAuth::new("authorization", "").unwrap_err().field, "upstream_auth.value");
         assert_eq!(UpstreamAuth::new("host", "x").unwrap_err().field, "upstream_auth.header_name");
         assert_eq!(UpstreamAuth::new("a", "x\r\ny").unwrap_err().field, "upstream_auth.value");
+        assert_eq!(UpstreamAuth::new("a", "x\u{7f}y").unwrap_err().field, "upstream_auth.value");
+        assert_eq!(UpstreamAuth::new("a", "clé").unwrap_err().field, "upstream_auth.value");
+        assert!(UpstreamAuth::new("a", "Bearer sk-\tok").is_ok());
     }
 }
