@@ -56,8 +56,9 @@ pub struct Running {
 
 /// Opens storage, runs migrations and nothing else.
 pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
-    let store =
-        store::open(database_url).await.with_context(|| format!("opening {}", store::redact_url(database_url)))?;
+    let store = store::open(database_url, store::sealing::Sealer::default())
+        .await
+        .with_context(|| format!("opening {}", store::redact_url(database_url)))?;
     store.migrate().await.context("running migrations")?;
     Ok(())
 }
@@ -117,7 +118,8 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         );
     }
     let url = store::redact_url(&args.database.database_url);
-    let store = store::open(&args.database.database_url).await.with_context(|| format!("opening {url}"))?;
+    let sealer = store::sealing::Sealer::from_key(args.encryption_key.as_deref()).map_err(anyhow::Error::msg)?;
+    let store = store::open(&args.database.database_url, sealer).await.with_context(|| format!("opening {url}"))?;
     store.migrate().await.context("running migrations")?;
     let snapshot = store.load().await.context("loading gateways, keys and tokens")?;
     let mut tokens = TokenRegistry::new(snapshot.access_tokens, args.dev);

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// Encrypt provider credentials at rest: 64 hex characters (`openssl rand -hex 32`).
+    #[arg(long, env = "PORTCULLIS_ENCRYPTION_KEY", hide_env_values = true)]
+    pub encryption_key: Option<String>,
+
     /// Make sure an owner management token with this secret exists (at least 16 characters).
     #[arg(long, env = "PORTCULLIS_BOOTSTRAP_TOKEN", hide_env_values = true)]
     pub bootstrap_token: Option<String>,

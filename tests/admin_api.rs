@@ -450,3 +450,39 @@ async fn role_authz_runs_only_the_envoy_facing_listener() {
     let s = health.check(HealthCheckRequest { service: "portcullis.admin.v1.KeyService".into() }).await.unwrap_err();
     assert_eq!(s.code(), Code::NotFound, "an authz-only process does not claim the admin services");
 }
+
+#[tokio::test]
+async fn provider_key_is_encrypted_at_rest_when_a_key_is_set() {
+    const KEY: &str = "8f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff0";
+    let mut server = TestServer::start_with(&["--encryption-key", KEY]).await;
+    let (mut gw, _) = server.clients().await;
+    gw.create_gateway(pb::CreateGatewayRequest {
+        name: "demo".into(),
+        upstream_auth: Some(pb::UpstreamAuth {
+            header_name: "authorization".into(),
+            value: "Bearer sk-at-rest-secret".into(),
+            value_set: false,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    drop(gw);
+    server.stop().await;
+    for entry in std::fs::read_dir(server.dir.path()).unwrap() {
+        // The WAL may be checkpointed away while we look.
+        let Ok(bytes) = std::fs::read(entry.unwrap().path()) else { continue };
+        assert!(!bytes.windows(13).any(|w| w == b"sk-at-rest-se"), "the provider key is stored in plain text");
+    }
+    let err = server.restart_with(&[]).await.unwrap_err();
+    assert!(err.contains("PORTCULLIS_ENCRYPTION_KEY is not set"), "{err}");
+    assert!(!err.contains("sk-at-rest"), "{err}");
+    let wrong = KEY.replace('8', "9");
+    let err = server.restart_with(&["--encryption-key", &wrong]).await.unwrap_err();
+    assert!(err.contains("wrong key"), "{err}");
+    server.restart_with(&["--encryption-key", KEY]).await.unwrap();
+    let gateway = server.running().shared.view().unwrap().gateway("demo").cloned().unwrap();
+    assert_eq!(gateway.upstream.as_ref().unwrap().value, "Bearer sk-at-rest-secret");
+    let err = server.restart_with(&["--encryption-key", "not-hex"]).await.unwrap_err();
+    assert!(err.contains("64 hex characters"), "{err}");
+}

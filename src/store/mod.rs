@@ -1,6 +1,7 @@
 //! Storage behind one async trait. SQLite is the first implementation; PostgreSQL
 //! follows the same trait. The request path never calls it.
 
+pub mod sealing;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -69,10 +70,10 @@ pub trait Store: Send + Sync + 'static {
 
 pub type DynStore = Arc<dyn Store>;
 
-/// Opens the store a database URL names.
-pub async fn open(url: &str) -> Result<DynStore, StoreError> {
+/// Opens the store a database URL names; `sealer` protects provider credentials at rest.
+pub async fn open(url: &str, sealer: sealing::Sealer) -> Result<DynStore, StoreError> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+        Ok(Arc::new(sqlite::SqliteStore::connect(url, sealer).await?))
     } else {
         Err(StoreError::Unavailable(
             format!("unsupported database URL scheme in '{}': use sqlite://PATH", redact_url(url)).into(),

@@ -9,6 +9,7 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
 use uuid::Uuid;
 
+use super::sealing::Sealer;
 use super::{Page, Snapshot, Store, StoreError, from_micros, to_micros};
 use crate::domain::access::{AccessToken, Role};
 use crate::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
@@ -19,6 +20,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    sealer: Sealer,
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -59,7 +61,7 @@ fn hash(row: &SqliteRow) -> Result<SecretHash, StoreError> {
     SecretHash::from_slice(&b).ok_or_else(|| StoreError::Corrupt("secret_hash: not 32 bytes".into()))
 }
 
-fn gateway_from(row: &SqliteRow) -> Result<Gateway, StoreError> {
+fn gateway_from(row: &SqliteRow, sealer: &Sealer) -> Result<Gateway, StoreError> {
     let location: String = get(row, "key_location")?;
     let location =
         KeyLocation::parse(&location).ok_or_else(|| StoreError::Corrupt(format!("key_location: '{location}'")))?;
@@ -71,7 +73,7 @@ fn gateway_from(row: &SqliteRow) -> Result<Gateway, StoreError> {
         name: get(row, "name")?,
         inbound: InboundAuth { key_name: get(row, "key_name")?, location },
         upstream: match (header, value) {
-            (Some(header_name), Some(value)) => Some(UpstreamAuth { header_name, value }),
+            (Some(header_name), Some(value)) => Some(UpstreamAuth { header_name, value: sealer.open(&value)? }),
             _ => None,
         },
         default_reservation_tokens: u64::try_from(reservation).unwrap_or(0),
@@ -121,7 +123,7 @@ const KEY_COLUMNS: &str = "id, gateway_id, name, secret_hash, prefix, enabled, l
     token_limit, requests_per_minute, reset_period, created_at, expires_at, last_used_at";
 
 impl SqliteStore {
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, sealer: Sealer) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(unavailable)?
             .create_if_missing(true)
@@ -134,7 +136,7 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(unavailable)?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore { pool, sealer })
     }
 }
 
@@ -171,7 +173,7 @@ impl Store for SqliteStore {
         .bind(&g.inbound.key_name)
         .bind(g.inbound.location.as_str())
         .bind(g.upstream.as_ref().map(|u| u.header_name.as_str()))
-        .bind(g.upstream.as_ref().map(|u| u.value.as_str()))
+        .bind(g.upstream.as_ref().map(|u| self.sealer.seal(&u.value)).transpose()?)
         .bind(g.default_reservation_tokens as i64)
         .bind(to_micros(g.created_at))
         .execute(&self.pool)
@@ -188,7 +190,7 @@ impl Store for SqliteStore {
         .bind(&g.inbound.key_name)
         .bind(g.inbound.location.as_str())
         .bind(g.upstream.as_ref().map(|u| u.header_name.as_str()))
-        .bind(g.upstream.as_ref().map(|u| u.value.as_str()))
+        .bind(g.upstream.as_ref().map(|u| self.sealer.seal(&u.value)).transpose()?)
         .bind(g.default_reservation_tokens as i64)
         .bind(g.id.to_string())
         .execute(&self.pool)
@@ -233,7 +235,7 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        row.as_ref().map(gateway_from).transpose()
+        row.as_ref().map(|r| gateway_from(r, &self.sealer)).transpose()
     }
 
     async fn list_gateways(&self) -> Result<Vec<Gateway>, StoreError> {
@@ -241,7 +243,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        rows.iter().map(gateway_from).collect()
+        rows.iter().map(|r| gateway_from(r, &self.sealer)).collect()
     }
 
     async fn insert_key(&self, k: &ApiKey, hash: &SecretHash) -> Result<(), StoreError> {

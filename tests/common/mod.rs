@@ -87,6 +87,19 @@ impl TestServer {
         app::start(&args, clock).await.expect("portcullis starts")
     }
 
+    /// Stops and starts again on the same database with other flags; the error if start fails.
+    pub async fn restart_with(&mut self, extra: &[&str]) -> Result<(), String> {
+        self.stop().await;
+        let db = format!("sqlite://{}", self.dir.path().join("portcullis.db").display());
+        let mut argv = vec!["portcullis", "serve", "--authz-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"];
+        argv.extend_from_slice(&["--database-url", &db, "--bootstrap-token", OWNER_TOKEN]);
+        argv.extend_from_slice(extra);
+        let PcCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
+        let clock: Arc<ManualClock> = Arc::clone(&self.clock);
+        self.running = Some(app::start(&args, clock).await.map_err(|e| format!("{e:#}"))?);
+        Ok(())
+    }
+
     pub fn running(&self) -> &Running {
         self.running.as_ref().expect("server is running")
     }
