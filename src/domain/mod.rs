@@ -2,12 +2,16 @@
 //! No transport and no storage code lives here.
 
 pub mod access;
+pub mod budget;
 pub mod check;
 pub mod clock;
 pub mod gateway;
 pub mod key;
 pub mod money;
+pub mod period;
+pub mod pricing;
 pub mod secret;
+pub mod usage;
 pub mod view;
 pub mod window;
 

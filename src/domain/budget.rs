@@ -1,0 +1,360 @@
+//! Per-key usage counters for the current period, budget decisions and reservations
+//! for in-flight requests. In memory; a flusher persists what changed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Duration, Utc};
+use uuid::Uuid;
+
+use super::key::{ApiKey, Limits, ResetPeriod};
+use super::period;
+
+/// A reservation not settled by metering within this long is released.
+pub const RESERVATION_TTL_SECS: i64 = 15 * 60;
+
+/// One key's usage in its current period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counters {
+    pub key_id: Uuid,
+    pub reset_period: ResetPeriod,
+    pub period_start: DateTime<Utc>,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_micros: i64,
+    pub reserved_tokens: u64,
+    pub reserved_micros: i64,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub last_denied_at: Option<DateTime<Utc>>,
+    pub last_deny_reason: Option<String>,
+}
+
+impl Counters {
+    fn new(key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) -> Self {
+        Counters {
+            key_id,
+            reset_period,
+            period_start: period::bounds(reset_period, now).0,
+            requests: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_micros: 0,
+            reserved_tokens: 0,
+            reserved_micros: 0,
+            last_used_at: None,
+            last_denied_at: None,
+            last_deny_reason: None,
+        }
+    }
+
+    pub fn total_tokens(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+
+    /// Moves to the period `now` is in. A new period resets usage (not reservations);
+    /// a changed reset period re-keys the current usage without resetting it.
+    fn roll(&mut self, reset_period: ResetPeriod, now: DateTime<Utc>) -> bool {
+        let start = period::bounds(reset_period, now).0;
+        if reset_period != self.reset_period {
+            self.reset_period = reset_period;
+            self.period_start = start;
+            return true;
+        }
+        if start > self.period_start {
+            self.period_start = start;
+            self.requests = 0;
+            self.prompt_tokens = 0;
+            self.completion_tokens = 0;
+            self.cost_micros = 0;
+            return true;
+        }
+        false
+    }
+}
+
+/// Why a budget refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetDenial {
+    Tokens { limit: u64, reset_at: Option<DateTime<Utc>> },
+    Cost { limit_micros: i64, reset_at: Option<DateTime<Utc>> },
+}
+
+impl BudgetDenial {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BudgetDenial::Tokens { .. } => "token_limit_exceeded",
+            BudgetDenial::Cost { .. } => "budget_exceeded",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Reservation {
+    key_id: Uuid,
+    tokens: u64,
+    micros: i64,
+    created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    keys: HashMap<Uuid, Counters>,
+    reservations: HashMap<u64, Reservation>,
+    next_reservation: u64,
+    dirty: std::collections::HashSet<Uuid>,
+}
+
+impl Inner {
+    fn counters(&mut self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) -> &mut Counters {
+        let c = self.keys.entry(key_id).or_insert_with(|| Counters::new(key_id, reset_period, now));
+        if c.roll(reset_period, now) {
+            self.dirty.insert(key_id);
+        }
+        c
+    }
+}
+
+/// What metering learned about one response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Metered {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_micros: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct Meters {
+    inner: Mutex<Inner>,
+}
+
+/// The lock was poisoned: callers on the request path deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetersUnavailable;
+
+impl Meters {
+    pub fn new(counters: Vec<Counters>) -> Self {
+        let keys = counters.into_iter().map(|c| (c.key_id, c)).collect();
+        Meters { inner: Mutex::new(Inner { keys, ..Default::default() }) }
+    }
+
+    /// Check for a key with a token or cost limit: deny once used (plus in-flight
+    /// reservations) has reached a limit, else reserve `tokens` / `micros` for this request.
+    /// Returns the reservation id.
+    pub fn admit(
+        &self,
+        key: &ApiKey,
+        tokens: u64,
+        micros: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Result<u64, BudgetDenial>, MetersUnavailable> {
+        let mut inner = self.inner.lock().map_err(|_| MetersUnavailable)?;
+        let Limits { cost_limit_micros, token_limit, reset_period, .. } = key.limits;
+        let c = inner.counters(key.id, reset_period, now);
+        let reset_at = period::bounds(reset_period, now).1;
+        if let Some(limit) = token_limit
+            && c.total_tokens().saturating_add(c.reserved_tokens) >= limit
+        {
+            return Ok(Err(BudgetDenial::Tokens { limit, reset_at }));
+        }
+        if let Some(limit) = cost_limit_micros
+            && c.cost_micros.saturating_add(c.reserved_micros) >= limit
+        {
+            return Ok(Err(BudgetDenial::Cost { limit_micros: limit, reset_at }));
+        }
+        c.reserved_tokens = c.reserved_tokens.saturating_add(tokens);
+        c.reserved_micros = c.reserved_micros.saturating_add(micros);
+        inner.next_reservation += 1;
+        let id = inner.next_reservation;
+        inner.reservations.insert(id, Reservation { key_id: key.id, tokens, micros, created_at: now });
+        Ok(Ok(id))
+    }
+
+    /// Gives a reservation back without usage (the request was refused after all).
+    pub fn release(&self, reservation: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            release(&mut inner, reservation);
+        }
+    }
+
+    /// Notes an admitted request (for `last_used_at`).
+    pub fn touch(&self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.counters(key_id, reset_period, now).last_used_at = Some(now);
+            inner.dirty.insert(key_id);
+        }
+    }
+
+    pub fn note_denial(&self, key_id: Uuid, reset_period: ResetPeriod, reason: &str, now: DateTime<Utc>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            let c = inner.counters(key_id, reset_period, now);
+            c.last_denied_at = Some(now);
+            if c.last_deny_reason.as_deref() != Some(reason) {
+                c.last_deny_reason = Some(reason.to_string());
+            }
+            inner.dirty.insert(key_id);
+        }
+    }
+
+    /// Records one metered response and settles its reservation.
+    pub fn record(
+        &self,
+        key_id: Uuid,
+        reset_period: ResetPeriod,
+        reservation: Option<u64>,
+        m: Metered,
+        now: DateTime<Utc>,
+    ) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        if let Some(r) = reservation {
+            release(&mut inner, r);
+        }
+        let c = inner.counters(key_id, reset_period, now);
+        c.requests += 1;
+        c.prompt_tokens = c.prompt_tokens.saturating_add(m.prompt_tokens);
+        c.completion_tokens = c.completion_tokens.saturating_add(m.completion_tokens);
+        c.cost_micros = c.cost_micros.saturating_add(m.cost_micros);
+        inner.dirty.insert(key_id);
+    }
+
+    /// The key's counters for the period `now` is in.
+    pub fn snapshot(&self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) -> Option<Counters> {
+        let mut inner = self.inner.lock().ok()?;
+        Some(inner.counters(key_id, reset_period, now).clone())
+    }
+
+    /// Counters changed since the last call, for the flusher.
+    pub fn take_dirty(&self) -> Vec<Counters> {
+        let Ok(mut inner) = self.inner.lock() else { return vec![] };
+        let dirty: Vec<Uuid> = inner.dirty.drain().collect();
+        dirty.iter().filter_map(|id| inner.keys.get(id).cloned()).collect()
+    }
+
+    /// Puts counters back on the dirty list after a failed flush.
+    pub fn mark_dirty(&self, ids: impl IntoIterator<Item = Uuid>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.dirty.extend(ids);
+        }
+    }
+
+    /// Releases reservations metering never settled (a cut connection, a missing ext_proc).
+    pub fn expire_reservations(&self, now: DateTime<Utc>) -> usize {
+        let Ok(mut inner) = self.inner.lock() else { return 0 };
+        let cutoff = now - Duration::seconds(RESERVATION_TTL_SECS);
+        let stale: Vec<u64> =
+            inner.reservations.iter().filter(|(_, r)| r.created_at < cutoff).map(|(id, _)| *id).collect();
+        for id in &stale {
+            release(&mut inner, *id);
+        }
+        stale.len()
+    }
+
+    /// Forgets a deleted key's counters (its stored history stays).
+    pub fn forget(&self, key_id: Uuid) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.keys.remove(&key_id);
+        }
+    }
+}
+
+fn release(inner: &mut Inner, reservation: u64) {
+    if let Some(r) = inner.reservations.remove(&reservation)
+        && let Some(c) = inner.keys.get_mut(&r.key_id)
+    {
+        c.reserved_tokens = c.reserved_tokens.saturating_sub(r.tokens);
+        c.reserved_micros = c.reserved_micros.saturating_sub(r.micros).max(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::domain::clock::{Clock, ManualClock};
+
+    fn key(limits: Limits) -> ApiKey {
+        ApiKey {
+            id: Uuid::now_v7(),
+            gateway_id: Uuid::now_v7(),
+            name: "k".into(),
+            prefix: "pcs_x".into(),
+            enabled: true,
+            legacy: false,
+            limits,
+            created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+            expires_at: None,
+            last_used_at: None,
+        }
+    }
+
+    fn used(prompt: u64, completion: u64, cost: i64) -> Metered {
+        Metered { prompt_tokens: prompt, completion_tokens: completion, cost_micros: cost }
+    }
+
+    #[test]
+    fn token_limit_denies_once_used_reaches_it_and_frees_at_the_reset() {
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 31, 22, 0, 0).unwrap());
+        let k = key(Limits { token_limit: Some(100), reset_period: ResetPeriod::Monthly, ..Default::default() });
+        let m = Meters::default();
+        let r = m.admit(&k, 0, 0, clock.now()).unwrap().unwrap();
+        m.record(k.id, k.limits.reset_period, Some(r), used(40, 59, 0), clock.now());
+        assert!(m.admit(&k, 0, 0, clock.now()).unwrap().is_ok(), "99 < 100");
+        m.record(k.id, k.limits.reset_period, None, used(0, 1, 0), clock.now());
+        let denied = m.admit(&k, 0, 0, clock.now()).unwrap().unwrap_err();
+        let feb = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
+        assert_eq!(denied, BudgetDenial::Tokens { limit: 100, reset_at: Some(feb) });
+        clock.set(feb);
+        assert!(m.admit(&k, 0, 0, clock.now()).unwrap().is_ok(), "a new month starts from zero");
+        let c = m.snapshot(k.id, k.limits.reset_period, clock.now()).unwrap();
+        assert_eq!((c.requests, c.total_tokens(), c.period_start), (0, 0, feb));
+    }
+
+    #[test]
+    fn reservations_count_and_settle() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let k = key(Limits { token_limit: Some(100), ..Default::default() });
+        let m = Meters::default();
+        let a = m.admit(&k, 60, 0, now).unwrap().unwrap();
+        let b = m.admit(&k, 60, 0, now).unwrap().unwrap();
+        assert!(m.admit(&k, 60, 0, now).unwrap().is_err(), "120 reserved >= 100");
+        m.record(k.id, k.limits.reset_period, Some(a), used(10, 10, 0), now);
+        m.release(b);
+        let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
+        assert_eq!((c.total_tokens(), c.reserved_tokens, c.requests), (20, 0, 1));
+        // An unsettled reservation expires.
+        m.admit(&k, 80, 0, now).unwrap().unwrap();
+        assert!(m.admit(&k, 1, 0, now).unwrap().is_err());
+        assert_eq!(m.expire_reservations(now + Duration::seconds(RESERVATION_TTL_SECS + 1)), 1);
+        assert!(m.admit(&k, 1, 0, now).unwrap().is_ok());
+    }
+
+    #[test]
+    fn cost_limit_and_never_period() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let k = key(Limits { cost_limit_micros: Some(1_000), ..Default::default() });
+        let m = Meters::default();
+        m.record(k.id, k.limits.reset_period, None, used(1, 1, 999), now);
+        let r = m.admit(&k, 0, 5, now).unwrap().unwrap();
+        assert_eq!(
+            m.admit(&k, 0, 0, now).unwrap().unwrap_err(),
+            BudgetDenial::Cost { limit_micros: 1_000, reset_at: None }
+        );
+        m.release(r);
+        assert!(m.admit(&k, 0, 0, now).unwrap().is_ok());
+    }
+
+    #[test]
+    fn changing_the_reset_period_keeps_usage() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 20, 0, 0, 0).unwrap();
+        let mut k = key(Limits { token_limit: Some(1000), ..Default::default() });
+        let m = Meters::default();
+        m.record(k.id, ResetPeriod::Never, None, used(300, 0, 0), now);
+        k.limits.reset_period = ResetPeriod::Monthly;
+        let c = m.snapshot(k.id, ResetPeriod::Monthly, now).unwrap();
+        assert_eq!(c.total_tokens(), 300, "no reset, no inflation");
+        assert_eq!(c.period_start, Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
+        assert_eq!(m.take_dirty().len(), 1);
+        assert!(m.take_dirty().is_empty());
+    }
+}
