@@ -14,10 +14,12 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, 
 use envoy_types::pb::google::rpc;
 use portcullis::admin::auth::TokenRegistry;
 use portcullis::authz::AuthzService;
+use portcullis::domain::check::Limiters;
 use portcullis::domain::clock::SystemClock;
 use portcullis::domain::gateway::{Gateway, InboundAuth, UpstreamAuth};
 use portcullis::domain::key::{ApiKey, Limits};
 use portcullis::domain::secret::{Secret, SecretKind};
+use portcullis::domain::view::KeySecret;
 use portcullis::domain::view::View;
 use portcullis::state::Shared;
 use prost::Message;
@@ -103,12 +105,17 @@ fn main() {
                 expires_at: None,
                 last_used_at: None,
             },
-            s.hash(),
+            vec![KeySecret::current(s.hash())],
         ));
         secrets.push(s);
     }
-    let ideal: HashMap<[u8; 32], u64> = keys.iter().enumerate().map(|(i, (_, h))| (h.0, i as u64)).collect();
-    let shared = Arc::new(Shared::new(View::new(vec![gateway], keys), TokenRegistry::default(), Arc::new(SystemClock)));
+    let ideal: HashMap<[u8; 32], u64> = keys.iter().enumerate().map(|(i, (_, h))| (h[0].hash.0, i as u64)).collect();
+    let shared = Arc::new(Shared::new(
+        View::new(vec![gateway], keys),
+        TokenRegistry::default(),
+        Limiters::default(),
+        Arc::new(SystemClock),
+    ));
     let svc = AuthzService::new(shared);
 
     let with_rpm = check_request(secrets[0].expose());

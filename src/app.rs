@@ -13,22 +13,47 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::admin::PricingApi;
 use crate::admin::auth::TokenRegistry;
 use crate::admin::gateways::GatewayServiceServer;
 use crate::admin::keys::KeyServiceServer;
+use crate::admin::pricing::PricingServiceServer;
 use crate::admin::{Admin, AdminAuth, GatewayApi, KeyApi};
-use crate::authz::{AuthorizationServer, AuthzService};
+use crate::authz::{AuthorizationServer, AuthzService, ExternalProcessorServer, MeterService};
 use crate::config::{ServeArgs, ServeRole};
 use crate::domain::access::{AccessToken, Role};
+use crate::domain::budget::Meters;
+use crate::domain::check::Limiters;
 use crate::domain::clock::Clock;
+use crate::domain::pricing::PriceBook;
 use crate::domain::secret::{Secret, SecretKind};
 use crate::domain::view::View;
 use crate::state::Shared;
-use crate::store::{self, Store};
+use crate::store::{self, DynStore, Store};
 
 /// Names reported by `grpc.health.v1.Health` (besides the overall ""), per side.
-const AUTHZ_HEALTH: &[&str] = &["envoy.service.auth.v3.Authorization"];
-const ADMIN_HEALTH: &[&str] = &["portcullis.admin.v1.GatewayService", "portcullis.admin.v1.KeyService"];
+const AUTHZ_HEALTH: &[&str] = &["envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor"];
+const ADMIN_HEALTH: &[&str] =
+    &["portcullis.admin.v1.GatewayService", "portcullis.admin.v1.KeyService", "portcullis.admin.v1.PricingService"];
+
+/// Usage is buffered in memory at most this long before it is written.
+const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Writes changed usage counters; on failure they stay dirty for the next attempt.
+async fn flush_usage(store: &dyn Store, shared: &Shared) -> bool {
+    let dirty = shared.limiters.meters.take_dirty();
+    if dirty.is_empty() {
+        return true;
+    }
+    match store.save_usage(&dirty, shared.clock.now()).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, keys = dirty.len(), "usage flush failed; will retry");
+            shared.limiters.meters.mark_dirty(dirty.iter().map(|c| c.key_id));
+            false
+        }
+    }
+}
 
 /// The service names this role serves, "" first.
 fn health_names(role: ServeRole) -> Vec<&'static str> {
@@ -52,6 +77,7 @@ pub struct Running {
     health: HealthReporter,
     health_names: Vec<&'static str>,
     drain_timeout: Duration,
+    store: DynStore,
 }
 
 /// Opens storage, runs migrations and nothing else.
@@ -131,16 +157,36 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     }
     let view = View::new(snapshot.gateways, snapshot.keys);
     tracing::info!(database = %url, gateways = view.gateway_count(), keys = view.key_count(), "storage migrated and view loaded");
-    let shared = Arc::new(Shared::new(view, tokens, clock));
+    let limiters = Limiters {
+        windows: Default::default(),
+        meters: Meters::new(snapshot.usage),
+        prices: std::sync::RwLock::new(PriceBook::new(snapshot.prices)),
+    };
+    let shared = Arc::new(Shared::new(view, tokens, limiters, clock));
 
-    // Forget request windows of idle keys once a minute.
-    let sweeper = Arc::downgrade(&shared);
+    // Once a minute: forget idle request windows, release reservations metering never settled.
+    let weak = Arc::downgrade(&shared);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tick.tick().await;
-            let Some(shared) = sweeper.upgrade() else { break };
-            shared.windows.sweep(shared.clock.now());
+            let Some(shared) = weak.upgrade() else { break };
+            let now = shared.clock.now();
+            shared.limiters.windows.sweep(now);
+            let expired = shared.limiters.meters.expire_reservations(now);
+            if expired > 0 {
+                tracing::warn!(expired, "released budget reservations that metering never settled");
+            }
+        }
+    });
+    // Usage reaches storage within a second.
+    let (weak, flush_store) = (Arc::downgrade(&shared), Arc::clone(&store));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(USAGE_FLUSH_INTERVAL);
+        loop {
+            tick.tick().await;
+            let Some(shared) = weak.upgrade() else { break };
+            flush_usage(&*flush_store, &shared).await;
         }
     });
 
@@ -161,9 +207,10 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         authz_addr = Some(addr);
         let router = Server::builder()
             .add_service(health_server.clone())
-            .add_service(AuthorizationServer::new(AuthzService::new(Arc::clone(&shared))));
+            .add_service(AuthorizationServer::new(AuthzService::new(Arc::clone(&shared))))
+            .add_service(ExternalProcessorServer::new(MeterService::new(Arc::clone(&shared))));
         tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal())));
-        tracing::info!(%addr, "authz listener (ext_authz, health) ready");
+        tracing::info!(%addr, "authz listener (ext_authz, ext_proc, health) ready");
     }
     if args.role != ServeRole::Authz {
         let (incoming, addr) = bind(args.admin_addr, "admin").await?;
@@ -185,7 +232,8 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(GatewayServiceServer::with_interceptor(GatewayApi(Arc::clone(&admin)), auth.clone()))
-            .add_service(KeyServiceServer::with_interceptor(KeyApi(admin), auth));
+            .add_service(KeyServiceServer::with_interceptor(KeyApi(Arc::clone(&admin)), auth.clone()))
+            .add_service(PricingServiceServer::with_interceptor(PricingApi(admin), auth));
         tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal())));
         tracing::info!(%addr, "admin listener (admin API, health, reflection) ready");
     }
@@ -202,29 +250,39 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         health,
         health_names,
         drain_timeout: args.drain_timeout,
+        store,
     })
 }
 
 impl Running {
-    /// Health to NOT_SERVING, stop accepting, finish in-flight calls (bounded), return.
+    /// Health to NOT_SERVING, stop accepting, finish in-flight calls (bounded), flush usage.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         for name in &self.health_names {
             self.health.set_service_status(name, ServingStatus::NotServing).await;
         }
         let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
         let drain = async {
             for task in self.tasks {
                 task.await.context("listener task panicked")?.context("listener failed")?;
             }
+            // Metering streams finish recording after their connection closes.
+            while self.shared.metering_in_flight() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             anyhow::Ok(())
         };
-        match tokio::time::timeout(self.drain_timeout, drain).await {
+        let drained = match tokio::time::timeout_at(deadline, drain).await {
             Ok(result) => result,
             Err(_) => {
                 tracing::warn!(timeout = ?self.drain_timeout, "drain timed out; exiting with calls still open");
                 Ok(())
             }
+        };
+        if !flush_usage(&*self.store, &self.shared).await {
+            tracing::error!("usage of the last second could not be written");
         }
+        drained
     }
 }
 

@@ -3,16 +3,18 @@
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::admin::auth::TokenRegistry;
+use crate::domain::check::Limiters;
 use crate::domain::clock::Clock;
 use crate::domain::view::View;
-use crate::domain::window::RequestWindows;
 
 pub struct Shared {
     view: RwLock<View>,
     pub tokens: RwLock<TokenRegistry>,
-    /// Requests-per-minute windows of this process.
-    pub windows: RequestWindows,
+    /// Request windows, budgets and prices of this process.
+    pub limiters: Limiters,
     pub clock: Arc<dyn Clock>,
+    /// Metering streams not yet recorded (shutdown waits for them before the last flush).
+    metering: std::sync::atomic::AtomicUsize,
 }
 
 /// The view's lock was poisoned by a panicking writer: the view may be half-updated,
@@ -22,15 +24,33 @@ pub struct Shared {
 pub struct ViewPoisoned;
 
 impl Shared {
-    pub fn new(view: View, tokens: TokenRegistry, clock: Arc<dyn Clock>) -> Self {
-        Shared { view: RwLock::new(view), tokens: RwLock::new(tokens), windows: RequestWindows::default(), clock }
+    pub fn new(view: View, tokens: TokenRegistry, limiters: Limiters, clock: Arc<dyn Clock>) -> Self {
+        Shared { view: RwLock::new(view), tokens: RwLock::new(tokens), limiters, clock, metering: Default::default() }
     }
 
     pub fn view(&self) -> Result<RwLockReadGuard<'_, View>, ViewPoisoned> {
         self.view.read().map_err(|_| ViewPoisoned)
     }
 
+    /// Marks a metering stream as started; the guard marks it recorded when dropped.
+    pub fn metering_started(self: &Arc<Self>) -> MeteringGuard {
+        self.metering.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        MeteringGuard(Arc::clone(self))
+    }
+
+    pub fn metering_in_flight(&self) -> usize {
+        self.metering.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn view_mut(&self) -> Result<RwLockWriteGuard<'_, View>, ViewPoisoned> {
         self.view.write().map_err(|_| ViewPoisoned)
+    }
+}
+
+pub struct MeteringGuard(Arc<Shared>);
+
+impl Drop for MeteringGuard {
+    fn drop(&mut self) {
+        self.0.metering.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -199,21 +199,14 @@ async fn key_crud_validation_and_secrets() {
         "limits.cost_limit_usd",
     );
 
-    // Budgets are refused until metering enforces them, never stored silently.
-    for (limits, field) in [
-        (pb::Limits { cost_limit_usd: Some("12.5".into()), ..Default::default() }, "limits.cost_limit_usd"),
-        (pb::Limits { token_limit: Some(100_000), ..Default::default() }, "limits.token_limit"),
-        (pb::Limits { reset_period: pb::ResetPeriod::Monthly as i32, ..Default::default() }, "limits.reset_period"),
-    ] {
-        assert_status(
-            keys.create_key(pb::CreateKeyRequest { limits: Some(limits), ..req("k") }).await,
-            Code::InvalidArgument,
-            field,
-        );
-    }
     let created = keys
         .create_key(pb::CreateKeyRequest {
-            limits: Some(pb::Limits { requests_per_minute: Some(60), ..Default::default() }),
+            limits: Some(pb::Limits {
+                cost_limit_usd: Some("12.5".into()),
+                token_limit: Some(100_000),
+                requests_per_minute: Some(60),
+                reset_period: pb::ResetPeriod::Monthly as i32,
+            }),
             expires_at: Some(ts(now + Duration::days(30))),
             ..req("token-user01")
         })
@@ -227,7 +220,10 @@ async fn key_crud_validation_and_secrets() {
     assert_eq!(key.gateway, "demo");
     assert_eq!(key.status, pb::KeyStatus::Active as i32);
     assert!(key.enabled && !key.legacy);
-    assert_eq!(key.limits.as_ref().unwrap().requests_per_minute, Some(60));
+    let limits = key.limits.clone().unwrap();
+    assert_eq!(limits.requests_per_minute, Some(60));
+    assert_eq!(limits.cost_limit_usd.as_deref(), Some("12.50"));
+    assert_eq!((limits.token_limit, limits.reset_period), (Some(100_000), pb::ResetPeriod::Monthly as i32));
     assert_eq!(key.expires_at.as_ref().unwrap().seconds, (now + Duration::days(30)).timestamp());
     assert_status(keys.create_key(req("token-user01")).await, Code::AlreadyExists, "name");
     // The same name in another gateway is fine.

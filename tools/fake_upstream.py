@@ -8,12 +8,14 @@ GET  /_fake/requests        what this server received (method, path, headers), f
 DELETE /_fake/requests      forget them.
 
 Usage numbers: request header `x-fake-usage: PROMPT,COMPLETION` (default 12,30).
+`x-fake-delay-ms: N` delays the answer (for concurrency tests).
 Prints `listening on PORT` once ready. Standard library only.
 """
 import argparse
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RECEIVED = []
@@ -76,6 +78,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self._read_body()
         self._record()
+        delay = self.headers.get("x-fake-delay-ms")
+        if delay:
+            time.sleep(int(delay) / 1000)
         model = body.get("model", "fake-model")
         prompt, completion = self._usage()
         path = self.path.split("?", 1)[0]

@@ -5,6 +5,7 @@ mod convert;
 mod error;
 pub mod gateways;
 pub mod keys;
+pub mod pricing;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ pub use auth::{AdminAuth, Principal};
 pub use error::{AdminError, AdminResult};
 pub use gateways::GatewayApi;
 pub use keys::KeyApi;
+pub use pricing::PricingApi;
 
 /// What every admin service works with.
 pub struct Admin {

@@ -1,6 +1,9 @@
 //! Envoy-facing: the ext_authz `Check`.
 
+mod meter;
 mod response;
+
+pub use meter::{ExternalProcessorServer, MeterService};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,17 +54,41 @@ impl AuthzService {
             Some(h) => (&h.headers, h.path.as_str()),
             None => (&empty, ""),
         };
-        let parts = RequestParts { gateway, headers, path };
+        let body = match http {
+            Some(h) if !h.raw_body.is_empty() => h.raw_body.as_slice(),
+            Some(h) => h.body.as_bytes(),
+            None => &[],
+        };
+        let parts = RequestParts { gateway, headers, path, body };
         let now = self.shared.clock.now();
-        let decision = match self.shared.view() {
-            Ok(view) => check::decide(&view, &self.shared.windows, &parts, now),
+        let view = match self.shared.view() {
+            Ok(view) => view,
             Err(e) => {
                 tracing::error!(error = %e, "check denied: internal error");
                 return response::internal_error();
             }
         };
+        let decision = check::decide(&view, &self.shared.limiters, &parts, now);
         log_decision(&decision);
-        response::from_decision(&decision)
+        // The Overview shows each key's last denial.
+        if let Decision::Deny(d) = &decision
+            && let Some((key_id, reason)) = denied_key(d)
+            && let Some(key) = view.key_by_id(key_id)
+        {
+            self.shared.limiters.meters.note_denial(key_id, key.limits.reset_period, reason, now);
+        }
+        drop(view);
+        response::from_decision(&decision, now)
+    }
+}
+
+/// The key a denial is about, and the reason the Overview shows.
+fn denied_key(d: &Denial) -> Option<(uuid::Uuid, &'static str)> {
+    match d {
+        Denial::InvalidKey { reason, key_id: Some(id) } => Some((*id, reason.as_str())),
+        Denial::RateLimited { key_id, .. } => Some((*key_id, "rate_limit_exceeded")),
+        Denial::Budget { key_id, denial } => Some((*key_id, denial.reason())),
+        _ => None,
     }
 }
 
@@ -77,6 +104,9 @@ fn log_decision(decision: &Decision) {
         Decision::Deny(Denial::MissingKey) => tracing::debug!("denied: missing key"),
         Decision::Deny(Denial::RateLimited { key_id, admission }) => {
             tracing::info!(key_id = %key_id, limit = admission.limit, "denied: requests per minute exceeded")
+        }
+        Decision::Deny(Denial::Budget { key_id, denial }) => {
+            tracing::info!(key_id = %key_id, reason = denial.reason(), "denied: budget used up")
         }
         Decision::Deny(Denial::Internal(cause)) => tracing::error!(cause, "denied: internal error"),
         Decision::Deny(Denial::InvalidKey { reason, key_id }) => match key_id {

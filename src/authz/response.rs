@@ -8,9 +8,13 @@ use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::domain::budget::BudgetDenial;
 use crate::domain::check::{Admitted, Decision, Denial};
 use crate::domain::gateway::KeyLocation;
 use crate::domain::window::Admission;
+use crate::domain::{money, period};
 
 const MISSING_KEY_BODY: &str =
     r#"{"error":{"message":"Missing authentication token","type":"invalid_request_error","code":"missing_api_key"}}"#;
@@ -24,7 +28,7 @@ const RPC_RESOURCE_EXHAUSTED: i32 = 8;
 const RPC_UNAVAILABLE: i32 = 14;
 const RPC_UNAUTHENTICATED: i32 = 16;
 
-pub fn from_decision(decision: &Decision) -> CheckResponse {
+pub fn from_decision(decision: &Decision, now: DateTime<Utc>) -> CheckResponse {
     match decision {
         Decision::Allow(a) => allow(a),
         // Operator error: fail closed with 503 and say which gateway.
@@ -60,12 +64,42 @@ pub fn from_decision(decision: &Decision) -> CheckResponse {
             }
             r
         }
+        Decision::Deny(Denial::Budget { denial, .. }) => budget_denied(denial, now),
         Decision::Deny(Denial::Internal(_)) => internal_error(),
     }
 }
 
 fn set_header(key: &str, value: &str) -> HeaderValueOption {
     header(key, value, HeaderAppendAction::OverwriteIfExistsOrAdd)
+}
+
+/// 429 for a used-up token or USD budget: which limit, its value, when it frees.
+fn budget_denied(denial: &BudgetDenial, now: DateTime<Utc>) -> CheckResponse {
+    let (code, what, reset_at) = match denial {
+        BudgetDenial::Tokens { limit, reset_at } => {
+            ("token_limit_exceeded", format!("Token limit of {limit} tokens"), reset_at)
+        }
+        BudgetDenial::Cost { limit_micros, reset_at } => {
+            ("budget_exceeded", format!("Budget of ${} USD", money::format_usd(*limit_micros)), reset_at)
+        }
+    };
+    let (when, retry) = match reset_at {
+        Some(at) => {
+            let secs = period::secs_until(now, *at);
+            (format!("it resets at {} (in {secs}s)", at.to_rfc3339_opts(SecondsFormat::Secs, true)), Some(secs))
+        }
+        None => ("it does not reset".to_string(), None),
+    };
+    let body = serde_json::json!({"error": {
+        "message": format!("{what} reached for this key; {when}."),
+        "type": "rate_limit_error",
+        "code": code,
+    }});
+    let mut r = deny(StatusCode::TooManyRequests, RPC_RESOURCE_EXHAUSTED, body.to_string());
+    if let (Some(secs), Some(HttpResponse::DeniedResponse(d))) = (retry, r.http_response.as_mut()) {
+        d.headers.push(set_header("retry-after", &secs.to_string()));
+    }
+    r
 }
 
 /// `x-ratelimit-limit-requests` / `x-ratelimit-remaining-requests`.
@@ -124,9 +158,14 @@ fn allow(a: &Admitted) -> CheckResponse {
     if let Some(rpm) = &a.rpm {
         ok.response_headers_to_add.extend(rpm_headers(rpm));
     }
-    let mut fields = std::collections::HashMap::with_capacity(2);
+    // Metering reads response bodies: ask the provider for an uncompressed one.
+    ok.headers.push(set_header("accept-encoding", "identity"));
+    let mut fields = std::collections::HashMap::with_capacity(3);
     fields.insert("key_id".to_string(), string_value(&a.key.id.to_string()));
     fields.insert("gateway".to_string(), string_value(&a.gateway.name));
+    if let Some(r) = a.reservation {
+        fields.insert("reservation".to_string(), string_value(&r.to_string()));
+    }
     CheckResponse {
         status: Some(rpc::Status { code: RPC_OK, ..Default::default() }),
         http_response: Some(HttpResponse::OkResponse(ok)),

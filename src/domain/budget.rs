@@ -32,10 +32,15 @@ pub struct Counters {
 
 impl Counters {
     fn new(key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) -> Self {
+        Self::empty(key_id, reset_period, period::bounds(reset_period, now).0)
+    }
+
+    /// No usage yet in the period starting at `period_start`.
+    pub fn empty(key_id: Uuid, reset_period: ResetPeriod, period_start: DateTime<Utc>) -> Self {
         Counters {
             key_id,
             reset_period,
-            period_start: period::bounds(reset_period, now).0,
+            period_start,
             requests: 0,
             prompt_tokens: 0,
             completion_tokens: 0,

@@ -8,11 +8,21 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::budget::{BudgetDenial, Meters};
 use super::gateway::{Gateway, InboundAuth, KeyLocation};
 use super::key::{ApiKey, KeyStatus};
+use super::pricing::{PriceBook, cost_micros};
 use super::secret::{self, SecretHash, SecretKind, Shape};
 use super::view::View;
 use super::window::{Admission, RequestWindows};
+
+/// The counters a decision reads and updates: request windows, budgets, prices.
+#[derive(Debug, Default)]
+pub struct Limiters {
+    pub windows: RequestWindows,
+    pub meters: Meters,
+    pub prices: std::sync::RwLock<PriceBook>,
+}
 
 /// What Check needs from an HTTP request.
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +33,8 @@ pub struct RequestParts<'a> {
     pub headers: &'a HashMap<String, String>,
     /// Path with query string.
     pub path: &'a str,
+    /// The request body when Envoy sends it (`with_request_body`), else empty.
+    pub body: &'a [u8],
 }
 
 /// Why a presented key is not accepted. Clients see one message for all of them;
@@ -73,6 +85,11 @@ pub enum Denial {
         key_id: Uuid,
         admission: Admission,
     },
+    /// The key's token or USD budget for this period is used up.
+    Budget {
+        key_id: Uuid,
+        denial: BudgetDenial,
+    },
     /// A fault inside Portcullis: fail closed.
     Internal(&'static str),
 }
@@ -83,6 +100,8 @@ pub struct Admitted {
     pub key: Arc<ApiKey>,
     /// Present for keys with a requests-per-minute limit.
     pub rpm: Option<Admission>,
+    /// The budget reservation metering settles (keys with a token or USD limit).
+    pub reservation: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,8 +110,9 @@ pub enum Decision {
     Deny(Denial),
 }
 
-/// Decides one request: identify the gateway, find the key, check its status, then its limits.
-pub fn decide(view: &View, windows: &RequestWindows, req: &RequestParts<'_>, now: DateTime<Utc>) -> Decision {
+/// Decides one request: identify the gateway, find the key, check its status, then its
+/// budgets (reserving for this request) and its requests-per-minute window.
+pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: DateTime<Utc>) -> Decision {
     let name = req.gateway.unwrap_or("");
     let Some(gateway) = view.gateway(name) else {
         return Decision::Deny(Denial::GatewayNotConfigured { name: name.to_string() });
@@ -104,7 +124,7 @@ pub fn decide(view: &View, windows: &RequestWindows, req: &RequestParts<'_>, now
     if secret::shape(&presented, SecretKind::ApiKey) == Shape::BadChecksum {
         return invalid(InvalidReason::Malformed, None);
     }
-    let Some(key) = view.key_by_hash(&SecretHash::of(&presented)) else {
+    let Some(key) = view.key_by_hash(&SecretHash::of(&presented), now) else {
         return invalid(InvalidReason::Unknown, None);
     };
     if key.gateway_id != gateway.id {
@@ -115,15 +135,63 @@ pub fn decide(view: &View, windows: &RequestWindows, req: &RequestParts<'_>, now
         KeyStatus::Disabled => return invalid(InvalidReason::Disabled, Some(key.id)),
         KeyStatus::Expired => return invalid(InvalidReason::Expired, Some(key.id)),
     }
-    let rpm = match key.limits.requests_per_minute {
+    let limits = &key.limits;
+    let meters = &limiters.meters;
+    // Budgets first, so a request they refuse takes no requests-per-minute slot.
+    let reservation = if limits.token_limit.is_some() || limits.cost_limit_micros.is_some() {
+        let (tokens, micros) = reservation_for(gateway, limits.cost_limit_micros.is_some(), req.body, limiters);
+        match meters.admit(key, tokens, micros, now) {
+            Ok(Ok(id)) => Some(id),
+            Ok(Err(denial)) => return Decision::Deny(Denial::Budget { key_id: key.id, denial }),
+            Err(_) => return Decision::Deny(Denial::Internal("meters lock poisoned")),
+        }
+    } else {
+        None
+    };
+    let rpm = match limits.requests_per_minute {
         None => None,
-        Some(limit) => match windows.admit(key.id, limit, now) {
+        Some(limit) => match limiters.windows.admit(key.id, limit, now) {
             Some(a) if a.admitted => Some(a),
-            Some(a) => return Decision::Deny(Denial::RateLimited { key_id: key.id, admission: a }),
-            None => return Decision::Deny(Denial::Internal("request windows lock poisoned")),
+            refused => {
+                if let Some(r) = reservation {
+                    meters.release(r);
+                }
+                return Decision::Deny(match refused {
+                    Some(admission) => Denial::RateLimited { key_id: key.id, admission },
+                    None => Denial::Internal("request windows lock poisoned"),
+                });
+            }
         },
     };
-    Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key), rpm })
+    meters.touch(key.id, limits.reset_period, now);
+    Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key), rpm, reservation })
+}
+
+/// What an in-flight request holds against budgets: its `max_tokens` /
+/// `max_completion_tokens` (else the gateway default), and, for a cost limit, those
+/// tokens at the requested model's output price.
+fn reservation_for(gateway: &Gateway, cost_limited: bool, body: &[u8], limiters: &Limiters) -> (u64, i64) {
+    #[derive(serde::Deserialize)]
+    struct Requested {
+        model: Option<String>,
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+    }
+    let requested = if body.is_empty() { None } else { serde_json::from_slice::<Requested>(body).ok() };
+    let tokens = requested
+        .as_ref()
+        .and_then(|r| r.max_completion_tokens.or(r.max_tokens))
+        .unwrap_or(gateway.default_reservation_tokens);
+    let micros = match (cost_limited, requested.as_ref().and_then(|r| r.model.as_deref())) {
+        (true, Some(model)) => limiters
+            .prices
+            .read()
+            .ok()
+            .and_then(|book| book.lookup(model).map(|p| cost_micros(p, 0, tokens)))
+            .unwrap_or(0),
+        _ => 0,
+    };
+    (tokens, micros)
 }
 
 /// Reads the key where the gateway says clients put it. `None` when absent or blank.
@@ -199,10 +267,11 @@ mod tests {
     use crate::domain::gateway::DEFAULT_KEY_NAME;
     use crate::domain::key::Limits;
     use crate::domain::secret::Secret;
+    use crate::domain::view::KeySecret;
 
     struct Fixture {
         view: View,
-        windows: RequestWindows,
+        limiters: Limiters,
         clock: ManualClock,
         secret: Secret,
         key_id: Uuid,
@@ -237,13 +306,13 @@ mod tests {
             last_used_at: None,
         };
         let key_id = key.id;
-        let view = View::new(vec![demo, other], vec![(key, secret.hash())]);
-        Fixture { view, windows: RequestWindows::default(), clock, secret, key_id }
+        let view = View::new(vec![demo, other], vec![(key, vec![KeySecret::current(secret.hash())])]);
+        Fixture { view, limiters: Limiters::default(), clock, secret, key_id }
     }
 
     fn run(f: &Fixture, gateway: Option<&str>, headers: &[(&str, &str)], path: &str) -> Decision {
         let headers: HashMap<String, String> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        decide(&f.view, &f.windows, &RequestParts { gateway, headers: &headers, path }, f.clock.now())
+        decide(&f.view, &f.limiters, &RequestParts { gateway, headers: &headers, path, body: b"" }, f.clock.now())
     }
 
     fn denial(d: Decision) -> Denial {
@@ -321,7 +390,7 @@ mod tests {
         let mut f = fixture(InboundAuth::default());
         let h = [("x-api-key", f.secret.expose().to_string())];
         let h: Vec<(&str, &str)> = h.iter().map(|(a, b)| (*a, b.as_str())).collect();
-        let mut key = (**f.view.key_by_hash(&f.secret.hash()).unwrap()).clone();
+        let mut key = (**f.view.key_by_hash(&f.secret.hash(), f.clock.now()).unwrap()).clone();
         key.enabled = false;
         f.view.replace_key(key.clone());
         assert!(matches!(
@@ -348,7 +417,7 @@ mod tests {
         let mut f = fixture(InboundAuth::default());
         let h = [("x-api-key", f.secret.expose().to_string())];
         let h: Vec<(&str, &str)> = h.iter().map(|(a, b)| (*a, b.as_str())).collect();
-        let mut key = (**f.view.key_by_hash(&f.secret.hash()).unwrap()).clone();
+        let mut key = (**f.view.key_by_hash(&f.secret.hash(), f.clock.now()).unwrap()).clone();
         key.limits.requests_per_minute = Some(2);
         f.view.replace_key(key.clone());
         for remaining in [1, 0] {
@@ -373,7 +442,7 @@ mod tests {
         f.view.replace_key(key);
         f.clock.advance(Duration::seconds(40));
         assert!(matches!(run(&f, Some("demo"), &h, "/"), Decision::Allow(_)));
-        assert_eq!(f.windows.count(f.key_id, f.clock.now()), 1, "the first two left the window");
+        assert_eq!(f.limiters.windows.count(f.key_id, f.clock.now()), 1, "the first two left the window");
     }
 
     #[test]

@@ -59,18 +59,6 @@ impl Limits {
         if self.token_limit.is_some_and(|t| t > i64::MAX as u64) {
             return Err(FieldError::new("limits.token_limit", "is too large"));
         }
-        // Budgets need metering (ext_proc), which this version does not do yet. Refuse them
-        // rather than store a limit that nothing enforces.
-        const NOT_YET: &str = "token and USD budgets are not enforced by this version yet; only requests_per_minute is";
-        if self.cost_limit_micros.is_some() {
-            return Err(FieldError::new("limits.cost_limit_usd", NOT_YET));
-        }
-        if self.token_limit.is_some() {
-            return Err(FieldError::new("limits.token_limit", NOT_YET));
-        }
-        if self.reset_period != ResetPeriod::Never {
-            return Err(FieldError::new("limits.reset_period", NOT_YET));
-        }
         Ok(())
     }
 }
@@ -184,11 +172,5 @@ mod tests {
         let l = Limits { requests_per_minute: Some(0), ..Default::default() };
         assert_eq!(l.validate().unwrap_err().field, "limits.requests_per_minute");
         assert!(Limits { requests_per_minute: Some(1), ..Default::default() }.validate().is_ok());
-        let l = Limits { token_limit: Some(1), ..Default::default() };
-        assert_eq!(l.validate().unwrap_err().field, "limits.token_limit");
-        let l = Limits { cost_limit_micros: Some(1), ..Default::default() };
-        assert_eq!(l.validate().unwrap_err().field, "limits.cost_limit_usd");
-        let l = Limits { reset_period: ResetPeriod::Daily, ..Default::default() };
-        assert_eq!(l.validate().unwrap_err().field, "limits.reset_period");
     }
 }

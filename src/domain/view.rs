@@ -5,28 +5,42 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::gateway::Gateway;
 use super::key::ApiKey;
 use super::secret::SecretHash;
 
+/// One secret that authenticates a key; a rotated-out secret has an end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySecret {
+    pub hash: SecretHash,
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+impl KeySecret {
+    pub fn current(hash: SecretHash) -> Self {
+        KeySecret { hash, valid_until: None }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct View {
     gateways: HashMap<String, Arc<Gateway>>,
     gateway_names: HashMap<Uuid, String>,
-    keys: HashMap<SecretHash, Arc<ApiKey>>,
-    hashes_by_key: HashMap<Uuid, Vec<SecretHash>>,
+    keys: HashMap<SecretHash, (Arc<ApiKey>, Option<DateTime<Utc>>)>,
+    secrets_by_key: HashMap<Uuid, Vec<KeySecret>>,
 }
 
 impl View {
-    pub fn new(gateways: Vec<Gateway>, keys: Vec<(ApiKey, SecretHash)>) -> Self {
+    pub fn new(gateways: Vec<Gateway>, keys: Vec<(ApiKey, Vec<KeySecret>)>) -> Self {
         let mut view = View::default();
         for g in gateways {
             view.upsert_gateway(g);
         }
-        for (k, h) in keys {
-            view.upsert_key(k, vec![h]);
+        for (k, secrets) in keys {
+            view.upsert_key(k, secrets);
         }
         view
     }
@@ -40,8 +54,15 @@ impl View {
         self.gateway_names.get(&id).map(String::as_str)
     }
 
-    pub fn key_by_hash(&self, hash: &SecretHash) -> Option<&Arc<ApiKey>> {
-        self.keys.get(hash)
+    /// The key a secret belongs to, if that secret is valid at `now`.
+    pub fn key_by_hash(&self, hash: &SecretHash, now: DateTime<Utc>) -> Option<&Arc<ApiKey>> {
+        let (key, valid_until) = self.keys.get(hash)?;
+        valid_until.is_none_or(|until| now < until).then_some(key)
+    }
+
+    pub fn key_by_id(&self, id: Uuid) -> Option<&Arc<ApiKey>> {
+        let first = self.secrets_by_key.get(&id)?.first()?;
+        self.keys.get(&first.hash).map(|(k, _)| k)
     }
 
     pub fn gateway_count(&self) -> usize {
@@ -49,7 +70,7 @@ impl View {
     }
 
     pub fn key_count(&self) -> usize {
-        self.hashes_by_key.len()
+        self.secrets_by_key.len()
     }
 
     pub fn upsert_gateway(&mut self, gateway: Gateway) {
@@ -61,33 +82,45 @@ impl View {
     pub fn remove_gateway(&mut self, name: &str) {
         if let Some(g) = self.gateways.remove(name) {
             self.gateway_names.remove(&g.id);
-            let ids: Vec<Uuid> = self.keys.values().filter(|k| k.gateway_id == g.id).map(|k| k.id).collect();
+            let ids: Vec<Uuid> = self.keys.values().filter(|(k, _)| k.gateway_id == g.id).map(|(k, _)| k.id).collect();
             for id in ids {
                 self.remove_key(id);
             }
         }
     }
 
-    /// Inserts or replaces a key; `hashes` are every secret that authenticates it.
-    pub fn upsert_key(&mut self, key: ApiKey, hashes: Vec<SecretHash>) {
+    /// Inserts or replaces a key; `secrets` are every secret that authenticates it.
+    pub fn upsert_key(&mut self, key: ApiKey, secrets: Vec<KeySecret>) {
         self.remove_key(key.id);
         let key = Arc::new(key);
-        for h in &hashes {
-            self.keys.insert(*h, Arc::clone(&key));
+        for s in &secrets {
+            self.keys.insert(s.hash, (Arc::clone(&key), s.valid_until));
         }
-        self.hashes_by_key.insert(key.id, hashes);
+        self.secrets_by_key.insert(key.id, secrets);
     }
 
     /// Replaces a key's record, keeping the secrets it already has.
     pub fn replace_key(&mut self, key: ApiKey) {
-        let hashes = self.hashes_by_key.get(&key.id).cloned().unwrap_or_default();
-        self.upsert_key(key, hashes);
+        let secrets = self.secrets_by_key.get(&key.id).cloned().unwrap_or_default();
+        self.upsert_key(key, secrets);
+    }
+
+    /// After a rotation: `new_hash` is current; the old current secret stays valid until
+    /// `previous_valid_until` (or stops now); older rotated-out secrets stop.
+    pub fn rotate_key(&mut self, id: Uuid, new_hash: SecretHash, previous_valid_until: Option<DateTime<Utc>>) {
+        let Some(key) = self.key_by_id(id).cloned() else { return };
+        let old = self.secrets_by_key.get(&id).and_then(|s| s.iter().find(|s| s.valid_until.is_none()).copied());
+        let mut secrets = vec![KeySecret::current(new_hash)];
+        if let (Some(old), Some(until)) = (old, previous_valid_until) {
+            secrets.push(KeySecret { hash: old.hash, valid_until: Some(until) });
+        }
+        self.upsert_key((*key).clone(), secrets);
     }
 
     pub fn remove_key(&mut self, id: Uuid) {
-        if let Some(hashes) = self.hashes_by_key.remove(&id) {
-            for h in hashes {
-                self.keys.remove(&h);
+        if let Some(secrets) = self.secrets_by_key.remove(&id) {
+            for s in secrets {
+                self.keys.remove(&s.hash);
             }
         }
     }

@@ -11,9 +11,12 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::domain::access::AccessToken;
+use crate::domain::budget::Counters;
 use crate::domain::gateway::Gateway;
 use crate::domain::key::ApiKey;
+use crate::domain::pricing::Price;
 use crate::domain::secret::SecretHash;
+use crate::domain::view::KeySecret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,8 +37,12 @@ pub enum StoreError {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub gateways: Vec<Gateway>,
-    pub keys: Vec<(ApiKey, SecretHash)>,
+    /// Live keys with every secret that authenticates them.
+    pub keys: Vec<(ApiKey, Vec<KeySecret>)>,
     pub access_tokens: Vec<(AccessToken, SecretHash)>,
+    pub prices: Vec<(String, Price)>,
+    /// Each live key's latest usage period and last denial.
+    pub usage: Vec<Counters>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +73,23 @@ pub trait Store: Send + Sync + 'static {
     async fn list_keys(&self, gateway_id: Uuid, page: Page<'_>) -> Result<Vec<ApiKey>, StoreError>;
 
     async fn insert_access_token(&self, token: &AccessToken, hash: &SecretHash) -> Result<(), StoreError>;
+
+    /// Gives a live key a new secret; the old one stays valid until `previous_valid_until`
+    /// (`None`: not at all).
+    async fn rotate_key(
+        &self,
+        id: Uuid,
+        new_hash: &SecretHash,
+        new_prefix: &str,
+        previous_valid_until: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError>;
+
+    /// Writes usage totals (absolute, per key and period) and last use/denial.
+    async fn save_usage(&self, counters: &[Counters], now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    async fn set_price(&self, model: &str, price: &Price, now: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn delete_price(&self, model: &str) -> Result<(), StoreError>;
+    async fn list_prices(&self) -> Result<Vec<(String, Price)>, StoreError>;
 }
 
 pub type DynStore = Arc<dyn Store>;

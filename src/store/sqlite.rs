@@ -12,9 +12,12 @@ use uuid::Uuid;
 use super::sealing::Sealer;
 use super::{Page, Snapshot, Store, StoreError, from_micros, to_micros};
 use crate::domain::access::{AccessToken, Role};
+use crate::domain::budget::Counters;
 use crate::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
 use crate::domain::key::{ApiKey, Limits, ResetPeriod};
+use crate::domain::pricing::Price;
 use crate::domain::secret::SecretHash;
+use crate::domain::view::KeySecret;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
@@ -30,6 +33,9 @@ fn unavailable(e: sqlx::Error) -> StoreError {
 /// Maps a write error: a unique violation is `what` already existing.
 fn write_err(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
     move |e| match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() && db.message().contains("secret_hash") => {
+            StoreError::AlreadyExists("a key with this secret")
+        }
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists(what),
         _ => unavailable(e),
     }
@@ -121,6 +127,28 @@ fn token_from(row: &SqliteRow) -> Result<AccessToken, StoreError> {
 
 const KEY_COLUMNS: &str = "id, gateway_id, name, secret_hash, prefix, enabled, legacy, cost_limit_micros, \
     token_limit, requests_per_minute, reset_period, created_at, expires_at, last_used_at";
+/// What loading a key for the view reads besides `KEY_COLUMNS`.
+const KEY_SECRET_COLUMNS: &str = "previous_secret_hash, previous_valid_until, last_denied_at, last_deny_reason";
+
+fn secrets(row: &SqliteRow) -> Result<Vec<KeySecret>, StoreError> {
+    let mut out = vec![KeySecret::current(hash(row)?)];
+    let previous: Option<Vec<u8>> = get(row, "previous_secret_hash")?;
+    if let (Some(bytes), Some(until)) = (previous, opt_time(row, "previous_valid_until")?) {
+        let hash = SecretHash::from_slice(&bytes).ok_or_else(|| StoreError::Corrupt("previous_secret_hash".into()))?;
+        out.push(KeySecret { hash, valid_until: Some(until) });
+    }
+    Ok(out)
+}
+
+fn price_from(row: &SqliteRow) -> Result<(String, Price), StoreError> {
+    Ok((
+        get(row, "model")?,
+        Price {
+            input_micros_per_million: get(row, "input_micros_per_million")?,
+            output_micros_per_million: get(row, "output_micros_per_million")?,
+        },
+    ))
+}
 
 impl SqliteStore {
     pub async fn connect(url: &str, sealer: Sealer) -> Result<Self, StoreError> {
@@ -148,11 +176,47 @@ impl Store for SqliteStore {
 
     async fn load(&self) -> Result<Snapshot, StoreError> {
         let gateways = self.list_gateways().await?;
-        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE deleted_at IS NULL"))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        let keys = rows.iter().map(|r| Ok((key_from(r)?, hash(r)?))).collect::<Result<_, StoreError>>()?;
+        let rows =
+            sqlx::query(&format!("SELECT {KEY_COLUMNS}, {KEY_SECRET_COLUMNS} FROM api_keys WHERE deleted_at IS NULL"))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut usage = std::collections::HashMap::new();
+        for r in &rows {
+            let key = key_from(r)?;
+            let last_denied_at = opt_time(r, "last_denied_at")?;
+            if key.last_used_at.is_some() || last_denied_at.is_some() {
+                let mut c = Counters::empty(key.id, key.limits.reset_period, DateTime::UNIX_EPOCH);
+                c.last_used_at = key.last_used_at;
+                c.last_denied_at = last_denied_at;
+                c.last_deny_reason = get(r, "last_deny_reason")?;
+                usage.insert(key.id, c);
+            }
+            keys.push((key, secrets(r)?));
+        }
+        // Each live key's latest period.
+        let rows = sqlx::query(
+            "SELECT u.* FROM key_usage u JOIN api_keys k ON k.id = u.key_id AND k.deleted_at IS NULL \
+             WHERE u.period_start = (SELECT MAX(period_start) FROM key_usage WHERE key_id = u.key_id)",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        for r in &rows {
+            let key_id = uuid(r, "key_id")?;
+            let period: String = get(r, "reset_period")?;
+            let reset_period =
+                ResetPeriod::parse(&period).ok_or_else(|| StoreError::Corrupt(format!("reset_period: '{period}'")))?;
+            let c = usage.entry(key_id).or_insert_with(|| Counters::empty(key_id, reset_period, DateTime::UNIX_EPOCH));
+            c.reset_period = reset_period;
+            c.period_start = time(r, "period_start")?;
+            c.requests = get::<i64>(r, "requests")?.max(0) as u64;
+            c.prompt_tokens = get::<i64>(r, "prompt_tokens")?.max(0) as u64;
+            c.completion_tokens = get::<i64>(r, "completion_tokens")?.max(0) as u64;
+            c.cost_micros = get(r, "cost_micros")?;
+        }
+        let prices = self.list_prices().await?;
         let rows = sqlx::query(
             "SELECT id, name, secret_hash, role, gateways, created_at, expires_at, revoked_at FROM access_tokens",
         )
@@ -160,7 +224,7 @@ impl Store for SqliteStore {
         .await
         .map_err(unavailable)?;
         let access_tokens = rows.iter().map(|r| Ok((token_from(r)?, hash(r)?))).collect::<Result<_, StoreError>>()?;
-        Ok(Snapshot { gateways, keys, access_tokens })
+        Ok(Snapshot { gateways, keys, access_tokens, prices, usage: usage.into_values().collect() })
     }
 
     async fn insert_gateway(&self, g: &Gateway) -> Result<(), StoreError> {
@@ -337,5 +401,99 @@ impl Store for SqliteStore {
         .await
         .map_err(write_err("access token"))?;
         Ok(())
+    }
+
+    async fn rotate_key(
+        &self,
+        id: Uuid,
+        new_hash: &SecretHash,
+        new_prefix: &str,
+        previous_valid_until: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET previous_secret_hash = CASE WHEN ?1 IS NULL THEN NULL ELSE secret_hash END, \
+             previous_valid_until = ?1, secret_hash = ?2, prefix = ?3 WHERE id = ?4 AND deleted_at IS NULL",
+        )
+        .bind(previous_valid_until.map(to_micros))
+        .bind(&new_hash.0[..])
+        .bind(new_prefix)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(write_err("a key with this secret"))?;
+        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+    }
+
+    async fn save_usage(&self, counters: &[Counters], now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for c in counters {
+            sqlx::query(
+                "INSERT INTO key_usage (key_id, period_start, reset_period, requests, prompt_tokens, \
+                 completion_tokens, cost_micros, updated_at) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 \
+                 WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = ?1) \
+                 ON CONFLICT (key_id, period_start) DO UPDATE SET reset_period = excluded.reset_period, \
+                 requests = excluded.requests, prompt_tokens = excluded.prompt_tokens, \
+                 completion_tokens = excluded.completion_tokens, cost_micros = excluded.cost_micros, \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(c.key_id.to_string())
+            .bind(to_micros(c.period_start))
+            .bind(c.reset_period.as_str())
+            .bind(c.requests as i64)
+            .bind(c.prompt_tokens as i64)
+            .bind(c.completion_tokens as i64)
+            .bind(c.cost_micros)
+            .bind(to_micros(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = COALESCE(?1, last_used_at), \
+                 last_denied_at = COALESCE(?2, last_denied_at), last_deny_reason = COALESCE(?3, last_deny_reason) \
+                 WHERE id = ?4",
+            )
+            .bind(c.last_used_at.map(to_micros))
+            .bind(c.last_denied_at.map(to_micros))
+            .bind(c.last_deny_reason.as_deref())
+            .bind(c.key_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn set_price(&self, model: &str, price: &Price, now: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO model_prices (model, input_micros_per_million, output_micros_per_million, updated_at) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET \
+             input_micros_per_million = excluded.input_micros_per_million, \
+             output_micros_per_million = excluded.output_micros_per_million, updated_at = excluded.updated_at",
+        )
+        .bind(model)
+        .bind(price.input_micros_per_million)
+        .bind(price.output_micros_per_million)
+        .bind(to_micros(now))
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn delete_price(&self, model: &str) -> Result<(), StoreError> {
+        let done = sqlx::query("DELETE FROM model_prices WHERE model = ?")
+            .bind(model)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+    }
+
+    async fn list_prices(&self) -> Result<Vec<(String, Price)>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM model_prices ORDER BY model")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(price_from).collect()
     }
 }

@@ -1,0 +1,189 @@
+//! Envoy-facing: ext_proc metering. Envoy streams each response (headers, then body
+//! chunks) with the ext_authz metadata (`key_id`, `reservation`) forwarded; we read the
+//! usage the provider reported, price it, record it and settle the reservation.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Reply;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyResponse, CommonResponse, HeadersResponse, ProcessingRequest, ProcessingResponse, TrailersResponse,
+};
+use envoy_types::pb::google::protobuf::value::Kind;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use crate::domain::budget::Metered;
+use crate::domain::pricing::cost_micros;
+use crate::domain::usage::UsageParser;
+use crate::state::Shared;
+
+pub use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+
+const AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
+
+pub struct MeterService {
+    shared: Arc<Shared>,
+    /// Unpriced models already reported, so the log says it once per model.
+    unpriced: Arc<Mutex<HashSet<String>>>,
+}
+
+impl MeterService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        MeterService { shared, unpriced: Arc::default() }
+    }
+}
+
+/// One response being metered.
+#[derive(Default)]
+struct Exchange {
+    key_id: Option<Uuid>,
+    reservation: Option<u64>,
+    parser: Option<UsageParser>,
+    content_encoding: Option<String>,
+    done: bool,
+}
+
+fn header<'a>(headers: &'a Option<HeaderMap>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let hv = headers.as_ref()?.headers.iter().find(|h| h.key.eq_ignore_ascii_case(name))?;
+    Some(if hv.raw_value.is_empty() {
+        std::borrow::Cow::Borrowed(hv.value.as_str())
+    } else {
+        String::from_utf8_lossy(&hv.raw_value)
+    })
+}
+
+fn continue_() -> Option<CommonResponse> {
+    Some(CommonResponse::default())
+}
+
+impl Exchange {
+    /// Takes one message; returns the reply Envoy waits for (blocking mode).
+    fn on_message(&mut self, m: ProcessingRequest) -> Reply {
+        if self.key_id.is_none()
+            && let Some(md) = m.metadata_context.as_ref().and_then(|c| c.filter_metadata.get(AUTHZ_NAMESPACE))
+        {
+            let text = |k: &str| match md.fields.get(k).and_then(|v| v.kind.as_ref()) {
+                Some(Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            };
+            self.key_id = text("key_id").and_then(|s| Uuid::parse_str(&s).ok());
+            self.reservation = text("reservation").and_then(|s| s.parse().ok());
+        }
+        match m.request {
+            Some(Msg::ResponseHeaders(h)) => {
+                let content_type = header(&h.headers, "content-type").unwrap_or_default();
+                self.parser = Some(UsageParser::new(&content_type));
+                self.content_encoding = header(&h.headers, "content-encoding")
+                    .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
+                    .map(|e| e.into_owned());
+                self.done |= h.end_of_stream;
+                Reply::ResponseHeaders(HeadersResponse { response: continue_() })
+            }
+            Some(Msg::ResponseBody(b)) => {
+                if self.content_encoding.is_none()
+                    && let Some(p) = self.parser.as_mut()
+                {
+                    p.feed(&b.body);
+                }
+                self.done |= b.end_of_stream;
+                Reply::ResponseBody(BodyResponse { response: continue_() })
+            }
+            Some(Msg::RequestHeaders(_)) => Reply::RequestHeaders(HeadersResponse { response: continue_() }),
+            Some(Msg::RequestBody(_)) => Reply::RequestBody(BodyResponse { response: continue_() }),
+            Some(Msg::RequestTrailers(_)) => Reply::RequestTrailers(TrailersResponse::default()),
+            Some(Msg::ResponseTrailers(_)) | None => {
+                self.done = true;
+                Reply::ResponseTrailers(TrailersResponse::default())
+            }
+        }
+    }
+
+    /// Records the response (once), whatever it reported; a cut stream still counts.
+    fn finish(self, shared: &Shared, unpriced: &Mutex<HashSet<String>>) {
+        let Some(key_id) = self.key_id else { return };
+        let reported = self.parser.map(UsageParser::finish).unwrap_or_default();
+        if let Some(encoding) = &self.content_encoding {
+            tracing::warn!(key_id = %key_id, encoding, "response body is compressed: its usage cannot be read");
+        }
+        let now = shared.clock.now();
+        let reset_period = match shared.view() {
+            Ok(view) => view.key_by_id(key_id).map(|k| k.limits.reset_period),
+            Err(_) => None,
+        };
+        let limiters = &shared.limiters;
+        let mut cost = 0;
+        if reported.found {
+            let model = reported.model.as_deref().unwrap_or("");
+            match limiters.prices.read().ok().as_ref().and_then(|book| book.lookup(model).copied()) {
+                Some(price) => cost = cost_micros(&price, reported.prompt_tokens, reported.completion_tokens),
+                None => {
+                    let first = unpriced.lock().map(|mut s| s.insert(model.to_string())).unwrap_or(false);
+                    if first {
+                        tracing::warn!(
+                            model,
+                            "unpriced model: tokens are counted at cost 0 (set a price with SetModelPrice)"
+                        );
+                    }
+                }
+            }
+        }
+        let metered = Metered {
+            prompt_tokens: reported.prompt_tokens,
+            completion_tokens: reported.completion_tokens,
+            cost_micros: cost,
+        };
+        match reset_period {
+            Some(period) => limiters.meters.record(key_id, period, self.reservation, metered, now),
+            // The key was deleted meanwhile: only give the reservation back.
+            None => {
+                if let Some(r) = self.reservation {
+                    limiters.meters.release(r);
+                }
+            }
+        }
+        tracing::debug!(key_id = %key_id, prompt = metered.prompt_tokens, completion = metered.completion_tokens, cost_micros = cost, "metered");
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for MeterService {
+    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(8);
+        let shared = Arc::clone(&self.shared);
+        let unpriced = Arc::clone(&self.unpriced);
+        let guard = shared.metering_started();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut exchange = Exchange::default();
+            // Envoy closing the stream early (a cut response) ends the loop too.
+            while let Ok(Some(m)) = inbound.message().await {
+                // In observability mode Envoy ignores replies; otherwise it waits for each.
+                let observe_only = m.observability_mode;
+                let reply = exchange.on_message(m);
+                if !observe_only {
+                    let resp = ProcessingResponse { response: Some(reply), ..Default::default() };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        break;
+                    }
+                }
+                if exchange.done {
+                    break;
+                }
+            }
+            exchange.finish(&shared, &unpriced);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
