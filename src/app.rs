@@ -36,9 +36,6 @@ const AUTHZ_HEALTH: &[&str] = &["envoy.service.auth.v3.Authorization", "envoy.se
 const ADMIN_HEALTH: &[&str] =
     &["portcullis.admin.v1.GatewayService", "portcullis.admin.v1.KeyService", "portcullis.admin.v1.PricingService"];
 
-/// Usage is buffered in memory at most this long before it is written.
-const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-
 /// Writes changed usage counters; on failure they stay dirty for the next attempt.
 async fn flush_usage(store: &dyn Store, shared: &Shared) -> bool {
     let dirty = shared.limiters.meters.take_dirty();
@@ -179,10 +176,11 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             }
         }
     });
-    // Usage reaches storage within a second.
+    // Usage reaches storage within --usage-flush-interval (1 s by default).
     let (weak, flush_store) = (Arc::downgrade(&shared), Arc::clone(&store));
+    let every = args.usage_flush_interval.max(Duration::from_millis(10));
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(USAGE_FLUSH_INTERVAL);
+        let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
             let Some(shared) = weak.upgrade() else { break };

@@ -74,6 +74,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_DEV")]
     pub dev: bool,
 
+    /// How long metered usage is buffered in memory before it is written (a crash loses at most this).
+    #[arg(long, env = "PORTCULLIS_USAGE_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub usage_flush_interval: Duration,
+
     /// How long SIGTERM waits for in-flight calls before exiting.
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,

@@ -199,9 +199,14 @@ pub struct Envoy {
 
 impl Envoy {
     pub async fn start(authz_port: u16, upstream_port: u16) -> Envoy {
+        Self::start_with(authz_port, upstream_port, |c| c).await
+    }
+
+    /// Starts with the loopback config changed by `edit` (e.g. ext_proc in blocking mode).
+    pub async fn start_with(authz_port: u16, upstream_port: u16, edit: impl FnOnce(String) -> String) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let template = std::fs::read_to_string(manifest_dir().join("envoy/loopback.yaml")).unwrap();
+        let template = edit(std::fs::read_to_string(manifest_dir().join("envoy/loopback.yaml")).unwrap());
         let config = template
             .replace("__LISTEN_PORT__", &port.to_string())
             .replace("__ADMIN_PORT__", "0")
@@ -255,6 +260,13 @@ impl Envoy {
         .await
     }
 
+    /// Sends `body` as JSON to gateway `host`.
+    pub async fn post(&self, host: &str, path: &str, headers: &[(&str, &str)], body: &str) -> http::Response {
+        let mut h = headers.to_vec();
+        h.push(("content-type", "application/json"));
+        http::request(self.port, "POST", host, path, &h, Some(body)).await
+    }
+
     /// Sends a request to gateway `host` ("demo.gateway.local", ...).
     pub async fn send(&self, host: &str, path: &str, headers: &[(&str, &str)]) -> http::Response {
         let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
@@ -273,9 +285,13 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Stack {
+        Self::start_with(|c| c).await
+    }
+
+    pub async fn start_with(edit: impl FnOnce(String) -> String) -> Stack {
         let server = TestServer::start().await;
         let upstream = FakeUpstream::start().await;
-        let envoy = Envoy::start(server.authz_port(), upstream.port).await;
+        let envoy = Envoy::start_with(server.authz_port(), upstream.port, edit).await;
         Stack { server, upstream, envoy }
     }
 }

@@ -1,0 +1,362 @@
+//! Limits and metering end to end through a real Envoy: usage read from JSON and SSE
+//! responses, token and USD budgets with resets, reservations under concurrency,
+//! legacy keys and rotation.
+
+mod common;
+
+use std::time::Duration as StdDuration;
+
+use chrono::Duration;
+use common::*;
+use portcullis::pb;
+use tonic::Code;
+
+const DEMO: &str = "demo.gateway.local";
+const CHAT: &str = "/v1/chat/completions";
+
+fn chat(stream: bool) -> String {
+    format!(r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#)
+}
+
+async fn set_mini_price(server: &TestServer) {
+    let ch = server.channel().await;
+    let mut prices = pb::pricing_service_client::PricingServiceClient::with_interceptor(
+        ch,
+        portcullis::cli::BearerAuth::new(OWNER_TOKEN).unwrap(),
+    );
+    let p = prices
+        .set_model_price(pb::SetModelPriceRequest {
+            price: Some(pb::ModelPrice {
+                model: "gpt-4o-mini".into(),
+                input_usd_per_million: "0.15".into(),
+                output_usd_per_million: "0.60".into(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((p.input_usd_per_million.as_str(), p.output_usd_per_million.as_str()), ("0.15", "0.60"));
+}
+
+async fn key_with(keys: &mut Keys, name: &str, limits: pb::Limits) -> (String, String) {
+    let r = keys
+        .create_key(pb::CreateKeyRequest {
+            gateway: "demo".into(),
+            name: name.into(),
+            limits: Some(limits),
+            expires_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.key.unwrap().id, r.secret)
+}
+
+async fn usage(keys: &mut Keys, id: &str) -> pb::KeyUsage {
+    keys.get_key_usage(pb::GetKeyUsageRequest { id: id.into() }).await.unwrap().into_inner()
+}
+
+/// Waits until metering has recorded `n` requests for the key.
+async fn metered(keys: &Keys, id: &str, n: u64) -> pb::KeyUsage {
+    eventually(&format!("{n} metered requests"), StdDuration::from_secs(10), || {
+        let mut keys = keys.clone();
+        let id = id.to_string();
+        async move {
+            let u = usage(&mut keys, &id).await;
+            (u.requests >= n).then_some(u)
+        }
+    })
+    .await
+}
+
+async fn usage_matches_what_the_upstream_reported(stack: Stack) {
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    set_mini_price(&stack.server).await;
+    let (id, secret) = key_with(&mut keys, "metered", pb::Limits::default()).await;
+    let auth = |usage: &'static str| [("x-api-key", secret.clone()), ("x-fake-usage", usage.to_string())];
+    let send = |path: &'static str, body: String, usage: &'static str| {
+        let envoy = &stack.envoy;
+        let h = auth(usage);
+        async move {
+            let h: Vec<(&str, &str)> = h.iter().map(|(a, b)| (*a, b.as_str())).collect();
+            let mut h = h.clone();
+            h.push(("accept-encoding", "gzip, br"));
+            envoy.post(DEMO, path, &h, &body).await
+        }
+    };
+    let r = send(CHAT, chat(false), "12,30").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = send(CHAT, chat(true), "21,5").await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("\"usage\"") && r.body.contains("data: [DONE]"), "{}", r.body);
+    let anthropic = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":64,"messages":[]}"#.to_string();
+    assert_eq!(send("/v1/messages", anthropic, "25,15").await.status, 200);
+    let anthropic = r#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[]}"#.to_string();
+    assert_eq!(send("/v1/messages", anthropic, "7,9").await.status, 200);
+
+    let u = metered(&keys, &id, 4).await;
+    assert_eq!(u.requests, 4);
+    assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens), (12 + 21 + 25 + 7, 30 + 5 + 15 + 9, 124));
+    // Per response, rounded up to a micro-USD: 19.8 -> 20, 6.15 -> 7, 12.75 -> 13, 6.45 -> 7.
+    assert_eq!(u.cost_usd, "0.000047");
+    assert_eq!(u.reserved_tokens, 0);
+    // Compressed bodies cannot be metered: the provider is asked for identity.
+    let received = stack.upstream.received().await;
+    assert!(received.iter().all(|r| r["headers"]["accept-encoding"] == "identity"), "{received:?}");
+}
+
+#[tokio::test]
+async fn usage_matches_upstream_in_observability_mode() {
+    usage_matches_what_the_upstream_reported(Stack::start().await).await;
+}
+
+#[tokio::test]
+async fn usage_matches_upstream_in_blocking_mode() {
+    let stack = Stack::start_with(|c| {
+        assert!(c.contains("observability_mode: true"));
+        c.replace("observability_mode: true", "observability_mode: false")
+    })
+    .await;
+    usage_matches_what_the_upstream_reported(stack).await;
+}
+
+#[tokio::test]
+async fn token_limit_stops_at_the_limit_and_frees_at_the_daily_reset() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let limits =
+        pb::Limits { token_limit: Some(100), reset_period: pb::ResetPeriod::Daily as i32, ..Default::default() };
+    let (id, secret) = key_with(&mut keys, "tokens", limits).await;
+    let h = [("x-api-key", secret.as_str()), ("x-fake-usage", "12,30")];
+    // 0, 42, 84 tokens used before each: all under 100.
+    for n in 1..=3 {
+        assert_eq!(stack.envoy.post(DEMO, CHAT, &h, &chat(false)).await.status, 200);
+        metered(&keys, &id, n).await;
+    }
+    let denied = stack.envoy.post(DEMO, CHAT, &h, &chat(false)).await;
+    assert_eq!(denied.status, 429, "{}", denied.body);
+    assert_eq!(denied.json()["error"]["code"], "token_limit_exceeded");
+    assert_eq!(denied.json()["error"]["type"], "rate_limit_error");
+    assert!(denied.json()["error"]["message"].as_str().unwrap().contains("100 tokens"));
+    // The manual clock is at 12:00 UTC: the next reset is 12 hours away.
+    assert_eq!(denied.header("retry-after"), Some("43200"));
+    let u = usage(&mut keys, &id).await;
+    assert_eq!((u.requests, u.total_tokens), (3, 126));
+    assert_eq!(u.last_deny_reason, "token_limit_exceeded");
+    assert!(u.last_denied_at.is_some());
+    assert_eq!(u.period_end.unwrap().seconds - u.period_start.unwrap().seconds, 86_400);
+
+    // Raising the limit does not reset or inflate usage.
+    keys.update_key(pb::UpdateKeyRequest {
+        id: id.clone(),
+        limits: Some(pb::Limits {
+            token_limit: Some(200),
+            reset_period: pb::ResetPeriod::Daily as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(usage(&mut keys, &id).await.total_tokens, 126);
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, &chat(false)).await.status, 200);
+    metered(&keys, &id, 4).await;
+
+    stack.server.clock.advance(Duration::hours(12));
+    let u = usage(&mut keys, &id).await;
+    assert_eq!((u.requests, u.total_tokens), (0, 0), "a new day");
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, &chat(false)).await.status, 200);
+}
+
+#[tokio::test]
+async fn usd_limit_stops_at_the_budget_and_never_resets() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    set_mini_price(&stack.server).await;
+    // Each response costs 20 micro-USD (12 prompt, 30 completion at $0.15/$0.60 per million).
+    let (id, secret) =
+        key_with(&mut keys, "usd", pb::Limits { cost_limit_usd: Some("0.00004".into()), ..Default::default() }).await;
+    let h = [("x-api-key", secret.as_str())];
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":1,"messages":[]}"#;
+    for n in 1..=2 {
+        assert_eq!(stack.envoy.post(DEMO, CHAT, &h, body).await.status, 200);
+        metered(&keys, &id, n).await;
+    }
+    let denied = stack.envoy.post(DEMO, CHAT, &h, body).await;
+    assert_eq!(denied.status, 429, "{}", denied.body);
+    assert_eq!(denied.json()["error"]["code"], "budget_exceeded");
+    assert!(denied.json()["error"]["message"].as_str().unwrap().contains("$0.00004"), "{}", denied.body);
+    assert_eq!(denied.header("retry-after"), None, "RESET_PERIOD_NEVER sends no retry-after");
+    let u = usage(&mut keys, &id).await;
+    assert_eq!((u.cost_usd.as_str(), u.last_deny_reason.as_str()), ("0.00004", "budget_exceeded"));
+    assert!(u.period_end.is_none());
+    stack.server.clock.advance(Duration::days(40));
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, body).await.status, 429);
+}
+
+#[tokio::test]
+async fn reservations_bound_overshoot_under_concurrency() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) = key_with(&mut keys, "burst", pb::Limits { token_limit: Some(100), ..Default::default() }).await;
+    // Each request asks for up to 50 completion tokens and uses 10 + 40 = 50 tokens.
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[]}"#;
+    let h = [("x-api-key", secret.as_str()), ("x-fake-usage", "10,40"), ("x-fake-delay-ms", "300")];
+    let all = futures_join(20, || stack.envoy.post(DEMO, CHAT, &h, body)).await;
+    let admitted = all.iter().filter(|r| r.status == 200).count();
+    let refused = all.iter().filter(|r| r.status == 429).count();
+    assert_eq!(admitted + refused, 20, "{:?}", all.iter().map(|r| r.status).collect::<Vec<_>>());
+    // Without reservations all 20 would pass while nothing was metered yet.
+    assert_eq!(admitted, 2, "in-flight reservations hold the budget");
+    let u = metered(&keys, &id, 2).await;
+    assert_eq!(u.total_tokens, 100);
+    assert_eq!(u.reserved_tokens, 0, "every reservation was settled");
+}
+
+/// Runs `n` copies of a request concurrently.
+async fn futures_join<F, Fut>(n: usize, make: F) -> Vec<common::http::Response>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = common::http::Response>,
+{
+    let mut set = Vec::new();
+    for _ in 0..n {
+        set.push(make());
+    }
+    let mut out = Vec::new();
+    let mut pinned: Vec<_> = set.into_iter().map(Box::pin).collect();
+    // Poll all together.
+    let results = std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if out.iter().any(|(j, _)| *j == i) {
+                continue;
+            }
+            match f.as_mut().poll(cx) {
+                std::task::Poll::Ready(r) => out.push((i, r)),
+                std::task::Poll::Pending => pending = true,
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(std::mem::take(&mut out)) }
+    })
+    .await;
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+#[tokio::test]
+async fn legacy_keys_authenticate_and_refuse_limits() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let import = |secret: &str, limits: Option<pb::Limits>| pb::ImportLegacyKeyRequest {
+        gateway: "demo".into(),
+        name: "legacy".into(),
+        secret: secret.into(),
+        limits,
+    };
+    let legacy_secret = "sk-legacy-0123456789abcdef";
+    let s = keys
+        .import_legacy_key(import(legacy_secret, Some(pb::Limits { token_limit: Some(5), ..Default::default() })))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("limits"));
+    for bad in ["short-secret", "has spaces in it, sixteen+", "pcs_00000000000000000000000000000000000000"] {
+        let s = keys.import_legacy_key(import(bad, None)).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{bad}");
+        assert!(s.message().contains("secret"), "{}", s.message());
+    }
+    let key = keys.import_legacy_key(import(legacy_secret, None)).await.unwrap().into_inner();
+    assert!(key.legacy);
+    assert_eq!(key.prefix, "sk-leg");
+    assert!(!format!("{key:?}").contains(legacy_secret));
+    let dup = keys
+        .import_legacy_key(pb::ImportLegacyKeyRequest { name: "again".into(), ..import(legacy_secret, None) })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+
+    let r = stack.envoy.post(DEMO, CHAT, &[("x-api-key", legacy_secret)], &chat(false)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = keys
+        .update_key(pb::UpdateKeyRequest {
+            id: key.id.clone(),
+            limits: Some(pb::Limits { requests_per_minute: Some(1), ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((s.code(), s.message().contains("limits")), (Code::InvalidArgument, true));
+    let s = keys.rotate_key(pb::RotateKeyRequest { id: key.id.clone(), grace_period: None }).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    // Replacing it: a new key with limits, then disable the legacy one.
+    keys.update_key(pb::UpdateKeyRequest { id: key.id.clone(), enabled: Some(false), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &[("x-api-key", legacy_secret)], &chat(false)).await.status, 401);
+    metered(&keys, &key.id, 1).await;
+}
+
+#[tokio::test]
+async fn rotation_keeps_the_old_secret_for_the_grace_period() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, old) = key_with(&mut keys, "rotating", pb::Limits { token_limit: Some(1000), ..Default::default() }).await;
+    let send = |s: String| {
+        let envoy = &stack.envoy;
+        async move { envoy.post(DEMO, CHAT, &[("x-api-key", &s)], &chat(false)).await.status }
+    };
+    assert_eq!(send(old.clone()).await, 200);
+    metered(&keys, &id, 1).await;
+
+    let grace = prost_types::Duration { seconds: 300, nanos: 0 };
+    let r =
+        keys.rotate_key(pb::RotateKeyRequest { id: id.clone(), grace_period: Some(grace) }).await.unwrap().into_inner();
+    let new = r.secret;
+    let key = r.key.unwrap();
+    assert_ne!(new, old);
+    assert_eq!((key.id.as_str(), key.prefix.as_str()), (id.as_str(), &new[..12]));
+    assert_eq!(send(new.clone()).await, 200);
+    assert_eq!(send(old.clone()).await, 200, "the old secret works during the grace period");
+    metered(&keys, &id, 3).await;
+    stack.server.clock.advance(Duration::seconds(300));
+    assert_eq!(send(old.clone()).await, 401, "and stops when it ends");
+    assert_eq!(send(new.clone()).await, 200);
+    let u = metered(&keys, &id, 4).await;
+    assert_eq!(u.total_tokens, 4 * 42, "usage carries over");
+
+    // Without a grace period the old secret stops at once.
+    let r = keys.rotate_key(pb::RotateKeyRequest { id: id.clone(), grace_period: None }).await.unwrap().into_inner();
+    assert_eq!(send(new).await, 401);
+    assert_eq!(send(r.secret).await, 200);
+    let s = keys
+        .rotate_key(pb::RotateKeyRequest { id, grace_period: Some(prost_types::Duration { seconds: -1, nanos: 0 }) })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn overview_reports_rpm_window_and_denials() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) =
+        key_with(&mut keys, "rpm", pb::Limits { requests_per_minute: Some(2), ..Default::default() }).await;
+    let h = [("x-api-key", secret.as_str())];
+    for _ in 0..3 {
+        stack.envoy.post(DEMO, CHAT, &h, &chat(false)).await;
+    }
+    let u = metered(&keys, &id, 2).await;
+    assert_eq!(u.requests_last_minute, 2);
+    assert_eq!(u.last_deny_reason, "rate_limit_exceeded");
+    assert_eq!(u.limits.unwrap().requests_per_minute, Some(2));
+    keys.update_key(pb::UpdateKeyRequest { id: id.clone(), enabled: Some(false), ..Default::default() }).await.unwrap();
+    stack.envoy.post(DEMO, CHAT, &h, &chat(false)).await;
+    assert_eq!(usage(&mut keys, &id).await.last_deny_reason, "disabled");
+}
