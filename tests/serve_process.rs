@@ -303,3 +303,140 @@ async fn cli_manages_gateways_and_keys() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthorized (UNAUTHENTICATED)"));
 }
+
+#[tokio::test]
+async fn usage_survives_a_sigterm_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("usage.db").display());
+    let (authz, admin) = (free_port(), free_port());
+    // A flush interval far longer than the test: only the SIGTERM flush can save the usage.
+    let env = [("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN), ("PORTCULLIS_USAGE_FLUSH_INTERVAL", "1h")];
+    let mut p = Proc::spawn(&db, authz, admin, &env);
+    p.wait_for("admin listener").await;
+    let upstream = FakeUpstream::start().await;
+    let envoy = Envoy::start(authz, upstream.port).await;
+    let (mut gw, mut keys) = clients(admin, OWNER_TOKEN).await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let r = keys
+        .create_key(pb::CreateKeyRequest {
+            gateway: "demo".into(),
+            name: "budgeted".into(),
+            limits: Some(pb::Limits { token_limit: Some(100), ..Default::default() }),
+            expires_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (id, secret) = (r.key.unwrap().id, r.secret);
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let h = [("x-api-key", secret.as_str()), ("x-fake-usage", "20,30"), ("content-type", "application/json")];
+    let send =
+        || common::http::request(envoy.port, "POST", "demo.gateway.local", "/v1/chat/completions", &h, Some(body));
+    assert_eq!(send().await.status, 200);
+    assert_eq!(send().await.status, 200);
+    let usage = |keys: Keys| {
+        let id = id.clone();
+        async move {
+            let mut keys = keys;
+            keys.get_key_usage(pb::GetKeyUsageRequest { id }).await.unwrap().into_inner()
+        }
+    };
+    eventually("two metered requests", Duration::from_secs(10), || {
+        let k = keys.clone();
+        let u = usage(k);
+        async move { (u.await.requests == 2).then_some(()) }
+    })
+    .await;
+    drop((gw, keys));
+    let (status, _) = p.sigterm().await;
+    assert!(status.success());
+
+    let mut p = Proc::spawn(&db, authz, admin, &env);
+    p.wait_for("admin listener").await;
+    let (_, keys) = clients(admin, OWNER_TOKEN).await;
+    let u = usage(keys.clone()).await;
+    assert_eq!((u.requests, u.prompt_tokens, u.completion_tokens), (2, 40, 60), "usage survived the restart");
+    // The budget still holds after the restart: 100 tokens are used up.
+    let denied = eventually("envoy reaches the restarted portcullis", Duration::from_secs(20), || {
+        let send = &send;
+        async move {
+            let r = send().await;
+            (r.status != 503).then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(denied.status, 429, "{}", denied.body);
+    let key = {
+        let mut k = keys.clone();
+        k.get_key(pb::GetKeyRequest { id: id.clone() }).await.unwrap().into_inner()
+    };
+    assert!(key.last_used_at.is_some(), "last_used_at was written by the flush");
+    drop(keys);
+    assert!(p.sigterm().await.0.success());
+}
+
+#[tokio::test]
+async fn cli_prices_usage_rotation_and_legacy_import() {
+    let server = TestServer::start().await;
+    let url = server.admin_url();
+    let (ok, _, err) = cli(&url, &["gateways", "create", "demo"]).await;
+    assert!(ok, "{err}");
+
+    let (ok, out, err) = cli(&url, &["prices", "set", "gpt-4o-mini", "--input", "0.15", "--output", "0.6"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("gpt-4o-mini") && out.contains("$0.15") && out.contains("$0.60"), "{out}");
+    let (ok, _, err) = cli(&url, &["prices", "set", "gpt-4o", "--input", "2.5.1", "--output", "10"]).await;
+    assert!(!ok && err.contains("price.input_usd_per_million") && err.contains("INVALID_ARGUMENT"), "{err}");
+    let (ok, out, _) = cli(&url, &["prices", "list", "--json"]).await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["output_usd_per_million"], "0.60");
+
+    let (ok, out, err) = cli(
+        &url,
+        &[
+            "keys",
+            "create",
+            "budgeted",
+            "--gateway",
+            "demo",
+            "--token-limit",
+            "1000",
+            "--cost-limit",
+            "5",
+            "--reset-period",
+            "monthly",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_str().unwrap().to_string();
+    let (ok, out, _) = cli(&url, &["keys", "usage", &id]).await;
+    assert!(ok);
+    assert!(out.contains("0 of 1000") && out.contains("$0.00 of $5.00") && out.contains("monthly"), "{out}");
+    let (ok, out, _) = cli(&url, &["keys", "usage", &id, "--json"]).await;
+    assert!(ok);
+    let u: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((u["requests"].as_u64(), u["cost_usd"].as_str()), (Some(0), Some("0.00")));
+
+    let (ok, out, err) = cli(&url, &["keys", "rotate", &id, "--grace", "10m"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("shown only this once") && out.contains("pcs_"), "{out}");
+
+    let out = Command::new(BIN)
+        .args(["keys", "import-legacy", "old-integration", "--gateway", "demo"])
+        .env("PORTCULLIS_ADMIN_URL", &url)
+        .env("PORTCULLIS_TOKEN", OWNER_TOKEN)
+        .env("PORTCULLIS_LEGACY_SECRET", "sk-legacy-abcdefghijklmnop")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("old-integration") && !stdout.contains("sk-legacy-abcdefghijklmnop"), "{stdout}");
+    let (ok, _, _) = cli(&url, &["prices", "delete", "gpt-4o-mini"]).await;
+    assert!(ok);
+    let (ok, _, err) = cli(&url, &["prices", "delete", "gpt-4o-mini"]).await;
+    assert!(!ok && err.contains("NOT_FOUND"), "{err}");
+}

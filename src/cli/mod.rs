@@ -13,6 +13,7 @@ use tonic::{Request, Status};
 use crate::pb;
 use crate::pb::gateway_service_client::GatewayServiceClient;
 use crate::pb::key_service_client::KeyServiceClient;
+use crate::pb::pricing_service_client::PricingServiceClient;
 
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
@@ -36,12 +37,19 @@ pub enum CliCommand {
         #[command(subcommand)]
         cmd: GatewaysCmd,
     },
-    /// Create, list, enable, disable, update and delete API keys.
+    /// Create, list, enable, disable, update, rotate and delete API keys; see their usage.
     Keys {
         #[command(flatten)]
         conn: Connection,
         #[command(subcommand)]
         cmd: KeysCmd,
+    },
+    /// Model prices (USD per million tokens) used to meter cost.
+    Prices {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        cmd: PricesCmd,
     },
 }
 
@@ -186,6 +194,44 @@ pub enum KeysCmd {
     Delete {
         id: String,
     },
+    /// The Overview: usage in the current period against the key's limits.
+    Usage {
+        id: String,
+    },
+    /// A new secret for the key (printed once); the old one works for --grace.
+    Rotate {
+        id: String,
+        /// How long the old secret keeps working, e.g. 10m, 24h (default: stops now).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<std::time::Duration>,
+    },
+    /// Bring a key clients already use under management (no limits). Reads the secret
+    /// from PORTCULLIS_LEGACY_SECRET or --secret.
+    ImportLegacy {
+        name: String,
+        #[arg(long)]
+        gateway: String,
+        #[arg(long, env = "PORTCULLIS_LEGACY_SECRET", hide_env_values = true)]
+        secret: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PricesCmd {
+    /// Set a model's price, e.g. `prices set gpt-4o-mini --input 0.15 --output 0.60`.
+    Set {
+        model: String,
+        /// USD per million prompt tokens.
+        #[arg(long)]
+        input: String,
+        /// USD per million completion tokens.
+        #[arg(long)]
+        output: String,
+    },
+    List,
+    Delete {
+        model: String,
+    },
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -209,7 +255,8 @@ impl tonic::service::Interceptor for BearerAuth {
 
 type Svc = InterceptedService<Channel, BearerAuth>;
 
-async fn connect(conn: &Connection) -> anyhow::Result<(GatewayServiceClient<Svc>, KeyServiceClient<Svc>)> {
+/// An authenticated channel to the admin API.
+async fn connect(conn: &Connection) -> anyhow::Result<(Channel, BearerAuth)> {
     let token =
         conn.token.as_deref().ok_or_else(|| anyhow!("no management token: pass --token or set PORTCULLIS_TOKEN"))?;
     let auth = BearerAuth::new(token)?;
@@ -219,10 +266,7 @@ async fn connect(conn: &Connection) -> anyhow::Result<(GatewayServiceClient<Svc>
         .connect()
         .await
         .map_err(|_| anyhow!("cannot reach the admin API at {}", conn.admin_url))?;
-    Ok((
-        GatewayServiceClient::with_interceptor(channel.clone(), auth.clone()),
-        KeyServiceClient::with_interceptor(channel, auth),
-    ))
+    Ok((channel, auth))
 }
 
 /// A gRPC status as one line: "key not found (NOT_FOUND)".
@@ -266,11 +310,13 @@ pub async fn run(cmd: CliCommand) -> anyhow::Result<()> {
     match cmd {
         CliCommand::Gateways { conn, cmd } => gateways(&conn, cmd).await,
         CliCommand::Keys { conn, cmd } => keys(&conn, cmd).await,
+        CliCommand::Prices { conn, cmd } => prices(&conn, cmd).await,
     }
 }
 
 async fn gateways(conn: &Connection, cmd: GatewaysCmd) -> anyhow::Result<()> {
-    let (mut client, _) = connect(conn).await?;
+    let (channel, auth) = connect(conn).await?;
+    let mut client: GatewayServiceClient<Svc> = GatewayServiceClient::with_interceptor(channel, auth);
     let out = output::Out { json: conn.json };
     match cmd {
         GatewaysCmd::Create { name, settings } => {
@@ -322,7 +368,8 @@ async fn gateways(conn: &Connection, cmd: GatewaysCmd) -> anyhow::Result<()> {
 }
 
 async fn keys(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
-    let (_, mut client) = connect(conn).await?;
+    let (channel, auth) = connect(conn).await?;
+    let mut client: KeyServiceClient<Svc> = KeyServiceClient::with_interceptor(channel, auth);
     let out = output::Out { json: conn.json };
     let set_enabled =
         |id: String, enabled: bool| pb::UpdateKeyRequest { id, enabled: Some(enabled), ..Default::default() };
@@ -391,6 +438,51 @@ async fn keys(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
         KeysCmd::Delete { id } => {
             client.delete_key(pb::DeleteKeyRequest { id: id.clone() }).await.map_err(status_err)?;
             out.message(serde_json::json!({"deleted": id}), &format!("Deleted key {id}"));
+        }
+        KeysCmd::Usage { id } => {
+            let u = client.get_key_usage(pb::GetKeyUsageRequest { id }).await.map_err(status_err)?;
+            out.usage(&u.into_inner());
+        }
+        KeysCmd::Rotate { id, grace } => {
+            let grace_period = grace.map(|g| prost_types::Duration {
+                seconds: i64::try_from(g.as_secs()).unwrap_or(i64::MAX),
+                nanos: g.subsec_nanos() as i32,
+            });
+            let r = client.rotate_key(pb::RotateKeyRequest { id, grace_period }).await.map_err(status_err)?;
+            out.created_key(&r.into_inner());
+        }
+        KeysCmd::ImportLegacy { name, gateway, secret } => {
+            let k = client
+                .import_legacy_key(pb::ImportLegacyKeyRequest { gateway, name, secret, limits: None })
+                .await
+                .map_err(status_err)?;
+            out.keys(&[k.into_inner()]);
+        }
+    }
+    Ok(())
+}
+
+async fn prices(conn: &Connection, cmd: PricesCmd) -> anyhow::Result<()> {
+    let (channel, auth) = connect(conn).await?;
+    let mut client: PricingServiceClient<Svc> = PricingServiceClient::with_interceptor(channel, auth);
+    let out = output::Out { json: conn.json };
+    match cmd {
+        PricesCmd::Set { model, input, output } => {
+            let price = pb::ModelPrice { model, input_usd_per_million: input, output_usd_per_million: output };
+            let p =
+                client.set_model_price(pb::SetModelPriceRequest { price: Some(price) }).await.map_err(status_err)?;
+            out.prices(&[p.into_inner()]);
+        }
+        PricesCmd::List => {
+            let list = client.list_model_prices(pb::ListModelPricesRequest {}).await.map_err(status_err)?;
+            out.prices(&list.into_inner().prices);
+        }
+        PricesCmd::Delete { model } => {
+            client
+                .delete_model_price(pb::DeleteModelPriceRequest { model: model.clone() })
+                .await
+                .map_err(status_err)?;
+            out.message(serde_json::json!({"deleted": model}), &format!("Deleted the price of {model}"));
         }
     }
     Ok(())

@@ -171,6 +171,79 @@ impl Out {
         println!("\nSecret (shown only this once; store it now):\n{}", r.secret);
     }
 
+    pub fn prices(&self, ps: &[pb::ModelPrice]) {
+        if self.json {
+            let v = ps
+                .iter()
+                .map(|p| json!({"model": p.model, "input_usd_per_million": p.input_usd_per_million, "output_usd_per_million": p.output_usd_per_million}))
+                .collect();
+            return self.print_json(Value::Array(v));
+        }
+        let rows = ps
+            .iter()
+            .map(|p| {
+                vec![p.model.clone(), format!("${}", p.input_usd_per_million), format!("${}", p.output_usd_per_million)]
+            })
+            .collect();
+        table(&["MODEL", "INPUT / 1M", "OUTPUT / 1M"], rows);
+    }
+
+    pub fn usage(&self, u: &pb::KeyUsage) {
+        let limits = u.limits.clone().unwrap_or_default();
+        if self.json {
+            return self.print_json(json!({
+                "key_id": u.key_id,
+                "limits": limits_json(&u.limits),
+                "period_start": ts(&u.period_start),
+                "period_end": u.period_end.as_ref().map(|_| ts(&u.period_end)),
+                "requests": u.requests,
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "total_tokens": u.total_tokens,
+                "cost_usd": u.cost_usd,
+                "requests_last_minute": u.requests_last_minute,
+                "reserved_tokens": u.reserved_tokens,
+                "reserved_usd": u.reserved_usd,
+                "last_denied_at": u.last_denied_at.as_ref().map(|_| ts(&u.last_denied_at)),
+                "last_deny_reason": (!u.last_deny_reason.is_empty()).then_some(&u.last_deny_reason),
+            }));
+        }
+        let of = |limit: Option<String>| limit.map(|l| format!(" of {l}")).unwrap_or_default();
+        let period_end = if u.period_end.is_some() { ts(&u.period_end) } else { "never resets".into() };
+        let rows = vec![
+            vec![
+                "period".into(),
+                format!("{} .. {period_end} ({})", ts(&u.period_start), period_name(limits.reset_period)),
+            ],
+            vec!["requests".into(), u.requests.to_string()],
+            vec![
+                "tokens".into(),
+                format!(
+                    "{}{} (prompt {}, completion {})",
+                    u.total_tokens,
+                    of(limits.token_limit.map(|t| t.to_string())),
+                    u.prompt_tokens,
+                    u.completion_tokens
+                ),
+            ],
+            vec!["cost".into(), format!("${}{}", u.cost_usd, of(limits.cost_limit_usd.map(|c| format!("${c}"))))],
+            vec![
+                "last minute".into(),
+                format!("{} requests{}", u.requests_last_minute, of(limits.requests_per_minute.map(|r| r.to_string()))),
+            ],
+            vec!["in flight".into(), format!("{} tokens, ${} reserved", u.reserved_tokens, u.reserved_usd)],
+            vec![
+                "last denied".into(),
+                if u.last_deny_reason.is_empty() {
+                    "never".into()
+                } else {
+                    format!("{} ({})", ts(&u.last_denied_at), u.last_deny_reason)
+                },
+            ],
+        ];
+        table(&["KEY", &u.key_id], rows);
+    }
+
     pub fn message(&self, json: Value, text: &str) {
         if self.json { self.print_json(json) } else { println!("{text}") }
     }
