@@ -17,7 +17,7 @@ use portcullis::authz::AuthzService;
 use portcullis::domain::check::Limiters;
 use portcullis::domain::clock::SystemClock;
 use portcullis::domain::gateway::{Gateway, InboundAuth, UpstreamAuth};
-use portcullis::domain::key::{ApiKey, Limits};
+use portcullis::domain::key::{ApiKey, Limits, ResetPeriod};
 use portcullis::domain::secret::{Secret, SecretKind};
 use portcullis::domain::view::KeySecret;
 use portcullis::domain::view::View;
@@ -87,10 +87,16 @@ fn main() {
     let mut secrets = Vec::new();
     for i in 0..KEYS {
         let s = Secret::generate(SecretKind::ApiKey);
-        let limits = if i == 0 {
-            Limits { requests_per_minute: Some(u32::MAX), ..Default::default() }
-        } else {
-            Limits::default()
+        let limits = match i {
+            0 => Limits { requests_per_minute: Some(u32::MAX), ..Default::default() },
+            // Every limit at once: budgets reserve (and metering would settle), the window admits.
+            2 => Limits {
+                requests_per_minute: Some(u32::MAX),
+                token_limit: Some(u64::MAX),
+                cost_limit_micros: Some(i64::MAX),
+                reset_period: ResetPeriod::Monthly,
+            },
+            _ => Limits::default(),
         };
         keys.push((
             ApiKey {
@@ -120,6 +126,7 @@ fn main() {
 
     let with_rpm = check_request(secrets[0].expose());
     let without = check_request(secrets[1].expose());
+    let all_limits = check_request(secrets[2].expose());
     let unknown = check_request(Secret::generate(SecretKind::ApiKey).expose());
 
     println!("Check decision, {KEYS} keys in the view, {ITERS} iterations each");
@@ -140,12 +147,14 @@ fn main() {
     };
     let allow = measure("portcullis: allow, no limits", || run(&without));
     let rpm = measure("portcullis: allow, requests/min limit", || run(&with_rpm));
+    let all = measure("portcullis: allow, rpm + token + USD limits", || run(&all_limits));
     let deny = measure("portcullis: deny, unknown key", || run(&unknown));
     println!();
     println!(
-        "ratio to baseline: allow {:.2}x, allow with limit {:.2}x, deny {:.2}x",
+        "ratio to baseline: allow {:.2}x, with rpm {:.2}x, with all limits {:.2}x, deny {:.2}x",
         allow / baseline,
         rpm / baseline,
+        all / baseline,
         deny / baseline
     );
 }

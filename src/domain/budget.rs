@@ -19,6 +19,8 @@ pub struct Counters {
     pub key_id: Uuid,
     pub reset_period: ResetPeriod,
     pub period_start: DateTime<Utc>,
+    /// The next reset (cached: most calls only compare against it).
+    pub period_end: Option<DateTime<Utc>>,
     pub requests: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -41,6 +43,7 @@ impl Counters {
             key_id,
             reset_period,
             period_start,
+            period_end: period::bounds(reset_period, period_start).1,
             requests: 0,
             prompt_tokens: 0,
             completion_tokens: 0,
@@ -60,7 +63,11 @@ impl Counters {
     /// Moves to the period `now` is in. A new period resets usage (not reservations);
     /// a changed reset period re-keys the current usage without resetting it.
     fn roll(&mut self, reset_period: ResetPeriod, now: DateTime<Utc>) -> bool {
-        let start = period::bounds(reset_period, now).0;
+        if reset_period == self.reset_period && self.period_end.is_none_or(|end| now < end) {
+            return false;
+        }
+        let (start, end) = period::bounds(reset_period, now);
+        self.period_end = end;
         if reset_period != self.reset_period {
             self.reset_period = reset_period;
             self.period_start = start;
@@ -156,7 +163,7 @@ impl Meters {
         let mut inner = self.inner.lock().map_err(|_| MetersUnavailable)?;
         let Limits { cost_limit_micros, token_limit, reset_period, .. } = key.limits;
         let c = inner.counters(key.id, reset_period, now);
-        let reset_at = period::bounds(reset_period, now).1;
+        let reset_at = c.period_end;
         if let Some(limit) = token_limit
             && c.total_tokens().saturating_add(c.reserved_tokens) >= limit
         {

@@ -211,6 +211,7 @@ impl Store for SqliteStore {
             let c = usage.entry(key_id).or_insert_with(|| Counters::empty(key_id, reset_period, DateTime::UNIX_EPOCH));
             c.reset_period = reset_period;
             c.period_start = time(r, "period_start")?;
+            c.period_end = crate::domain::period::bounds(reset_period, c.period_start).1;
             c.requests = get::<i64>(r, "requests")?.max(0) as u64;
             c.prompt_tokens = get::<i64>(r, "prompt_tokens")?.max(0) as u64;
             c.completion_tokens = get::<i64>(r, "completion_tokens")?.max(0) as u64;
