@@ -35,7 +35,9 @@ wait_for envoy curl -sf "http://127.0.0.1:$ENVOY_ADMIN/ready"
 
 "$bin" gateways get demo >/dev/null 2>&1 || \
   PORTCULLIS_UPSTREAM_VALUE="Bearer sk-demo-provider-key" "$bin" gateways create demo --upstream-header authorization >/dev/null
-created=$("$bin" keys create "token-user-$(date +%H%M%S)" --gateway demo --json)
+"$bin" prices set gpt-4o-mini --input 0.15 --output 0.60 >/dev/null
+created=$("$bin" keys create "token-user-$(date +%H%M%S)" --gateway demo --rpm 60 --token-limit 100000 \
+  --cost-limit 5 --reset-period monthly --json)
 id=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' <<<"$created")
 secret=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])' <<<"$created")
 
@@ -54,6 +56,9 @@ echo "HTTP $(call)"; cat .demo/last-body; echo
 step "3. after: portcullis keys enable $id"
 "$bin" keys enable "$id" >/dev/null
 echo "HTTP $(call)"; cat .demo/last-body; echo
+step "4. the key's usage, metered from the responses: portcullis keys usage $id"
+sleep 0.3
+"$bin" keys usage "$id"
 
 cat <<MSG
 
@@ -67,6 +72,7 @@ Manage it (dev mode accepts the management token "test-token"):
 
   export PORTCULLIS_ADMIN_URL=http://127.0.0.1:$ADMIN PORTCULLIS_TOKEN=test-token
   $bin keys list --gateway demo
+  $bin keys usage $id
   $bin keys disable $id
 
 Press Ctrl-C to stop.
