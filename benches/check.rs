@@ -118,7 +118,7 @@ fn main() {
     let ideal: HashMap<[u8; 32], u64> = keys.iter().enumerate().map(|(i, (_, h))| (h[0].hash.0, i as u64)).collect();
     let shared = Arc::new(Shared::new(
         View::new(vec![gateway], keys),
-        TokenRegistry::default(),
+        TokenRegistry::new(vec![], false, chrono::Duration::hours(1)),
         Limiters::default(),
         Arc::new(SystemClock),
     ));

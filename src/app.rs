@@ -14,10 +14,13 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::admin::PricingApi;
-use crate::admin::auth::TokenRegistry;
+use crate::admin::access::AccessServiceServer;
+use crate::admin::audit::AuditServiceServer;
+use crate::admin::auth::{StoredToken, TokenRegistry};
 use crate::admin::gateways::GatewayServiceServer;
 use crate::admin::keys::KeyServiceServer;
 use crate::admin::pricing::PricingServiceServer;
+use crate::admin::{AccessApi, AuditApi};
 use crate::admin::{Admin, AdminAuth, GatewayApi, KeyApi};
 use crate::authz::{AuthorizationServer, AuthzService, ExternalProcessorServer, MeterService};
 use crate::config::{ServeArgs, ServeRole};
@@ -33,11 +36,23 @@ use crate::store::{self, DynStore, Store};
 
 /// Names reported by `grpc.health.v1.Health` (besides the overall ""), per side.
 const AUTHZ_HEALTH: &[&str] = &["envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor"];
-const ADMIN_HEALTH: &[&str] =
-    &["portcullis.admin.v1.GatewayService", "portcullis.admin.v1.KeyService", "portcullis.admin.v1.PricingService"];
+const ADMIN_HEALTH: &[&str] = &[
+    "portcullis.admin.v1.GatewayService",
+    "portcullis.admin.v1.KeyService",
+    "portcullis.admin.v1.PricingService",
+    "portcullis.admin.v1.AccessService",
+    "portcullis.admin.v1.AuditService",
+];
 
-/// Writes changed usage counters; on failure they stay dirty for the next attempt.
+/// Writes changed usage counters and token last-use times; on failure they stay dirty
+/// for the next attempt.
 async fn flush_usage(store: &dyn Store, shared: &Shared) -> bool {
+    let used = shared.tokens.write().map(|mut t| t.take_last_used()).unwrap_or_default();
+    if !used.is_empty()
+        && let Err(e) = store.save_token_last_used(&used).await
+    {
+        tracing::warn!(error = %e, "could not record management-token use");
+    }
     let dirty = shared.limiters.meters.take_dirty();
     if dirty.is_empty() {
         return true;
@@ -107,18 +122,53 @@ async fn bootstrap(
         if secret.trim().len() < 16 || secret.trim() != secret {
             bail!("PORTCULLIS_BOOTSTRAP_TOKEN must be at least 16 characters with no surrounding spaces");
         }
-        let hash = Secret::from_plaintext(secret).hash();
-        if !tokens.contains(&hash) {
-            let token = owner("bootstrap");
-            store.insert_access_token(&token, &hash).await.context("storing the bootstrap token")?;
-            tracing::info!(token_id = %token.id, "bootstrap owner token stored");
-            tokens.insert(token, hash);
+        let secret = Secret::from_plaintext(secret);
+        let hash = secret.hash();
+        match tokens.get(&hash).map(|s| s.token.clone()) {
+            None => {
+                let stored = StoredToken {
+                    token: owner("bootstrap"),
+                    hash,
+                    prefix: secret.display_prefix(),
+                    last_used_at: None,
+                };
+                store.insert_access_token(&stored).await.context("storing the bootstrap token")?;
+                tracing::info!(token_id = %stored.token.id, "bootstrap owner token stored");
+                tokens.insert(stored);
+            }
+            // The variable says this secret is an owner: make it one again if it was
+            // revoked, expired, narrowed or demoted.
+            Some(t)
+                if t.role != Role::Owner
+                    || !t.gateways.is_empty()
+                    || t.revoked_at.is_some()
+                    || t.expires_at.is_some() =>
+            {
+                store.restore_owner_token(&hash).await.context("restoring the bootstrap token")?;
+                tracing::warn!(token_id = %t.id, "the bootstrap token was revoked, expired or narrowed; restored as an owner (unset PORTCULLIS_BOOTSTRAP_TOKEN to retire it)");
+                let stored = tokens.get(&hash).cloned();
+                if let Some(mut stored) = stored {
+                    stored.token.role = Role::Owner;
+                    stored.token.gateways.clear();
+                    stored.token.revoked_at = None;
+                    stored.token.expires_at = None;
+                    tokens.insert(stored);
+                }
+            }
+            Some(_) => {}
         }
+        // Starting with the variable set counts as using the token.
+        tokens.touch(&hash, now);
     } else if !tokens.has_owner() && args.role != ServeRole::Authz {
         let secret = Secret::generate(SecretKind::AccessToken);
-        let token = owner("owner");
-        store.insert_access_token(&token, &secret.hash()).await.context("storing the first owner token")?;
-        tokens.insert(token, secret.hash());
+        let stored = StoredToken {
+            token: owner("owner"),
+            hash: secret.hash(),
+            prefix: secret.display_prefix(),
+            last_used_at: None,
+        };
+        store.insert_access_token(&stored).await.context("storing the first owner token")?;
+        tokens.insert(stored);
         // Printed once, on stderr, never logged.
         eprintln!(
             "\nPortcullis created the first owner management token. It is shown only this once; store it now:\n\n    {}\n\nUse it as `authorization: Bearer <token>` (or PORTCULLIS_TOKEN for the CLI).\n",
@@ -145,7 +195,8 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let store = store::open(&args.database.database_url, sealer).await.with_context(|| format!("opening {url}"))?;
     store.migrate().await.context("running migrations")?;
     let snapshot = store.load().await.context("loading gateways, keys and tokens")?;
-    let mut tokens = TokenRegistry::new(snapshot.access_tokens, args.dev);
+    let idle = chrono::Duration::from_std(args.session_idle_timeout).context("--session-idle-timeout is too large")?;
+    let mut tokens = TokenRegistry::new(snapshot.access_tokens, args.dev, idle);
     bootstrap(&*store, &mut tokens, args, &*clock).await?;
     if args.dev {
         tracing::warn!(
@@ -231,7 +282,9 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             .add_service(reflection_v1alpha)
             .add_service(GatewayServiceServer::with_interceptor(GatewayApi(Arc::clone(&admin)), auth.clone()))
             .add_service(KeyServiceServer::with_interceptor(KeyApi(Arc::clone(&admin)), auth.clone()))
-            .add_service(PricingServiceServer::with_interceptor(PricingApi(admin), auth));
+            .add_service(PricingServiceServer::with_interceptor(PricingApi(Arc::clone(&admin)), auth.clone()))
+            .add_service(AccessServiceServer::with_interceptor(AccessApi(Arc::clone(&admin)), auth.clone()))
+            .add_service(AuditServiceServer::with_interceptor(AuditApi(admin), auth));
         tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal())));
         tracing::info!(%addr, "admin listener (admin API, health, reflection) ready");
     }

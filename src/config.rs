@@ -70,6 +70,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_BOOTSTRAP_TOKEN", hide_env_values = true)]
     pub bootstrap_token: Option<String>,
 
+    /// Management tokens unused for this long stop working.
+    #[arg(long, env = "PORTCULLIS_SESSION_IDLE_TIMEOUT", default_value = "720h", value_parser = humantime::parse_duration)]
+    pub session_idle_timeout: Duration,
+
     /// Development mode: also accept the management token `test-token` as an owner. Never in production.
     #[arg(long, env = "PORTCULLIS_DEV")]
     pub dev: bool,

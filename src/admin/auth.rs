@@ -1,14 +1,15 @@
-//! Management-token authentication for every admin RPC.
+//! Management-token authentication for every admin RPC. Tokens live in memory (by
+//! hash), so authenticating needs no query; last use is persisted lazily.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use uuid::Uuid;
 
-use crate::domain::access::{AccessToken, Role};
+use crate::domain::access::{AccessToken, Principal, Role};
 use crate::domain::check::strip_bearer;
 use crate::domain::secret::SecretHash;
 use crate::state::Shared;
@@ -16,57 +17,119 @@ use crate::state::Shared;
 /// The literal token `--dev` accepts as an owner.
 pub const DEV_TOKEN: &str = "test-token";
 
-/// Who is calling. Put into request extensions by the interceptor.
+/// Last use is written at most this often per token.
+const LAST_USED_GRANULARITY_SECS: i64 = 60;
+
+/// A token as stored, with what the registry tracks about it.
 #[derive(Debug, Clone)]
-pub struct Principal {
-    /// `None` for the `--dev` token, which has no row.
-    pub token_id: Option<Uuid>,
-    pub name: String,
-    pub role: Role,
-    pub gateways: Vec<String>,
+pub struct StoredToken {
+    pub token: AccessToken,
+    pub hash: SecretHash,
+    pub prefix: String,
+    pub last_used_at: Option<DateTime<Utc>>,
 }
 
-/// Every management token, by hash, kept in memory so authentication needs no query.
-#[derive(Debug, Default)]
+#[derive(Debug)]
+struct Entry {
+    stored: StoredToken,
+    /// When the token was last used (or created), for the idle timeout.
+    last_used: DateTime<Utc>,
+    /// The last-use time storage has.
+    persisted: Option<DateTime<Utc>>,
+}
+
+/// Every management token, by hash.
+#[derive(Debug)]
 pub struct TokenRegistry {
-    by_hash: HashMap<SecretHash, AccessToken>,
+    by_hash: HashMap<SecretHash, Entry>,
     dev: bool,
+    idle_timeout: Duration,
 }
 
 impl TokenRegistry {
-    pub fn new(tokens: Vec<(AccessToken, SecretHash)>, dev: bool) -> Self {
-        TokenRegistry { by_hash: tokens.into_iter().map(|(t, h)| (h, t)).collect(), dev }
+    pub fn new(tokens: Vec<StoredToken>, dev: bool, idle_timeout: Duration) -> Self {
+        let mut r = TokenRegistry { by_hash: HashMap::new(), dev, idle_timeout };
+        for t in tokens {
+            r.insert(t);
+        }
+        r
     }
 
-    pub fn insert(&mut self, token: AccessToken, hash: SecretHash) {
-        self.by_hash.insert(hash, token);
+    pub fn insert(&mut self, stored: StoredToken) {
+        let last_used = stored.last_used_at.unwrap_or(stored.token.created_at);
+        let persisted = stored.last_used_at;
+        self.by_hash.insert(stored.hash, Entry { stored, last_used, persisted });
     }
 
-    pub fn contains(&self, hash: &SecretHash) -> bool {
-        self.by_hash.contains_key(hash)
+    pub fn get(&self, hash: &SecretHash) -> Option<&StoredToken> {
+        self.by_hash.get(hash).map(|e| &e.stored)
     }
 
     /// Whether any owner token was ever created (usable or not).
     pub fn has_owner(&self) -> bool {
-        self.by_hash.values().any(|t| t.role == Role::Owner)
+        self.by_hash.values().any(|e| e.stored.token.role == Role::Owner)
     }
 
-    /// The principal for a presented secret, if it is a usable token.
-    pub fn authenticate(&self, presented: &str, now: DateTime<Utc>) -> Option<Principal> {
+    /// Marks a token used now (a restored bootstrap token starts a fresh idle period).
+    pub fn touch(&mut self, hash: &SecretHash, now: DateTime<Utc>) {
+        if let Some(e) = self.by_hash.get_mut(hash) {
+            e.last_used = now;
+        }
+    }
+
+    /// The principal for a presented secret, if it is a usable token; records the use.
+    pub fn authenticate(&mut self, presented: &str, now: DateTime<Utc>) -> Option<Principal> {
         if self.dev && presented == DEV_TOKEN {
             return Some(Principal { token_id: None, name: "dev".into(), role: Role::Owner, gateways: vec![] });
         }
-        let t = self.by_hash.get(&SecretHash::of(presented))?;
-        t.is_usable(now).then(|| Principal {
-            token_id: Some(t.id),
-            name: t.name.clone(),
-            role: t.role,
-            gateways: t.gateways.clone(),
-        })
+        let e = self.by_hash.get_mut(&SecretHash::of(presented))?;
+        let t = &e.stored.token;
+        if !t.is_usable(now, e.last_used, self.idle_timeout) {
+            return None;
+        }
+        e.last_used = now;
+        Some(Principal { token_id: Some(t.id), name: t.name.clone(), role: t.role, gateways: t.gateways.clone() })
+    }
+
+    /// Every token with its last use, oldest first.
+    pub fn list(&self) -> Vec<(StoredToken, DateTime<Utc>)> {
+        let mut all: Vec<_> = self.by_hash.values().map(|e| (e.stored.clone(), e.last_used)).collect();
+        all.sort_by_key(|(s, _)| s.token.id);
+        all
+    }
+
+    pub fn find(&self, id: Uuid) -> Option<(StoredToken, DateTime<Utc>)> {
+        self.by_hash.values().find(|e| e.stored.token.id == id).map(|e| (e.stored.clone(), e.last_used))
+    }
+
+    pub fn revoke(&mut self, id: Uuid, at: DateTime<Utc>) {
+        if let Some(e) = self.by_hash.values_mut().find(|e| e.stored.token.id == id) {
+            e.stored.token.revoked_at.get_or_insert(at);
+        }
+    }
+
+    /// Last-use times storage should learn (at most one write a minute per token).
+    pub fn take_last_used(&mut self) -> Vec<(Uuid, DateTime<Utc>)> {
+        let mut out = Vec::new();
+        for e in self.by_hash.values_mut() {
+            let stale = e.persisted.is_none_or(|p| e.last_used - p >= Duration::seconds(LAST_USED_GRANULARITY_SECS));
+            if stale && e.last_used > e.stored.token.created_at {
+                e.persisted = Some(e.last_used);
+                out.push((e.stored.token.id, e.last_used));
+            }
+        }
+        out
     }
 }
 
-/// Rejects calls without a usable `authorization: Bearer <token>`.
+/// What the interceptor found: handlers turn `Refused` into `UNAUTHENTICATED` and audit it.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Token(Principal),
+    Refused,
+}
+
+/// Authenticates `authorization: Bearer <token>` on every admin call.
 #[derive(Clone)]
 pub struct AdminAuth {
     shared: Arc<Shared>,
@@ -76,28 +139,23 @@ impl AdminAuth {
     pub fn new(shared: Arc<Shared>) -> Self {
         AdminAuth { shared }
     }
-}
 
-fn unauthorized() -> Status {
-    Status::unauthenticated("Unauthorized")
+    fn principal(&self, request: &Request<()>) -> Option<Principal> {
+        let value = request.metadata().get("authorization")?.to_str().ok()?.trim();
+        let has_scheme = value.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer "));
+        let presented = strip_bearer(value);
+        if !has_scheme || presented.is_empty() {
+            return None;
+        }
+        let now = self.shared.clock.now();
+        self.shared.tokens.write().ok()?.authenticate(presented, now)
+    }
 }
 
 impl Interceptor for AdminAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let value = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).ok_or_else(unauthorized)?;
-        let trimmed = value.trim();
-        let has_scheme = trimmed.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer "));
-        let presented = strip_bearer(trimmed);
-        if !has_scheme || presented.is_empty() {
-            return Err(unauthorized());
-        }
-        let now = self.shared.clock.now();
-        let principal = {
-            let tokens = self.shared.tokens.read().map_err(|_| Status::unavailable("token registry unavailable"))?;
-            tokens.authenticate(presented, now)
-        };
-        let principal = principal.ok_or_else(unauthorized)?;
-        request.extensions_mut().insert(principal);
+        let caller = self.principal(&request).map_or(Caller::Refused, Caller::Token);
+        request.extensions_mut().insert(caller);
         Ok(request)
     }
 }

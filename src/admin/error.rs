@@ -3,6 +3,7 @@
 use tonic::Status;
 
 use crate::domain::FieldError;
+use crate::domain::access::Refusal;
 use crate::state::ViewPoisoned;
 use crate::store::StoreError;
 
@@ -16,6 +17,8 @@ pub enum AdminError {
     AlreadyExists(&'static str),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{}", .0.message())]
+    PermissionDenied(Refusal),
     #[error("storage is unavailable")]
     Unavailable(#[source] StoreError),
     #[error("internal error: {0}")]
@@ -41,23 +44,38 @@ impl From<ViewPoisoned> for AdminError {
     }
 }
 
+impl From<Refusal> for AdminError {
+    fn from(r: Refusal) -> Self {
+        AdminError::PermissionDenied(r)
+    }
+}
+
+impl AdminError {
+    /// The gRPC code and the client message. Client messages are fixed or built from
+    /// validated input; causes go to the log.
+    pub fn status_parts(&self) -> (tonic::Code, String) {
+        use tonic::Code;
+        match self {
+            AdminError::Invalid(f) => (Code::InvalidArgument, f.to_string()),
+            AdminError::NotFound(what) => (Code::NotFound, format!("{what} not found")),
+            AdminError::AlreadyExists(what) => (Code::AlreadyExists, format!("{what} already exists")),
+            AdminError::FailedPrecondition(m) => (Code::FailedPrecondition, m.clone()),
+            AdminError::PermissionDenied(r) => (Code::PermissionDenied, r.message().to_string()),
+            AdminError::Unavailable(_) => (Code::Unavailable, "storage is unavailable, try again".into()),
+            AdminError::Internal(_) => (Code::Internal, "internal error".into()),
+        }
+    }
+}
+
 impl From<AdminError> for Status {
     fn from(e: AdminError) -> Status {
-        // Client messages are fixed or built from validated input; causes go to the log.
-        match e {
-            AdminError::Invalid(f) => Status::invalid_argument(f.to_string()),
-            AdminError::NotFound(what) => Status::not_found(format!("{what} not found")),
-            AdminError::AlreadyExists(what) => Status::already_exists(format!("{what} already exists")),
-            AdminError::FailedPrecondition(m) => Status::failed_precondition(m),
-            AdminError::Unavailable(cause) => {
-                tracing::error!(error = %cause, "admin call failed: storage unavailable");
-                Status::unavailable("storage is unavailable, try again")
-            }
-            AdminError::Internal(cause) => {
-                tracing::error!(error = %cause, "admin call failed");
-                Status::internal("internal error")
-            }
+        match &e {
+            AdminError::Unavailable(cause) => tracing::error!(error = %cause, "admin call failed: storage unavailable"),
+            AdminError::Internal(cause) => tracing::error!(error = %cause, "admin call failed"),
+            _ => {}
         }
+        let (code, message) = e.status_parts();
+        Status::new(code, message)
     }
 }
 

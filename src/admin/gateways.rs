@@ -7,8 +7,9 @@ use uuid::Uuid;
 
 use super::convert::{gateway_to_pb, inbound_from_pb, upstream_from_pb};
 use super::error::store_err;
-use super::{Admin, AdminError, AdminResult, detached, principal};
+use super::{Admin, AdminError, AdminResult, Kind};
 use crate::domain::FieldError;
+use crate::domain::access::Action;
 use crate::domain::gateway::{Gateway, UpstreamAuth, validate_gateway_name};
 use crate::pb;
 use crate::pb::gateway_service_server::GatewayService;
@@ -34,16 +35,16 @@ impl Admin {
 
 #[tonic::async_trait]
 impl GatewayService for GatewayApi {
-    #[tracing::instrument(skip_all, fields(gateway))]
     async fn create_gateway(
         &self,
         request: Request<pb::CreateGatewayRequest>,
     ) -> Result<Response<pb::Gateway>, Status> {
-        let who = principal(&request)?;
+        let call = self.0.begin(&request, "GatewayService/CreateGateway").await?;
         let req = request.into_inner();
-        tracing::Span::current().record("gateway", req.name.as_str());
-        let admin = Arc::clone(&self.0);
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
+            c.check(Action::WriteGateways, Some(&req.name))?;
+            c.target(req.name.clone());
             validate_gateway_name("name", &req.name)?;
             let gateway = Gateway {
                 id: Uuid::now_v7(),
@@ -56,37 +57,49 @@ impl GatewayService for GatewayApi {
             let _w = admin.writes.lock().await;
             admin.store.insert_gateway(&gateway).await?;
             admin.shared.view_mut()?.upsert_gateway(gateway.clone());
-            tracing::info!(token = %who.name, gateway_id = %gateway.id, "gateway created");
             AdminResult::Ok(gateway_to_pb(&gateway))
         };
-        Ok(Response::new(detached(run).await?))
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
 
     async fn get_gateway(&self, request: Request<pb::GetGatewayRequest>) -> Result<Response<pb::Gateway>, Status> {
-        principal(&request)?;
-        let g = self.0.gateway_by_name("name", &request.get_ref().name).await?;
-        Ok(Response::new(gateway_to_pb(&g)))
+        let call = self.0.begin(&request, "GatewayService/GetGateway").await?;
+        let name = request.into_inner().name;
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
+        let run = async move {
+            c.check(Action::ReadGateways, Some(&name))?;
+            c.target(name.clone());
+            Ok(gateway_to_pb(&admin.gateway_by_name("name", &name).await?))
+        };
+        self.0.finish(call, Kind::Read, run).await.map(Response::new)
     }
 
     async fn list_gateways(
         &self,
         request: Request<pb::ListGatewaysRequest>,
     ) -> Result<Response<pb::ListGatewaysResponse>, Status> {
-        principal(&request)?;
-        let all = self.0.store.list_gateways().await.map_err(AdminError::from)?;
-        Ok(Response::new(pb::ListGatewaysResponse { gateways: all.iter().map(gateway_to_pb).collect() }))
+        let call = self.0.begin(&request, "GatewayService/ListGateways").await?;
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
+        let run = async move {
+            c.check(Action::ReadGateways, None)?;
+            let all = admin.store.list_gateways().await?;
+            // A scoped token sees its own gateways.
+            let gateways = all.iter().filter(|g| c.who.reaches(&g.name)).map(gateway_to_pb).collect();
+            Ok(pb::ListGatewaysResponse { gateways })
+        };
+        self.0.finish(call, Kind::Read, run).await.map(Response::new)
     }
 
-    #[tracing::instrument(skip_all, fields(gateway))]
     async fn update_gateway(
         &self,
         request: Request<pb::UpdateGatewayRequest>,
     ) -> Result<Response<pb::Gateway>, Status> {
-        let who = principal(&request)?;
+        let call = self.0.begin(&request, "GatewayService/UpdateGateway").await?;
         let req = request.into_inner();
-        tracing::Span::current().record("gateway", req.name.as_str());
-        let admin = Arc::clone(&self.0);
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
+            c.check(Action::WriteGateways, Some(&req.name))?;
+            c.target(req.name.clone());
             let _w = admin.writes.lock().await;
             let mut g = admin.gateway_by_name("name", &req.name).await?;
             if let Some(a) = req.inbound_auth.as_ref() {
@@ -105,30 +118,28 @@ impl GatewayService for GatewayApi {
             }
             admin.store.update_gateway(&g).await.map_err(store_err("gateway"))?;
             admin.shared.view_mut()?.upsert_gateway(g.clone());
-            tracing::info!(token = %who.name, gateway_id = %g.id, "gateway updated");
             AdminResult::Ok(gateway_to_pb(&g))
         };
-        Ok(Response::new(detached(run).await?))
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
 
-    #[tracing::instrument(skip_all, fields(gateway))]
     async fn delete_gateway(
         &self,
         request: Request<pb::DeleteGatewayRequest>,
     ) -> Result<Response<pb::DeleteGatewayResponse>, Status> {
-        let who = principal(&request)?;
+        let call = self.0.begin(&request, "GatewayService/DeleteGateway").await?;
         let req = request.into_inner();
-        tracing::Span::current().record("gateway", req.name.as_str());
-        let admin = Arc::clone(&self.0);
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
+            c.check(Action::WriteGateways, Some(&req.name))?;
+            c.target(req.name.clone());
             let _w = admin.writes.lock().await;
             let g = admin.gateway_by_name("name", &req.name).await?;
             let now = admin.shared.clock.now();
             let deleted = admin.store.delete_gateway(g.id, req.force, now).await.map_err(store_err("gateway"))?;
             admin.shared.view_mut()?.remove_gateway(&g.name);
-            tracing::info!(token = %who.name, gateway_id = %g.id, deleted_keys = deleted.len(), "gateway deleted");
             AdminResult::Ok(pb::DeleteGatewayResponse { deleted_keys: deleted.len() as u64 })
         };
-        Ok(Response::new(detached(run).await?))
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
 }

@@ -1,36 +1,32 @@
-//! `KeyService`: create, read, list, update and delete API keys.
+//! `KeyService`: API keys, their usage, rotation and legacy import.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::convert::{from_timestamp, key_to_pb, limits_from_pb, timestamp};
+use super::convert::{from_timestamp, key_to_pb, limits_from_pb, limits_to_pb, timestamp};
 use super::error::store_err;
-use super::{Admin, AdminError, AdminResult, detached, principal};
+use super::{Admin, AdminError, AdminResult, Call, Kind, page_after, page_size};
 use crate::domain::FieldError;
-use crate::domain::key::Limits;
-use crate::domain::key::{ApiKey, validate_expiry, validate_key_name};
-use crate::domain::money;
-use crate::domain::period;
+use crate::domain::access::Action;
+use crate::domain::key::{ApiKey, Limits, validate_expiry, validate_key_name};
 use crate::domain::secret::{self, Secret, SecretKind, Shape};
 use crate::domain::view::KeySecret;
+use crate::domain::{money, period};
 use crate::pb;
 use crate::pb::key_service_server::KeyService;
 
 pub use crate::pb::key_service_server::KeyServiceServer;
 
-pub const DEFAULT_PAGE_SIZE: u32 = 100;
-pub const MAX_PAGE_SIZE: u32 = 1000;
-
 #[derive(Clone)]
 pub struct KeyApi(pub Arc<Admin>);
 
-fn parse_id(field: &'static str, id: &str) -> Result<Uuid, FieldError> {
+pub(crate) fn parse_id(field: &'static str, id: &str) -> Result<Uuid, FieldError> {
     if id.is_empty() {
         return Err(FieldError::new(field, "is required"));
     }
-    Uuid::parse_str(id).map_err(|_| FieldError::new(field, format!("'{id}' is not a key id")))
+    Uuid::parse_str(id).map_err(|_| FieldError::new(field, format!("'{id}' is not an id")))
 }
 
 /// Legacy keys authenticate but take no limits.
@@ -53,30 +49,29 @@ fn validate_legacy_secret(s: &str) -> Result<(), FieldError> {
 }
 
 impl Admin {
-    async fn key_by_id(&self, id: &str) -> AdminResult<ApiKey> {
+    /// Loads a key by id and authorizes `action` on its gateway.
+    async fn key_for(&self, call: &Call, action: Action, id: &str) -> AdminResult<(ApiKey, String)> {
+        call.target(id);
+        call.check(action, None)?;
         let id = parse_id("id", id)?;
-        self.store.get_key(id).await?.ok_or(AdminError::NotFound("key"))
-    }
-
-    fn key_pb(&self, key: &ApiKey) -> AdminResult<pb::ApiKey> {
-        let view = self.shared.view()?;
-        let gateway = view.gateway_name(key.gateway_id).unwrap_or_default();
-        Ok(key_to_pb(key, gateway, self.shared.clock.now()))
+        let key = self.store.get_key(id).await?.ok_or(AdminError::NotFound("key"))?;
+        let gateway = self.shared.view()?.gateway_name(key.gateway_id).unwrap_or_default().to_string();
+        call.check(action, Some(&gateway))?;
+        Ok((key, gateway))
     }
 }
 
 #[tonic::async_trait]
 impl KeyService for KeyApi {
-    #[tracing::instrument(skip_all, fields(gateway, key_id))]
     async fn create_key(
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let who = principal(&request)?;
+        let call = self.0.begin(&request, "KeyService/CreateKey").await?;
         let req = request.into_inner();
-        tracing::Span::current().record("gateway", req.gateway.as_str());
-        let admin = Arc::clone(&self.0);
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
+            c.check(Action::WriteKeys, Some(&req.gateway))?;
             let now = admin.shared.clock.now();
             validate_key_name("name", &req.name)?;
             let limits = limits_from_pb(req.limits.as_ref())?;
@@ -100,71 +95,66 @@ impl KeyService for KeyApi {
                 expires_at,
                 last_used_at: None,
             };
-            tracing::Span::current().record("key_id", key.id.to_string());
+            c.target(key.id.to_string());
             admin.store.insert_key(&key, &secret.hash()).await?;
             admin.shared.view_mut()?.upsert_key(key.clone(), vec![KeySecret::current(secret.hash())]);
-            tracing::info!(token = %who.name, "key created");
             AdminResult::Ok(pb::CreateKeyResponse {
                 key: Some(key_to_pb(&key, &gateway.name, now)),
                 secret: secret.expose().to_string(),
             })
         };
-        Ok(Response::new(detached(run).await?))
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
 
     async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        principal(&request)?;
-        let key = self.0.key_by_id(&request.get_ref().id).await?;
-        Ok(Response::new(self.0.key_pb(&key)?))
+        let call = self.0.begin(&request, "KeyService/GetKey").await?;
+        let id = request.into_inner().id;
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
+        let run = async move {
+            let (key, gateway) = admin.key_for(&c, Action::ReadKeys, &id).await?;
+            Ok(key_to_pb(&key, &gateway, admin.shared.clock.now()))
+        };
+        self.0.finish(call, Kind::Read, run).await.map(Response::new)
     }
 
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
-        principal(&request)?;
+        let call = self.0.begin(&request, "KeyService/ListKeys").await?;
         let req = request.into_inner();
-        let run = async {
-            let page_size = match req.page_size {
-                0 => DEFAULT_PAGE_SIZE,
-                n if n > MAX_PAGE_SIZE => {
-                    return Err(FieldError::new("page_size", format!("must be at most {MAX_PAGE_SIZE}")).into());
-                }
-                n => n,
-            };
-            let after = if req.page_token.is_empty() {
-                None
-            } else {
-                Some(parse_id("page_token", &req.page_token)?.to_string())
-            };
-            let gateway = self.0.gateway_by_name("gateway", &req.gateway).await?;
-            let page = crate::store::Page { after: after.as_deref(), limit: page_size + 1 };
-            let mut keys = self.0.store.list_keys(gateway.id, page).await?;
-            let next_page_token = if keys.len() > page_size as usize {
-                keys.truncate(page_size as usize);
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
+        let run = async move {
+            // Keys of a gateway out of scope are refused, not silently filtered.
+            c.check(Action::ReadKeys, Some(&req.gateway))?;
+            let size = page_size(req.page_size)?;
+            let after = page_after(&req.page_token)?;
+            let gateway = admin.gateway_by_name("gateway", &req.gateway).await?;
+            let page = crate::store::Page { after: after.as_deref(), limit: size + 1 };
+            let mut keys = admin.store.list_keys(gateway.id, page).await?;
+            let next_page_token = if keys.len() > size as usize {
+                keys.truncate(size as usize);
                 keys.last().map(|k| k.id.to_string()).unwrap_or_default()
             } else {
                 String::new()
             };
-            let now = self.0.shared.clock.now();
+            let now = admin.shared.clock.now();
             AdminResult::Ok(pb::ListKeysResponse {
                 keys: keys.iter().map(|k| key_to_pb(k, &gateway.name, now)).collect(),
                 next_page_token,
             })
         };
-        Ok(Response::new(run.await?))
+        self.0.finish(call, Kind::Read, run).await.map(Response::new)
     }
 
-    #[tracing::instrument(skip_all, fields(key_id))]
     async fn update_key(&self, request: Request<pb::UpdateKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        let who = principal(&request)?;
+        let call = self.0.begin(&request, "KeyService/UpdateKey").await?;
         let req = request.into_inner();
-        tracing::Span::current().record("key_id", req.id.as_str());
-        let admin = Arc::clone(&self.0);
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
             let now = admin.shared.clock.now();
+            let _w = admin.writes.lock().await;
+            let (mut key, gateway) = admin.key_for(&c, Action::WriteKeys, &req.id).await?;
             if req.clear_expires_at && req.expires_at.is_some() {
                 return Err(FieldError::new("clear_expires_at", "cannot be combined with expires_at").into());
             }
-            let _w = admin.writes.lock().await;
-            let mut key = admin.key_by_id(&req.id).await?;
             if let Some(name) = &req.name {
                 validate_key_name("name", name)?;
                 key.name = name.trim().to_string();
@@ -186,42 +176,37 @@ impl KeyService for KeyApi {
             }
             admin.store.update_key(&key).await.map_err(store_err("key"))?;
             admin.shared.view_mut()?.replace_key(key.clone());
-            tracing::info!(token = %who.name, enabled = key.enabled, "key updated");
-            admin.key_pb(&key)
+            AdminResult::Ok(key_to_pb(&key, &gateway, now))
         };
-        Ok(Response::new(detached(run).await?))
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
 
-    #[tracing::instrument(skip_all, fields(key_id))]
     async fn delete_key(
         &self,
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        let who = principal(&request)?;
-        let req = request.into_inner();
-        tracing::Span::current().record("key_id", req.id.as_str());
-        let admin = Arc::clone(&self.0);
+        let call = self.0.begin(&request, "KeyService/DeleteKey").await?;
+        let id = request.into_inner().id;
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
-            let id = parse_id("id", &req.id)?;
             let _w = admin.writes.lock().await;
-            admin.store.delete_key(id, admin.shared.clock.now()).await.map_err(store_err("key"))?;
-            admin.shared.view_mut()?.remove_key(id);
-            tracing::info!(token = %who.name, "key deleted");
+            let (key, _) = admin.key_for(&c, Action::WriteKeys, &id).await?;
+            admin.store.delete_key(key.id, admin.shared.clock.now()).await.map_err(store_err("key"))?;
+            admin.shared.view_mut()?.remove_key(key.id);
             AdminResult::Ok(pb::DeleteKeyResponse {})
         };
-        Ok(Response::new(detached(run).await?))
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
 
-    #[tracing::instrument(skip_all, fields(gateway, key_id))]
     async fn import_legacy_key(
         &self,
         request: Request<pb::ImportLegacyKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let who = principal(&request)?;
+        let call = self.0.begin(&request, "KeyService/ImportLegacyKey").await?;
         let req = request.into_inner();
-        tracing::Span::current().record("gateway", req.gateway.as_str());
-        let admin = Arc::clone(&self.0);
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
+            c.check(Action::WriteKeys, Some(&req.gateway))?;
             let now = admin.shared.clock.now();
             validate_key_name("name", &req.name)?;
             if req.limits.as_ref().is_some_and(|l| *l != pb::Limits::default()) {
@@ -246,54 +231,58 @@ impl KeyService for KeyApi {
                 expires_at: None,
                 last_used_at: None,
             };
-            tracing::Span::current().record("key_id", key.id.to_string());
+            c.target(key.id.to_string());
             admin.store.insert_key(&key, &secret.hash()).await?;
             admin.shared.view_mut()?.upsert_key(key.clone(), vec![KeySecret::current(secret.hash())]);
-            tracing::info!(token = %who.name, "legacy key imported");
             AdminResult::Ok(key_to_pb(&key, &gateway.name, now))
         };
-        Ok(Response::new(detached(run).await?))
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
 
     async fn get_key_usage(&self, request: Request<pb::GetKeyUsageRequest>) -> Result<Response<pb::KeyUsage>, Status> {
-        principal(&request)?;
-        let key = self.0.key_by_id(&request.get_ref().id).await?;
-        let now = self.0.shared.clock.now();
-        let limiters = &self.0.shared.limiters;
-        let c = limiters
-            .meters
-            .snapshot(key.id, key.limits.reset_period, now)
-            .ok_or_else(|| AdminError::Internal("meters lock poisoned".into()))?;
-        let (_, period_end) = period::bounds(key.limits.reset_period, now);
-        Ok(Response::new(pb::KeyUsage {
-            key_id: key.id.to_string(),
-            limits: Some(super::convert::limits_to_pb(&key.limits)),
-            period_start: Some(timestamp(c.period_start)),
-            period_end: period_end.map(timestamp),
-            requests: c.requests,
-            prompt_tokens: c.prompt_tokens,
-            completion_tokens: c.completion_tokens,
-            total_tokens: c.total_tokens(),
-            cost_usd: money::format_usd(c.cost_micros),
-            requests_last_minute: limiters.windows.count(key.id, now).try_into().unwrap_or(u32::MAX),
-            last_denied_at: c.last_denied_at.map(timestamp),
-            last_deny_reason: c.last_deny_reason.unwrap_or_default(),
-            reserved_tokens: c.reserved_tokens,
-            reserved_usd: money::format_usd(c.reserved_micros),
-        }))
+        let call = self.0.begin(&request, "KeyService/GetKeyUsage").await?;
+        let id = request.into_inner().id;
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
+        let run = async move {
+            let (key, _) = admin.key_for(&c, Action::ReadKeys, &id).await?;
+            let now = admin.shared.clock.now();
+            let limiters = &admin.shared.limiters;
+            let u = limiters
+                .meters
+                .snapshot(key.id, key.limits.reset_period, now)
+                .ok_or_else(|| AdminError::Internal("meters lock poisoned".into()))?;
+            let (_, period_end) = period::bounds(key.limits.reset_period, now);
+            AdminResult::Ok(pb::KeyUsage {
+                key_id: key.id.to_string(),
+                limits: Some(limits_to_pb(&key.limits)),
+                period_start: Some(timestamp(u.period_start)),
+                period_end: period_end.map(timestamp),
+                requests: u.requests,
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                total_tokens: u.total_tokens(),
+                cost_usd: money::format_usd(u.cost_micros),
+                requests_last_minute: limiters.windows.count(key.id, now).try_into().unwrap_or(u32::MAX),
+                last_denied_at: u.last_denied_at.map(timestamp),
+                last_deny_reason: u.last_deny_reason.unwrap_or_default(),
+                reserved_tokens: u.reserved_tokens,
+                reserved_usd: money::format_usd(u.reserved_micros),
+            })
+        };
+        self.0.finish(call, Kind::Read, run).await.map(Response::new)
     }
 
-    #[tracing::instrument(skip_all, fields(key_id))]
     async fn rotate_key(
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let who = principal(&request)?;
+        let call = self.0.begin(&request, "KeyService/RotateKey").await?;
         let req = request.into_inner();
-        tracing::Span::current().record("key_id", req.id.as_str());
-        let admin = Arc::clone(&self.0);
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
             let now = admin.shared.clock.now();
+            let _w = admin.writes.lock().await;
+            let (mut key, gateway) = admin.key_for(&c, Action::WriteKeys, &req.id).await?;
             let grace = match &req.grace_period {
                 None => chrono::Duration::zero(),
                 Some(d) if d.seconds < 0 || d.nanos < 0 || d.seconds > 90 * 86_400 => {
@@ -301,8 +290,6 @@ impl KeyService for KeyApi {
                 }
                 Some(d) => chrono::Duration::seconds(d.seconds) + chrono::Duration::nanoseconds(i64::from(d.nanos)),
             };
-            let _w = admin.writes.lock().await;
-            let mut key = admin.key_by_id(&req.id).await?;
             if key.legacy {
                 return Err(AdminError::FailedPrecondition(
                     "legacy keys cannot be rotated: create a new key, then disable the legacy one".into(),
@@ -321,10 +308,11 @@ impl KeyService for KeyApi {
                 view.replace_key(key.clone());
                 view.rotate_key(key.id, secret.hash(), until);
             }
-            tracing::info!(token = %who.name, grace_secs = grace.num_seconds(), "key rotated");
-            let key_pb = admin.key_pb(&key)?;
-            AdminResult::Ok(pb::CreateKeyResponse { key: Some(key_pb), secret: secret.expose().to_string() })
+            AdminResult::Ok(pb::CreateKeyResponse {
+                key: Some(key_to_pb(&key, &gateway, now)),
+                secret: secret.expose().to_string(),
+            })
         };
-        Ok(Response::new(detached(run).await?))
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
 }

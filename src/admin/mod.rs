@@ -1,5 +1,8 @@
-//! Operator-facing: the admin gRPC services, management-token auth, protobuf <-> domain.
+//! Operator-facing: the admin gRPC services, management-token auth and authorization,
+//! the audit trail, protobuf <-> domain.
 
+pub mod access;
+pub mod audit;
 pub mod auth;
 mod convert;
 mod error;
@@ -7,14 +10,19 @@ pub mod gateways;
 pub mod keys;
 pub mod pricing;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 
-use tonic::Request;
+use tonic::{Request, Status};
+use uuid::Uuid;
 
+use crate::domain::access::{Action, AuditEvent, Principal};
 use crate::state::Shared;
 use crate::store::DynStore;
 
-pub use auth::{AdminAuth, Principal};
+pub use access::AccessApi;
+pub use audit::AuditApi;
+pub use auth::{AdminAuth, Caller};
 pub use error::{AdminError, AdminResult};
 pub use gateways::GatewayApi;
 pub use keys::KeyApi;
@@ -34,24 +42,162 @@ impl Admin {
     }
 }
 
+/// Whether a call changes state: mutations are always audited and run detached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Mutation,
+}
+
+/// One admin call: who makes it and what it concerns, for authorization and the audit trail.
+pub struct Call {
+    pub who: Principal,
+    action: &'static str,
+    gateway: Mutex<Option<String>>,
+    target: Mutex<String>,
+}
+
+impl Call {
+    /// Authorizes `action` (on `gateway`, when the call names one), noting the gateway.
+    fn check(&self, action: Action, gateway: Option<&str>) -> AdminResult<()> {
+        if let Some(g) = gateway {
+            self.gateway(g);
+        }
+        Ok(self.who.authorize(action, gateway)?)
+    }
+
+    /// Authorizes an action that spans every gateway.
+    fn check_global(&self, action: Action) -> AdminResult<()> {
+        Ok(self.who.authorize_global(action)?)
+    }
+
+    fn gateway(&self, name: &str) {
+        if let Ok(mut g) = self.gateway.lock() {
+            *g = Some(name.to_string());
+        }
+    }
+
+    fn target(&self, t: impl Into<String>) {
+        if let Ok(mut target) = self.target.lock() {
+            *target = t.into();
+        }
+    }
+}
+
+impl Admin {
+    /// Starts a call: the caller the interceptor authenticated, or `UNAUTHENTICATED`
+    /// (recorded in the audit trail).
+    async fn begin<T>(&self, request: &Request<T>, action: &'static str) -> Result<Arc<Call>, Status> {
+        match request.extensions().get::<Caller>() {
+            Some(Caller::Token(who)) => Ok(Arc::new(Call {
+                who: who.clone(),
+                action,
+                gateway: Mutex::new(None),
+                target: Mutex::new(String::new()),
+            })),
+            _ => {
+                self.record(None, action, None, String::new(), "UNAUTHENTICATED: Unauthorized".into()).await;
+                Err(Status::unauthenticated("Unauthorized"))
+            }
+        }
+    }
+
+    /// Runs a call. Mutations run detached and are always audited; reads only when refused.
+    async fn finish<T: Send + 'static>(
+        self: &Arc<Self>,
+        call: Arc<Call>,
+        kind: Kind,
+        run: impl Future<Output = AdminResult<T>> + Send + 'static,
+    ) -> Result<T, Status> {
+        let admin = Arc::clone(self);
+        let audited = async move {
+            let result = run.await;
+            let refused = matches!(result, Err(AdminError::PermissionDenied(_)));
+            if kind == Kind::Mutation || refused {
+                let outcome = match &result {
+                    Ok(_) => "OK".to_string(),
+                    Err(e) => {
+                        let (code, message) = e.status_parts();
+                        format!("{}: {message}", code_name(code))
+                    }
+                };
+                let gateway = call.gateway.lock().ok().and_then(|g| g.clone());
+                let target = call.target.lock().map(|t| t.clone()).unwrap_or_default();
+                admin.record(Some(&call.who), call.action, gateway, target, outcome).await;
+            }
+            result
+        };
+        let result = match kind {
+            Kind::Mutation => detached(audited).await,
+            Kind::Read => audited.await,
+        };
+        result.map_err(Status::from)
+    }
+
+    async fn record(
+        &self,
+        who: Option<&Principal>,
+        action: &'static str,
+        gateway: Option<String>,
+        target: String,
+        result: String,
+    ) {
+        let event = AuditEvent {
+            id: Uuid::now_v7(),
+            at: self.shared.clock.now(),
+            token_id: who.and_then(|w| w.token_id),
+            token_name: who.map(|w| w.name.clone()).unwrap_or_default(),
+            action: action.to_string(),
+            gateway,
+            target,
+            result,
+        };
+        tracing::info!(token = %event.token_name, action, target = %event.target, result = %event.result, "admin call");
+        if let Err(e) = self.store.insert_audit(&event).await {
+            tracing::error!(error = %e, action, "could not write the audit event");
+        }
+    }
+}
+
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// `page_size`: 0 means the default; more than the maximum is refused.
+fn page_size(n: u32) -> Result<u32, crate::domain::FieldError> {
+    match n {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n > MAX_PAGE_SIZE => {
+            Err(crate::domain::FieldError::new("page_size", format!("must be at most {MAX_PAGE_SIZE}")))
+        }
+        n => Ok(n),
+    }
+}
+
+/// `page_token`: the id of the last item of the previous page.
+fn page_after(token: &str) -> Result<Option<String>, crate::domain::FieldError> {
+    if token.is_empty() { Ok(None) } else { Ok(Some(keys::parse_id("page_token", token)?.to_string())) }
+}
+
+/// `PERMISSION_DENIED` for `Code::PermissionDenied`.
+pub fn code_name(code: tonic::Code) -> String {
+    let debug = format!("{code:?}");
+    let mut out = String::new();
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
 /// Runs an admin mutation to completion even if the caller goes away. tonic drops a
 /// handler's future when the client cancels; a commit without its view update would
 /// leave Check enforcing stale state (a disabled key still admitted), so the commit and
 /// the view update run in their own task.
-async fn detached<T: Send + 'static>(
-    run: impl std::future::Future<Output = AdminResult<T>> + Send + 'static,
-) -> AdminResult<T> {
+async fn detached<T: Send + 'static>(run: impl Future<Output = AdminResult<T>> + Send + 'static) -> AdminResult<T> {
     use tracing::Instrument;
     tokio::spawn(run.instrument(tracing::Span::current()))
         .await
         .map_err(|e| AdminError::Internal(format!("admin task failed: {e}")))?
-}
-
-/// The caller the auth interceptor identified.
-fn principal<T>(request: &Request<T>) -> AdminResult<Principal> {
-    request
-        .extensions()
-        .get::<Principal>()
-        .cloned()
-        .ok_or_else(|| AdminError::Internal("admin call reached a handler without authentication".into()))
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::error::store_err;
-use super::{Admin, AdminError, AdminResult, detached, principal};
+use super::{Admin, AdminError, AdminResult, Kind};
+use crate::domain::access::Action;
 use crate::domain::money;
 use crate::domain::pricing::{Price, validate_model};
 use crate::pb;
@@ -24,18 +25,25 @@ fn price_to_pb(model: &str, p: &Price) -> pb::ModelPrice {
     }
 }
 
+impl Admin {
+    fn price_book(&self) -> AdminResult<std::sync::RwLockWriteGuard<'_, crate::domain::pricing::PriceBook>> {
+        self.shared.limiters.prices.write().map_err(|_| AdminError::Internal("price book lock poisoned".into()))
+    }
+}
+
 #[tonic::async_trait]
 impl PricingService for PricingApi {
-    #[tracing::instrument(skip_all, fields(model))]
     async fn set_model_price(
         &self,
         request: Request<pb::SetModelPriceRequest>,
     ) -> Result<Response<pb::ModelPrice>, Status> {
-        let who = principal(&request)?;
+        let call = self.0.begin(&request, "PricingService/SetModelPrice").await?;
         let p = request.into_inner().price.unwrap_or_default();
-        tracing::Span::current().record("model", p.model.as_str());
-        let admin = Arc::clone(&self.0);
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
+            c.target(p.model.clone());
+            // Prices apply to every gateway: a gateway-scoped token cannot set them.
+            c.check_global(Action::WritePrices)?;
             validate_model("price.model", &p.model)?;
             let price = Price {
                 input_micros_per_million: money::parse_usd("price.input_usd_per_million", &p.input_usd_per_million)?,
@@ -43,53 +51,44 @@ impl PricingService for PricingApi {
             };
             let _w = admin.writes.lock().await;
             admin.store.set_price(&p.model, &price, admin.shared.clock.now()).await?;
-            admin
-                .shared
-                .limiters
-                .prices
-                .write()
-                .map_err(|_| AdminError::Internal("price book lock poisoned".into()))?
-                .set(p.model.clone(), price);
-            tracing::info!(token = %who.name, "model price set");
+            admin.price_book()?.set(p.model.clone(), price);
             AdminResult::Ok(price_to_pb(&p.model, &price))
         };
-        Ok(Response::new(detached(run).await?))
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
 
     async fn list_model_prices(
         &self,
         request: Request<pb::ListModelPricesRequest>,
     ) -> Result<Response<pb::ListModelPricesResponse>, Status> {
-        principal(&request)?;
-        let prices = self.0.store.list_prices().await.map_err(AdminError::from)?;
-        Ok(Response::new(pb::ListModelPricesResponse {
-            prices: prices.iter().map(|(m, p)| price_to_pb(m, p)).collect(),
-        }))
+        let call = self.0.begin(&request, "PricingService/ListModelPrices").await?;
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
+        let run = async move {
+            c.check(Action::ReadPrices, None)?;
+            let prices = admin.store.list_prices().await?;
+            AdminResult::Ok(pb::ListModelPricesResponse {
+                prices: prices.iter().map(|(m, p)| price_to_pb(m, p)).collect(),
+            })
+        };
+        self.0.finish(call, Kind::Read, run).await.map(Response::new)
     }
 
-    #[tracing::instrument(skip_all, fields(model))]
     async fn delete_model_price(
         &self,
         request: Request<pb::DeleteModelPriceRequest>,
     ) -> Result<Response<pb::DeleteModelPriceResponse>, Status> {
-        let who = principal(&request)?;
+        let call = self.0.begin(&request, "PricingService/DeleteModelPrice").await?;
         let model = request.into_inner().model;
-        tracing::Span::current().record("model", model.as_str());
-        let admin = Arc::clone(&self.0);
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
+            c.target(model.clone());
+            c.check_global(Action::WritePrices)?;
             validate_model("model", &model)?;
             let _w = admin.writes.lock().await;
             admin.store.delete_price(&model).await.map_err(store_err("model price"))?;
-            admin
-                .shared
-                .limiters
-                .prices
-                .write()
-                .map_err(|_| AdminError::Internal("price book lock poisoned".into()))?
-                .remove(&model);
-            tracing::info!(token = %who.name, "model price deleted");
+            admin.price_book()?.remove(&model);
             AdminResult::Ok(pb::DeleteModelPriceResponse {})
         };
-        Ok(Response::new(detached(run).await?))
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
 }

@@ -271,15 +271,7 @@ async fn connect(conn: &Connection) -> anyhow::Result<(Channel, BearerAuth)> {
 
 /// A gRPC status as one line: "key not found (NOT_FOUND)".
 fn status_err(s: Status) -> anyhow::Error {
-    let code = format!("{:?}", s.code());
-    let mut upper = String::new();
-    for (i, c) in code.chars().enumerate() {
-        if c.is_uppercase() && i > 0 {
-            upper.push('_');
-        }
-        upper.push(c.to_ascii_uppercase());
-    }
-    anyhow!("{} ({upper})", s.message())
+    anyhow!("{} ({})", s.message(), crate::admin::code_name(s.code()))
 }
 
 fn timestamp(field: &str, s: &str) -> anyhow::Result<prost_types::Timestamp> {

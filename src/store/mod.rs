@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::domain::access::AccessToken;
+use crate::admin::auth::StoredToken;
+use crate::domain::access::AuditEvent;
 use crate::domain::budget::Counters;
 use crate::domain::gateway::Gateway;
 use crate::domain::key::ApiKey;
@@ -39,7 +40,7 @@ pub struct Snapshot {
     pub gateways: Vec<Gateway>,
     /// Live keys with every secret that authenticates them.
     pub keys: Vec<(ApiKey, Vec<KeySecret>)>,
-    pub access_tokens: Vec<(AccessToken, SecretHash)>,
+    pub access_tokens: Vec<StoredToken>,
     pub prices: Vec<(String, Price)>,
     /// Each live key's latest usage period and last denial.
     pub usage: Vec<Counters>,
@@ -72,7 +73,20 @@ pub trait Store: Send + Sync + 'static {
     async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError>;
     async fn list_keys(&self, gateway_id: Uuid, page: Page<'_>) -> Result<Vec<ApiKey>, StoreError>;
 
-    async fn insert_access_token(&self, token: &AccessToken, hash: &SecretHash) -> Result<(), StoreError>;
+    async fn insert_access_token(&self, token: &StoredToken) -> Result<(), StoreError>;
+    async fn revoke_access_token(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Makes the token with this hash a usable, unscoped owner again (bootstrap).
+    async fn restore_owner_token(&self, hash: &SecretHash) -> Result<(), StoreError>;
+    async fn save_token_last_used(&self, used: &[(Uuid, DateTime<Utc>)]) -> Result<(), StoreError>;
+
+    async fn insert_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
+    /// Newest first, before the event with id `before`, optionally of one gateway.
+    async fn list_audit(
+        &self,
+        gateway: Option<&str>,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
 
     /// Gives a live key a new secret; the old one stays valid until `previous_valid_until`
     /// (`None`: not at all).

@@ -11,7 +11,8 @@ use uuid::Uuid;
 
 use super::sealing::Sealer;
 use super::{Page, Snapshot, Store, StoreError, from_micros, to_micros};
-use crate::domain::access::{AccessToken, Role};
+use crate::admin::auth::StoredToken;
+use crate::domain::access::{AccessToken, AuditEvent, Role};
 use crate::domain::budget::Counters;
 use crate::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
 use crate::domain::key::{ApiKey, Limits, ResetPeriod};
@@ -219,12 +220,23 @@ impl Store for SqliteStore {
         }
         let prices = self.list_prices().await?;
         let rows = sqlx::query(
-            "SELECT id, name, secret_hash, role, gateways, created_at, expires_at, revoked_at FROM access_tokens",
+            "SELECT id, name, secret_hash, prefix, role, gateways, created_at, expires_at, last_used_at, revoked_at \
+             FROM access_tokens",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        let access_tokens = rows.iter().map(|r| Ok((token_from(r)?, hash(r)?))).collect::<Result<_, StoreError>>()?;
+        let access_tokens = rows
+            .iter()
+            .map(|r| {
+                Ok(StoredToken {
+                    token: token_from(r)?,
+                    hash: hash(r)?,
+                    prefix: get(r, "prefix")?,
+                    last_used_at: opt_time(r, "last_used_at")?,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
         Ok(Snapshot { gateways, keys, access_tokens, prices, usage: usage.into_values().collect() })
     }
 
@@ -385,15 +397,17 @@ impl Store for SqliteStore {
         rows.iter().map(key_from).collect()
     }
 
-    async fn insert_access_token(&self, t: &AccessToken, hash: &SecretHash) -> Result<(), StoreError> {
+    async fn insert_access_token(&self, s: &StoredToken) -> Result<(), StoreError> {
+        let t = &s.token;
         let gateways = serde_json::to_string(&t.gateways).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         sqlx::query(
-            "INSERT INTO access_tokens (id, name, secret_hash, role, gateways, created_at, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO access_tokens (id, name, secret_hash, prefix, role, gateways, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(t.id.to_string())
         .bind(&t.name)
-        .bind(&hash.0[..])
+        .bind(&s.hash.0[..])
+        .bind(&s.prefix)
         .bind(t.role.as_str())
         .bind(gateways)
         .bind(to_micros(t.created_at))
@@ -402,6 +416,93 @@ impl Store for SqliteStore {
         .await
         .map_err(write_err("access token"))?;
         Ok(())
+    }
+
+    async fn revoke_access_token(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE access_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+            .bind(to_micros(at))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+    }
+
+    async fn restore_owner_token(&self, hash: &SecretHash) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE access_tokens SET role = 'owner', gateways = '[]', expires_at = NULL, revoked_at = NULL \
+             WHERE secret_hash = ?",
+        )
+        .bind(&hash.0[..])
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn save_token_last_used(&self, used: &[(Uuid, DateTime<Utc>)]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for (id, at) in used {
+            sqlx::query("UPDATE access_tokens SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?")
+                .bind(to_micros(*at))
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn insert_audit(&self, e: &AuditEvent) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_events (id, at, token_id, token_name, action, gateway, target, result) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(e.id.to_string())
+        .bind(to_micros(e.at))
+        .bind(e.token_id.map(|t| t.to_string()))
+        .bind(&e.token_name)
+        .bind(&e.action)
+        .bind(e.gateway.as_deref())
+        .bind(&e.target)
+        .bind(&e.result)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        gateway: Option<&str>,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit_events WHERE (?1 IS NULL OR gateway = ?1) AND (?2 IS NULL OR id < ?2) \
+             ORDER BY id DESC LIMIT ?3",
+        )
+        .bind(gateway)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                let token_id: Option<String> = get(r, "token_id")?;
+                Ok(AuditEvent {
+                    id: uuid(r, "id")?,
+                    at: time(r, "at")?,
+                    token_id: token_id.and_then(|t| Uuid::parse_str(&t).ok()),
+                    token_name: get(r, "token_name")?,
+                    action: get(r, "action")?,
+                    gateway: get(r, "gateway")?,
+                    target: get(r, "target")?,
+                    result: get(r, "result")?,
+                })
+            })
+            .collect()
     }
 
     async fn rotate_key(

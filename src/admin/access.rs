@@ -1,0 +1,176 @@
+//! `AccessService`: management tokens.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::auth::StoredToken;
+use super::convert::{from_timestamp, timestamp};
+use super::keys::parse_id;
+use super::{Admin, AdminError, AdminResult, Kind};
+use crate::domain::FieldError;
+use crate::domain::access::{AccessToken, Action, Role};
+use crate::domain::gateway::validate_gateway_name;
+use crate::domain::key::{validate_expiry, validate_key_name};
+use crate::domain::secret::{Secret, SecretKind};
+use crate::pb;
+use crate::pb::access_service_server::AccessService;
+
+pub use crate::pb::access_service_server::AccessServiceServer;
+
+#[derive(Clone)]
+pub struct AccessApi(pub Arc<Admin>);
+
+pub fn role_to_pb(r: Role) -> pb::Role {
+    match r {
+        Role::Owner => pb::Role::Owner,
+        Role::Admin => pb::Role::Admin,
+        Role::Developer => pb::Role::Developer,
+    }
+}
+
+fn role_from_pb(r: i32) -> Result<Role, FieldError> {
+    match pb::Role::try_from(r) {
+        Ok(pb::Role::Owner) => Ok(Role::Owner),
+        Ok(pb::Role::Admin) => Ok(Role::Admin),
+        Ok(pb::Role::Developer) => Ok(Role::Developer),
+        Ok(pb::Role::Unspecified) => {
+            Err(FieldError::new("role", "is required (ROLE_OWNER, ROLE_ADMIN or ROLE_DEVELOPER)"))
+        }
+        Err(_) => Err(FieldError::new("role", format!("unknown role {r}"))),
+    }
+}
+
+fn token_to_pb(s: &StoredToken, last_used: DateTime<Utc>) -> pb::AccessToken {
+    let t = &s.token;
+    pb::AccessToken {
+        id: t.id.to_string(),
+        name: t.name.clone(),
+        role: role_to_pb(t.role) as i32,
+        gateways: t.gateways.clone(),
+        prefix: s.prefix.clone(),
+        created_at: Some(timestamp(t.created_at)),
+        expires_at: t.expires_at.map(timestamp),
+        last_used_at: (last_used > t.created_at).then(|| timestamp(last_used)),
+        revoked_at: t.revoked_at.map(timestamp),
+    }
+}
+
+impl Admin {
+    fn registry(&self) -> AdminResult<std::sync::RwLockWriteGuard<'_, super::auth::TokenRegistry>> {
+        self.shared.tokens.write().map_err(|_| AdminError::Internal("token registry lock poisoned".into()))
+    }
+}
+
+#[tonic::async_trait]
+impl AccessService for AccessApi {
+    async fn create_access_token(
+        &self,
+        request: Request<pb::CreateAccessTokenRequest>,
+    ) -> Result<Response<pb::CreateAccessTokenResponse>, Status> {
+        let call = self.0.begin(&request, "AccessService/CreateAccessToken").await?;
+        let req = request.into_inner();
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
+        let run = async move {
+            c.check(Action::ManageTokens, None)?;
+            let now = admin.shared.clock.now();
+            validate_key_name("name", &req.name)?;
+            let role = role_from_pb(req.role)?;
+            let mut gateways = req.gateways.clone();
+            for g in &gateways {
+                validate_gateway_name("gateways", g)?;
+            }
+            gateways.sort();
+            gateways.dedup();
+            let expires_at = req.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
+            if let Some(at) = expires_at {
+                validate_expiry("expires_at", at, now)?;
+            }
+            c.who.may_manage(role, &gateways)?;
+            let secret = Secret::generate(SecretKind::AccessToken);
+            let token = AccessToken {
+                id: Uuid::now_v7(),
+                name: req.name.trim().to_string(),
+                role,
+                gateways,
+                created_at: now,
+                expires_at,
+                revoked_at: None,
+            };
+            c.target(token.id.to_string());
+            let stored =
+                StoredToken { token, hash: secret.hash(), prefix: secret.display_prefix(), last_used_at: None };
+            let _w = admin.writes.lock().await;
+            admin.store.insert_access_token(&stored).await?;
+            admin.registry()?.insert(stored.clone());
+            AdminResult::Ok(pb::CreateAccessTokenResponse {
+                token: Some(token_to_pb(&stored, now)),
+                secret: secret.expose().to_string(),
+            })
+        };
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
+    }
+
+    async fn list_access_tokens(
+        &self,
+        request: Request<pb::ListAccessTokensRequest>,
+    ) -> Result<Response<pb::ListAccessTokensResponse>, Status> {
+        let call = self.0.begin(&request, "AccessService/ListAccessTokens").await?;
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
+        let run = async move {
+            c.check(Action::ManageTokens, None)?;
+            let all = admin.registry()?.list();
+            // A gateway-scoped owner sees the tokens it could have made.
+            let tokens = all
+                .iter()
+                .filter(|(s, _)| c.who.may_manage(s.token.role, &s.token.gateways).is_ok())
+                .map(|(s, used)| token_to_pb(s, *used))
+                .collect();
+            AdminResult::Ok(pb::ListAccessTokensResponse { tokens })
+        };
+        self.0.finish(call, Kind::Read, run).await.map(Response::new)
+    }
+
+    async fn revoke_access_token(
+        &self,
+        request: Request<pb::RevokeAccessTokenRequest>,
+    ) -> Result<Response<pb::AccessToken>, Status> {
+        let call = self.0.begin(&request, "AccessService/RevokeAccessToken").await?;
+        let id = request.into_inner().id;
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
+        let run = async move {
+            c.target(id.clone());
+            c.check(Action::ManageTokens, None)?;
+            let id = parse_id("id", &id)?;
+            let _w = admin.writes.lock().await;
+            let (stored, _) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
+            c.who.may_manage(stored.token.role, &stored.token.gateways)?;
+            let now = admin.shared.clock.now();
+            admin.store.revoke_access_token(id, now).await?;
+            admin.registry()?.revoke(id, now);
+            let (stored, used) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
+            AdminResult::Ok(token_to_pb(&stored, used))
+        };
+        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
+    }
+
+    async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::AccessToken>, Status> {
+        let call = self.0.begin(&request, "AccessService/WhoAmI").await?;
+        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
+        let run = async move {
+            let Some(id) = c.who.token_id else {
+                // The --dev token has no row.
+                return Ok(pb::AccessToken {
+                    name: c.who.name.clone(),
+                    role: role_to_pb(c.who.role) as i32,
+                    ..Default::default()
+                });
+            };
+            let (stored, used) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
+            AdminResult::Ok(token_to_pb(&stored, used))
+        };
+        self.0.finish(call, Kind::Read, run).await.map(Response::new)
+    }
+}
