@@ -440,3 +440,57 @@ async fn cli_prices_usage_rotation_and_legacy_import() {
     let (ok, _, err) = cli(&url, &["prices", "delete", "gpt-4o-mini"]).await;
     assert!(!ok && err.contains("NOT_FOUND"), "{err}");
 }
+
+async fn cli_as(admin_url: &str, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("PORTCULLIS_ADMIN_URL", admin_url)
+        .env("PORTCULLIS_TOKEN", token)
+        .output()
+        .await
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test]
+async fn cli_manages_tokens_and_reads_the_audit_trail() {
+    let server = TestServer::start().await;
+    let url = server.admin_url();
+    for g in ["alpha", "beta"] {
+        assert!(cli(&url, &["gateways", "create", g]).await.0);
+    }
+    let (ok, out, err) =
+        cli(&url, &["tokens", "create", "token-user01", "--role", "developer", "--gateway", "alpha"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("token-user01") && out.contains("developer") && out.contains("shown only this once"), "{out}");
+    let secret = out.lines().find(|l| l.starts_with("pcm_")).expect("secret printed").trim().to_string();
+
+    let (ok, out, _) = cli_as(&url, &secret, &["tokens", "whoami"]).await;
+    assert!(ok && out.contains("token-user01") && out.contains("alpha"), "{out}");
+    let (ok, _, err) = cli_as(&url, &secret, &["keys", "create", "app", "--gateway", "alpha"]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli_as(&url, &secret, &["keys", "list", "--gateway", "beta"]).await;
+    assert!(!ok);
+    assert_eq!(err.trim(), "error: You don't have access to this gateway (PERMISSION_DENIED)");
+    let (ok, _, err) = cli_as(&url, &secret, &["gateways", "delete", "alpha"]).await;
+    assert_eq!((ok, err.trim()), (false, "error: You don't have access to this action (PERMISSION_DENIED)"));
+
+    let (ok, out, _) = cli(&url, &["tokens", "list", "--json"]).await;
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dev = list.as_array().unwrap().iter().find(|t| t["name"] == "token-user01").unwrap().clone();
+    assert!(!out.contains(&secret[12..]), "secrets are never listed");
+    let (ok, out, _) = cli(&url, &["audit", "--gateway", "alpha", "--json"]).await;
+    assert!(ok);
+    let events: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let actions: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions[..2], ["GatewayService/DeleteGateway", "KeyService/CreateKey"], "{actions:?}");
+    assert_eq!(events[0]["token_name"], "token-user01");
+    let (ok, out, _) = cli(&url, &["audit", "--limit", "3"]).await;
+    assert!(ok && out.starts_with("TIME") && out.lines().count() == 4, "{out}");
+
+    let (ok, out, _) = cli(&url, &["tokens", "revoke", dev["id"].as_str().unwrap()]).await;
+    assert!(ok && out.contains("REVOKED"), "{out}");
+    let (ok, _, err) = cli_as(&url, &secret, &["tokens", "whoami"]).await;
+    assert_eq!((ok, err.trim()), (false, "error: Unauthorized (UNAUTHENTICATED)"));
+}

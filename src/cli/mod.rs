@@ -11,6 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 use crate::pb;
+use crate::pb::access_service_client::AccessServiceClient;
+use crate::pb::audit_service_client::AuditServiceClient;
 use crate::pb::gateway_service_client::GatewayServiceClient;
 use crate::pb::key_service_client::KeyServiceClient;
 use crate::pb::pricing_service_client::PricingServiceClient;
@@ -50,6 +52,24 @@ pub enum CliCommand {
         conn: Connection,
         #[command(subcommand)]
         cmd: PricesCmd,
+    },
+    /// Management tokens: create, list, revoke, whoami.
+    Tokens {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        cmd: TokensCmd,
+    },
+    /// The audit trail: admin changes and refused calls, newest first.
+    Audit {
+        #[command(flatten)]
+        conn: Connection,
+        /// Only events of this gateway.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// At most this many events.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
     },
 }
 
@@ -216,6 +236,35 @@ pub enum KeysCmd {
     },
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Owner,
+    Admin,
+    Developer,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCmd {
+    /// Create a management token; its secret is printed once.
+    Create {
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Limit the token to these gateways (repeat or comma-separate); default: all.
+        #[arg(long, value_delimiter = ',')]
+        gateway: Vec<String>,
+        /// Expiry, RFC 3339.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+    /// The token you are using.
+    Whoami,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum PricesCmd {
     /// Set a model's price, e.g. `prices set gpt-4o-mini --input 0.15 --output 0.60`.
@@ -303,6 +352,8 @@ pub async fn run(cmd: CliCommand) -> anyhow::Result<()> {
         CliCommand::Gateways { conn, cmd } => gateways(&conn, cmd).await,
         CliCommand::Keys { conn, cmd } => keys(&conn, cmd).await,
         CliCommand::Prices { conn, cmd } => prices(&conn, cmd).await,
+        CliCommand::Tokens { conn, cmd } => tokens(&conn, cmd).await,
+        CliCommand::Audit { conn, gateway, limit } => audit(&conn, gateway, limit).await,
     }
 }
 
@@ -451,6 +502,59 @@ async fn keys(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
             out.keys(&[k.into_inner()]);
         }
     }
+    Ok(())
+}
+
+async fn tokens(conn: &Connection, cmd: TokensCmd) -> anyhow::Result<()> {
+    let (channel, auth) = connect(conn).await?;
+    let mut client: AccessServiceClient<Svc> = AccessServiceClient::with_interceptor(channel, auth);
+    let out = output::Out { json: conn.json };
+    match cmd {
+        TokensCmd::Create { name, role, gateway, expires_at } => {
+            let expires_at = expires_at.as_deref().map(|s| timestamp("--expires-at", s)).transpose()?;
+            let role = match role {
+                RoleArg::Owner => pb::Role::Owner,
+                RoleArg::Admin => pb::Role::Admin,
+                RoleArg::Developer => pb::Role::Developer,
+            } as i32;
+            let r = client
+                .create_access_token(pb::CreateAccessTokenRequest { name, role, gateways: gateway, expires_at })
+                .await
+                .map_err(status_err)?;
+            out.created_token(&r.into_inner());
+        }
+        TokensCmd::List => {
+            let r = client.list_access_tokens(pb::ListAccessTokensRequest {}).await.map_err(status_err)?;
+            out.tokens(&r.into_inner().tokens);
+        }
+        TokensCmd::Revoke { id } => {
+            let t = client.revoke_access_token(pb::RevokeAccessTokenRequest { id }).await.map_err(status_err)?;
+            out.tokens(&[t.into_inner()]);
+        }
+        TokensCmd::Whoami => {
+            let t = client.who_am_i(pb::WhoAmIRequest {}).await.map_err(status_err)?;
+            out.tokens(&[t.into_inner()]);
+        }
+    }
+    Ok(())
+}
+
+async fn audit(conn: &Connection, gateway: Option<String>, limit: usize) -> anyhow::Result<()> {
+    let (channel, auth) = connect(conn).await?;
+    let mut client: AuditServiceClient<Svc> = AuditServiceClient::with_interceptor(channel, auth);
+    let mut events = Vec::new();
+    let mut page_token = String::new();
+    while events.len() < limit {
+        let page_size = (limit - events.len()).min(1000) as u32;
+        let req = pb::ListAuditEventsRequest { gateway: gateway.clone().unwrap_or_default(), page_size, page_token };
+        let page = client.list_audit_events(req).await.map_err(status_err)?.into_inner();
+        events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    output::Out { json: conn.json }.audit(&events);
     Ok(())
 }
 

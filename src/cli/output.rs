@@ -244,6 +244,82 @@ impl Out {
         table(&["KEY", &u.key_id], rows);
     }
 
+    pub fn tokens(&self, tokens: &[pb::AccessToken]) {
+        let role = |r: i32| match pb::Role::try_from(r) {
+            Ok(pb::Role::Owner) => "owner",
+            Ok(pb::Role::Admin) => "admin",
+            Ok(pb::Role::Developer) => "developer",
+            _ => "-",
+        };
+        let opt = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|_| ts(t));
+        if self.json {
+            let v = tokens
+                .iter()
+                .map(|t| {
+                    json!({
+                        "id": t.id, "name": t.name, "role": role(t.role), "gateways": t.gateways, "prefix": t.prefix,
+                        "created_at": ts(&t.created_at), "expires_at": opt(&t.expires_at),
+                        "last_used_at": opt(&t.last_used_at), "revoked_at": opt(&t.revoked_at),
+                    })
+                })
+                .collect();
+            return self.print_json(Value::Array(v));
+        }
+        let rows = tokens
+            .iter()
+            .map(|t| {
+                vec![
+                    t.name.clone(),
+                    role(t.role).to_string(),
+                    if t.gateways.is_empty() { "all".into() } else { t.gateways.join(",") },
+                    if t.revoked_at.is_some() { "REVOKED".into() } else { "ACTIVE".into() },
+                    opt(&t.last_used_at).unwrap_or_else(|| "never".into()),
+                    if t.prefix.is_empty() { "-".into() } else { format!("{}…", t.prefix) },
+                    t.id.clone(),
+                ]
+            })
+            .collect();
+        table(&["NAME", "ROLE", "GATEWAYS", "STATUS", "LAST USED", "PREFIX", "ID"], rows);
+    }
+
+    pub fn created_token(&self, r: &pb::CreateAccessTokenResponse) {
+        let token = r.token.clone().unwrap_or_default();
+        if self.json {
+            return self.print_json(json!({"id": token.id, "name": token.name, "secret": r.secret}));
+        }
+        self.tokens(&[token]);
+        println!("\nSecret (shown only this once; store it now):\n{}", r.secret);
+    }
+
+    pub fn audit(&self, events: &[pb::AuditEvent]) {
+        if self.json {
+            let v = events
+                .iter()
+                .map(|e| {
+                    json!({
+                        "id": e.id, "time": ts(&e.time), "token_id": e.token_id, "token_name": e.token_name,
+                        "action": e.action, "gateway": e.gateway, "target": e.target, "result": e.result,
+                    })
+                })
+                .collect();
+            return self.print_json(Value::Array(v));
+        }
+        let rows = events
+            .iter()
+            .map(|e| {
+                vec![
+                    ts(&e.time),
+                    if e.token_name.is_empty() { "-".into() } else { e.token_name.clone() },
+                    e.action.clone(),
+                    if e.gateway.is_empty() { "-".into() } else { e.gateway.clone() },
+                    if e.target.is_empty() { "-".into() } else { e.target.clone() },
+                    e.result.clone(),
+                ]
+            })
+            .collect();
+        table(&["TIME", "TOKEN", "ACTION", "GATEWAY", "TARGET", "RESULT"], rows);
+    }
+
     pub fn message(&self, json: Value, text: &str) {
         if self.json { self.print_json(json) } else { println!("{text}") }
     }
