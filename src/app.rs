@@ -47,6 +47,7 @@ const ADMIN_HEALTH: &[&str] = &[
 /// Writes changed usage counters and token last-use times; on failure they stay dirty
 /// for the next attempt.
 async fn flush_usage(store: &dyn Store, shared: &Shared) -> bool {
+    let _one_at_a_time = shared.flush.lock().await;
     let used = shared.tokens.write().map(|mut t| t.take_last_used()).unwrap_or_default();
     if !used.is_empty()
         && let Err(e) = store.save_token_last_used(&used).await
@@ -214,6 +215,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
 
     // Once a minute: forget idle request windows, release reservations metering never settled.
     let weak = Arc::downgrade(&shared);
+    let ttl = chrono::Duration::from_std(args.reservation_ttl).context("--reservation-ttl is too large")?;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -221,7 +223,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             let Some(shared) = weak.upgrade() else { break };
             let now = shared.clock.now();
             shared.limiters.windows.sweep(now);
-            let expired = shared.limiters.meters.expire_reservations(now);
+            let expired = shared.limiters.meters.expire_reservations(now, ttl);
             if expired > 0 {
                 tracing::warn!(expired, "released budget reservations that metering never settled");
             }

@@ -82,6 +82,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_USAGE_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub usage_flush_interval: Duration,
 
+    /// A budget reservation metering has not settled after this long is released
+    /// (a client gone before the response). Set it above your longest route timeout.
+    #[arg(long, env = "PORTCULLIS_RESERVATION_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub reservation_ttl: Duration,
+
     /// How long SIGTERM waits for in-flight calls before exiting.
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,

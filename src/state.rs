@@ -15,6 +15,9 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// Metering streams not yet recorded (shutdown waits for them before the last flush).
     metering: std::sync::atomic::AtomicUsize,
+    /// One usage flush at a time: the last flush at shutdown must not miss counters a
+    /// periodic flush took but has not written yet.
+    pub flush: tokio::sync::Mutex<()>,
 }
 
 /// The view's lock was poisoned by a panicking writer: the view may be half-updated,
@@ -25,7 +28,14 @@ pub struct ViewPoisoned;
 
 impl Shared {
     pub fn new(view: View, tokens: TokenRegistry, limiters: Limiters, clock: Arc<dyn Clock>) -> Self {
-        Shared { view: RwLock::new(view), tokens: RwLock::new(tokens), limiters, clock, metering: Default::default() }
+        Shared {
+            view: RwLock::new(view),
+            tokens: RwLock::new(tokens),
+            limiters,
+            clock,
+            metering: Default::default(),
+            flush: Default::default(),
+        }
     }
 
     pub fn view(&self) -> Result<RwLockReadGuard<'_, View>, ViewPoisoned> {

@@ -193,6 +193,7 @@ impl KeyService for KeyApi {
             let (key, _) = admin.key_for(&c, Action::WriteKeys, &id).await?;
             admin.store.delete_key(key.id, admin.shared.clock.now()).await.map_err(store_err("key"))?;
             admin.shared.view_mut()?.remove_key(key.id);
+            admin.shared.limiters.meters.forget(key.id);
             AdminResult::Ok(pb::DeleteKeyResponse {})
         };
         self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
@@ -252,17 +253,24 @@ impl KeyService for KeyApi {
                 .snapshot(key.id, key.limits.reset_period, now)
                 .ok_or_else(|| AdminError::Internal("meters lock poisoned".into()))?;
             let (_, period_end) = period::bounds(key.limits.reset_period, now);
+            // A budget that never resets counts from the key's creation.
+            let period_start = if period_end.is_none() { key.created_at } else { u.period_start };
+            // Exact for keys with a requests-per-minute window, to the second otherwise.
+            let last_minute = match key.limits.requests_per_minute {
+                Some(_) => limiters.windows.count(key.id, now).try_into().unwrap_or(u32::MAX),
+                None => u.requests_last_minute(now),
+            };
             AdminResult::Ok(pb::KeyUsage {
                 key_id: key.id.to_string(),
                 limits: Some(limits_to_pb(&key.limits)),
-                period_start: Some(timestamp(u.period_start)),
+                period_start: Some(timestamp(period_start)),
                 period_end: period_end.map(timestamp),
                 requests: u.requests,
                 prompt_tokens: u.prompt_tokens,
                 completion_tokens: u.completion_tokens,
                 total_tokens: u.total_tokens(),
                 cost_usd: money::format_usd(u.cost_micros),
-                requests_last_minute: limiters.windows.count(key.id, now).try_into().unwrap_or(u32::MAX),
+                requests_last_minute: last_minute,
                 last_denied_at: u.last_denied_at.map(timestamp),
                 last_deny_reason: u.last_deny_reason.unwrap_or_default(),
                 reserved_tokens: u.reserved_tokens,

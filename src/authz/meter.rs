@@ -46,6 +46,8 @@ struct Exchange {
     reservation: Option<u64>,
     parser: Option<UsageParser>,
     content_encoding: Option<String>,
+    /// The response's HTTP status.
+    status: u16,
     done: bool,
 }
 
@@ -78,6 +80,7 @@ impl Exchange {
         match m.request {
             Some(Msg::ResponseHeaders(h)) => {
                 let content_type = header(&h.headers, "content-type").unwrap_or_default();
+                self.status = header(&h.headers, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
                 self.parser = Some(UsageParser::new(&content_type));
                 self.content_encoding = header(&h.headers, "content-encoding")
                     .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
@@ -133,17 +136,30 @@ impl Exchange {
                 }
             }
         }
-        let metered = Metered {
+        let mut metered = Metered {
             prompt_tokens: reported.prompt_tokens,
             completion_tokens: reported.completion_tokens,
             cost_micros: cost,
         };
+        let mut reservation = self.reservation;
+        // A successful response that reports no usage (a stream without
+        // `stream_options.include_usage`, a body we could not read) is charged what its
+        // reservation held, so leaving usage out never escapes a budget.
+        if !reported.found
+            && (200..300).contains(&self.status)
+            && let Some(r) = reservation.take()
+            && let Some((tokens, micros)) = limiters.meters.release(key_id, r)
+        {
+            metered.completion_tokens = tokens;
+            metered.cost_micros = micros;
+            tracing::warn!(key_id = %key_id, tokens, "no usage in a successful response: charged its reservation");
+        }
         match reset_period {
-            Some(period) => limiters.meters.record(key_id, period, self.reservation, metered, now),
+            Some(period) => limiters.meters.record(key_id, period, reservation, metered, now),
             // The key was deleted meanwhile: only give the reservation back.
             None => {
-                if let Some(r) = self.reservation {
-                    limiters.meters.release(r);
+                if let Some(r) = reservation {
+                    limiters.meters.release(key_id, r);
                 }
             }
         }

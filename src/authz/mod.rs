@@ -87,7 +87,7 @@ fn denied_key(d: &Denial) -> Option<(uuid::Uuid, &'static str)> {
     match d {
         Denial::InvalidKey { reason, key_id: Some(id) } => Some((*id, reason.as_str())),
         Denial::RateLimited { key_id, .. } => Some((*key_id, "rate_limit_exceeded")),
-        Denial::Budget { key_id, denial } => Some((*key_id, denial.reason())),
+        Denial::Budget { key_id, denial, .. } => Some((*key_id, denial.reason())),
         _ => None,
     }
 }
@@ -105,7 +105,7 @@ fn log_decision(decision: &Decision) {
         Decision::Deny(Denial::RateLimited { key_id, admission }) => {
             tracing::info!(key_id = %key_id, limit = admission.limit, "denied: requests per minute exceeded")
         }
-        Decision::Deny(Denial::Budget { key_id, denial }) => {
+        Decision::Deny(Denial::Budget { key_id, denial, .. }) => {
             tracing::info!(key_id = %key_id, reason = denial.reason(), "denied: budget used up")
         }
         Decision::Deny(Denial::Internal(cause)) => tracing::error!(cause, "denied: internal error"),

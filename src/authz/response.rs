@@ -22,6 +22,9 @@ const INVALID_KEY_BODY: &str =
     r#"{"error":{"message":"Invalid authentication token","type":"invalid_request_error","code":"invalid_api_key"}}"#;
 const INTERNAL_BODY: &str = r#"{"error":{"message":"The authorization service is unavailable","type":"server_error","code":"service_unavailable"}}"#;
 
+/// `retry-after` when a budget is held by in-flight reservations rather than used up.
+const IN_FLIGHT_RETRY_SECS: u64 = 1;
+
 // google.rpc.Code values. Envoy only tells OK from not-OK; these make its logs readable.
 const RPC_OK: i32 = 0;
 const RPC_RESOURCE_EXHAUSTED: i32 = 8;
@@ -64,7 +67,13 @@ pub fn from_decision(decision: &Decision, now: DateTime<Utc>) -> CheckResponse {
             }
             r
         }
-        Decision::Deny(Denial::Budget { denial, .. }) => budget_denied(denial, now),
+        Decision::Deny(Denial::Budget { denial, rpm, .. }) => {
+            let mut r = budget_denied(denial, now);
+            if let (Some(a), Some(HttpResponse::DeniedResponse(d))) = (rpm, r.http_response.as_mut()) {
+                d.headers.extend(rpm_headers(a));
+            }
+            r
+        }
         Decision::Deny(Denial::Internal(_)) => internal_error(),
     }
 }
@@ -75,20 +84,22 @@ fn set_header(key: &str, value: &str) -> HeaderValueOption {
 
 /// 429 for a used-up token or USD budget: which limit, its value, when it frees.
 fn budget_denied(denial: &BudgetDenial, now: DateTime<Utc>) -> CheckResponse {
-    let (code, what, reset_at) = match denial {
-        BudgetDenial::Tokens { limit, reset_at } => {
-            ("token_limit_exceeded", format!("Token limit of {limit} tokens"), reset_at)
+    let (code, what, reset_at, in_flight) = match denial {
+        BudgetDenial::Tokens { limit, reset_at, in_flight } => {
+            ("token_limit_exceeded", format!("Token limit of {limit} tokens"), reset_at, in_flight)
         }
-        BudgetDenial::Cost { limit_micros, reset_at } => {
-            ("budget_exceeded", format!("Budget of ${} USD", money::format_usd(*limit_micros)), reset_at)
+        BudgetDenial::Cost { limit_micros, reset_at, in_flight } => {
+            ("budget_exceeded", format!("Budget of ${} USD", money::format_usd(*limit_micros)), reset_at, in_flight)
         }
     };
-    let (when, retry) = match reset_at {
-        Some(at) => {
+    let (when, retry) = match (in_flight, reset_at) {
+        // Requests in flight hold the rest: it frees as they finish.
+        (true, _) => ("the rest is held by requests in flight; retry shortly".to_string(), Some(IN_FLIGHT_RETRY_SECS)),
+        (false, Some(at)) => {
             let secs = period::secs_until(now, *at);
             (format!("it resets at {} (in {secs}s)", at.to_rfc3339_opts(SecondsFormat::Secs, true)), Some(secs))
         }
-        None => ("it does not reset".to_string(), None),
+        (false, None) => ("it does not reset".to_string(), None),
     };
     let body = serde_json::json!({"error": {
         "message": format!("{what} reached for this key; {when}."),

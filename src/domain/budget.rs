@@ -10,9 +10,6 @@ use uuid::Uuid;
 use super::key::{ApiKey, Limits, ResetPeriod};
 use super::period;
 
-/// A reservation not settled by metering within this long is released.
-pub const RESERVATION_TTL_SECS: i64 = 15 * 60;
-
 /// One key's usage in its current period.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counters {
@@ -30,6 +27,9 @@ pub struct Counters {
     pub last_used_at: Option<DateTime<Utc>>,
     pub last_denied_at: Option<DateTime<Utc>>,
     pub last_deny_reason: Option<String>,
+    /// Admitted requests per second over the last minute (a ring indexed by second).
+    recent: [u32; 60],
+    recent_second: i64,
 }
 
 impl Counters {
@@ -53,6 +53,8 @@ impl Counters {
             last_used_at: None,
             last_denied_at: None,
             last_deny_reason: None,
+            recent: [0; 60],
+            recent_second: 0,
         }
     }
 
@@ -66,30 +68,66 @@ impl Counters {
         if reset_period == self.reset_period && self.period_end.is_none_or(|end| now < end) {
             return false;
         }
-        let (start, end) = period::bounds(reset_period, now);
-        self.period_end = end;
-        if reset_period != self.reset_period {
-            self.reset_period = reset_period;
-            self.period_start = start;
-            return true;
-        }
-        if start > self.period_start {
-            self.period_start = start;
+        // First close the period that ran out under the old rule, so a rule change never
+        // brings an ended period's usage into the new one.
+        if self.period_end.is_some_and(|end| now >= end) {
             self.requests = 0;
             self.prompt_tokens = 0;
             self.completion_tokens = 0;
             self.cost_micros = 0;
-            return true;
         }
-        false
+        let (start, end) = period::bounds(reset_period, now);
+        self.reset_period = reset_period;
+        self.period_start = start;
+        self.period_end = end;
+        true
+    }
+
+    /// Counts one admitted request in the approximate per-second ring of the last minute.
+    fn count_recent(&mut self, now: DateTime<Utc>) {
+        let sec = now.timestamp();
+        let elapsed = sec - self.recent_second;
+        if elapsed > 0 {
+            for i in 1..=elapsed.min(60) {
+                self.recent[((self.recent_second + i).rem_euclid(60)) as usize] = 0;
+            }
+            self.recent_second = sec;
+        }
+        if elapsed > -60 {
+            let slot = &mut self.recent[sec.rem_euclid(60) as usize];
+            *slot = slot.saturating_add(1);
+        }
+    }
+
+    /// Requests admitted in the last 60 seconds (to the second).
+    pub fn requests_last_minute(&self, now: DateTime<Utc>) -> u32 {
+        let elapsed = now.timestamp() - self.recent_second;
+        if elapsed >= 60 {
+            return 0;
+        }
+        // Slots older than a minute at `now` were not cleared yet: skip them.
+        (0..60i64)
+            .filter(|back| *back + elapsed.max(0) < 60)
+            .map(|back| self.recent[(self.recent_second - back).rem_euclid(60) as usize])
+            .sum()
     }
 }
 
 /// Why a budget refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BudgetDenial {
-    Tokens { limit: u64, reset_at: Option<DateTime<Utc>> },
-    Cost { limit_micros: i64, reset_at: Option<DateTime<Utc>> },
+    /// `in_flight`: usage alone is under the limit; reservations of requests in flight
+    /// hold the rest, which frees as they finish (not at the reset).
+    Tokens {
+        limit: u64,
+        reset_at: Option<DateTime<Utc>>,
+        in_flight: bool,
+    },
+    Cost {
+        limit_micros: i64,
+        reset_at: Option<DateTime<Utc>>,
+        in_flight: bool,
+    },
 }
 
 impl BudgetDenial {
@@ -113,7 +151,6 @@ struct Reservation {
 struct Inner {
     keys: HashMap<Uuid, Counters>,
     reservations: HashMap<u64, Reservation>,
-    next_reservation: u64,
     dirty: std::collections::HashSet<Uuid>,
 }
 
@@ -167,32 +204,39 @@ impl Meters {
         if let Some(limit) = token_limit
             && c.total_tokens().saturating_add(c.reserved_tokens) >= limit
         {
-            return Ok(Err(BudgetDenial::Tokens { limit, reset_at }));
+            return Ok(Err(BudgetDenial::Tokens { limit, reset_at, in_flight: c.total_tokens() < limit }));
         }
         if let Some(limit) = cost_limit_micros
             && c.cost_micros.saturating_add(c.reserved_micros) >= limit
         {
-            return Ok(Err(BudgetDenial::Cost { limit_micros: limit, reset_at }));
+            return Ok(Err(BudgetDenial::Cost { limit_micros: limit, reset_at, in_flight: c.cost_micros < limit }));
         }
         c.reserved_tokens = c.reserved_tokens.saturating_add(tokens);
         c.reserved_micros = c.reserved_micros.saturating_add(micros);
-        inner.next_reservation += 1;
-        let id = inner.next_reservation;
+        // Random ids: an id from before a restart (still in Envoy's metadata) never
+        // names another request's reservation.
+        let id = loop {
+            let id = random_id();
+            if !inner.reservations.contains_key(&id) {
+                break id;
+            }
+        };
         inner.reservations.insert(id, Reservation { key_id: key.id, tokens, micros, created_at: now });
         Ok(Ok(id))
     }
 
     /// Gives a reservation back without usage (the request was refused after all).
-    pub fn release(&self, reservation: u64) {
-        if let Ok(mut inner) = self.inner.lock() {
-            release(&mut inner, reservation);
-        }
+    pub fn release(&self, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
+        let mut inner = self.inner.lock().ok()?;
+        release(&mut inner, key_id, reservation)
     }
 
-    /// Notes an admitted request (for `last_used_at`).
+    /// Notes an admitted request (`last_used_at`, requests in the last minute).
     pub fn touch(&self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) {
         if let Ok(mut inner) = self.inner.lock() {
-            inner.counters(key_id, reset_period, now).last_used_at = Some(now);
+            let c = inner.counters(key_id, reset_period, now);
+            c.last_used_at = Some(now);
+            c.count_recent(now);
             inner.dirty.insert(key_id);
         }
     }
@@ -219,7 +263,7 @@ impl Meters {
     ) {
         let Ok(mut inner) = self.inner.lock() else { return };
         if let Some(r) = reservation {
-            release(&mut inner, r);
+            release(&mut inner, key_id, r);
         }
         let c = inner.counters(key_id, reset_period, now);
         c.requests += 1;
@@ -250,13 +294,15 @@ impl Meters {
     }
 
     /// Releases reservations metering never settled (a cut connection, a missing ext_proc).
-    pub fn expire_reservations(&self, now: DateTime<Utc>) -> usize {
+    pub fn expire_reservations(&self, now: DateTime<Utc>, ttl: Duration) -> usize {
         let Ok(mut inner) = self.inner.lock() else { return 0 };
-        let cutoff = now - Duration::seconds(RESERVATION_TTL_SECS);
+        let cutoff = now - ttl;
         let stale: Vec<u64> =
             inner.reservations.iter().filter(|(_, r)| r.created_at < cutoff).map(|(id, _)| *id).collect();
         for id in &stale {
-            release(&mut inner, *id);
+            if let Some(r) = inner.reservations.get(id).copied() {
+                release(&mut inner, r.key_id, *id);
+            }
         }
         stale.len()
     }
@@ -269,13 +315,26 @@ impl Meters {
     }
 }
 
-fn release(inner: &mut Inner, reservation: u64) {
-    if let Some(r) = inner.reservations.remove(&reservation)
-        && let Some(c) = inner.keys.get_mut(&r.key_id)
-    {
+/// Releases a reservation of `key_id`; returns what it held.
+fn release(inner: &mut Inner, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
+    if inner.reservations.get(&reservation).is_none_or(|r| r.key_id != key_id) {
+        return None;
+    }
+    let r = inner.reservations.remove(&reservation)?;
+    if let Some(c) = inner.keys.get_mut(&r.key_id) {
         c.reserved_tokens = c.reserved_tokens.saturating_sub(r.tokens);
         c.reserved_micros = c.reserved_micros.saturating_sub(r.micros).max(0);
     }
+    Some((r.tokens, r.micros))
+}
+
+fn random_id() -> u64 {
+    let mut b = [0u8; 8];
+    // Without randomness, fall back to the clock: ids only need to differ.
+    if getrandom::fill(&mut b).is_err() {
+        return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    }
+    u64::from_le_bytes(b).max(1)
 }
 
 #[cfg(test)]
@@ -315,7 +374,7 @@ mod tests {
         m.record(k.id, k.limits.reset_period, None, used(0, 1, 0), clock.now());
         let denied = m.admit(&k, 0, 0, clock.now()).unwrap().unwrap_err();
         let feb = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
-        assert_eq!(denied, BudgetDenial::Tokens { limit: 100, reset_at: Some(feb) });
+        assert_eq!(denied, BudgetDenial::Tokens { limit: 100, reset_at: Some(feb), in_flight: false });
         clock.set(feb);
         assert!(m.admit(&k, 0, 0, clock.now()).unwrap().is_ok(), "a new month starts from zero");
         let c = m.snapshot(k.id, k.limits.reset_period, clock.now()).unwrap();
@@ -329,15 +388,20 @@ mod tests {
         let m = Meters::default();
         let a = m.admit(&k, 60, 0, now).unwrap().unwrap();
         let b = m.admit(&k, 60, 0, now).unwrap().unwrap();
-        assert!(m.admit(&k, 60, 0, now).unwrap().is_err(), "120 reserved >= 100");
+        assert_eq!(
+            m.admit(&k, 60, 0, now).unwrap().unwrap_err(),
+            BudgetDenial::Tokens { limit: 100, reset_at: None, in_flight: true },
+            "120 reserved >= 100, nothing used yet"
+        );
         m.record(k.id, k.limits.reset_period, Some(a), used(10, 10, 0), now);
-        m.release(b);
+        m.release(k.id, b);
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.total_tokens(), c.reserved_tokens, c.requests), (20, 0, 1));
         // An unsettled reservation expires.
         m.admit(&k, 80, 0, now).unwrap().unwrap();
         assert!(m.admit(&k, 1, 0, now).unwrap().is_err());
-        assert_eq!(m.expire_reservations(now + Duration::seconds(RESERVATION_TTL_SECS + 1)), 1);
+        assert_eq!(m.expire_reservations(now + Duration::minutes(9), Duration::minutes(10)), 0);
+        assert_eq!(m.expire_reservations(now + Duration::minutes(11), Duration::minutes(10)), 1);
         assert!(m.admit(&k, 1, 0, now).unwrap().is_ok());
     }
 
@@ -350,10 +414,55 @@ mod tests {
         let r = m.admit(&k, 0, 5, now).unwrap().unwrap();
         assert_eq!(
             m.admit(&k, 0, 0, now).unwrap().unwrap_err(),
-            BudgetDenial::Cost { limit_micros: 1_000, reset_at: None }
+            BudgetDenial::Cost { limit_micros: 1_000, reset_at: None, in_flight: true }
         );
-        m.release(r);
+        m.release(k.id, r);
         assert!(m.admit(&k, 0, 0, now).unwrap().is_ok());
+    }
+
+    #[test]
+    fn requests_in_the_last_minute_to_the_second() {
+        let t0 = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let k = key(Limits::default());
+        let m = Meters::default();
+        for s in [0, 0, 10, 59] {
+            m.touch(k.id, ResetPeriod::Never, t0 + Duration::seconds(s));
+        }
+        let count = |at: i64| {
+            m.snapshot(k.id, ResetPeriod::Never, t0 + Duration::seconds(at))
+                .unwrap()
+                .requests_last_minute(t0 + Duration::seconds(at))
+        };
+        assert_eq!(count(59), 4);
+        assert_eq!(count(60), 2, "the two at 0 s left");
+        assert_eq!(count(70), 1);
+        assert_eq!(count(119), 0);
+        assert_eq!(count(500), 0);
+        m.touch(k.id, ResetPeriod::Never, t0 + Duration::seconds(500));
+        assert_eq!(count(500), 1, "stale slots were cleared");
+    }
+
+    #[test]
+    fn a_rule_change_after_the_period_ended_does_not_revive_it() {
+        let april = Utc.with_ymd_and_hms(2026, 4, 20, 0, 0, 0).unwrap();
+        let k = key(Limits { token_limit: Some(100), reset_period: ResetPeriod::Monthly, ..Default::default() });
+        let m = Meters::default();
+        m.record(k.id, ResetPeriod::Monthly, None, used(90, 0, 0), april);
+        let may = Utc.with_ymd_and_hms(2026, 5, 20, 0, 0, 0).unwrap();
+        let c = m.snapshot(k.id, ResetPeriod::Daily, may).unwrap();
+        assert_eq!((c.total_tokens(), c.period_start), (0, may), "April's usage stays in April");
+    }
+
+    #[test]
+    fn reservations_are_released_only_for_their_key() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let (a, b) = (key(Limits { token_limit: Some(10), ..Default::default() }), key(Limits::default()));
+        let m = Meters::default();
+        let r = m.admit(&a, 10, 0, now).unwrap().unwrap();
+        assert_eq!(m.release(b.id, r), None, "another key's id settles nothing");
+        assert!(m.admit(&a, 1, 0, now).unwrap().is_err());
+        assert_eq!(m.release(a.id, r), Some((10, 0)));
+        assert_eq!(m.release(a.id, r), None, "once");
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub enum Denial {
     Budget {
         key_id: Uuid,
         denial: BudgetDenial,
+        /// The key's requests-per-minute window, untouched, for the rate-limit headers.
+        rpm: Option<Admission>,
     },
     /// A fault inside Portcullis: fail closed.
     Internal(&'static str),
@@ -142,7 +144,10 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: Dat
         let (tokens, micros) = reservation_for(gateway, limits.cost_limit_micros.is_some(), req.body, limiters);
         match meters.admit(key, tokens, micros, now) {
             Ok(Ok(id)) => Some(id),
-            Ok(Err(denial)) => return Decision::Deny(Denial::Budget { key_id: key.id, denial }),
+            Ok(Err(denial)) => {
+                let rpm = limits.requests_per_minute.and_then(|l| limiters.windows.peek(key.id, l, now));
+                return Decision::Deny(Denial::Budget { key_id: key.id, denial, rpm });
+            }
             Err(_) => return Decision::Deny(Denial::Internal("meters lock poisoned")),
         }
     } else {
@@ -154,7 +159,7 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: Dat
             Some(a) if a.admitted => Some(a),
             refused => {
                 if let Some(r) = reservation {
-                    meters.release(r);
+                    meters.release(key.id, r);
                 }
                 return Decision::Deny(match refused {
                     Some(admission) => Denial::RateLimited { key_id: key.id, admission },
@@ -171,27 +176,62 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: Dat
 /// `max_completion_tokens` (else the gateway default), and, for a cost limit, those
 /// tokens at the requested model's output price.
 fn reservation_for(gateway: &Gateway, cost_limited: bool, body: &[u8], limiters: &Limiters) -> (u64, i64) {
+    let (max_tokens, model) = requested(body);
+    let tokens = max_tokens.unwrap_or(gateway.default_reservation_tokens);
+    let micros = match (cost_limited, model) {
+        (true, Some(model)) => limiters
+            .prices
+            .read()
+            .ok()
+            .and_then(|book| book.lookup(&model).map(|p| cost_micros(p, 0, tokens)))
+            .unwrap_or(0),
+        _ => 0,
+    };
+    (tokens, micros)
+}
+
+/// The request's output cap and model. A body Envoy cut at `max_request_bytes` is not
+/// valid JSON; then the fields are scanned for, so large prompts still reserve.
+pub fn requested(body: &[u8]) -> (Option<u64>, Option<String>) {
     #[derive(serde::Deserialize)]
     struct Requested {
         model: Option<String>,
         max_tokens: Option<u64>,
         max_completion_tokens: Option<u64>,
+        max_output_tokens: Option<u64>,
     }
-    let requested = if body.is_empty() { None } else { serde_json::from_slice::<Requested>(body).ok() };
-    let tokens = requested
-        .as_ref()
-        .and_then(|r| r.max_completion_tokens.or(r.max_tokens))
-        .unwrap_or(gateway.default_reservation_tokens);
-    let micros = match (cost_limited, requested.as_ref().and_then(|r| r.model.as_deref())) {
-        (true, Some(model)) => limiters
-            .prices
-            .read()
-            .ok()
-            .and_then(|book| book.lookup(model).map(|p| cost_micros(p, 0, tokens)))
-            .unwrap_or(0),
-        _ => 0,
-    };
-    (tokens, micros)
+    if body.is_empty() {
+        return (None, None);
+    }
+    if let Ok(r) = serde_json::from_slice::<Requested>(body) {
+        return (r.max_completion_tokens.or(r.max_output_tokens).or(r.max_tokens), r.model);
+    }
+    let text = String::from_utf8_lossy(body);
+    let max = ["max_completion_tokens", "max_output_tokens", "max_tokens"].iter().find_map(|k| scan(&text, k));
+    let max = max.and_then(|v| v.parse().ok());
+    let model = scan(&text, "model").and_then(|v| v.strip_prefix('"')?.split('"').next().map(str::to_string));
+    (max, model)
+}
+
+/// The raw value after `"key":` at the top of a JSON text (not inside a string).
+fn scan<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let needle = format!("\"{key}\"");
+    let mut from = 0;
+    while let Some(i) = text[from..].find(&needle) {
+        let at = from + i;
+        from = at + needle.len();
+        if text[..at].ends_with('\\') {
+            continue;
+        }
+        let rest = text[from..].trim_start().strip_prefix(':')?.trim_start();
+        let end = if let Some(quoted) = rest.strip_prefix('"') {
+            quoted.find('"').map(|e| e + 2)?
+        } else {
+            rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())
+        };
+        return Some(&rest[..end]);
+    }
+    None
 }
 
 /// Reads the key where the gateway says clients put it. `None` when absent or blank.
@@ -443,6 +483,25 @@ mod tests {
         f.clock.advance(Duration::seconds(40));
         assert!(matches!(run(&f, Some("demo"), &h, "/"), Decision::Allow(_)));
         assert_eq!(f.limiters.windows.count(f.key_id, f.clock.now()), 1, "the first two left the window");
+    }
+
+    #[test]
+    fn requested_caps_and_models_even_from_cut_bodies() {
+        assert_eq!(requested(br#"{"model":"m","max_tokens":50}"#), (Some(50), Some("m".into())));
+        assert_eq!(requested(br#"{"max_tokens":50,"max_completion_tokens":7}"#), (Some(7), None));
+        assert_eq!(
+            requested(br#"{"model":"gpt-4.1","max_output_tokens":9,"input":"x"}"#),
+            (Some(9), Some("gpt-4.1".into()))
+        );
+        // Cut by Envoy at max_request_bytes.
+        let cut =
+            br#"{"model": "gpt-4o-mini", "max_tokens" : 64, "messages":[{"role":"user","content":"a very long pro"#;
+        assert_eq!(requested(cut), (Some(64), Some("gpt-4o-mini".into())));
+        // A key name inside a string does not count.
+        let tricky = br#"{"messages":[{"content":"say \"max_tokens\": 5"}],"max_tokens":80,"tail":"#;
+        assert_eq!(requested(tricky).0, Some(80));
+        assert_eq!(requested(b""), (None, None));
+        assert_eq!(requested(b"not json"), (None, None));
     }
 
     #[test]

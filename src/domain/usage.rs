@@ -23,6 +23,10 @@ impl Reported {
     /// Takes what one JSON object says; later values replace earlier ones
     /// (Anthropic's `message_delta` carries the cumulative output count).
     fn absorb(&mut self, v: &Value) {
+        // OpenAI Responses API streams carry it under `response`.
+        if let Some(r) = v.get("response").filter(|r| r.is_object()) {
+            self.absorb(r);
+        }
         let message = v.get("message");
         if self.model.is_none() {
             let model = v.get("model").or_else(|| message.and_then(|m| m.get("model")));
@@ -34,7 +38,12 @@ impl Reported {
         let Some(usage) = usage.filter(|u| u.is_object()) else { return };
         let field = |a: &str, b: &str| usage.get(a).or_else(|| usage.get(b)).and_then(Value::as_u64);
         if let Some(p) = field("prompt_tokens", "input_tokens") {
-            self.prompt_tokens = p;
+            // Anthropic reports prompt-cache tokens beside input_tokens; they are prompt too.
+            let cached = ["cache_creation_input_tokens", "cache_read_input_tokens"]
+                .iter()
+                .filter_map(|k| usage.get(*k).and_then(Value::as_u64))
+                .sum::<u64>();
+            self.prompt_tokens = p.saturating_add(cached);
             self.found = true;
         }
         if let Some(c) = field("completion_tokens", "output_tokens") {
@@ -48,6 +57,8 @@ impl Reported {
 enum Kind {
     Json,
     EventStream,
+    /// Audio, images, files: no usage to read, nothing buffered.
+    Other,
 }
 
 /// Incremental usage reader for one response body.
@@ -65,16 +76,20 @@ pub struct UsageParser {
 impl UsageParser {
     /// `content_type` is the response's `content-type` header.
     pub fn new(content_type: &str) -> Self {
-        let kind = if content_type.to_ascii_lowercase().contains("text/event-stream") {
+        let ct = content_type.to_ascii_lowercase();
+        let kind = if ct.contains("text/event-stream") {
             Kind::EventStream
-        } else {
+        } else if ct.is_empty() || ct.contains("json") {
             Kind::Json
+        } else {
+            Kind::Other
         };
         UsageParser { kind, buf: Vec::new(), event_data: Vec::new(), skipping: false, reported: Reported::default() }
     }
 
     pub fn feed(&mut self, mut chunk: &[u8]) {
         match self.kind {
+            Kind::Other => {}
             Kind::Json => {
                 if self.skipping || self.buf.len() + chunk.len() > MAX_JSON_BODY {
                     self.skipping = true;
@@ -134,6 +149,7 @@ impl UsageParser {
     /// Call at the end of the body (or when the stream is cut).
     pub fn finish(mut self) -> Reported {
         match self.kind {
+            Kind::Other => {}
             Kind::Json => {
                 if !self.skipping
                     && let Ok(v) = serde_json::from_slice::<Value>(&self.buf)
@@ -220,6 +236,29 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
     #[test]
     fn anthropic_stream_message_start_and_delta_at_every_split() {
         check_every_split("text/event-stream; charset=utf-8", ANTHROPIC_SSE, &reported("claude-3-5-sonnet", 25, 15));
+    }
+
+    #[test]
+    fn anthropic_cache_tokens_count_as_prompt() {
+        let body = r#"{"model":"claude","usage":{"input_tokens":10,"cache_creation_input_tokens":100,"cache_read_input_tokens":1000,"output_tokens":5}}"#;
+        assert_eq!(parse_split("application/json", body, &[20]), reported("claude", 1110, 5));
+    }
+
+    #[test]
+    fn openai_responses_api_stream() {
+        let body = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"gpt-4.1\",\"usage\":null}}\n\n\
+event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-4.1\",\"usage\":{\"input_tokens\":8,\"output_tokens\":3}}}\n\n";
+        check_every_split("text/event-stream", body, &reported("gpt-4.1", 8, 3));
+    }
+
+    #[test]
+    fn other_content_types_are_not_buffered() {
+        let mut p = UsageParser::new("audio/mpeg");
+        p.feed(&[0u8; 1024]);
+        assert!(p.buf.is_empty());
+        assert!(!p.finish().found);
+        // No content type at all: read as JSON.
+        assert!(parse_split("", r#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#, &[]).found);
     }
 
     #[test]

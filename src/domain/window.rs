@@ -54,6 +54,18 @@ impl Window {
         Admission { admitted, limit, remaining: u64::from(limit).saturating_sub(used) as u32, reset_in_micros }
     }
 
+    /// What `admit` would answer, without taking a slot.
+    pub fn peek(&self, limit: u32, now: DateTime<Utc>) -> Admission {
+        let now = now.timestamp_micros();
+        let inside: Vec<i64> = self.0.iter().copied().filter(|&t| now - t < WINDOW_MICROS).collect();
+        Admission {
+            admitted: (inside.len() as u64) < u64::from(limit),
+            limit,
+            remaining: u64::from(limit).saturating_sub(inside.len() as u64) as u32,
+            reset_in_micros: inside.first().map_or(0, |&oldest| oldest + WINDOW_MICROS - now),
+        }
+    }
+
     /// How many admitted requests are inside the window at `now`.
     pub fn count(&self, now: DateTime<Utc>) -> usize {
         let now = now.timestamp_micros();
@@ -72,6 +84,17 @@ impl RequestWindows {
     pub fn admit(&self, key: Uuid, limit: u32, now: DateTime<Utc>) -> Option<Admission> {
         let mut windows = self.windows.lock().ok()?;
         Some(windows.entry(key).or_default().admit(limit, now))
+    }
+
+    pub fn peek(&self, key: Uuid, limit: u32, now: DateTime<Utc>) -> Option<Admission> {
+        let windows = self.windows.lock().ok()?;
+        Some(
+            windows
+                .get(&key)
+                .map_or(Admission { admitted: limit > 0, limit, remaining: limit, reset_in_micros: 0 }, |w| {
+                    w.peek(limit, now)
+                }),
+        )
     }
 
     pub fn count(&self, key: Uuid, now: DateTime<Utc>) -> usize {

@@ -198,8 +198,10 @@ impl Store for SqliteStore {
         }
         // Each live key's latest period.
         let rows = sqlx::query(
+            // The row written last: a reset-period change can move usage to an earlier period start.
             "SELECT u.* FROM key_usage u JOIN api_keys k ON k.id = u.key_id AND k.deleted_at IS NULL \
-             WHERE u.period_start = (SELECT MAX(period_start) FROM key_usage WHERE key_id = u.key_id)",
+             WHERE u.rowid = (SELECT rowid FROM key_usage WHERE key_id = u.key_id \
+                              ORDER BY updated_at DESC, period_start DESC LIMIT 1)",
         )
         .fetch_all(&self.pool)
         .await
