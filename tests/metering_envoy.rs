@@ -360,3 +360,117 @@ async fn overview_reports_rpm_window_and_denials() {
     stack.envoy.post(DEMO, CHAT, &h, &chat(false)).await;
     assert_eq!(usage(&mut keys, &id).await.last_deny_reason, "disabled");
 }
+
+#[tokio::test]
+async fn a_stream_without_usage_is_charged_its_reservation() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) =
+        key_with(&mut keys, "sneaky", pb::Limits { token_limit: Some(1000), ..Default::default() }).await;
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":300,"messages":[]}"#;
+    let h = [("x-api-key", secret.as_str()), ("x-fake-no-usage", "1")];
+    let r = stack.envoy.post(DEMO, CHAT, &h, body).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.body.contains("\"usage\":{"), "the upstream reported no usage: {}", r.body);
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (0, 300, 0), "charged max_tokens");
+}
+
+#[tokio::test]
+async fn default_reservation_holds_the_budget_while_requests_are_in_flight() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(pb::CreateGatewayRequest {
+        name: "demo".into(),
+        default_reservation_tokens: 60,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let limits = pb::Limits { token_limit: Some(100), requests_per_minute: Some(50), ..Default::default() };
+    let (id, secret) = key_with(&mut keys, "held", limits).await;
+    // No max_tokens in the body: each request holds the gateway's 60 tokens while in flight.
+    let slow = [("x-api-key", secret.as_str()), ("x-fake-delay-ms", "400"), ("x-fake-usage", "5,5")];
+    let in_flight = async {
+        futures_pair(stack.envoy.post(DEMO, CHAT, &slow, "{}"), stack.envoy.post(DEMO, CHAT, &slow, "{}")).await
+    };
+    let probe = async {
+        // Once both are admitted (120 reserved), a third is refused until they finish.
+        let held = eventually("both requests hold their reservation", StdDuration::from_secs(5), || {
+            let mut keys = keys.clone();
+            let id = id.clone();
+            async move { (usage(&mut keys, &id).await.reserved_tokens == 120).then_some(()) }
+        });
+        held.await;
+        stack.envoy.post(DEMO, CHAT, &[("x-api-key", secret.as_str())], "{}").await
+    };
+    let ((a, b), third) = tokio::join!(in_flight, probe);
+    assert_eq!((a.status, b.status), (200, 200));
+    assert_eq!(third.status, 429, "{}", third.body);
+    assert_eq!(third.json()["error"]["code"], "token_limit_exceeded");
+    assert!(third.json()["error"]["message"].as_str().unwrap().contains("requests in flight"), "{}", third.body);
+    assert_eq!(third.header("retry-after"), Some("1"));
+    // The key has a requests-per-minute limit: its headers come with the budget 429, no slot taken.
+    assert_eq!(third.header("x-ratelimit-limit-requests"), Some("50"));
+    assert_eq!(third.header("x-ratelimit-remaining-requests"), Some("48"));
+    let u = metered(&keys, &id, 2).await;
+    assert_eq!((u.total_tokens, u.reserved_tokens, u.requests_last_minute), (20, 0, 2));
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &[("x-api-key", secret.as_str())], "{}").await.status, 200);
+}
+
+async fn futures_pair<A: std::future::Future, B: std::future::Future>(a: A, b: B) -> (A::Output, B::Output) {
+    tokio::join!(a, b)
+}
+
+#[tokio::test]
+async fn unpriced_models_count_tokens_at_cost_zero() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    set_mini_price(&stack.server).await;
+    let (id, secret) = key_with(&mut keys, "mystery", pb::Limits::default()).await;
+    let body = r#"{"model":"mystery-model-9000","messages":[]}"#;
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &[("x-api-key", secret.as_str())], body).await.status, 200);
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.total_tokens, u.cost_usd.as_str()), (42, "0.00"));
+    // A dated variant of a priced model is priced.
+    let body = r#"{"model":"gpt-4o-mini-2024-07-18","messages":[]}"#;
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &[("x-api-key", secret.as_str())], body).await.status, 200);
+    assert_eq!(metered(&keys, &id, 2).await.cost_usd, "0.00002");
+}
+
+#[tokio::test]
+async fn a_reset_period_change_keeps_usage_across_a_restart() {
+    let mut stack = Stack::start_full(&["--usage-flush-interval", "10ms"], |c| c).await;
+    async fn rows(stack: &Stack, id: String) -> i64 {
+        stack.server.db_count("SELECT COUNT(*) FROM key_usage WHERE key_id = ?", &id).await
+    }
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let monthly =
+        pb::Limits { token_limit: Some(10_000), reset_period: pb::ResetPeriod::Monthly as i32, ..Default::default() };
+    let (id, secret) = key_with(&mut keys, "switch", monthly).await;
+    let h = [("x-api-key", secret.as_str())];
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, "{}").await.status, 200);
+    metered(&keys, &id, 1).await;
+    eventually("this month's row", StdDuration::from_secs(5), || async {
+        (rows(&stack, id.clone()).await == 1).then_some(())
+    })
+    .await;
+    // MONTHLY -> NEVER: usage moves to a period that starts earlier, not reset, not inflated.
+    let never = pb::Limits { token_limit: Some(10_000), ..Default::default() };
+    keys.update_key(pb::UpdateKeyRequest { id: id.clone(), limits: Some(never), ..Default::default() }).await.unwrap();
+    assert_eq!(usage(&mut keys, &id).await.total_tokens, 42);
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, "{}").await.status, 200);
+    metered(&keys, &id, 2).await;
+    eventually("the never-resetting row", StdDuration::from_secs(5), || async {
+        (rows(&stack, id.clone()).await == 2).then_some(())
+    })
+    .await;
+    drop((gw, keys));
+    stack.server.restart_with(&[]).await.unwrap();
+    let (_, mut keys) = stack.server.clients().await;
+    let u = usage(&mut keys, &id).await;
+    assert_eq!((u.requests, u.total_tokens), (2, 84), "the row written last is the one loaded");
+}

@@ -494,3 +494,55 @@ async fn cli_manages_tokens_and_reads_the_audit_trail() {
     let (ok, _, err) = cli_as(&url, &secret, &["tokens", "whoami"]).await;
     assert_eq!((ok, err.trim()), (false, "error: Unauthorized (UNAUTHENTICATED)"));
 }
+
+#[tokio::test]
+async fn usage_reaches_storage_within_a_second_and_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crash.db");
+    let db = format!("sqlite://{}", path.display());
+    let (authz, admin) = (free_port(), free_port());
+    let env = [("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN)];
+    let mut p = Proc::spawn(&db, authz, admin, &env);
+    p.wait_for("admin listener").await;
+    let upstream = FakeUpstream::start().await;
+    let envoy = Envoy::start(authz, upstream.port).await;
+    let (mut gw, mut keys) = clients(admin, OWNER_TOKEN).await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (key, secret) = create_key(&mut keys, "demo", "crashy").await;
+    let h = [("x-api-key", secret.as_str()), ("x-fake-usage", "7,8"), ("content-type", "application/json")];
+    for _ in 0..3 {
+        let r = common::http::request(envoy.port, "POST", "demo.gateway.local", "/v1/chat/completions", &h, Some("{}"))
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    // Watch the database itself: the periodic flush writes within about a second.
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(&db).await.unwrap();
+    let started = std::time::Instant::now();
+    eventually("usage in the database", Duration::from_secs(5), || {
+        let pool = pool.clone();
+        let id = key.id.clone();
+        async move {
+            let row: Option<(i64, i64)> =
+                sqlx::query_as("SELECT requests, prompt_tokens + completion_tokens FROM key_usage WHERE key_id = ?")
+                    .bind(id)
+                    .fetch_optional(&pool)
+                    .await
+                    .ok()
+                    .flatten();
+            (row == Some((3, 45))).then_some(())
+        }
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(3), "flushed in {:?}", started.elapsed());
+    pool.close().await;
+    // A crash (SIGKILL: no drain, no final flush) keeps what was flushed.
+    p.child.kill().await.unwrap();
+    drop((gw, keys));
+    let mut p = Proc::spawn(&db, authz, admin, &env);
+    p.wait_for("admin listener").await;
+    let (_, mut keys) = clients(admin, OWNER_TOKEN).await;
+    let u = keys.get_key_usage(pb::GetKeyUsageRequest { id: key.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((u.requests, u.total_tokens), (3, 45));
+    drop(keys);
+    assert!(p.sigterm().await.0.success());
+}

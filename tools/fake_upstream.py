@@ -9,6 +9,7 @@ DELETE /_fake/requests      forget them.
 
 Usage numbers: request header `x-fake-usage: PROMPT,COMPLETION` (default 12,30).
 `x-fake-delay-ms: N` delays the answer (for concurrency tests).
+`x-fake-no-usage: 1` leaves usage out (a stream without stream_options.include_usage).
 Prints `listening on PORT` once ready. Standard library only.
 """
 import argparse
@@ -104,6 +105,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _openai(self, body, model, prompt, completion):
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self.headers.get("x-fake-no-usage"):
+            usage = None
         if not body.get("stream"):
             return self._send(200, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "model": model,
@@ -117,8 +120,9 @@ class Handler(BaseHTTPRequestHandler):
                            "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
         chunks.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        chunks.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
-                       "choices": [], "usage": usage})
+        if usage is not None:
+            chunks.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                           "choices": [], "usage": usage})
         self._sse([f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"])
 
     def _anthropic(self, body, model, prompt, completion):

@@ -203,3 +203,88 @@ impl ExternalProcessor for MeterService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, Metadata};
+    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders};
+    use envoy_types::pb::google::protobuf::{Struct, Value};
+
+    use super::*;
+
+    fn metadata(key_id: &str, reservation: Option<&str>) -> Option<Metadata> {
+        let mut fields = HashMap::new();
+        let s = |v: &str| Value { kind: Some(Kind::StringValue(v.into())) };
+        fields.insert("key_id".to_string(), s(key_id));
+        if let Some(r) = reservation {
+            fields.insert("reservation".to_string(), s(r));
+        }
+        Some(Metadata {
+            filter_metadata: HashMap::from([(AUTHZ_NAMESPACE.to_string(), Struct { fields })]),
+            ..Default::default()
+        })
+    }
+
+    fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> Msg {
+        let headers = pairs
+            .iter()
+            .map(|(k, v)| HeaderValue { key: k.to_string(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
+            .collect();
+        Msg::ResponseHeaders(HttpHeaders { headers: Some(HeaderMap { headers }), end_of_stream, ..Default::default() })
+    }
+
+    fn body(b: &str, end_of_stream: bool) -> Msg {
+        Msg::ResponseBody(HttpBody { body: b.as_bytes().to_vec(), end_of_stream, ..Default::default() })
+    }
+
+    fn msg(request: Msg, md: Option<Metadata>) -> ProcessingRequest {
+        ProcessingRequest { request: Some(request), metadata_context: md, ..Default::default() }
+    }
+
+    #[test]
+    fn reads_metadata_status_and_usage_across_messages() {
+        let id = Uuid::now_v7();
+        let mut x = Exchange::default();
+        let reply = x.on_message(msg(
+            headers(&[(":status", "200"), ("content-type", "application/json")], false),
+            metadata(&id.to_string(), Some("42")),
+        ));
+        assert!(matches!(reply, Reply::ResponseHeaders(HeadersResponse { response: Some(_) })));
+        assert_eq!((x.key_id, x.reservation, x.status, x.done), (Some(id), Some(42), 200, false));
+        x.on_message(msg(body(r#"{"model":"m","usage":{"prompt_"#, false), None));
+        let reply = x.on_message(msg(body(r#"tokens":3,"completion_tokens":4}}"#, true), None));
+        assert!(matches!(reply, Reply::ResponseBody(BodyResponse { response: Some(_) })));
+        assert!(x.done);
+        let r = x.parser.take().unwrap().finish();
+        assert_eq!((r.prompt_tokens, r.completion_tokens), (3, 4));
+    }
+
+    #[test]
+    fn headers_only_responses_end_the_exchange() {
+        let mut x = Exchange::default();
+        x.on_message(msg(headers(&[(":status", "204")], true), metadata(&Uuid::now_v7().to_string(), None)));
+        assert!(x.done);
+        assert_eq!(x.reservation, None);
+    }
+
+    #[test]
+    fn compressed_bodies_are_not_parsed() {
+        let mut x = Exchange::default();
+        x.on_message(msg(headers(&[(":status", "200"), ("content-encoding", "gzip")], false), None));
+        x.on_message(msg(body(r#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#, true), None));
+        assert_eq!(x.content_encoding.as_deref(), Some("gzip"));
+        assert!(!x.parser.take().unwrap().finish().found);
+        let mut x = Exchange::default();
+        x.on_message(msg(headers(&[("content-encoding", "identity")], false), None));
+        assert_eq!(x.content_encoding, None);
+    }
+
+    #[test]
+    fn no_metadata_means_nothing_to_record() {
+        let mut x = Exchange::default();
+        x.on_message(msg(headers(&[(":status", "401")], true), None));
+        assert_eq!(x.key_id, None, "a denied request carries no key id");
+    }
+}

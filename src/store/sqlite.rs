@@ -198,10 +198,11 @@ impl Store for SqliteStore {
         }
         // Each live key's latest period.
         let rows = sqlx::query(
-            // The row written last: a reset-period change can move usage to an earlier period start.
+            // The latest period under the key's current rule: a reset-period change can move
+            // usage to a period that starts earlier (MONTHLY -> NEVER).
             "SELECT u.* FROM key_usage u JOIN api_keys k ON k.id = u.key_id AND k.deleted_at IS NULL \
-             WHERE u.rowid = (SELECT rowid FROM key_usage WHERE key_id = u.key_id \
-                              ORDER BY updated_at DESC, period_start DESC LIMIT 1)",
+             WHERE u.rowid = (SELECT rowid FROM key_usage WHERE key_id = u.key_id AND reset_period = k.reset_period \
+                              ORDER BY period_start DESC LIMIT 1)",
         )
         .fetch_all(&self.pool)
         .await

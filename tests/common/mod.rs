@@ -100,6 +100,15 @@ impl TestServer {
         Ok(())
     }
 
+    /// Rows of a query on the server's SQLite file (read beside the server).
+    pub async fn db_count(&self, sql: &str, bind: &str) -> i64 {
+        let url = format!("sqlite://{}", self.dir.path().join("portcullis.db").display());
+        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+        let n: i64 = sqlx::query_scalar(sql).bind(bind).fetch_one(&pool).await.unwrap();
+        pool.close().await;
+        n
+    }
+
     pub fn running(&self) -> &Running {
         self.running.as_ref().expect("server is running")
     }
@@ -289,7 +298,12 @@ impl Stack {
     }
 
     pub async fn start_with(edit: impl FnOnce(String) -> String) -> Stack {
-        let server = TestServer::start().await;
+        Self::start_full(&[], edit).await
+    }
+
+    /// With extra `serve` flags and an edited Envoy config.
+    pub async fn start_full(flags: &[&str], edit: impl FnOnce(String) -> String) -> Stack {
+        let server = TestServer::start_with(flags).await;
         let upstream = FakeUpstream::start().await;
         let envoy = Envoy::start_with(server.authz_port(), upstream.port, edit).await;
         Stack { server, upstream, envoy }
