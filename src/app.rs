@@ -46,13 +46,18 @@ const ADMIN_HEALTH: &[&str] = &[
 
 /// Writes changed usage counters and token last-use times; on failure they stay dirty
 /// for the next attempt.
-async fn flush_usage(store: &dyn Store, shared: &Shared) -> bool {
+async fn flush_usage(store: &dyn Store, shared: &Shared, last: bool) -> bool {
     let _one_at_a_time = shared.flush.lock().await;
-    let used = shared.tokens.write().map(|mut t| t.take_last_used()).unwrap_or_default();
-    if !used.is_empty()
-        && let Err(e) = store.save_token_last_used(&used).await
-    {
-        tracing::warn!(error = %e, "could not record management-token use");
+    let used = shared.tokens.read().map(|t| t.last_used_to_write(last)).unwrap_or_default();
+    if !used.is_empty() {
+        match store.save_token_last_used(&used).await {
+            Ok(()) => {
+                if let Ok(mut t) = shared.tokens.write() {
+                    t.persisted(&used);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not record management-token use; will retry"),
+        }
     }
     let dirty = shared.limiters.meters.take_dirty();
     if dirty.is_empty() {
@@ -197,6 +202,9 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     store.migrate().await.context("running migrations")?;
     let snapshot = store.load().await.context("loading gateways, keys and tokens")?;
     let idle = chrono::Duration::from_std(args.session_idle_timeout).context("--session-idle-timeout is too large")?;
+    if idle <= chrono::Duration::zero() {
+        bail!("--session-idle-timeout must be longer than 0s");
+    }
     let mut tokens = TokenRegistry::new(snapshot.access_tokens, args.dev, idle);
     bootstrap(&*store, &mut tokens, args, &*clock).await?;
     if args.dev {
@@ -237,7 +245,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         loop {
             tick.tick().await;
             let Some(shared) = weak.upgrade() else { break };
-            flush_usage(&*flush_store, &shared).await;
+            flush_usage(&*flush_store, &shared, false).await;
         }
     });
 
@@ -332,7 +340,7 @@ impl Running {
                 Ok(())
             }
         };
-        if !flush_usage(&*self.store, &self.shared).await {
+        if !flush_usage(&*self.store, &self.shared, true).await {
             tracing::error!("usage of the last second could not be written");
         }
         drained

@@ -12,6 +12,9 @@ use crate::cli::CliCommand;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How the admin commands reach the admin API (before or after the subcommand).
+    #[command(flatten)]
+    pub conn: crate::cli::Connection,
 }
 
 #[derive(Debug, Subcommand)]

@@ -38,7 +38,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             app::serve(args).await
         }
         Command::Migrate(db) => app::migrate(&db.database_url).await,
-        Command::Admin(cmd) => cli::run(cmd).await,
+        Command::Admin(cmd) => cli::run(cmd, cli.conn).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

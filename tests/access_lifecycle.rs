@@ -208,3 +208,44 @@ async fn the_audit_trail_answers_who_changed_this_key_and_when() {
         .unwrap_err();
     assert_eq!((s.code(), s.message()), (Code::PermissionDenied, "You don't have access to this action"));
 }
+
+#[tokio::test]
+async fn an_unauthenticated_flood_is_audited_without_filling_the_trail() {
+    let server = TestServer::start().await;
+    let (mut nobody, _) = server.clients_with("pcm_flood-0000000000000000000000000000000000").await;
+    for _ in 0..75 {
+        assert_eq!(nobody.list_gateways(pb::ListGatewaysRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
+    }
+    let mut owner = audit(&server, OWNER_TOKEN).await;
+    let count = |events: &[pb::AuditEvent]| events.iter().filter(|e| e.result.starts_with("UNAUTHENTICATED")).count();
+    let events = owner
+        .list_audit_events(pb::ListAuditEventsRequest { page_size: 1000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(count(&events), 60, "one by one up to the per-minute cap");
+    server.clock.advance(Duration::minutes(1));
+    nobody.list_gateways(pb::ListGatewaysRequest {}).await.unwrap_err();
+    let events = owner
+        .list_audit_events(pb::ListAuditEventsRequest { page_size: 1000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(count(&events), 61);
+    assert!(events[0].result.contains("and 15 more the minute before"), "{}", events[0].result);
+}
+
+#[tokio::test]
+async fn ids_are_never_echoed_into_the_trail() {
+    let server = TestServer::start().await;
+    let (_, mut keys) = server.clients().await;
+    let pasted = "pcs_SomebodyPastedTheirSecretHere0123456789";
+    let s = keys.delete_key(pb::DeleteKeyRequest { id: pasted.into() }).await.unwrap_err();
+    assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "id: is not a valid id"));
+    let mut owner = audit(&server, OWNER_TOKEN).await;
+    let events = owner.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap().into_inner().events;
+    assert_eq!(events[0].action, "KeyService/DeleteKey");
+    assert!(!format!("{events:?}").contains("SomebodyPasted"));
+}

@@ -331,6 +331,35 @@ async fn scoped_tokens_see_only_their_gateways() {
     let listed = a.list_access_tokens(pb::ListAccessTokensRequest {}).await.unwrap().into_inner();
     assert!(listed.tokens.iter().any(|t| t.id == token.id));
     assert!(!format!("{listed:?}").contains(&r.secret[12..]));
+    // A scoped owner cannot mint an unscoped token, nor one for another gateway.
+    let r = a
+        .create_access_token(pb::CreateAccessTokenRequest {
+            name: "owner-alpha".into(),
+            role: pb::Role::Owner as i32,
+            gateways: vec!["alpha".into()],
+            expires_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut scoped_owner = clients(&server, &r.secret).await;
+    for gateways in [vec![], vec!["beta".to_string()], vec!["alpha".to_string(), "beta".to_string()]] {
+        let s = scoped_owner
+            .access
+            .create_access_token(pb::CreateAccessTokenRequest {
+                name: "wider".into(),
+                role: pb::Role::Developer as i32,
+                gateways: gateways.clone(),
+                expires_at: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::PermissionDenied, "You don't have access to this gateway"),
+            "{gateways:?}"
+        );
+    }
     // A token cannot mint a wider one.
     let s = dev
         .access

@@ -35,7 +35,13 @@ async fn every_admin_rpc_requires_a_valid_management_token() {
     let mut raw = pb::gateway_service_client::GatewayServiceClient::new(server.channel().await);
     let s = raw.create_gateway(gateway_req("demo")).await.expect_err("refused");
     assert_eq!((s.code(), s.message()), (Code::Unauthenticated, "Unauthorized"));
-    // The token without the Bearer scheme is refused too.
+    // The right token without the Bearer scheme, or under another scheme, is refused too.
+    for value in [OWNER_TOKEN.to_string(), format!("Basic {OWNER_TOKEN}"), format!("Bearer{OWNER_TOKEN}")] {
+        let mut req = tonic::Request::new(pb::ListGatewaysRequest {});
+        req.metadata_mut().insert("authorization", value.parse().unwrap());
+        let s = raw.list_gateways(req).await.expect_err("refused");
+        assert_eq!((s.code(), s.message()), (Code::Unauthenticated, "Unauthorized"), "{value}");
+    }
     let (mut gw, _) = server.clients().await;
     assert!(gw.list_gateways(pb::ListGatewaysRequest {}).await.unwrap().into_inner().gateways.is_empty());
 }

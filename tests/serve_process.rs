@@ -489,8 +489,22 @@ async fn cli_manages_tokens_and_reads_the_audit_trail() {
     let (ok, out, _) = cli(&url, &["audit", "--limit", "3"]).await;
     assert!(ok && out.starts_with("TIME") && out.lines().count() == 4, "{out}");
 
+    // Address and token from flags, with no environment.
+    let out = Command::new(BIN)
+        .args(["--admin-url", &url, "--token", OWNER_TOKEN, "tokens", "list"])
+        .env_remove("PORTCULLIS_ADMIN_URL")
+        .env_remove("PORTCULLIS_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && listed.contains("token-user01") && listed.contains("ACTIVE"), "{listed}");
     let (ok, out, _) = cli(&url, &["tokens", "revoke", dev["id"].as_str().unwrap()]).await;
     assert!(ok && out.contains("REVOKED"), "{out}");
+    let (ok, out, _) = cli(&url, &["tokens", "list", "--json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dev = list.as_array().unwrap().iter().find(|t| t["name"] == "token-user01").unwrap().clone();
+    assert!(ok && dev["status"] == "TOKEN_STATUS_REVOKED", "{dev}");
     let (ok, _, err) = cli_as(&url, &secret, &["tokens", "whoami"]).await;
     assert_eq!((ok, err.trim()), (false, "error: Unauthorized (UNAUTHENTICATED)"));
 }

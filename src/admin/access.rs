@@ -43,9 +43,15 @@ fn role_from_pb(r: i32) -> Result<Role, FieldError> {
     }
 }
 
-fn token_to_pb(s: &StoredToken, last_used: DateTime<Utc>) -> pb::AccessToken {
+fn token_to_pb(s: &StoredToken, last_used: DateTime<Utc>, usable: bool) -> pb::AccessToken {
     let t = &s.token;
+    let status = match (t.revoked_at, usable) {
+        (Some(_), _) => pb::TokenStatus::Revoked,
+        (None, true) => pb::TokenStatus::Active,
+        (None, false) => pb::TokenStatus::Expired,
+    };
     pb::AccessToken {
+        status: status as i32,
         id: t.id.to_string(),
         name: t.name.clone(),
         role: role_to_pb(t.role) as i32,
@@ -88,6 +94,9 @@ impl AccessService for AccessApi {
             if let Some(at) = expires_at {
                 validate_expiry("expires_at", at, now)?;
             }
+            if let [only] = gateways.as_slice() {
+                c.gateway(only);
+            }
             c.who.may_manage(role, &gateways)?;
             let secret = Secret::generate(SecretKind::AccessToken);
             let token = AccessToken {
@@ -106,7 +115,7 @@ impl AccessService for AccessApi {
             admin.store.insert_access_token(&stored).await?;
             admin.registry()?.insert(stored.clone());
             AdminResult::Ok(pb::CreateAccessTokenResponse {
-                token: Some(token_to_pb(&stored, now)),
+                token: Some(token_to_pb(&stored, now, true)),
                 secret: secret.expose().to_string(),
             })
         };
@@ -121,12 +130,14 @@ impl AccessService for AccessApi {
         let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
             c.check(Action::ManageTokens, None)?;
-            let all = admin.registry()?.list();
+            let now = admin.shared.clock.now();
+            let registry = admin.registry()?;
+            let all = registry.list();
             // A gateway-scoped owner sees the tokens it could have made.
             let tokens = all
                 .iter()
                 .filter(|(s, _)| c.who.may_manage(s.token.role, &s.token.gateways).is_ok())
-                .map(|(s, used)| token_to_pb(s, *used))
+                .map(|(s, used)| token_to_pb(s, *used, registry.usable(&s.token, *used, now)))
                 .collect();
             AdminResult::Ok(pb::ListAccessTokensResponse { tokens })
         };
@@ -141,17 +152,20 @@ impl AccessService for AccessApi {
         let id = request.into_inner().id;
         let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
-            c.target(id.clone());
             c.check(Action::ManageTokens, None)?;
             let id = parse_id("id", &id)?;
+            c.target(id.to_string());
             let _w = admin.writes.lock().await;
             let (stored, _) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
+            if let [only] = stored.token.gateways.as_slice() {
+                c.gateway(only);
+            }
             c.who.may_manage(stored.token.role, &stored.token.gateways)?;
             let now = admin.shared.clock.now();
             admin.store.revoke_access_token(id, now).await?;
             admin.registry()?.revoke(id, now);
             let (stored, used) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
-            AdminResult::Ok(token_to_pb(&stored, used))
+            AdminResult::Ok(token_to_pb(&stored, used, false))
         };
         self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
@@ -163,13 +177,15 @@ impl AccessService for AccessApi {
             let Some(id) = c.who.token_id else {
                 // The --dev token has no row.
                 return Ok(pb::AccessToken {
+                    status: pb::TokenStatus::Active as i32,
                     name: c.who.name.clone(),
                     role: role_to_pb(c.who.role) as i32,
                     ..Default::default()
                 });
             };
             let (stored, used) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
-            AdminResult::Ok(token_to_pb(&stored, used))
+            // It authenticated this very call.
+            AdminResult::Ok(token_to_pb(&stored, used, true))
         };
         self.0.finish(call, Kind::Read, run).await.map(Response::new)
     }

@@ -108,17 +108,30 @@ impl TokenRegistry {
         }
     }
 
-    /// Last-use times storage should learn (at most one write a minute per token).
-    pub fn take_last_used(&mut self) -> Vec<(Uuid, DateTime<Utc>)> {
-        let mut out = Vec::new();
+    /// Whether a token authenticates at `now`, given its last use.
+    pub fn usable(&self, token: &AccessToken, last_used: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        token.is_usable(now, last_used, self.idle_timeout)
+    }
+
+    /// Last-use times storage should learn: at most one write a minute per token, or
+    /// every newer one when `all` (at shutdown). Confirm with `persisted` once written.
+    pub fn last_used_to_write(&self, all: bool) -> Vec<(Uuid, DateTime<Utc>)> {
+        let granularity = if all { Duration::zero() } else { Duration::seconds(LAST_USED_GRANULARITY_SECS) };
+        self.by_hash
+            .values()
+            .filter(|e| e.last_used > e.stored.token.created_at)
+            .filter(|e| e.persisted.is_none_or(|p| e.last_used - p > granularity || (all && e.last_used > p)))
+            .map(|e| (e.stored.token.id, e.last_used))
+            .collect()
+    }
+
+    /// Storage has these last-use times.
+    pub fn persisted(&mut self, written: &[(Uuid, DateTime<Utc>)]) {
         for e in self.by_hash.values_mut() {
-            let stale = e.persisted.is_none_or(|p| e.last_used - p >= Duration::seconds(LAST_USED_GRANULARITY_SECS));
-            if stale && e.last_used > e.stored.token.created_at {
-                e.persisted = Some(e.last_used);
-                out.push((e.stored.token.id, e.last_used));
+            if let Some((_, at)) = written.iter().find(|(id, _)| *id == e.stored.token.id) {
+                e.persisted = Some(e.persisted.map_or(*at, |p| p.max(*at)));
             }
         }
-        out
     }
 }
 
@@ -157,5 +170,45 @@ impl Interceptor for AdminAuth {
         let caller = self.principal(&request).map_or(Caller::Refused, Caller::Token);
         request.extensions_mut().insert(caller);
         Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_use_is_written_at_most_once_a_minute_not_per_call() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let token = AccessToken {
+            id: Uuid::now_v7(),
+            name: "ci".into(),
+            role: Role::Admin,
+            gateways: vec![],
+            created_at: t0,
+            expires_at: None,
+            revoked_at: None,
+        };
+        let secret = "pcm_example-secret-for-the-registry-test";
+        let hash = SecretHash::of(secret);
+        let mut r = TokenRegistry::new(
+            vec![StoredToken { token, hash, prefix: "pcm_example-".into(), last_used_at: None }],
+            false,
+            Duration::hours(1),
+        );
+        assert!(r.last_used_to_write(false).is_empty(), "never used");
+        r.authenticate(secret, t0 + Duration::seconds(1)).unwrap();
+        let first = r.last_used_to_write(false);
+        assert_eq!(first.len(), 1);
+        r.persisted(&first);
+        for s in [10, 20, 30, 60] {
+            r.authenticate(secret, t0 + Duration::seconds(s)).unwrap();
+            assert!(r.last_used_to_write(false).is_empty(), "no write for a call {s}s later");
+        }
+        assert_eq!(r.last_used_to_write(true).len(), 1, "shutdown writes the newest use");
+        r.authenticate(secret, t0 + Duration::seconds(62)).unwrap();
+        assert_eq!(r.last_used_to_write(false), vec![(first[0].0, t0 + Duration::seconds(62))]);
+        // Not confirmed (the write failed): still due.
+        assert_eq!(r.last_used_to_write(false).len(), 1);
     }
 }

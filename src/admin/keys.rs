@@ -26,7 +26,9 @@ pub(crate) fn parse_id(field: &'static str, id: &str) -> Result<Uuid, FieldError
     if id.is_empty() {
         return Err(FieldError::new(field, "is required"));
     }
-    Uuid::parse_str(id).map_err(|_| FieldError::new(field, format!("'{id}' is not an id")))
+    // The value is not echoed: a secret pasted where an id belongs must not reach the
+    // audit trail, the log or the response.
+    Uuid::parse_str(id).map_err(|_| FieldError::new(field, "is not a valid id"))
 }
 
 /// Legacy keys authenticate but take no limits.
@@ -51,9 +53,9 @@ fn validate_legacy_secret(s: &str) -> Result<(), FieldError> {
 impl Admin {
     /// Loads a key by id and authorizes `action` on its gateway.
     async fn key_for(&self, call: &Call, action: Action, id: &str) -> AdminResult<(ApiKey, String)> {
-        call.target(id);
         call.check(action, None)?;
         let id = parse_id("id", id)?;
+        call.target(id.to_string());
         let key = self.store.get_key(id).await?.ok_or(AdminError::NotFound("key"))?;
         let gateway = self.shared.view()?.gateway_name(key.gateway_id).unwrap_or_default().to_string();
         call.check(action, Some(&gateway))?;

@@ -34,11 +34,35 @@ pub struct Admin {
     store: DynStore,
     /// Admin writes are serialised so that the order of commits and of view updates agree.
     writes: tokio::sync::Mutex<()>,
+    /// Unauthenticated calls audited this minute: (minute, recorded, skipped).
+    unauthenticated: Mutex<(i64, u32, u32)>,
 }
+
+/// At most this many unauthenticated calls a minute are audited one by one; the rest are
+/// counted into the next one recorded, so a flood cannot fill the trail.
+pub const UNAUTHENTICATED_AUDIT_PER_MINUTE: u32 = 60;
 
 impl Admin {
     pub fn new(shared: Arc<Shared>, store: DynStore) -> Arc<Self> {
-        Arc::new(Admin { shared, store, writes: tokio::sync::Mutex::new(()) })
+        Arc::new(Admin { shared, store, writes: tokio::sync::Mutex::new(()), unauthenticated: Mutex::new((0, 0, 0)) })
+    }
+
+    /// Whether to record this unauthenticated call, and how many went unrecorded before it.
+    fn admit_unauthenticated(&self) -> Option<u32> {
+        let minute = self.shared.clock.now().timestamp().div_euclid(60);
+        let mut u = self.unauthenticated.lock().ok()?;
+        if u.0 != minute {
+            let skipped = u.2;
+            *u = (minute, 1, 0);
+            return Some(skipped);
+        }
+        if u.1 < UNAUTHENTICATED_AUDIT_PER_MINUTE {
+            u.1 += 1;
+            Some(0)
+        } else {
+            u.2 += 1;
+            None
+        }
     }
 }
 
@@ -71,7 +95,7 @@ impl Call {
         Ok(self.who.authorize_global(action)?)
     }
 
-    fn gateway(&self, name: &str) {
+    pub(crate) fn gateway(&self, name: &str) {
         if let Ok(mut g) = self.gateway.lock() {
             *g = Some(name.to_string());
         }
@@ -96,7 +120,18 @@ impl Admin {
                 target: Mutex::new(String::new()),
             })),
             _ => {
-                self.record(None, action, None, String::new(), "UNAUTHENTICATED: Unauthorized".into()).await;
+                match self.admit_unauthenticated() {
+                    Some(0) => {
+                        self.record(None, action, None, String::new(), "UNAUTHENTICATED: Unauthorized".into()).await
+                    }
+                    Some(n) => {
+                        let result = format!(
+                            "UNAUTHENTICATED: Unauthorized (and {n} more the minute before, not recorded one by one)"
+                        );
+                        self.record(None, action, None, String::new(), result).await
+                    }
+                    None => tracing::debug!(action, "unauthenticated admin call (audit rate-limited)"),
+                }
                 Err(Status::unauthenticated("Unauthorized"))
             }
         }

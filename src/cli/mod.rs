@@ -34,36 +34,26 @@ pub struct Connection {
 pub enum CliCommand {
     /// Create, list, inspect, update and delete gateways.
     Gateways {
-        #[command(flatten)]
-        conn: Connection,
         #[command(subcommand)]
         cmd: GatewaysCmd,
     },
     /// Create, list, enable, disable, update, rotate and delete API keys; see their usage.
     Keys {
-        #[command(flatten)]
-        conn: Connection,
         #[command(subcommand)]
         cmd: KeysCmd,
     },
     /// Model prices (USD per million tokens) used to meter cost.
     Prices {
-        #[command(flatten)]
-        conn: Connection,
         #[command(subcommand)]
         cmd: PricesCmd,
     },
     /// Management tokens: create, list, revoke, whoami.
     Tokens {
-        #[command(flatten)]
-        conn: Connection,
         #[command(subcommand)]
         cmd: TokensCmd,
     },
     /// The audit trail: admin changes and refused calls, newest first.
     Audit {
-        #[command(flatten)]
-        conn: Connection,
         /// Only events of this gateway.
         #[arg(long)]
         gateway: Option<String>,
@@ -114,6 +104,7 @@ pub enum GatewaysCmd {
         settings: GatewaySettings,
     },
     List,
+    /// One gateway.
     Get {
         name: String,
     },
@@ -182,6 +173,7 @@ pub enum KeysCmd {
         #[arg(long)]
         expires_at: Option<String>,
     },
+    /// List a gateway's keys: name, prefix, status, limits, created, expires.
     List {
         #[arg(long)]
         gateway: String,
@@ -189,15 +181,12 @@ pub enum KeysCmd {
         #[arg(long)]
         limit: Option<usize>,
     },
-    Get {
-        id: String,
-    },
-    Enable {
-        id: String,
-    },
-    Disable {
-        id: String,
-    },
+    /// One key.
+    Get { id: String },
+    /// Let the key authenticate again (any time).
+    Enable { id: String },
+    /// Refuse the key from the next request on.
+    Disable { id: String },
     /// Rename, change limits (replaces all of them) or expiry.
     Update {
         id: String,
@@ -211,13 +200,9 @@ pub enum KeysCmd {
         clear_expires_at: bool,
     },
     /// Delete a key permanently.
-    Delete {
-        id: String,
-    },
+    Delete { id: String },
     /// The Overview: usage in the current period against the key's limits.
-    Usage {
-        id: String,
-    },
+    Usage { id: String },
     /// A new secret for the key (printed once); the old one works for --grace.
     Rotate {
         id: String,
@@ -347,13 +332,14 @@ fn upstream(s: &GatewaySettings) -> Option<pb::UpstreamAuth> {
     })
 }
 
-pub async fn run(cmd: CliCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: CliCommand, conn: Connection) -> anyhow::Result<()> {
+    let conn = &conn;
     match cmd {
-        CliCommand::Gateways { conn, cmd } => gateways(&conn, cmd).await,
-        CliCommand::Keys { conn, cmd } => keys(&conn, cmd).await,
-        CliCommand::Prices { conn, cmd } => prices(&conn, cmd).await,
-        CliCommand::Tokens { conn, cmd } => tokens(&conn, cmd).await,
-        CliCommand::Audit { conn, gateway, limit } => audit(&conn, gateway, limit).await,
+        CliCommand::Gateways { cmd } => gateways(conn, cmd).await,
+        CliCommand::Keys { cmd } => keys(conn, cmd).await,
+        CliCommand::Prices { cmd } => prices(conn, cmd).await,
+        CliCommand::Tokens { cmd } => tokens(conn, cmd).await,
+        CliCommand::Audit { gateway, limit } => audit(conn, gateway, limit).await,
     }
 }
 

@@ -257,7 +257,7 @@ impl Out {
                 .iter()
                 .map(|t| {
                     json!({
-                        "id": t.id, "name": t.name, "role": role(t.role), "gateways": t.gateways, "prefix": t.prefix,
+                        "id": t.id, "name": t.name, "role": role(t.role), "status": pb::TokenStatus::try_from(t.status).map(|s| s.as_str_name()).unwrap_or("-"), "gateways": t.gateways, "prefix": t.prefix,
                         "created_at": ts(&t.created_at), "expires_at": opt(&t.expires_at),
                         "last_used_at": opt(&t.last_used_at), "revoked_at": opt(&t.revoked_at),
                     })
@@ -272,7 +272,13 @@ impl Out {
                     t.name.clone(),
                     role(t.role).to_string(),
                     if t.gateways.is_empty() { "all".into() } else { t.gateways.join(",") },
-                    if t.revoked_at.is_some() { "REVOKED".into() } else { "ACTIVE".into() },
+                    match pb::TokenStatus::try_from(t.status) {
+                        Ok(pb::TokenStatus::Active) => "ACTIVE",
+                        Ok(pb::TokenStatus::Revoked) => "REVOKED",
+                        Ok(pb::TokenStatus::Expired) => "EXPIRED",
+                        _ => "-",
+                    }
+                    .to_string(),
                     opt(&t.last_used_at).unwrap_or_else(|| "never".into()),
                     if t.prefix.is_empty() { "-".into() } else { format!("{}…", t.prefix) },
                     t.id.clone(),
@@ -310,6 +316,7 @@ impl Out {
                 vec![
                     ts(&e.time),
                     if e.token_name.is_empty() { "-".into() } else { e.token_name.clone() },
+                    if e.token_id.is_empty() { "-".into() } else { e.token_id.clone() },
                     e.action.clone(),
                     if e.gateway.is_empty() { "-".into() } else { e.gateway.clone() },
                     if e.target.is_empty() { "-".into() } else { e.target.clone() },
@@ -317,7 +324,7 @@ impl Out {
                 ]
             })
             .collect();
-        table(&["TIME", "TOKEN", "ACTION", "GATEWAY", "TARGET", "RESULT"], rows);
+        table(&["TIME", "TOKEN", "TOKEN ID", "ACTION", "GATEWAY", "TARGET", "RESULT"], rows);
     }
 
     pub fn message(&self, json: Value, text: &str) {
