@@ -254,6 +254,8 @@ fn main() {
         }
         println!("{name:<44} {us:>6.1} µs CPU/request  {rps:>8.0} req/s  {:>5.2}x", us / baseline);
     }
-    let _ = ideal.kill();
-    let _ = portcullis.kill();
+    for child in [&mut ideal, &mut portcullis] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
