@@ -152,7 +152,7 @@ fn envoy(authz_port: u16, metering: bool, dir: &std::path::Path) -> Envoy {
 fn h2load(port: u16, key: &str, n: u32) -> f64 {
     let out = Command::new("h2load")
         .args(["-n", &n.to_string(), "-c", "16", "-m", "8", "-t", "1"])
-        .args(["-H", "host: demo.gateway.local", "-H", &format!("x-api-key: {key}")])
+        .args(["-H", ":authority: demo.gateway.local", "-H", &format!("x-api-key: {key}")])
         .arg(format!("http://127.0.0.1:{port}/v1/chat/completions"))
         .output()
         .expect("h2load on PATH (apt-get install nghttp2-client)");
@@ -191,6 +191,7 @@ fn main() {
         .arg(format!("sqlite://{}", dir.path().join("bench.db").display()))
         .env("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER)
         .env("PORTCULLIS_LOG", "warn")
+        .env("TOKIO_WORKER_THREADS", std::env::var("BENCH_WORKERS").unwrap_or_else(|_| "2".into()))
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -220,7 +221,7 @@ fn main() {
         let limits = pb::Limits {
             cost_limit_usd: Some("1000000".into()),
             token_limit: Some(u64::MAX / 2),
-            requests_per_minute: Some(u32::MAX),
+            requests_per_minute: Some(10_000_000),
             reset_period: pb::ResetPeriod::Monthly as i32,
         };
         let limited = keys.create_key(mk("limited", Some(limits))).await.unwrap().into_inner().secret;

@@ -54,6 +54,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_ADMIN_ADDR", default_value = "127.0.0.1:50052")]
     pub admin_addr: SocketAddr,
 
+    /// Threads serving Envoy (ext_authz, ext_proc), each a single-threaded runtime of its own.
+    /// One keeps CPU per Check lowest; raise it when one core cannot keep up.
+    #[arg(long, env = "PORTCULLIS_AUTHZ_THREADS", default_value_t = 1)]
+    pub authz_threads: usize,
+
     /// Which listeners this process runs.
     #[arg(long, env = "PORTCULLIS_ROLE", value_enum, default_value_t = ServeRole::All)]
     pub role: ServeRole,
