@@ -63,6 +63,46 @@ impl Admin {
     }
 }
 
+/// A key of ours (with limits and expiry), or an imported legacy secret (neither).
+enum NewKey {
+    Managed { limits: Limits, expires_at: Option<chrono::DateTime<chrono::Utc>> },
+    Legacy,
+}
+
+impl Admin {
+    /// Stores a new key with its secret and makes it authenticate (caller holds `writes`).
+    async fn add_key(
+        &self,
+        call: &Call,
+        gateway: &crate::domain::gateway::Gateway,
+        name: &str,
+        secret: &Secret,
+        kind: NewKey,
+    ) -> AdminResult<ApiKey> {
+        let (legacy, limits, expires_at) = match kind {
+            NewKey::Managed { limits, expires_at } => (false, limits, expires_at),
+            NewKey::Legacy => (true, Limits::default(), None),
+        };
+        let key = ApiKey {
+            id: Uuid::now_v7(),
+            gateway_id: gateway.id,
+            name: name.trim().to_string(),
+            // A legacy secret may be short: show less of it than of ours.
+            prefix: if legacy { secret.expose().chars().take(6).collect() } else { secret.display_prefix() },
+            enabled: true,
+            legacy,
+            limits,
+            created_at: self.shared.clock.now(),
+            expires_at,
+            last_used_at: None,
+        };
+        call.target(key.id.to_string());
+        self.store.insert_key(&key, &secret.hash()).await?;
+        self.shared.view_mut()?.upsert_key(key.clone(), vec![KeySecret::current(secret.hash())]);
+        Ok(key)
+    }
+}
+
 #[tonic::async_trait]
 impl KeyService for KeyApi {
     async fn create_key(
@@ -85,21 +125,7 @@ impl KeyService for KeyApi {
             let _w = admin.writes.lock().await;
             let gateway = admin.gateway_by_name("gateway", &req.gateway).await?;
             let secret = Secret::generate(SecretKind::ApiKey);
-            let key = ApiKey {
-                id: Uuid::now_v7(),
-                gateway_id: gateway.id,
-                name: req.name.trim().to_string(),
-                prefix: secret.display_prefix(),
-                enabled: true,
-                legacy: false,
-                limits,
-                created_at: now,
-                expires_at,
-                last_used_at: None,
-            };
-            c.target(key.id.to_string());
-            admin.store.insert_key(&key, &secret.hash()).await?;
-            admin.shared.view_mut()?.upsert_key(key.clone(), vec![KeySecret::current(secret.hash())]);
+            let key = admin.add_key(&c, &gateway, &req.name, &secret, NewKey::Managed { limits, expires_at }).await?;
             AdminResult::Ok(pb::CreateKeyResponse {
                 key: Some(key_to_pb(&key, &gateway.name, now)),
                 secret: secret.expose().to_string(),
@@ -221,22 +247,7 @@ impl KeyService for KeyApi {
             let secret = Secret::from_plaintext(req.secret);
             let _w = admin.writes.lock().await;
             let gateway = admin.gateway_by_name("gateway", &req.gateway).await?;
-            let key = ApiKey {
-                id: Uuid::now_v7(),
-                gateway_id: gateway.id,
-                name: req.name.trim().to_string(),
-                // A legacy secret may be short: show less of it than of ours.
-                prefix: secret.expose().chars().take(6).collect(),
-                enabled: true,
-                legacy: true,
-                limits: Limits::default(),
-                created_at: now,
-                expires_at: None,
-                last_used_at: None,
-            };
-            c.target(key.id.to_string());
-            admin.store.insert_key(&key, &secret.hash()).await?;
-            admin.shared.view_mut()?.upsert_key(key.clone(), vec![KeySecret::current(secret.hash())]);
+            let key = admin.add_key(&c, &gateway, &req.name, &secret, NewKey::Legacy).await?;
             AdminResult::Ok(key_to_pb(&key, &gateway.name, now))
         };
         self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
