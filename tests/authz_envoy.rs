@@ -282,3 +282,37 @@ async fn requests_per_minute_limit_stops_at_exactly_n_with_rate_limit_headers() 
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-ratelimit-limit-requests"), None);
 }
+
+#[tokio::test]
+async fn check_answers_from_memory_while_the_database_is_unavailable() {
+    use sqlx::Connection;
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (key, secret) = create_key(&mut keys, "demo", "resilient").await;
+
+    // Another process holds the database exclusively: every write of portcullis waits
+    // (busy timeout), then fails.
+    let url = format!("sqlite://{}", stack.server.dir.path().join("portcullis.db").display());
+    let mut lock = sqlx::sqlite::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut lock).await.unwrap();
+
+    // Envoy gives ext_authz 0.5 s: a Check that touched the database would time out (503).
+    for _ in 0..5 {
+        let r = stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert_denied(&stack.envoy.send(DEMO, PATH, &[("x-api-key", "pcs_nope")]).await, 401, INVALID);
+    let disable = pb::UpdateKeyRequest { id: key.id.clone(), enabled: Some(false), ..Default::default() };
+    let s = keys.update_key(disable.clone()).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::Unavailable, "{}", s.message());
+    assert!(!s.message().contains("locked"), "driver messages stay in the log: {}", s.message());
+    // The failed write changed nothing: the key still works.
+    assert_eq!(stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await.status, 200);
+
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    let k = keys.get_key(pb::GetKeyRequest { id: key.id.clone() }).await.unwrap().into_inner();
+    assert!(k.enabled, "no half-written row");
+    keys.update_key(disable).await.unwrap();
+    assert_denied(&stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await, 401, INVALID);
+}
