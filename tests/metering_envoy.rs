@@ -391,7 +391,7 @@ async fn default_reservation_holds_the_budget_while_requests_are_in_flight() {
     let limits = pb::Limits { token_limit: Some(100), requests_per_minute: Some(50), ..Default::default() };
     let (id, secret) = key_with(&mut keys, "held", limits).await;
     // No max_tokens in the body: each request holds the gateway's 60 tokens while in flight.
-    let slow = [("x-api-key", secret.as_str()), ("x-fake-delay-ms", "400"), ("x-fake-usage", "5,5")];
+    let slow = [("x-api-key", secret.as_str()), ("x-fake-delay-ms", "2000"), ("x-fake-usage", "5,5")];
     let in_flight = async {
         futures_pair(stack.envoy.post(DEMO, CHAT, &slow, "{}"), stack.envoy.post(DEMO, CHAT, &slow, "{}")).await
     };
