@@ -66,6 +66,7 @@ async fn flush_usage(store: &dyn Store, shared: &Shared, last: bool) -> bool {
     match store.save_usage(&dirty, shared.clock.now()).await {
         Ok(()) => true,
         Err(e) => {
+            shared.metrics.flush_failed();
             tracing::error!(error = %e, keys = dirty.len(), "usage flush failed; will retry");
             shared.limiters.meters.mark_dirty(dirty.iter().map(|c| c.key_id));
             false
@@ -89,6 +90,7 @@ fn health_names(role: ServeRole) -> Vec<&'static str> {
 pub struct Running {
     pub authz_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
@@ -335,6 +337,13 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         tasks.push(tokio::spawn(async move { Ok(router.serve_with_incoming_shutdown(incoming, stop).await?) }));
         tracing::info!(%addr, "admin listener (admin API, health, reflection) ready");
     }
+    let mut metrics_addr = None;
+    if let Some(addr) = args.metrics_addr {
+        let (local, task) = crate::metrics::serve(addr, Arc::clone(&shared), signal()).await?;
+        metrics_addr = Some(local);
+        tasks.push(task);
+        tracing::info!(addr = %local, "metrics listener (/metrics) ready");
+    }
     let health_names = health_names(args.role);
     for name in &health_names {
         health.set_service_status(name, ServingStatus::Serving).await;
@@ -342,6 +351,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     Ok(Running {
         authz_addr,
         admin_addr,
+        metrics_addr,
         shared,
         shutdown,
         tasks,

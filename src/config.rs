@@ -59,6 +59,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_AUTHZ_THREADS", default_value_t = 1)]
     pub authz_threads: usize,
 
+    /// Serve Prometheus metrics (`GET /metrics`) on this address; off when unset.
+    #[arg(long, env = "PORTCULLIS_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Which listeners this process runs.
     #[arg(long, env = "PORTCULLIS_ROLE", value_enum, default_value_t = ServeRole::All)]
     pub role: ServeRole,

@@ -18,6 +18,7 @@ pub struct Shared {
     /// One usage flush at a time: the last flush at shutdown must not miss counters a
     /// periodic flush took but has not written yet.
     pub flush: tokio::sync::Mutex<()>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The view's lock was poisoned by a panicking writer: the view may be half-updated,
@@ -35,6 +36,7 @@ impl Shared {
             clock,
             metering: Default::default(),
             flush: Default::default(),
+            metrics: Default::default(),
         }
     }
 

@@ -474,3 +474,34 @@ async fn a_reset_period_change_keeps_usage_across_a_restart() {
     let u = usage(&mut keys, &id).await;
     assert_eq!((u.requests, u.total_tokens), (2, 84), "the row written last is the one loaded");
 }
+
+#[tokio::test]
+async fn metrics_count_decisions_metering_and_unpriced_models() {
+    let stack = Stack::start_full(&["--metrics-addr", "127.0.0.1:0"], |c| c).await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) =
+        key_with(&mut keys, "m", pb::Limits { requests_per_minute: Some(1), ..Default::default() }).await;
+    let body = r#"{"model":"mystery-model","messages":[]}"#;
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &[("x-api-key", secret.as_str())], body).await.status, 200);
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &[("x-api-key", secret.as_str())], body).await.status, 429);
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &[], body).await.status, 401);
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &[("x-api-key", "pcs_nope")], body).await.status, 401);
+    metered(&keys, &id, 1).await;
+    let port = stack.server.running().metrics_addr.unwrap().port();
+    let r = common::http::request(port, "GET", "metrics", "/metrics", &[], None).await;
+    assert_eq!(r.status, 200);
+    for line in [
+        "portcullis_checks_total{decision=\"allow\"} 1",
+        "portcullis_checks_total{decision=\"rate_limited\"} 1",
+        "portcullis_checks_total{decision=\"missing_key\"} 1",
+        "portcullis_checks_total{decision=\"invalid_key\"} 1",
+        "portcullis_metered_responses_total 1",
+        "portcullis_metered_tokens_total{kind=\"completion\"} 30",
+        "portcullis_unpriced_model_responses_total{model=\"mystery-model\"} 1",
+        "portcullis_keys 1",
+    ] {
+        assert!(r.body.lines().any(|l| l == line), "no `{line}` in:\n{}", r.body);
+    }
+    assert_eq!(common::http::request(port, "GET", "metrics", "/other", &[], None).await.status, 404);
+}

@@ -2,8 +2,7 @@
 //! chunks) with the ext_authz metadata (`key_id`, `reservation`) forwarded; we read the
 //! usage the provider reported, price it, record it and settle the reservation.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderMap;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
@@ -29,13 +28,11 @@ const AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 
 pub struct MeterService {
     shared: Arc<Shared>,
-    /// Unpriced models already reported, so the log says it once per model.
-    unpriced: Arc<Mutex<HashSet<String>>>,
 }
 
 impl MeterService {
     pub fn new(shared: Arc<Shared>) -> Self {
-        MeterService { shared, unpriced: Arc::default() }
+        MeterService { shared }
     }
 }
 
@@ -108,7 +105,7 @@ impl Exchange {
     }
 
     /// Records the response (once), whatever it reported; a cut stream still counts.
-    fn finish(self, shared: &Shared, unpriced: &Mutex<HashSet<String>>) {
+    fn finish(self, shared: &Shared) {
         let Some(key_id) = self.key_id else { return };
         let reported = self.parser.map(UsageParser::finish).unwrap_or_default();
         if let Some(encoding) = &self.content_encoding {
@@ -126,8 +123,7 @@ impl Exchange {
             match limiters.prices.read().ok().as_ref().and_then(|book| book.lookup(model).copied()) {
                 Some(price) => cost = cost_micros(&price, reported.prompt_tokens, reported.completion_tokens),
                 None => {
-                    let first = unpriced.lock().map(|mut s| s.insert(model.to_string())).unwrap_or(false);
-                    if first {
+                    if shared.metrics.unpriced(model) {
                         tracing::warn!(
                             model,
                             "unpriced model: tokens are counted at cost 0 (set a price with SetModelPrice)"
@@ -154,6 +150,7 @@ impl Exchange {
             metered.cost_micros = micros;
             tracing::warn!(key_id = %key_id, tokens, "no usage in a successful response: charged its reservation");
         }
+        shared.metrics.metered(metered.prompt_tokens, metered.completion_tokens, reported.found);
         match reset_period {
             Some(period) => limiters.meters.record(key_id, period, reservation, metered, now),
             // The key was deleted meanwhile: only give the reservation back.
@@ -178,7 +175,6 @@ impl ExternalProcessor for MeterService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(8);
         let shared = Arc::clone(&self.shared);
-        let unpriced = Arc::clone(&self.unpriced);
         let guard = shared.metering_started();
         tokio::spawn(async move {
             let _guard = guard;
@@ -198,7 +194,7 @@ impl ExternalProcessor for MeterService {
                     break;
                 }
             }
-            exchange.finish(&shared, &unpriced);
+            exchange.finish(&shared);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

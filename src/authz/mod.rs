@@ -65,10 +65,12 @@ impl AuthzService {
             Ok(view) => view,
             Err(e) => {
                 tracing::error!(error = %e, "check denied: internal error");
+                self.shared.metrics.internal_error();
                 return response::internal_error();
             }
         };
         let decision = check::decide(&view, &self.shared.limiters, &parts, now);
+        self.shared.metrics.check(&decision);
         log_decision(&decision);
         // The Overview shows each key's last denial.
         if let Decision::Deny(d) = &decision
