@@ -316,3 +316,28 @@ async fn check_answers_from_memory_while_the_database_is_unavailable() {
     keys.update_key(disable).await.unwrap();
     assert_denied(&stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await, 401, INVALID);
 }
+
+#[tokio::test]
+async fn several_authz_threads_serve_envoy() {
+    let stack = Stack::start_full(&["--authz-threads", "3"], |c| c).await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (key, secret) = create_key(&mut keys, "demo", "threads").await;
+    for _ in 0..10 {
+        assert_eq!(stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await.status, 200);
+    }
+    keys.update_key(pb::UpdateKeyRequest { id: key.id.clone(), enabled: Some(false), ..Default::default() })
+        .await
+        .unwrap();
+    assert_denied(&stack.envoy.send(DEMO, PATH, &[("x-api-key", &secret)]).await, 401, INVALID);
+    let usage = eventually("10 metered requests", std::time::Duration::from_secs(10), || {
+        let mut keys = keys.clone();
+        let id = key.id.clone();
+        async move {
+            let u = keys.get_key_usage(pb::GetKeyUsageRequest { id }).await.unwrap().into_inner();
+            (u.requests == 10).then_some(u)
+        }
+    })
+    .await;
+    assert_eq!(usage.total_tokens, 420);
+}
