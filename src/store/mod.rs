@@ -1,6 +1,7 @@
 //! Storage behind one async trait. SQLite is the first implementation; PostgreSQL
 //! follows the same trait. The request path never calls it.
 
+pub mod postgres;
 pub mod sealing;
 pub mod sqlite;
 
@@ -112,9 +113,12 @@ pub type DynStore = Arc<dyn Store>;
 pub async fn open(url: &str, sealer: sealing::Sealer) -> Result<DynStore, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url, sealer).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PostgresStore::connect(url, sealer).await?))
     } else {
         Err(StoreError::Unavailable(
-            format!("unsupported database URL scheme in '{}': use sqlite://PATH", redact_url(url)).into(),
+            format!("unsupported database URL scheme in '{}': use sqlite://PATH or postgres://…", redact_url(url))
+                .into(),
         ))
     }
 }

@@ -4,7 +4,7 @@
 
 pub mod http;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,11 +49,13 @@ where
     }
 }
 
-/// Portcullis running in this process on a manual clock and a fresh SQLite file.
+/// Portcullis running in this process on a manual clock and a fresh SQLite file (or
+/// another database URL).
 pub struct TestServer {
     pub running: Option<Running>,
     pub clock: Arc<ManualClock>,
     pub dir: tempfile::TempDir,
+    pub db_url: String,
 }
 
 impl TestServer {
@@ -63,47 +65,35 @@ impl TestServer {
 
     pub async fn start_with(extra: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()));
-        let running = Self::boot(dir.path(), Arc::clone(&clock), extra).await;
-        TestServer { running: Some(running), clock, dir }
+        let url = format!("sqlite://{}", dir.path().join("portcullis.db").display());
+        Self::start_on(dir, url, extra).await
     }
 
-    async fn boot(dir: &Path, clock: Arc<ManualClock>, extra: &[&str]) -> Running {
-        let db = format!("sqlite://{}", dir.join("portcullis.db").display());
-        let mut argv = vec![
-            "portcullis",
-            "serve",
-            "--authz-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--database-url",
-            &db,
-            "--bootstrap-token",
-            OWNER_TOKEN,
-        ];
+    /// On the database at `db_url`.
+    pub async fn start_on(dir: tempfile::TempDir, db_url: String, extra: &[&str]) -> TestServer {
+        let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()));
+        let running = Self::boot(&db_url, Arc::clone(&clock), extra).await.expect("portcullis starts");
+        TestServer { running: Some(running), clock, dir, db_url }
+    }
+
+    async fn boot(db: &str, clock: Arc<ManualClock>, extra: &[&str]) -> Result<Running, String> {
+        let mut argv = vec!["portcullis", "serve", "--authz-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"];
+        argv.extend_from_slice(&["--database-url", db, "--bootstrap-token", OWNER_TOKEN]);
         argv.extend_from_slice(extra);
         let PcCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
-        app::start(&args, clock).await.expect("portcullis starts")
+        app::start(&args, clock).await.map_err(|e| format!("{e:#}"))
     }
 
     /// Stops and starts again on the same database with other flags; the error if start fails.
     pub async fn restart_with(&mut self, extra: &[&str]) -> Result<(), String> {
         self.stop().await;
-        let db = format!("sqlite://{}", self.dir.path().join("portcullis.db").display());
-        let mut argv = vec!["portcullis", "serve", "--authz-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"];
-        argv.extend_from_slice(&["--database-url", &db, "--bootstrap-token", OWNER_TOKEN]);
-        argv.extend_from_slice(extra);
-        let PcCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
-        let clock: Arc<ManualClock> = Arc::clone(&self.clock);
-        self.running = Some(app::start(&args, clock).await.map_err(|e| format!("{e:#}"))?);
+        self.running = Some(Self::boot(&self.db_url.clone(), Arc::clone(&self.clock), extra).await?);
         Ok(())
     }
 
     /// Rows of a query on the server's SQLite file (read beside the server).
     pub async fn db_count(&self, sql: &str, bind: &str) -> i64 {
-        let url = format!("sqlite://{}", self.dir.path().join("portcullis.db").display());
-        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(&self.db_url).await.unwrap();
         let n: i64 = sqlx::query_scalar(sql).bind(bind).fetch_one(&pool).await.unwrap();
         pool.close().await;
         n
