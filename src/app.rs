@@ -233,6 +233,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let sealer = store::sealing::Sealer::from_key(args.encryption_key.as_deref()).map_err(anyhow::Error::msg)?;
     let store = store::open(&args.database.database_url, sealer).await.with_context(|| format!("opening {url}"))?;
     store.migrate().await.context("running migrations")?;
+    store.claim().await.context("claiming the database")?;
     let snapshot = store.load().await.context("loading gateways, keys and tokens")?;
     let idle = chrono::Duration::from_std(args.session_idle_timeout).context("--session-idle-timeout is too large")?;
     if idle <= chrono::Duration::zero() {
@@ -390,6 +391,7 @@ impl Running {
         if !flush_usage(&*self.store, &self.shared, true).await {
             tracing::error!("usage of the last second could not be written");
         }
+        self.store.release().await;
         drained
     }
 }

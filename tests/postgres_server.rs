@@ -16,7 +16,10 @@ async fn portcullis_runs_on_postgres() {
     sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
     let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
 
-    let mut server = TestServer::start_on(tempfile::tempdir().unwrap(), url, &[]).await;
+    let mut server = TestServer::start_on(tempfile::tempdir().unwrap(), url.clone(), &[]).await;
+    // A second replica on the same database is refused, not silently inconsistent.
+    let err = TestServer::try_start_on(url.clone(), &[]).await.err().expect("a second replica is refused");
+    assert!(err.contains("another portcullis process is serving from this database"), "{err}");
     let upstream = FakeUpstream::start().await;
     let envoy = Envoy::start(server.authz_port(), upstream.port).await;
     let (mut gw, mut keys) = server.clients().await;

@@ -29,8 +29,9 @@ pub enum StoreError {
     AlreadyExists(&'static str),
     #[error("the gateway still has {0} keys")]
     GatewayHasKeys(u64),
+    // The cause is in the message (not a `source`), so it is printed once.
     #[error("storage is unavailable: {0}")]
-    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Unavailable(Box<dyn std::error::Error + Send + Sync>),
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
 }
@@ -57,6 +58,13 @@ pub struct Page<'a> {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<(), StoreError>;
+    /// Claims the database for this process (one replica per database until scale-out):
+    /// fails when another serving process already holds it.
+    async fn claim(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Gives the database up (at shutdown), so the next process can claim it at once.
+    async fn release(&self) {}
     async fn load(&self) -> Result<Snapshot, StoreError>;
 
     async fn insert_gateway(&self, gateway: &Gateway) -> Result<(), StoreError>;

@@ -23,6 +23,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/
 
 pub struct PostgresStore {
     pool: PgPool,
+    url: String,
+    /// Holds the advisory lock that makes this process the database's only replica.
+    claim: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
     sealer: Sealer,
 }
 
@@ -158,7 +161,7 @@ impl PostgresStore {
             .connect(url)
             .await
             .map_err(unavailable)?;
-        Ok(PostgresStore { pool, sealer })
+        Ok(PostgresStore { pool, url: url.to_string(), claim: tokio::sync::Mutex::new(None), sealer })
     }
 }
 
@@ -166,6 +169,38 @@ impl PostgresStore {
 impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Unavailable(Box::new(e)))
+    }
+
+    async fn claim(&self) -> Result<(), StoreError> {
+        use sqlx::Connection;
+        /// Arbitrary, fixed: "portcullis" on a phone keypad.
+        const LOCK: i64 = 7_678_285_547;
+        let mut held = self.claim.lock().await;
+        if held.is_some() {
+            return Ok(());
+        }
+        let mut conn = sqlx::PgConnection::connect(&self.url).await.map_err(unavailable)?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LOCK)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if !got {
+            return Err(StoreError::Unavailable(
+                "another portcullis process is serving from this database; several replicas need scale-out \
+                 (shared counters), which this version does not have"
+                    .into(),
+            ));
+        }
+        *held = Some(conn);
+        Ok(())
+    }
+
+    async fn release(&self) {
+        if let Some(conn) = self.claim.lock().await.take() {
+            use sqlx::Connection;
+            let _ = conn.close().await;
+        }
     }
 
     async fn load(&self) -> Result<Snapshot, StoreError> {

@@ -76,6 +76,13 @@ impl TestServer {
         TestServer { running: Some(running), clock, dir, db_url }
     }
 
+    /// Starts on `db_url`, or says why it cannot.
+    pub async fn try_start_on(db_url: String, extra: &[&str]) -> Result<TestServer, String> {
+        let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()));
+        let running = Self::boot(&db_url, Arc::clone(&clock), extra).await?;
+        Ok(TestServer { running: Some(running), clock, dir: tempfile::tempdir().unwrap(), db_url })
+    }
+
     async fn boot(db: &str, clock: Arc<ManualClock>, extra: &[&str]) -> Result<Running, String> {
         let mut argv = vec!["portcullis", "serve", "--authz-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"];
         argv.extend_from_slice(&["--database-url", db, "--bootstrap-token", OWNER_TOKEN]);
