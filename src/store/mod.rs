@@ -2,6 +2,7 @@
 //! follows the same trait. The request path never calls it.
 
 pub mod postgres;
+mod rows;
 pub mod sealing;
 pub mod sqlite;
 
