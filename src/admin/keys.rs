@@ -31,10 +31,12 @@ pub(crate) fn parse_id(field: &'static str, id: &str) -> Result<Uuid, FieldError
     Uuid::parse_str(id).map_err(|_| FieldError::new(field, "is not a valid id"))
 }
 
+const LEGACY_TAKES_NO_LIMITS: &str = "legacy keys take no limits; create a new key to get limits";
+
 /// Legacy keys authenticate but take no limits.
 fn refuse_legacy_limits(key: &ApiKey) -> Result<(), FieldError> {
     if key.legacy && key.limits != Limits::default() {
-        return Err(FieldError::new("limits", "legacy keys take no limits; create a new key to get limits"));
+        return Err(FieldError::new("limits", LEGACY_TAKES_NO_LIMITS));
     }
     Ok(())
 }
@@ -70,15 +72,20 @@ enum NewKey {
 }
 
 impl Admin {
-    /// Stores a new key with its secret and makes it authenticate (caller holds `writes`).
+    /// Stores a new key of gateway `gateway` with its secret and makes it authenticate;
+    /// returns it as the API shows it.
     async fn add_key(
         &self,
         call: &Call,
-        gateway: &crate::domain::gateway::Gateway,
+        gateway: &str,
         name: &str,
         secret: &Secret,
         kind: NewKey,
-    ) -> AdminResult<ApiKey> {
+    ) -> AdminResult<pb::ApiKey> {
+        validate_key_name("name", name)?;
+        // Under the write lock: the gateway cannot be deleted between lookup and insert.
+        let _w = self.writes.lock().await;
+        let gateway = self.gateway_by_name("gateway", gateway).await?;
         let (legacy, limits, expires_at) = match kind {
             NewKey::Managed { limits, expires_at } => (false, limits, expires_at),
             NewKey::Legacy => (true, Limits::default(), None),
@@ -99,7 +106,7 @@ impl Admin {
         call.target(key.id.to_string());
         self.store.insert_key(&key, &secret.hash()).await?;
         self.shared.view_mut()?.upsert_key(key.clone(), vec![KeySecret::current(secret.hash())]);
-        Ok(key)
+        Ok(key_to_pb(&key, &gateway.name, key.created_at))
     }
 }
 
@@ -114,22 +121,15 @@ impl KeyService for KeyApi {
         let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
             c.check(Action::WriteKeys, Some(&req.gateway))?;
-            let now = admin.shared.clock.now();
-            validate_key_name("name", &req.name)?;
             let limits = limits_from_pb(req.limits.as_ref())?;
             let expires_at = req.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
             if let Some(at) = expires_at {
-                validate_expiry("expires_at", at, now)?;
+                validate_expiry("expires_at", at, admin.shared.clock.now())?;
             }
-            // Under the write lock: the gateway cannot be deleted between lookup and insert.
-            let _w = admin.writes.lock().await;
-            let gateway = admin.gateway_by_name("gateway", &req.gateway).await?;
             let secret = Secret::generate(SecretKind::ApiKey);
-            let key = admin.add_key(&c, &gateway, &req.name, &secret, NewKey::Managed { limits, expires_at }).await?;
-            AdminResult::Ok(pb::CreateKeyResponse {
-                key: Some(key_to_pb(&key, &gateway.name, now)),
-                secret: secret.expose().to_string(),
-            })
+            let kind = NewKey::Managed { limits, expires_at };
+            let key = admin.add_key(&c, &req.gateway, &req.name, &secret, kind).await?;
+            AdminResult::Ok(pb::CreateKeyResponse { key: Some(key), secret: secret.expose().to_string() })
         };
         self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
@@ -236,19 +236,12 @@ impl KeyService for KeyApi {
         let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
             c.check(Action::WriteKeys, Some(&req.gateway))?;
-            let now = admin.shared.clock.now();
-            validate_key_name("name", &req.name)?;
             if req.limits.as_ref().is_some_and(|l| *l != pb::Limits::default()) {
-                return Err(
-                    FieldError::new("limits", "legacy keys take no limits; create a new key to get limits").into()
-                );
+                return Err(FieldError::new("limits", LEGACY_TAKES_NO_LIMITS).into());
             }
             validate_legacy_secret(&req.secret)?;
             let secret = Secret::from_plaintext(req.secret);
-            let _w = admin.writes.lock().await;
-            let gateway = admin.gateway_by_name("gateway", &req.gateway).await?;
-            let key = admin.add_key(&c, &gateway, &req.name, &secret, NewKey::Legacy).await?;
-            AdminResult::Ok(key_to_pb(&key, &gateway.name, now))
+            admin.add_key(&c, &req.gateway, &req.name, &secret, NewKey::Legacy).await
         };
         self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
     }
