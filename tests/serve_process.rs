@@ -230,15 +230,9 @@ async fn migrate_creates_the_database() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unsupported database URL"));
 }
 
+/// Runs the CLI as the owner; (success, stdout, stderr).
 async fn cli(admin_url: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("PORTCULLIS_ADMIN_URL", admin_url)
-        .env("PORTCULLIS_TOKEN", OWNER_TOKEN)
-        .output()
-        .await
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    cli_as(admin_url, OWNER_TOKEN, args).await
 }
 
 #[tokio::test]
