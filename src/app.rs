@@ -207,12 +207,7 @@ fn serve_authz(
             .serve_with_incoming_shutdown(incoming, stop)
             .await?;
         // Metering tasks live on this runtime: let them record before it goes away.
-        let recorded = async {
-            while shared.metering_in_flight() > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        let _ = tokio::time::timeout(drain, recorded).await;
+        let _ = tokio::time::timeout(drain, shared.metering_recorded()).await;
         Ok(())
     })
 }
@@ -372,12 +367,9 @@ impl Running {
         let _ = self.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
         let drain = async {
+            // The authz listeners return once the metering they started is recorded.
             for task in self.tasks {
                 task.await.context("listener task panicked")?.context("listener failed")?;
-            }
-            // Metering streams finish recording after their connection closes.
-            while self.shared.metering_in_flight() > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             anyhow::Ok(())
         };

@@ -15,6 +15,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// Metering streams not yet recorded (shutdown waits for them before the last flush).
     metering: std::sync::atomic::AtomicUsize,
+    /// Signalled when the last metering stream in flight is recorded.
+    metering_done: tokio::sync::Notify,
     /// One usage flush at a time: the last flush at shutdown must not miss counters a
     /// periodic flush took but has not written yet.
     pub flush: tokio::sync::Mutex<()>,
@@ -35,6 +37,7 @@ impl Shared {
             limiters,
             clock,
             metering: Default::default(),
+            metering_done: Default::default(),
             flush: Default::default(),
             metrics: Default::default(),
         }
@@ -50,8 +53,16 @@ impl Shared {
         MeteringGuard(Arc::clone(self))
     }
 
-    pub fn metering_in_flight(&self) -> usize {
-        self.metering.load(std::sync::atomic::Ordering::SeqCst)
+    /// Resolves once no metering stream is in flight.
+    pub async fn metering_recorded(&self) {
+        loop {
+            // Created before the check, so a wake-up between the two is not lost.
+            let done = self.metering_done.notified();
+            if self.metering.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
     }
 
     pub fn view_mut(&self) -> Result<RwLockWriteGuard<'_, View>, ViewPoisoned> {
@@ -63,6 +74,8 @@ pub struct MeteringGuard(Arc<Shared>);
 
 impl Drop for MeteringGuard {
     fn drop(&mut self) {
-        self.0.metering.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if self.0.metering.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.metering_done.notify_waiters();
+        }
     }
 }
