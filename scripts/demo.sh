@@ -57,7 +57,8 @@ step "3. after: portcullis keys enable $id"
 "$bin" keys enable "$id" >/dev/null
 echo "HTTP $(call)"; cat .demo/last-body; echo
 step "4. the key's usage, metered from the responses: portcullis keys usage $id"
-sleep 0.3
+# Metering records each response as it completes: wait until both are counted.
+wait_for metering sh -c "\"$bin\" keys usage \"$id\" --json | grep -q '\"requests\": 2'"
 "$bin" keys usage "$id"
 
 cat <<MSG
