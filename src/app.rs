@@ -109,6 +109,17 @@ pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes a consistent copy of the database at `url` to `to` (a new file).
+pub async fn backup(url: &str, to: &std::path::Path) -> anyhow::Result<()> {
+    let store = store::open_existing(url, store::sealing::Sealer::default())
+        .await
+        .with_context(|| format!("opening {}", store::redact_url(url)))?;
+    store.backup(to).await.with_context(|| format!("backing up to {}", to.display()))?;
+    store.release().await;
+    eprintln!("backed up {} to {}", store::redact_url(url), to.display());
+    Ok(())
+}
+
 /// Makes sure someone can administer this instance: the bootstrap token, or a first owner token.
 async fn bootstrap(
     store: &dyn Store,

@@ -23,6 +23,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Write a consistent copy of the SQLite database to a new file, also while serving.
+    Backup(BackupArgs),
     #[command(flatten)]
     Admin(CliCommand),
 }
@@ -42,6 +44,14 @@ pub struct DatabaseArgs {
     /// Storage: `sqlite://PATH` (created if missing).
     #[arg(long, env = "PORTCULLIS_DATABASE_URL", default_value = "sqlite://portcullis.db")]
     pub database_url: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// The file to write (must not exist yet).
+    pub file: std::path::PathBuf,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -39,6 +39,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             app::serve(args).await
         }
         Command::Migrate(db) => app::migrate(&db.database_url).await,
+        Command::Backup(args) => app::backup(&args.database.database_url, &args.file).await,
         Command::Admin(cmd) => cli::run(cmd, cli.conn).await,
     };
     match result {

@@ -33,6 +33,7 @@ impl From<StoreError> for AdminError {
             StoreError::GatewayHasKeys(n) => AdminError::FailedPrecondition(format!(
                 "the gateway still has {n} keys: delete them first or set force"
             )),
+            StoreError::Unsupported(why) => AdminError::FailedPrecondition(why),
             StoreError::Unavailable(_) | StoreError::Corrupt(_) => AdminError::Unavailable(e),
         }
     }

@@ -35,6 +35,9 @@ pub enum StoreError {
     Unavailable(Box<dyn std::error::Error + Send + Sync>),
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
+    /// The operation does not apply to this backend or these arguments; says why.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Everything the request path needs, read at start.
@@ -66,6 +69,12 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Gives the database up (at shutdown), so the next process can claim it at once.
     async fn release(&self) {}
+    /// Writes a consistent copy of the database to a new file while serving.
+    async fn backup(&self, _to: &std::path::Path) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported(
+            "backup writes SQLite files; back PostgreSQL up with pg_dump or its replication".into(),
+        ))
+    }
     async fn load(&self) -> Result<Snapshot, StoreError>;
 
     async fn insert_gateway(&self, gateway: &Gateway) -> Result<(), StoreError>;
@@ -120,8 +129,17 @@ pub type DynStore = Arc<dyn Store>;
 
 /// Opens the store a database URL names; `sealer` protects provider credentials at rest.
 pub async fn open(url: &str, sealer: sealing::Sealer) -> Result<DynStore, StoreError> {
+    open_with(url, sealer, true).await
+}
+
+/// Opens an existing database (an SQLite file is never created).
+pub async fn open_existing(url: &str, sealer: sealing::Sealer) -> Result<DynStore, StoreError> {
+    open_with(url, sealer, false).await
+}
+
+async fn open_with(url: &str, sealer: sealing::Sealer, create: bool) -> Result<DynStore, StoreError> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::connect(url, sealer).await?))
+        Ok(Arc::new(sqlite::SqliteStore::connect(url, sealer, create).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(postgres::PostgresStore::connect(url, sealer).await?))
     } else {
