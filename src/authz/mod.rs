@@ -5,9 +5,12 @@ mod response;
 
 pub use meter::{ExternalProcessorServer, MeterService};
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
@@ -36,19 +39,7 @@ impl AuthzService {
         let raw;
         let (headers, path) = match http {
             Some(h) if h.headers.is_empty() && h.header_map.is_some() => {
-                raw = h
-                    .header_map
-                    .iter()
-                    .flat_map(|m| &m.headers)
-                    .map(|hv| {
-                        let v = if hv.raw_value.is_empty() {
-                            hv.value.clone()
-                        } else {
-                            String::from_utf8_lossy(&hv.raw_value).into_owned()
-                        };
-                        (hv.key.to_ascii_lowercase(), v)
-                    })
-                    .collect::<HashMap<_, _>>();
+                raw = joined_headers(h.header_map.iter().flat_map(|m| &m.headers));
                 (&raw, h.path.as_str())
             }
             Some(h) => (&h.headers, h.path.as_str()),
@@ -82,6 +73,31 @@ impl AuthzService {
         drop(view);
         response::from_decision(&decision, now)
     }
+}
+
+/// `header_map` entries (one per header line) as Envoy writes `headers`: lowercase
+/// names, and a header sent more than once joined with `,`, so a key header sent twice
+/// reads the same whichever encoding Envoy uses (and is refused).
+fn joined_headers<'a>(entries: impl Iterator<Item = &'a HeaderValue>) -> HashMap<String, String> {
+    let mut out: HashMap<String, String> = HashMap::new();
+    for hv in entries {
+        let value = if hv.raw_value.is_empty() {
+            Cow::Borrowed(hv.value.as_str())
+        } else {
+            String::from_utf8_lossy(&hv.raw_value)
+        };
+        match out.entry(hv.key.to_ascii_lowercase()) {
+            Entry::Occupied(mut joined) => {
+                let joined = joined.get_mut();
+                joined.push(',');
+                joined.push_str(&value);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(value.into_owned());
+            }
+        }
+    }
+    out
 }
 
 /// The key a denial is about, and the reason the Overview shows.
