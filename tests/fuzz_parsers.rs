@@ -467,7 +467,7 @@ proptest! {
         prop_assert_eq!(&Secret::from_plaintext(text), &s);
         prop_assert_eq!(s.display_prefix(), &text[..secret::DISPLAY_PREFIX_LEN]);
         let i = kind.prefix().len() + at.index(text.len() - kind.prefix().len());
-        if &text[i..=i] != with {
+        if text[i..=i] != with {
             let typo = format!("{}{with}{}", &text[..i], &text[i + 1..]);
             prop_assert_eq!(secret::shape(&typo, kind), Shape::BadChecksum);
         }

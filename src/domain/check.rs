@@ -271,7 +271,7 @@ pub fn extract_key<'a>(
             (Cow::Borrowed(value.as_str()), None)
         }
         KeyLocation::Query => match query_param(path, &inbound.key_name)? {
-            Some((value, pair)) => (value, Some(pair)),
+            Some(QueryKey { value, pair }) => (value, Some(pair)),
             None => return Ok(None),
         },
     };
@@ -338,15 +338,20 @@ pub fn strip_bearer(value: &str) -> &str {
     if rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_whitespace()) { rest.trim() } else { v }
 }
 
-/// The value of query parameter `name` in `path`, percent-decoded, and the byte range
-/// of its `name=value` pair (what Envoy removes). The name must be spelled literally
+/// A key found in the query string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryKey<'a> {
+    /// The parameter's value, percent-decoded.
+    pub value: Cow<'a, str>,
+    /// The byte range of its `name=value` pair in the path: what Envoy removes.
+    pub pair: std::ops::Range<usize>,
+}
+
+/// Query parameter `name` in `path`. The name must be spelled literally
 /// and come once: a pair whose name only reads as `name` once decoded, case-folded,
 /// trimmed or split at `;` (as some servers split) is refused as disguised, and the
 /// name twice as repeated.
-pub fn query_param<'a>(
-    path: &'a str,
-    name: &str,
-) -> Result<Option<(Cow<'a, str>, std::ops::Range<usize>)>, InvalidReason> {
+pub fn query_param<'a>(path: &'a str, name: &str) -> Result<Option<QueryKey<'a>>, InvalidReason> {
     let Some((before, query)) = path.split_once('?') else { return Ok(None) };
     let query = query.split_once('#').map_or(query, |(q, _)| q);
     let mut found = None;
@@ -361,7 +366,7 @@ pub fn query_param<'a>(
                     return Err(InvalidReason::Repeated);
                 }
                 let value = pair.split_once('=').map_or("", |(_, v)| v);
-                found = Some((percent_decode(value), range.clone()));
+                found = Some(QueryKey { value: percent_decode(value), pair: range.clone() });
             } else if reads_as(raw_name, name) {
                 return Err(InvalidReason::DisguisedName);
             }
@@ -644,7 +649,7 @@ mod tests {
     }
 
     fn value_of(path: &str, name: &str) -> Option<String> {
-        query_param(path, name).unwrap().map(|(v, _)| v.into_owned())
+        query_param(path, name).unwrap().map(|q| q.value.into_owned())
     }
 
     #[test]
@@ -656,8 +661,8 @@ mod tests {
         assert_eq!(value_of("/p", "k"), None);
         // The range is the `name=value` pair Envoy removes.
         let path = "/p?a=1&k=v&b=2";
-        let (_, range) = query_param(path, "k").unwrap().unwrap();
-        assert_eq!(&path[range], "k=v");
+        let found = query_param(path, "k").unwrap().unwrap();
+        assert_eq!(&path[found.pair], "k=v");
     }
 
     fn reason(d: Decision) -> InvalidReason {
