@@ -142,3 +142,25 @@ impl Authorization for AuthzService {
         Ok(Response::new(self.decide(request.get_ref())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, value: &str, raw: bool) -> HeaderValue {
+        if raw {
+            HeaderValue { key: key.into(), raw_value: value.as_bytes().to_vec(), ..Default::default() }
+        } else {
+            HeaderValue { key: key.into(), value: value.into(), ..Default::default() }
+        }
+    }
+
+    #[test]
+    fn raw_header_entries_read_as_envoy_joins_headers() {
+        let entries = [entry("X-Api-Key", "a", true), entry("accept", "*/*", false), entry("x-api-key", "b", false)];
+        let joined = joined_headers(entries.iter());
+        assert_eq!(joined.get("x-api-key").map(String::as_str), Some("a,b"), "a header sent twice is visible");
+        assert_eq!(joined.get("accept").map(String::as_str), Some("*/*"));
+        assert_eq!(joined.len(), 2);
+    }
+}
