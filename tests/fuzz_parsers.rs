@@ -178,8 +178,8 @@ struct World {
     /// Secrets of our format, by gateway: hdr, qry, auth.
     ours: Vec<String>,
     legacy: String,
-    /// key id -> its secret.
-    by_id: HashMap<String, String>,
+    /// key id -> its secret and gateway.
+    by_id: HashMap<String, (String, &'static str)>,
 }
 
 const LEGACY: &str = "legacy-secret-0123456789";
@@ -217,7 +217,7 @@ fn world() -> &'static World {
         let mut keys = Vec::new();
         let mut ours = Vec::new();
         let mut by_id = HashMap::new();
-        for (i, g) in gateways.iter().enumerate() {
+        for (i, (g, name)) in gateways.iter().zip(["hdr", "qry", "auth"]).enumerate() {
             let s = Secret::generate(SecretKind::ApiKey);
             let limits = if i == 0 {
                 Limits { token_limit: Some(u64::MAX / 4), ..Default::default() }
@@ -225,13 +225,13 @@ fn world() -> &'static World {
                 Limits::default()
             };
             let k = key(g, &s, false, limits);
-            by_id.insert(k.id.to_string(), s.expose().to_string());
+            by_id.insert(k.id.to_string(), (s.expose().to_string(), name));
             keys.push((k, vec![KeySecret::current(s.hash())]));
             ours.push(s.expose().to_string());
         }
         let legacy = Secret::from_plaintext(LEGACY);
         let k = key(&gateways[0], &legacy, true, Limits::default());
-        by_id.insert(k.id.to_string(), LEGACY.to_string());
+        by_id.insert(k.id.to_string(), (LEGACY.to_string(), "hdr"));
         keys.push((k, vec![KeySecret::current(legacy.hash())]));
         let view = View::new(gateways, keys);
         let tokens = TokenRegistry::new(vec![], false, chrono::Duration::hours(1));
@@ -414,7 +414,8 @@ proptest! {
             Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => Some(s.clone()),
             _ => None,
         });
-        let secret = key_id.and_then(|id| w.by_id.get(&id)).expect("an allow names a known key");
+        let (secret, gateway) = key_id.and_then(|id| w.by_id.get(&id)).expect("an allow names a known key");
+        prop_assert_eq!(*gateway, r.gateway, "a key of another gateway was allowed");
         prop_assert!(everything.contains(secret.as_str()), "allowed without its key: {r:?}");
         let (up_headers, up_path) = upstream_view(ok, &headers, &path);
         let decoded = check::percent_decode(&up_path).into_owned();
