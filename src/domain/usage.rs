@@ -389,6 +389,12 @@ impl UsageParser {
 
     /// Call at the end of the body (or when the stream is cut).
     pub fn finish(mut self) -> Reported {
+        if self.starved() {
+            // What was read before may be a part (Anthropic's first input count, not the
+            // final output): report nothing rather than too little.
+            let model = self.reported.model.take();
+            return Reported { model, ..Reported::default() };
+        }
         match self.kind {
             Kind::Other => {}
             Kind::Json => {
@@ -596,6 +602,14 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
         assert_eq!(budget.used(), a.held());
         assert!(!b.finish().found, "a starved response reports no usage");
         assert!(!c.finish().found, "a starved stream stops reading");
+        // Usage read before the budget ran out is only part of it: none is reported.
+        let mut e = UsageParser::with_budget("text/event-stream", Arc::clone(&budget));
+        e.feed(ANTHROPIC_SSE.split("event: content_block_delta").next().unwrap().as_bytes());
+        e.feed(b"event: content_block_delta\ndata: ");
+        e.feed(&[b' '; 200 * 1024]);
+        assert!(e.starved());
+        let r = e.finish();
+        assert_eq!((r.found, r.prompt_tokens, r.model.as_deref()), (false, 0, Some("claude-3-5-sonnet")));
         assert_eq!(a.finish(), reported("m", 1, 2));
         assert_eq!(budget.used(), 0);
         // Room again once they are done.
