@@ -21,6 +21,8 @@ pub struct Shared {
     /// periodic flush took but has not written yet.
     pub flush: tokio::sync::Mutex<()>,
     pub metrics: crate::metrics::Metrics,
+    /// The bytes all metering streams may buffer together (usage parsers).
+    pub meter_buffers: Arc<crate::domain::usage::BufferBudget>,
 }
 
 /// The view's lock was poisoned by a panicking writer: the view may be half-updated,
@@ -40,6 +42,7 @@ impl Shared {
             metering_done: Default::default(),
             flush: Default::default(),
             metrics: Default::default(),
+            meter_buffers: Default::default(),
         }
     }
 

@@ -341,3 +341,131 @@ async fn several_authz_threads_serve_envoy() {
     .await;
     assert_eq!(usage.total_tokens, 420);
 }
+
+#[tokio::test]
+async fn disguised_or_repeated_query_key_names_are_refused_and_never_reach_the_upstream() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    let inbound = pb::InboundAuth { key_name: "api_key".into(), location: pb::KeyLocation::Query as i32 };
+    gateway_with_provider_key(&mut gw, "demo", Some(inbound)).await;
+    let (_, k) = create_key(&mut keys, "demo", "query-client").await;
+
+    // Envoy removes only the literal `api_key`: each of these would have carried the key
+    // (or a copy of it) to the provider.
+    for (query, headers) in [
+        (format!("api%5Fkey={k}"), vec![]),
+        (format!("api%5fkey={k}&x=1"), vec![]),
+        (format!("API_KEY={k}"), vec![]),
+        (format!("api_key={k}&api%5Fkey={k}"), vec![]),
+        (format!("api_key={k}&api_key={k}"), vec![]),
+        (format!("x=1;api_key={k}"), vec![]),
+        (format!("api_key+={k}"), vec![]),
+        (format!("api_key={k}&note={k}"), vec![]),
+        (format!("api_key={k}"), vec![("x-api-key", k.clone())]),
+        (format!("api_key={k}"), vec![("api_key", k.clone())]),
+    ] {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let r = stack.envoy.send(DEMO, &format!("{PATH}?{query}"), &h).await;
+        assert_denied(&r, 401, INVALID);
+    }
+    assert!(stack.upstream.received().await.is_empty(), "no refused request reaches the upstream");
+
+    let r = stack.envoy.send(DEMO, &format!("{PATH}?api_key={k}&x=y"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let received = stack.upstream.received().await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0]["path"], format!("{PATH}?x=y"));
+    assert!(!received[0].to_string().contains(&k), "the key reached the upstream: {}", received[0]);
+}
+
+/// The loopback config with ext_authz sending `header_map` (one entry per header line)
+/// instead of `headers` (a header sent twice joined with `,`).
+fn raw_headers(config: String) -> String {
+    let at = "              status_on_error: {code: ServiceUnavailable}\n";
+    assert!(config.contains(at));
+    config.replace(at, &format!("{at}              encode_raw_headers: true\n"))
+}
+
+async fn key_header_sent_twice_is_refused(stack: Stack) {
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gateway_with_provider_key(&mut gw, "demo", None).await;
+    let (_, k) = create_key(&mut keys, "demo", "twice").await;
+    let (_, other) = create_key(&mut keys, "demo", "other").await;
+
+    for second in [k.as_str(), other.as_str(), "", "pcs_not-a-key"] {
+        let r = stack.envoy.send(DEMO, PATH, &[("x-api-key", &k), ("x-api-key", second)]).await;
+        assert_denied(&r, 401, INVALID);
+        let r = stack.envoy.send(DEMO, PATH, &[("x-api-key", second), ("X-Api-Key", &k)]).await;
+        assert_denied(&r, 401, INVALID);
+    }
+    assert!(stack.upstream.received().await.is_empty());
+    // Once is fine, and the provider sees neither key.
+    assert_eq!(stack.envoy.send(DEMO, PATH, &[("x-api-key", &k)]).await.status, 200);
+    let received = stack.upstream.received().await;
+    assert!(!received[0].to_string().contains(&k), "{}", received[0]);
+}
+
+#[tokio::test]
+async fn a_key_header_sent_twice_is_refused_when_envoy_joins_headers() {
+    key_header_sent_twice_is_refused(Stack::start().await).await;
+}
+
+#[tokio::test]
+async fn a_key_header_sent_twice_is_refused_when_envoy_sends_raw_headers() {
+    key_header_sent_twice_is_refused(Stack::start_with(raw_headers).await).await;
+}
+
+#[tokio::test]
+async fn a_key_in_a_second_header_is_refused_unless_envoy_overwrites_it() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    gateway_with_provider_key(&mut gw, "other", None).await;
+    let (_, k) = create_key(&mut keys, "demo", "sdk").await;
+    let (_, o) = create_key(&mut keys, "other", "sdk").await;
+    // No provider key: `authorization` would reach the provider as it came.
+    let r = stack.envoy.send(DEMO, PATH, &[("x-api-key", &k), ("authorization", &format!("Bearer {k}"))]).await;
+    assert_denied(&r, 401, INVALID);
+    let r = stack.envoy.send(DEMO, &format!("{PATH}?key={k}"), &[("x-api-key", &k)]).await;
+    assert_denied(&r, 401, INVALID);
+    assert!(stack.upstream.received().await.is_empty());
+    // The provider key replaces `authorization`: a copy there is harmless.
+    let r = stack.envoy.send(OTHER, PATH, &[("x-api-key", &o), ("authorization", &format!("Bearer {o}"))]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let received = stack.upstream.received().await;
+    assert_eq!(received[0]["headers"]["authorization"], "Bearer sk-provider-secret");
+    assert!(!received[0].to_string().contains(&o), "{}", received[0]);
+}
+
+#[tokio::test]
+async fn a_stream_too_large_to_buffer_is_still_counted_and_the_meter_stays_bounded() {
+    use portcullis::domain::usage::MAX_SSE_EVENT;
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (key, k) = create_key(&mut keys, "demo", "big-stream").await;
+
+    // One event of `data:` lines with no blank line, larger than the per-event cap, then
+    // the usage chunk.
+    let padding = (MAX_SSE_EVENT + MAX_SSE_EVENT / 2).to_string();
+    let headers = [("x-api-key", k.as_str()), ("x-fake-sse-padding", padding.as_str()), ("x-fake-usage", "7,11")];
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = stack.envoy.post(DEMO, PATH, &headers, body).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.len() > MAX_SSE_EVENT, "the upstream sent {} bytes", r.body.len());
+
+    let usage = eventually("the large stream metered", std::time::Duration::from_secs(20), || {
+        let mut keys = keys.clone();
+        let id = key.id.clone();
+        async move {
+            let u = keys.get_key_usage(pb::GetKeyUsageRequest { id }).await.unwrap().into_inner();
+            (u.requests == 1).then_some(u)
+        }
+    })
+    .await;
+    // The oversized event was dropped; the usage chunk after it was still read.
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (7, 11));
+    let buffers = &stack.server.running().shared.meter_buffers;
+    assert!(buffers.peak() <= MAX_SSE_EVENT, "metering held {} bytes at once", buffers.peak());
+    assert_eq!(buffers.used(), 0, "every buffered byte was given back");
+}

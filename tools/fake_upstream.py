@@ -10,6 +10,8 @@ DELETE /_fake/requests      forget them.
 Usage numbers: request header `x-fake-usage: PROMPT,COMPLETION` (default 12,30).
 `x-fake-delay-ms: N` delays the answer (for concurrency tests).
 `x-fake-no-usage: 1` leaves usage out (a stream without stream_options.include_usage).
+`x-fake-sse-padding: N` adds, before the usage chunk of an OpenAI stream, one event of about
+N bytes of `data:` lines with no blank line between them (for metering memory bounds).
 Prints `listening on PORT` once ready. Standard library only.
 """
 import argparse
@@ -123,7 +125,12 @@ class Handler(BaseHTTPRequestHandler):
         if usage is not None:
             chunks.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
                            "choices": [], "usage": usage})
-        self._sse([f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"])
+        events = [f"data: {json.dumps(c)}\n\n" for c in chunks]
+        padding = int(self.headers.get("x-fake-sse-padding") or 0)
+        if padding:
+            line = "data: " + "x" * 65529 + "\n"
+            events[-1:-1] = [line] * (padding // len(line) + 1) + ["\n"]
+        self._sse(events + ["data: [DONE]\n\n"])
 
     def _anthropic(self, body, model, prompt, completion):
         if not body.get("stream"):

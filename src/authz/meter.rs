@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::domain::budget::Metered;
 use crate::domain::pricing::cost_micros;
-use crate::domain::usage::UsageParser;
+use crate::domain::usage::{BufferBudget, UsageParser};
 use crate::state::Shared;
 
 pub use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
@@ -42,6 +42,8 @@ struct Exchange {
     key_id: Option<Uuid>,
     reservation: Option<u64>,
     parser: Option<UsageParser>,
+    /// The process's metering buffer budget the parser takes from (none in unit tests).
+    buffers: Option<Arc<BufferBudget>>,
     content_encoding: Option<String>,
     /// The response's HTTP status.
     status: u16,
@@ -78,7 +80,10 @@ impl Exchange {
             Some(Msg::ResponseHeaders(h)) => {
                 let content_type = header(&h.headers, "content-type").unwrap_or_default();
                 self.status = header(&h.headers, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-                self.parser = Some(UsageParser::new(&content_type));
+                self.parser = Some(match &self.buffers {
+                    Some(budget) => UsageParser::with_budget(&content_type, Arc::clone(budget)),
+                    None => UsageParser::new(&content_type),
+                });
                 self.content_encoding = header(&h.headers, "content-encoding")
                     .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
                     .map(|e| e.into_owned());
@@ -89,7 +94,14 @@ impl Exchange {
                 if self.content_encoding.is_none()
                     && let Some(p) = self.parser.as_mut()
                 {
+                    let starved = p.starved();
                     p.feed(&b.body);
+                    if !starved && p.starved() {
+                        tracing::warn!(
+                            key_id = ?self.key_id,
+                            "metering buffers of the process are full: this response's usage is not read"
+                        );
+                    }
                 }
                 self.done |= b.end_of_stream;
                 Reply::ResponseBody(BodyResponse { response: continue_() })
@@ -178,7 +190,7 @@ impl ExternalProcessor for MeterService {
         let guard = shared.metering_started();
         tokio::spawn(async move {
             let _guard = guard;
-            let mut exchange = Exchange::default();
+            let mut exchange = Exchange { buffers: Some(Arc::clone(&shared.meter_buffers)), ..Default::default() };
             // Envoy closing the stream early (a cut response) ends the loop too.
             while let Ok(Some(m)) = inbound.message().await {
                 // In observability mode Envoy ignores replies; otherwise it waits for each.

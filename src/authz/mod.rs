@@ -5,9 +5,12 @@ mod response;
 
 pub use meter::{ExternalProcessorServer, MeterService};
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
@@ -36,19 +39,7 @@ impl AuthzService {
         let raw;
         let (headers, path) = match http {
             Some(h) if h.headers.is_empty() && h.header_map.is_some() => {
-                raw = h
-                    .header_map
-                    .iter()
-                    .flat_map(|m| &m.headers)
-                    .map(|hv| {
-                        let v = if hv.raw_value.is_empty() {
-                            hv.value.clone()
-                        } else {
-                            String::from_utf8_lossy(&hv.raw_value).into_owned()
-                        };
-                        (hv.key.to_ascii_lowercase(), v)
-                    })
-                    .collect::<HashMap<_, _>>();
+                raw = joined_headers(h.header_map.iter().flat_map(|m| &m.headers));
                 (&raw, h.path.as_str())
             }
             Some(h) => (&h.headers, h.path.as_str()),
@@ -82,6 +73,31 @@ impl AuthzService {
         drop(view);
         response::from_decision(&decision, now)
     }
+}
+
+/// `header_map` entries (one per header line) as Envoy writes `headers`: lowercase
+/// names, and a header sent more than once joined with `,`, so a key header sent twice
+/// reads the same whichever encoding Envoy uses (and is refused).
+fn joined_headers<'a>(entries: impl Iterator<Item = &'a HeaderValue>) -> HashMap<String, String> {
+    let mut out: HashMap<String, String> = HashMap::new();
+    for hv in entries {
+        let value = if hv.raw_value.is_empty() {
+            Cow::Borrowed(hv.value.as_str())
+        } else {
+            String::from_utf8_lossy(&hv.raw_value)
+        };
+        match out.entry(hv.key.to_ascii_lowercase()) {
+            Entry::Occupied(mut joined) => {
+                let joined = joined.get_mut();
+                joined.push(',');
+                joined.push_str(&value);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(value.into_owned());
+            }
+        }
+    }
+    out
 }
 
 /// The key a denial is about, and the reason the Overview shows.
@@ -124,5 +140,27 @@ impl Authorization for AuthzService {
         // A denial is a CheckResponse with an HTTP status, never a gRPC error: Envoy
         // would map a gRPC error to `status_on_error` and lose our body.
         Ok(Response::new(self.decide(request.get_ref())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, value: &str, raw: bool) -> HeaderValue {
+        if raw {
+            HeaderValue { key: key.into(), raw_value: value.as_bytes().to_vec(), ..Default::default() }
+        } else {
+            HeaderValue { key: key.into(), value: value.into(), ..Default::default() }
+        }
+    }
+
+    #[test]
+    fn raw_header_entries_read_as_envoy_joins_headers() {
+        let entries = [entry("X-Api-Key", "a", true), entry("accept", "*/*", false), entry("x-api-key", "b", false)];
+        let joined = joined_headers(entries.iter());
+        assert_eq!(joined.get("x-api-key").map(String::as_str), Some("a,b"), "a header sent twice is visible");
+        assert_eq!(joined.get("accept").map(String::as_str), Some("*/*"));
+        assert_eq!(joined.len(), 2);
     }
 }

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::budget::{BudgetDenial, Meters};
-use super::gateway::{Gateway, InboundAuth, KeyLocation};
+use super::gateway::{Gateway, KeyLocation};
 use super::key::{ApiKey, KeyStatus};
 use super::pricing::{PriceBook, cost_micros};
 use super::secret::{self, SecretHash, SecretKind, Shape};
@@ -49,6 +49,16 @@ pub enum InvalidReason {
     Expired,
     /// A valid key of another gateway.
     OtherGateway,
+    /// The key header or query parameter came more than once (Envoy joins a header
+    /// sent twice with `,`): which one counts would be a guess.
+    Repeated,
+    /// A query parameter whose name reads as the key's name once decoded or case-folded
+    /// (`api%5Fkey`, `API_KEY`, `x=1;api_key`) but is not spelled as it: Envoy removes
+    /// only the literal name, so it would reach the provider.
+    DisguisedName,
+    /// The key (or another key of ours) is also in another header or elsewhere in the
+    /// URL, which Envoy would pass on to the provider.
+    AlsoElsewhere,
 }
 
 impl InvalidReason {
@@ -59,6 +69,9 @@ impl InvalidReason {
             InvalidReason::Disabled => "disabled",
             InvalidReason::Expired => "expired",
             InvalidReason::OtherGateway => "other_gateway",
+            InvalidReason::Repeated => "repeated_key",
+            InvalidReason::DisguisedName => "disguised_key_name",
+            InvalidReason::AlsoElsewhere => "key_also_elsewhere",
         }
     }
 }
@@ -119,10 +132,12 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: Dat
     let Some(gateway) = view.gateway(name) else {
         return Decision::Deny(Denial::GatewayNotConfigured { name: name.to_string() });
     };
-    let Some(presented) = extract_key(&gateway.inbound, req.headers, req.path) else {
-        return Decision::Deny(Denial::MissingKey);
-    };
     let invalid = |reason, key_id| Decision::Deny(Denial::InvalidKey { reason, key_id });
+    let presented = match extract_key(gateway, req.headers, req.path) {
+        Ok(Some(presented)) => presented,
+        Ok(None) => return Decision::Deny(Denial::MissingKey),
+        Err(reason) => return invalid(reason, None),
+    };
     if secret::shape(&presented, SecretKind::ApiKey) == Shape::BadChecksum {
         return invalid(InvalidReason::Malformed, None);
     }
@@ -234,24 +249,82 @@ fn scan<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     None
 }
 
-/// Reads the key where the gateway says clients put it. `None` when absent or blank.
+/// Reads the key where the gateway says clients put it: `Ok(None)` when absent or
+/// blank. A key that could be misread or reach the provider is refused before any
+/// lookup: sent twice, under a disguised query parameter name, or also present
+/// elsewhere in the request's headers or URL (Envoy removes only the key's own
+/// header or literal parameter).
 pub fn extract_key<'a>(
-    inbound: &InboundAuth,
+    gateway: &Gateway,
     headers: &'a HashMap<String, String>,
     path: &'a str,
-) -> Option<Cow<'a, str>> {
-    let raw: Cow<'a, str> = match inbound.location {
-        KeyLocation::Header => Cow::Borrowed(headers.get(&inbound.key_name)?.as_str()),
-        KeyLocation::Query => query_param(path, &inbound.key_name)?,
+) -> Result<Option<Cow<'a, str>>, InvalidReason> {
+    let inbound = &gateway.inbound;
+    let (raw, pair): (Cow<'a, str>, _) = match inbound.location {
+        KeyLocation::Header => {
+            let Some(value) = headers.get(&inbound.key_name) else { return Ok(None) };
+            // Envoy joins a header sent twice with `,` (and so does the adapter for
+            // `encode_raw_headers`); no key contains one.
+            if value.contains(',') {
+                return Err(InvalidReason::Repeated);
+            }
+            (Cow::Borrowed(value.as_str()), None)
+        }
+        KeyLocation::Query => match query_param(path, &inbound.key_name)? {
+            Some(QueryKey { value, pair }) => (value, Some(pair)),
+            None => return Ok(None),
+        },
     };
-    let stripped = strip_bearer(&raw);
-    if stripped.is_empty() {
-        return None;
-    }
-    Some(match raw {
+    let key = match raw {
         Cow::Borrowed(b) => Cow::Borrowed(strip_bearer(b)),
-        Cow::Owned(ref o) => Cow::Owned(strip_bearer(o).to_string()),
-    })
+        Cow::Owned(o) => Cow::Owned(strip_bearer(&o).to_string()),
+    };
+    if key.is_empty() {
+        return Ok(None);
+    }
+    if carried_elsewhere(gateway, &key, headers, path, pair) {
+        return Err(InvalidReason::AlsoElsewhere);
+    }
+    Ok(Some(key))
+}
+
+/// Whether the key, or any well-formed key of ours, is somewhere Envoy would pass on
+/// to the provider: a header other than the key's own (and the provider-key header,
+/// which Envoy overwrites), or the URL outside the key's own parameter `pair`.
+fn carried_elsewhere(
+    gateway: &Gateway,
+    key: &str,
+    headers: &HashMap<String, String>,
+    path: &str,
+    pair: Option<std::ops::Range<usize>>,
+) -> bool {
+    let key_header = (gateway.inbound.location == KeyLocation::Header).then_some(gateway.inbound.key_name.as_str());
+    let upstream_header = gateway.upstream.as_ref().map(|u| u.header_name.as_str());
+    let in_headers = headers.iter().any(|(name, value)| {
+        // `:path` is the URL, checked below without the key's own parameter.
+        let skip = name == ":path" || Some(name.as_str()) == key_header || Some(name.as_str()) == upstream_header;
+        !skip && carries_key(value, key)
+    });
+    let carried_in_url =
+        |part: &str| carries_key(part, key) || part.contains('%') && carries_key(&decode_all(part, false).0, key);
+    in_headers
+        || match pair {
+            Some(p) => carried_in_url(&path[..p.start]) || carried_in_url(&path[p.end..]),
+            None => carried_in_url(path),
+        }
+}
+
+/// Whether `text` holds `key`, or any well-formed key of ours (checksum and all).
+fn carries_key(text: &str, key: &str) -> bool {
+    const API_KEY_LEN: usize = SecretKind::ApiKey.secret_len();
+    let prefix = SecretKind::ApiKey.prefix();
+    if text.len() >= key.len() && text.contains(key) {
+        return true;
+    }
+    text.len() >= API_KEY_LEN
+        && text.match_indices(prefix).any(|(i, _)| {
+            text.get(i..i + API_KEY_LEN).is_some_and(|k| secret::shape(k, SecretKind::ApiKey) == Shape::Valid)
+        })
 }
 
 /// Strips surrounding spaces and a leading `Bearer ` in any case.
@@ -265,17 +338,77 @@ pub fn strip_bearer(value: &str) -> &str {
     if rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_whitespace()) { rest.trim() } else { v }
 }
 
-/// The first value of query parameter `name` in `path`, percent-decoded.
-pub fn query_param<'a>(path: &'a str, name: &str) -> Option<Cow<'a, str>> {
-    let query = path.split_once('?')?.1;
-    let query = query.split_once('#').map_or(query, |(q, _)| q);
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k) == name).then(|| percent_decode(v))
-    })
+/// A key found in the query string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryKey<'a> {
+    /// The parameter's value, percent-decoded.
+    pub value: Cow<'a, str>,
+    /// The byte range of its `name=value` pair in the path: what Envoy removes.
+    pub pair: std::ops::Range<usize>,
 }
 
-fn percent_decode(s: &str) -> Cow<'_, str> {
+/// Query parameter `name` in `path`. The name must be spelled literally
+/// and come once: a pair whose name only reads as `name` once decoded, case-folded,
+/// trimmed or split at `;` (as some servers split) is refused as disguised, and the
+/// name twice as repeated.
+pub fn query_param<'a>(path: &'a str, name: &str) -> Result<Option<QueryKey<'a>>, InvalidReason> {
+    let Some((before, query)) = path.split_once('?') else { return Ok(None) };
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    let mut found = None;
+    let mut at = before.len() + 1;
+    for pair in query.split('&') {
+        let range = at..at + pair.len();
+        at = range.end + 1;
+        for (i, part) in pair.split(';').enumerate() {
+            let raw_name = part.split_once('=').map_or(part, |(k, _)| k);
+            if i == 0 && raw_name == name {
+                if found.is_some() {
+                    return Err(InvalidReason::Repeated);
+                }
+                let value = pair.split_once('=').map_or("", |(_, v)| v);
+                found = Some(QueryKey { value: percent_decode(value), pair: range.clone() });
+            } else if reads_as(raw_name, name) {
+                return Err(InvalidReason::DisguisedName);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Whether a raw query parameter name reads as `name` to some server: percent- and
+/// `+`-decoded (repeatedly), trimmed, in any case.
+fn reads_as(raw: &str, name: &str) -> bool {
+    if raw.is_ascii() && !raw.contains(['%', '+']) {
+        return raw.trim().eq_ignore_ascii_case(name);
+    }
+    let (decoded, settled) = decode_all(raw, true);
+    let lower = |s: &str| s.chars().flat_map(char::to_lowercase).collect::<String>();
+    !settled || lower(decoded.trim()) == lower(name)
+}
+
+/// Decoding rounds [`decode_all`] does at most: a name still encoded after them is a
+/// disguise in itself.
+const DECODE_ROUNDS: usize = 4;
+
+/// Percent-decodes (and with `plus`, reads `+` as a space) until nothing changes, as a
+/// server that decodes more than once would, for at most [`DECODE_ROUNDS`] rounds;
+/// `false` when it would still change.
+fn decode_all(s: &str, plus: bool) -> (Cow<'_, str>, bool) {
+    let mut out = Cow::Borrowed(s);
+    for _ in 0..DECODE_ROUNDS {
+        let once = percent_decode(&out);
+        let once = if plus && once.contains('+') { Cow::Owned(once.replace('+', " ")) } else { once };
+        if once == out {
+            return (out, true);
+        }
+        out = Cow::Owned(once.into_owned());
+    }
+    let settled = percent_decode(&out) == out && !(plus && out.contains('+'));
+    (out, settled)
+}
+
+/// `%XY` sequences decoded; invalid ones and invalid UTF-8 kept as they are (lossy).
+pub fn percent_decode(s: &str) -> Cow<'_, str> {
     if !s.contains('%') {
         return Cow::Borrowed(s);
     }
@@ -304,7 +437,7 @@ mod tests {
 
     use super::*;
     use crate::domain::clock::{Clock, ManualClock};
-    use crate::domain::gateway::DEFAULT_KEY_NAME;
+    use crate::domain::gateway::{DEFAULT_KEY_NAME, InboundAuth, UpstreamAuth};
     use crate::domain::key::Limits;
     use crate::domain::secret::Secret;
     use crate::domain::view::KeySecret;
@@ -515,12 +648,125 @@ mod tests {
         assert_eq!(denial(run(&f, Some("demo"), &[], "/v1?api_keyx=1")), Denial::MissingKey);
     }
 
+    fn value_of(path: &str, name: &str) -> Option<String> {
+        query_param(path, name).unwrap().map(|q| q.value.into_owned())
+    }
+
     #[test]
     fn query_values_are_percent_decoded() {
-        assert_eq!(query_param("/p?k=a%20b", "k").as_deref(), Some("a b"));
-        assert_eq!(query_param("/p?a=1&k=Bearer%20x#frag", "k").as_deref(), Some("Bearer x"));
-        assert_eq!(query_param("/p?k", "k").as_deref(), Some(""));
-        assert_eq!(query_param("/p?k=%zz%2", "k").as_deref(), Some("%zz%2"));
-        assert_eq!(query_param("/p", "k"), None);
+        assert_eq!(value_of("/p?k=a%20b", "k").as_deref(), Some("a b"));
+        assert_eq!(value_of("/p?a=1&k=Bearer%20x#frag", "k").as_deref(), Some("Bearer x"));
+        assert_eq!(value_of("/p?k", "k").as_deref(), Some(""));
+        assert_eq!(value_of("/p?k=%zz%2", "k").as_deref(), Some("%zz%2"));
+        assert_eq!(value_of("/p", "k"), None);
+        // The range is the `name=value` pair Envoy removes.
+        let path = "/p?a=1&k=v&b=2";
+        let found = query_param(path, "k").unwrap().unwrap();
+        assert_eq!(&path[found.pair], "k=v");
+    }
+
+    fn reason(d: Decision) -> InvalidReason {
+        match denial(d) {
+            Denial::InvalidKey { reason, key_id: None } => reason,
+            other => panic!("expected an invalid key before any lookup, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn query_names_that_only_decode_to_the_key_name_are_refused() {
+        let f = fixture(InboundAuth::new("api_key", KeyLocation::Query).unwrap());
+        let k = f.secret.expose();
+        for query in [
+            format!("api%5Fkey={k}"),
+            format!("api%5fkey={k}"),
+            format!("API_KEY={k}"),
+            format!("Api_Key={k}"),
+            format!("api_key+={k}"),
+            format!("%20api_key={k}"),
+            format!("api%255Fkey={k}"),
+            format!("api_\u{212A}ey={k}"),
+            format!("x=1;api_key={k}"),
+            // The literal name too, beside a disguised one that Envoy would leave.
+            format!("api_key={k}&api%5Fkey={k}"),
+            format!("api_key={k};api_key={k}"),
+            format!("api%25252525255Fkey={k}"),
+        ] {
+            let path = format!("/v1/chat/completions?{query}");
+            assert_eq!(reason(run(&f, Some("demo"), &[], &path)), InvalidReason::DisguisedName, "{query}");
+        }
+        // Other names are other parameters.
+        let path = format!("/v1?api_key={k}&api_keys=1&my_api_key=2&api%5Fkey2=3");
+        assert!(matches!(run(&f, Some("demo"), &[], &path), Decision::Allow(_)));
+    }
+
+    #[test]
+    fn the_key_parameter_twice_is_refused() {
+        let f = fixture(InboundAuth::new("api_key", KeyLocation::Query).unwrap());
+        let k = f.secret.expose();
+        for query in
+            [format!("api_key={k}&api_key={k}"), format!("api_key=x&api_key={k}"), format!("api_key={k}&api_key")]
+        {
+            let path = format!("/v1?{query}");
+            assert_eq!(reason(run(&f, Some("demo"), &[], &path)), InvalidReason::Repeated, "{query}");
+        }
+    }
+
+    #[test]
+    fn a_key_also_elsewhere_in_the_request_is_refused() {
+        let f = fixture(InboundAuth::new("api_key", KeyLocation::Query).unwrap());
+        let k = f.secret.expose();
+        let other = Secret::generate(SecretKind::ApiKey);
+        let path = format!("/v1?api_key={k}");
+        for (name, value) in [
+            ("api_key", k.to_string()),
+            ("authorization", format!("Bearer {k}")),
+            ("x-api-key", k.to_string()),
+            ("x-forwarded-for", format!("1.2.3.4, {k}")),
+            ("x-other", other.expose().to_string()),
+        ] {
+            let d = run(&f, Some("demo"), &[(name, value.as_str())], &path);
+            assert_eq!(reason(d), InvalidReason::AlsoElsewhere, "{name}");
+        }
+        for path in [
+            format!("/v1?api_key={k}&note={k}"),
+            format!("/v1/{k}?api_key={k}"),
+            format!("/v1?api_key={k}&q=pcs%5F{}", &k[4..]),
+            format!("/v1?api_key={k}&q={}", other.expose()),
+            format!("/v1?api_key={k}#{k}"),
+        ] {
+            assert_eq!(reason(run(&f, Some("demo"), &[], &path)), InvalidReason::AlsoElsewhere, "{path}");
+        }
+        // Envoy's `:path` is the URL itself; a mistyped key elsewhere is no key.
+        let mut typo = other.expose().to_string();
+        typo.replace_range(10..11, if &typo[10..11] == "x" { "y" } else { "x" });
+        let h = [(":path", path.as_str()), ("x-note", typo.as_str())];
+        assert!(matches!(run(&f, Some("demo"), &h, &path), Decision::Allow(_)));
+    }
+
+    #[test]
+    fn a_key_header_sent_twice_is_refused() {
+        let f = fixture(InboundAuth::default());
+        let k = f.secret.expose();
+        // What Envoy sends for a header given twice: the values joined with `,`.
+        for value in [format!("{k},{k}"), format!("{k}, {k}"), format!("{k},"), format!("Bearer {k},Bearer x")] {
+            let d = run(&f, Some("demo"), &[("x-api-key", value.as_str())], "/");
+            assert_eq!(reason(d), InvalidReason::Repeated, "{value}");
+        }
+    }
+
+    #[test]
+    fn a_header_key_also_in_another_header_or_the_url_is_refused() {
+        let mut f = fixture(InboundAuth::default());
+        let k = f.secret.expose().to_string();
+        let bearer = format!("Bearer {k}");
+        let h = [("x-api-key", k.as_str()), ("authorization", bearer.as_str())];
+        assert_eq!(reason(run(&f, Some("demo"), &h, "/")), InvalidReason::AlsoElsewhere);
+        let path = format!("/v1?key={k}");
+        assert_eq!(reason(run(&f, Some("demo"), &[("x-api-key", &k)], &path)), InvalidReason::AlsoElsewhere);
+        // Envoy overwrites the provider-key header: a copy there never reaches the provider.
+        let mut demo = (**f.view.gateway("demo").unwrap()).clone();
+        demo.upstream = Some(UpstreamAuth::new("authorization", "Bearer sk-provider").unwrap());
+        f.view.upsert_gateway(demo);
+        assert!(matches!(run(&f, Some("demo"), &h, "/"), Decision::Allow(_)));
     }
 }
