@@ -21,7 +21,7 @@ use crate::admin::gateways::GatewayServiceServer;
 use crate::admin::keys::KeyServiceServer;
 use crate::admin::pricing::PricingServiceServer;
 use crate::admin::{AccessApi, AuditApi};
-use crate::admin::{Admin, AdminAuth, GatewayApi, KeyApi};
+use crate::admin::{Admin, AdminAuth, GatewayApi, KeyApi, MAX_REQUEST_BYTES};
 use crate::authz::{AuthorizationServer, AuthzService, ExternalProcessorServer, MeterService};
 use crate::config::{ServeArgs, ServeRole};
 use crate::domain::access::{AccessToken, Role};
@@ -33,6 +33,7 @@ use crate::domain::secret::{Secret, SecretKind};
 use crate::domain::view::View;
 use crate::state::Shared;
 use crate::store::{self, DynStore, Store};
+use tonic::service::interceptor::InterceptedService as Intercepted;
 
 /// Names reported by `grpc.health.v1.Health` (besides the overall ""), per side.
 const AUTHZ_HEALTH: &[&str] = &["envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor"];
@@ -324,11 +325,26 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             .add_service(health_server.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(GatewayServiceServer::with_interceptor(GatewayApi(Arc::clone(&admin)), auth.clone()))
-            .add_service(KeyServiceServer::with_interceptor(KeyApi(Arc::clone(&admin)), auth.clone()))
-            .add_service(PricingServiceServer::with_interceptor(PricingApi(Arc::clone(&admin)), auth.clone()))
-            .add_service(AccessServiceServer::with_interceptor(AccessApi(Arc::clone(&admin)), auth.clone()))
-            .add_service(AuditServiceServer::with_interceptor(AuditApi(admin), auth));
+            .add_service(Intercepted::new(
+                GatewayServiceServer::new(GatewayApi(Arc::clone(&admin))).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth.clone(),
+            ))
+            .add_service(Intercepted::new(
+                KeyServiceServer::new(KeyApi(Arc::clone(&admin))).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth.clone(),
+            ))
+            .add_service(Intercepted::new(
+                PricingServiceServer::new(PricingApi(Arc::clone(&admin))).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth.clone(),
+            ))
+            .add_service(Intercepted::new(
+                AccessServiceServer::new(AccessApi(Arc::clone(&admin))).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth.clone(),
+            ))
+            .add_service(Intercepted::new(
+                AuditServiceServer::new(AuditApi(admin)).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth,
+            ));
         let stop = signal();
         tasks.push(tokio::spawn(async move { Ok(router.serve_with_incoming_shutdown(incoming, stop).await?) }));
         tracing::info!(%addr, "admin listener (admin API, health, reflection) ready");

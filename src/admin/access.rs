@@ -39,7 +39,7 @@ fn role_from_pb(r: i32) -> Result<Role, FieldError> {
         Ok(pb::Role::Unspecified) => {
             Err(FieldError::new("role", "is required (ROLE_OWNER, ROLE_ADMIN or ROLE_DEVELOPER)"))
         }
-        Err(_) => Err(FieldError::new("role", format!("unknown role {r}"))),
+        Err(_) => Err(FieldError::new("role", "must be ROLE_OWNER, ROLE_ADMIN or ROLE_DEVELOPER")),
     }
 }
 

@@ -1,5 +1,8 @@
 //! Management tokens for the admin API: roles, gateway scopes and expiry.
 
+use std::collections::HashMap;
+use std::hash::Hash;
+
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
@@ -85,6 +88,113 @@ pub struct AuditEvent {
     pub target: String,
     /// `OK`, or `CODE: message`.
     pub result: String,
+}
+
+/// The most bytes an audit event keeps of any one value; longer values are cut (ending in
+/// `…`), so no request, however large, makes a large row.
+pub const AUDIT_VALUE_MAX_BYTES: usize = 256;
+
+impl AuditEvent {
+    /// The event with every value cut to [`AUDIT_VALUE_MAX_BYTES`].
+    pub fn bounded(mut self) -> Self {
+        for v in [&mut self.token_name, &mut self.action, &mut self.target, &mut self.result] {
+            cut(v);
+        }
+        if let Some(g) = self.gateway.as_mut() {
+            cut(g);
+        }
+        self
+    }
+}
+
+fn cut(s: &mut String) {
+    const ELLIPSIS: &str = "…";
+    if s.len() <= AUDIT_VALUE_MAX_BYTES {
+        return;
+    }
+    let mut end = AUDIT_VALUE_MAX_BYTES - ELLIPSIS.len();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(ELLIPSIS);
+}
+
+/// Whether to record a refused call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditAdmission {
+    Record,
+    /// Record it, saying that `skipped` refused calls since `since` were only counted.
+    RecordWithSkipped {
+        skipped: u64,
+        since: DateTime<Utc>,
+    },
+    /// Count it only.
+    Skip,
+}
+
+impl AuditAdmission {
+    /// The note a recorded event carries about the calls counted before it.
+    pub fn note(self) -> Option<String> {
+        match self {
+            AuditAdmission::RecordWithSkipped { skipped, since } => {
+                Some(format!("(and {skipped} more since {}, not recorded one by one)", since.format("%Y-%m-%dT%H:%MZ")))
+            }
+            AuditAdmission::Record | AuditAdmission::Skip => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Tally {
+    minute: i64,
+    recorded: u32,
+    skipped: u64,
+    skipped_since: Option<DateTime<Utc>>,
+}
+
+/// Refused calls are recorded one by one up to `per_minute` a minute per source (a token,
+/// or all unauthenticated callers together); the rest are counted into the next one
+/// recorded, so no caller can flood the trail (or the log) with refusals. Memory: one
+/// small entry per source; sources with nothing pending are forgotten once the table
+/// reaches `max_sources`.
+#[derive(Debug)]
+pub struct AuditRateLimit<K> {
+    per_minute: u32,
+    max_sources: usize,
+    sources: HashMap<K, Tally>,
+}
+
+impl<K: Hash + Eq> AuditRateLimit<K> {
+    pub fn new(per_minute: u32, max_sources: usize) -> Self {
+        AuditRateLimit { per_minute, max_sources, sources: HashMap::new() }
+    }
+
+    pub fn admit(&mut self, source: K, now: DateTime<Utc>) -> AuditAdmission {
+        let minute = now.timestamp().div_euclid(60);
+        if !self.sources.contains_key(&source) && self.sources.len() >= self.max_sources {
+            self.sources.retain(|_, t| t.skipped > 0 || t.minute == minute);
+            if self.sources.len() >= self.max_sources {
+                // Only reachable with more sources than tokens can exist; never grow.
+                return AuditAdmission::Skip;
+            }
+        }
+        let t = self.sources.entry(source).or_insert(Tally { minute, recorded: 0, skipped: 0, skipped_since: None });
+        if t.minute != minute {
+            t.minute = minute;
+            t.recorded = 0;
+        }
+        if t.recorded >= self.per_minute {
+            t.skipped = t.skipped.saturating_add(1);
+            t.skipped_since.get_or_insert(now);
+            return AuditAdmission::Skip;
+        }
+        t.recorded += 1;
+        match t.skipped_since.take() {
+            Some(since) => AuditAdmission::RecordWithSkipped { skipped: std::mem::take(&mut t.skipped), since },
+            None => AuditAdmission::Record,
+        }
+    }
 }
 
 /// Why a call is refused. The messages are the contract (SPEC §4).
@@ -215,5 +325,52 @@ mod tests {
         assert!(!t.is_usable(t0 + Duration::hours(2), t0 + Duration::minutes(119), idle), "expires_at");
         t.revoked_at = Some(t0);
         assert!(!t.is_usable(t0, t0, idle));
+    }
+
+    #[test]
+    fn audit_values_are_cut_to_a_bound() {
+        let long = "é".repeat(3 * 1024 * 1024);
+        let e = AuditEvent {
+            id: Uuid::now_v7(),
+            at: DateTime::from_timestamp(0, 0).unwrap(),
+            token_id: None,
+            token_name: long.clone(),
+            action: "KeyService/CreateKey".into(),
+            gateway: Some(long.clone()),
+            target: long.clone(),
+            result: long,
+        }
+        .bounded();
+        for v in [&e.token_name, e.gateway.as_ref().unwrap(), &e.target, &e.result] {
+            assert!(v.len() <= AUDIT_VALUE_MAX_BYTES && v.ends_with('…'), "{}", v.len());
+        }
+        assert_eq!(e.action, "KeyService/CreateKey");
+    }
+
+    #[test]
+    fn refusals_are_recorded_up_to_a_rate_per_source_then_counted() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let mut limit = AuditRateLimit::new(3, 100);
+        for _ in 0..3 {
+            assert_eq!(limit.admit("a", t0), AuditAdmission::Record);
+        }
+        for _ in 0..5 {
+            assert_eq!(limit.admit("a", t0 + Duration::seconds(1)), AuditAdmission::Skip);
+        }
+        assert_eq!(limit.admit("b", t0), AuditAdmission::Record, "per source");
+        let next = limit.admit("a", t0 + Duration::minutes(7));
+        assert_eq!(next, AuditAdmission::RecordWithSkipped { skipped: 5, since: t0 + Duration::seconds(1) });
+        assert_eq!(next.note().unwrap(), "(and 5 more since 2027-01-15T08:00Z, not recorded one by one)");
+        assert_eq!(limit.admit("a", t0 + Duration::minutes(7)), AuditAdmission::Record, "reported once");
+    }
+
+    #[test]
+    fn the_rate_limit_table_stays_bounded() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let mut limit = AuditRateLimit::new(1, 10);
+        for i in 0..1000 {
+            limit.admit(i, t0 + Duration::minutes(i));
+            assert!(limit.sources.len() <= 10);
+        }
     }
 }
