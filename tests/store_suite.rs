@@ -204,6 +204,7 @@ async fn usage_prices_tokens_and_audit(db: &Db) {
         hash: secret.hash(),
         prefix: secret.display_prefix(),
         last_used_at: None,
+        bootstrap: false,
     })
     .await
     .unwrap();

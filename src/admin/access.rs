@@ -109,8 +109,13 @@ impl AccessService for AccessApi {
                 revoked_at: None,
             };
             c.target(token.id.to_string());
-            let stored =
-                StoredToken { token, hash: secret.hash(), prefix: secret.display_prefix(), last_used_at: None };
+            let stored = StoredToken {
+                token,
+                hash: secret.hash(),
+                prefix: secret.display_prefix(),
+                last_used_at: None,
+                bootstrap: false,
+            };
             let _w = admin.writes.lock().await;
             admin.store.insert_access_token(&stored).await?;
             admin.registry()?.insert(stored.clone());

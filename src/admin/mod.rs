@@ -4,6 +4,7 @@
 pub mod access;
 pub mod audit;
 pub mod auth;
+pub mod bootstrap;
 mod convert;
 mod error;
 pub mod gateways;
