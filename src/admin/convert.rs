@@ -25,10 +25,11 @@ pub fn from_timestamp(field: &'static str, t: &Timestamp) -> Result<DateTime<Utc
     if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&t.seconds) {
         return Err(FieldError::new(field, "must lie between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z"));
     }
+    // Kept to the microsecond, as storage keeps it, so that a response and a later read agree.
     u32::try_from(t.nanos)
         .ok()
         .filter(|n| *n <= MAX_NANOS as u32)
-        .and_then(|n| DateTime::from_timestamp(t.seconds, n))
+        .and_then(|n| DateTime::from_timestamp(t.seconds, n / 1000 * 1000))
         .ok_or_else(|| FieldError::new(field, "must have nanos between 0 and 999,999,999"))
 }
 
@@ -167,7 +168,7 @@ mod tests {
     fn timestamps_outside_years_1_to_9999_are_refused() {
         let ok = |seconds, nanos| from_timestamp("expires_at", &Timestamp { seconds, nanos });
         assert!(ok(MIN_TIMESTAMP_SECONDS, 0).is_ok());
-        assert_eq!(ok(MAX_TIMESTAMP_SECONDS, 999_999_999).unwrap().to_rfc3339(), "9999-12-31T23:59:59.999999999+00:00");
+        assert_eq!(ok(MAX_TIMESTAMP_SECONDS, 999_999_999).unwrap().to_rfc3339(), "9999-12-31T23:59:59.999999+00:00");
         for (seconds, nanos) in
             [(MAX_TIMESTAMP_SECONDS + 1, 0), (MIN_TIMESTAMP_SECONDS - 1, 0), (i64::MAX, 0), (0, -1), (0, 1_000_000_000)]
         {
