@@ -168,14 +168,15 @@ impl AdminAuth {
         }
         let now = self.shared.clock.now();
         let peer = request.remote_addr().map(|a| a.ip());
+        // Held across the lookup, so that concurrent guesses cannot overdraw a budget.
+        let mut throttle = self.throttle.lock().ok()?;
         // A throttled address gets the answer of an unknown token, without a lookup:
         // nothing it sends, not even a valid token, changes the answer until it may try again.
-        if self.throttle.lock().ok()?.admit(peer, now) == Verdict::Throttled {
+        if throttle.admit(peer, now) == Verdict::Throttled {
             tracing::debug!(peer = ?peer, "management token refused unseen: too many failures");
             return None;
         }
         let who = self.shared.tokens.write().ok()?.authenticate(presented, now);
-        let mut throttle = self.throttle.lock().ok()?;
         match &who {
             Some(_) => throttle.succeeded(peer, now),
             None => {
