@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService as Intercepted;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -32,7 +33,6 @@ use crate::domain::pricing::PriceBook;
 use crate::domain::view::View;
 use crate::state::Shared;
 use crate::store::{self, DynStore, Store};
-use tonic::service::interceptor::InterceptedService as Intercepted;
 
 /// Names reported by `grpc.health.v1.Health` (besides the overall ""), per side.
 const AUTHZ_HEALTH: &[&str] = &["envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor"];
