@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService as Intercepted;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -16,20 +17,19 @@ use tonic_health::server::HealthReporter;
 use crate::admin::PricingApi;
 use crate::admin::access::AccessServiceServer;
 use crate::admin::audit::AuditServiceServer;
-use crate::admin::auth::{StoredToken, TokenRegistry};
+use crate::admin::auth::TokenRegistry;
+use crate::admin::bootstrap::ensure_access;
 use crate::admin::gateways::GatewayServiceServer;
 use crate::admin::keys::KeyServiceServer;
 use crate::admin::pricing::PricingServiceServer;
 use crate::admin::{AccessApi, AuditApi};
-use crate::admin::{Admin, AdminAuth, GatewayApi, KeyApi};
+use crate::admin::{Admin, AdminAuth, GatewayApi, KeyApi, MAX_REQUEST_BYTES};
 use crate::authz::{AuthorizationServer, AuthzService, ExternalProcessorServer, MeterService};
 use crate::config::{ServeArgs, ServeRole};
-use crate::domain::access::{AccessToken, Role};
 use crate::domain::budget::Meters;
 use crate::domain::check::Limiters;
 use crate::domain::clock::Clock;
 use crate::domain::pricing::PriceBook;
-use crate::domain::secret::{Secret, SecretKind};
 use crate::domain::view::View;
 use crate::state::Shared;
 use crate::store::{self, DynStore, Store};
@@ -120,83 +120,6 @@ pub async fn backup(url: &str, to: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes sure someone can administer this instance: the bootstrap token, or a first owner token.
-async fn bootstrap(
-    store: &dyn Store,
-    tokens: &mut TokenRegistry,
-    args: &ServeArgs,
-    clock: &dyn Clock,
-) -> anyhow::Result<()> {
-    let now = clock.now();
-    let owner = |name: &str| AccessToken {
-        id: uuid::Uuid::now_v7(),
-        name: name.to_string(),
-        role: Role::Owner,
-        gateways: vec![],
-        created_at: now,
-        expires_at: None,
-        revoked_at: None,
-    };
-    if let Some(secret) = args.bootstrap_token.as_deref() {
-        if secret.trim().len() < 16 || secret.trim() != secret {
-            bail!("PORTCULLIS_BOOTSTRAP_TOKEN must be at least 16 characters with no surrounding spaces");
-        }
-        let secret = Secret::from_plaintext(secret);
-        let hash = secret.hash();
-        match tokens.get(&hash).map(|s| s.token.clone()) {
-            None => {
-                let stored = StoredToken {
-                    token: owner("bootstrap"),
-                    hash,
-                    prefix: secret.display_prefix(),
-                    last_used_at: None,
-                };
-                store.insert_access_token(&stored).await.context("storing the bootstrap token")?;
-                tracing::info!(token_id = %stored.token.id, "bootstrap owner token stored");
-                tokens.insert(stored);
-            }
-            // The variable says this secret is an owner: make it one again if it was
-            // revoked, expired, narrowed or demoted.
-            Some(t)
-                if t.role != Role::Owner
-                    || !t.gateways.is_empty()
-                    || t.revoked_at.is_some()
-                    || t.expires_at.is_some() =>
-            {
-                store.restore_owner_token(&hash).await.context("restoring the bootstrap token")?;
-                tracing::warn!(token_id = %t.id, "the bootstrap token was revoked, expired or narrowed; restored as an owner (unset PORTCULLIS_BOOTSTRAP_TOKEN to retire it)");
-                let stored = tokens.get(&hash).cloned();
-                if let Some(mut stored) = stored {
-                    stored.token.role = Role::Owner;
-                    stored.token.gateways.clear();
-                    stored.token.revoked_at = None;
-                    stored.token.expires_at = None;
-                    tokens.insert(stored);
-                }
-            }
-            Some(_) => {}
-        }
-        // Starting with the variable set counts as using the token.
-        tokens.touch(&hash, now);
-    } else if !tokens.has_owner() && args.role != ServeRole::Authz {
-        let secret = Secret::generate(SecretKind::AccessToken);
-        let stored = StoredToken {
-            token: owner("owner"),
-            hash: secret.hash(),
-            prefix: secret.display_prefix(),
-            last_used_at: None,
-        };
-        store.insert_access_token(&stored).await.context("storing the first owner token")?;
-        tokens.insert(stored);
-        // Printed once, on stderr, never logged.
-        eprintln!(
-            "\nPortcullis created the first owner management token. It is shown only this once; store it now:\n\n    {}\n\nUse it as `authorization: Bearer <token>` (or PORTCULLIS_TOKEN for the CLI).\n",
-            secret.expose()
-        );
-    }
-    Ok(())
-}
-
 /// Serves Envoy on a runtime of its own with one thread: the request path never pays for
 /// cross-thread wake-ups (measured: ~10 % less CPU per Check than on the shared runtime).
 /// Returns once the listener has drained and the metering it started has been recorded.
@@ -246,7 +169,8 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         bail!("--session-idle-timeout must be longer than 0s");
     }
     let mut tokens = TokenRegistry::new(snapshot.access_tokens, args.dev, idle);
-    bootstrap(&*store, &mut tokens, args, &*clock).await?;
+    let first_owner = args.role != ServeRole::Authz;
+    ensure_access(&*store, &mut tokens, args.bootstrap_token.as_deref(), first_owner, clock.now()).await?;
     if args.dev {
         tracing::warn!(
             "--dev is on: the management token `test-token` is accepted as an owner; never use this in production"
@@ -335,11 +259,26 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             .add_service(health_server.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(GatewayServiceServer::with_interceptor(GatewayApi(Arc::clone(&admin)), auth.clone()))
-            .add_service(KeyServiceServer::with_interceptor(KeyApi(Arc::clone(&admin)), auth.clone()))
-            .add_service(PricingServiceServer::with_interceptor(PricingApi(Arc::clone(&admin)), auth.clone()))
-            .add_service(AccessServiceServer::with_interceptor(AccessApi(Arc::clone(&admin)), auth.clone()))
-            .add_service(AuditServiceServer::with_interceptor(AuditApi(admin), auth));
+            .add_service(Intercepted::new(
+                GatewayServiceServer::new(GatewayApi(Arc::clone(&admin))).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth.clone(),
+            ))
+            .add_service(Intercepted::new(
+                KeyServiceServer::new(KeyApi(Arc::clone(&admin))).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth.clone(),
+            ))
+            .add_service(Intercepted::new(
+                PricingServiceServer::new(PricingApi(Arc::clone(&admin))).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth.clone(),
+            ))
+            .add_service(Intercepted::new(
+                AccessServiceServer::new(AccessApi(Arc::clone(&admin))).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth.clone(),
+            ))
+            .add_service(Intercepted::new(
+                AuditServiceServer::new(AuditApi(admin)).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth,
+            ));
         let stop = signal();
         tasks.push(tokio::spawn(async move { Ok(router.serve_with_incoming_shutdown(incoming, stop).await?) }));
         tracing::info!(%addr, "admin listener (admin API, health, reflection) ready");

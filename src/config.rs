@@ -88,7 +88,8 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_ENCRYPTION_KEY", hide_env_values = true)]
     pub encryption_key: Option<String>,
 
-    /// Make sure an owner management token with this secret exists (at least 16 characters).
+    /// Make sure an owner management token with this secret exists: at least 32 visible ASCII
+    /// characters (`openssl rand -hex 24`). Changing it revokes the token the previous value made.
     #[arg(long, env = "PORTCULLIS_BOOTSTRAP_TOKEN", hide_env_values = true)]
     pub bootstrap_token: Option<String>,
 

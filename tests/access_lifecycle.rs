@@ -1,5 +1,5 @@
 //! Management-token lifecycle on a manual clock (revocation, expiry, idle timeout,
-//! bootstrap restore) and the audit trail.
+//! bootstrap restore and retirement, throttled guessing) and the audit trail.
 
 mod common;
 
@@ -23,6 +23,23 @@ async fn access(server: &TestServer, token: &str) -> Access {
 
 async fn audit(server: &TestServer, token: &str) -> Audit {
     AuditServiceClient::with_interceptor(server.channel().await, BearerAuth::new(token).unwrap())
+}
+
+/// A channel whose connection comes from `local` (any 127.0.0.0/8 address is loopback).
+async fn channel_from(server: &TestServer, local: &str) -> Channel {
+    Channel::from_shared(server.admin_url())
+        .unwrap()
+        .local_address(Some(local.parse().unwrap()))
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn works_from(server: &TestServer, local: &str, secret: &str) -> Result<(), (Code, String)> {
+    let auth = BearerAuth::new(secret).unwrap();
+    let mut g =
+        pb::gateway_service_client::GatewayServiceClient::with_interceptor(channel_from(server, local).await, auth);
+    g.list_gateways(pb::ListGatewaysRequest {}).await.map(|_| ()).map_err(|s| (s.code(), s.message().to_string()))
 }
 
 async fn token(
@@ -216,7 +233,9 @@ async fn an_unauthenticated_flood_is_audited_without_filling_the_trail() {
     for _ in 0..75 {
         assert_eq!(nobody.list_gateways(pb::ListGatewaysRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
     }
-    let mut owner = audit(&server, OWNER_TOKEN).await;
+    // The flood's address is throttled by now: the owner reads from another one.
+    let auth = BearerAuth::new(OWNER_TOKEN).unwrap();
+    let mut owner = AuditServiceClient::with_interceptor(channel_from(&server, "127.0.0.2").await, auth);
     let count = |events: &[pb::AuditEvent]| events.iter().filter(|e| e.result.starts_with("UNAUTHENTICATED")).count();
     let events = owner
         .list_audit_events(pb::ListAuditEventsRequest { page_size: 1000, ..Default::default() })
@@ -234,7 +253,10 @@ async fn an_unauthenticated_flood_is_audited_without_filling_the_trail() {
         .into_inner()
         .events;
     assert_eq!(count(&events), 61);
-    assert!(events[0].result.contains("and 15 more the minute before"), "{}", events[0].result);
+    assert_eq!(
+        events[0].result,
+        "UNAUTHENTICATED: Unauthorized (and 15 more since 2026-11-23T12:00Z, not recorded one by one)"
+    );
 }
 
 #[tokio::test]
@@ -248,4 +270,166 @@ async fn ids_are_never_echoed_into_the_trail() {
     let events = owner.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap().into_inner().events;
     assert_eq!(events[0].action, "KeyService/DeleteKey");
     assert!(!format!("{events:?}").contains("SomebodyPasted"));
+}
+
+#[tokio::test]
+async fn failed_guesses_lock_out_their_address_alone_until_the_window_passes() {
+    let server = TestServer::start().await;
+    let guess = |i: usize| format!("pcm_guess{i:033}");
+    for i in 0..9 {
+        assert_eq!(works_from(&server, "127.0.0.1", &guess(i)).await, unauthorized());
+    }
+    assert_eq!(works_from(&server, "127.0.0.1", OWNER_TOKEN).await, Ok(()), "nine failures are allowed");
+    assert_eq!(works_from(&server, "127.0.0.1", &guess(9)).await, unauthorized());
+    // Ten failures: from that address even the owner token is refused, unseen (an answer
+    // that depended on the token would let the guessing go on).
+    assert_eq!(works_from(&server, "127.0.0.1", OWNER_TOKEN).await, unauthorized());
+    server.clock.advance(Duration::seconds(5));
+    assert_eq!(works_from(&server, "127.0.0.1", OWNER_TOKEN).await, unauthorized());
+    // Another address is unaffected.
+    assert_eq!(works_from(&server, "127.0.0.2", OWNER_TOKEN).await, Ok(()));
+    // One more try every 6 s; the whole budget after a minute.
+    server.clock.advance(Duration::seconds(1));
+    assert_eq!(works_from(&server, "127.0.0.1", &guess(10)).await, unauthorized());
+    assert_eq!(works_from(&server, "127.0.0.1", OWNER_TOKEN).await, unauthorized());
+    server.clock.advance(Duration::seconds(60));
+    assert_eq!(works_from(&server, "127.0.0.1", OWNER_TOKEN).await, Ok(()));
+}
+
+#[tokio::test]
+async fn refused_calls_with_huge_values_leave_the_trail_small() {
+    let server = TestServer::start().await;
+    let (mut gw, _) = server.clients().await;
+    gw.create_gateway(gateway_req("alpha")).await.unwrap();
+    let mut owner = access(&server, OWNER_TOKEN).await;
+    let (_, dev) = token(&mut owner, "token-user01", pb::Role::Developer, &["alpha"], None).await;
+    let (mut dev_gw, mut dev_keys) = server.clients_with(&dev).await;
+    // Past the request size limit: refused before any handler runs.
+    let huge = "a".repeat(4 * 1024 * 1024);
+    let s = dev_gw.create_gateway(gateway_req(&huge)).await.unwrap_err();
+    assert!(matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted), "{s:?}");
+    // Within it: 100 refused calls with 200 KB values, in one minute.
+    let big = "a".repeat(200 * 1024);
+    for i in 0..100 {
+        let s = if i % 2 == 0 {
+            dev_gw.create_gateway(gateway_req(&big)).await.unwrap_err()
+        } else {
+            let req = pb::CreateKeyRequest { gateway: big.clone(), name: "k".into(), ..Default::default() };
+            dev_keys.create_key(req).await.unwrap_err()
+        };
+        assert_eq!(s.code(), Code::PermissionDenied);
+    }
+    let rows = server.db_count("SELECT COUNT(*) FROM audit_events WHERE token_name = ?", "token-user01").await;
+    assert_eq!(rows, 60, "one by one up to the per-minute cap");
+    let bytes = server
+        .db_count(
+            "SELECT SUM(LENGTH(token_name) + LENGTH(action) + COALESCE(LENGTH(gateway), 0) + LENGTH(target) + LENGTH(result)) \
+             FROM audit_events WHERE token_name = ?",
+            "token-user01",
+        )
+        .await;
+    assert!(bytes < 60 * 200, "{bytes} bytes for 60 rows");
+    let dir = server.dir.path();
+    let on_disk: u64 = ["portcullis.db", "portcullis.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(on_disk < 8 * 1024 * 1024, "the database grew to {on_disk} bytes");
+    // The next one recorded says how many were only counted.
+    server.clock.advance(Duration::minutes(1));
+    dev_gw.create_gateway(gateway_req(&big)).await.unwrap_err();
+    let events = audit(&server, OWNER_TOKEN)
+        .await
+        .list_audit_events(pb::ListAuditEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(
+        (events[0].action.as_str(), events[0].result.as_str(), events[0].gateway.as_str()),
+        (
+            "GatewayService/CreateGateway",
+            "PERMISSION_DENIED: You don't have access to this action (and 40 more since 2026-11-23T12:00Z, not recorded one by one)",
+            ""
+        )
+    );
+}
+
+/// Starts a server on `db_url` with `bootstrap` as PORTCULLIS_BOOTSTRAP_TOKEN (or none).
+async fn start_with_bootstrap(server: &mut TestServer, bootstrap: Option<&str>) -> Result<(), String> {
+    use clap::Parser;
+    server.stop().await;
+    let mut argv = vec!["portcullis", "serve", "--authz-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"];
+    let db = server.db_url.clone();
+    argv.extend_from_slice(&["--database-url", &db]);
+    if let Some(b) = bootstrap {
+        argv.extend_from_slice(&["--bootstrap-token", b]);
+    }
+    let portcullis::config::Command::Serve(args) = portcullis::config::Cli::try_parse_from(argv).unwrap().command
+    else {
+        unreachable!()
+    };
+    let clock: std::sync::Arc<dyn Clock> = server.clock.clone();
+    server.running = Some(portcullis::app::start(&args, clock).await.map_err(|e| format!("{e:#}"))?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_new_bootstrap_value_retires_the_previous_token() {
+    let mut server = TestServer::start().await;
+    let mut owner = access(&server, OWNER_TOKEN).await;
+    let first = owner.who_am_i(pb::WhoAmIRequest {}).await.unwrap().into_inner();
+    assert_eq!((first.name.as_str(), first.prefix.as_str()), ("bootstrap", ""), "no part of a chosen secret is shown");
+    let listed = owner.list_access_tokens(pb::ListAccessTokensRequest {}).await.unwrap().into_inner().tokens;
+    assert!(!format!("{listed:?}").contains(&OWNER_TOKEN[..8]));
+    drop(owner);
+
+    let second = "a-new-bootstrap-secret-0123456789abcdef";
+    start_with_bootstrap(&mut server, Some(second)).await.unwrap();
+    assert_eq!(works(&server, OWNER_TOKEN).await, unauthorized(), "the previous value is retired");
+    let mut owner = access(&server, second).await;
+    let me = owner.who_am_i(pb::WhoAmIRequest {}).await.unwrap().into_inner();
+    assert_ne!(me.id, first.id);
+    assert_eq!((me.role, me.prefix.as_str()), (pb::Role::Owner as i32, ""));
+    let listed = owner.list_access_tokens(pb::ListAccessTokensRequest {}).await.unwrap().into_inner().tokens;
+    let old = listed.iter().find(|t| t.id == first.id).unwrap();
+    assert_eq!(old.status, pb::TokenStatus::Revoked as i32);
+    let retired = |events: &[pb::AuditEvent]| {
+        events.iter().filter(|e| e.action == "Bootstrap/RevokeAccessToken").cloned().collect::<Vec<_>>()
+    };
+    let events = audit(&server, second)
+        .await
+        .list_audit_events(pb::ListAuditEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let r = retired(&events);
+    assert_eq!(r.len(), 1, "{events:?}");
+    assert_eq!(
+        (r[0].target.as_str(), r[0].token_name.as_str(), r[0].result.as_str()),
+        (first.id.as_str(), "PORTCULLIS_BOOTSTRAP_TOKEN", "OK")
+    );
+    assert!(!format!("{events:?}").contains(second) && !format!("{events:?}").contains(OWNER_TOKEN));
+
+    // The same value again retires nothing more; no value keeps the current one.
+    start_with_bootstrap(&mut server, Some(second)).await.unwrap();
+    start_with_bootstrap(&mut server, None).await.unwrap();
+    assert_eq!(works(&server, second).await, Ok(()));
+    let events = audit(&server, second)
+        .await
+        .list_audit_events(pb::ListAuditEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(retired(&events).len(), 1);
+
+    // Too short a value is refused at start, naming the variable, not echoing the value.
+    let short = "only-thirty-one-characters-long";
+    assert_eq!(short.len(), 31);
+    let err = start_with_bootstrap(&mut server, Some(short)).await.unwrap_err();
+    assert!(err.contains("PORTCULLIS_BOOTSTRAP_TOKEN: must be at least 32"), "{err}");
+    assert!(!err.contains(short), "{err}");
 }

@@ -1,7 +1,9 @@
-//! The admin API over real gRPC on loopback: validation, errors, auth, secrets,
-//! pagination, reflection and health.
+//! The admin API over real gRPC on loopback: validation, errors (never echoing what was
+//! refused), timestamp ranges, auth, secrets, pagination, reflection and health.
 
 mod common;
+
+use std::sync::{Arc, Mutex, OnceLock};
 
 use chrono::Duration;
 use common::*;
@@ -487,4 +489,169 @@ async fn provider_key_is_encrypted_at_rest_when_a_key_is_set() {
     assert_eq!(gateway.upstream.as_ref().unwrap().value, "Bearer sk-at-rest-secret");
     let err = server.restart_with(&["--encryption-key", "not-hex"]).await.unwrap_err();
     assert!(err.contains("64 hex characters"), "{err}");
+}
+
+/// Everything this test binary logs, at debug level and up.
+fn captured_log() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    Arc::clone(LOG.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buf);
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || LogSink(Arc::clone(&sink)))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber of this binary");
+        buf
+    }))
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn rejected_values_are_never_echoed_into_errors_the_trail_or_the_log() {
+    let log = captured_log();
+    let server = TestServer::start().await;
+    let (mut gw, mut keys) = server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    const PASTED: &str = "sk-proj-PastedProviderKey0123456789";
+    let upstream =
+        |header_name: String| Some(pb::UpstreamAuth { header_name, value: "Bearer x".into(), value_set: false });
+    let mut refused = Vec::new();
+    // A provider key pasted into header_name, on create and on update.
+    refused.push((
+        gw.create_gateway(pb::CreateGatewayRequest {
+            name: "other".into(),
+            upstream_auth: upstream(format!("Authorization: Bearer {PASTED}")),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()),
+        "upstream_auth.header_name",
+    ));
+    refused.push((
+        gw.update_gateway(pb::UpdateGatewayRequest {
+            name: "demo".into(),
+            upstream_auth: upstream(format!("Bearer {PASTED}")),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()),
+        "upstream_auth.header_name",
+    ));
+    let inbound = Some(pb::InboundAuth { key_name: format!("{PASTED}&x"), location: pb::KeyLocation::Query as i32 });
+    refused.push((
+        gw.update_gateway(pb::UpdateGatewayRequest {
+            name: "demo".into(),
+            inbound_auth: inbound,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()),
+        "inbound_auth.key_name",
+    ));
+    refused.push((gw.create_gateway(gateway_req(PASTED)).await.map(|_| ()), "name"));
+    refused.push((
+        gw.delete_gateway(pb::DeleteGatewayRequest { name: PASTED.into(), force: true }).await.map(|_| ()),
+        "name",
+    ));
+    let limits = Some(pb::Limits { cost_limit_usd: Some(PASTED.into()), ..Default::default() });
+    let req = pb::CreateKeyRequest { gateway: "demo".into(), name: "k".into(), limits, ..Default::default() };
+    refused.push((keys.create_key(req).await.map(|_| ()), "limits.cost_limit_usd"));
+    let mut prices = pb::pricing_service_client::PricingServiceClient::with_interceptor(
+        server.channel().await,
+        portcullis::cli::BearerAuth::new(OWNER_TOKEN).unwrap(),
+    );
+    let price = |model: &str, input: &str| pb::SetModelPriceRequest {
+        price: Some(pb::ModelPrice {
+            model: model.into(),
+            input_usd_per_million: input.into(),
+            output_usd_per_million: "1".into(),
+        }),
+    };
+    refused.push((prices.set_model_price(price(&format!("gpt {PASTED}"), "1")).await.map(|_| ()), "price.model"));
+    refused.push((prices.set_model_price(price("gpt-4o", PASTED)).await.map(|_| ()), "price.input_usd_per_million"));
+    for (i, (r, field)) in refused.into_iter().enumerate() {
+        let s = r.expect_err("refused");
+        assert_eq!(s.code(), Code::InvalidArgument, "call {i}: {}", s.message());
+        assert!(s.message().starts_with(&format!("{field}: ")), "call {i}: '{}' names {field}", s.message());
+        assert!(!s.message().contains("PastedProviderKey"), "call {i}: {}", s.message());
+    }
+    let mut audit = pb::audit_service_client::AuditServiceClient::with_interceptor(
+        server.channel().await,
+        portcullis::cli::BearerAuth::new(OWNER_TOKEN).unwrap(),
+    );
+    let events = audit.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap().into_inner().events;
+    assert!(events.iter().any(|e| e.result.starts_with("INVALID_ARGUMENT: upstream_auth.header_name")), "{events:?}");
+    assert!(!format!("{events:?}").contains("PastedProviderKey"), "{events:?}");
+    let log = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+    assert!(log.contains("upstream_auth.header_name"), "the log is captured");
+    assert!(!log.contains("PastedProviderKey"), "{log}");
+}
+
+#[tokio::test]
+async fn timestamps_and_durations_outside_the_protobuf_ranges_are_refused() {
+    let server = TestServer::start().await;
+    let (mut gw, mut keys) = server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    // 10000-01-01T00:00:00Z, and the last second of 9999.
+    let year_10000 = prost_types::Timestamp { seconds: 253_402_300_800, nanos: 0 };
+    let last = prost_types::Timestamp { seconds: 253_402_300_799, nanos: 999_999_999 };
+    let bad_nanos = prost_types::Timestamp { seconds: ts(server.clock.now()).seconds + 3600, nanos: -1 };
+    let req = |expires_at| pb::CreateKeyRequest {
+        gateway: "demo".into(),
+        name: "k".into(),
+        expires_at: Some(expires_at),
+        ..Default::default()
+    };
+    assert_status(keys.create_key(req(year_10000)).await, Code::InvalidArgument, "expires_at");
+    assert_status(keys.create_key(req(bad_nanos)).await, Code::InvalidArgument, "expires_at");
+    let created = keys.create_key(req(last)).await.unwrap().into_inner();
+    let key = created.key.unwrap();
+    for t in [year_10000, bad_nanos] {
+        let update = pb::UpdateKeyRequest { id: key.id.clone(), expires_at: Some(t), ..Default::default() };
+        assert_status(keys.update_key(update).await, Code::InvalidArgument, "expires_at");
+    }
+    let mut access = pb::access_service_client::AccessServiceClient::with_interceptor(
+        server.channel().await,
+        portcullis::cli::BearerAuth::new(OWNER_TOKEN).unwrap(),
+    );
+    let token = pb::CreateAccessTokenRequest {
+        name: "ci".into(),
+        role: pb::Role::Developer as i32,
+        gateways: vec![],
+        expires_at: Some(year_10000),
+    };
+    assert_status(access.create_access_token(token).await, Code::InvalidArgument, "expires_at");
+    for (seconds, nanos) in [(0, 1_000_000_000), (5, -1), (-5, 1), (0, -999_999_999), (-1, 0)] {
+        let rotate =
+            pb::RotateKeyRequest { id: key.id.clone(), grace_period: Some(prost_types::Duration { seconds, nanos }) };
+        assert_status(keys.rotate_key(rotate).await, Code::InvalidArgument, "grace_period");
+    }
+    // Nothing changed, and every listed time is one protobuf-JSON clients can print.
+    let listed = keys.list_keys(pb::ListKeysRequest { gateway: "demo".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(listed.into_inner().keys, vec![key.clone()]);
+    let tokens = access.list_access_tokens(pb::ListAccessTokensRequest {}).await.unwrap().into_inner().tokens;
+    assert!(!tokens.iter().any(|t| t.name == "ci"));
+    let rotated = keys
+        .rotate_key(pb::RotateKeyRequest {
+            id: key.id.clone(),
+            grace_period: Some(prost_types::Duration { seconds: 60, nanos: 500_000_000 }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(rotated.secret, created.secret);
 }

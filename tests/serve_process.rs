@@ -104,14 +104,14 @@ async fn bootstrap_token_is_an_owner_and_short_ones_are_refused() {
     let db = format!("sqlite://{}", dir.path().join("b.db").display());
     let out = Command::new(BIN)
         .args(["serve", "--database-url", &db, "--authz-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-        .env("PORTCULLIS_BOOTSTRAP_TOKEN", "short")
+        .env("PORTCULLIS_BOOTSTRAP_TOKEN", "short-bootstrap-secret-31-chars")
         .output()
         .await
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("PORTCULLIS_BOOTSTRAP_TOKEN must be at least 16"), "{err}");
-    assert!(!err.contains("short"), "{err}");
+    assert!(err.contains("PORTCULLIS_BOOTSTRAP_TOKEN: must be at least 32"), "{err}");
+    assert!(!err.contains("short-bootstrap"), "{err}");
 
     let admin = free_port();
     let mut p = Proc::spawn(&db, free_port(), admin, &[("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN)]);

@@ -204,6 +204,7 @@ async fn usage_prices_tokens_and_audit(db: &Db) {
         hash: secret.hash(),
         prefix: secret.display_prefix(),
         last_used_at: None,
+        bootstrap: false,
     })
     .await
     .unwrap();
@@ -220,6 +221,7 @@ async fn usage_prices_tokens_and_audit(db: &Db) {
     let loaded = s.load().await.unwrap().access_tokens;
     let t = loaded.iter().find(|t| t.token.id == token.id).unwrap();
     assert_eq!((t.token.role, t.token.revoked_at, t.token.gateways.len()), (Role::Owner, None, 0));
+    assert!(t.bootstrap && t.prefix.is_empty(), "restored as the bootstrap token, without a display prefix");
 
     let mut ids = Vec::new();
     for (i, gw) in ["beta", "gamma", "beta"].iter().enumerate() {

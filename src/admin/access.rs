@@ -39,7 +39,7 @@ fn role_from_pb(r: i32) -> Result<Role, FieldError> {
         Ok(pb::Role::Unspecified) => {
             Err(FieldError::new("role", "is required (ROLE_OWNER, ROLE_ADMIN or ROLE_DEVELOPER)"))
         }
-        Err(_) => Err(FieldError::new("role", format!("unknown role {r}"))),
+        Err(_) => Err(FieldError::new("role", "must be ROLE_OWNER, ROLE_ADMIN or ROLE_DEVELOPER")),
     }
 }
 
@@ -109,8 +109,13 @@ impl AccessService for AccessApi {
                 revoked_at: None,
             };
             c.target(token.id.to_string());
-            let stored =
-                StoredToken { token, hash: secret.hash(), prefix: secret.display_prefix(), last_used_at: None };
+            let stored = StoredToken {
+                token,
+                hash: secret.hash(),
+                prefix: secret.display_prefix(),
+                last_used_at: None,
+                bootstrap: false,
+            };
             let _w = admin.writes.lock().await;
             admin.store.insert_access_token(&stored).await?;
             admin.registry()?.insert(stored.clone());

@@ -2,14 +2,14 @@
 //! hash), so authenticating needs no query; last use is persisted lazily.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, Utc};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use uuid::Uuid;
 
-use crate::domain::access::{AccessToken, Principal, Role};
+use crate::domain::access::{AccessToken, AuthThrottle, Principal, Role, Verdict};
 use crate::domain::check::strip_bearer;
 use crate::domain::secret::SecretHash;
 use crate::state::Shared;
@@ -25,8 +25,11 @@ const LAST_USED_GRANULARITY_SECS: i64 = 60;
 pub struct StoredToken {
     pub token: AccessToken,
     pub hash: SecretHash,
+    /// The first characters of the secret, shown in lists; empty for the bootstrap token.
     pub prefix: String,
     pub last_used_at: Option<DateTime<Utc>>,
+    /// Made by `PORTCULLIS_BOOTSTRAP_TOKEN` (retired when the variable changes).
+    pub bootstrap: bool,
 }
 
 #[derive(Debug)]
@@ -142,15 +145,18 @@ pub enum Caller {
     Refused,
 }
 
-/// Authenticates `authorization: Bearer <token>` on every admin call.
+/// Authenticates `authorization: Bearer <token>` on every admin call, throttling failed
+/// attempts per client address (see [`AuthThrottle`]).
 #[derive(Clone)]
 pub struct AdminAuth {
     shared: Arc<Shared>,
+    throttle: Arc<Mutex<AuthThrottle>>,
 }
 
 impl AdminAuth {
     pub fn new(shared: Arc<Shared>) -> Self {
-        AdminAuth { shared }
+        let throttle = Arc::new(Mutex::new(AuthThrottle::new(shared.clock.now())));
+        AdminAuth { shared, throttle }
     }
 
     fn principal(&self, request: &Request<()>) -> Option<Principal> {
@@ -161,7 +167,25 @@ impl AdminAuth {
             return None;
         }
         let now = self.shared.clock.now();
-        self.shared.tokens.write().ok()?.authenticate(presented, now)
+        let peer = request.remote_addr().map(|a| a.ip());
+        // Held across the lookup, so that concurrent guesses cannot overdraw a budget.
+        let mut throttle = self.throttle.lock().ok()?;
+        // A throttled address gets the answer of an unknown token, without a lookup:
+        // nothing it sends, not even a valid token, changes the answer until it may try again.
+        if throttle.admit(peer, now) == Verdict::Throttled {
+            tracing::debug!(peer = ?peer, "management token refused unseen: too many failures");
+            return None;
+        }
+        let who = self.shared.tokens.write().ok()?.authenticate(presented, now);
+        match &who {
+            Some(_) => throttle.succeeded(peer, now),
+            None => {
+                if throttle.failed(peer, now) {
+                    tracing::warn!(peer = ?peer, "too many failed management-token attempts from this address; throttled");
+                }
+            }
+        }
+        who
     }
 }
 
@@ -192,7 +216,7 @@ mod tests {
         let secret = "pcm_example-secret-for-the-registry-test";
         let hash = SecretHash::of(secret);
         let mut r = TokenRegistry::new(
-            vec![StoredToken { token, hash, prefix: "pcm_example-".into(), last_used_at: None }],
+            vec![StoredToken { token, hash, prefix: "pcm_example-".into(), last_used_at: None, bootstrap: false }],
             false,
             Duration::hours(1),
         );

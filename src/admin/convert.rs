@@ -13,11 +13,36 @@ pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
     Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
+/// `0001-01-01T00:00:00Z` and `9999-12-31T23:59:59Z`: the range of `google.protobuf.Timestamp`
+/// (its JSON form has four-digit years; a later time breaks every protobuf-JSON client).
+const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+/// About 10,000 years: the range of `google.protobuf.Duration`.
+const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+const MAX_NANOS: i32 = 999_999_999;
+
 pub fn from_timestamp(field: &'static str, t: &Timestamp) -> Result<DateTime<Utc>, FieldError> {
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&t.seconds) {
+        return Err(FieldError::new(field, "must lie between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z"));
+    }
+    // Kept to the microsecond, as storage keeps it, so that a response and a later read agree.
     u32::try_from(t.nanos)
         .ok()
-        .and_then(|n| DateTime::from_timestamp(t.seconds, n))
-        .ok_or_else(|| FieldError::new(field, "is not a valid timestamp"))
+        .filter(|n| *n <= MAX_NANOS as u32)
+        .and_then(|n| DateTime::from_timestamp(t.seconds, n / 1000 * 1000))
+        .ok_or_else(|| FieldError::new(field, "must have nanos between 0 and 999,999,999"))
+}
+
+/// A valid `google.protobuf.Duration`: nanos within ±999,999,999 with the sign of the seconds.
+pub fn from_duration(field: &'static str, d: &prost_types::Duration) -> Result<chrono::Duration, FieldError> {
+    if !(-MAX_DURATION_SECONDS..=MAX_DURATION_SECONDS).contains(&d.seconds) {
+        return Err(FieldError::new(field, "must lie within ±10,000 years"));
+    }
+    if !(-MAX_NANOS..=MAX_NANOS).contains(&d.nanos) || (d.seconds > 0 && d.nanos < 0) || (d.seconds < 0 && d.nanos > 0)
+    {
+        return Err(FieldError::new(field, "must have nanos within ±999,999,999 and of the same sign as seconds"));
+    }
+    Ok(chrono::Duration::seconds(d.seconds) + chrono::Duration::nanoseconds(i64::from(d.nanos)))
 }
 
 pub fn inbound_from_pb(a: Option<&pb::InboundAuth>) -> Result<InboundAuth, FieldError> {
@@ -28,7 +53,7 @@ pub fn inbound_from_pb(a: Option<&pb::InboundAuth>) -> Result<InboundAuth, Field
         Ok(pb::KeyLocation::Unspecified | pb::KeyLocation::Header) => KeyLocation::Header,
         Ok(pb::KeyLocation::Query) => KeyLocation::Query,
         Err(_) => {
-            return Err(FieldError::new("inbound_auth.location", format!("unknown location {}", a.location)));
+            return Err(FieldError::new("inbound_auth.location", "must be KEY_LOCATION_HEADER or KEY_LOCATION_QUERY"));
         }
     };
     InboundAuth::new(&a.key_name, location)
@@ -81,7 +106,10 @@ pub fn limits_from_pb(l: Option<&pb::Limits>) -> Result<Limits, FieldError> {
         Ok(pb::ResetPeriod::Weekly) => ResetPeriod::Weekly,
         Ok(pb::ResetPeriod::Monthly) => ResetPeriod::Monthly,
         Err(_) => {
-            return Err(FieldError::new("limits.reset_period", format!("unknown period {}", l.reset_period)));
+            return Err(FieldError::new(
+                "limits.reset_period",
+                "must be RESET_PERIOD_NEVER, RESET_PERIOD_DAILY, RESET_PERIOD_WEEKLY or RESET_PERIOD_MONTHLY",
+            ));
         }
     };
     let limits = Limits {
@@ -129,5 +157,33 @@ pub fn key_to_pb(k: &ApiKey, gateway: &str, now: DateTime<Utc>) -> pb::ApiKey {
         created_at: Some(timestamp(k.created_at)),
         expires_at: k.expires_at.map(timestamp),
         last_used_at: k.last_used_at.map(timestamp),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_outside_years_1_to_9999_are_refused() {
+        let ok = |seconds, nanos| from_timestamp("expires_at", &Timestamp { seconds, nanos });
+        assert!(ok(MIN_TIMESTAMP_SECONDS, 0).is_ok());
+        assert_eq!(ok(MAX_TIMESTAMP_SECONDS, 999_999_999).unwrap().to_rfc3339(), "9999-12-31T23:59:59.999999+00:00");
+        for (seconds, nanos) in
+            [(MAX_TIMESTAMP_SECONDS + 1, 0), (MIN_TIMESTAMP_SECONDS - 1, 0), (i64::MAX, 0), (0, -1), (0, 1_000_000_000)]
+        {
+            assert_eq!(ok(seconds, nanos).unwrap_err().field, "expires_at", "{seconds} {nanos}");
+        }
+    }
+
+    #[test]
+    fn durations_follow_the_protobuf_rules() {
+        let d = |seconds, nanos| from_duration("grace_period", &prost_types::Duration { seconds, nanos });
+        assert_eq!(d(1, 500_000_000), Ok(chrono::Duration::milliseconds(1500)));
+        assert_eq!(d(-1, -500_000_000), Ok(chrono::Duration::milliseconds(-1500)));
+        assert_eq!(d(0, -5), Ok(chrono::Duration::nanoseconds(-5)));
+        for (seconds, nanos) in [(0, 1_000_000_000), (0, -1_000_000_000), (1, -1), (-1, 1), (i64::MAX, 0)] {
+            assert_eq!(d(seconds, nanos).unwrap_err().field, "grace_period", "{seconds} {nanos}");
+        }
     }
 }

@@ -44,8 +44,8 @@ impl GatewayService for GatewayApi {
         let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
             c.check(Action::WriteGateways, Some(&req.name))?;
-            c.target(req.name.clone());
             validate_gateway_name("name", &req.name)?;
+            c.target(req.name.clone());
             let gateway = Gateway {
                 id: Uuid::now_v7(),
                 name: req.name.clone(),
@@ -68,6 +68,7 @@ impl GatewayService for GatewayApi {
         let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
             c.check(Action::ReadGateways, Some(&name))?;
+            validate_gateway_name("name", &name)?;
             c.target(name.clone());
             Ok(gateway_to_pb(&admin.gateway_by_name("name", &name).await?))
         };
@@ -99,6 +100,7 @@ impl GatewayService for GatewayApi {
         let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
             c.check(Action::WriteGateways, Some(&req.name))?;
+            validate_gateway_name("name", &req.name)?;
             c.target(req.name.clone());
             let _w = admin.writes.lock().await;
             let mut g = admin.gateway_by_name("name", &req.name).await?;
@@ -132,6 +134,7 @@ impl GatewayService for GatewayApi {
         let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
             c.check(Action::WriteGateways, Some(&req.name))?;
+            validate_gateway_name("name", &req.name)?;
             c.target(req.name.clone());
             let _w = admin.writes.lock().await;
             let g = admin.gateway_by_name("name", &req.name).await?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::convert::{from_timestamp, key_to_pb, limits_from_pb, limits_to_pb, timestamp};
+use super::convert::{from_duration, from_timestamp, key_to_pb, limits_from_pb, limits_to_pb, timestamp};
 use super::error::store_err;
 use super::{Admin, AdminError, AdminResult, Call, Kind, page_after, page_size};
 use crate::domain::FieldError;
@@ -299,11 +299,11 @@ impl KeyService for KeyApi {
             let (mut key, gateway) = admin.key_for(&c, Action::WriteKeys, &req.id).await?;
             let grace = match &req.grace_period {
                 None => chrono::Duration::zero(),
-                Some(d) if d.seconds < 0 || d.nanos < 0 || d.seconds > 90 * 86_400 => {
-                    return Err(FieldError::new("grace_period", "must be between 0 and 90 days").into());
-                }
-                Some(d) => chrono::Duration::seconds(d.seconds) + chrono::Duration::nanoseconds(i64::from(d.nanos)),
+                Some(d) => from_duration("grace_period", d)?,
             };
+            if grace < chrono::Duration::zero() || grace > chrono::Duration::days(90) {
+                return Err(FieldError::new("grace_period", "must be between 0 and 90 days").into());
+            }
             if key.legacy {
                 return Err(AdminError::FailedPrecondition(
                     "legacy keys cannot be rotated: create a new key, then disable the legacy one".into(),

@@ -4,6 +4,7 @@
 pub mod access;
 pub mod audit;
 pub mod auth;
+pub mod bootstrap;
 mod convert;
 mod error;
 pub mod gateways;
@@ -16,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use tonic::{Request, Status};
 use uuid::Uuid;
 
-use crate::domain::access::{Action, AuditEvent, Principal};
+use crate::domain::access::{Action, AuditAdmission, AuditEvent, AuditRateLimit, Principal};
+use crate::domain::gateway::validate_gateway_name;
 use crate::state::Shared;
 use crate::store::DynStore;
 
@@ -34,35 +36,45 @@ pub struct Admin {
     store: DynStore,
     /// Admin writes are serialised so that the order of commits and of view updates agree.
     writes: tokio::sync::Mutex<()>,
-    /// Unauthenticated calls audited this minute: (minute, recorded, skipped).
-    unauthenticated: Mutex<(i64, u32, u32)>,
+    /// Refused calls recorded per source and minute.
+    refusals: Mutex<AuditRateLimit<Source>>,
 }
 
-/// At most this many unauthenticated calls a minute are audited one by one; the rest are
-/// counted into the next one recorded, so a flood cannot fill the trail.
-pub const UNAUTHENTICATED_AUDIT_PER_MINUTE: u32 = 60;
+/// Who a refused call is counted against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Source {
+    /// Every call without a valid token, together.
+    Unauthenticated,
+    /// One token (`None`: the `--dev` token).
+    Token(Option<Uuid>),
+}
+
+/// At most this many refused calls a minute per token (and as many unauthenticated ones)
+/// are audited one by one; the rest are counted into the next one recorded, so a flood
+/// cannot fill the trail.
+pub const REFUSED_AUDIT_PER_MINUTE: u32 = 60;
+/// Sources the refusal counter tracks at most (tokens are far fewer).
+const REFUSAL_SOURCES_MAX: usize = 10_000;
+
+/// The largest admin request accepted (tonic's default is 4 MiB): ample for the largest
+/// legitimate call (a token scoped to thousands of gateways), small enough that no call
+/// costs much memory.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
 impl Admin {
     pub fn new(shared: Arc<Shared>, store: DynStore) -> Arc<Self> {
-        Arc::new(Admin { shared, store, writes: tokio::sync::Mutex::new(()), unauthenticated: Mutex::new((0, 0, 0)) })
+        Arc::new(Admin {
+            shared,
+            store,
+            writes: tokio::sync::Mutex::new(()),
+            refusals: Mutex::new(AuditRateLimit::new(REFUSED_AUDIT_PER_MINUTE, REFUSAL_SOURCES_MAX)),
+        })
     }
 
-    /// Whether to record this unauthenticated call, and how many went unrecorded before it.
-    fn admit_unauthenticated(&self) -> Option<u32> {
-        let minute = self.shared.clock.now().timestamp().div_euclid(60);
-        let mut u = self.unauthenticated.lock().ok()?;
-        if u.0 != minute {
-            let skipped = u.2;
-            *u = (minute, 1, 0);
-            return Some(skipped);
-        }
-        if u.1 < UNAUTHENTICATED_AUDIT_PER_MINUTE {
-            u.1 += 1;
-            Some(0)
-        } else {
-            u.2 += 1;
-            None
-        }
+    /// Whether to record a refused call of `source`.
+    fn admit_refusal(&self, source: Source) -> AuditAdmission {
+        let now = self.shared.clock.now();
+        self.refusals.lock().map_or(AuditAdmission::Skip, |mut r| r.admit(source, now))
     }
 }
 
@@ -95,12 +107,18 @@ impl Call {
         Ok(self.who.authorize_global(action)?)
     }
 
+    /// Notes the gateway the call concerns; a name that is not a valid gateway name is
+    /// not recorded (it may be anything a client sent, even a secret).
     pub(crate) fn gateway(&self, name: &str) {
+        if validate_gateway_name("gateway", name).is_err() {
+            return;
+        }
         if let Ok(mut g) = self.gateway.lock() {
             *g = Some(name.to_string());
         }
     }
 
+    /// Notes the call's target: an id, or a name that passed validation.
     fn target(&self, t: impl Into<String>) {
         if let Ok(mut target) = self.target.lock() {
             *target = t.into();
@@ -120,18 +138,9 @@ impl Admin {
                 target: Mutex::new(String::new()),
             })),
             _ => {
-                match self.admit_unauthenticated() {
-                    Some(0) => {
-                        self.record(None, action, None, String::new(), "UNAUTHENTICATED: Unauthorized".into()).await
-                    }
-                    Some(n) => {
-                        let result = format!(
-                            "UNAUTHENTICATED: Unauthorized (and {n} more the minute before, not recorded one by one)"
-                        );
-                        self.record(None, action, None, String::new(), result).await
-                    }
-                    None => tracing::debug!(action, "unauthenticated admin call (audit rate-limited)"),
-                }
+                let admission = self.admit_refusal(Source::Unauthenticated);
+                let result = "UNAUTHENTICATED: Unauthorized".to_string();
+                self.record_refusal(admission, None, action, None, String::new(), result).await;
                 Err(Status::unauthenticated("Unauthorized"))
             }
         }
@@ -149,16 +158,19 @@ impl Admin {
             let result = run.await;
             let refused = matches!(result, Err(AdminError::PermissionDenied(_)));
             if kind == Kind::Mutation || refused {
-                let outcome = match &result {
-                    Ok(_) => "OK".to_string(),
-                    Err(e) => {
-                        let (code, message) = e.status_parts();
-                        format!("{}: {message}", code_name(code))
-                    }
-                };
                 let gateway = call.gateway.lock().ok().and_then(|g| g.clone());
                 let target = call.target.lock().map(|t| t.clone()).unwrap_or_default();
-                admin.record(Some(&call.who), call.action, gateway, target, outcome).await;
+                match &result {
+                    // A change is always recorded.
+                    Ok(_) => admin.record(Some(&call.who), call.action, gateway, target, "OK".into()).await,
+                    // A refusal changed nothing: recorded up to a rate per token.
+                    Err(e) => {
+                        let (code, message) = e.status_parts();
+                        let outcome = format!("{}: {message}", code_name(code));
+                        let admission = admin.admit_refusal(Source::Token(call.who.token_id));
+                        admin.record_refusal(admission, Some(&call.who), call.action, gateway, target, outcome).await;
+                    }
+                }
             }
             result
         };
@@ -167,6 +179,32 @@ impl Admin {
             Kind::Read => audited.await,
         };
         result.map_err(Status::from)
+    }
+
+    /// Records a refused call as `admission` says, or only counts it.
+    async fn record_refusal(
+        &self,
+        admission: AuditAdmission,
+        who: Option<&Principal>,
+        action: &'static str,
+        gateway: Option<String>,
+        target: String,
+        result: String,
+    ) {
+        match admission {
+            AuditAdmission::Skip => {
+                tracing::debug!(
+                    action,
+                    token = who.map_or("", |w| w.name.as_str()),
+                    "refused admin call (audit rate-limited)"
+                )
+            }
+            AuditAdmission::Record => self.record(who, action, gateway, target, result).await,
+            AuditAdmission::RecordWithSkipped { .. } => {
+                let result = format!("{result} {}", admission.note().unwrap_or_default());
+                self.record(who, action, gateway, target, result).await
+            }
+        }
     }
 
     async fn record(
@@ -186,7 +224,8 @@ impl Admin {
             gateway,
             target,
             result,
-        };
+        }
+        .bounded();
         tracing::info!(token = %event.token_name, action, target = %event.target, result = %event.result, "admin call");
         if let Err(e) = self.store.insert_audit(&event).await {
             tracing::error!(error = %e, action, "could not write the audit event");
@@ -202,7 +241,8 @@ fn page_size(n: u32) -> Result<u32, crate::domain::FieldError> {
     match n {
         0 => Ok(DEFAULT_PAGE_SIZE),
         n if n > MAX_PAGE_SIZE => {
-            Err(crate::domain::FieldError::new("page_size", format!("must be at most {MAX_PAGE_SIZE}")))
+            const _: () = assert!(MAX_PAGE_SIZE == 1000, "update the message below");
+            Err(crate::domain::FieldError::new("page_size", "must be at most 1000"))
         }
         n => Ok(n),
     }

@@ -41,10 +41,13 @@ impl PricingService for PricingApi {
         let p = request.into_inner().price.unwrap_or_default();
         let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
-            c.target(p.model.clone());
+            let valid = validate_model("price.model", &p.model);
+            if valid.is_ok() {
+                c.target(p.model.clone());
+            }
             // Prices apply to every gateway: a gateway-scoped token cannot set them.
             c.check_global(Action::WritePrices)?;
-            validate_model("price.model", &p.model)?;
+            valid?;
             let price = Price {
                 input_micros_per_million: money::parse_usd("price.input_usd_per_million", &p.input_usd_per_million)?,
                 output_micros_per_million: money::parse_usd("price.output_usd_per_million", &p.output_usd_per_million)?,
@@ -81,9 +84,12 @@ impl PricingService for PricingApi {
         let model = request.into_inner().model;
         let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
         let run = async move {
-            c.target(model.clone());
+            let valid = validate_model("model", &model);
+            if valid.is_ok() {
+                c.target(model.clone());
+            }
             c.check_global(Action::WritePrices)?;
-            validate_model("model", &model)?;
+            valid?;
             let _w = admin.writes.lock().await;
             admin.store.delete_price(&model).await.map_err(store_err("model price"))?;
             admin.price_book()?.remove(&model);

@@ -62,7 +62,7 @@ impl InboundAuth {
                 {
                     return Err(FieldError::new(
                         "inbound_auth.key_name",
-                        format!("'{key_name}' is not a query parameter name (letters, digits, '-', '_', '.', '~')"),
+                        "must be a query parameter name of at most 128 letters, digits, '-', '_', '.' or '~'",
                     ));
                 }
                 key_name.to_string()
@@ -92,7 +92,10 @@ impl UpstreamAuth {
         validate_header_name("upstream_auth.header_name", header_name)?;
         let lower = header_name.to_ascii_lowercase();
         if lower == "host" || lower == "content-length" || lower == "transfer-encoding" {
-            return Err(FieldError::new("upstream_auth.header_name", format!("'{lower}' cannot carry a credential")));
+            return Err(FieldError::new(
+                "upstream_auth.header_name",
+                "cannot be host, content-length or transfer-encoding",
+            ));
         }
         if value.is_empty() {
             return Err(FieldError::new("upstream_auth.value", "is required when header_name is set"));
@@ -127,7 +130,7 @@ pub fn validate_gateway_name(field: &'static str, name: &str) -> Result<(), Fiel
     } else if name.is_empty() {
         Err(FieldError::new(field, "is required"))
     } else {
-        Err(FieldError::new(field, format!("'{name}' must match [a-z0-9][a-z0-9-]{{0,62}}")))
+        Err(FieldError::new(field, "must match [a-z0-9][a-z0-9-]{0,62}"))
     }
 }
 
@@ -138,7 +141,7 @@ pub fn validate_header_name(field: &'static str, name: &str) -> Result<(), Field
         return Err(FieldError::new(field, "is required"));
     }
     if name.len() > 128 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || TCHAR.contains(&b)) {
-        return Err(FieldError::new(field, format!("'{name}' is not an HTTP header name")));
+        return Err(FieldError::new(field, "must be an HTTP header name of at most 128 characters (RFC 9110 token)"));
     }
     Ok(())
 }

@@ -115,7 +115,7 @@ pub fn validate_key_name(field: &'static str, name: &str) -> Result<(), FieldErr
 /// An expiry must lie in the future.
 pub fn validate_expiry(field: &'static str, at: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), FieldError> {
     if at <= now {
-        return Err(FieldError::new(field, format!("{} is in the past", at.to_rfc3339())));
+        return Err(FieldError::new(field, "must be in the future"));
     }
     Ok(())
 }

@@ -17,16 +17,18 @@ pub mod window;
 
 use std::fmt;
 
-/// Bad input, named by the field it came in.
+/// Bad input, named by the field it came in and the rule it broke. The message is a
+/// fixed string: a rejected value (often a secret pasted in the wrong field) can never
+/// reach an error message, the audit trail or the log through it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
     pub field: &'static str,
-    pub message: String,
+    pub message: &'static str,
 }
 
 impl FieldError {
-    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
-        FieldError { field, message: message.into() }
+    pub fn new(field: &'static str, message: &'static str) -> Self {
+        FieldError { field, message }
     }
 }
 

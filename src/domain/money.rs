@@ -6,7 +6,7 @@ pub const MICROS_PER_USD: i64 = 1_000_000;
 
 /// Parses a non-negative decimal USD amount ("12.50", "0.000001", "3") into micro-USD.
 pub fn parse_usd(field: &'static str, s: &str) -> Result<i64, FieldError> {
-    let bad = || FieldError::new(field, format!("'{s}' is not a USD amount like \"12.50\" (at most 6 decimals)"));
+    let bad = || FieldError::new(field, "must be a USD amount like \"12.50\" (at most 6 decimals)");
     let s = s.trim();
     let (whole, frac) = match s.split_once('.') {
         Some((w, f)) => (w, f),

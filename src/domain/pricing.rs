@@ -26,7 +26,10 @@ pub fn validate_model(field: &'static str, model: &str) -> Result<(), FieldError
         return Err(FieldError::new(field, "is required"));
     }
     if model.len() > 200 || model.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(FieldError::new(field, format!("'{model}' is not a model name")));
+        return Err(FieldError::new(
+            field,
+            "must be a model name of at most 200 bytes without spaces or control characters",
+        ));
     }
     Ok(())
 }

@@ -94,7 +94,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn insert_access_token(&self, token: &StoredToken) -> Result<(), StoreError>;
     async fn revoke_access_token(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;
-    /// Makes the token with this hash a usable, unscoped owner again (bootstrap).
+    /// Makes the token with this hash the bootstrap token: a usable, unscoped owner, with no
+    /// display prefix.
     async fn restore_owner_token(&self, hash: &SecretHash) -> Result<(), StoreError>;
     async fn save_token_last_used(&self, used: &[(Uuid, DateTime<Utc>)]) -> Result<(), StoreError>;
 

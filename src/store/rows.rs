@@ -191,8 +191,8 @@ macro_rules! store_impl {
                 }
                 let prices = self.list_prices().await?;
                 let rows = sqlx::query(
-                    "SELECT id, name, secret_hash, prefix, role, gateways, created_at, expires_at, last_used_at, revoked_at \
-                     FROM access_tokens",
+                    "SELECT id, name, secret_hash, prefix, role, gateways, created_at, expires_at, last_used_at, revoked_at, \
+                     bootstrap FROM access_tokens",
                 )
                 .fetch_all(&self.pool)
                 .await
@@ -205,6 +205,7 @@ macro_rules! store_impl {
                             hash: hash(r)?,
                             prefix: get(r, "prefix")?,
                             last_used_at: opt_time(r, "last_used_at")?,
+                            bootstrap: get(r, "bootstrap")?,
                         })
                     })
                     .collect::<Result<_, StoreError>>()?;
@@ -374,8 +375,8 @@ macro_rules! store_impl {
                 let t = &s.token;
                 let gateways = serde_json::to_string(&t.gateways).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 sqlx::query(
-                    "INSERT INTO access_tokens (id, name, secret_hash, prefix, role, gateways, created_at, expires_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    "INSERT INTO access_tokens (id, name, secret_hash, prefix, role, gateways, created_at, expires_at, bootstrap) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 )
                 .bind(t.id.to_string())
                 .bind(&t.name)
@@ -385,6 +386,7 @@ macro_rules! store_impl {
                 .bind(gateways)
                 .bind(to_micros(t.created_at))
                 .bind(t.expires_at.map(to_micros))
+                .bind(s.bootstrap)
                 .execute(&self.pool)
                 .await
                 .map_err(write_err("access token"))?;
@@ -403,10 +405,11 @@ macro_rules! store_impl {
 
             async fn restore_owner_token(&self, hash: &SecretHash) -> Result<(), StoreError> {
                 sqlx::query(
-                    "UPDATE access_tokens SET role = 'owner', gateways = '[]', expires_at = NULL, revoked_at = NULL \
-                     WHERE secret_hash = $1",
+                    "UPDATE access_tokens SET role = 'owner', gateways = '[]', expires_at = NULL, revoked_at = NULL, \
+                     bootstrap = $2, prefix = '' WHERE secret_hash = $1",
                 )
                 .bind(&hash.0[..])
+                .bind(true)
                 .execute(&self.pool)
                 .await
                 .map_err(unavailable)?;

@@ -147,3 +147,36 @@ super::rows::store_impl!(SqliteStore, {
         Ok(())
     }
 });
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection;
+
+    /// Tokens an earlier version's bootstrap made (named `bootstrap`, with a prefix of the
+    /// chosen secret) become bootstrap tokens without a prefix; others are left alone.
+    #[tokio::test]
+    async fn the_bootstrap_migration_marks_earlier_bootstrap_tokens() {
+        let mut db = sqlx::SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        for sql in [
+            include_str!("migrations/sqlite/0001_core.sql"),
+            include_str!("migrations/sqlite/0002_usage_prices_rotation.sql"),
+            include_str!("migrations/sqlite/0003_access_audit.sql"),
+        ] {
+            sqlx::raw_sql(sql).execute(&mut db).await.unwrap();
+        }
+        sqlx::raw_sql(
+            "INSERT INTO access_tokens (id, name, secret_hash, prefix, role, created_at) VALUES \
+             ('a', 'bootstrap', x'01', 'owner-token-', 'owner', 0), ('b', 'ci', x'02', 'pcm_AbCdEfGh', 'admin', 0)",
+        )
+        .execute(&mut db)
+        .await
+        .unwrap();
+        sqlx::raw_sql(include_str!("migrations/sqlite/0004_bootstrap_token.sql")).execute(&mut db).await.unwrap();
+        let rows: Vec<(String, String, bool)> =
+            sqlx::query_as("SELECT id, prefix, bootstrap FROM access_tokens ORDER BY id")
+                .fetch_all(&mut db)
+                .await
+                .unwrap();
+        assert_eq!(rows, [("a".into(), "".into(), true), ("b".into(), "pcm_AbCdEfGh".into(), false)]);
+    }
+}

@@ -1,0 +1,141 @@
+//! Start-up access: the bootstrap token (`PORTCULLIS_BOOTSTRAP_TOKEN`) or, on a fresh
+//! database, a first owner token printed once.
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::auth::{StoredToken, TokenRegistry};
+use crate::domain::access::{AccessToken, AuditEvent, Role, validate_bootstrap_secret};
+use crate::domain::secret::{Secret, SecretKind};
+use crate::store::Store;
+
+/// The audit trail's name for what start-up does on the variable's behalf.
+const BOOTSTRAP_ACTOR: &str = "PORTCULLIS_BOOTSTRAP_TOKEN";
+
+fn owner(name: &str, now: DateTime<Utc>) -> AccessToken {
+    AccessToken {
+        id: Uuid::now_v7(),
+        name: name.to_string(),
+        role: Role::Owner,
+        gateways: vec![],
+        created_at: now,
+        expires_at: None,
+        revoked_at: None,
+    }
+}
+
+/// Makes sure someone can administer this instance. With `bootstrap` (the variable's
+/// value): an owner token with that secret exists, usable, unscoped and without a display
+/// prefix, and a bootstrap token made with an earlier value is revoked (audited). Without
+/// it, when no owner token was ever made and `first_owner` is set: one is made and its
+/// secret printed once on stderr.
+pub async fn ensure_access(
+    store: &dyn Store,
+    tokens: &mut TokenRegistry,
+    bootstrap: Option<&str>,
+    first_owner: bool,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    let Some(secret) = bootstrap else {
+        if first_owner && !tokens.has_owner() {
+            create_first_owner(store, tokens, now).await?;
+        }
+        return Ok(());
+    };
+    // The message names the rule, never the value.
+    if let Err(e) = validate_bootstrap_secret(secret) {
+        bail!("{e}");
+    }
+    let hash = Secret::from_plaintext(secret).hash();
+    match tokens.get(&hash).cloned() {
+        None => {
+            // No prefix: the first characters of a chosen secret are part of the secret.
+            let stored = StoredToken {
+                token: owner("bootstrap", now),
+                hash,
+                prefix: String::new(),
+                last_used_at: None,
+                bootstrap: true,
+            };
+            store.insert_access_token(&stored).await.context("storing the bootstrap token")?;
+            tracing::info!(token_id = %stored.token.id, "bootstrap owner token stored");
+            tokens.insert(stored);
+        }
+        Some(mut stored) => {
+            let t = &stored.token;
+            let narrowed =
+                t.role != Role::Owner || !t.gateways.is_empty() || t.revoked_at.is_some() || t.expires_at.is_some();
+            if narrowed || !stored.bootstrap || !stored.prefix.is_empty() {
+                store.restore_owner_token(&hash).await.context("restoring the bootstrap token")?;
+                if narrowed {
+                    // The variable says this secret is an owner: make it one again.
+                    tracing::warn!(token_id = %t.id, "the bootstrap token was revoked, expired or narrowed; restored as an owner (unset PORTCULLIS_BOOTSTRAP_TOKEN to stop restoring it, or set another value to retire it)");
+                }
+                stored.token.role = Role::Owner;
+                stored.token.gateways.clear();
+                stored.token.revoked_at = None;
+                stored.token.expires_at = None;
+                stored.bootstrap = true;
+                stored.prefix.clear();
+                tokens.insert(stored);
+            }
+        }
+    }
+    retire_previous(store, tokens, &hash, now).await?;
+    // Starting with the variable set counts as using the token.
+    tokens.touch(&hash, now);
+    Ok(())
+}
+
+/// Revokes every bootstrap token but the current one: a changed variable retires the
+/// secret it replaced.
+async fn retire_previous(
+    store: &dyn Store,
+    tokens: &mut TokenRegistry,
+    current: &crate::domain::secret::SecretHash,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    let previous: Vec<Uuid> = tokens
+        .list()
+        .into_iter()
+        .filter(|(s, _)| s.bootstrap && s.hash != *current && s.token.revoked_at.is_none())
+        .map(|(s, _)| s.token.id)
+        .collect();
+    for id in previous {
+        store.revoke_access_token(id, now).await.context("retiring the previous bootstrap token")?;
+        tokens.revoke(id, now);
+        let event = AuditEvent {
+            id: Uuid::now_v7(),
+            at: now,
+            token_id: None,
+            token_name: BOOTSTRAP_ACTOR.into(),
+            action: "Bootstrap/RevokeAccessToken".into(),
+            gateway: None,
+            target: id.to_string(),
+            result: "OK".into(),
+        };
+        store.insert_audit(&event).await.context("auditing the retired bootstrap token")?;
+        tracing::warn!(token_id = %id, "PORTCULLIS_BOOTSTRAP_TOKEN changed: the previous bootstrap token is revoked");
+    }
+    Ok(())
+}
+
+async fn create_first_owner(store: &dyn Store, tokens: &mut TokenRegistry, now: DateTime<Utc>) -> anyhow::Result<()> {
+    let secret = Secret::generate(SecretKind::AccessToken);
+    let stored = StoredToken {
+        token: owner("owner", now),
+        hash: secret.hash(),
+        prefix: secret.display_prefix(),
+        last_used_at: None,
+        bootstrap: false,
+    };
+    store.insert_access_token(&stored).await.context("storing the first owner token")?;
+    tokens.insert(stored);
+    // Printed once, on stderr, never logged.
+    eprintln!(
+        "\nPortcullis created the first owner management token. It is shown only this once; store it now:\n\n    {}\n\nUse it as `authorization: Bearer <token>` (or PORTCULLIS_TOKEN for the CLI).\n",
+        secret.expose()
+    );
+    Ok(())
+}
