@@ -15,6 +15,41 @@ use tokio::net::TcpListener;
 
 use crate::domain::check::{Decision, Denial};
 
+/// Unpriced models counted one by one; the rest are counted as `model="other"`.
+pub const UNPRICED_SERIES: usize = 100;
+/// Model names are cut to this many bytes in labels.
+pub const MODEL_LABEL_MAX: usize = 128;
+const OTHER_MODEL: &str = "other";
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A label value escaped as the Prometheus text format requires: `\\`, `\"` and `\n`.
+struct LabelValue<'a>(&'a str);
+
+impl std::fmt::Display for LabelValue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '\\' => f.write_str("\\\\")?,
+                '"' => f.write_str("\\\"")?,
+                '\n' => f.write_str("\\n")?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     allowed: AtomicU64,
@@ -29,7 +64,8 @@ pub struct Metrics {
     completion_tokens: AtomicU64,
     usage_missing: AtomicU64,
     flush_failures: AtomicU64,
-    /// Responses of models without a price, by model.
+    /// Responses of models without a price, by model: at most `UNPRICED_SERIES` models
+    /// (names cut to `MODEL_LABEL_MAX` bytes), the rest under `other`.
     unpriced: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -60,12 +96,23 @@ impl Metrics {
         }
     }
 
-    /// Counts a response of an unpriced model; true the first time the model is seen.
+    /// Counts a response of an unpriced model; true the first time the model is seen (for
+    /// models beyond the first `UNPRICED_SERIES`, the first time `other` is counted).
     pub fn unpriced(&self, model: &str) -> bool {
         let Ok(mut m) = self.unpriced.lock() else { return false };
-        let n = m.entry(model.to_string()).or_insert(0);
-        *n += 1;
-        *n == 1
+        let model = truncate(model, MODEL_LABEL_MAX);
+        if let Some(n) = m.get_mut(model) {
+            *n += 1;
+            return false;
+        }
+        let named = m.len() - usize::from(m.contains_key(OTHER_MODEL));
+        if named >= UNPRICED_SERIES {
+            let n = m.entry(OTHER_MODEL.to_string()).or_insert(0);
+            *n += 1;
+            return *n == 1;
+        }
+        m.insert(model.to_string(), 1);
+        true
     }
 
     pub fn flush_failed(&self) {
@@ -134,8 +181,8 @@ impl Metrics {
         );
         if let Ok(m) = self.unpriced.lock() {
             for (model, n) in m.iter() {
-                let model = model.replace('\\', "\\\\").replace('"', "\\\"");
-                let _ = writeln!(out, "portcullis_unpriced_model_responses_total{{model=\"{model}\"}} {n}");
+                let _ =
+                    writeln!(out, "portcullis_unpriced_model_responses_total{{model=\"{}\"}} {n}", LabelValue(model));
             }
         }
         out
@@ -151,11 +198,13 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the metrics listener on {addr}"))?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
+        let mut listener = listener;
         tokio::pin!(stop);
         loop {
+            // An accept error (e.g. out of file descriptors) is logged and retried, never fatal.
             let (stream, _) = tokio::select! {
                 _ = &mut stop => return Ok(()),
-                accepted = listener.accept() => accepted?,
+                accepted = crate::listen::accept_next(&mut listener, "metrics") => accepted,
             };
             let shared = std::sync::Arc::clone(&shared);
             tokio::spawn(async move {
@@ -182,4 +231,56 @@ pub async fn serve(
         }
     });
     Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unpriced_lines(m: &Metrics) -> Vec<String> {
+        m.render(0, 0)
+            .lines()
+            .filter(|l| l.starts_with("portcullis_unpriced_model_responses_total{"))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn a_model_name_cannot_inject_a_line_or_break_a_label() {
+        let m = Metrics::default();
+        m.unpriced("evil\"} 1\nportcullis_checks_total{decision=\"allow\"} 999999\n\\");
+        let text = m.render(0, 0);
+        assert!(!text.contains("\nportcullis_checks_total{decision=\"allow\"} 999999"), "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("portcullis_checks_total{decision=\"allow\"}")).count(), 1);
+        assert_eq!(
+            unpriced_lines(&m),
+            [
+                r#"portcullis_unpriced_model_responses_total{model="evil\"} 1\nportcullis_checks_total{decision=\"allow\"} 999999\n\\"} 1"#
+            ]
+        );
+    }
+
+    #[test]
+    fn unpriced_models_beyond_the_bound_are_counted_as_other() {
+        let m = Metrics::default();
+        for i in 0..UNPRICED_SERIES {
+            assert!(m.unpriced(&format!("model-{i}")), "first sight of model-{i}");
+        }
+        assert!(!m.unpriced("model-0"), "seen before");
+        assert!(m.unpriced("model-100"), "the first model beyond the bound is reported once");
+        assert!(!m.unpriced("model-101"));
+        let lines = unpriced_lines(&m);
+        assert_eq!(lines.len(), UNPRICED_SERIES + 1);
+        assert!(lines.contains(&r#"portcullis_unpriced_model_responses_total{model="other"} 2"#.to_string()));
+        assert!(lines.contains(&r#"portcullis_unpriced_model_responses_total{model="model-0"} 2"#.to_string()));
+        assert!(!lines.iter().any(|l| l.contains("model-100")));
+    }
+
+    #[test]
+    fn long_model_names_are_cut_on_a_character_boundary() {
+        let m = Metrics::default();
+        m.unpriced(&"é".repeat(200));
+        let lines = unpriced_lines(&m);
+        assert_eq!(lines, [format!("portcullis_unpriced_model_responses_total{{model=\"{}\"}} 1", "é".repeat(64))]);
+    }
 }
