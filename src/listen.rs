@@ -113,7 +113,7 @@ pub fn server_tls(
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-fn read_certs(flag: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn read_certs(flag: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| anyhow::anyhow!("{flag}: cannot read PEM certificates from {}: {e}", path.display()))?;

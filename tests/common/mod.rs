@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::process::Stdio;
