@@ -18,6 +18,8 @@ pub struct Cli {
     pub conn: crate::cli::Connection,
 }
 
+// Parsed once per process: the size of `Serve` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the Envoy-facing (authz) and operator-facing (admin) gRPC listeners.
