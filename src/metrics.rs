@@ -189,6 +189,11 @@ impl Metrics {
     }
 }
 
+/// Scrapers connected at once, at most; beyond it the listener waits for one to leave.
+const METRICS_CONNECTIONS: usize = 64;
+/// A connection that has not sent a request's headers within this is closed.
+const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `GET /metrics` until `stop` resolves.
 pub async fn serve(
     addr: SocketAddr,
@@ -199,8 +204,13 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
         let mut listener = listener;
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
         tokio::pin!(stop);
         loop {
+            let permit = tokio::select! {
+                _ = &mut stop => return Ok(()),
+                permit = std::sync::Arc::clone(&permits).acquire_owned() => permit?,
+            };
             // An accept error (e.g. out of file descriptors) is logged and retried, never fatal.
             let (stream, _) = tokio::select! {
                 _ = &mut stop => return Ok(()),
@@ -208,6 +218,7 @@ pub async fn serve(
             };
             let shared = std::sync::Arc::clone(&shared);
             tokio::spawn(async move {
+                let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (status, body) = if req.uri().path() == "/metrics" {
                         let (g, k) = shared.view().map(|v| (v.gateway_count(), v.key_count())).unwrap_or((0, 0));
@@ -226,7 +237,11 @@ pub async fn serve(
                     }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                    .serve_connection(io, svc)
+                    .await;
             });
         }
     });
