@@ -133,7 +133,7 @@ pub struct ServeArgs {
     pub max_connections: usize,
 
     /// A connection that has not completed its TLS handshake and HTTP/2 preface within this
-    /// is closed.
+    /// is closed (at most 10s).
     #[arg(long, env = "PORTCULLIS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
 

@@ -35,6 +35,8 @@ const H2_MAGIC: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A client's first SETTINGS frame larger than this is not a real client.
 const MAX_SETTINGS_PAYLOAD: usize = 16_384;
 const FRAME_SETTINGS: u8 = 0x4;
+/// Longer would let idle sockets pile up again.
+const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connection and stream limits of one gRPC listener.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +53,8 @@ impl Limits {
         if args.max_connections == 0 {
             bail!("--max-connections must be at least 1");
         }
-        if args.handshake_timeout.is_zero() || args.handshake_timeout > Duration::from_secs(60) {
-            bail!("--handshake-timeout must be between 1ms and 60s");
+        if args.handshake_timeout.is_zero() || args.handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
+            bail!("--handshake-timeout must be longer than 0s and at most 10s");
         }
         if args.max_concurrent_streams == 0 {
             bail!("--max-concurrent-streams must be at least 1");

@@ -159,7 +159,7 @@ async fn the_metrics_listener_survives_running_out_of_file_descriptors() {
     let mut child = tokio::process::Command::new("sh")
         .args(["-c", r#"ulimit -n 64 && exec "$0" "$@""#, BIN, "serve", "--database-url", &db])
         .args(["--authz-addr", &format!("127.0.0.1:{authz}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}"), "--handshake-timeout", "60s"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
         .env("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN)
         .env("PORTCULLIS_LOG", "info")
         .stderr(Stdio::piped())
@@ -184,10 +184,14 @@ async fn the_metrics_listener_survives_running_out_of_file_descriptors() {
     };
     wait_for("metrics listener (/metrics) ready").await;
 
-    // Idle connections to the admin listener take every descriptor the process may open.
+    // HTTP/2 connections to the admin listener take every descriptor the process may open
+    // (they complete the preface, so they stay until keepalive gives up on them).
     let mut hogs = Vec::new();
     for _ in 0..80 {
-        hogs.push(TcpStream::connect(("127.0.0.1", admin)).await.unwrap());
+        let mut s = TcpStream::connect(("127.0.0.1", admin)).await.unwrap();
+        s.write_all(H2_MAGIC).await.unwrap();
+        s.write_all(EMPTY_SETTINGS).await.unwrap();
+        hogs.push(s);
     }
     wait_for("accepting a connection failed listener=\"admin\"").await;
     let scrape = tokio::spawn(async move { http::request(metrics, "GET", "metrics", "/metrics", &[], None).await });
@@ -320,4 +324,26 @@ async fn the_cli_verifies_a_tls_admin_listener_against_its_ca() {
     let (ok, _, err) = cli(&["tokens", "whoami", "--admin-url", "http://127.0.0.1:1", "--ca", &ca], &[]).await;
     assert!(!ok);
     assert!(err.contains("--ca needs an https://"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_listener_settings_are_refused_at_start_naming_the_flag() {
+    let certs = TestCerts::generate();
+    let (cert, key) = (certs.arg("server.pem"), certs.arg("server-key.pem"));
+    let missing = certs.arg("missing.pem");
+    let cases: [(&[&str], &str); 6] = [
+        (&["--handshake-timeout", "30s"], "--handshake-timeout"),
+        (&["--max-connections", "0"], "--max-connections"),
+        (&["--max-concurrent-streams", "0"], "--max-concurrent-streams"),
+        (&["--admin-tls-cert", &missing, "--admin-tls-key", &key], "--admin-tls-cert"),
+        (&["--authz-tls-cert", &cert, "--authz-tls-key", &cert], "--authz-tls-key"),
+        (&["--authz-tls-cert", &cert, "--authz-tls-key", &key, "--authz-tls-client-ca", &key], "--authz-tls-client-ca"),
+    ];
+    for (flags, named) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        let err = TestServer::try_start_on(url, flags).await.err().unwrap_or_else(|| panic!("{flags:?} accepted"));
+        assert!(err.contains(named), "{flags:?}: {err}");
+        assert!(!err.contains("PRIVATE KEY"), "no key material in errors: {err}");
+    }
 }
