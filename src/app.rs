@@ -8,7 +8,6 @@ use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -221,37 +220,10 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, Sock
     Ok((listener, local))
 }
 
-/// TLS for the authz and admin listeners, from their flags.
-fn listener_tls(args: &ServeArgs) -> anyhow::Result<(Option<TlsAcceptor>, Option<TlsAcceptor>)> {
-    let authz = match (&args.authz_tls_cert, &args.authz_tls_key) {
-        (Some(cert), Some(key)) => Some(listen::server_tls(
-            "authz",
-            cert,
-            key,
-            args.authz_tls_client_ca.as_deref().map(|ca| ("--authz-tls-client-ca", ca)),
-        )?),
-        _ => None,
-    };
-    let admin = match (&args.admin_tls_cert, &args.admin_tls_key) {
-        (Some(cert), Some(key)) => Some(listen::server_tls("admin", cert, key, None)?),
-        _ => None,
-    };
-    Ok((authz, admin))
-}
-
 pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     let limits = Limits::from_args(args)?;
-    let (authz_tls, admin_tls) = listener_tls(args)?;
-    if let Some(open_files) = listen::raise_open_files_limit() {
-        let needed = (limits.max_connections as u64).saturating_mul(2).saturating_add(64);
-        if open_files < needed {
-            tracing::warn!(
-                open_files,
-                max_connections = limits.max_connections,
-                "the open files limit is below what both listeners may hold; lower --max-connections or raise the limit"
-            );
-        }
-    }
+    let (authz_tls, admin_tls) = listen::tls_from_args(args)?;
+    listen::raise_open_files_limit(&limits);
     if args.redis_url.is_some() {
         bail!(
             "--redis-url (shared counters across replicas) is not supported by this version; run one replica without it"

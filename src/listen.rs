@@ -83,6 +83,24 @@ impl Limits {
     }
 }
 
+/// TLS for the authz and admin listeners, from their flags.
+pub fn tls_from_args(args: &ServeArgs) -> anyhow::Result<(Option<TlsAcceptor>, Option<TlsAcceptor>)> {
+    let authz = match (&args.authz_tls_cert, &args.authz_tls_key) {
+        (Some(cert), Some(key)) => Some(server_tls(
+            "authz",
+            cert,
+            key,
+            args.authz_tls_client_ca.as_deref().map(|ca| ("--authz-tls-client-ca", ca)),
+        )?),
+        _ => None,
+    };
+    let admin = match (&args.admin_tls_cert, &args.admin_tls_key) {
+        (Some(cert), Some(key)) => Some(server_tls("admin", cert, key, None)?),
+        _ => None,
+    };
+    Ok((authz, admin))
+}
+
 /// TLS for a listener from PEM files; with `client_ca`, only clients holding a certificate
 /// that CA signed get through the handshake.
 pub fn server_tls(
@@ -126,9 +144,22 @@ pub(crate) fn read_certs(flag: &str, path: &Path) -> anyhow::Result<Vec<Certific
 }
 
 /// Raises this process's soft limit on open files to its hard limit (a server holds a
-/// descriptor per connection; the usual soft default of 1024 is low). Returns the limit now
-/// in force, when known.
-pub fn raise_open_files_limit() -> Option<u64> {
+/// descriptor per connection; the usual soft default of 1024 is low), and warns when even
+/// that is below what the listeners may hold.
+pub fn raise_open_files_limit(limits: &Limits) {
+    let Some(open_files) = raise_nofile_to_hard() else { return };
+    let needed = (limits.max_connections as u64).saturating_mul(2).saturating_add(128);
+    if open_files < needed {
+        tracing::warn!(
+            open_files,
+            max_connections = limits.max_connections,
+            "the open files limit is below what the listeners may hold; lower --max-connections or raise the limit"
+        );
+    }
+}
+
+/// The soft limit on open files after raising it to the hard limit, when known.
+fn raise_nofile_to_hard() -> Option<u64> {
     #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64")))]
     {
         /// `struct rlimit` on 64-bit Linux: `rlim_t` is `unsigned long`.
@@ -411,7 +442,7 @@ mod tests {
 
     #[test]
     fn the_open_files_limit_is_raised_to_the_hard_limit() {
-        if let Some(now) = raise_open_files_limit() {
+        if let Some(now) = raise_nofile_to_hard() {
             assert!(now >= 1024, "open files limit {now}");
         }
     }
