@@ -347,3 +347,47 @@ async fn bad_listener_settings_are_refused_at_start_naming_the_flag() {
         assert!(!err.contains("PRIVATE KEY"), "no key material in errors: {err}");
     }
 }
+
+#[tokio::test]
+async fn metrics_labels_from_responses_are_escaped_and_bounded() {
+    let stack = Stack::start_full(&["--metrics-addr", "127.0.0.1:0"], |c| c).await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (key, secret) = create_key(&mut keys, "demo", "token-user01").await;
+    // The upstream answers with the model the request named: a newline in it must not add a
+    // line to /metrics, and only 100 unpriced models get a series of their own.
+    let evil = r#"evil\"} 1\nportcullis_checks_total{decision=\"allow\"} 999999\n"#;
+    let mut models = vec![evil.to_string()];
+    models.extend((1..=100).map(|i| format!("model-{i:03}")));
+    for model in &models {
+        let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
+        let r = stack.envoy.post(DEMO, PATH, &[("x-api-key", &secret)], &body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    eventually("every response metered", Duration::from_secs(20), || {
+        let mut keys = keys.clone();
+        let id = key.id.clone();
+        async move {
+            let u = keys.get_key_usage(pb::GetKeyUsageRequest { id }).await.ok()?.into_inner();
+            (u.requests == 101).then_some(())
+        }
+    })
+    .await;
+    let port = stack.server.running().metrics_addr.unwrap().port();
+    let text = http::request(port, "GET", "metrics", "/metrics", &[], None).await.body;
+    let allow: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("portcullis_checks_total{decision=\"allow\"}")).collect();
+    assert_eq!(allow, ["portcullis_checks_total{decision=\"allow\"} 101"], "{text}");
+    let unpriced: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("portcullis_unpriced_model_responses_total{")).collect();
+    assert_eq!(unpriced.len(), 101, "100 models and `other`: {unpriced:#?}");
+    assert!(unpriced.contains(&r#"portcullis_unpriced_model_responses_total{model="other"} 1"#), "{unpriced:#?}");
+    assert!(unpriced.contains(&r#"portcullis_unpriced_model_responses_total{model="model-099"} 1"#));
+    assert!(!text.contains("model-100"), "the 101st model has no series of its own");
+    assert!(
+        unpriced.contains(
+            &r#"portcullis_unpriced_model_responses_total{model="evil\"} 1\nportcullis_checks_total{decision=\"allow\"} 999999\n"} 1"#
+        ),
+        "{unpriced:#?}"
+    );
+}
