@@ -9,8 +9,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService as Intercepted;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -31,6 +29,7 @@ use crate::domain::check::Limiters;
 use crate::domain::clock::Clock;
 use crate::domain::pricing::PriceBook;
 use crate::domain::view::View;
+use crate::listen::{self, FrontDoor, Limits};
 use crate::state::Shared;
 use crate::store::{self, DynStore, Store};
 
@@ -125,6 +124,8 @@ pub async fn backup(url: &str, to: &std::path::Path) -> anyhow::Result<()> {
 /// Returns once the listener has drained and the metering it started has been recorded.
 fn serve_authz(
     listener: std::net::TcpListener,
+    door: FrontDoor,
+    limits: Limits,
     shared: Arc<Shared>,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -133,8 +134,9 @@ fn serve_authz(
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the authz runtime")?;
     rt.block_on(async {
-        let incoming = TcpIncoming::from(TcpListener::from_std(listener)?).with_nodelay(Some(true));
-        Server::builder()
+        let incoming = door.incoming(TcpListener::from_std(listener)?);
+        limits
+            .server()
             .add_service(health)
             .add_service(AuthorizationServer::new(AuthzService::new(Arc::clone(&shared))))
             .add_service(ExternalProcessorServer::new(MeterService::new(Arc::clone(&shared))))
@@ -146,13 +148,16 @@ fn serve_authz(
     })
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpIncoming, SocketAddr)> {
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))?;
     let local = listener.local_addr()?;
-    Ok((TcpIncoming::from(listener).with_nodelay(Some(true)), local))
+    Ok((listener, local))
 }
 
 pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    let limits = Limits::from_args(args)?;
+    let (authz_tls, admin_tls) = listen::tls_from_args(args)?;
+    listen::raise_open_files_limit(&limits);
     if args.redis_url.is_some() {
         bail!(
             "--redis-url (shared counters across replicas) is not supported by this version; run one replica without it"
@@ -232,16 +237,24 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         let addr = listener.local_addr()?;
         authz_addr = Some(addr);
         let threads = args.authz_threads.max(1);
+        let tls = authz_tls.is_some();
+        // One connection cap across the threads sharing the listener.
+        let door = FrontDoor::new("authz", &limits, authz_tls);
         for _ in 0..threads {
             let listener = listener.try_clone().context("sharing the authz listener")?;
-            let (shared, health, stop, drain) =
-                (Arc::clone(&shared), health_server.clone(), signal(), args.drain_timeout);
-            tasks.push(tokio::task::spawn_blocking(move || serve_authz(listener, shared, health, stop, drain)));
+            let (door, shared, health, stop, drain) =
+                (door.clone(), Arc::clone(&shared), health_server.clone(), signal(), args.drain_timeout);
+            tasks.push(tokio::task::spawn_blocking(move || {
+                serve_authz(listener, door, limits, shared, health, stop, drain)
+            }));
         }
-        tracing::info!(%addr, threads, "authz listener (ext_authz, ext_proc, health) ready");
+        let client_certs = args.authz_tls_client_ca.is_some();
+        tracing::info!(%addr, threads, tls, client_certs, "authz listener (ext_authz, ext_proc, health) ready");
     }
     if args.role != ServeRole::Authz {
-        let (incoming, addr) = bind(args.admin_addr, "admin").await?;
+        let (listener, addr) = bind(args.admin_addr, "admin").await?;
+        let tls = admin_tls.is_some();
+        let incoming = FrontDoor::new("admin", &limits, admin_tls).incoming(listener);
         admin_addr = Some(addr);
         let admin = Admin::new(Arc::clone(&shared), Arc::clone(&store));
         let auth = AdminAuth::new(Arc::clone(&shared));
@@ -255,7 +268,9 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building reflection v1alpha")?;
-        let router = Server::builder()
+        let router = limits
+            .server()
+            .timeout(args.admin_request_timeout)
             .add_service(health_server.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -281,7 +296,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             ));
         let stop = signal();
         tasks.push(tokio::spawn(async move { Ok(router.serve_with_incoming_shutdown(incoming, stop).await?) }));
-        tracing::info!(%addr, "admin listener (admin API, health, reflection) ready");
+        tracing::info!(%addr, tls, "admin listener (admin API, health, reflection) ready");
     }
     let mut metrics_addr = None;
     if let Some(addr) = args.metrics_addr {

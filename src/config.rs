@@ -1,6 +1,7 @@
 //! One clap struct per command: every setting has a flag, an env var and a default.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -17,6 +18,8 @@ pub struct Cli {
     pub conn: crate::cli::Connection,
 }
 
+// Parsed once per process: the size of `Serve` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the Envoy-facing (authz) and operator-facing (admin) gRPC listeners.
@@ -113,6 +116,54 @@ pub struct ServeArgs {
     /// How long SIGTERM waits for in-flight calls before exiting.
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+
+    /// TLS on the admin listener: PEM certificate chain (with --admin-tls-key).
+    #[arg(long, env = "PORTCULLIS_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+
+    /// TLS on the admin listener: PEM private key (with --admin-tls-cert).
+    #[arg(long, env = "PORTCULLIS_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
+
+    /// TLS on the authz listener: PEM certificate chain (with --authz-tls-key).
+    #[arg(long, env = "PORTCULLIS_AUTHZ_TLS_CERT", requires = "authz_tls_key")]
+    pub authz_tls_cert: Option<PathBuf>,
+
+    /// TLS on the authz listener: PEM private key (with --authz-tls-cert).
+    #[arg(long, env = "PORTCULLIS_AUTHZ_TLS_KEY", requires = "authz_tls_cert")]
+    pub authz_tls_key: Option<PathBuf>,
+
+    /// Verify client certificates on the authz listener against this PEM CA bundle: only
+    /// clients holding a certificate it signed (the mesh's Envoys) can call Check.
+    #[arg(long, env = "PORTCULLIS_AUTHZ_TLS_CLIENT_CA", requires = "authz_tls_cert")]
+    pub authz_tls_client_ca: Option<PathBuf>,
+
+    /// Open connections each gRPC listener (authz, admin) holds at most; at the cap it stops
+    /// accepting until one closes.
+    #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS", default_value_t = 1000)]
+    pub max_connections: usize,
+
+    /// A connection that has not completed its TLS handshake and HTTP/2 preface within this
+    /// is closed (at most 10s).
+    #[arg(long, env = "PORTCULLIS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Concurrent HTTP/2 streams per connection (Envoy opens another connection beyond it).
+    #[arg(long, env = "PORTCULLIS_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+
+    /// Send an HTTP/2 PING on a connection idle this long ...
+    #[arg(long, env = "PORTCULLIS_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// ... and close it when the PING is not answered within this.
+    #[arg(long, env = "PORTCULLIS_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
+    /// An admin call that has not finished after this fails with DEADLINE_EXCEEDED (clients
+    /// may ask for less with grpc-timeout).
+    #[arg(long, env = "PORTCULLIS_ADMIN_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub admin_request_timeout: Duration,
 
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `portcullis=debug`.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]

@@ -6,6 +6,7 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod listen;
 pub mod metrics;
 pub mod state;
 pub mod store;

@@ -15,6 +15,41 @@ use tokio::net::TcpListener;
 
 use crate::domain::check::{Decision, Denial};
 
+/// Unpriced models counted one by one; the rest are counted as `model="other"`.
+pub const UNPRICED_SERIES: usize = 100;
+/// Model names are cut to this many bytes in labels.
+pub const MODEL_LABEL_MAX: usize = 128;
+const OTHER_MODEL: &str = "other";
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A label value escaped as the Prometheus text format requires: `\\`, `\"` and `\n`.
+struct LabelValue<'a>(&'a str);
+
+impl std::fmt::Display for LabelValue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '\\' => f.write_str("\\\\")?,
+                '"' => f.write_str("\\\"")?,
+                '\n' => f.write_str("\\n")?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     allowed: AtomicU64,
@@ -29,7 +64,8 @@ pub struct Metrics {
     completion_tokens: AtomicU64,
     usage_missing: AtomicU64,
     flush_failures: AtomicU64,
-    /// Responses of models without a price, by model.
+    /// Responses of models without a price, by model: at most `UNPRICED_SERIES` models
+    /// (names cut to `MODEL_LABEL_MAX` bytes), the rest under `other`.
     unpriced: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -60,12 +96,23 @@ impl Metrics {
         }
     }
 
-    /// Counts a response of an unpriced model; true the first time the model is seen.
+    /// Counts a response of an unpriced model; true the first time the model is seen (for
+    /// models beyond the first `UNPRICED_SERIES`, the first time `other` is counted).
     pub fn unpriced(&self, model: &str) -> bool {
         let Ok(mut m) = self.unpriced.lock() else { return false };
-        let n = m.entry(model.to_string()).or_insert(0);
-        *n += 1;
-        *n == 1
+        let model = truncate(model, MODEL_LABEL_MAX);
+        if let Some(n) = m.get_mut(model) {
+            *n += 1;
+            return false;
+        }
+        let named = m.len() - usize::from(m.contains_key(OTHER_MODEL));
+        if named >= UNPRICED_SERIES {
+            let n = m.entry(OTHER_MODEL.to_string()).or_insert(0);
+            *n += 1;
+            return *n == 1;
+        }
+        m.insert(model.to_string(), 1);
+        true
     }
 
     pub fn flush_failed(&self) {
@@ -134,13 +181,18 @@ impl Metrics {
         );
         if let Ok(m) = self.unpriced.lock() {
             for (model, n) in m.iter() {
-                let model = model.replace('\\', "\\\\").replace('"', "\\\"");
-                let _ = writeln!(out, "portcullis_unpriced_model_responses_total{{model=\"{model}\"}} {n}");
+                let _ =
+                    writeln!(out, "portcullis_unpriced_model_responses_total{{model=\"{}\"}} {n}", LabelValue(model));
             }
         }
         out
     }
 }
+
+/// Scrapers connected at once, at most; beyond it the listener waits for one to leave.
+const METRICS_CONNECTIONS: usize = 64;
+/// A connection that has not sent a request's headers within this is closed.
+const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves `GET /metrics` until `stop` resolves.
 pub async fn serve(
@@ -151,14 +203,22 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the metrics listener on {addr}"))?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
+        let mut listener = listener;
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
         tokio::pin!(stop);
         loop {
+            let permit = tokio::select! {
+                _ = &mut stop => return Ok(()),
+                permit = std::sync::Arc::clone(&permits).acquire_owned() => permit?,
+            };
+            // An accept error (e.g. out of file descriptors) is logged and retried, never fatal.
             let (stream, _) = tokio::select! {
                 _ = &mut stop => return Ok(()),
-                accepted = listener.accept() => accepted?,
+                accepted = crate::listen::accept_next(&mut listener, "metrics") => accepted,
             };
             let shared = std::sync::Arc::clone(&shared);
             tokio::spawn(async move {
+                let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (status, body) = if req.uri().path() == "/metrics" {
                         let (g, k) = shared.view().map(|v| (v.gateway_count(), v.key_count())).unwrap_or((0, 0));
@@ -177,9 +237,65 @@ pub async fn serve(
                     }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                    .serve_connection(io, svc)
+                    .await;
             });
         }
     });
     Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unpriced_lines(m: &Metrics) -> Vec<String> {
+        m.render(0, 0)
+            .lines()
+            .filter(|l| l.starts_with("portcullis_unpriced_model_responses_total{"))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn a_model_name_cannot_inject_a_line_or_break_a_label() {
+        let m = Metrics::default();
+        m.unpriced("evil\"} 1\nportcullis_checks_total{decision=\"allow\"} 999999\n\\");
+        let text = m.render(0, 0);
+        assert!(!text.contains("\nportcullis_checks_total{decision=\"allow\"} 999999"), "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("portcullis_checks_total{decision=\"allow\"}")).count(), 1);
+        assert_eq!(
+            unpriced_lines(&m),
+            [
+                r#"portcullis_unpriced_model_responses_total{model="evil\"} 1\nportcullis_checks_total{decision=\"allow\"} 999999\n\\"} 1"#
+            ]
+        );
+    }
+
+    #[test]
+    fn unpriced_models_beyond_the_bound_are_counted_as_other() {
+        let m = Metrics::default();
+        for i in 0..UNPRICED_SERIES {
+            assert!(m.unpriced(&format!("model-{i}")), "first sight of model-{i}");
+        }
+        assert!(!m.unpriced("model-0"), "seen before");
+        assert!(m.unpriced("model-100"), "the first model beyond the bound is reported once");
+        assert!(!m.unpriced("model-101"));
+        let lines = unpriced_lines(&m);
+        assert_eq!(lines.len(), UNPRICED_SERIES + 1);
+        assert!(lines.contains(&r#"portcullis_unpriced_model_responses_total{model="other"} 2"#.to_string()));
+        assert!(lines.contains(&r#"portcullis_unpriced_model_responses_total{model="model-0"} 2"#.to_string()));
+        assert!(!lines.iter().any(|l| l.contains("model-100")));
+    }
+
+    #[test]
+    fn long_model_names_are_cut_on_a_character_boundary() {
+        let m = Metrics::default();
+        m.unpriced(&"é".repeat(200));
+        let lines = unpriced_lines(&m);
+        assert_eq!(lines, [format!("portcullis_unpriced_model_responses_total{{model=\"{}\"}} 1", "é".repeat(64))]);
+    }
 }

@@ -3,11 +3,13 @@
 
 mod output;
 
-use anyhow::{Context, anyhow};
+use std::path::PathBuf;
+
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use crate::pb;
@@ -28,6 +30,9 @@ pub struct Connection {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Trust this PEM CA (a private CA) for an https:// admin URL instead of the system roots.
+    #[arg(long, env = "PORTCULLIS_CA", global = true)]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -294,13 +299,43 @@ async fn connect(conn: &Connection) -> anyhow::Result<(Channel, BearerAuth)> {
     let token =
         conn.token.as_deref().ok_or_else(|| anyhow!("no management token: pass --token or set PORTCULLIS_TOKEN"))?;
     let auth = BearerAuth::new(token)?;
-    let channel = Endpoint::from_shared(conn.admin_url.clone())
+    let endpoint = Endpoint::from_shared(conn.admin_url.clone())
         .with_context(|| format!("invalid --admin-url '{}'", conn.admin_url))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|_| anyhow!("cannot reach the admin API at {}", conn.admin_url))?;
+        .connect_timeout(std::time::Duration::from_secs(5));
+    let https = endpoint.uri().scheme_str() == Some("https");
+    // https verifies the server: against --ca when given, else the system's roots.
+    let endpoint = match (&conn.ca, https) {
+        (Some(_), false) => bail!("--ca needs an https:// --admin-url (got {})", conn.admin_url),
+        (Some(ca), true) => {
+            let pem = std::fs::read(ca).with_context(|| format!("--ca: cannot read {}", ca.display()))?;
+            crate::listen::read_certs("--ca", ca)?;
+            endpoint.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?
+        }
+        (None, true) => endpoint.tls_config(ClientTlsConfig::new().with_native_roots())?,
+        (None, false) => endpoint,
+    };
+    let channel = endpoint.connect().await.map_err(|e| connect_error(conn, &e))?;
     Ok((channel, auth))
+}
+
+/// Why the admin API could not be reached, in one line; an untrusted certificate says how to
+/// trust it.
+fn connect_error(conn: &Connection, e: &(dyn std::error::Error + 'static)) -> anyhow::Error {
+    let mut cause = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    if cause.contains("certificate") {
+        let hint = if conn.ca.is_some() {
+            "check that --ca holds the CA that signed the admin listener's certificate and that the URL's host is in it"
+        } else {
+            "pass --ca <pem> (or PORTCULLIS_CA) with the CA that signed the admin listener's certificate"
+        };
+        return anyhow!("TLS: the admin API at {} was not verified ({cause}); {hint}", conn.admin_url);
+    }
+    anyhow!("cannot reach the admin API at {} ({cause})", conn.admin_url)
 }
 
 /// A gRPC status as one line: "key not found (NOT_FOUND)".

@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod process;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::process::Stdio;
