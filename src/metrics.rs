@@ -29,6 +29,7 @@ pub struct Metrics {
     completion_tokens: AtomicU64,
     usage_missing: AtomicU64,
     flush_failures: AtomicU64,
+    metering_without_metadata: AtomicU64,
     /// Responses of models without a price, by model.
     unpriced: Mutex<BTreeMap<String, u64>>,
 }
@@ -66,6 +67,11 @@ impl Metrics {
         let n = m.entry(model.to_string()).or_insert(0);
         *n += 1;
         *n == 1
+    }
+
+    /// Counts a metering stream that carried no ext_authz metadata; returns the total.
+    pub fn metering_without_metadata(&self) -> u64 {
+        self.metering_without_metadata.fetch_add(1, Relaxed).saturating_add(1)
     }
 
     pub fn flush_failed(&self) {
@@ -107,6 +113,12 @@ impl Metrics {
                 "counter",
                 "Metered responses that reported no usage.",
                 self.usage_missing.load(Relaxed),
+            ),
+            (
+                "portcullis_metering_without_metadata_total",
+                "counter",
+                "ext_proc streams without ext_authz metadata (key_id): not charged to any key; a misconfigured Envoy.",
+                self.metering_without_metadata.load(Relaxed),
             ),
             (
                 "portcullis_usage_flush_failures_total",

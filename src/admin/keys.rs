@@ -263,7 +263,9 @@ impl KeyService for KeyApi {
             let period_start = if period_end.is_none() { key.created_at } else { u.period_start };
             // Exact for keys with a requests-per-minute window, to the second otherwise.
             let last_minute = match key.limits.requests_per_minute {
-                Some(_) => limiters.windows.count(key.id, now).try_into().unwrap_or(u32::MAX),
+                Some(_) => {
+                    limiters.windows.count(key.id, admin.shared.clock.monotonic()).try_into().unwrap_or(u32::MAX)
+                }
                 None => u.requests_last_minute(now),
             };
             AdminResult::Ok(pb::KeyUsage {

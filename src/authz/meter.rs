@@ -1,8 +1,10 @@
 //! Envoy-facing: ext_proc metering. Envoy streams each response (headers, then body
 //! chunks) with the ext_authz metadata (`key_id`, `reservation`) forwarded; we read the
-//! usage the provider reported, price it, record it and settle the reservation.
+//! usage the provider reported (or estimate it from the content when it reports none),
+//! price it, record it and settle the reservation.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use envoy_types::pb::envoy::config::core::v3::HeaderMap;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
@@ -18,6 +20,8 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::domain::budget::Metered;
+use crate::domain::clock::Mono;
+use crate::domain::estimate::{self, ContentEstimate};
 use crate::domain::pricing::cost_micros;
 use crate::domain::usage::UsageParser;
 use crate::state::Shared;
@@ -41,11 +45,46 @@ impl MeterService {
 struct Exchange {
     key_id: Option<Uuid>,
     reservation: Option<u64>,
+    /// The reservation was attached to this stream (the sweep leaves it alone).
+    attached: bool,
+    /// Any message arrived at all.
+    seen: bool,
     parser: Option<UsageParser>,
+    /// Content bytes, for a successful response that reports no usage.
+    estimate: Option<ContentEstimate>,
     content_encoding: Option<String>,
     /// The response's HTTP status.
     status: u16,
     done: bool,
+}
+
+/// How often, at most, a stream without ext_authz metadata is logged (the metric counts
+/// every one).
+const WITHOUT_METADATA_LOG_EVERY_MICROS: i64 = 60_000_000;
+static WITHOUT_METADATA_UNLOGGED: AtomicU64 = AtomicU64::new(0);
+static WITHOUT_METADATA_LOGGED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
+
+/// A metering stream without the ext_authz metadata (or with a `key_id` that is not a
+/// key id): Envoy does not forward the namespace, or something other than our ext_authz
+/// admitted the request. Denied requests never reach ext_proc, so this is a
+/// misconfiguration: counted always, logged the first time and then at most once a minute.
+fn without_metadata(shared: &Shared) {
+    let total = shared.metrics.metering_without_metadata();
+    WITHOUT_METADATA_UNLOGGED.fetch_add(1, Ordering::Relaxed);
+    let now = shared.clock.monotonic().micros();
+    let last = WITHOUT_METADATA_LOGGED_AT.load(Ordering::Relaxed);
+    let due = last == i64::MIN
+        || Mono::from_micros(now).micros_since(Mono::from_micros(last)) >= WITHOUT_METADATA_LOG_EVERY_MICROS;
+    if due && WITHOUT_METADATA_LOGGED_AT.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let since_last_log = WITHOUT_METADATA_UNLOGGED.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            streams = since_last_log,
+            total,
+            "responses metered without ext_authz metadata (key_id) cannot be charged to a key: forward the \
+             envoy.filters.http.ext_authz namespace to ext_proc (metadata_options.forwarding_namespaces) \
+             and run ext_authz before ext_proc"
+        );
+    }
 }
 
 fn header<'a>(headers: &'a Option<HeaderMap>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
@@ -64,6 +103,7 @@ fn continue_() -> Option<CommonResponse> {
 impl Exchange {
     /// Takes one message; returns the reply Envoy waits for (blocking mode).
     fn on_message(&mut self, m: ProcessingRequest) -> Reply {
+        self.seen = true;
         if self.key_id.is_none()
             && let Some(md) = m.metadata_context.as_ref().and_then(|c| c.filter_metadata.get(AUTHZ_NAMESPACE))
         {
@@ -79,6 +119,7 @@ impl Exchange {
                 let content_type = header(&h.headers, "content-type").unwrap_or_default();
                 self.status = header(&h.headers, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
                 self.parser = Some(UsageParser::new(&content_type));
+                self.estimate = Some(ContentEstimate::new(&content_type));
                 self.content_encoding = header(&h.headers, "content-encoding")
                     .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
                     .map(|e| e.into_owned());
@@ -90,6 +131,11 @@ impl Exchange {
                     && let Some(p) = self.parser.as_mut()
                 {
                     p.feed(&b.body);
+                }
+                if self.content_encoding.is_none()
+                    && let Some(e) = self.estimate.as_mut()
+                {
+                    e.feed(&b.body);
                 }
                 self.done |= b.end_of_stream;
                 Reply::ResponseBody(BodyResponse { response: continue_() })
@@ -104,9 +150,28 @@ impl Exchange {
         }
     }
 
+    /// Once the metadata names a reservation: from now on the end of this stream settles
+    /// it, however long the response takes (the sweep leaves it alone).
+    fn attach(&mut self, shared: &Shared) {
+        if self.attached {
+            return;
+        }
+        if let Some(key_id) = self.key_id {
+            self.attached = true;
+            if let Some(r) = self.reservation {
+                shared.limiters.meters.attach(key_id, r, shared.clock.monotonic());
+            }
+        }
+    }
+
     /// Records the response (once), whatever it reported; a cut stream still counts.
     fn finish(self, shared: &Shared) {
-        let Some(key_id) = self.key_id else { return };
+        let Some(key_id) = self.key_id else {
+            if self.seen {
+                without_metadata(shared);
+            }
+            return;
+        };
         let reported = self.parser.map(UsageParser::finish).unwrap_or_default();
         if let Some(encoding) = &self.content_encoding {
             tracing::warn!(key_id = %key_id, encoding, "response body is compressed: its usage cannot be read");
@@ -117,50 +182,45 @@ impl Exchange {
             Err(_) => None,
         };
         let limiters = &shared.limiters;
-        let mut cost = 0;
-        if reported.found {
-            let model = reported.model.as_deref().unwrap_or("");
-            match limiters.prices.read().ok().as_ref().and_then(|book| book.lookup(model).copied()) {
-                Some(price) => cost = cost_micros(&price, reported.prompt_tokens, reported.completion_tokens),
-                None => {
-                    if shared.metrics.unpriced(model) {
-                        tracing::warn!(
-                            model,
-                            "unpriced model: tokens are counted at cost 0 (set a price with SetModelPrice)"
-                        );
-                    }
-                }
-            }
-        }
-        let mut metered = Metered {
-            prompt_tokens: reported.prompt_tokens,
-            completion_tokens: reported.completion_tokens,
-            cost_micros: cost,
+        let success = (200..300).contains(&self.status);
+        // A compressed body was not read: its reservation is the floor.
+        let estimate = match (&self.content_encoding, &self.estimate) {
+            (None, Some(e)) => e.tokens(),
+            _ => 0,
         };
-        let mut reservation = self.reservation;
-        // A successful response that reports no usage (a stream without
-        // `stream_options.include_usage`, a body we could not read) is charged what its
-        // reservation held, so leaving usage out never escapes a budget.
-        if !reported.found
-            && (200..300).contains(&self.status)
-            && let Some(r) = reservation.take()
-            && let Some((tokens, micros)) = limiters.meters.release(key_id, r)
-        {
-            metered.completion_tokens = tokens;
-            metered.cost_micros = micros;
-            tracing::warn!(key_id = %key_id, tokens, "no usage in a successful response: charged its reservation");
+        let model = reported.model.as_deref().unwrap_or("");
+        let price = limiters.prices.read().ok().as_ref().and_then(|book| book.lookup(model).copied());
+        if price.is_none() && (reported.found || success) && shared.metrics.unpriced(model) {
+            tracing::warn!(model, "unpriced model: tokens are counted at cost 0 (set a price with SetModelPrice)");
         }
-        shared.metrics.metered(metered.prompt_tokens, metered.completion_tokens, reported.found);
-        match reset_period {
-            Some(period) => limiters.meters.record(key_id, period, reservation, metered, now),
-            // The key was deleted meanwhile: only give the reservation back.
-            None => {
-                if let Some(r) = reservation {
-                    limiters.meters.release(key_id, r);
+        // Usage the provider reported is charged as reported. A successful response that
+        // reports none (a stream without `stream_options.include_usage`, a cut stream, a
+        // body we could not read) is charged an estimate from its content, never less
+        // than its reservation, so leaving usage out never escapes a budget.
+        let charge = |held: Option<(u64, i64)>| {
+            if reported.found {
+                Metered {
+                    prompt_tokens: reported.prompt_tokens,
+                    completion_tokens: reported.completion_tokens,
+                    cost_micros: price
+                        .map_or(0, |p| cost_micros(&p, reported.prompt_tokens, reported.completion_tokens)),
                 }
+            } else if success {
+                estimate::charge_without_usage(estimate, price.as_ref(), held)
+            } else {
+                Metered::default()
             }
+        };
+        let metered = match reset_period {
+            Some(period) => limiters.meters.record(key_id, period, self.reservation, charge, now),
+            // The key was deleted meanwhile: only give the reservation back.
+            None => charge(self.reservation.and_then(|r| limiters.meters.settle(key_id, r))),
+        };
+        shared.metrics.metered(metered.prompt_tokens, metered.completion_tokens, reported.found);
+        if !reported.found && success {
+            tracing::debug!(key_id = %key_id, estimate, charged = metered.completion_tokens, "no usage in a successful response: charged its estimate or reservation");
         }
-        tracing::debug!(key_id = %key_id, prompt = metered.prompt_tokens, completion = metered.completion_tokens, cost_micros = cost, "metered");
+        tracing::debug!(key_id = %key_id, prompt = metered.prompt_tokens, completion = metered.completion_tokens, cost_micros = metered.cost_micros, "metered");
     }
 }
 
@@ -184,6 +244,7 @@ impl ExternalProcessor for MeterService {
                 // In observability mode Envoy ignores replies; otherwise it waits for each.
                 let observe_only = m.observability_mode;
                 let reply = exchange.on_message(m);
+                exchange.attach(&shared);
                 if !observe_only {
                     let resp = ProcessingResponse { response: Some(reply), ..Default::default() };
                     if tx.send(Ok(resp)).await.is_err() {

@@ -1,14 +1,25 @@
 //! Per-key usage counters for the current period, budget decisions and reservations
 //! for in-flight requests. In memory; a flusher persists what changed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
+use super::clock::{Mono, Now};
 use super::key::{ApiKey, Limits, ResetPeriod};
 use super::period;
+
+/// Tokens a request of a key with a token or USD limit reserves when it names no
+/// `max_tokens` and its gateway's `default_reservation_tokens` is 0 (capped, like every
+/// reservation, at what the key can still use this period).
+pub const DEFAULT_RESERVATION_TOKENS: u64 = 4096;
+
+/// At most this many expired reservations are remembered (oldest forgotten first), so a
+/// stream that opens after its reservation expired is still charged at least its
+/// reservation. About 64 bytes each.
+pub const MAX_EXPIRED_RESERVATIONS: usize = 65_536;
 
 /// One key's usage in its current period.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,13 +155,21 @@ struct Reservation {
     key_id: Uuid,
     tokens: u64,
     micros: i64,
-    created_at: DateTime<Utc>,
+    /// When it was made (or last revived), on the monotonic clock.
+    created: Mono,
+    /// Its response's metering stream is open: it is settled when the stream ends, never
+    /// expired before.
+    attached: bool,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     keys: HashMap<Uuid, Counters>,
     reservations: HashMap<u64, Reservation>,
+    /// Reservations the sweep released, by id, with when (monotonic), oldest first in
+    /// `expired_order`; bounded by `MAX_EXPIRED_RESERVATIONS`.
+    expired: HashMap<u64, (Reservation, Mono)>,
+    expired_order: VecDeque<u64>,
     rng: u64,
     dirty: std::collections::HashSet<Uuid>,
 }
@@ -201,18 +220,20 @@ impl Meters {
     }
 
     /// Check for a key with a token or cost limit: deny once used (plus in-flight
-    /// reservations) has reached a limit, else reserve `tokens` / `micros` for this request.
-    /// Returns the reservation id.
+    /// reservations) has reached a limit, else reserve `tokens` / `micros` for this request,
+    /// each capped at what the key can still use this period (so a request is admitted
+    /// while any budget remains and nothing is reserved in flight). Returns the
+    /// reservation id.
     pub fn admit(
         &self,
         key: &ApiKey,
         tokens: u64,
         micros: i64,
-        now: DateTime<Utc>,
+        now: Now,
     ) -> Result<Result<u64, BudgetDenial>, MetersUnavailable> {
         let mut inner = self.inner.lock().map_err(|_| MetersUnavailable)?;
         let Limits { cost_limit_micros, token_limit, reset_period, .. } = key.limits;
-        let c = inner.counters(key.id, reset_period, now);
+        let c = inner.counters(key.id, reset_period, now.wall);
         let reset_at = c.period_end;
         if let Some(limit) = token_limit
             && c.total_tokens().saturating_add(c.reserved_tokens) >= limit
@@ -224,22 +245,72 @@ impl Meters {
         {
             return Ok(Err(BudgetDenial::Cost { limit_micros: limit, reset_at, in_flight: c.cost_micros < limit }));
         }
+        // Under both limits here, so what is left is positive.
+        let tokens = match token_limit {
+            Some(limit) => tokens.min(limit.saturating_sub(c.total_tokens().saturating_add(c.reserved_tokens))),
+            None => tokens,
+        };
+        let micros = match cost_limit_micros {
+            Some(limit) => micros.min(limit.saturating_sub(c.cost_micros.saturating_add(c.reserved_micros))),
+            None => micros,
+        }
+        .max(0);
         c.reserved_tokens = c.reserved_tokens.saturating_add(tokens);
         c.reserved_micros = c.reserved_micros.saturating_add(micros);
         let id = loop {
             let id = inner.next_id();
-            if !inner.reservations.contains_key(&id) {
+            if !inner.reservations.contains_key(&id) && !inner.expired.contains_key(&id) {
                 break id;
             }
         };
-        inner.reservations.insert(id, Reservation { key_id: key.id, tokens, micros, created_at: now });
+        let r = Reservation { key_id: key.id, tokens, micros, created: now.mono, attached: false };
+        inner.reservations.insert(id, r);
         Ok(Ok(id))
+    }
+
+    /// The metering stream of a reservation's response has opened: from now on only the
+    /// end of that stream settles it. A reservation that had already expired (the response
+    /// took longer than the TTL to start) is held again. False if it is unknown.
+    pub fn attach(&self, key_id: Uuid, reservation: u64, now: Mono) -> bool {
+        let Ok(mut inner) = self.inner.lock() else { return false };
+        if let Some(r) = inner.reservations.get_mut(&reservation) {
+            if r.key_id != key_id {
+                return false;
+            }
+            r.attached = true;
+            return true;
+        }
+        if inner.expired.get(&reservation).is_none_or(|(r, _)| r.key_id != key_id) {
+            return false;
+        }
+        let Some((mut r, _)) = inner.expired.remove(&reservation) else { return false };
+        r.attached = true;
+        r.created = now;
+        if let Some(c) = inner.keys.get_mut(&key_id) {
+            c.reserved_tokens = c.reserved_tokens.saturating_add(r.tokens);
+            c.reserved_micros = c.reserved_micros.saturating_add(r.micros);
+        }
+        inner.reservations.insert(reservation, r);
+        true
+    }
+
+    /// Reservations in flight and how many of them have an open metering stream.
+    pub fn in_flight(&self) -> (usize, usize) {
+        let Ok(inner) = self.inner.lock() else { return (0, 0) };
+        (inner.reservations.len(), inner.reservations.values().filter(|r| r.attached).count())
     }
 
     /// Gives a reservation back without usage (the request was refused after all).
     pub fn release(&self, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
         let mut inner = self.inner.lock().ok()?;
         release(&mut inner, key_id, reservation)
+    }
+
+    /// Settles a reservation without recording usage (its key is gone); returns what it
+    /// held, also when the sweep had already released it.
+    pub fn settle(&self, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
+        let mut inner = self.inner.lock().ok()?;
+        settle(&mut inner, key_id, reservation)
     }
 
     /// Notes an admitted request (`last_used_at`, requests in the last minute).
@@ -263,25 +334,28 @@ impl Meters {
         }
     }
 
-    /// Records one metered response and settles its reservation.
+    /// Records one metered response and settles its reservation in one step (no Check
+    /// sees the reservation gone and the usage not yet counted). `charge` gets what the
+    /// reservation held (also when the sweep had already released it) and says what to
+    /// record. Returns what was recorded.
     pub fn record(
         &self,
         key_id: Uuid,
         reset_period: ResetPeriod,
         reservation: Option<u64>,
-        m: Metered,
+        charge: impl FnOnce(Option<(u64, i64)>) -> Metered,
         now: DateTime<Utc>,
-    ) {
-        let Ok(mut inner) = self.inner.lock() else { return };
-        if let Some(r) = reservation {
-            release(&mut inner, key_id, r);
-        }
+    ) -> Metered {
+        let Ok(mut inner) = self.inner.lock() else { return charge(None) };
+        let held = reservation.and_then(|r| settle(&mut inner, key_id, r));
+        let m = charge(held);
         let c = inner.counters(key_id, reset_period, now);
-        c.requests += 1;
+        c.requests = c.requests.saturating_add(1);
         c.prompt_tokens = c.prompt_tokens.saturating_add(m.prompt_tokens);
         c.completion_tokens = c.completion_tokens.saturating_add(m.completion_tokens);
-        c.cost_micros = c.cost_micros.saturating_add(m.cost_micros);
+        c.cost_micros = c.cost_micros.saturating_add(m.cost_micros.max(0));
         inner.dirty.insert(key_id);
+        m
     }
 
     /// The key's counters for the period `now` is in.
@@ -304,16 +378,40 @@ impl Meters {
         }
     }
 
-    /// Releases reservations metering never settled (a cut connection, a missing ext_proc).
-    pub fn expire_reservations(&self, now: DateTime<Utc>, ttl: Duration) -> usize {
+    /// Releases reservations older than `ttl` whose response never started metering (a
+    /// client gone before the response, a missing ext_proc). One whose metering stream is
+    /// open is kept until the stream ends. Each released one is remembered (bounded) so a
+    /// stream that opens after all is still charged at least what it held; those are
+    /// forgotten after another `ttl`. Ages are measured on the monotonic clock.
+    pub fn expire_reservations(&self, now: Mono, ttl: Duration) -> usize {
         let Ok(mut inner) = self.inner.lock() else { return 0 };
-        let cutoff = now - ttl;
-        let stale: Vec<u64> =
-            inner.reservations.iter().filter(|(_, r)| r.created_at < cutoff).map(|(id, _)| *id).collect();
+        let ttl = ttl.num_microseconds().unwrap_or(i64::MAX);
+        let stale: Vec<u64> = inner
+            .reservations
+            .iter()
+            .filter(|(_, r)| !r.attached && now.micros_since(r.created) > ttl)
+            .map(|(id, _)| *id)
+            .collect();
         for id in &stale {
-            if let Some(r) = inner.reservations.get(id).copied() {
-                release(&mut inner, r.key_id, *id);
+            if let Some(r) = inner.reservations.get(id).copied()
+                && release(&mut inner, r.key_id, *id).is_some()
+            {
+                inner.expired.insert(*id, (r, now));
+                inner.expired_order.push_back(*id);
             }
+        }
+        // Forget the oldest: by age, then down to the bound. Ids settled meanwhile are
+        // gone from the map already; their entries in the order are skipped.
+        while let Some(&id) = inner.expired_order.front() {
+            let keep = match inner.expired.get(&id) {
+                None => false,
+                Some((_, at)) => now.micros_since(*at) <= ttl && inner.expired_order.len() <= MAX_EXPIRED_RESERVATIONS,
+            };
+            if keep {
+                break;
+            }
+            inner.expired_order.pop_front();
+            inner.expired.remove(&id);
         }
         stale.len()
     }
@@ -324,6 +422,18 @@ impl Meters {
             inner.keys.remove(&key_id);
         }
     }
+}
+
+/// Releases a reservation of `key_id`, or takes it from the expired ones; returns what
+/// it held.
+fn settle(inner: &mut Inner, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
+    if let Some(held) = release(inner, key_id, reservation) {
+        return Some(held);
+    }
+    if inner.expired.get(&reservation).is_none_or(|(r, _)| r.key_id != key_id) {
+        return None;
+    }
+    inner.expired.remove(&reservation).map(|(r, _)| (r.tokens, r.micros))
 }
 
 /// Releases a reservation of `key_id`; returns what it held.
@@ -370,6 +480,11 @@ mod tests {
         }
     }
 
+    /// `wall` with the monotonic clock at its origin.
+    fn at(wall: DateTime<Utc>) -> Now {
+        Now { wall, mono: Mono::default() }
+    }
+
     fn used(prompt: u64, completion: u64, cost: i64) -> Metered {
         Metered { prompt_tokens: prompt, completion_tokens: completion, cost_micros: cost }
     }
@@ -379,15 +494,15 @@ mod tests {
         let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 31, 22, 0, 0).unwrap());
         let k = key(Limits { token_limit: Some(100), reset_period: ResetPeriod::Monthly, ..Default::default() });
         let m = Meters::default();
-        let r = m.admit(&k, 0, 0, clock.now()).unwrap().unwrap();
-        m.record(k.id, k.limits.reset_period, Some(r), used(40, 59, 0), clock.now());
-        assert!(m.admit(&k, 0, 0, clock.now()).unwrap().is_ok(), "99 < 100");
-        m.record(k.id, k.limits.reset_period, None, used(0, 1, 0), clock.now());
-        let denied = m.admit(&k, 0, 0, clock.now()).unwrap().unwrap_err();
+        let r = m.admit(&k, 0, 0, clock.read()).unwrap().unwrap();
+        m.record(k.id, k.limits.reset_period, Some(r), |_| used(40, 59, 0), clock.now());
+        assert!(m.admit(&k, 0, 0, clock.read()).unwrap().is_ok(), "99 < 100");
+        m.record(k.id, k.limits.reset_period, None, |_| used(0, 1, 0), clock.now());
+        let denied = m.admit(&k, 0, 0, clock.read()).unwrap().unwrap_err();
         let feb = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
         assert_eq!(denied, BudgetDenial::Tokens { limit: 100, reset_at: Some(feb), in_flight: false });
         clock.set(feb);
-        assert!(m.admit(&k, 0, 0, clock.now()).unwrap().is_ok(), "a new month starts from zero");
+        assert!(m.admit(&k, 0, 0, clock.read()).unwrap().is_ok(), "a new month starts from zero");
         let c = m.snapshot(k.id, k.limits.reset_period, clock.now()).unwrap();
         assert_eq!((c.requests, c.total_tokens(), c.period_start), (0, 0, feb));
     }
@@ -397,23 +512,24 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits { token_limit: Some(100), ..Default::default() });
         let m = Meters::default();
-        let a = m.admit(&k, 60, 0, now).unwrap().unwrap();
-        let b = m.admit(&k, 60, 0, now).unwrap().unwrap();
+        let a = m.admit(&k, 60, 0, at(now)).unwrap().unwrap();
+        let b = m.admit(&k, 60, 0, at(now)).unwrap().unwrap();
         assert_eq!(
-            m.admit(&k, 60, 0, now).unwrap().unwrap_err(),
+            m.admit(&k, 60, 0, at(now)).unwrap().unwrap_err(),
             BudgetDenial::Tokens { limit: 100, reset_at: None, in_flight: true },
             "120 reserved >= 100, nothing used yet"
         );
-        m.record(k.id, k.limits.reset_period, Some(a), used(10, 10, 0), now);
+        m.record(k.id, k.limits.reset_period, Some(a), |_| used(10, 10, 0), now);
         m.release(k.id, b);
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.total_tokens(), c.reserved_tokens, c.requests), (20, 0, 1));
         // An unsettled reservation expires.
-        m.admit(&k, 80, 0, now).unwrap().unwrap();
-        assert!(m.admit(&k, 1, 0, now).unwrap().is_err());
-        assert_eq!(m.expire_reservations(now + Duration::minutes(9), Duration::minutes(10)), 0);
-        assert_eq!(m.expire_reservations(now + Duration::minutes(11), Duration::minutes(10)), 1);
-        assert!(m.admit(&k, 1, 0, now).unwrap().is_ok());
+        m.admit(&k, 80, 0, at(now)).unwrap().unwrap();
+        assert!(m.admit(&k, 1, 0, at(now)).unwrap().is_err());
+        let mono = Mono::default();
+        assert_eq!(m.expire_reservations(mono + Duration::minutes(9), Duration::minutes(10)), 0);
+        assert_eq!(m.expire_reservations(mono + Duration::minutes(11), Duration::minutes(10)), 1);
+        assert!(m.admit(&k, 1, 0, at(now)).unwrap().is_ok());
     }
 
     #[test]
@@ -421,14 +537,14 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits { cost_limit_micros: Some(1_000), ..Default::default() });
         let m = Meters::default();
-        m.record(k.id, k.limits.reset_period, None, used(1, 1, 999), now);
-        let r = m.admit(&k, 0, 5, now).unwrap().unwrap();
+        m.record(k.id, k.limits.reset_period, None, |_| used(1, 1, 999), now);
+        let r = m.admit(&k, 0, 5, at(now)).unwrap().unwrap();
         assert_eq!(
-            m.admit(&k, 0, 0, now).unwrap().unwrap_err(),
+            m.admit(&k, 0, 0, at(now)).unwrap().unwrap_err(),
             BudgetDenial::Cost { limit_micros: 1_000, reset_at: None, in_flight: true }
         );
         m.release(k.id, r);
-        assert!(m.admit(&k, 0, 0, now).unwrap().is_ok());
+        assert!(m.admit(&k, 0, 0, at(now)).unwrap().is_ok());
     }
 
     #[test]
@@ -458,7 +574,7 @@ mod tests {
         let april = Utc.with_ymd_and_hms(2026, 4, 20, 0, 0, 0).unwrap();
         let k = key(Limits { token_limit: Some(100), reset_period: ResetPeriod::Monthly, ..Default::default() });
         let m = Meters::default();
-        m.record(k.id, ResetPeriod::Monthly, None, used(90, 0, 0), april);
+        m.record(k.id, ResetPeriod::Monthly, None, |_| used(90, 0, 0), april);
         let may = Utc.with_ymd_and_hms(2026, 5, 20, 0, 0, 0).unwrap();
         let c = m.snapshot(k.id, ResetPeriod::Daily, may).unwrap();
         assert_eq!((c.total_tokens(), c.period_start), (0, may), "April's usage stays in April");
@@ -469,9 +585,9 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let (a, b) = (key(Limits { token_limit: Some(10), ..Default::default() }), key(Limits::default()));
         let m = Meters::default();
-        let r = m.admit(&a, 10, 0, now).unwrap().unwrap();
+        let r = m.admit(&a, 10, 0, at(now)).unwrap().unwrap();
         assert_eq!(m.release(b.id, r), None, "another key's id settles nothing");
-        assert!(m.admit(&a, 1, 0, now).unwrap().is_err());
+        assert!(m.admit(&a, 1, 0, at(now)).unwrap().is_err());
         assert_eq!(m.release(a.id, r), Some((10, 0)));
         assert_eq!(m.release(a.id, r), None, "once");
     }
@@ -481,7 +597,7 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 20, 0, 0, 0).unwrap();
         let mut k = key(Limits { token_limit: Some(1000), ..Default::default() });
         let m = Meters::default();
-        m.record(k.id, ResetPeriod::Never, None, used(300, 0, 0), now);
+        m.record(k.id, ResetPeriod::Never, None, |_| used(300, 0, 0), now);
         k.limits.reset_period = ResetPeriod::Monthly;
         let c = m.snapshot(k.id, ResetPeriod::Monthly, now).unwrap();
         assert_eq!(c.total_tokens(), 300, "no reset, no inflation");

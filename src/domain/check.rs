@@ -5,10 +5,10 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::budget::{BudgetDenial, Meters};
+use super::budget::{BudgetDenial, DEFAULT_RESERVATION_TOKENS, Meters};
+use super::clock::Now;
 use super::gateway::{Gateway, InboundAuth, KeyLocation};
 use super::key::{ApiKey, KeyStatus};
 use super::pricing::{PriceBook, cost_micros};
@@ -112,9 +112,11 @@ pub enum Decision {
     Deny(Denial),
 }
 
-/// Decides one request: identify the gateway, find the key, check its status, then its
-/// budgets (reserving for this request) and its requests-per-minute window.
-pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: DateTime<Utc>) -> Decision {
+/// Decides one request: identify the gateway, find the key, check its status (on wall
+/// time), then its budgets (reserving for this request) and its requests-per-minute window
+/// (on elapsed time).
+pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now) -> Decision {
+    let now = at.wall;
     let name = req.gateway.unwrap_or("");
     let Some(gateway) = view.gateway(name) else {
         return Decision::Deny(Denial::GatewayNotConfigured { name: name.to_string() });
@@ -142,10 +144,10 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: Dat
     // Budgets first, so a request they refuse takes no requests-per-minute slot.
     let reservation = if limits.token_limit.is_some() || limits.cost_limit_micros.is_some() {
         let (tokens, micros) = reservation_for(gateway, limits.cost_limit_micros.is_some(), req.body, limiters);
-        match meters.admit(key, tokens, micros, now) {
+        match meters.admit(key, tokens, micros, at) {
             Ok(Ok(id)) => Some(id),
             Ok(Err(denial)) => {
-                let rpm = limits.requests_per_minute.and_then(|l| limiters.windows.peek(key.id, l, now));
+                let rpm = limits.requests_per_minute.and_then(|l| limiters.windows.peek(key.id, l, at.mono));
                 return Decision::Deny(Denial::Budget { key_id: key.id, denial, rpm });
             }
             Err(_) => return Decision::Deny(Denial::Internal("meters lock poisoned")),
@@ -155,7 +157,7 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: Dat
     };
     let rpm = match limits.requests_per_minute {
         None => None,
-        Some(limit) => match limiters.windows.admit(key.id, limit, now) {
+        Some(limit) => match limiters.windows.admit(key.id, limit, at.mono) {
             Some(a) if a.admitted => Some(a),
             refused => {
                 if let Some(r) = reservation {
@@ -173,11 +175,16 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: Dat
 }
 
 /// What an in-flight request holds against budgets: its `max_tokens` /
-/// `max_completion_tokens` (else the gateway default), and, for a cost limit, those
-/// tokens at the requested model's output price.
+/// `max_completion_tokens` (else the gateway default, else `DEFAULT_RESERVATION_TOKENS`),
+/// and, for a cost limit, those tokens at the requested model's output price. A cap of 0
+/// reserves like no cap: it never makes a request free to admit. `Meters::admit` caps
+/// both at what the key can still use.
 fn reservation_for(gateway: &Gateway, cost_limited: bool, body: &[u8], limiters: &Limiters) -> (u64, i64) {
     let (max_tokens, model) = requested(body);
-    let tokens = max_tokens.unwrap_or(gateway.default_reservation_tokens);
+    let tokens = max_tokens
+        .filter(|&t| t > 0)
+        .or(Some(gateway.default_reservation_tokens).filter(|&t| t > 0))
+        .unwrap_or(DEFAULT_RESERVATION_TOKENS);
     let micros = match (cost_limited, model) {
         (true, Some(model)) => limiters
             .prices
@@ -300,7 +307,7 @@ fn percent_decode(s: &str) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use chrono::{Duration, TimeZone};
+    use chrono::{Duration, TimeZone, Utc};
 
     use super::*;
     use crate::domain::clock::{Clock, ManualClock};
@@ -352,7 +359,7 @@ mod tests {
 
     fn run(f: &Fixture, gateway: Option<&str>, headers: &[(&str, &str)], path: &str) -> Decision {
         let headers: HashMap<String, String> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        decide(&f.view, &f.limiters, &RequestParts { gateway, headers: &headers, path, body: b"" }, f.clock.now())
+        decide(&f.view, &f.limiters, &RequestParts { gateway, headers: &headers, path, body: b"" }, f.clock.read())
     }
 
     fn denial(d: Decision) -> Denial {
@@ -482,7 +489,7 @@ mod tests {
         f.view.replace_key(key);
         f.clock.advance(Duration::seconds(40));
         assert!(matches!(run(&f, Some("demo"), &h, "/"), Decision::Allow(_)));
-        assert_eq!(f.limiters.windows.count(f.key_id, f.clock.now()), 1, "the first two left the window");
+        assert_eq!(f.limiters.windows.count(f.key_id, f.clock.monotonic()), 1, "the first two left the window");
     }
 
     #[test]
