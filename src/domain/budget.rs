@@ -386,18 +386,19 @@ impl Meters {
     pub fn expire_reservations(&self, now: Mono, ttl: Duration) -> usize {
         let Ok(mut inner) = self.inner.lock() else { return 0 };
         let ttl = ttl.num_microseconds().unwrap_or(i64::MAX);
-        let stale: Vec<u64> = inner
+        let mut stale: Vec<(Mono, u64)> = inner
             .reservations
             .iter()
             .filter(|(_, r)| !r.attached && now.micros_since(r.created) > ttl)
-            .map(|(id, _)| *id)
+            .map(|(id, r)| (r.created, *id))
             .collect();
-        for id in &stale {
-            if let Some(r) = inner.reservations.get(id).copied()
-                && release(&mut inner, r.key_id, *id).is_some()
+        stale.sort_unstable();
+        for &(_, id) in &stale {
+            if let Some(r) = inner.reservations.get(&id).copied()
+                && release(&mut inner, r.key_id, id).is_some()
             {
-                inner.expired.insert(*id, (r, now));
-                inner.expired_order.push_back(*id);
+                inner.expired.insert(id, (r, now));
+                inner.expired_order.push_back(id);
             }
         }
         // Forget the oldest: by age, then down to the bound. Ids settled meanwhile are
@@ -604,5 +605,133 @@ mod tests {
         assert_eq!(c.period_start, Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
         assert_eq!(m.take_dirty().len(), 1);
         assert!(m.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn reservations_are_capped_at_what_the_key_can_still_use() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let k = key(Limits { token_limit: Some(100), cost_limit_micros: Some(50), ..Default::default() });
+        let m = Meters::default();
+        m.record(k.id, k.limits.reset_period, None, |_| used(30, 0, 20), now);
+        let r = m.admit(&k, u64::MAX, i64::MAX, at(now)).unwrap().unwrap();
+        let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
+        assert_eq!((c.reserved_tokens, c.reserved_micros), (70, 30), "the rest of the budget, no more");
+        assert!(m.admit(&k, 1, 0, at(now)).unwrap().is_err(), "nothing left in flight");
+        // Charged its (capped) reservation, the key is exactly exhausted; nothing wraps.
+        let charged =
+            m.record(k.id, k.limits.reset_period, Some(r), |held| used(0, held.unwrap().0, held.unwrap().1), now);
+        assert_eq!((charged.completion_tokens, charged.cost_micros), (70, 30));
+        let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
+        assert_eq!((c.total_tokens(), c.cost_micros, c.reserved_tokens, c.reserved_micros), (100, 50, 0, 0));
+        assert!(m.admit(&k, 0, 0, at(now)).unwrap().is_err());
+        // A key without a token limit reserves what it asks for; counters saturate.
+        let free = key(Limits { cost_limit_micros: Some(i64::MAX), ..Default::default() });
+        let r = m.admit(&free, u64::MAX, -5, at(now)).unwrap().unwrap();
+        m.record(free.id, ResetPeriod::Never, Some(r), |held| used(u64::MAX, held.unwrap().0, i64::MAX), now);
+        m.record(free.id, ResetPeriod::Never, None, |_| used(u64::MAX, u64::MAX, i64::MAX), now);
+        let c = m.snapshot(free.id, ResetPeriod::Never, now).unwrap();
+        assert_eq!(
+            (c.prompt_tokens, c.completion_tokens, c.cost_micros, c.reserved_micros),
+            (u64::MAX, u64::MAX, i64::MAX, 0)
+        );
+        let mut requests = c.clone();
+        requests.requests = u64::MAX;
+        let m = Meters::new(vec![requests]);
+        m.record(free.id, ResetPeriod::Never, None, |_| used(0, 0, 0), now);
+        assert_eq!(m.snapshot(free.id, ResetPeriod::Never, now).unwrap().requests, u64::MAX, "saturates");
+    }
+
+    #[test]
+    fn an_attached_reservation_outlives_the_ttl_and_an_expired_one_still_floors_the_charge() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let ttl = Duration::minutes(10);
+        let k = key(Limits { token_limit: Some(1000), ..Default::default() });
+        let m = Meters::default();
+        let t0 = Mono::default();
+        let open = m.admit(&k, 300, 0, at(now)).unwrap().unwrap();
+        let late = m.admit(&k, 200, 0, at(now)).unwrap().unwrap();
+        assert!(m.attach(k.id, open, t0 + Duration::seconds(1)), "its stream opened");
+        assert_eq!(m.in_flight(), (2, 1));
+        assert_eq!(m.expire_reservations(t0 + Duration::minutes(30), ttl), 1, "only the one with no stream");
+        let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
+        assert_eq!(c.reserved_tokens, 300, "the open stream still holds its reservation");
+        // The open stream ends reporting nothing: its reservation is what it is charged.
+        let charged = m.record(k.id, k.limits.reset_period, Some(open), |held| used(0, held.unwrap().0, 0), now);
+        assert_eq!(charged.completion_tokens, 300);
+        // The expired one's stream ends after all: still charged what it held.
+        let charged = m.record(k.id, k.limits.reset_period, Some(late), |held| used(0, held.unwrap().0, 0), now);
+        assert_eq!(charged.completion_tokens, 200);
+        assert_eq!(m.settle(k.id, late), None, "once");
+        let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
+        assert_eq!((c.total_tokens(), c.reserved_tokens, c.requests), (500, 0, 2));
+    }
+
+    #[test]
+    fn a_stream_that_opens_after_its_reservation_expired_holds_it_again() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let ttl = Duration::minutes(10);
+        let k = key(Limits { token_limit: Some(1000), ..Default::default() });
+        let other = key(Limits { token_limit: Some(1000), ..Default::default() });
+        let m = Meters::default();
+        let t0 = Mono::default();
+        let r = m.admit(&k, 400, 0, at(now)).unwrap().unwrap();
+        assert_eq!(m.expire_reservations(t0 + Duration::minutes(11), ttl), 1);
+        assert!(!m.attach(other.id, r, t0 + Duration::minutes(12)), "not another key's");
+        assert!(m.attach(k.id, r, t0 + Duration::minutes(12)));
+        assert_eq!(m.snapshot(k.id, k.limits.reset_period, now).unwrap().reserved_tokens, 400);
+        assert_eq!(m.expire_reservations(t0 + Duration::hours(5), ttl), 0, "attached: kept");
+        assert_eq!(m.release(k.id, r), Some((400, 0)));
+        // Expired ones are forgotten after another TTL.
+        let r = m.admit(&k, 10, 0, at(now)).unwrap().unwrap();
+        let t1 = t0 + Duration::hours(6);
+        assert_eq!(m.expire_reservations(t1, ttl), 1);
+        assert_eq!(m.expire_reservations(t1 + Duration::minutes(11), ttl), 0);
+        assert_eq!(m.settle(k.id, r), None);
+    }
+
+    #[test]
+    fn expired_reservations_are_remembered_within_a_bound() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let k = key(Limits { token_limit: Some(u64::MAX), ..Default::default() });
+        let m = Meters::default();
+        let ids: Vec<u64> = (0..MAX_EXPIRED_RESERVATIONS + 10)
+            .map(|i| {
+                let made = Now { wall: now, mono: Mono::from_micros(i as i64) };
+                m.admit(&k, 1, 0, made).unwrap().unwrap()
+            })
+            .collect();
+        let later = Mono::default() + Duration::minutes(11);
+        assert_eq!(m.expire_reservations(later, Duration::minutes(10)), ids.len());
+        let inner = m.inner.lock().unwrap();
+        assert_eq!(
+            (inner.expired.len(), inner.expired_order.len()),
+            (MAX_EXPIRED_RESERVATIONS, MAX_EXPIRED_RESERVATIONS)
+        );
+        assert!(
+            !inner.expired.contains_key(&ids[0]) && inner.expired.contains_key(&ids[ids.len() - 1]),
+            "oldest first"
+        );
+    }
+
+    #[test]
+    fn a_wall_clock_step_neither_expires_nor_revives_reservations() {
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap());
+        let ttl = Duration::minutes(10);
+        let k = key(Limits { token_limit: Some(100), ..Default::default() });
+        let m = Meters::default();
+        m.admit(&k, 100, 0, clock.read()).unwrap().unwrap();
+        // NTP steps the wall clock a day forward: the reservation is a second old, not a day.
+        clock.set(clock.now() + Duration::days(1));
+        clock.advance(Duration::seconds(1));
+        assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 0);
+        assert!(m.admit(&k, 1, 0, clock.read()).unwrap().is_err(), "still held");
+        clock.advance(ttl);
+        assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 1, "expires after the TTL of elapsed time");
+        // A step back does not make a new reservation look young forever, nor an old one new.
+        let r = m.admit(&k, 100, 0, clock.read()).unwrap().unwrap();
+        clock.set(clock.now() - Duration::days(30));
+        clock.advance(ttl + Duration::seconds(1));
+        assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 1);
+        assert_eq!(m.release(k.id, r), None);
     }
 }

@@ -530,4 +530,54 @@ mod tests {
         assert_eq!(query_param("/p?k=%zz%2", "k").as_deref(), Some("%zz%2"));
         assert_eq!(query_param("/p", "k"), None);
     }
+
+    fn with_limits(f: &mut Fixture, limits: Limits) -> Vec<(&'static str, String)> {
+        let mut key = (**f.view.key_by_hash(&f.secret.hash(), f.clock.now()).unwrap()).clone();
+        key.limits = limits;
+        f.view.replace_key(key);
+        vec![("x-api-key", f.secret.expose().to_string())]
+    }
+
+    fn run_body(f: &Fixture, h: &[(&str, String)], body: &[u8]) -> Decision {
+        let headers: HashMap<String, String> = h.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let req = RequestParts { gateway: Some("demo"), headers: &headers, path: "/", body };
+        decide(&f.view, &f.limiters, &req, f.clock.read())
+    }
+
+    fn reserved(f: &Fixture) -> u64 {
+        let period = crate::domain::key::ResetPeriod::Never;
+        f.limiters.meters.snapshot(f.key_id, period, f.clock.now()).unwrap().reserved_tokens
+    }
+
+    #[test]
+    fn a_wall_clock_step_does_not_free_window_slots() {
+        let mut f = fixture(InboundAuth::default());
+        let h = with_limits(&mut f, Limits { requests_per_minute: Some(1), ..Default::default() });
+        assert!(matches!(run_body(&f, &h, b""), Decision::Allow(_)));
+        // NTP steps the wall clock 2 minutes forward (still before the key expires).
+        f.clock.set(f.clock.now() + Duration::minutes(2));
+        assert!(matches!(denial(run_body(&f, &h, b"")), Denial::RateLimited { .. }), "one second has not passed");
+        // And back an hour: the slot does not stay taken longer either.
+        f.clock.set(f.clock.now() - Duration::hours(1));
+        f.clock.advance(Duration::seconds(60));
+        assert!(matches!(run_body(&f, &h, b""), Decision::Allow(_)), "60 s of elapsed time");
+    }
+
+    #[test]
+    fn a_request_without_max_tokens_still_reserves_for_budgeted_keys() {
+        let mut f = fixture(InboundAuth::default());
+        let h = with_limits(&mut f, Limits { token_limit: Some(1_000_000), ..Default::default() });
+        assert!(matches!(run_body(&f, &h, br#"{"model":"m"}"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), DEFAULT_RESERVATION_TOKENS, "the gateway default is 0: the built-in default");
+        // `max_tokens: 0` is no way around it.
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":0}"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 2 * DEFAULT_RESERVATION_TOKENS);
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":7}"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 2 * DEFAULT_RESERVATION_TOKENS + 7);
+        // Capped at what the key can still use; the next request is refused while it is held.
+        let h = with_limits(&mut f, Limits { token_limit: Some(8_200), ..Default::default() });
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":18446744073709551615}"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 8_200);
+        assert!(matches!(denial(run_body(&f, &h, b"")), Denial::Budget { .. }));
+    }
 }
