@@ -117,7 +117,7 @@ impl Metrics {
             (
                 "portcullis_metering_without_metadata_total",
                 "counter",
-                "ext_proc streams without ext_authz metadata (key_id): not charged to any key; a misconfigured Envoy.",
+                "Metered responses (other than denials) without ext_authz metadata: charged to no key; a misconfigured Envoy.",
                 self.metering_without_metadata.load(Relaxed),
             ),
             (

@@ -10,6 +10,9 @@ DELETE /_fake/requests      forget them.
 Usage numbers: request header `x-fake-usage: PROMPT,COMPLETION` (default 12,30).
 `x-fake-delay-ms: N` delays the answer (for concurrency tests).
 `x-fake-no-usage: 1` leaves usage out (a stream without stream_options.include_usage).
+`x-fake-hold: before` holds the answer until POST /_fake/release; `x-fake-hold: after-first`
+sends the headers and the first chunk of a stream, then holds the rest (a long stream).
+GET /_fake/held says how many answers are held now.
 Prints `listening on PORT` once ready. Standard library only.
 """
 import argparse
@@ -21,6 +24,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RECEIVED = []
 LOCK = threading.Lock()
+# Held answers wait for the release generation to move past the one they started in.
+HOLD = threading.Condition()
+HELD = 0
+RELEASES = 0
+
+
+def hold():
+    global HELD
+    with HOLD:
+        start = RELEASES
+        HELD += 1
+        HOLD.notify_all()
+        HOLD.wait_for(lambda: RELEASES > start)
+        HELD -= 1
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -66,6 +83,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/_fake/requests":
             with LOCK:
                 return self._send(200, list(RECEIVED))
+        if self.path == "/_fake/held":
+            with HOLD:
+                return self._send(200, {"held": HELD})
         self._record()
         self._send(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
@@ -77,8 +97,16 @@ class Handler(BaseHTTPRequestHandler):
         self._send(404, {"error": {"message": "not found"}})
 
     def do_POST(self):
+        global RELEASES
         body = self._read_body()
+        if self.path == "/_fake/release":
+            with HOLD:
+                RELEASES += 1
+                HOLD.notify_all()
+            return self._send(200, {})
         self._record()
+        if self.headers.get("x-fake-hold") == "before":
+            hold()
         delay = self.headers.get("x-fake-delay-ms")
         if delay:
             time.sleep(int(delay) / 1000)
@@ -97,7 +125,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        for event in events:
+        for i, event in enumerate(events):
+            if i == 1 and self.headers.get("x-fake-hold") == "after-first":
+                hold()
             data = event.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()

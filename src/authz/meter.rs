@@ -64,10 +64,14 @@ const WITHOUT_METADATA_LOG_EVERY_MICROS: i64 = 60_000_000;
 static WITHOUT_METADATA_UNLOGGED: AtomicU64 = AtomicU64::new(0);
 static WITHOUT_METADATA_LOGGED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
 
-/// A metering stream without the ext_authz metadata (or with a `key_id` that is not a
-/// key id): Envoy does not forward the namespace, or something other than our ext_authz
-/// admitted the request. Denied requests never reach ext_proc, so this is a
-/// misconfiguration: counted always, logged the first time and then at most once a minute.
+/// HTTP statuses Check denies with (and Envoy's `status_on_error`): Envoy runs the local
+/// reply of a denied request through ext_proc too, without metadata, as it should.
+const DENIAL_STATUSES: [u16; 4] = [401, 403, 429, 503];
+
+/// A metered response without the ext_authz metadata (or with a `key_id` that is not a
+/// key id) that is not one of our denials: Envoy does not forward the namespace, or the
+/// route skips ext_authz. It cannot be charged to any key, so it is a misconfiguration:
+/// counted always, logged the first time and then at most once a minute.
 fn without_metadata(shared: &Shared) {
     let total = shared.metrics.metering_without_metadata();
     WITHOUT_METADATA_UNLOGGED.fetch_add(1, Ordering::Relaxed);
@@ -167,7 +171,7 @@ impl Exchange {
     /// Records the response (once), whatever it reported; a cut stream still counts.
     fn finish(self, shared: &Shared) {
         let Some(key_id) = self.key_id else {
-            if self.seen {
+            if self.seen && !DENIAL_STATUSES.contains(&self.status) {
                 without_metadata(shared);
             }
             return;
