@@ -676,3 +676,28 @@ async fn metering_without_ext_authz_metadata_is_counted() {
     .await;
     assert_eq!(usage(&mut keys, &id).await.requests, 0, "nothing to charge it to");
 }
+
+#[tokio::test]
+async fn a_stream_cut_after_partial_usage_is_charged_what_it_carried() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) = key_with(&mut keys, "cut", pb::Limits { token_limit: Some(1000), ..Default::default() }).await;
+    // Anthropic's message_start says 25 input and 1 output token; the text delta follows
+    // ("Hello from the fake upstream.", 29 bytes: 8 tokens); then the connection is cut
+    // before message_delta would report the output.
+    let h = [("x-api-key", secret.as_str()), ("x-fake-usage", "25,500"), ("x-fake-cut-after", "3")];
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":1,"messages":[]}"#;
+    let r = common::http::try_request(
+        stack.envoy.port,
+        "POST",
+        DEMO,
+        "/v1/messages",
+        &[h[0], h[1], h[2], ("content-type", "application/json")],
+        Some(body),
+    )
+    .await;
+    assert!(r.is_none_or(|r| !r.body.contains("message_delta")), "the stream was cut");
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (25, 8, 0), "not the 1 reported so far");
+}

@@ -12,11 +12,13 @@ Usage numbers: request header `x-fake-usage: PROMPT,COMPLETION` (default 12,30).
 `x-fake-no-usage: 1` leaves usage out (a stream without stream_options.include_usage).
 `x-fake-hold: before` holds the answer until POST /_fake/release; `x-fake-hold: after-first`
 sends the headers and the first chunk of a stream, then holds the rest (a long stream).
-GET /_fake/held says how many answers are held now.
+GET /_fake/held says how many answers are held now. `x-fake-cut-after: N` closes the
+connection after N events of a stream (a response cut mid-body).
 Prints `listening on PORT` once ready. Standard library only.
 """
 import argparse
 import json
+import socket
 import sys
 import threading
 import time
@@ -125,9 +127,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
+        cut = self.headers.get("x-fake-cut-after")
         for i, event in enumerate(events):
             if i == 1 and self.headers.get("x-fake-hold") == "after-first":
                 hold()
+            if cut is not None and i == int(cut):
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
             data = event.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()

@@ -201,16 +201,20 @@ impl Exchange {
         // reports none (a stream without `stream_options.include_usage`, a cut stream, a
         // body we could not read) is charged an estimate from its content, never less
         // than its reservation, so leaving usage out never escapes a budget.
+        // A successful response cut before its end (the client went away) may have reported
+        // only part of its usage (Anthropic's `message_start` says 1 output token): it is
+        // charged the same way, from what it reported so far.
+        let complete = self.done;
         let charge = |held: Option<(u64, i64)>| {
-            if reported.found {
+            if success && (!reported.found || !complete) {
+                estimate::charge_unreported(&reported, estimate, price.as_ref(), held)
+            } else if reported.found {
                 Metered {
                     prompt_tokens: reported.prompt_tokens,
                     completion_tokens: reported.completion_tokens,
                     cost_micros: price
                         .map_or(0, |p| cost_micros(&p, reported.prompt_tokens, reported.completion_tokens)),
                 }
-            } else if success {
-                estimate::charge_without_usage(estimate, price.as_ref(), held)
             } else {
                 Metered::default()
             }
@@ -228,6 +232,20 @@ impl Exchange {
     }
 }
 
+/// Records its exchange when dropped: at the end of the stream, and also when the task is
+/// cancelled (the runtime shutting down) or panics, so an attached reservation is always
+/// settled.
+struct Metering {
+    exchange: Exchange,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Metering {
+    fn drop(&mut self) {
+        std::mem::take(&mut self.exchange).finish(&self.shared);
+    }
+}
+
 #[tonic::async_trait]
 impl ExternalProcessor for MeterService {
     type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
@@ -242,13 +260,15 @@ impl ExternalProcessor for MeterService {
         let guard = shared.metering_started();
         tokio::spawn(async move {
             let _guard = guard;
-            let mut exchange = Exchange::default();
+            // Dropped (and so recorded) before the guard, however this task ends.
+            let mut metering = Metering { exchange: Exchange::default(), shared };
+            let Metering { exchange, shared } = &mut metering;
             // Envoy closing the stream early (a cut response) ends the loop too.
             while let Ok(Some(m)) = inbound.message().await {
                 // In observability mode Envoy ignores replies; otherwise it waits for each.
                 let observe_only = m.observability_mode;
                 let reply = exchange.on_message(m);
-                exchange.attach(&shared);
+                exchange.attach(shared);
                 if !observe_only {
                     let resp = ProcessingResponse { response: Some(reply), ..Default::default() };
                     if tx.send(Ok(resp)).await.is_err() {
@@ -259,7 +279,6 @@ impl ExternalProcessor for MeterService {
                     break;
                 }
             }
-            exchange.finish(&shared);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

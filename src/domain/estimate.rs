@@ -11,6 +11,7 @@
 
 use super::budget::Metered;
 use super::pricing::{Price, cost_micros};
+use super::usage::Reported;
 
 /// The estimate's ratio: one completion token per this many bytes of content, rounded up.
 pub const BYTES_PER_TOKEN: u64 = 4;
@@ -195,16 +196,25 @@ impl ContentEstimate {
     }
 }
 
-/// What a successful response that reported no usage is charged: the estimate, never
-/// less than what its reservation held (`held`: tokens, micro-USD). The estimate is
-/// priced at the response model's output price when it has one (`price`).
-pub fn charge_without_usage(estimate_tokens: u64, price: Option<&Price>, held: Option<(u64, i64)>) -> Metered {
+/// What a successful response whose usage is missing or incomplete (cut before its end)
+/// is charged: what it reported (nothing, or part), its completion raised to the content
+/// estimate, and never less than what its reservation held (`held`: tokens, micro-USD).
+/// Priced at the response model's prices when it has them (`price`).
+pub fn charge_unreported(
+    reported: &Reported,
+    estimate_tokens: u64,
+    price: Option<&Price>,
+    held: Option<(u64, i64)>,
+) -> Metered {
     let (held_tokens, held_micros) = held.unwrap_or((0, 0));
-    let estimate_micros = price.map_or(0, |p| cost_micros(p, 0, estimate_tokens));
+    let (prompt, completion) =
+        if reported.found { (reported.prompt_tokens, reported.completion_tokens) } else { (0, 0) };
+    let completion = completion.max(estimate_tokens);
+    let priced = price.map_or(0, |p| cost_micros(p, prompt, completion));
     Metered {
-        prompt_tokens: 0,
-        completion_tokens: estimate_tokens.max(held_tokens),
-        cost_micros: estimate_micros.max(held_micros).max(0),
+        prompt_tokens: prompt,
+        completion_tokens: completion.max(held_tokens),
+        cost_micros: priced.max(held_micros).max(0),
     }
 }
 
@@ -307,18 +317,27 @@ mod tests {
     #[test]
     fn the_charge_is_the_estimate_never_less_than_the_reservation() {
         let price = Price { input_micros_per_million: 150_000, output_micros_per_million: 600_000 };
+        let none = Reported::default();
         // 10 tokens at $0.60 per million = 6 micro-USD.
         assert_eq!(
-            charge_without_usage(10, Some(&price), Some((300, 2))),
+            charge_unreported(&none, 10, Some(&price), Some((300, 2))),
             Metered { prompt_tokens: 0, completion_tokens: 300, cost_micros: 6 }
         );
         assert_eq!(
-            charge_without_usage(1000, Some(&price), Some((4, 100))),
+            charge_unreported(&none, 1000, Some(&price), Some((4, 100))),
             Metered { prompt_tokens: 0, completion_tokens: 1000, cost_micros: 600 }
         );
         assert_eq!(
-            charge_without_usage(7, None, None),
+            charge_unreported(&none, 7, None, None),
             Metered { prompt_tokens: 0, completion_tokens: 7, cost_micros: 0 }
         );
+        // Cut after Anthropic's message_start (1 output token so far): the prompt as
+        // reported, the completion from the content, the reservation as the floor.
+        let part = Reported { model: None, prompt_tokens: 1000, completion_tokens: 1, found: true };
+        assert_eq!(
+            charge_unreported(&part, 50, Some(&price), Some((20, 0))),
+            Metered { prompt_tokens: 1000, completion_tokens: 50, cost_micros: 150 + 30 }
+        );
+        assert_eq!(charge_unreported(&part, 0, None, Some((20, 0))).completion_tokens, 20);
     }
 }
