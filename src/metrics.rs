@@ -54,8 +54,9 @@ impl Metrics {
 
     pub fn metered(&self, prompt: u64, completion: u64, usage_found: bool) {
         self.metered_responses.fetch_add(1, Relaxed);
-        self.prompt_tokens.fetch_add(prompt, Relaxed);
-        self.completion_tokens.fetch_add(completion, Relaxed);
+        // Saturating: one response can report (or be charged) up to u64::MAX tokens.
+        let _ = self.prompt_tokens.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(prompt)));
+        let _ = self.completion_tokens.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(completion)));
         if !usage_found {
             self.usage_missing.fetch_add(1, Relaxed);
         }

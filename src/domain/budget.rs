@@ -38,7 +38,8 @@ pub struct Counters {
     pub last_used_at: Option<DateTime<Utc>>,
     pub last_denied_at: Option<DateTime<Utc>>,
     pub last_deny_reason: Option<String>,
-    /// Admitted requests per second over the last minute (a ring indexed by second).
+    /// Admitted requests per second over the last minute (a ring indexed by second of
+    /// the monotonic clock).
     recent: [u32; 60],
     recent_second: i64,
 }
@@ -95,9 +96,9 @@ impl Counters {
     }
 
     /// Counts one admitted request in the approximate per-second ring of the last minute.
-    fn count_recent(&mut self, now: DateTime<Utc>) {
-        let sec = now.timestamp();
-        let elapsed = sec - self.recent_second;
+    fn count_recent(&mut self, now: Mono) {
+        let sec = now.micros().div_euclid(1_000_000);
+        let elapsed = sec.saturating_sub(self.recent_second);
         if elapsed > 0 {
             for i in 1..=elapsed.min(60) {
                 self.recent[((self.recent_second + i).rem_euclid(60)) as usize] = 0;
@@ -111,8 +112,8 @@ impl Counters {
     }
 
     /// Requests admitted in the last 60 seconds (to the second).
-    pub fn requests_last_minute(&self, now: DateTime<Utc>) -> u32 {
-        let elapsed = now.timestamp() - self.recent_second;
+    pub fn requests_last_minute(&self, now: Mono) -> u32 {
+        let elapsed = now.micros().div_euclid(1_000_000).saturating_sub(self.recent_second);
         if elapsed >= 60 {
             return 0;
         }
@@ -120,7 +121,7 @@ impl Counters {
         (0..60i64)
             .filter(|back| *back + elapsed.max(0) < 60)
             .map(|back| self.recent[(self.recent_second - back).rem_euclid(60) as usize])
-            .sum()
+            .fold(0u32, u32::saturating_add)
     }
 }
 
@@ -314,11 +315,11 @@ impl Meters {
     }
 
     /// Notes an admitted request (`last_used_at`, requests in the last minute).
-    pub fn touch(&self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) {
+    pub fn touch(&self, key_id: Uuid, reset_period: ResetPeriod, now: Now) {
         if let Ok(mut inner) = self.inner.lock() {
-            let c = inner.counters(key_id, reset_period, now);
-            c.last_used_at = Some(now);
-            c.count_recent(now);
+            let c = inner.counters(key_id, reset_period, now.wall);
+            c.last_used_at = Some(now.wall);
+            c.count_recent(now.mono);
             inner.dirty.insert(key_id);
         }
     }
@@ -553,20 +554,18 @@ mod tests {
         let t0 = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits::default());
         let m = Meters::default();
+        // Elapsed seconds on the monotonic clock; the wall clock stands still (it does not matter).
+        let at_sec = |s: i64| Now { wall: t0, mono: Mono::from_micros(s * 1_000_000 + 250_000) };
         for s in [0, 0, 10, 59] {
-            m.touch(k.id, ResetPeriod::Never, t0 + Duration::seconds(s));
+            m.touch(k.id, ResetPeriod::Never, at_sec(s));
         }
-        let count = |at: i64| {
-            m.snapshot(k.id, ResetPeriod::Never, t0 + Duration::seconds(at))
-                .unwrap()
-                .requests_last_minute(t0 + Duration::seconds(at))
-        };
+        let count = |at: i64| m.snapshot(k.id, ResetPeriod::Never, t0).unwrap().requests_last_minute(at_sec(at).mono);
         assert_eq!(count(59), 4);
         assert_eq!(count(60), 2, "the two at 0 s left");
         assert_eq!(count(70), 1);
         assert_eq!(count(119), 0);
         assert_eq!(count(500), 0);
-        m.touch(k.id, ResetPeriod::Never, t0 + Duration::seconds(500));
+        m.touch(k.id, ResetPeriod::Never, at_sec(500));
         assert_eq!(count(500), 1, "stale slots were cleared");
     }
 

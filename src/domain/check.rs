@@ -170,7 +170,7 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now)
             }
         },
     };
-    meters.touch(key.id, limits.reset_period, now);
+    meters.touch(key.id, limits.reset_period, at);
     Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key), rpm, reservation })
 }
 
