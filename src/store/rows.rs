@@ -143,6 +143,20 @@ pub(crate) fn stored_count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(u64::MAX)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_counts_never_wrap_and_damage_reads_as_exhausted() {
+        assert_eq!(count_to_store(42), 42);
+        assert_eq!(count_to_store(u64::MAX), i64::MAX, "saturated, not -1");
+        assert_eq!(stored_count(count_to_store(u64::MAX)), i64::MAX as u64);
+        assert_eq!(stored_count(7), 7);
+        assert_eq!(stored_count(-1), u64::MAX, "what a wrapped 2^64-1 was written as: exhausted, not 0");
+    }
+}
+
 /// `impl Store` for a backend struct with `pool`, `sealer` and a `MIGRATOR` in scope;
 /// `{ ... }` holds the methods only that backend has.
 macro_rules! store_impl {
