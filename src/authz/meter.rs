@@ -20,7 +20,6 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::domain::budget::Metered;
-use crate::domain::clock::Mono;
 use crate::domain::estimate::{self, ContentEstimate};
 use crate::domain::pricing::cost_micros;
 use crate::domain::usage::UsageParser;
@@ -77,8 +76,7 @@ fn without_metadata(shared: &Shared) {
     WITHOUT_METADATA_UNLOGGED.fetch_add(1, Ordering::Relaxed);
     let now = shared.clock.monotonic().micros();
     let last = WITHOUT_METADATA_LOGGED_AT.load(Ordering::Relaxed);
-    let due = last == i64::MIN
-        || Mono::from_micros(now).micros_since(Mono::from_micros(last)) >= WITHOUT_METADATA_LOG_EVERY_MICROS;
+    let due = last == i64::MIN || now.saturating_sub(last) >= WITHOUT_METADATA_LOG_EVERY_MICROS;
     if due && WITHOUT_METADATA_LOGGED_AT.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
         let since_last_log = WITHOUT_METADATA_UNLOGGED.swap(0, Ordering::Relaxed);
         tracing::warn!(
@@ -194,16 +192,15 @@ impl Exchange {
         };
         let model = reported.model.as_deref().unwrap_or("");
         let price = limiters.prices.read().ok().as_ref().and_then(|book| book.lookup(model).copied());
-        if price.is_none() && (reported.found || success) && shared.metrics.unpriced(model) {
+        if price.is_none() && (reported.found || (success && !model.is_empty())) && shared.metrics.unpriced(model) {
             tracing::warn!(model, "unpriced model: tokens are counted at cost 0 (set a price with SetModelPrice)");
         }
         // Usage the provider reported is charged as reported. A successful response that
-        // reports none (a stream without `stream_options.include_usage`, a cut stream, a
-        // body we could not read) is charged an estimate from its content, never less
-        // than its reservation, so leaving usage out never escapes a budget.
-        // A successful response cut before its end (the client went away) may have reported
-        // only part of its usage (Anthropic's `message_start` says 1 output token): it is
-        // charged the same way, from what it reported so far.
+        // reports none (a stream without `stream_options.include_usage`, a body we could
+        // not read), or that was cut before its end and so may have reported only part of
+        // it (Anthropic's `message_start` says 1 output token), is charged an estimate from
+        // its content, never less than its reservation: leaving usage out, or cutting the
+        // stream, never escapes a budget.
         let complete = self.done;
         let charge = |held: Option<(u64, i64)>| {
             if success && (!reported.found || !complete) {

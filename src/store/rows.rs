@@ -131,32 +131,6 @@ macro_rules! row_mappers {
 
 pub(crate) use row_mappers;
 
-/// A usage counter for an `i64` column: saturated at `i64::MAX`, never wrapped negative.
-pub(crate) fn count_to_store(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// A stored usage counter. No write makes one negative, so a negative value is damage
-/// (or a row written before writes were clamped, when a huge count wrapped): it reads as
-/// exhausted, never as empty, so a budget never comes back by accident.
-pub(crate) fn stored_count(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(u64::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usage_counts_never_wrap_and_damage_reads_as_exhausted() {
-        assert_eq!(count_to_store(42), 42);
-        assert_eq!(count_to_store(u64::MAX), i64::MAX, "saturated, not -1");
-        assert_eq!(stored_count(count_to_store(u64::MAX)), i64::MAX as u64);
-        assert_eq!(stored_count(7), 7);
-        assert_eq!(stored_count(-1), u64::MAX, "what a wrapped 2^64-1 was written as: exhausted, not 0");
-    }
-}
-
 /// `impl Store` for a backend struct with `pool`, `sealer` and a `MIGRATOR` in scope;
 /// `{ ... }` holds the methods only that backend has.
 macro_rules! store_impl {
@@ -605,3 +579,29 @@ macro_rules! store_impl {
 }
 
 pub(crate) use store_impl;
+
+/// A usage counter for an `i64` column: saturated at `i64::MAX`, never wrapped negative.
+pub(crate) fn count_to_store(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A stored usage counter. No write makes one negative, so a negative value is damage
+/// (or a row written before writes were clamped, when a huge count wrapped): it reads as
+/// exhausted, never as empty, so a budget never comes back by accident.
+pub(crate) fn stored_count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_counts_never_wrap_and_damage_reads_as_exhausted() {
+        assert_eq!(count_to_store(42), 42);
+        assert_eq!(count_to_store(u64::MAX), i64::MAX, "saturated, not -1");
+        assert_eq!(stored_count(count_to_store(u64::MAX)), i64::MAX as u64);
+        assert_eq!(stored_count(7), 7);
+        assert_eq!(stored_count(-1), u64::MAX, "what a wrapped 2^64-1 was written as: exhausted, not 0");
+    }
+}
