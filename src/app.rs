@@ -73,6 +73,19 @@ async fn flush_usage(store: &dyn Store, shared: &Shared, last: bool) -> bool {
     }
 }
 
+/// The once-a-minute sweep: forgets idle request windows and releases reservations older
+/// than `ttl` whose response never started metering (ages on the monotonic clock; one
+/// whose metering stream is open is kept until it ends). Returns how many it released.
+pub fn sweep(shared: &Shared, ttl: chrono::Duration) -> usize {
+    let now = shared.clock.monotonic();
+    shared.limiters.windows.sweep(now);
+    let expired = shared.limiters.meters.expire_reservations(now, ttl);
+    if expired > 0 {
+        tracing::warn!(expired, "released budget reservations that metering never settled");
+    }
+    expired
+}
+
 /// The service names this role serves, "" first.
 fn health_names(role: ServeRole) -> Vec<&'static str> {
     let mut names = vec![""];
@@ -198,12 +211,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         loop {
             tick.tick().await;
             let Some(shared) = weak.upgrade() else { break };
-            let now = shared.clock.now();
-            shared.limiters.windows.sweep(now);
-            let expired = shared.limiters.meters.expire_reservations(now, ttl);
-            if expired > 0 {
-                tracing::warn!(expired, "released budget reservations that metering never settled");
-            }
+            sweep(&shared, ttl);
         }
     });
     // Usage reaches storage within --usage-flush-interval (1 s by default).

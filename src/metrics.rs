@@ -64,6 +64,7 @@ pub struct Metrics {
     completion_tokens: AtomicU64,
     usage_missing: AtomicU64,
     flush_failures: AtomicU64,
+    metering_without_metadata: AtomicU64,
     /// Responses of models without a price, by model: at most `UNPRICED_SERIES` models
     /// (names cut to `MODEL_LABEL_MAX` bytes), the rest under `other`.
     unpriced: Mutex<BTreeMap<String, u64>>,
@@ -89,8 +90,9 @@ impl Metrics {
 
     pub fn metered(&self, prompt: u64, completion: u64, usage_found: bool) {
         self.metered_responses.fetch_add(1, Relaxed);
-        self.prompt_tokens.fetch_add(prompt, Relaxed);
-        self.completion_tokens.fetch_add(completion, Relaxed);
+        // Saturating: one response can report (or be charged) up to u64::MAX tokens.
+        let _ = self.prompt_tokens.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(prompt)));
+        let _ = self.completion_tokens.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(completion)));
         if !usage_found {
             self.usage_missing.fetch_add(1, Relaxed);
         }
@@ -113,6 +115,11 @@ impl Metrics {
         }
         m.insert(model.to_string(), 1);
         true
+    }
+
+    /// Counts a metering stream that carried no ext_authz metadata; returns the total.
+    pub fn metering_without_metadata(&self) -> u64 {
+        self.metering_without_metadata.fetch_add(1, Relaxed).saturating_add(1)
     }
 
     pub fn flush_failed(&self) {
@@ -154,6 +161,12 @@ impl Metrics {
                 "counter",
                 "Metered responses that reported no usage.",
                 self.usage_missing.load(Relaxed),
+            ),
+            (
+                "portcullis_metering_without_metadata_total",
+                "counter",
+                "Metered responses (other than denials) without ext_authz metadata: charged to no key; a misconfigured Envoy.",
+                self.metering_without_metadata.load(Relaxed),
             ),
             (
                 "portcullis_usage_flush_failures_total",

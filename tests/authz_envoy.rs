@@ -284,6 +284,35 @@ async fn requests_per_minute_limit_stops_at_exactly_n_with_rate_limit_headers() 
 }
 
 #[tokio::test]
+async fn a_wall_clock_step_does_not_free_request_slots() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let r = keys
+        .create_key(pb::CreateKeyRequest {
+            gateway: "demo".into(),
+            name: "rpm-1".into(),
+            limits: Some(pb::Limits { requests_per_minute: Some(1), ..Default::default() }),
+            expires_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let auth = [("x-api-key", r.secret.as_str())];
+    assert_eq!(stack.envoy.send(DEMO, PATH, &auth).await.status, 200);
+    // The host's clock is stepped (NTP, an operator) 10 minutes forward: no time passed.
+    use portcullis::domain::clock::Clock;
+    let clock = &stack.server.clock;
+    clock.set(clock.now() + Duration::minutes(10));
+    let denied = stack.envoy.send(DEMO, PATH, &auth).await;
+    assert_eq!((denied.status, denied.header("retry-after")), (429, Some("60")), "{}", denied.body);
+    // Stepped back an hour: the slot frees after 60 s of elapsed time all the same.
+    clock.set(clock.now() - Duration::hours(1));
+    clock.advance(Duration::seconds(60));
+    assert_eq!(stack.envoy.send(DEMO, PATH, &auth).await.status, 200);
+}
+
+#[tokio::test]
 async fn check_answers_from_memory_while_the_database_is_unavailable() {
     use sqlx::Connection;
     let stack = Stack::start().await;

@@ -321,7 +321,9 @@ async fn rotation_keeps_the_old_secret_for_the_grace_period() {
     let key = r.key.unwrap();
     assert_ne!(new, old);
     assert_eq!((key.id.as_str(), key.prefix.as_str()), (id.as_str(), &new[..12]));
+    // One at a time: without max_tokens each request reserves what the key has left.
     assert_eq!(send(new.clone()).await, 200);
+    metered(&keys, &id, 2).await;
     assert_eq!(send(old.clone()).await, 200, "the old secret works during the grace period");
     metered(&keys, &id, 3).await;
     stack.server.clock.advance(Duration::seconds(300));
@@ -396,11 +398,12 @@ async fn default_reservation_holds_the_budget_while_requests_are_in_flight() {
         futures_pair(stack.envoy.post(DEMO, CHAT, &slow, "{}"), stack.envoy.post(DEMO, CHAT, &slow, "{}")).await
     };
     let probe = async {
-        // Once both are admitted (120 reserved), a third is refused until they finish.
+        // Once both are admitted (60, then the 40 left: a reservation never exceeds what
+        // the key can still use), a third is refused until they finish.
         let held = eventually("both requests hold their reservation", StdDuration::from_secs(5), || {
             let mut keys = keys.clone();
             let id = id.clone();
-            async move { (usage(&mut keys, &id).await.reserved_tokens == 120).then_some(()) }
+            async move { (usage(&mut keys, &id).await.reserved_tokens == 100).then_some(()) }
         });
         held.await;
         stack.envoy.post(DEMO, CHAT, &[("x-api-key", secret.as_str())], "{}").await
@@ -497,6 +500,8 @@ async fn metrics_count_decisions_metering_and_unpriced_models() {
         "portcullis_checks_total{decision=\"missing_key\"} 1",
         "portcullis_checks_total{decision=\"invalid_key\"} 1",
         "portcullis_metered_responses_total 1",
+        // Envoy meters the denials' local replies too (no metadata): not a misconfiguration.
+        "portcullis_metering_without_metadata_total 0",
         "portcullis_metered_tokens_total{kind=\"completion\"} 30",
         "portcullis_unpriced_model_responses_total{model=\"mystery-model\"} 1",
         "portcullis_keys 1",
@@ -504,4 +509,195 @@ async fn metrics_count_decisions_metering_and_unpriced_models() {
         assert!(r.body.lines().any(|l| l == line), "no `{line}` in:\n{}", r.body);
     }
     assert_eq!(common::http::request(port, "GET", "metrics", "/other", &[], None).await.status, 404);
+}
+
+/// Answers the fake upstream holds now (`x-fake-hold`).
+async fn upstream_held(stack: &Stack) -> u64 {
+    let r = common::http::request(stack.upstream.port, "GET", "upstream", "/_fake/held", &[], None).await;
+    serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["held"].as_u64().unwrap()
+}
+
+async fn release_upstream(stack: &Stack) {
+    common::http::request(stack.upstream.port, "POST", "upstream", "/_fake/release", &[], Some("{}")).await;
+}
+
+#[tokio::test]
+async fn streams_without_usage_are_never_free() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    // The gateway reserves nothing by default and the requests name no max_tokens.
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    set_mini_price(&stack.server).await;
+    let (id, secret) =
+        key_with(&mut keys, "free-rider", pb::Limits { token_limit: Some(100), ..Default::default() }).await;
+    let h = [("x-api-key", secret.as_str()), ("x-fake-no-usage", "1")];
+    let mut statuses = Vec::new();
+    for n in 1..=5 {
+        let r = stack.envoy.post(DEMO, CHAT, &h, &chat(true)).await;
+        statuses.push(r.status);
+        if r.status == 200 {
+            assert!(!r.body.contains("\"usage\""), "{}", r.body);
+            metered(&keys, &id, n).await;
+        }
+    }
+    assert_eq!(statuses, [200, 429, 429, 429, 429], "the built-in reservation (capped at the 100 left) is charged");
+    let u = usage(&mut keys, &id).await;
+    assert_eq!((u.requests, u.completion_tokens, u.reserved_tokens), (1, 100, 0));
+
+    // With a small reservation, the content that went through the meter is charged:
+    // "Hello from the fake upstream." is 29 bytes, 8 tokens at 4 bytes a token, rounded up.
+    let (id, secret) =
+        key_with(&mut keys, "estimated", pb::Limits { token_limit: Some(1000), ..Default::default() }).await;
+    let h = [("x-api-key", secret.as_str()), ("x-fake-no-usage", "1")];
+    let tiny = |stream: bool| format!(r#"{{"model":"gpt-4o-mini","stream":{stream},"max_tokens":1,"messages":[]}}"#);
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, &tiny(false)).await.status, 200);
+    let u = metered(&keys, &id, 1).await;
+    // 8 tokens at $0.60 per million: 4.8 micro-USD, rounded up.
+    assert_eq!((u.completion_tokens, u.cost_usd.as_str()), (8, "0.000005"), "JSON without usage");
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, &tiny(true)).await.status, 200);
+    let u = metered(&keys, &id, 2).await;
+    assert_eq!(u.completion_tokens, 16, "the stream's five content deltas add up to the same 29 bytes");
+}
+
+#[tokio::test]
+async fn a_huge_max_tokens_without_usage_keeps_the_budget_exhausted_across_a_restart() {
+    let mut stack = Stack::start_full(&["--usage-flush-interval", "10ms"], |c| c).await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) = key_with(&mut keys, "huge", pb::Limits { token_limit: Some(100), ..Default::default() }).await;
+    let h = [("x-api-key", secret.as_str()), ("x-fake-no-usage", "1")];
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":18446744073709551615,"messages":[]}"#;
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, body).await.status, 200);
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.completion_tokens, u.reserved_tokens), (100, 0), "the reservation was capped at what was left");
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, body).await.status, 429);
+    let sql = "SELECT COUNT(*) FROM key_usage WHERE key_id = ? AND completion_tokens = 100";
+    eventually("the usage row", StdDuration::from_secs(5), || async {
+        (stack.server.db_count(sql, &id).await == 1).then_some(())
+    })
+    .await;
+    drop((gw, keys));
+    stack.server.restart_with(&[]).await.unwrap();
+    // The restarted server listens on a new port: an Envoy pointed at it.
+    stack.envoy = Envoy::start(stack.server.authz_port(), stack.upstream.port).await;
+    let (_, mut keys) = stack.server.clients().await;
+    assert_eq!(usage(&mut keys, &id).await.total_tokens, 100);
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, body).await.status, 429, "still exhausted after a restart");
+
+    // A stored count that is impossible (negative: what a wrapped u64 was written as) is
+    // read back as exhausted, never as empty.
+    drop(keys);
+    stack.server.stop().await;
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(&stack.server.db_url).await.unwrap();
+    sqlx::query("UPDATE key_usage SET completion_tokens = -1 WHERE key_id = ?").bind(&id).execute(&pool).await.unwrap();
+    pool.close().await;
+    stack.server.restart_with(&[]).await.unwrap();
+    stack.envoy = Envoy::start(stack.server.authz_port(), stack.upstream.port).await;
+    let (_, mut keys) = stack.server.clients().await;
+    assert_eq!(usage(&mut keys, &id).await.completion_tokens, u64::MAX);
+    let denied = stack.envoy.post(DEMO, CHAT, &h, body).await;
+    assert_eq!((denied.status, denied.json()["error"]["code"].as_str()), (429, Some("token_limit_exceeded")));
+}
+
+#[tokio::test]
+async fn an_open_stream_keeps_its_reservation_past_the_ttl() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) = key_with(&mut keys, "long", pb::Limits { token_limit: Some(1000), ..Default::default() }).await;
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":300,"messages":[]}"#;
+    // The upstream sends the headers and the first chunk, then holds the stream open.
+    let h = [("x-api-key", secret.as_str()), ("x-fake-no-usage", "1"), ("x-fake-hold", "after-first")];
+    let shared = &stack.server.running().shared;
+    let probe = async {
+        eventually("the metering stream holds the reservation", StdDuration::from_secs(10), || async {
+            (shared.limiters.meters.in_flight() == (1, 1)).then_some(())
+        })
+        .await;
+        // Longer than the TTL passes while the stream is still open; the sweep runs.
+        stack.server.clock.advance(Duration::minutes(11));
+        let released = portcullis::app::sweep(shared, Duration::minutes(10));
+        let reserved = usage(&mut keys.clone(), &id).await.reserved_tokens;
+        release_upstream(&stack).await;
+        (released, reserved)
+    };
+    let (r, (released, reserved)) = tokio::join!(stack.envoy.post(DEMO, CHAT, &h, body), probe);
+    assert_eq!(r.status, 200);
+    assert_eq!((released, reserved), (0, 300), "the open stream keeps its reservation");
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.completion_tokens, u.reserved_tokens), (300, 0), "and is charged it when it ends");
+}
+
+#[tokio::test]
+async fn a_response_that_starts_after_its_reservation_expired_is_still_charged_it() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) = key_with(&mut keys, "late", pb::Limits { token_limit: Some(1000), ..Default::default() }).await;
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":300,"messages":[]}"#;
+    // The upstream holds its answer: no metering stream yet.
+    let h = [("x-api-key", secret.as_str()), ("x-fake-no-usage", "1"), ("x-fake-hold", "before")];
+    let shared = &stack.server.running().shared;
+    let probe = async {
+        eventually("the upstream holds the request", StdDuration::from_secs(10), || async {
+            (upstream_held(&stack).await == 1).then_some(())
+        })
+        .await;
+        stack.server.clock.advance(Duration::minutes(11));
+        let released = portcullis::app::sweep(shared, Duration::minutes(10));
+        let reserved = usage(&mut keys.clone(), &id).await.reserved_tokens;
+        release_upstream(&stack).await;
+        (released, reserved)
+    };
+    let (r, (released, reserved)) = tokio::join!(stack.envoy.post(DEMO, CHAT, &h, body), probe);
+    assert_eq!(r.status, 200);
+    assert_eq!((released, reserved), (1, 0), "no stream was open: the sweep released it");
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.completion_tokens, u.reserved_tokens), (300, 0), "the late stream is still charged its reservation");
+}
+
+#[tokio::test]
+async fn metering_without_ext_authz_metadata_is_counted() {
+    let forwarding = "              metadata_options:\n                forwarding_namespaces:\n                  untyped: [\"envoy.filters.http.ext_authz\"]\n";
+    let stack = Stack::start_full(&["--metrics-addr", "127.0.0.1:0"], |c| {
+        assert!(c.contains(forwarding));
+        c.replace(forwarding, "")
+    })
+    .await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) = key_with(&mut keys, "unmetered", pb::Limits::default()).await;
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &[("x-api-key", secret.as_str())], &chat(false)).await.status, 200);
+    let port = stack.server.running().metrics_addr.unwrap().port();
+    eventually("the misconfiguration counted", StdDuration::from_secs(10), || async {
+        let r = common::http::request(port, "GET", "metrics", "/metrics", &[], None).await;
+        r.body.lines().any(|l| l == "portcullis_metering_without_metadata_total 1").then_some(())
+    })
+    .await;
+    assert_eq!(usage(&mut keys, &id).await.requests, 0, "nothing to charge it to");
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_partial_usage_is_charged_what_it_carried() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) = key_with(&mut keys, "cut", pb::Limits { token_limit: Some(1000), ..Default::default() }).await;
+    // Anthropic's message_start says 25 input and 1 output token; the text delta follows
+    // ("Hello from the fake upstream.", 29 bytes: 8 tokens); then the connection is cut
+    // before message_delta would report the output.
+    let h = [("x-api-key", secret.as_str()), ("x-fake-usage", "25,500"), ("x-fake-cut-after", "3")];
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":1,"messages":[]}"#;
+    let r = common::http::try_request(
+        stack.envoy.port,
+        "POST",
+        DEMO,
+        "/v1/messages",
+        &[h[0], h[1], h[2], ("content-type", "application/json")],
+        Some(body),
+    )
+    .await;
+    assert!(r.is_none_or(|r| !r.body.contains("message_delta")), "the stream was cut");
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (25, 8, 0), "not the 1 reported so far");
 }

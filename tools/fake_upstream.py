@@ -12,10 +12,15 @@ Usage numbers: request header `x-fake-usage: PROMPT,COMPLETION` (default 12,30).
 `x-fake-no-usage: 1` leaves usage out (a stream without stream_options.include_usage).
 `x-fake-sse-padding: N` adds, before the usage chunk of an OpenAI stream, one event of about
 N bytes of `data:` lines with no blank line between them (for metering memory bounds).
+`x-fake-hold: before` holds the answer until POST /_fake/release; `x-fake-hold: after-first`
+sends the headers and the first chunk of a stream, then holds the rest (a long stream).
+GET /_fake/held says how many answers are held now. `x-fake-cut-after: N` closes the
+connection after N events of a stream (a response cut mid-body).
 Prints `listening on PORT` once ready. Standard library only.
 """
 import argparse
 import json
+import socket
 import sys
 import threading
 import time
@@ -23,6 +28,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RECEIVED = []
 LOCK = threading.Lock()
+# Held answers wait for the release generation to move past the one they started in.
+HOLD = threading.Condition()
+HELD = 0
+RELEASES = 0
+
+
+def hold():
+    global HELD
+    with HOLD:
+        start = RELEASES
+        HELD += 1
+        HOLD.notify_all()
+        HOLD.wait_for(lambda: RELEASES > start)
+        HELD -= 1
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -68,6 +87,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/_fake/requests":
             with LOCK:
                 return self._send(200, list(RECEIVED))
+        if self.path == "/_fake/held":
+            with HOLD:
+                return self._send(200, {"held": HELD})
         self._record()
         self._send(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
@@ -79,8 +101,16 @@ class Handler(BaseHTTPRequestHandler):
         self._send(404, {"error": {"message": "not found"}})
 
     def do_POST(self):
+        global RELEASES
         body = self._read_body()
+        if self.path == "/_fake/release":
+            with HOLD:
+                RELEASES += 1
+                HOLD.notify_all()
+            return self._send(200, {})
         self._record()
+        if self.headers.get("x-fake-hold") == "before":
+            hold()
         delay = self.headers.get("x-fake-delay-ms")
         if delay:
             time.sleep(int(delay) / 1000)
@@ -99,7 +129,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        for event in events:
+        cut = self.headers.get("x-fake-cut-after")
+        for i, event in enumerate(events):
+            if i == 1 and self.headers.get("x-fake-hold") == "after-first":
+                hold()
+            if cut is not None and i == int(cut):
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
             data = event.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()

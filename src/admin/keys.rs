@@ -262,9 +262,10 @@ impl KeyService for KeyApi {
             // A budget that never resets counts from the key's creation.
             let period_start = if period_end.is_none() { key.created_at } else { u.period_start };
             // Exact for keys with a requests-per-minute window, to the second otherwise.
+            let elapsed = admin.shared.clock.monotonic();
             let last_minute = match key.limits.requests_per_minute {
-                Some(_) => limiters.windows.count(key.id, now).try_into().unwrap_or(u32::MAX),
-                None => u.requests_last_minute(now),
+                Some(_) => limiters.windows.count(key.id, elapsed).try_into().unwrap_or(u32::MAX),
+                None => u.requests_last_minute(elapsed),
             };
             AdminResult::Ok(pb::KeyUsage {
                 key_id: key.id.to_string(),

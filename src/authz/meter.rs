@@ -1,8 +1,10 @@
 //! Envoy-facing: ext_proc metering. Envoy streams each response (headers, then body
 //! chunks) with the ext_authz metadata (`key_id`, `reservation`) forwarded; we read the
-//! usage the provider reported, price it, record it and settle the reservation.
+//! usage the provider reported (or estimate it from the content when it reports none),
+//! price it, record it and settle the reservation.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use envoy_types::pb::envoy::config::core::v3::HeaderMap;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
@@ -18,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::domain::budget::Metered;
+use crate::domain::estimate::{self, ContentEstimate};
 use crate::domain::pricing::cost_micros;
 use crate::domain::usage::{BufferBudget, UsageParser};
 use crate::state::Shared;
@@ -41,13 +44,51 @@ impl MeterService {
 struct Exchange {
     key_id: Option<Uuid>,
     reservation: Option<u64>,
+    /// The reservation was attached to this stream (the sweep leaves it alone).
+    attached: bool,
+    /// Any message arrived at all.
+    seen: bool,
     parser: Option<UsageParser>,
     /// The process's metering buffer budget the parser takes from (none in unit tests).
     buffers: Option<Arc<BufferBudget>>,
+    /// Content bytes, for a successful response that reports no usage.
+    estimate: Option<ContentEstimate>,
     content_encoding: Option<String>,
     /// The response's HTTP status.
     status: u16,
     done: bool,
+}
+
+/// How often, at most, a stream without ext_authz metadata is logged (the metric counts
+/// every one).
+const WITHOUT_METADATA_LOG_EVERY_MICROS: i64 = 60_000_000;
+static WITHOUT_METADATA_UNLOGGED: AtomicU64 = AtomicU64::new(0);
+static WITHOUT_METADATA_LOGGED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
+
+/// HTTP statuses Check denies with (and Envoy's `status_on_error`): Envoy runs the local
+/// reply of a denied request through ext_proc too, without metadata, as it should.
+const DENIAL_STATUSES: [u16; 4] = [401, 403, 429, 503];
+
+/// A metered response without the ext_authz metadata (or with a `key_id` that is not a
+/// key id) that is not one of our denials: Envoy does not forward the namespace, or the
+/// route skips ext_authz. It cannot be charged to any key, so it is a misconfiguration:
+/// counted always, logged the first time and then at most once a minute.
+fn without_metadata(shared: &Shared) {
+    let total = shared.metrics.metering_without_metadata();
+    WITHOUT_METADATA_UNLOGGED.fetch_add(1, Ordering::Relaxed);
+    let now = shared.clock.monotonic().micros();
+    let last = WITHOUT_METADATA_LOGGED_AT.load(Ordering::Relaxed);
+    let due = last == i64::MIN || now.saturating_sub(last) >= WITHOUT_METADATA_LOG_EVERY_MICROS;
+    if due && WITHOUT_METADATA_LOGGED_AT.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let since_last_log = WITHOUT_METADATA_UNLOGGED.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            streams = since_last_log,
+            total,
+            "responses metered without ext_authz metadata (key_id) cannot be charged to a key: forward the \
+             envoy.filters.http.ext_authz namespace to ext_proc (metadata_options.forwarding_namespaces) \
+             and run ext_authz before ext_proc"
+        );
+    }
 }
 
 fn header<'a>(headers: &'a Option<HeaderMap>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
@@ -66,6 +107,7 @@ fn continue_() -> Option<CommonResponse> {
 impl Exchange {
     /// Takes one message; returns the reply Envoy waits for (blocking mode).
     fn on_message(&mut self, m: ProcessingRequest) -> Reply {
+        self.seen = true;
         if self.key_id.is_none()
             && let Some(md) = m.metadata_context.as_ref().and_then(|c| c.filter_metadata.get(AUTHZ_NAMESPACE))
         {
@@ -84,6 +126,7 @@ impl Exchange {
                     Some(budget) => UsageParser::with_budget(&content_type, Arc::clone(budget)),
                     None => UsageParser::new(&content_type),
                 });
+                self.estimate = Some(ContentEstimate::new(&content_type));
                 self.content_encoding = header(&h.headers, "content-encoding")
                     .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
                     .map(|e| e.into_owned());
@@ -103,6 +146,11 @@ impl Exchange {
                         );
                     }
                 }
+                if self.content_encoding.is_none()
+                    && let Some(e) = self.estimate.as_mut()
+                {
+                    e.feed(&b.body);
+                }
                 self.done |= b.end_of_stream;
                 Reply::ResponseBody(BodyResponse { response: continue_() })
             }
@@ -116,9 +164,28 @@ impl Exchange {
         }
     }
 
+    /// Once the metadata names a reservation: from now on the end of this stream settles
+    /// it, however long the response takes (the sweep leaves it alone).
+    fn attach(&mut self, shared: &Shared) {
+        if self.attached {
+            return;
+        }
+        if let Some(key_id) = self.key_id {
+            self.attached = true;
+            if let Some(r) = self.reservation {
+                shared.limiters.meters.attach(key_id, r, shared.clock.monotonic());
+            }
+        }
+    }
+
     /// Records the response (once), whatever it reported; a cut stream still counts.
     fn finish(self, shared: &Shared) {
-        let Some(key_id) = self.key_id else { return };
+        let Some(key_id) = self.key_id else {
+            if self.seen && !DENIAL_STATUSES.contains(&self.status) {
+                without_metadata(shared);
+            }
+            return;
+        };
         let reported = self.parser.map(UsageParser::finish).unwrap_or_default();
         if let Some(encoding) = &self.content_encoding {
             tracing::warn!(key_id = %key_id, encoding, "response body is compressed: its usage cannot be read");
@@ -129,50 +196,62 @@ impl Exchange {
             Err(_) => None,
         };
         let limiters = &shared.limiters;
-        let mut cost = 0;
-        if reported.found {
-            let model = reported.model.as_deref().unwrap_or("");
-            match limiters.prices.read().ok().as_ref().and_then(|book| book.lookup(model).copied()) {
-                Some(price) => cost = cost_micros(&price, reported.prompt_tokens, reported.completion_tokens),
-                None => {
-                    if shared.metrics.unpriced(model) {
-                        tracing::warn!(
-                            model,
-                            "unpriced model: tokens are counted at cost 0 (set a price with SetModelPrice)"
-                        );
-                    }
-                }
-            }
-        }
-        let mut metered = Metered {
-            prompt_tokens: reported.prompt_tokens,
-            completion_tokens: reported.completion_tokens,
-            cost_micros: cost,
+        let success = (200..300).contains(&self.status);
+        // A compressed body was not read: its reservation is the floor.
+        let estimate = match (&self.content_encoding, &self.estimate) {
+            (None, Some(e)) => e.tokens(),
+            _ => 0,
         };
-        let mut reservation = self.reservation;
-        // A successful response that reports no usage (a stream without
-        // `stream_options.include_usage`, a body we could not read) is charged what its
-        // reservation held, so leaving usage out never escapes a budget.
-        if !reported.found
-            && (200..300).contains(&self.status)
-            && let Some(r) = reservation.take()
-            && let Some((tokens, micros)) = limiters.meters.release(key_id, r)
-        {
-            metered.completion_tokens = tokens;
-            metered.cost_micros = micros;
-            tracing::warn!(key_id = %key_id, tokens, "no usage in a successful response: charged its reservation");
+        let model = reported.model.as_deref().unwrap_or("");
+        let price = limiters.prices.read().ok().as_ref().and_then(|book| book.lookup(model).copied());
+        if price.is_none() && (reported.found || (success && !model.is_empty())) && shared.metrics.unpriced(model) {
+            tracing::warn!(model, "unpriced model: tokens are counted at cost 0 (set a price with SetModelPrice)");
         }
-        shared.metrics.metered(metered.prompt_tokens, metered.completion_tokens, reported.found);
-        match reset_period {
-            Some(period) => limiters.meters.record(key_id, period, reservation, metered, now),
-            // The key was deleted meanwhile: only give the reservation back.
-            None => {
-                if let Some(r) = reservation {
-                    limiters.meters.release(key_id, r);
+        // Usage the provider reported is charged as reported. A successful response that
+        // reports none (a stream without `stream_options.include_usage`, a body we could
+        // not read), or that was cut before its end and so may have reported only part of
+        // it (Anthropic's `message_start` says 1 output token), is charged an estimate from
+        // its content, never less than its reservation: leaving usage out, or cutting the
+        // stream, never escapes a budget.
+        let complete = self.done;
+        let charge = |held: Option<(u64, i64)>| {
+            if success && (!reported.found || !complete) {
+                estimate::charge_unreported(&reported, estimate, price.as_ref(), held)
+            } else if reported.found {
+                Metered {
+                    prompt_tokens: reported.prompt_tokens,
+                    completion_tokens: reported.completion_tokens,
+                    cost_micros: price
+                        .map_or(0, |p| cost_micros(&p, reported.prompt_tokens, reported.completion_tokens)),
                 }
+            } else {
+                Metered::default()
             }
+        };
+        let metered = match reset_period {
+            Some(period) => limiters.meters.record(key_id, period, self.reservation, charge, now),
+            // The key was deleted meanwhile: only give the reservation back.
+            None => charge(self.reservation.and_then(|r| limiters.meters.settle(key_id, r))),
+        };
+        shared.metrics.metered(metered.prompt_tokens, metered.completion_tokens, reported.found);
+        if !reported.found && success {
+            tracing::debug!(key_id = %key_id, estimate, charged = metered.completion_tokens, "no usage in a successful response: charged its estimate or reservation");
         }
-        tracing::debug!(key_id = %key_id, prompt = metered.prompt_tokens, completion = metered.completion_tokens, cost_micros = cost, "metered");
+        tracing::debug!(key_id = %key_id, prompt = metered.prompt_tokens, completion = metered.completion_tokens, cost_micros = metered.cost_micros, "metered");
+    }
+}
+
+/// Records its exchange when dropped: at the end of the stream, and also when the task is
+/// cancelled (the runtime shutting down) or panics, so an attached reservation is always
+/// settled.
+struct Metering {
+    exchange: Exchange,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Metering {
+    fn drop(&mut self) {
+        std::mem::take(&mut self.exchange).finish(&self.shared);
     }
 }
 
@@ -190,12 +269,16 @@ impl ExternalProcessor for MeterService {
         let guard = shared.metering_started();
         tokio::spawn(async move {
             let _guard = guard;
-            let mut exchange = Exchange { buffers: Some(Arc::clone(&shared.meter_buffers)), ..Default::default() };
+            // Dropped (and so recorded) before the guard, however this task ends.
+            let exchange = Exchange { buffers: Some(Arc::clone(&shared.meter_buffers)), ..Default::default() };
+            let mut metering = Metering { exchange, shared };
+            let Metering { exchange, shared } = &mut metering;
             // Envoy closing the stream early (a cut response) ends the loop too.
             while let Ok(Some(m)) = inbound.message().await {
                 // In observability mode Envoy ignores replies; otherwise it waits for each.
                 let observe_only = m.observability_mode;
                 let reply = exchange.on_message(m);
+                exchange.attach(shared);
                 if !observe_only {
                     let resp = ProcessingResponse { response: Some(reply), ..Default::default() };
                     if tx.send(Ok(resp)).await.is_err() {
@@ -206,7 +289,6 @@ impl ExternalProcessor for MeterService {
                     break;
                 }
             }
-            exchange.finish(&shared);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

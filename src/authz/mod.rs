@@ -51,7 +51,9 @@ impl AuthzService {
             None => &[],
         };
         let parts = RequestParts { gateway, headers, path, body };
-        let now = self.shared.clock.now();
+        // One reading of each clock: wall time for expiry and periods, elapsed time for windows.
+        let at = self.shared.clock.read();
+        let now = at.wall;
         let view = match self.shared.view() {
             Ok(view) => view,
             Err(e) => {
@@ -60,7 +62,7 @@ impl AuthzService {
                 return response::internal_error();
             }
         };
-        let decision = check::decide(&view, &self.shared.limiters, &parts, now);
+        let decision = check::decide(&view, &self.shared.limiters, &parts, at);
         self.shared.metrics.check(&decision);
         log_decision(&decision);
         // The Overview shows each key's last denial.

@@ -1,14 +1,25 @@
 //! Per-key usage counters for the current period, budget decisions and reservations
 //! for in-flight requests. In memory; a flusher persists what changed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
+use super::clock::{Mono, Now};
 use super::key::{ApiKey, Limits, ResetPeriod};
 use super::period;
+
+/// Tokens a request of a key with a token or USD limit reserves when it names no
+/// `max_tokens` and its gateway's `default_reservation_tokens` is 0 (capped, like every
+/// reservation, at what the key can still use this period).
+pub const DEFAULT_RESERVATION_TOKENS: u64 = 4096;
+
+/// At most this many expired reservations are remembered (oldest forgotten first), so a
+/// stream that opens after its reservation expired is still charged at least its
+/// reservation. About 64 bytes each.
+pub const MAX_EXPIRED_RESERVATIONS: usize = 65_536;
 
 /// One key's usage in its current period.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +38,8 @@ pub struct Counters {
     pub last_used_at: Option<DateTime<Utc>>,
     pub last_denied_at: Option<DateTime<Utc>>,
     pub last_deny_reason: Option<String>,
-    /// Admitted requests per second over the last minute (a ring indexed by second).
+    /// Admitted requests per second over the last minute (a ring indexed by second of
+    /// the monotonic clock).
     recent: [u32; 60],
     recent_second: i64,
 }
@@ -84,9 +96,9 @@ impl Counters {
     }
 
     /// Counts one admitted request in the approximate per-second ring of the last minute.
-    fn count_recent(&mut self, now: DateTime<Utc>) {
-        let sec = now.timestamp();
-        let elapsed = sec - self.recent_second;
+    fn count_recent(&mut self, now: Mono) {
+        let sec = now.micros().div_euclid(1_000_000);
+        let elapsed = sec.saturating_sub(self.recent_second);
         if elapsed > 0 {
             for i in 1..=elapsed.min(60) {
                 self.recent[((self.recent_second + i).rem_euclid(60)) as usize] = 0;
@@ -100,8 +112,8 @@ impl Counters {
     }
 
     /// Requests admitted in the last 60 seconds (to the second).
-    pub fn requests_last_minute(&self, now: DateTime<Utc>) -> u32 {
-        let elapsed = now.timestamp() - self.recent_second;
+    pub fn requests_last_minute(&self, now: Mono) -> u32 {
+        let elapsed = now.micros().div_euclid(1_000_000).saturating_sub(self.recent_second);
         if elapsed >= 60 {
             return 0;
         }
@@ -109,7 +121,7 @@ impl Counters {
         (0..60i64)
             .filter(|back| *back + elapsed.max(0) < 60)
             .map(|back| self.recent[(self.recent_second - back).rem_euclid(60) as usize])
-            .sum()
+            .fold(0u32, u32::saturating_add)
     }
 }
 
@@ -144,13 +156,21 @@ struct Reservation {
     key_id: Uuid,
     tokens: u64,
     micros: i64,
-    created_at: DateTime<Utc>,
+    /// When it was made (or last revived), on the monotonic clock.
+    created: Mono,
+    /// Its response's metering stream is open: it is settled when the stream ends, never
+    /// expired before.
+    attached: bool,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     keys: HashMap<Uuid, Counters>,
     reservations: HashMap<u64, Reservation>,
+    /// Reservations the sweep released, by id, with when (monotonic), oldest first in
+    /// `expired_order`; bounded by `MAX_EXPIRED_RESERVATIONS`.
+    expired: HashMap<u64, (Reservation, Mono)>,
+    expired_order: VecDeque<u64>,
     rng: u64,
     dirty: std::collections::HashSet<Uuid>,
 }
@@ -201,18 +221,20 @@ impl Meters {
     }
 
     /// Check for a key with a token or cost limit: deny once used (plus in-flight
-    /// reservations) has reached a limit, else reserve `tokens` / `micros` for this request.
-    /// Returns the reservation id.
+    /// reservations) has reached a limit, else reserve `tokens` / `micros` for this request,
+    /// each capped at what the key can still use this period (so a request is admitted
+    /// while any budget remains and nothing is reserved in flight). Returns the
+    /// reservation id.
     pub fn admit(
         &self,
         key: &ApiKey,
         tokens: u64,
         micros: i64,
-        now: DateTime<Utc>,
+        now: Now,
     ) -> Result<Result<u64, BudgetDenial>, MetersUnavailable> {
         let mut inner = self.inner.lock().map_err(|_| MetersUnavailable)?;
         let Limits { cost_limit_micros, token_limit, reset_period, .. } = key.limits;
-        let c = inner.counters(key.id, reset_period, now);
+        let c = inner.counters(key.id, reset_period, now.wall);
         let reset_at = c.period_end;
         if let Some(limit) = token_limit
             && c.total_tokens().saturating_add(c.reserved_tokens) >= limit
@@ -224,16 +246,59 @@ impl Meters {
         {
             return Ok(Err(BudgetDenial::Cost { limit_micros: limit, reset_at, in_flight: c.cost_micros < limit }));
         }
+        // Under both limits here, so what is left is positive.
+        let tokens = match token_limit {
+            Some(limit) => tokens.min(limit.saturating_sub(c.total_tokens().saturating_add(c.reserved_tokens))),
+            None => tokens,
+        };
+        let micros = match cost_limit_micros {
+            Some(limit) => micros.min(limit.saturating_sub(c.cost_micros.saturating_add(c.reserved_micros))),
+            None => micros,
+        }
+        .max(0);
         c.reserved_tokens = c.reserved_tokens.saturating_add(tokens);
         c.reserved_micros = c.reserved_micros.saturating_add(micros);
         let id = loop {
             let id = inner.next_id();
-            if !inner.reservations.contains_key(&id) {
+            if !inner.reservations.contains_key(&id) && !inner.expired.contains_key(&id) {
                 break id;
             }
         };
-        inner.reservations.insert(id, Reservation { key_id: key.id, tokens, micros, created_at: now });
+        let r = Reservation { key_id: key.id, tokens, micros, created: now.mono, attached: false };
+        inner.reservations.insert(id, r);
         Ok(Ok(id))
+    }
+
+    /// The metering stream of a reservation's response has opened: from now on only the
+    /// end of that stream settles it. A reservation that had already expired (the response
+    /// took longer than the TTL to start) is held again. False if it is unknown.
+    pub fn attach(&self, key_id: Uuid, reservation: u64, now: Mono) -> bool {
+        let Ok(mut inner) = self.inner.lock() else { return false };
+        if let Some(r) = inner.reservations.get_mut(&reservation) {
+            if r.key_id != key_id {
+                return false;
+            }
+            r.attached = true;
+            return true;
+        }
+        if inner.expired.get(&reservation).is_none_or(|(r, _)| r.key_id != key_id) {
+            return false;
+        }
+        let Some((mut r, _)) = inner.expired.remove(&reservation) else { return false };
+        r.attached = true;
+        r.created = now;
+        if let Some(c) = inner.keys.get_mut(&key_id) {
+            c.reserved_tokens = c.reserved_tokens.saturating_add(r.tokens);
+            c.reserved_micros = c.reserved_micros.saturating_add(r.micros);
+        }
+        inner.reservations.insert(reservation, r);
+        true
+    }
+
+    /// Reservations in flight and how many of them have an open metering stream.
+    pub fn in_flight(&self) -> (usize, usize) {
+        let Ok(inner) = self.inner.lock() else { return (0, 0) };
+        (inner.reservations.len(), inner.reservations.values().filter(|r| r.attached).count())
     }
 
     /// Gives a reservation back without usage (the request was refused after all).
@@ -242,12 +307,19 @@ impl Meters {
         release(&mut inner, key_id, reservation)
     }
 
+    /// Settles a reservation without recording usage (its key is gone); returns what it
+    /// held, also when the sweep had already released it.
+    pub fn settle(&self, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
+        let mut inner = self.inner.lock().ok()?;
+        settle(&mut inner, key_id, reservation)
+    }
+
     /// Notes an admitted request (`last_used_at`, requests in the last minute).
-    pub fn touch(&self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) {
+    pub fn touch(&self, key_id: Uuid, reset_period: ResetPeriod, now: Now) {
         if let Ok(mut inner) = self.inner.lock() {
-            let c = inner.counters(key_id, reset_period, now);
-            c.last_used_at = Some(now);
-            c.count_recent(now);
+            let c = inner.counters(key_id, reset_period, now.wall);
+            c.last_used_at = Some(now.wall);
+            c.count_recent(now.mono);
             inner.dirty.insert(key_id);
         }
     }
@@ -263,25 +335,28 @@ impl Meters {
         }
     }
 
-    /// Records one metered response and settles its reservation.
+    /// Records one metered response and settles its reservation in one step (no Check
+    /// sees the reservation gone and the usage not yet counted). `charge` gets what the
+    /// reservation held (also when the sweep had already released it) and says what to
+    /// record. Returns what was recorded.
     pub fn record(
         &self,
         key_id: Uuid,
         reset_period: ResetPeriod,
         reservation: Option<u64>,
-        m: Metered,
+        charge: impl FnOnce(Option<(u64, i64)>) -> Metered,
         now: DateTime<Utc>,
-    ) {
-        let Ok(mut inner) = self.inner.lock() else { return };
-        if let Some(r) = reservation {
-            release(&mut inner, key_id, r);
-        }
+    ) -> Metered {
+        let Ok(mut inner) = self.inner.lock() else { return charge(None) };
+        let held = reservation.and_then(|r| settle(&mut inner, key_id, r));
+        let m = charge(held);
         let c = inner.counters(key_id, reset_period, now);
-        c.requests += 1;
+        c.requests = c.requests.saturating_add(1);
         c.prompt_tokens = c.prompt_tokens.saturating_add(m.prompt_tokens);
         c.completion_tokens = c.completion_tokens.saturating_add(m.completion_tokens);
-        c.cost_micros = c.cost_micros.saturating_add(m.cost_micros);
+        c.cost_micros = c.cost_micros.saturating_add(m.cost_micros.max(0));
         inner.dirty.insert(key_id);
+        m
     }
 
     /// The key's counters for the period `now` is in.
@@ -304,16 +379,41 @@ impl Meters {
         }
     }
 
-    /// Releases reservations metering never settled (a cut connection, a missing ext_proc).
-    pub fn expire_reservations(&self, now: DateTime<Utc>, ttl: Duration) -> usize {
+    /// Releases reservations older than `ttl` whose response never started metering (a
+    /// client gone before the response, a missing ext_proc). One whose metering stream is
+    /// open is kept until the stream ends. Each released one is remembered (bounded) so a
+    /// stream that opens after all is still charged at least what it held; those are
+    /// forgotten after another `ttl`. Ages are measured on the monotonic clock.
+    pub fn expire_reservations(&self, now: Mono, ttl: Duration) -> usize {
         let Ok(mut inner) = self.inner.lock() else { return 0 };
-        let cutoff = now - ttl;
-        let stale: Vec<u64> =
-            inner.reservations.iter().filter(|(_, r)| r.created_at < cutoff).map(|(id, _)| *id).collect();
-        for id in &stale {
-            if let Some(r) = inner.reservations.get(id).copied() {
-                release(&mut inner, r.key_id, *id);
+        let ttl = ttl.num_microseconds().unwrap_or(i64::MAX);
+        let mut stale: Vec<(Mono, u64)> = inner
+            .reservations
+            .iter()
+            .filter(|(_, r)| !r.attached && now.micros_since(r.created) > ttl)
+            .map(|(id, r)| (r.created, *id))
+            .collect();
+        stale.sort_unstable();
+        for &(_, id) in &stale {
+            if let Some(r) = inner.reservations.get(&id).copied()
+                && release(&mut inner, r.key_id, id).is_some()
+            {
+                inner.expired.insert(id, (r, now));
+                inner.expired_order.push_back(id);
             }
+        }
+        // Forget the oldest: by age, then down to the bound. Ids settled meanwhile are
+        // gone from the map already; their entries in the order are skipped.
+        while let Some(&id) = inner.expired_order.front() {
+            let keep = match inner.expired.get(&id) {
+                None => false,
+                Some((_, at)) => now.micros_since(*at) <= ttl && inner.expired_order.len() <= MAX_EXPIRED_RESERVATIONS,
+            };
+            if keep {
+                break;
+            }
+            inner.expired_order.pop_front();
+            inner.expired.remove(&id);
         }
         stale.len()
     }
@@ -324,6 +424,18 @@ impl Meters {
             inner.keys.remove(&key_id);
         }
     }
+}
+
+/// Releases a reservation of `key_id`, or takes it from the expired ones; returns what
+/// it held.
+fn settle(inner: &mut Inner, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
+    if let Some(held) = release(inner, key_id, reservation) {
+        return Some(held);
+    }
+    if inner.expired.get(&reservation).is_none_or(|(r, _)| r.key_id != key_id) {
+        return None;
+    }
+    inner.expired.remove(&reservation).map(|(r, _)| (r.tokens, r.micros))
 }
 
 /// Releases a reservation of `key_id`; returns what it held.
@@ -370,6 +482,11 @@ mod tests {
         }
     }
 
+    /// `wall` with the monotonic clock at its origin.
+    fn at(wall: DateTime<Utc>) -> Now {
+        Now { wall, mono: Mono::default() }
+    }
+
     fn used(prompt: u64, completion: u64, cost: i64) -> Metered {
         Metered { prompt_tokens: prompt, completion_tokens: completion, cost_micros: cost }
     }
@@ -379,15 +496,15 @@ mod tests {
         let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 31, 22, 0, 0).unwrap());
         let k = key(Limits { token_limit: Some(100), reset_period: ResetPeriod::Monthly, ..Default::default() });
         let m = Meters::default();
-        let r = m.admit(&k, 0, 0, clock.now()).unwrap().unwrap();
-        m.record(k.id, k.limits.reset_period, Some(r), used(40, 59, 0), clock.now());
-        assert!(m.admit(&k, 0, 0, clock.now()).unwrap().is_ok(), "99 < 100");
-        m.record(k.id, k.limits.reset_period, None, used(0, 1, 0), clock.now());
-        let denied = m.admit(&k, 0, 0, clock.now()).unwrap().unwrap_err();
+        let r = m.admit(&k, 0, 0, clock.read()).unwrap().unwrap();
+        m.record(k.id, k.limits.reset_period, Some(r), |_| used(40, 59, 0), clock.now());
+        assert!(m.admit(&k, 0, 0, clock.read()).unwrap().is_ok(), "99 < 100");
+        m.record(k.id, k.limits.reset_period, None, |_| used(0, 1, 0), clock.now());
+        let denied = m.admit(&k, 0, 0, clock.read()).unwrap().unwrap_err();
         let feb = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
         assert_eq!(denied, BudgetDenial::Tokens { limit: 100, reset_at: Some(feb), in_flight: false });
         clock.set(feb);
-        assert!(m.admit(&k, 0, 0, clock.now()).unwrap().is_ok(), "a new month starts from zero");
+        assert!(m.admit(&k, 0, 0, clock.read()).unwrap().is_ok(), "a new month starts from zero");
         let c = m.snapshot(k.id, k.limits.reset_period, clock.now()).unwrap();
         assert_eq!((c.requests, c.total_tokens(), c.period_start), (0, 0, feb));
     }
@@ -397,23 +514,24 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits { token_limit: Some(100), ..Default::default() });
         let m = Meters::default();
-        let a = m.admit(&k, 60, 0, now).unwrap().unwrap();
-        let b = m.admit(&k, 60, 0, now).unwrap().unwrap();
+        let a = m.admit(&k, 60, 0, at(now)).unwrap().unwrap();
+        let b = m.admit(&k, 60, 0, at(now)).unwrap().unwrap();
         assert_eq!(
-            m.admit(&k, 60, 0, now).unwrap().unwrap_err(),
+            m.admit(&k, 60, 0, at(now)).unwrap().unwrap_err(),
             BudgetDenial::Tokens { limit: 100, reset_at: None, in_flight: true },
             "120 reserved >= 100, nothing used yet"
         );
-        m.record(k.id, k.limits.reset_period, Some(a), used(10, 10, 0), now);
+        m.record(k.id, k.limits.reset_period, Some(a), |_| used(10, 10, 0), now);
         m.release(k.id, b);
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.total_tokens(), c.reserved_tokens, c.requests), (20, 0, 1));
         // An unsettled reservation expires.
-        m.admit(&k, 80, 0, now).unwrap().unwrap();
-        assert!(m.admit(&k, 1, 0, now).unwrap().is_err());
-        assert_eq!(m.expire_reservations(now + Duration::minutes(9), Duration::minutes(10)), 0);
-        assert_eq!(m.expire_reservations(now + Duration::minutes(11), Duration::minutes(10)), 1);
-        assert!(m.admit(&k, 1, 0, now).unwrap().is_ok());
+        m.admit(&k, 80, 0, at(now)).unwrap().unwrap();
+        assert!(m.admit(&k, 1, 0, at(now)).unwrap().is_err());
+        let mono = Mono::default();
+        assert_eq!(m.expire_reservations(mono + Duration::minutes(9), Duration::minutes(10)), 0);
+        assert_eq!(m.expire_reservations(mono + Duration::minutes(11), Duration::minutes(10)), 1);
+        assert!(m.admit(&k, 1, 0, at(now)).unwrap().is_ok());
     }
 
     #[test]
@@ -421,14 +539,14 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits { cost_limit_micros: Some(1_000), ..Default::default() });
         let m = Meters::default();
-        m.record(k.id, k.limits.reset_period, None, used(1, 1, 999), now);
-        let r = m.admit(&k, 0, 5, now).unwrap().unwrap();
+        m.record(k.id, k.limits.reset_period, None, |_| used(1, 1, 999), now);
+        let r = m.admit(&k, 0, 5, at(now)).unwrap().unwrap();
         assert_eq!(
-            m.admit(&k, 0, 0, now).unwrap().unwrap_err(),
+            m.admit(&k, 0, 0, at(now)).unwrap().unwrap_err(),
             BudgetDenial::Cost { limit_micros: 1_000, reset_at: None, in_flight: true }
         );
         m.release(k.id, r);
-        assert!(m.admit(&k, 0, 0, now).unwrap().is_ok());
+        assert!(m.admit(&k, 0, 0, at(now)).unwrap().is_ok());
     }
 
     #[test]
@@ -436,20 +554,18 @@ mod tests {
         let t0 = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits::default());
         let m = Meters::default();
+        // Elapsed seconds on the monotonic clock; the wall clock stands still (it does not matter).
+        let at_sec = |s: i64| Now { wall: t0, mono: Mono::from_micros(s * 1_000_000 + 250_000) };
         for s in [0, 0, 10, 59] {
-            m.touch(k.id, ResetPeriod::Never, t0 + Duration::seconds(s));
+            m.touch(k.id, ResetPeriod::Never, at_sec(s));
         }
-        let count = |at: i64| {
-            m.snapshot(k.id, ResetPeriod::Never, t0 + Duration::seconds(at))
-                .unwrap()
-                .requests_last_minute(t0 + Duration::seconds(at))
-        };
+        let count = |at: i64| m.snapshot(k.id, ResetPeriod::Never, t0).unwrap().requests_last_minute(at_sec(at).mono);
         assert_eq!(count(59), 4);
         assert_eq!(count(60), 2, "the two at 0 s left");
         assert_eq!(count(70), 1);
         assert_eq!(count(119), 0);
         assert_eq!(count(500), 0);
-        m.touch(k.id, ResetPeriod::Never, t0 + Duration::seconds(500));
+        m.touch(k.id, ResetPeriod::Never, at_sec(500));
         assert_eq!(count(500), 1, "stale slots were cleared");
     }
 
@@ -458,7 +574,7 @@ mod tests {
         let april = Utc.with_ymd_and_hms(2026, 4, 20, 0, 0, 0).unwrap();
         let k = key(Limits { token_limit: Some(100), reset_period: ResetPeriod::Monthly, ..Default::default() });
         let m = Meters::default();
-        m.record(k.id, ResetPeriod::Monthly, None, used(90, 0, 0), april);
+        m.record(k.id, ResetPeriod::Monthly, None, |_| used(90, 0, 0), april);
         let may = Utc.with_ymd_and_hms(2026, 5, 20, 0, 0, 0).unwrap();
         let c = m.snapshot(k.id, ResetPeriod::Daily, may).unwrap();
         assert_eq!((c.total_tokens(), c.period_start), (0, may), "April's usage stays in April");
@@ -469,9 +585,9 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let (a, b) = (key(Limits { token_limit: Some(10), ..Default::default() }), key(Limits::default()));
         let m = Meters::default();
-        let r = m.admit(&a, 10, 0, now).unwrap().unwrap();
+        let r = m.admit(&a, 10, 0, at(now)).unwrap().unwrap();
         assert_eq!(m.release(b.id, r), None, "another key's id settles nothing");
-        assert!(m.admit(&a, 1, 0, now).unwrap().is_err());
+        assert!(m.admit(&a, 1, 0, at(now)).unwrap().is_err());
         assert_eq!(m.release(a.id, r), Some((10, 0)));
         assert_eq!(m.release(a.id, r), None, "once");
     }
@@ -481,12 +597,140 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 20, 0, 0, 0).unwrap();
         let mut k = key(Limits { token_limit: Some(1000), ..Default::default() });
         let m = Meters::default();
-        m.record(k.id, ResetPeriod::Never, None, used(300, 0, 0), now);
+        m.record(k.id, ResetPeriod::Never, None, |_| used(300, 0, 0), now);
         k.limits.reset_period = ResetPeriod::Monthly;
         let c = m.snapshot(k.id, ResetPeriod::Monthly, now).unwrap();
         assert_eq!(c.total_tokens(), 300, "no reset, no inflation");
         assert_eq!(c.period_start, Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
         assert_eq!(m.take_dirty().len(), 1);
         assert!(m.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn reservations_are_capped_at_what_the_key_can_still_use() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let k = key(Limits { token_limit: Some(100), cost_limit_micros: Some(50), ..Default::default() });
+        let m = Meters::default();
+        m.record(k.id, k.limits.reset_period, None, |_| used(30, 0, 20), now);
+        let r = m.admit(&k, u64::MAX, i64::MAX, at(now)).unwrap().unwrap();
+        let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
+        assert_eq!((c.reserved_tokens, c.reserved_micros), (70, 30), "the rest of the budget, no more");
+        assert!(m.admit(&k, 1, 0, at(now)).unwrap().is_err(), "nothing left in flight");
+        // Charged its (capped) reservation, the key is exactly exhausted; nothing wraps.
+        let charged =
+            m.record(k.id, k.limits.reset_period, Some(r), |held| used(0, held.unwrap().0, held.unwrap().1), now);
+        assert_eq!((charged.completion_tokens, charged.cost_micros), (70, 30));
+        let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
+        assert_eq!((c.total_tokens(), c.cost_micros, c.reserved_tokens, c.reserved_micros), (100, 50, 0, 0));
+        assert!(m.admit(&k, 0, 0, at(now)).unwrap().is_err());
+        // A key without a token limit reserves what it asks for; counters saturate.
+        let free = key(Limits { cost_limit_micros: Some(i64::MAX), ..Default::default() });
+        let r = m.admit(&free, u64::MAX, -5, at(now)).unwrap().unwrap();
+        m.record(free.id, ResetPeriod::Never, Some(r), |held| used(u64::MAX, held.unwrap().0, i64::MAX), now);
+        m.record(free.id, ResetPeriod::Never, None, |_| used(u64::MAX, u64::MAX, i64::MAX), now);
+        let c = m.snapshot(free.id, ResetPeriod::Never, now).unwrap();
+        assert_eq!(
+            (c.prompt_tokens, c.completion_tokens, c.cost_micros, c.reserved_micros),
+            (u64::MAX, u64::MAX, i64::MAX, 0)
+        );
+        let mut requests = c.clone();
+        requests.requests = u64::MAX;
+        let m = Meters::new(vec![requests]);
+        m.record(free.id, ResetPeriod::Never, None, |_| used(0, 0, 0), now);
+        assert_eq!(m.snapshot(free.id, ResetPeriod::Never, now).unwrap().requests, u64::MAX, "saturates");
+    }
+
+    #[test]
+    fn an_attached_reservation_outlives_the_ttl_and_an_expired_one_still_floors_the_charge() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let ttl = Duration::minutes(10);
+        let k = key(Limits { token_limit: Some(1000), ..Default::default() });
+        let m = Meters::default();
+        let t0 = Mono::default();
+        let open = m.admit(&k, 300, 0, at(now)).unwrap().unwrap();
+        let late = m.admit(&k, 200, 0, at(now)).unwrap().unwrap();
+        assert!(m.attach(k.id, open, t0 + Duration::seconds(1)), "its stream opened");
+        assert_eq!(m.in_flight(), (2, 1));
+        assert_eq!(m.expire_reservations(t0 + Duration::minutes(30), ttl), 1, "only the one with no stream");
+        let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
+        assert_eq!(c.reserved_tokens, 300, "the open stream still holds its reservation");
+        // The open stream ends reporting nothing: its reservation is what it is charged.
+        let charged = m.record(k.id, k.limits.reset_period, Some(open), |held| used(0, held.unwrap().0, 0), now);
+        assert_eq!(charged.completion_tokens, 300);
+        // The expired one's stream ends after all: still charged what it held.
+        let charged = m.record(k.id, k.limits.reset_period, Some(late), |held| used(0, held.unwrap().0, 0), now);
+        assert_eq!(charged.completion_tokens, 200);
+        assert_eq!(m.settle(k.id, late), None, "once");
+        let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
+        assert_eq!((c.total_tokens(), c.reserved_tokens, c.requests), (500, 0, 2));
+    }
+
+    #[test]
+    fn a_stream_that_opens_after_its_reservation_expired_holds_it_again() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let ttl = Duration::minutes(10);
+        let k = key(Limits { token_limit: Some(1000), ..Default::default() });
+        let other = key(Limits { token_limit: Some(1000), ..Default::default() });
+        let m = Meters::default();
+        let t0 = Mono::default();
+        let r = m.admit(&k, 400, 0, at(now)).unwrap().unwrap();
+        assert_eq!(m.expire_reservations(t0 + Duration::minutes(11), ttl), 1);
+        assert!(!m.attach(other.id, r, t0 + Duration::minutes(12)), "not another key's");
+        assert!(m.attach(k.id, r, t0 + Duration::minutes(12)));
+        assert_eq!(m.snapshot(k.id, k.limits.reset_period, now).unwrap().reserved_tokens, 400);
+        assert_eq!(m.expire_reservations(t0 + Duration::hours(5), ttl), 0, "attached: kept");
+        assert_eq!(m.release(k.id, r), Some((400, 0)));
+        // Expired ones are forgotten after another TTL.
+        let r = m.admit(&k, 10, 0, at(now)).unwrap().unwrap();
+        let t1 = t0 + Duration::hours(6);
+        assert_eq!(m.expire_reservations(t1, ttl), 1);
+        assert_eq!(m.expire_reservations(t1 + Duration::minutes(11), ttl), 0);
+        assert_eq!(m.settle(k.id, r), None);
+    }
+
+    #[test]
+    fn expired_reservations_are_remembered_within_a_bound() {
+        let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
+        let k = key(Limits { token_limit: Some(u64::MAX), ..Default::default() });
+        let m = Meters::default();
+        let ids: Vec<u64> = (0..MAX_EXPIRED_RESERVATIONS + 10)
+            .map(|i| {
+                let made = Now { wall: now, mono: Mono::from_micros(i as i64) };
+                m.admit(&k, 1, 0, made).unwrap().unwrap()
+            })
+            .collect();
+        let later = Mono::default() + Duration::minutes(11);
+        assert_eq!(m.expire_reservations(later, Duration::minutes(10)), ids.len());
+        let inner = m.inner.lock().unwrap();
+        assert_eq!(
+            (inner.expired.len(), inner.expired_order.len()),
+            (MAX_EXPIRED_RESERVATIONS, MAX_EXPIRED_RESERVATIONS)
+        );
+        assert!(
+            !inner.expired.contains_key(&ids[0]) && inner.expired.contains_key(&ids[ids.len() - 1]),
+            "oldest first"
+        );
+    }
+
+    #[test]
+    fn a_wall_clock_step_neither_expires_nor_revives_reservations() {
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap());
+        let ttl = Duration::minutes(10);
+        let k = key(Limits { token_limit: Some(100), ..Default::default() });
+        let m = Meters::default();
+        m.admit(&k, 100, 0, clock.read()).unwrap().unwrap();
+        // NTP steps the wall clock a day forward: the reservation is a second old, not a day.
+        clock.set(clock.now() + Duration::days(1));
+        clock.advance(Duration::seconds(1));
+        assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 0);
+        assert!(m.admit(&k, 1, 0, clock.read()).unwrap().is_err(), "still held");
+        clock.advance(ttl);
+        assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 1, "expires after the TTL of elapsed time");
+        // A step back does not make a new reservation look young forever, nor an old one new.
+        let r = m.admit(&k, 100, 0, clock.read()).unwrap().unwrap();
+        clock.set(clock.now() - Duration::days(30));
+        clock.advance(ttl + Duration::seconds(1));
+        assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 1);
+        assert_eq!(m.release(k.id, r), None);
     }
 }

@@ -5,10 +5,10 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::budget::{BudgetDenial, Meters};
+use super::budget::{BudgetDenial, DEFAULT_RESERVATION_TOKENS, Meters};
+use super::clock::Now;
 use super::gateway::{Gateway, KeyLocation};
 use super::key::{ApiKey, KeyStatus};
 use super::pricing::{PriceBook, cost_micros};
@@ -125,9 +125,11 @@ pub enum Decision {
     Deny(Denial),
 }
 
-/// Decides one request: identify the gateway, find the key, check its status, then its
-/// budgets (reserving for this request) and its requests-per-minute window.
-pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: DateTime<Utc>) -> Decision {
+/// Decides one request: identify the gateway, find the key, check its status (on wall
+/// time), then its budgets (reserving for this request) and its requests-per-minute window
+/// (on elapsed time).
+pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now) -> Decision {
+    let now = at.wall;
     let name = req.gateway.unwrap_or("");
     let Some(gateway) = view.gateway(name) else {
         return Decision::Deny(Denial::GatewayNotConfigured { name: name.to_string() });
@@ -157,10 +159,10 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: Dat
     // Budgets first, so a request they refuse takes no requests-per-minute slot.
     let reservation = if limits.token_limit.is_some() || limits.cost_limit_micros.is_some() {
         let (tokens, micros) = reservation_for(gateway, limits.cost_limit_micros.is_some(), req.body, limiters);
-        match meters.admit(key, tokens, micros, now) {
+        match meters.admit(key, tokens, micros, at) {
             Ok(Ok(id)) => Some(id),
             Ok(Err(denial)) => {
-                let rpm = limits.requests_per_minute.and_then(|l| limiters.windows.peek(key.id, l, now));
+                let rpm = limits.requests_per_minute.and_then(|l| limiters.windows.peek(key.id, l, at.mono));
                 return Decision::Deny(Denial::Budget { key_id: key.id, denial, rpm });
             }
             Err(_) => return Decision::Deny(Denial::Internal("meters lock poisoned")),
@@ -170,7 +172,7 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: Dat
     };
     let rpm = match limits.requests_per_minute {
         None => None,
-        Some(limit) => match limiters.windows.admit(key.id, limit, now) {
+        Some(limit) => match limiters.windows.admit(key.id, limit, at.mono) {
             Some(a) if a.admitted => Some(a),
             refused => {
                 if let Some(r) = reservation {
@@ -183,16 +185,21 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, now: Dat
             }
         },
     };
-    meters.touch(key.id, limits.reset_period, now);
+    meters.touch(key.id, limits.reset_period, at);
     Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key), rpm, reservation })
 }
 
 /// What an in-flight request holds against budgets: its `max_tokens` /
-/// `max_completion_tokens` (else the gateway default), and, for a cost limit, those
-/// tokens at the requested model's output price.
+/// `max_completion_tokens` (else the gateway default, else `DEFAULT_RESERVATION_TOKENS`),
+/// and, for a cost limit, those tokens at the requested model's output price. A cap of 0
+/// reserves like no cap: it never makes a request free to admit. `Meters::admit` caps
+/// both at what the key can still use.
 fn reservation_for(gateway: &Gateway, cost_limited: bool, body: &[u8], limiters: &Limiters) -> (u64, i64) {
     let (max_tokens, model) = requested(body);
-    let tokens = max_tokens.unwrap_or(gateway.default_reservation_tokens);
+    let tokens = max_tokens
+        .filter(|&t| t > 0)
+        .or(Some(gateway.default_reservation_tokens).filter(|&t| t > 0))
+        .unwrap_or(DEFAULT_RESERVATION_TOKENS);
     let micros = match (cost_limited, model) {
         (true, Some(model)) => limiters
             .prices
@@ -433,7 +440,7 @@ pub fn percent_decode(s: &str) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use chrono::{Duration, TimeZone};
+    use chrono::{Duration, TimeZone, Utc};
 
     use super::*;
     use crate::domain::clock::{Clock, ManualClock};
@@ -485,7 +492,7 @@ mod tests {
 
     fn run(f: &Fixture, gateway: Option<&str>, headers: &[(&str, &str)], path: &str) -> Decision {
         let headers: HashMap<String, String> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        decide(&f.view, &f.limiters, &RequestParts { gateway, headers: &headers, path, body: b"" }, f.clock.now())
+        decide(&f.view, &f.limiters, &RequestParts { gateway, headers: &headers, path, body: b"" }, f.clock.read())
     }
 
     fn denial(d: Decision) -> Denial {
@@ -615,7 +622,7 @@ mod tests {
         f.view.replace_key(key);
         f.clock.advance(Duration::seconds(40));
         assert!(matches!(run(&f, Some("demo"), &h, "/"), Decision::Allow(_)));
-        assert_eq!(f.limiters.windows.count(f.key_id, f.clock.now()), 1, "the first two left the window");
+        assert_eq!(f.limiters.windows.count(f.key_id, f.clock.monotonic()), 1, "the first two left the window");
     }
 
     #[test]
@@ -768,5 +775,55 @@ mod tests {
         demo.upstream = Some(UpstreamAuth::new("authorization", "Bearer sk-provider").unwrap());
         f.view.upsert_gateway(demo);
         assert!(matches!(run(&f, Some("demo"), &h, "/"), Decision::Allow(_)));
+    }
+
+    fn with_limits(f: &mut Fixture, limits: Limits) -> Vec<(&'static str, String)> {
+        let mut key = (**f.view.key_by_hash(&f.secret.hash(), f.clock.now()).unwrap()).clone();
+        key.limits = limits;
+        f.view.replace_key(key);
+        vec![("x-api-key", f.secret.expose().to_string())]
+    }
+
+    fn run_body(f: &Fixture, h: &[(&str, String)], body: &[u8]) -> Decision {
+        let headers: HashMap<String, String> = h.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let req = RequestParts { gateway: Some("demo"), headers: &headers, path: "/", body };
+        decide(&f.view, &f.limiters, &req, f.clock.read())
+    }
+
+    fn reserved(f: &Fixture) -> u64 {
+        let period = crate::domain::key::ResetPeriod::Never;
+        f.limiters.meters.snapshot(f.key_id, period, f.clock.now()).unwrap().reserved_tokens
+    }
+
+    #[test]
+    fn a_wall_clock_step_does_not_free_window_slots() {
+        let mut f = fixture(InboundAuth::default());
+        let h = with_limits(&mut f, Limits { requests_per_minute: Some(1), ..Default::default() });
+        assert!(matches!(run_body(&f, &h, b""), Decision::Allow(_)));
+        // NTP steps the wall clock 2 minutes forward (still before the key expires).
+        f.clock.set(f.clock.now() + Duration::minutes(2));
+        assert!(matches!(denial(run_body(&f, &h, b"")), Denial::RateLimited { .. }), "one second has not passed");
+        // And back an hour: the slot does not stay taken longer either.
+        f.clock.set(f.clock.now() - Duration::hours(1));
+        f.clock.advance(Duration::seconds(60));
+        assert!(matches!(run_body(&f, &h, b""), Decision::Allow(_)), "60 s of elapsed time");
+    }
+
+    #[test]
+    fn a_request_without_max_tokens_still_reserves_for_budgeted_keys() {
+        let mut f = fixture(InboundAuth::default());
+        let h = with_limits(&mut f, Limits { token_limit: Some(1_000_000), ..Default::default() });
+        assert!(matches!(run_body(&f, &h, br#"{"model":"m"}"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), DEFAULT_RESERVATION_TOKENS, "the gateway default is 0: the built-in default");
+        // `max_tokens: 0` is no way around it.
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":0}"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 2 * DEFAULT_RESERVATION_TOKENS);
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":7}"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 2 * DEFAULT_RESERVATION_TOKENS + 7);
+        // Capped at what the key can still use; the next request is refused while it is held.
+        let h = with_limits(&mut f, Limits { token_limit: Some(8_200), ..Default::default() });
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":18446744073709551615}"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 8_200);
+        assert!(matches!(denial(run_body(&f, &h, b"")), Denial::Budget { .. }));
     }
 }

@@ -5,6 +5,7 @@ pub mod access;
 pub mod budget;
 pub mod check;
 pub mod clock;
+pub mod estimate;
 pub mod gateway;
 pub mod key;
 pub mod money;

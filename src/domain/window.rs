@@ -2,13 +2,15 @@
 //!
 //! A request is admitted only if fewer than N requests were admitted in the 60 seconds
 //! before it; denied requests take no slot. Each key keeps the times of its admitted
-//! requests still inside the window (at most N of them).
+//! requests still inside the window (at most N of them), on the monotonic clock: a
+//! wall-clock step neither frees slots early nor holds them longer.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
+
+use super::clock::Mono;
 
 pub const WINDOW_MICROS: i64 = 60_000_000;
 
@@ -37,8 +39,8 @@ pub struct Window(VecDeque<i64>);
 
 impl Window {
     /// Admits or denies a request at `now` under `limit`.
-    pub fn admit(&mut self, limit: u32, now: DateTime<Utc>) -> Admission {
-        let now = now.timestamp_micros();
+    pub fn admit(&mut self, limit: u32, now: Mono) -> Admission {
+        let now = now.micros();
         while self.0.front().is_some_and(|&t| now - t >= WINDOW_MICROS) {
             self.0.pop_front();
         }
@@ -55,8 +57,8 @@ impl Window {
     }
 
     /// What `admit` would answer, without taking a slot.
-    pub fn peek(&self, limit: u32, now: DateTime<Utc>) -> Admission {
-        let now = now.timestamp_micros();
+    pub fn peek(&self, limit: u32, now: Mono) -> Admission {
+        let now = now.micros();
         let inside: Vec<i64> = self.0.iter().copied().filter(|&t| now - t < WINDOW_MICROS).collect();
         Admission {
             admitted: (inside.len() as u64) < u64::from(limit),
@@ -67,8 +69,8 @@ impl Window {
     }
 
     /// How many admitted requests are inside the window at `now`.
-    pub fn count(&self, now: DateTime<Utc>) -> usize {
-        let now = now.timestamp_micros();
+    pub fn count(&self, now: Mono) -> usize {
+        let now = now.micros();
         self.0.iter().filter(|&&t| now - t < WINDOW_MICROS).count()
     }
 }
@@ -81,12 +83,12 @@ pub struct RequestWindows {
 
 impl RequestWindows {
     /// `None` only if the lock was poisoned: the caller must deny.
-    pub fn admit(&self, key: Uuid, limit: u32, now: DateTime<Utc>) -> Option<Admission> {
+    pub fn admit(&self, key: Uuid, limit: u32, now: Mono) -> Option<Admission> {
         let mut windows = self.windows.lock().ok()?;
         Some(windows.entry(key).or_default().admit(limit, now))
     }
 
-    pub fn peek(&self, key: Uuid, limit: u32, now: DateTime<Utc>) -> Option<Admission> {
+    pub fn peek(&self, key: Uuid, limit: u32, now: Mono) -> Option<Admission> {
         let windows = self.windows.lock().ok()?;
         Some(
             windows
@@ -97,12 +99,12 @@ impl RequestWindows {
         )
     }
 
-    pub fn count(&self, key: Uuid, now: DateTime<Utc>) -> usize {
+    pub fn count(&self, key: Uuid, now: Mono) -> usize {
         self.windows.lock().ok().and_then(|w| w.get(&key).map(|w| w.count(now))).unwrap_or(0)
     }
 
     /// Forgets windows with nothing left inside them.
-    pub fn sweep(&self, now: DateTime<Utc>) {
+    pub fn sweep(&self, now: Mono) {
         if let Ok(mut w) = self.windows.lock() {
             w.retain(|_, win| win.count(now) > 0);
         }
@@ -111,12 +113,12 @@ impl RequestWindows {
 
 #[cfg(test)]
 mod tests {
-    use chrono::{Duration, TimeZone};
+    use chrono::Duration;
 
     use super::*;
 
-    fn t0() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()
+    fn t0() -> Mono {
+        Mono::from_micros(3_600_000_000)
     }
 
     #[test]
@@ -180,7 +182,7 @@ mod tests {
         for case in 0..300 {
             let limit = 1 + (rng.next() % 12) as u32;
             let mut w = Window::default();
-            let mut now = t0().timestamp_micros();
+            let mut now = t0().micros();
             let mut admitted: Vec<i64> = Vec::new();
             for _ in 0..400 {
                 // Bursts and gaps: mostly sub-second steps, sometimes long pauses.
@@ -189,7 +191,7 @@ mod tests {
                     1 => 0,
                     _ => (rng.next() % 2_000_000) as i64,
                 };
-                let at = DateTime::from_timestamp_micros(now).unwrap();
+                let at = Mono::from_micros(now);
                 let a = w.admit(limit, at);
                 let recent = admitted.iter().filter(|&&t| now - t < WINDOW_MICROS).count();
                 assert_eq!(a.admitted, recent < limit as usize, "case {case}: rule violated");

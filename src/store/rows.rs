@@ -184,10 +184,11 @@ macro_rules! store_impl {
                     c.reset_period = reset_period;
                     c.period_start = time(r, "period_start")?;
                     c.period_end = crate::domain::period::bounds(reset_period, c.period_start).1;
-                    c.requests = get::<i64>(r, "requests")?.max(0) as u64;
-                    c.prompt_tokens = get::<i64>(r, "prompt_tokens")?.max(0) as u64;
-                    c.completion_tokens = get::<i64>(r, "completion_tokens")?.max(0) as u64;
-                    c.cost_micros = get(r, "cost_micros")?;
+                    c.requests = $crate::store::rows::stored_count(get(r, "requests")?);
+                    c.prompt_tokens = $crate::store::rows::stored_count(get(r, "prompt_tokens")?);
+                    c.completion_tokens = $crate::store::rows::stored_count(get(r, "completion_tokens")?);
+                    let cost: i64 = get(r, "cost_micros")?;
+                    c.cost_micros = if cost < 0 { i64::MAX } else { cost };
                 }
                 let prices = self.list_prices().await?;
                 let rows = sqlx::query(
@@ -519,10 +520,10 @@ macro_rules! store_impl {
                     .bind(c.key_id.to_string())
                     .bind(to_micros(c.period_start))
                     .bind(c.reset_period.as_str())
-                    .bind(c.requests as i64)
-                    .bind(c.prompt_tokens as i64)
-                    .bind(c.completion_tokens as i64)
-                    .bind(c.cost_micros)
+                    .bind($crate::store::rows::count_to_store(c.requests))
+                    .bind($crate::store::rows::count_to_store(c.prompt_tokens))
+                    .bind($crate::store::rows::count_to_store(c.completion_tokens))
+                    .bind(c.cost_micros.max(0))
                     .bind(to_micros(now))
                     .execute(&mut *tx)
                     .await
@@ -581,3 +582,29 @@ macro_rules! store_impl {
 }
 
 pub(crate) use store_impl;
+
+/// A usage counter for an `i64` column: saturated at `i64::MAX`, never wrapped negative.
+pub(crate) fn count_to_store(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A stored usage counter. No write makes one negative, so a negative value is damage
+/// (or a row written before writes were clamped, when a huge count wrapped): it reads as
+/// exhausted, never as empty, so a budget never comes back by accident.
+pub(crate) fn stored_count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_counts_never_wrap_and_damage_reads_as_exhausted() {
+        assert_eq!(count_to_store(42), 42);
+        assert_eq!(count_to_store(u64::MAX), i64::MAX, "saturated, not -1");
+        assert_eq!(stored_count(count_to_store(u64::MAX)), i64::MAX as u64);
+        assert_eq!(stored_count(7), 7);
+        assert_eq!(stored_count(-1), u64::MAX, "what a wrapped 2^64-1 was written as: exhausted, not 0");
+    }
+}

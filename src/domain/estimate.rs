@@ -1,0 +1,343 @@
+//! What a successful response that reports no usage is charged: an estimate from the
+//! generated content that went through the meter, never less than its reservation.
+//!
+//! The estimate counts the bytes of JSON string values under content-bearing keys
+//! (`content`, `text`, `delta`, `arguments`, ...) in JSON and `text/event-stream` bodies,
+//! with a cheap lexical scan (no JSON parse per event), escapes decoded to the bytes they
+//! stand for, chunk boundaries anywhere, in O(1) memory. One token is charged per
+//! `BYTES_PER_TOKEN` bytes, rounded up: about what common tokenizers give for English
+//! text. It is a floor against free responses, not a bill: providers that report usage
+//! are charged what they report.
+
+use super::budget::Metered;
+use super::pricing::{Price, cost_micros};
+use super::usage::Reported;
+
+/// The estimate's ratio: one completion token per this many bytes of content, rounded up.
+pub const BYTES_PER_TOKEN: u64 = 4;
+
+/// Keys whose string values are generated content (OpenAI chat and Responses, Anthropic
+/// messages, tool-call arguments, reasoning).
+const CONTENT_KEYS: &[&[u8]] = &[
+    b"content",
+    b"text",
+    b"delta",
+    b"arguments",
+    b"reasoning_content",
+    b"reasoning",
+    b"refusal",
+    b"partial_json",
+    b"thinking",
+];
+/// The longest content key: longer strings are never keys we count.
+const KEY_CAP: usize = 17;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Between tokens.
+    Outside,
+    /// Inside a string that may be a key (its first `key_len` bytes are in `key`).
+    Key,
+    /// Inside a string value under a content key: its bytes are counted.
+    Value,
+    /// After a string closed; `last_was_content_key` says whether it names content.
+    AfterString,
+    /// After `"content-key":`, waiting for the value.
+    BeforeValue,
+}
+
+/// Counts content bytes of one response body, fed chunk by chunk.
+#[derive(Debug, Clone)]
+pub struct ContentEstimate {
+    active: bool,
+    state: State,
+    /// Inside a string, after a backslash.
+    escape: bool,
+    /// Inside `\uXXXX`: hex digits still to read (0 when not in one) and the code unit so far.
+    unicode_left: u8,
+    unicode: u16,
+    key: [u8; KEY_CAP],
+    /// Bytes of the current key-candidate string; `KEY_CAP + 1` once it cannot be a content key.
+    key_len: usize,
+    last_was_content_key: bool,
+    bytes: u64,
+}
+
+impl ContentEstimate {
+    /// For a response with this `content-type`: JSON and event streams are scanned; other
+    /// bodies (audio, images, files) count nothing.
+    pub fn new(content_type: &str) -> Self {
+        let ct = content_type.to_ascii_lowercase();
+        let active = ct.is_empty() || ct.contains("json") || ct.contains("text/event-stream");
+        ContentEstimate {
+            active,
+            state: State::Outside,
+            escape: false,
+            unicode_left: 0,
+            unicode: 0,
+            key: [0; KEY_CAP],
+            key_len: 0,
+            last_was_content_key: false,
+            bytes: 0,
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if !self.active {
+            return;
+        }
+        for &b in chunk {
+            self.byte(b);
+        }
+    }
+
+    /// Content bytes seen so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The estimate in tokens: `bytes / BYTES_PER_TOKEN`, rounded up.
+    pub fn tokens(&self) -> u64 {
+        self.bytes.div_ceil(BYTES_PER_TOKEN)
+    }
+
+    fn byte(&mut self, b: u8) {
+        match self.state {
+            State::Key | State::Value => self.in_string(b),
+            State::Outside => self.outside(b),
+            State::AfterString => match b {
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                b':' if self.last_was_content_key => self.state = State::BeforeValue,
+                _ => {
+                    self.state = State::Outside;
+                    self.outside(b);
+                }
+            },
+            State::BeforeValue => match b {
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                b'"' => self.open(State::Value),
+                // An object, array, number, null: keys inside it are read as usual.
+                _ => {
+                    self.state = State::Outside;
+                    self.outside(b);
+                }
+            },
+        }
+    }
+
+    fn outside(&mut self, b: u8) {
+        if b == b'"' {
+            self.open(State::Key);
+        }
+    }
+
+    fn open(&mut self, state: State) {
+        self.state = state;
+        self.escape = false;
+        self.unicode_left = 0;
+        self.key_len = 0;
+    }
+
+    fn in_string(&mut self, b: u8) {
+        let counting = self.state == State::Value;
+        if self.unicode_left > 0 {
+            let Some(d) = (b as char).to_digit(16) else {
+                // Not an escape after all: give up on this string's exact length.
+                self.unicode_left = 0;
+                return self.in_string(b);
+            };
+            self.unicode = (self.unicode << 4) | d as u16;
+            self.unicode_left -= 1;
+            if self.unicode_left == 0 && counting {
+                // The UTF-8 length of the code unit; a surrogate pair makes 4 bytes together.
+                self.bytes = self.bytes.saturating_add(match self.unicode {
+                    0..0x80 => 1,
+                    0x80..0x800 => 2,
+                    0xD800..0xE000 => 2,
+                    _ => 3,
+                });
+            }
+            return;
+        }
+        if self.escape {
+            self.escape = false;
+            if b == b'u' {
+                self.unicode_left = 4;
+                self.unicode = 0;
+            } else if counting {
+                self.bytes = self.bytes.saturating_add(1);
+            } else {
+                // Content keys have no escapes.
+                self.key_len = KEY_CAP + 1;
+            }
+            return;
+        }
+        match b {
+            b'\\' => self.escape = true,
+            b'"' => {
+                self.last_was_content_key = !counting
+                    && self.key_len <= KEY_CAP
+                    && CONTENT_KEYS.iter().any(|k| *k == &self.key[..self.key_len]);
+                self.state = State::AfterString;
+            }
+            // A JSON string never holds a raw line break: what came before was not JSON
+            // (an SSE comment, a cut event). Start over on the next line.
+            b'\n' | b'\r' => self.state = State::Outside,
+            _ if counting => self.bytes = self.bytes.saturating_add(1),
+            _ => {
+                if self.key_len < KEY_CAP {
+                    self.key[self.key_len] = b;
+                    self.key_len += 1;
+                } else {
+                    self.key_len = KEY_CAP + 1;
+                }
+            }
+        }
+    }
+}
+
+/// What a successful response whose usage is missing or incomplete (cut before its end)
+/// is charged: what it reported (nothing, or part), its completion raised to the content
+/// estimate, and never less than what its reservation held (`held`: tokens, micro-USD).
+/// Priced at the response model's prices when it has them (`price`).
+pub fn charge_unreported(
+    reported: &Reported,
+    estimate_tokens: u64,
+    price: Option<&Price>,
+    held: Option<(u64, i64)>,
+) -> Metered {
+    let (held_tokens, held_micros) = held.unwrap_or((0, 0));
+    let (prompt, completion) =
+        if reported.found { (reported.prompt_tokens, reported.completion_tokens) } else { (0, 0) };
+    let completion = completion.max(estimate_tokens);
+    let priced = price.map_or(0, |p| cost_micros(p, prompt, completion));
+    Metered {
+        prompt_tokens: prompt,
+        completion_tokens: completion.max(held_tokens),
+        cost_micros: priced.max(held_micros).max(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of(ct: &str, body: &[u8]) -> u64 {
+        let mut e = ContentEstimate::new(ct);
+        e.feed(body);
+        e.bytes()
+    }
+
+    const OPENAI_JSON: &str = r#"{"id":"c","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the fake upstream."},"finish_reason":"stop"}],"usage":null}"#;
+
+    const OPENAI_SSE: &str = concat!(
+        "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}]}\n\n",
+        ": keep-alive \"comment\n\n",
+        "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" w\\u00f6rld\\n\"}}]}\n\n",
+        "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"a\\\":1}\"}}]}}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    const ANTHROPIC_SSE: &str = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"content\":[]}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi there\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"hmm\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{}\"}}\n\n",
+    );
+
+    #[test]
+    fn counts_content_values_only() {
+        assert_eq!(bytes_of("application/json", OPENAI_JSON.as_bytes()), 29);
+        // "Hello" 5, " wörld\n" 1 + 1 + 2 + 3 + 1 = 8, arguments {"a":1} 7.
+        assert_eq!(bytes_of("text/event-stream", OPENAI_SSE.as_bytes()), 5 + 8 + 7);
+        // "Hi there" 8, "hmm" 3, "{}" 2; the "text" value of "type" is not a key.
+        assert_eq!(bytes_of("text/event-stream; charset=utf-8", ANTHROPIC_SSE.as_bytes()), 13);
+        // Keys and values that are not content count nothing.
+        assert_eq!(bytes_of("application/json", br#"{"model":"content","role":"text","contents":"xx"}"#), 0);
+        assert_eq!(bytes_of("image/png", OPENAI_JSON.as_bytes()), 0);
+        assert_eq!(bytes_of("", br#"{"text" :  "abcd"}"#), 4);
+        // An OpenAI Responses stream: `delta` is a string there.
+        assert_eq!(
+            bytes_of("text/event-stream", b"data: {\"type\":\"response.output_text.delta\",\"delta\":\"abc\"}\n\n"),
+            3
+        );
+        // A surrogate pair is one 4-byte character.
+        assert_eq!(bytes_of("", br#"{"content":"\ud83d\ude00"}"#), 4);
+    }
+
+    #[test]
+    fn any_split_gives_the_same_count() {
+        for body in [OPENAI_JSON, OPENAI_SSE, ANTHROPIC_SSE] {
+            let whole = bytes_of("text/event-stream", body.as_bytes());
+            let b = body.as_bytes();
+            for i in 0..=b.len() {
+                for j in i..=b.len() {
+                    let mut e = ContentEstimate::new("text/event-stream");
+                    e.feed(&b[..i]);
+                    e.feed(&b[i..j]);
+                    e.feed(&b[j..]);
+                    assert_eq!(e.bytes(), whole, "split at {i}, {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn byte_by_byte_matches_and_memory_is_constant() {
+        let mut e = ContentEstimate::new("application/json");
+        let mut big = br#"{"content":""#.to_vec();
+        big.extend(std::iter::repeat_n(b'a', 1_000_001));
+        big.extend_from_slice(br#""}"#);
+        for b in big.chunks(7) {
+            e.feed(b);
+        }
+        assert_eq!((e.bytes(), e.tokens()), (1_000_001, 250_001), "rounded up");
+        assert_eq!(std::mem::size_of::<ContentEstimate>(), std::mem::size_of_val(&e));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let alphabet = b"{}[]:,\"\\u0123456789abcdefxtn \n\rcontent";
+        for _ in 0..200 {
+            let mut e = ContentEstimate::new("");
+            for _ in 0..500 {
+                rng ^= rng >> 12;
+                rng ^= rng << 25;
+                rng ^= rng >> 27;
+                let b = alphabet[(rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % alphabet.len() as u64) as usize];
+                e.feed(&[b]);
+            }
+            assert!(e.bytes() <= 500);
+        }
+    }
+
+    #[test]
+    fn the_charge_is_the_estimate_never_less_than_the_reservation() {
+        let price = Price { input_micros_per_million: 150_000, output_micros_per_million: 600_000 };
+        let none = Reported::default();
+        // 10 tokens at $0.60 per million = 6 micro-USD.
+        assert_eq!(
+            charge_unreported(&none, 10, Some(&price), Some((300, 2))),
+            Metered { prompt_tokens: 0, completion_tokens: 300, cost_micros: 6 }
+        );
+        assert_eq!(
+            charge_unreported(&none, 1000, Some(&price), Some((4, 100))),
+            Metered { prompt_tokens: 0, completion_tokens: 1000, cost_micros: 600 }
+        );
+        assert_eq!(
+            charge_unreported(&none, 7, None, None),
+            Metered { prompt_tokens: 0, completion_tokens: 7, cost_micros: 0 }
+        );
+        // Cut after Anthropic's message_start (1 output token so far): the prompt as
+        // reported, the completion from the content, the reservation as the floor.
+        let part = Reported { model: None, prompt_tokens: 1000, completion_tokens: 1, found: true };
+        assert_eq!(
+            charge_unreported(&part, 50, Some(&price), Some((20, 0))),
+            Metered { prompt_tokens: 1000, completion_tokens: 50, cost_micros: 150 + 30 }
+        );
+        assert_eq!(charge_unreported(&part, 0, None, Some((20, 0))).completion_tokens, 20);
+    }
+}
