@@ -43,8 +43,10 @@ fn refuse_legacy_limits(key: &ApiKey) -> Result<(), FieldError> {
 
 /// A legacy secret clients already hold: 16 to 512 visible ASCII characters.
 fn validate_legacy_secret(s: &str) -> Result<(), FieldError> {
-    if s.len() < 16 || s.len() > 512 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(FieldError::new("secret", "must be 16 to 512 visible ASCII characters without spaces"));
+    // A comma is how Envoy joins a header sent twice: Check refuses such a value, so a
+    // key containing one could never authenticate.
+    if s.len() < 16 || s.len() > 512 || !s.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+        return Err(FieldError::new("secret", "must be 16 to 512 visible ASCII characters without spaces or commas"));
     }
     if secret::shape(s, SecretKind::ApiKey) == Shape::BadChecksum {
         return Err(FieldError::new("secret", "looks like a Portcullis key but its checksum is wrong"));

@@ -16,6 +16,11 @@ use super::period;
 /// reservation, at what the key can still use this period).
 pub const DEFAULT_RESERVATION_TOKENS: u64 = 4096;
 
+/// A request's output cap above this reserves this much: no model writes more in one
+/// response, and an absurd `max_tokens` must not show up as usage when a response that
+/// reports none is charged its reservation.
+pub const MAX_RESERVATION_TOKENS: u64 = 1 << 20;
+
 /// At most this many expired reservations are remembered (oldest forgotten first), so a
 /// stream that opens after its reservation expired is still charged at least its
 /// reservation. About 64 bytes each.

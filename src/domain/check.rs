@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::budget::{BudgetDenial, DEFAULT_RESERVATION_TOKENS, Meters};
+use super::budget::{BudgetDenial, DEFAULT_RESERVATION_TOKENS, MAX_RESERVATION_TOKENS, Meters};
 use super::clock::Now;
 use super::gateway::{Gateway, KeyLocation};
 use super::key::{ApiKey, KeyStatus};
@@ -199,7 +199,8 @@ fn reservation_for(gateway: &Gateway, cost_limited: bool, body: &[u8], limiters:
     let tokens = max_tokens
         .filter(|&t| t > 0)
         .or(Some(gateway.default_reservation_tokens).filter(|&t| t > 0))
-        .unwrap_or(DEFAULT_RESERVATION_TOKENS);
+        .unwrap_or(DEFAULT_RESERVATION_TOKENS)
+        .min(MAX_RESERVATION_TOKENS);
     let micros = match (cost_limited, model) {
         (true, Some(model)) => limiters
             .prices
@@ -825,5 +826,13 @@ mod tests {
         assert!(matches!(run_body(&f, &h, br#"{"max_tokens":18446744073709551615}"#), Decision::Allow(_)));
         assert_eq!(reserved(&f), 8_200);
         assert!(matches!(denial(run_body(&f, &h, b"")), Denial::Budget { .. }));
+    }
+
+    #[test]
+    fn an_absurd_max_tokens_reserves_at_most_the_ceiling_on_a_usd_only_key() {
+        let mut f = fixture(InboundAuth::default());
+        let h = with_limits(&mut f, Limits { cost_limit_micros: Some(1_000_000), ..Default::default() });
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":18446744073709551615}"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), MAX_RESERVATION_TOKENS, "no token limit to cap it: the ceiling does");
     }
 }

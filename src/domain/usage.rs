@@ -21,6 +21,9 @@ pub const MAX_SSE_EVENT: usize = 4 * 1024 * 1024;
 /// What all the usage parsers of one process may hold together. A response that
 /// would need more stops being read (its usage counts as not found).
 pub const MAX_BUFFERED_TOTAL: usize = 64 * 1024 * 1024;
+/// A response's model name is kept to this many bytes (prices name at most 200), so a
+/// provider's odd value cannot grow logs or labels.
+pub const MAX_MODEL_NAME: usize = 256;
 /// A buffer at most this large is kept for the next event; a larger one is freed.
 const KEEP_CAPACITY: usize = 64 * 1024;
 /// The first allocation of a buffer.
@@ -48,7 +51,11 @@ impl Reported {
         if self.model.is_none() {
             let model = v.get("model").or_else(|| message.and_then(|m| m.get("model")));
             if let Some(m) = model.and_then(Value::as_str) {
-                self.model = Some(m.to_string());
+                let mut end = m.len().min(MAX_MODEL_NAME);
+                while !m.is_char_boundary(end) {
+                    end -= 1;
+                }
+                self.model = Some(m[..end].to_string());
             }
         }
         let usage = v.get("usage").filter(|u| u.is_object()).or_else(|| message.and_then(|m| m.get("usage")));
@@ -512,6 +519,15 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
         assert!(!p.finish().found);
         // No content type at all: read as JSON.
         assert!(parse_split("", r#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#, &[]).found);
+    }
+
+    #[test]
+    fn model_names_are_kept_bounded_on_a_character_boundary() {
+        let long = format!("gpt-4o-mini-{}", "é".repeat(400));
+        let body = format!(r#"{{"model":"{long}","usage":{{"prompt_tokens":1,"completion_tokens":2}}}}"#);
+        let model = parse_split("application/json", &body, &[]).model.unwrap();
+        assert!(model.len() <= MAX_MODEL_NAME && model.len() >= MAX_MODEL_NAME - 1, "{}", model.len());
+        assert!(long.starts_with(&model), "a prefix, so dated names still find their price");
     }
 
     #[test]
