@@ -226,35 +226,50 @@ pub fn requested(body: &[u8]) -> (Option<u64>, Option<String>) {
     if body.is_empty() {
         return (None, None);
     }
+    // Where a request names several output caps (or one twice, which a provider may read
+    // as its last), the largest is what it may be given.
     if let Ok(r) = serde_json::from_slice::<Requested>(body) {
-        return (r.max_completion_tokens.or(r.max_output_tokens).or(r.max_tokens), r.model);
+        return ([r.max_completion_tokens, r.max_output_tokens, r.max_tokens].into_iter().flatten().max(), r.model);
     }
     let text = String::from_utf8_lossy(body);
-    let max = ["max_completion_tokens", "max_output_tokens", "max_tokens"].iter().find_map(|k| scan(&text, k));
-    let max = max.and_then(|v| v.parse().ok());
+    let max = ["max_completion_tokens", "max_output_tokens", "max_tokens"]
+        .iter()
+        .flat_map(|k| scan_all(&text, k))
+        .filter_map(|v| v.parse::<u64>().ok())
+        .max();
     let model = scan(&text, "model").and_then(|v| v.strip_prefix('"')?.split('"').next().map(str::to_string));
     (max, model)
 }
 
-/// The raw value after `"key":` at the top of a JSON text (not inside a string).
+/// The raw value after the first `"key":` at the top of a JSON text (not inside a string).
 fn scan<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    scan_all(text, key).next()
+}
+
+/// Every raw value after `"key":` in a JSON text (not inside a string), in order.
+fn scan_all<'a>(text: &'a str, key: &str) -> impl Iterator<Item = &'a str> + 'a {
     let needle = format!("\"{key}\"");
     let mut from = 0;
-    while let Some(i) = text[from..].find(&needle) {
-        let at = from + i;
-        from = at + needle.len();
-        if text[..at].ends_with('\\') {
-            continue;
+    std::iter::from_fn(move || {
+        while let Some(i) = text[from..].find(&needle) {
+            let at = from + i;
+            from = at + needle.len();
+            if text[..at].ends_with('\\') {
+                continue;
+            }
+            let Some(rest) = text[from..].trim_start().strip_prefix(':') else { continue };
+            let rest = rest.trim_start();
+            let end = match rest.strip_prefix('"') {
+                Some(quoted) => match quoted.find('"') {
+                    Some(e) => e + 2,
+                    None => continue,
+                },
+                None => rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len()),
+            };
+            return Some(&rest[..end]);
         }
-        let rest = text[from..].trim_start().strip_prefix(':')?.trim_start();
-        let end = if let Some(quoted) = rest.strip_prefix('"') {
-            quoted.find('"').map(|e| e + 2)?
-        } else {
-            rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())
-        };
-        return Some(&rest[..end]);
-    }
-    None
+        None
+    })
 }
 
 /// Reads the key where the gateway says clients put it: `Ok(None)` when absent or
@@ -629,7 +644,7 @@ mod tests {
     #[test]
     fn requested_caps_and_models_even_from_cut_bodies() {
         assert_eq!(requested(br#"{"model":"m","max_tokens":50}"#), (Some(50), Some("m".into())));
-        assert_eq!(requested(br#"{"max_tokens":50,"max_completion_tokens":7}"#), (Some(7), None));
+        assert_eq!(requested(br#"{"max_tokens":50,"max_completion_tokens":7}"#), (Some(50), None));
         assert_eq!(
             requested(br#"{"model":"gpt-4.1","max_output_tokens":9,"input":"x"}"#),
             (Some(9), Some("gpt-4.1".into()))
@@ -642,6 +657,10 @@ mod tests {
         let tricky = br#"{"messages":[{"content":"say \"max_tokens\": 5"}],"max_tokens":80,"tail":"#;
         assert_eq!(requested(tricky).0, Some(80));
         assert_eq!(requested(b""), (None, None));
+        // Several caps, or one twice (a provider may read the last): the largest reserves.
+        assert_eq!(requested(br#"{"max_tokens":1,"max_tokens":99999}"#).0, Some(99999));
+        assert_eq!(requested(br#"{"max_completion_tokens":5,"max_tokens":900}"#).0, Some(900));
+        assert_eq!(requested(br#"{"note":"max_tokens","max_tokens":70,"cut"#).0, Some(70));
         assert_eq!(requested(b"not json"), (None, None));
     }
 
