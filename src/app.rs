@@ -15,7 +15,6 @@ use tonic_health::server::HealthReporter;
 use crate::admin::PricingApi;
 use crate::admin::access::AccessServiceServer;
 use crate::admin::audit::AuditServiceServer;
-use crate::admin::auth::TokenRegistry;
 use crate::admin::bootstrap::ensure_access;
 use crate::admin::gateways::GatewayServiceServer;
 use crate::admin::keys::KeyServiceServer;
@@ -28,6 +27,7 @@ use crate::domain::budget::Meters;
 use crate::domain::check::Limiters;
 use crate::domain::clock::Clock;
 use crate::domain::pricing::PriceBook;
+use crate::domain::tokens::TokenRegistry;
 use crate::domain::view::View;
 use crate::listen::{self, FrontDoor, Limits};
 use crate::state::Shared;
@@ -308,7 +308,12 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     }
     let mut metrics_addr = None;
     if let Some(addr) = args.metrics_addr {
-        let (local, task) = crate::metrics::serve(addr, Arc::clone(&shared), signal()).await?;
+        let scraped = Arc::clone(&shared);
+        let render = move || {
+            let (g, k) = scraped.view().map(|v| (v.gateway_count(), v.key_count())).unwrap_or((0, 0));
+            scraped.metrics.render(g, k)
+        };
+        let (local, task) = crate::metrics::serve(addr, render, signal()).await?;
         metrics_addr = Some(local);
         tasks.push(task);
         tracing::info!(addr = %local, "metrics listener (/metrics) ready");

@@ -8,6 +8,7 @@ pub mod config;
 pub mod domain;
 pub mod listen;
 pub mod metrics;
+pub mod pem;
 pub mod state;
 pub mod store;
 
@@ -21,6 +22,20 @@ pub mod pb {
 
     /// Descriptor set for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("portcullis_descriptor");
+
+    /// The name gRPC gives a status code on the wire and in docs: `PERMISSION_DENIED` for
+    /// `Code::PermissionDenied` (the admin API's audit trail and the CLI's errors).
+    pub fn code_name(code: tonic::Code) -> String {
+        let debug = format!("{code:?}");
+        let mut out = String::new();
+        for (i, c) in debug.chars().enumerate() {
+            if c.is_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_uppercase());
+        }
+        out
+    }
 }
 
 fn init_tracing(filter: &str) {

@@ -23,8 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::PrivateKeyDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
@@ -109,7 +109,7 @@ pub fn server_tls(
     key: &Path,
     client_ca: Option<(&str, &Path)>,
 ) -> anyhow::Result<TlsAcceptor> {
-    let chain = read_certs(&format!("--{flag}-tls-cert"), cert)?;
+    let chain = crate::pem::read_certs(&format!("--{flag}-tls-cert"), cert)?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| anyhow::anyhow!("--{flag}-tls-key: cannot read a PEM private key from {}: {e}", key.display()))?;
     let builder = rustls::ServerConfig::builder();
@@ -117,7 +117,7 @@ pub fn server_tls(
         None => builder.with_no_client_auth(),
         Some((ca_flag, ca)) => {
             let mut roots = rustls::RootCertStore::empty();
-            for c in read_certs(ca_flag, ca)? {
+            for c in crate::pem::read_certs(ca_flag, ca)? {
                 roots.add(c).with_context(|| format!("{ca_flag}: {} holds an unusable certificate", ca.display()))?;
             }
             let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
@@ -131,16 +131,6 @@ pub fn server_tls(
         .with_context(|| format!("--{flag}-tls-cert and --{flag}-tls-key do not make a usable certificate"))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-pub(crate) fn read_certs(flag: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("{flag}: cannot read PEM certificates from {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        bail!("{flag}: no PEM certificate in {}", path.display());
-    }
-    Ok(certs)
 }
 
 /// Raises this process's soft limit on open files to its hard limit (a server holds a

@@ -207,14 +207,15 @@ const METRICS_CONNECTIONS: usize = 64;
 /// A connection that has not sent a request's headers within this is closed.
 const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves `GET /metrics` until `stop` resolves.
+/// Serves `GET /metrics`, the text `render` gives at each scrape, until `stop` resolves.
 pub async fn serve(
     addr: SocketAddr,
-    shared: std::sync::Arc<crate::state::Shared>,
+    render: impl Fn() -> String + Send + Sync + 'static,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the metrics listener on {addr}"))?;
     let local = listener.local_addr()?;
+    let render = std::sync::Arc::new(render);
     let task = tokio::spawn(async move {
         let mut listener = listener;
         let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
@@ -229,13 +230,12 @@ pub async fn serve(
                 _ = &mut stop => return Ok(()),
                 accepted = crate::listen::accept_next(&mut listener, "metrics") => accepted,
             };
-            let shared = std::sync::Arc::clone(&shared);
+            let render = std::sync::Arc::clone(&render);
             tokio::spawn(async move {
                 let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (status, body) = if req.uri().path() == "/metrics" {
-                        let (g, k) = shared.view().map(|v| (v.gateway_count(), v.key_count())).unwrap_or((0, 0));
-                        (200, shared.metrics.render(g, k))
+                        (200, render())
                     } else {
                         (404, "not found: try /metrics\n".to_string())
                     };

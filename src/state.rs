@@ -2,9 +2,9 @@
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::admin::auth::TokenRegistry;
 use crate::domain::check::Limiters;
 use crate::domain::clock::Clock;
+use crate::domain::tokens::TokenRegistry;
 use crate::domain::view::View;
 
 pub struct Shared {

@@ -2,13 +2,13 @@
 //! (a fresh database on the local server, `PORTCULLIS_TEST_POSTGRES`).
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use portcullis::admin::auth::StoredToken;
 use portcullis::domain::access::{AccessToken, AuditEvent, Role};
 use portcullis::domain::budget::Counters;
 use portcullis::domain::gateway::{Gateway, InboundAuth, UpstreamAuth};
 use portcullis::domain::key::{ApiKey, Limits, ResetPeriod};
 use portcullis::domain::pricing::Price;
 use portcullis::domain::secret::{Secret, SecretKind};
+use portcullis::domain::tokens::StoredToken;
 use portcullis::store::sealing::Sealer;
 use portcullis::store::{DynStore, Page, StoreError};
 use uuid::Uuid;

@@ -6,7 +6,6 @@ use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::auth::StoredToken;
 use super::convert::{from_timestamp, timestamp};
 use super::keys::parse_id;
 use super::{Admin, AdminError, AdminResult, Kind};
@@ -15,6 +14,7 @@ use crate::domain::access::{AccessToken, Action, Role};
 use crate::domain::gateway::validate_gateway_name;
 use crate::domain::key::{validate_expiry, validate_key_name};
 use crate::domain::secret::{Secret, SecretKind};
+use crate::domain::tokens::StoredToken;
 use crate::pb;
 use crate::pb::access_service_server::AccessService;
 
@@ -65,7 +65,7 @@ fn token_to_pb(s: &StoredToken, last_used: DateTime<Utc>, usable: bool) -> pb::A
 }
 
 impl Admin {
-    fn registry(&self) -> AdminResult<std::sync::RwLockWriteGuard<'_, super::auth::TokenRegistry>> {
+    fn registry(&self) -> AdminResult<std::sync::RwLockWriteGuard<'_, crate::domain::tokens::TokenRegistry>> {
         self.shared.tokens.write().map_err(|_| AdminError::Internal("token registry lock poisoned".into()))
     }
 }

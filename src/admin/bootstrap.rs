@@ -5,9 +5,9 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::auth::{StoredToken, TokenRegistry};
 use crate::domain::access::{AccessToken, AuditEvent, Role, validate_bootstrap_secret};
 use crate::domain::secret::{Secret, SecretKind};
+use crate::domain::tokens::{StoredToken, TokenRegistry};
 use crate::store::Store;
 
 /// The audit trail's name for what start-up does on the variable's behalf.

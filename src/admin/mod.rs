@@ -166,7 +166,7 @@ impl Admin {
                     // A refusal changed nothing: recorded up to a rate per token.
                     Err(e) => {
                         let (code, message) = e.status_parts();
-                        let outcome = format!("{}: {message}", code_name(code));
+                        let outcome = format!("{}: {message}", crate::pb::code_name(code));
                         let admission = admin.admit_refusal(Source::Token(call.who.token_id));
                         admin.record_refusal(admission, Some(&call.who), call.action, gateway, target, outcome).await;
                     }
@@ -251,19 +251,6 @@ fn page_size(n: u32) -> Result<u32, crate::domain::FieldError> {
 /// `page_token`: the id of the last item of the previous page.
 fn page_after(token: &str) -> Result<Option<String>, crate::domain::FieldError> {
     if token.is_empty() { Ok(None) } else { Ok(Some(keys::parse_id("page_token", token)?.to_string())) }
-}
-
-/// `PERMISSION_DENIED` for `Code::PermissionDenied`.
-pub fn code_name(code: tonic::Code) -> String {
-    let debug = format!("{code:?}");
-    let mut out = String::new();
-    for (i, c) in debug.chars().enumerate() {
-        if c.is_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
 }
 
 /// Runs an admin mutation to completion even if the caller goes away. tonic drops a

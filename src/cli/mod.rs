@@ -308,7 +308,7 @@ async fn connect(conn: &Connection) -> anyhow::Result<(Channel, BearerAuth)> {
         (Some(_), false) => bail!("--ca needs an https:// --admin-url (got {})", conn.admin_url),
         (Some(ca), true) => {
             let pem = std::fs::read(ca).with_context(|| format!("--ca: cannot read {}", ca.display()))?;
-            crate::listen::read_certs("--ca", ca)?;
+            crate::pem::read_certs("--ca", ca)?;
             endpoint.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?
         }
         (None, true) => endpoint.tls_config(ClientTlsConfig::new().with_native_roots())?,
@@ -340,7 +340,7 @@ fn connect_error(conn: &Connection, e: &(dyn std::error::Error + 'static)) -> an
 
 /// A gRPC status as one line: "key not found (NOT_FOUND)".
 fn status_err(s: Status) -> anyhow::Error {
-    anyhow!("{} ({})", s.message(), crate::admin::code_name(s.code()))
+    anyhow!("{} ({})", s.message(), crate::pb::code_name(s.code()))
 }
 
 fn timestamp(field: &str, s: &str) -> anyhow::Result<prost_types::Timestamp> {

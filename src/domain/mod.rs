@@ -12,6 +12,7 @@ pub mod money;
 pub mod period;
 pub mod pricing;
 pub mod secret;
+pub mod tokens;
 pub mod usage;
 pub mod view;
 pub mod window;

@@ -12,13 +12,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::admin::auth::StoredToken;
 use crate::domain::access::AuditEvent;
 use crate::domain::budget::Counters;
 use crate::domain::gateway::Gateway;
 use crate::domain::key::ApiKey;
 use crate::domain::pricing::Price;
 use crate::domain::secret::SecretHash;
+use crate::domain::tokens::StoredToken;
 use crate::domain::view::KeySecret;
 
 #[derive(Debug, thiserror::Error)]

@@ -11,13 +11,13 @@ use uuid::Uuid;
 
 use super::sealing::Sealer;
 use super::{Page, Snapshot, Store, StoreError, from_micros, to_micros};
-use crate::admin::auth::StoredToken;
 use crate::domain::access::{AccessToken, AuditEvent, Role};
 use crate::domain::budget::Counters;
 use crate::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
 use crate::domain::key::{ApiKey, Limits, ResetPeriod};
 use crate::domain::pricing::Price;
 use crate::domain::secret::SecretHash;
+use crate::domain::tokens::StoredToken;
 use crate::domain::view::KeySecret;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/postgres");
