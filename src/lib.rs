@@ -1,5 +1,7 @@
 //! Portcullis: API keys with limits for LLM gateways built on Envoy.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod authz;

@@ -150,40 +150,15 @@ pub fn raise_open_files_limit(limits: &Limits) {
 
 /// The soft limit on open files after raising it to the hard limit, when known.
 fn raise_nofile_to_hard() -> Option<u64> {
-    #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64")))]
-    {
-        /// `struct rlimit` on 64-bit Linux: `rlim_t` is `unsigned long`.
-        #[repr(C)]
-        struct RLimit {
-            cur: u64,
-            max: u64,
-        }
-        const RLIMIT_NOFILE: i32 = 7;
-        unsafe extern "C" {
-            fn getrlimit(resource: i32, rlim: *mut RLimit) -> i32;
-            fn setrlimit(resource: i32, rlim: *const RLimit) -> i32;
-        }
-        let mut lim = RLimit { cur: 0, max: 0 };
-        // SAFETY: getrlimit and setrlimit only read or write the struct passed, whose layout
-        // matches the C one on these targets.
-        unsafe {
-            if getrlimit(RLIMIT_NOFILE, &mut lim) != 0 {
-                return None;
-            }
-            if lim.cur < lim.max {
-                let raised = RLimit { cur: lim.max, max: lim.max };
-                if setrlimit(RLIMIT_NOFILE, &raised) == 0 {
-                    lim.cur = lim.max;
-                }
-            }
-        }
-        Some(lim.cur)
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let (Some(cur), max) = (lim.current, lim.maximum) else { return None };
+    // An unlimited hard limit cannot be a soft one for open files: keep the soft one then.
+    let Some(max) = max.filter(|&max| max > cur) else { return Some(cur) };
+    match setrlimit(Resource::Nofile, Rlimit { current: Some(max), maximum: Some(max) }) {
+        Ok(()) => Some(max),
+        Err(_) => Some(cur),
     }
-    #[cfg(not(all(
-        target_os = "linux",
-        any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64")
-    )))]
-    None
 }
 
 /// Something connections come from; a trait so the retry loop can be tested with failures.
