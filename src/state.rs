@@ -21,8 +21,6 @@ pub struct Shared {
     /// periodic flush took but has not written yet.
     pub flush: tokio::sync::Mutex<()>,
     pub metrics: crate::metrics::Metrics,
-    /// The bytes all metering streams may buffer together (usage parsers).
-    pub meter_buffers: Arc<crate::domain::usage::BufferBudget>,
 }
 
 /// The view's lock was poisoned by a panicking writer: the view may be half-updated,
@@ -42,12 +40,18 @@ impl Shared {
             metering_done: Default::default(),
             flush: Default::default(),
             metrics: Default::default(),
-            meter_buffers: Default::default(),
         }
     }
 
     pub fn view(&self) -> Result<RwLockReadGuard<'_, View>, ViewPoisoned> {
         self.view.read().map_err(|_| ViewPoisoned)
+    }
+
+    /// The view for metering, also after a panic poisoned its lock: a response that was
+    /// served is charged to its key whatever happened to an admin write meanwhile (Check,
+    /// which can refuse, denies instead).
+    pub fn view_for_metering(&self) -> RwLockReadGuard<'_, View> {
+        self.view.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Marks a metering stream as started; the guard marks it recorded when dropped.

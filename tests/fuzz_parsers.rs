@@ -12,13 +12,17 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, OkHttpResponse};
 use portcullis::authz::AuthzService;
+use portcullis::domain::asked::Asked;
+use portcullis::domain::budget::Hold;
 use portcullis::domain::check::{self, Limiters};
 use portcullis::domain::clock::ManualClock;
+use portcullis::domain::estimate;
 use portcullis::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
 use portcullis::domain::key::{ApiKey, Limits};
+use portcullis::domain::pricing::Price;
 use portcullis::domain::secret::{self, Secret, SecretHash, SecretKind, Shape};
 use portcullis::domain::tokens::TokenRegistry;
-use portcullis::domain::usage::{BufferBudget, MAX_JSON_BODY, MAX_SSE_EVENT, Reported, UsageParser};
+use portcullis::domain::usage::{Reported, UsageParser};
 use portcullis::domain::view::{KeySecret, View};
 use portcullis::state::Shared;
 use proptest::prelude::*;
@@ -71,7 +75,6 @@ fn parse(mut p: UsageParser, body: &[u8], cuts: &[usize]) -> Reported {
     for &c in cuts.iter().chain(std::iter::once(&body.len())) {
         p.feed(&body[last..c]);
         last = c;
-        assert!(p.held() <= MAX_JSON_BODY.max(MAX_SSE_EVENT));
     }
     p.finish()
 }
@@ -86,6 +89,7 @@ fn well_formed() -> impl Strategy<Value = (String, Vec<u8>, Reported)> {
                 prompt_tokens: prompt.into(),
                 completion_tokens: completion.into(),
                 found: true,
+                last: true,
             };
             let filler_event = |i: usize| {
                 format!(r#"data: {{"model":"{model}","choices":[{{"delta":{{"content":"word {i} \"usage\""}}}}]}}{nl}{nl}"#)
@@ -140,32 +144,6 @@ proptest! {
         split in proptest::collection::vec(any::<Index>(), 0..8),
     ) {
         prop_assert_eq!(parse(UsageParser::new(&ct), &body, &cuts(&split, body.len())), expect);
-    }
-
-    /// Parsers sharing a budget never hold more than it, and give everything back.
-    #[test]
-    fn usage_parsers_stay_within_the_process_budget(
-        limit in 0usize..20_000,
-        cts in (content_type(), content_type()),
-        bodies in (body(), body()),
-        split in proptest::collection::vec(any::<Index>(), 0..6),
-    ) {
-        let budget = Arc::new(BufferBudget::new(limit));
-        let mut a = UsageParser::with_budget(&cts.0, Arc::clone(&budget));
-        let mut b = UsageParser::with_budget(&cts.1, Arc::clone(&budget));
-        let (ca, cb) = (cuts(&split, bodies.0.len()), cuts(&split, bodies.1.len()));
-        let (mut la, mut lb) = (0, 0);
-        let ends = ([bodies.0.len()], [bodies.1.len()]);
-        for (&x, &y) in ca.iter().chain(&ends.0).zip(cb.iter().chain(&ends.1)) {
-            a.feed(&bodies.0[la..x]);
-            b.feed(&bodies.1[lb..y]);
-            (la, lb) = (x, y);
-            prop_assert!(budget.used() <= limit);
-            prop_assert_eq!(budget.used(), a.held() + b.held());
-        }
-        let _ = a.finish();
-        drop(b);
-        prop_assert_eq!(budget.used(), 0);
     }
 }
 
@@ -434,8 +412,62 @@ proptest! {
         let _ = check::percent_decode(&text);
         let _ = check::query_param(&text, &name);
         let _ = check::query_param(&format!("/?{text}"), "api_key");
-        let _ = check::requested(&body);
-        let _ = check::requested(text.as_bytes());
+        let _ = Asked::read(&body, None);
+        let _ = Asked::read(text.as_bytes(), Some(body.len() as u64));
+    }
+
+    /// A response whose usage is missing, partial or cut is never charged less than its
+    /// reservation held, nor less than it reported, whatever the numbers.
+    #[test]
+    fn an_unreported_charge_covers_the_hold(
+        prompt in any::<u64>(), completion in any::<u64>(), found in any::<bool>(), last in any::<bool>(),
+        estimate in any::<u64>(), tokens in any::<u64>(), micros in any::<i64>(), prompt_tokens in any::<u64>(),
+        price in proptest::option::of((0i64..1_000_000_000, 0i64..1_000_000_000)),
+    ) {
+        let reported = Reported { model: None, prompt_tokens: prompt, completion_tokens: completion, found, last };
+        let price = price.map(|(i, o)| Price { input_micros_per_million: i, output_micros_per_million: o });
+        let hold = Hold { tokens, micros, prompt_tokens };
+        let m = estimate::charge_unreported(&reported, estimate, price.as_ref(), Some(hold));
+        prop_assert!(m.prompt_tokens.saturating_add(m.completion_tokens) >= tokens);
+        prop_assert!(m.prompt_tokens >= prompt_tokens && m.completion_tokens >= estimate);
+        prop_assert!(m.cost_micros >= micros.max(0));
+        if found {
+            prop_assert!(m.prompt_tokens >= prompt && m.completion_tokens >= completion);
+        }
+    }
+
+    /// However a request writes its output cap (an integer, a float, a string, an escaped
+    /// name, twice, beside other caps, cut short), it never asks for less than it names.
+    #[test]
+    fn no_way_of_writing_a_cap_reserves_less(
+        cap in 1u64..10_000_000,
+        other in 0u64..10_000_000,
+        form in 0usize..5,
+        name in 0usize..3,
+        twice in any::<bool>(),
+        cut in any::<bool>(),
+        n in 0u64..5,
+    ) {
+        let key = ["max_tokens", "max_completion_tokens", "max_output_tokens"][name];
+        let value = match form {
+            0 => cap.to_string(),
+            1 => format!("\"{cap}\""),
+            2 => format!("{}e0", cap),
+            3 => format!("{}.0", cap),
+            _ => format!("{cap}"),
+        };
+        let key = if form == 4 { key.replace('_', "\\u005f") } else { key.to_string() };
+        let mut body = format!(r#"{{"model":"m","n":{n},"{key}":{value}"#);
+        if twice {
+            body = format!(r#"{{"max_tokens":{other},{}"#, &body[1..]);
+        }
+        body.push_str(r#","messages":[{"role":"user","content":"hello"}]}"#);
+        if cut {
+            body.truncate(body.len() - 10);
+        }
+        let asked = Asked::read(body.as_bytes(), None);
+        prop_assert!(asked.output_cap.unwrap_or(0) >= cap || (cut && asked.unreadable && form == 4), "{body}: {asked:?}");
+        prop_assert!(asked.choices >= n.max(1), "{body}: {asked:?}");
     }
 }
 

@@ -548,7 +548,8 @@ async fn streams_without_usage_are_never_free() {
     }
     assert_eq!(statuses, [200, 429, 429, 429, 429], "the built-in reservation (capped at the 100 left) is charged");
     let u = usage(&mut keys, &id).await;
-    assert_eq!((u.requests, u.completion_tokens, u.reserved_tokens), (1, 100, 0));
+    // The prompt "hi" is 1 token of it; the rest of the hold is charged as completion.
+    assert_eq!((u.requests, u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (1, 1, 99, 0));
 
     // With a small reservation, the content that went through the meter is charged:
     // "Hello from the fake upstream." is 29 bytes, 8 tokens at 4 bytes a token, rounded up.
@@ -706,4 +707,112 @@ async fn a_stream_cut_after_partial_usage_is_charged_what_it_carried() {
     assert!(r.is_none_or(|r| !r.body.contains("message_delta")), "the stream was cut");
     let u = metered(&keys, &id, 1).await;
     assert_eq!((u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (25, 8, 0), "not the 1 reported so far");
+}
+
+#[tokio::test]
+async fn a_response_without_usage_is_charged_its_prompt_too() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) =
+        key_with(&mut keys, "long-prompt", pb::Limits { token_limit: Some(10_000), ..Default::default() }).await;
+    // 400 bytes of prompt text: 100 tokens at 4 bytes a token.
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","max_tokens":1,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(400)
+    );
+    let h = [("x-api-key", secret.as_str()), ("x-fake-no-usage", "1")];
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, &body).await.status, 200);
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (100, 8, 0));
+}
+
+#[tokio::test]
+async fn an_anthropic_stream_that_errors_after_message_start_is_charged_its_content() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) =
+        key_with(&mut keys, "overloaded", pb::Limits { token_limit: Some(1000), ..Default::default() }).await;
+    // message_start (25 in, 1 out so far), the text delta (29 bytes: 8 tokens), then an
+    // `error` event; the stream itself ends cleanly, without message_delta.
+    let h = [
+        ("x-api-key", secret.as_str()),
+        ("x-fake-usage", "25,500"),
+        ("x-fake-error-after", "3"),
+        ("content-type", "application/json"),
+    ];
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":1,"messages":[]}"#;
+    let r = common::http::request(stack.envoy.port, "POST", DEMO, "/v1/messages", &h, Some(body)).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("overloaded_error") && !r.body.contains("message_delta"), "{}", r.body);
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.prompt_tokens, u.completion_tokens), (25, 8), "not the 1 output token message_start said");
+}
+
+#[tokio::test]
+async fn a_usd_only_key_holds_its_budget_for_an_unpriced_model() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    set_mini_price(&stack.server).await;
+    // $0.0001: 100 micro-USD. 1000 output tokens of a model without a price reserve at the
+    // book's highest output price ($0.60 per million): 600, capped at the 100 left.
+    let (id, secret) =
+        key_with(&mut keys, "usd-only", pb::Limits { cost_limit_usd: Some("0.0001".into()), ..Default::default() })
+            .await;
+    let body = r#"{"model":"no-price-model","max_tokens":1000,"messages":[]}"#;
+    let held = [("x-api-key", secret.as_str()), ("x-fake-hold", "before"), ("x-fake-usage", "5,5")];
+    let probe = async {
+        eventually("the first request is held upstream", StdDuration::from_secs(10), || async {
+            (upstream_held(&stack).await == 1).then_some(())
+        })
+        .await;
+        let reserved = usage(&mut keys.clone(), &id).await.reserved_usd;
+        let second = stack.envoy.post(DEMO, CHAT, &[("x-api-key", secret.as_str())], body).await;
+        release_upstream(&stack).await;
+        (reserved, second)
+    };
+    let (first, (reserved, second)) = tokio::join!(stack.envoy.post(DEMO, CHAT, &held, body), probe);
+    assert_eq!(first.status, 200);
+    assert_eq!(reserved, "0.0001", "the whole budget is held while it is in flight");
+    assert_eq!((second.status, second.json()["error"]["code"].as_str()), (429, Some("budget_exceeded")));
+}
+
+#[tokio::test]
+async fn a_json_body_larger_than_any_buffer_is_read_to_its_usage() {
+    let stack = Stack::start().await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) = key_with(&mut keys, "big", pb::Limits::default()).await;
+    // 20 MiB of content, then the usage.
+    let h = [("x-api-key", secret.as_str()), ("x-fake-json-padding", "20971520"), ("x-fake-usage", "7,11")];
+    let r = stack.envoy.post(DEMO, CHAT, &h, &chat(false)).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.len() > 20 << 20);
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.prompt_tokens, u.completion_tokens), (7, 11));
+}
+
+#[tokio::test]
+async fn a_response_whose_headers_envoy_does_not_send_is_still_charged() {
+    let stack = Stack::start_with(|c| {
+        assert!(c.contains("response_header_mode: SEND"));
+        c.replace("response_header_mode: SEND", "response_header_mode: SKIP")
+    })
+    .await;
+    let (mut gw, mut keys) = stack.server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) =
+        key_with(&mut keys, "no-status", pb::Limits { token_limit: Some(1000), ..Default::default() }).await;
+    let h = [("x-api-key", secret.as_str()), ("x-fake-no-usage", "1")];
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":1,"messages":[]}"#;
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, body).await.status, 200);
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!(u.completion_tokens, 8, "the stream's content, read without its content-type");
+    // With usage reported, it is read as well.
+    let h = [("x-api-key", secret.as_str()), ("x-fake-usage", "3,4")];
+    assert_eq!(stack.envoy.post(DEMO, CHAT, &h, &chat(false)).await.status, 200);
+    let u = metered(&keys, &id, 2).await;
+    assert_eq!((u.prompt_tokens, u.completion_tokens), (3, 12));
 }

@@ -15,7 +15,10 @@ N bytes of `data:` lines with no blank line between them (for metering memory bo
 `x-fake-hold: before` holds the answer until POST /_fake/release; `x-fake-hold: after-first`
 sends the headers and the first chunk of a stream, then holds the rest (a long stream).
 GET /_fake/held says how many answers are held now. `x-fake-cut-after: N` closes the
-connection after N events of a stream (a response cut mid-body).
+connection after N events of a stream (a response cut mid-body); `x-fake-error-after: N`
+ends an Anthropic stream after N events with an `error` event (as an overloaded provider does).
+`x-fake-json-padding: N` makes a JSON answer's content N bytes longer (a body larger than
+any buffer).
 Prints `listening on PORT` once ready. Standard library only.
 """
 import argparse
@@ -150,9 +153,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("x-fake-no-usage"):
             usage = None
         if not body.get("stream"):
+            content = "Hello from the fake upstream." + "x" * int(self.headers.get("x-fake-json-padding") or 0)
             return self._send(200, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the fake upstream."},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "finish_reason": "stop"}],
                 "usage": usage,
             })
@@ -193,6 +197,10 @@ class Handler(BaseHTTPRequestHandler):
                                "usage": {"output_tokens": completion}}),
             ("message_stop", {"type": "message_stop"}),
         ]
+        error_after = self.headers.get("x-fake-error-after")
+        if error_after is not None:
+            events = events[:int(error_after)] + [("error", {"type": "error", "error": {
+                "type": "overloaded_error", "message": "Overloaded"}})]
         self._sse([f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events])
 
 

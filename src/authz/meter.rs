@@ -19,10 +19,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::domain::budget::Metered;
+use crate::domain::budget::{Hold, Metered};
 use crate::domain::estimate::{self, ContentEstimate};
 use crate::domain::pricing::cost_micros;
-use crate::domain::usage::{BufferBudget, UsageParser};
+use crate::domain::usage::UsageParser;
 use crate::state::Shared;
 
 pub use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
@@ -49,12 +49,10 @@ struct Exchange {
     /// Any message arrived at all.
     seen: bool,
     parser: Option<UsageParser>,
-    /// The process's metering buffer budget the parser takes from (none in unit tests).
-    buffers: Option<Arc<BufferBudget>>,
     /// Content bytes, for a successful response that reports no usage.
     estimate: Option<ContentEstimate>,
     content_encoding: Option<String>,
-    /// The response's HTTP status.
+    /// The response's HTTP status; 0 while unknown (no response headers came through).
     status: u16,
     done: bool,
 }
@@ -122,10 +120,7 @@ impl Exchange {
             Some(Msg::ResponseHeaders(h)) => {
                 let content_type = header(&h.headers, "content-type").unwrap_or_default();
                 self.status = header(&h.headers, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-                self.parser = Some(match &self.buffers {
-                    Some(budget) => UsageParser::with_budget(&content_type, Arc::clone(budget)),
-                    None => UsageParser::new(&content_type),
-                });
+                self.parser = Some(UsageParser::new(&content_type));
                 self.estimate = Some(ContentEstimate::new(&content_type));
                 self.content_encoding = header(&h.headers, "content-encoding")
                     .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
@@ -134,22 +129,10 @@ impl Exchange {
                 Reply::ResponseHeaders(HeadersResponse { response: continue_() })
             }
             Some(Msg::ResponseBody(b)) => {
-                if self.content_encoding.is_none()
-                    && let Some(p) = self.parser.as_mut()
-                {
-                    let starved = p.starved();
-                    p.feed(&b.body);
-                    if !starved && p.starved() {
-                        tracing::warn!(
-                            key_id = ?self.key_id,
-                            "metering buffers of the process are full: this response's usage is not read"
-                        );
-                    }
-                }
-                if self.content_encoding.is_none()
-                    && let Some(e) = self.estimate.as_mut()
-                {
-                    e.feed(&b.body);
+                // Without the headers (Envoy not sending them), the body tells its kind.
+                if self.content_encoding.is_none() {
+                    self.parser.get_or_insert_with(|| UsageParser::new("")).feed(&b.body);
+                    self.estimate.get_or_insert_with(|| ContentEstimate::new("")).feed(&b.body);
                 }
                 self.done |= b.end_of_stream;
                 Reply::ResponseBody(BodyResponse { response: continue_() })
@@ -191,12 +174,11 @@ impl Exchange {
             tracing::warn!(key_id = %key_id, encoding, "response body is compressed: its usage cannot be read");
         }
         let now = shared.clock.now();
-        let reset_period = match shared.view() {
-            Ok(view) => view.key_by_id(key_id).map(|k| k.limits.reset_period),
-            Err(_) => None,
-        };
+        let reset_period = shared.view_for_metering().key_by_id(key_id).map(|k| k.limits.reset_period);
         let limiters = &shared.limiters;
-        let success = (200..300).contains(&self.status);
+        // A response whose status never came through may have succeeded: it is charged
+        // like one.
+        let success = self.status == 0 || (200..300).contains(&self.status);
         // A compressed body was not read: its reservation is the floor.
         let estimate = match (&self.content_encoding, &self.estimate) {
             (None, Some(e)) => e.tokens(),
@@ -208,14 +190,15 @@ impl Exchange {
             tracing::warn!(model, "unpriced model: tokens are counted at cost 0 (set a price with SetModelPrice)");
         }
         // Usage the provider reported is charged as reported. A successful response that
-        // reports none (a stream without `stream_options.include_usage`, a body we could
-        // not read), or that was cut before its end and so may have reported only part of
-        // it (Anthropic's `message_start` says 1 output token), is charged an estimate from
-        // its content, never less than its reservation: leaving usage out, or cutting the
+        // reports none (a stream without `stream_options.include_usage`, a compressed
+        // body), that was cut before its end, or whose last usage was a first count
+        // (Anthropic's `message_start` says 1 output token; an error event may follow it)
+        // is charged an estimate: its prompt from the request, its completion from its
+        // content, never less than its reservation. Leaving usage out, or cutting the
         // stream, never escapes a budget.
         let complete = self.done;
-        let charge = |held: Option<(u64, i64)>| {
-            if success && (!reported.found || !complete) {
+        let charge = |held: Option<Hold>| {
+            if success && (!reported.found || !reported.last || !complete) {
                 estimate::charge_unreported(&reported, estimate, price.as_ref(), held)
             } else if reported.found {
                 Metered {
@@ -270,8 +253,7 @@ impl ExternalProcessor for MeterService {
         tokio::spawn(async move {
             let _guard = guard;
             // Dropped (and so recorded) before the guard, however this task ends.
-            let exchange = Exchange { buffers: Some(Arc::clone(&shared.meter_buffers)), ..Default::default() };
-            let mut metering = Metering { exchange, shared };
+            let mut metering = Metering { exchange: Exchange::default(), shared };
             let Metering { exchange, shared } = &mut metering;
             // Envoy closing the stream early (a cut response) ends the loop too.
             while let Ok(Some(m)) = inbound.message().await {

@@ -156,11 +156,21 @@ impl BudgetDenial {
     }
 }
 
+/// What a request holds against its key's budgets while it is in flight: tokens (its
+/// prompt estimate and the output it may be given) and micro-USD, each capped at what
+/// the key could still use when it was admitted, and the prompt estimate it was made with
+/// (the least a response that reports no usage is charged for its prompt).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hold {
+    pub tokens: u64,
+    pub micros: i64,
+    pub prompt_tokens: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Reservation {
     key_id: Uuid,
-    tokens: u64,
-    micros: i64,
+    hold: Hold,
     /// When it was made (or last revived), on the monotonic clock.
     created: Mono,
     /// Its response's metering stream is open: it is settled when the stream ends, never
@@ -230,13 +240,8 @@ impl Meters {
     /// each capped at what the key can still use this period (so a request is admitted
     /// while any budget remains and nothing is reserved in flight). Returns the
     /// reservation id.
-    pub fn admit(
-        &self,
-        key: &ApiKey,
-        tokens: u64,
-        micros: i64,
-        now: Now,
-    ) -> Result<Result<u64, BudgetDenial>, MetersUnavailable> {
+    pub fn admit(&self, key: &ApiKey, ask: Hold, now: Now) -> Result<Result<u64, BudgetDenial>, MetersUnavailable> {
+        let Hold { tokens, micros, prompt_tokens } = ask;
         let mut inner = self.inner.lock().map_err(|_| MetersUnavailable)?;
         let Limits { cost_limit_micros, token_limit, reset_period, .. } = key.limits;
         let c = inner.counters(key.id, reset_period, now.wall);
@@ -269,7 +274,8 @@ impl Meters {
                 break id;
             }
         };
-        let r = Reservation { key_id: key.id, tokens, micros, created: now.mono, attached: false };
+        let hold = Hold { tokens, micros, prompt_tokens };
+        let r = Reservation { key_id: key.id, hold, created: now.mono, attached: false };
         inner.reservations.insert(id, r);
         Ok(Ok(id))
     }
@@ -293,8 +299,8 @@ impl Meters {
         r.attached = true;
         r.created = now;
         if let Some(c) = inner.keys.get_mut(&key_id) {
-            c.reserved_tokens = c.reserved_tokens.saturating_add(r.tokens);
-            c.reserved_micros = c.reserved_micros.saturating_add(r.micros);
+            c.reserved_tokens = c.reserved_tokens.saturating_add(r.hold.tokens);
+            c.reserved_micros = c.reserved_micros.saturating_add(r.hold.micros);
         }
         inner.reservations.insert(reservation, r);
         true
@@ -307,14 +313,14 @@ impl Meters {
     }
 
     /// Gives a reservation back without usage (the request was refused after all).
-    pub fn release(&self, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
+    pub fn release(&self, key_id: Uuid, reservation: u64) -> Option<Hold> {
         let mut inner = self.inner.lock().ok()?;
         release(&mut inner, key_id, reservation)
     }
 
     /// Settles a reservation without recording usage (its key is gone); returns what it
     /// held, also when the sweep had already released it.
-    pub fn settle(&self, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
+    pub fn settle(&self, key_id: Uuid, reservation: u64) -> Option<Hold> {
         let mut inner = self.inner.lock().ok()?;
         settle(&mut inner, key_id, reservation)
     }
@@ -349,7 +355,7 @@ impl Meters {
         key_id: Uuid,
         reset_period: ResetPeriod,
         reservation: Option<u64>,
-        charge: impl FnOnce(Option<(u64, i64)>) -> Metered,
+        charge: impl FnOnce(Option<Hold>) -> Metered,
         now: DateTime<Utc>,
     ) -> Metered {
         let Ok(mut inner) = self.inner.lock() else { return charge(None) };
@@ -433,27 +439,27 @@ impl Meters {
 
 /// Releases a reservation of `key_id`, or takes it from the expired ones; returns what
 /// it held.
-fn settle(inner: &mut Inner, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
+fn settle(inner: &mut Inner, key_id: Uuid, reservation: u64) -> Option<Hold> {
     if let Some(held) = release(inner, key_id, reservation) {
         return Some(held);
     }
     if inner.expired.get(&reservation).is_none_or(|(r, _)| r.key_id != key_id) {
         return None;
     }
-    inner.expired.remove(&reservation).map(|(r, _)| (r.tokens, r.micros))
+    inner.expired.remove(&reservation).map(|(r, _)| r.hold)
 }
 
 /// Releases a reservation of `key_id`; returns what it held.
-fn release(inner: &mut Inner, key_id: Uuid, reservation: u64) -> Option<(u64, i64)> {
+fn release(inner: &mut Inner, key_id: Uuid, reservation: u64) -> Option<Hold> {
     if inner.reservations.get(&reservation).is_none_or(|r| r.key_id != key_id) {
         return None;
     }
     let r = inner.reservations.remove(&reservation)?;
     if let Some(c) = inner.keys.get_mut(&r.key_id) {
-        c.reserved_tokens = c.reserved_tokens.saturating_sub(r.tokens);
-        c.reserved_micros = c.reserved_micros.saturating_sub(r.micros).max(0);
+        c.reserved_tokens = c.reserved_tokens.saturating_sub(r.hold.tokens);
+        c.reserved_micros = c.reserved_micros.saturating_sub(r.hold.micros).max(0);
     }
-    Some((r.tokens, r.micros))
+    Some(r.hold)
 }
 
 fn random_seed() -> u64 {
@@ -471,6 +477,10 @@ mod tests {
 
     use super::*;
     use crate::domain::clock::{Clock, ManualClock};
+
+    fn hold(tokens: u64, micros: i64) -> Hold {
+        Hold { tokens, micros, prompt_tokens: 0 }
+    }
 
     fn key(limits: Limits) -> ApiKey {
         ApiKey {
@@ -501,15 +511,15 @@ mod tests {
         let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 31, 22, 0, 0).unwrap());
         let k = key(Limits { token_limit: Some(100), reset_period: ResetPeriod::Monthly, ..Default::default() });
         let m = Meters::default();
-        let r = m.admit(&k, 0, 0, clock.read()).unwrap().unwrap();
+        let r = m.admit(&k, hold(0, 0), clock.read()).unwrap().unwrap();
         m.record(k.id, k.limits.reset_period, Some(r), |_| used(40, 59, 0), clock.now());
-        assert!(m.admit(&k, 0, 0, clock.read()).unwrap().is_ok(), "99 < 100");
+        assert!(m.admit(&k, hold(0, 0), clock.read()).unwrap().is_ok(), "99 < 100");
         m.record(k.id, k.limits.reset_period, None, |_| used(0, 1, 0), clock.now());
-        let denied = m.admit(&k, 0, 0, clock.read()).unwrap().unwrap_err();
+        let denied = m.admit(&k, hold(0, 0), clock.read()).unwrap().unwrap_err();
         let feb = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
         assert_eq!(denied, BudgetDenial::Tokens { limit: 100, reset_at: Some(feb), in_flight: false });
         clock.set(feb);
-        assert!(m.admit(&k, 0, 0, clock.read()).unwrap().is_ok(), "a new month starts from zero");
+        assert!(m.admit(&k, hold(0, 0), clock.read()).unwrap().is_ok(), "a new month starts from zero");
         let c = m.snapshot(k.id, k.limits.reset_period, clock.now()).unwrap();
         assert_eq!((c.requests, c.total_tokens(), c.period_start), (0, 0, feb));
     }
@@ -519,10 +529,10 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits { token_limit: Some(100), ..Default::default() });
         let m = Meters::default();
-        let a = m.admit(&k, 60, 0, at(now)).unwrap().unwrap();
-        let b = m.admit(&k, 60, 0, at(now)).unwrap().unwrap();
+        let a = m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap();
+        let b = m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap();
         assert_eq!(
-            m.admit(&k, 60, 0, at(now)).unwrap().unwrap_err(),
+            m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap_err(),
             BudgetDenial::Tokens { limit: 100, reset_at: None, in_flight: true },
             "120 reserved >= 100, nothing used yet"
         );
@@ -531,12 +541,12 @@ mod tests {
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.total_tokens(), c.reserved_tokens, c.requests), (20, 0, 1));
         // An unsettled reservation expires.
-        m.admit(&k, 80, 0, at(now)).unwrap().unwrap();
-        assert!(m.admit(&k, 1, 0, at(now)).unwrap().is_err());
+        m.admit(&k, hold(80, 0), at(now)).unwrap().unwrap();
+        assert!(m.admit(&k, hold(1, 0), at(now)).unwrap().is_err());
         let mono = Mono::default();
         assert_eq!(m.expire_reservations(mono + Duration::minutes(9), Duration::minutes(10)), 0);
         assert_eq!(m.expire_reservations(mono + Duration::minutes(11), Duration::minutes(10)), 1);
-        assert!(m.admit(&k, 1, 0, at(now)).unwrap().is_ok());
+        assert!(m.admit(&k, hold(1, 0), at(now)).unwrap().is_ok());
     }
 
     #[test]
@@ -545,13 +555,13 @@ mod tests {
         let k = key(Limits { cost_limit_micros: Some(1_000), ..Default::default() });
         let m = Meters::default();
         m.record(k.id, k.limits.reset_period, None, |_| used(1, 1, 999), now);
-        let r = m.admit(&k, 0, 5, at(now)).unwrap().unwrap();
+        let r = m.admit(&k, hold(0, 5), at(now)).unwrap().unwrap();
         assert_eq!(
-            m.admit(&k, 0, 0, at(now)).unwrap().unwrap_err(),
+            m.admit(&k, hold(0, 0), at(now)).unwrap().unwrap_err(),
             BudgetDenial::Cost { limit_micros: 1_000, reset_at: None, in_flight: true }
         );
         m.release(k.id, r);
-        assert!(m.admit(&k, 0, 0, at(now)).unwrap().is_ok());
+        assert!(m.admit(&k, hold(0, 0), at(now)).unwrap().is_ok());
     }
 
     #[test]
@@ -590,10 +600,10 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let (a, b) = (key(Limits { token_limit: Some(10), ..Default::default() }), key(Limits::default()));
         let m = Meters::default();
-        let r = m.admit(&a, 10, 0, at(now)).unwrap().unwrap();
+        let r = m.admit(&a, hold(10, 0), at(now)).unwrap().unwrap();
         assert_eq!(m.release(b.id, r), None, "another key's id settles nothing");
-        assert!(m.admit(&a, 1, 0, at(now)).unwrap().is_err());
-        assert_eq!(m.release(a.id, r), Some((10, 0)));
+        assert!(m.admit(&a, hold(1, 0), at(now)).unwrap().is_err());
+        assert_eq!(m.release(a.id, r), Some(hold(10, 0)));
         assert_eq!(m.release(a.id, r), None, "once");
     }
 
@@ -617,21 +627,26 @@ mod tests {
         let k = key(Limits { token_limit: Some(100), cost_limit_micros: Some(50), ..Default::default() });
         let m = Meters::default();
         m.record(k.id, k.limits.reset_period, None, |_| used(30, 0, 20), now);
-        let r = m.admit(&k, u64::MAX, i64::MAX, at(now)).unwrap().unwrap();
+        let r = m.admit(&k, hold(u64::MAX, i64::MAX), at(now)).unwrap().unwrap();
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.reserved_tokens, c.reserved_micros), (70, 30), "the rest of the budget, no more");
-        assert!(m.admit(&k, 1, 0, at(now)).unwrap().is_err(), "nothing left in flight");
+        assert!(m.admit(&k, hold(1, 0), at(now)).unwrap().is_err(), "nothing left in flight");
         // Charged its (capped) reservation, the key is exactly exhausted; nothing wraps.
-        let charged =
-            m.record(k.id, k.limits.reset_period, Some(r), |held| used(0, held.unwrap().0, held.unwrap().1), now);
+        let charged = m.record(
+            k.id,
+            k.limits.reset_period,
+            Some(r),
+            |held| used(0, held.unwrap().tokens, held.unwrap().micros),
+            now,
+        );
         assert_eq!((charged.completion_tokens, charged.cost_micros), (70, 30));
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.total_tokens(), c.cost_micros, c.reserved_tokens, c.reserved_micros), (100, 50, 0, 0));
-        assert!(m.admit(&k, 0, 0, at(now)).unwrap().is_err());
+        assert!(m.admit(&k, hold(0, 0), at(now)).unwrap().is_err());
         // A key without a token limit reserves what it asks for; counters saturate.
         let free = key(Limits { cost_limit_micros: Some(i64::MAX), ..Default::default() });
-        let r = m.admit(&free, u64::MAX, -5, at(now)).unwrap().unwrap();
-        m.record(free.id, ResetPeriod::Never, Some(r), |held| used(u64::MAX, held.unwrap().0, i64::MAX), now);
+        let r = m.admit(&free, hold(u64::MAX, -5), at(now)).unwrap().unwrap();
+        m.record(free.id, ResetPeriod::Never, Some(r), |held| used(u64::MAX, held.unwrap().tokens, i64::MAX), now);
         m.record(free.id, ResetPeriod::Never, None, |_| used(u64::MAX, u64::MAX, i64::MAX), now);
         let c = m.snapshot(free.id, ResetPeriod::Never, now).unwrap();
         assert_eq!(
@@ -652,18 +667,18 @@ mod tests {
         let k = key(Limits { token_limit: Some(1000), ..Default::default() });
         let m = Meters::default();
         let t0 = Mono::default();
-        let open = m.admit(&k, 300, 0, at(now)).unwrap().unwrap();
-        let late = m.admit(&k, 200, 0, at(now)).unwrap().unwrap();
+        let open = m.admit(&k, hold(300, 0), at(now)).unwrap().unwrap();
+        let late = m.admit(&k, hold(200, 0), at(now)).unwrap().unwrap();
         assert!(m.attach(k.id, open, t0 + Duration::seconds(1)), "its stream opened");
         assert_eq!(m.in_flight(), (2, 1));
         assert_eq!(m.expire_reservations(t0 + Duration::minutes(30), ttl), 1, "only the one with no stream");
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!(c.reserved_tokens, 300, "the open stream still holds its reservation");
         // The open stream ends reporting nothing: its reservation is what it is charged.
-        let charged = m.record(k.id, k.limits.reset_period, Some(open), |held| used(0, held.unwrap().0, 0), now);
+        let charged = m.record(k.id, k.limits.reset_period, Some(open), |held| used(0, held.unwrap().tokens, 0), now);
         assert_eq!(charged.completion_tokens, 300);
         // The expired one's stream ends after all: still charged what it held.
-        let charged = m.record(k.id, k.limits.reset_period, Some(late), |held| used(0, held.unwrap().0, 0), now);
+        let charged = m.record(k.id, k.limits.reset_period, Some(late), |held| used(0, held.unwrap().tokens, 0), now);
         assert_eq!(charged.completion_tokens, 200);
         assert_eq!(m.settle(k.id, late), None, "once");
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
@@ -678,15 +693,15 @@ mod tests {
         let other = key(Limits { token_limit: Some(1000), ..Default::default() });
         let m = Meters::default();
         let t0 = Mono::default();
-        let r = m.admit(&k, 400, 0, at(now)).unwrap().unwrap();
+        let r = m.admit(&k, hold(400, 0), at(now)).unwrap().unwrap();
         assert_eq!(m.expire_reservations(t0 + Duration::minutes(11), ttl), 1);
         assert!(!m.attach(other.id, r, t0 + Duration::minutes(12)), "not another key's");
         assert!(m.attach(k.id, r, t0 + Duration::minutes(12)));
         assert_eq!(m.snapshot(k.id, k.limits.reset_period, now).unwrap().reserved_tokens, 400);
         assert_eq!(m.expire_reservations(t0 + Duration::hours(5), ttl), 0, "attached: kept");
-        assert_eq!(m.release(k.id, r), Some((400, 0)));
+        assert_eq!(m.release(k.id, r), Some(hold(400, 0)));
         // Expired ones are forgotten after another TTL.
-        let r = m.admit(&k, 10, 0, at(now)).unwrap().unwrap();
+        let r = m.admit(&k, hold(10, 0), at(now)).unwrap().unwrap();
         let t1 = t0 + Duration::hours(6);
         assert_eq!(m.expire_reservations(t1, ttl), 1);
         assert_eq!(m.expire_reservations(t1 + Duration::minutes(11), ttl), 0);
@@ -701,7 +716,7 @@ mod tests {
         let ids: Vec<u64> = (0..MAX_EXPIRED_RESERVATIONS + 10)
             .map(|i| {
                 let made = Now { wall: now, mono: Mono::from_micros(i as i64) };
-                m.admit(&k, 1, 0, made).unwrap().unwrap()
+                m.admit(&k, hold(1, 0), made).unwrap().unwrap()
             })
             .collect();
         let later = Mono::default() + Duration::minutes(11);
@@ -723,16 +738,16 @@ mod tests {
         let ttl = Duration::minutes(10);
         let k = key(Limits { token_limit: Some(100), ..Default::default() });
         let m = Meters::default();
-        m.admit(&k, 100, 0, clock.read()).unwrap().unwrap();
+        m.admit(&k, hold(100, 0), clock.read()).unwrap().unwrap();
         // NTP steps the wall clock a day forward: the reservation is a second old, not a day.
         clock.set(clock.now() + Duration::days(1));
         clock.advance(Duration::seconds(1));
         assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 0);
-        assert!(m.admit(&k, 1, 0, clock.read()).unwrap().is_err(), "still held");
+        assert!(m.admit(&k, hold(1, 0), clock.read()).unwrap().is_err(), "still held");
         clock.advance(ttl);
         assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 1, "expires after the TTL of elapsed time");
         // A step back does not make a new reservation look young forever, nor an old one new.
-        let r = m.admit(&k, 100, 0, clock.read()).unwrap().unwrap();
+        let r = m.admit(&k, hold(100, 0), clock.read()).unwrap().unwrap();
         clock.set(clock.now() - Duration::days(30));
         clock.advance(ttl + Duration::seconds(1));
         assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 1);

@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::budget::{BudgetDenial, DEFAULT_RESERVATION_TOKENS, MAX_RESERVATION_TOKENS, Meters};
+use super::asked::{Asked, AskedModel};
+use super::budget::{BudgetDenial, DEFAULT_RESERVATION_TOKENS, Hold, MAX_RESERVATION_TOKENS, Meters};
 use super::clock::Now;
+use super::estimate;
 use super::gateway::{Gateway, KeyLocation};
 use super::key::{ApiKey, KeyStatus};
 use super::pricing::{PriceBook, cost_micros};
@@ -158,8 +160,8 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now)
     let meters = &limiters.meters;
     // Budgets first, so a request they refuse takes no requests-per-minute slot.
     let reservation = if limits.token_limit.is_some() || limits.cost_limit_micros.is_some() {
-        let (tokens, micros) = reservation_for(gateway, limits.cost_limit_micros.is_some(), req.body, limiters);
-        match meters.admit(key, tokens, micros, at) {
+        let ask = reservation_for(gateway, limits.cost_limit_micros.is_some(), req, limiters);
+        match meters.admit(key, ask, at) {
             Ok(Ok(id)) => Some(id),
             Ok(Err(denial)) => {
                 let rpm = limits.requests_per_minute.and_then(|l| limiters.windows.peek(key.id, l, at.mono));
@@ -189,87 +191,36 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now)
     Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key), rpm, reservation })
 }
 
-/// What an in-flight request holds against budgets: its `max_tokens` /
-/// `max_completion_tokens` (else the gateway default, else `DEFAULT_RESERVATION_TOKENS`),
-/// and, for a cost limit, those tokens at the requested model's output price. A cap of 0
-/// reserves like no cap: it never makes a request free to admit. `Meters::admit` caps
-/// both at what the key can still use.
-fn reservation_for(gateway: &Gateway, cost_limited: bool, body: &[u8], limiters: &Limiters) -> (u64, i64) {
-    let (max_tokens, model) = requested(body);
-    let tokens = max_tokens
-        .filter(|&t| t > 0)
-        .or(Some(gateway.default_reservation_tokens).filter(|&t| t > 0))
-        .unwrap_or(DEFAULT_RESERVATION_TOKENS)
-        .min(MAX_RESERVATION_TOKENS);
-    let micros = match (cost_limited, model) {
-        (true, Some(model)) => limiters
-            .prices
-            .read()
-            .ok()
-            .and_then(|book| book.lookup(&model).map(|p| cost_micros(p, 0, tokens)))
-            .unwrap_or(0),
-        _ => 0,
+/// What an in-flight request holds against budgets (see [`Asked`]): its prompt estimate
+/// plus its output cap (the largest it names; else the gateway default, else
+/// `DEFAULT_RESERVATION_TOKENS`; at least the default when the body could not be read
+/// whole) for each choice it asks for, at most `MAX_RESERVATION_TOKENS`; and, for a cost
+/// limit, those tokens at the requested model's prices, or at the highest prices of the
+/// book when the model is unnamed, unpriced or named twice. `Meters::admit` caps both at
+/// what the key can still use.
+fn reservation_for(gateway: &Gateway, cost_limited: bool, req: &RequestParts<'_>, limiters: &Limiters) -> Hold {
+    let declared = req.headers.get("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    let asked = Asked::read(req.body, declared);
+    let default = Some(gateway.default_reservation_tokens).filter(|&t| t > 0).unwrap_or(DEFAULT_RESERVATION_TOKENS);
+    let cap = match asked.output_cap {
+        Some(cap) if asked.unreadable => cap.max(default),
+        Some(cap) => cap,
+        None => default,
     };
-    (tokens, micros)
-}
-
-/// The request's output cap and model. A body Envoy cut at `max_request_bytes` is not
-/// valid JSON; then the fields are scanned for, so large prompts still reserve.
-pub fn requested(body: &[u8]) -> (Option<u64>, Option<String>) {
-    #[derive(serde::Deserialize)]
-    struct Requested {
-        model: Option<String>,
-        max_tokens: Option<u64>,
-        max_completion_tokens: Option<u64>,
-        max_output_tokens: Option<u64>,
-    }
-    if body.is_empty() {
-        return (None, None);
-    }
-    // Where a request names several output caps (or one twice, which a provider may read
-    // as its last), the largest is what it may be given.
-    if let Ok(r) = serde_json::from_slice::<Requested>(body) {
-        return ([r.max_completion_tokens, r.max_output_tokens, r.max_tokens].into_iter().flatten().max(), r.model);
-    }
-    let text = String::from_utf8_lossy(body);
-    let max = ["max_completion_tokens", "max_output_tokens", "max_tokens"]
-        .iter()
-        .flat_map(|k| scan_all(&text, k))
-        .filter_map(|v| v.parse::<u64>().ok())
-        .max();
-    let model = scan(&text, "model").and_then(|v| v.strip_prefix('"')?.split('"').next().map(str::to_string));
-    (max, model)
-}
-
-/// The raw value after the first `"key":` at the top of a JSON text (not inside a string).
-fn scan<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    scan_all(text, key).next()
-}
-
-/// Every raw value after `"key":` in a JSON text (not inside a string), in order.
-fn scan_all<'a>(text: &'a str, key: &str) -> impl Iterator<Item = &'a str> + 'a {
-    let needle = format!("\"{key}\"");
-    let mut from = 0;
-    std::iter::from_fn(move || {
-        while let Some(i) = text[from..].find(&needle) {
-            let at = from + i;
-            from = at + needle.len();
-            if text[..at].ends_with('\\') {
-                continue;
-            }
-            let Some(rest) = text[from..].trim_start().strip_prefix(':') else { continue };
-            let rest = rest.trim_start();
-            let end = match rest.strip_prefix('"') {
-                Some(quoted) => match quoted.find('"') {
-                    Some(e) => e + 2,
-                    None => continue,
-                },
-                None => rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len()),
+    let output = cap.saturating_mul(asked.choices).min(MAX_RESERVATION_TOKENS);
+    let prompt_tokens = estimate::tokens(asked.prompt_bytes).min(MAX_RESERVATION_TOKENS);
+    let micros = if cost_limited {
+        limiters.prices.read().ok().map_or(0, |book| {
+            let price = match &asked.model {
+                AskedModel::One(model) => book.lookup(model).or(book.highest()),
+                AskedModel::Unnamed | AskedModel::Several => book.highest(),
             };
-            return Some(&rest[..end]);
-        }
-        None
-    })
+            price.map_or(0, |p| cost_micros(p, prompt_tokens, output))
+        })
+    } else {
+        0
+    };
+    Hold { tokens: prompt_tokens.saturating_add(output).min(MAX_RESERVATION_TOKENS), micros, prompt_tokens }
 }
 
 /// Reads the key where the gateway says clients put it: `Ok(None)` when absent or
@@ -642,29 +593,6 @@ mod tests {
     }
 
     #[test]
-    fn requested_caps_and_models_even_from_cut_bodies() {
-        assert_eq!(requested(br#"{"model":"m","max_tokens":50}"#), (Some(50), Some("m".into())));
-        assert_eq!(requested(br#"{"max_tokens":50,"max_completion_tokens":7}"#), (Some(50), None));
-        assert_eq!(
-            requested(br#"{"model":"gpt-4.1","max_output_tokens":9,"input":"x"}"#),
-            (Some(9), Some("gpt-4.1".into()))
-        );
-        // Cut by Envoy at max_request_bytes.
-        let cut =
-            br#"{"model": "gpt-4o-mini", "max_tokens" : 64, "messages":[{"role":"user","content":"a very long pro"#;
-        assert_eq!(requested(cut), (Some(64), Some("gpt-4o-mini".into())));
-        // A key name inside a string does not count.
-        let tricky = br#"{"messages":[{"content":"say \"max_tokens\": 5"}],"max_tokens":80,"tail":"#;
-        assert_eq!(requested(tricky).0, Some(80));
-        assert_eq!(requested(b""), (None, None));
-        // Several caps, or one twice (a provider may read the last): the largest reserves.
-        assert_eq!(requested(br#"{"max_tokens":1,"max_tokens":99999}"#).0, Some(99999));
-        assert_eq!(requested(br#"{"max_completion_tokens":5,"max_tokens":900}"#).0, Some(900));
-        assert_eq!(requested(br#"{"note":"max_tokens","max_tokens":70,"cut"#).0, Some(70));
-        assert_eq!(requested(b"not json"), (None, None));
-    }
-
-    #[test]
     fn query_parameter_location() {
         let f = fixture(InboundAuth::new("api_key", KeyLocation::Query).unwrap());
         let path = format!("/v1/chat/completions?x=1&api_key={}&y=2", f.secret.expose());
@@ -853,5 +781,58 @@ mod tests {
         let h = with_limits(&mut f, Limits { cost_limit_micros: Some(1_000_000), ..Default::default() });
         assert!(matches!(run_body(&f, &h, br#"{"max_tokens":18446744073709551615}"#), Decision::Allow(_)));
         assert_eq!(reserved(&f), MAX_RESERVATION_TOKENS, "no token limit to cap it: the ceiling does");
+    }
+
+    fn reserved_micros(f: &Fixture) -> i64 {
+        let period = crate::domain::key::ResetPeriod::Never;
+        f.limiters.meters.snapshot(f.key_id, period, f.clock.now()).unwrap().reserved_micros
+    }
+
+    #[test]
+    fn a_reservation_holds_the_prompt_and_every_choice() {
+        let mut f = fixture(InboundAuth::default());
+        let h = with_limits(&mut f, Limits { token_limit: Some(1_000_000), ..Default::default() });
+        // 40 bytes of prompt text: 10 tokens; 3 choices of at most 100.
+        let body = format!(r#"{{"max_tokens":100,"n":3,"messages":[{{"content":"{}"}}]}}"#, "a".repeat(40));
+        assert!(matches!(run_body(&f, &h, body.as_bytes()), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 10 + 300);
+        // A cap written as a float or a string is a cap all the same.
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":1e4}"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 310 + 10_000);
+        // A body that cannot be read whole reserves at least the default.
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":5,"messages":[{"#), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 10_310 + DEFAULT_RESERVATION_TOKENS);
+    }
+
+    #[test]
+    fn a_usd_only_key_reserves_at_the_highest_price_when_the_model_is_unpriced() {
+        let mut f = fixture(InboundAuth::default());
+        let h = with_limits(&mut f, Limits { cost_limit_micros: Some(1_000_000), ..Default::default() });
+        {
+            let mut book = f.limiters.prices.write().unwrap();
+            let p = |i, o| crate::domain::pricing::Price { input_micros_per_million: i, output_micros_per_million: o };
+            book.set("cheap".into(), p(1_000_000, 2_000_000));
+            book.set("dear".into(), p(10_000_000, 30_000_000));
+        }
+        // 1000 output tokens at $2 per million: 2,000 micro-USD.
+        assert!(matches!(run_body(&f, &h, br#"{"model":"cheap","max_tokens":1000}"#), Decision::Allow(_)));
+        assert_eq!(reserved_micros(&f), 2_000);
+        // Unpriced, unnamed, or two names: at $30 per million, the book's highest.
+        for body in [
+            &br#"{"model":"unpriced","max_tokens":1000}"#[..],
+            br#"{"max_tokens":1000}"#,
+            br#"{"model":"cheap","model":"dear","max_tokens":1000}"#,
+        ] {
+            let before = reserved_micros(&f);
+            assert!(matches!(run_body(&f, &h, body), Decision::Allow(_)));
+            assert_eq!(reserved_micros(&f) - before, 30_000, "{}", String::from_utf8_lossy(body));
+        }
+        // So concurrency is bounded: the budget holds about 1,000,000 / 30,000 of them.
+        let mut admitted = 4;
+        while matches!(run_body(&f, &h, br#"{"model":"unpriced","max_tokens":1000}"#), Decision::Allow(_)) {
+            admitted += 1;
+            assert!(admitted < 100, "unbounded");
+        }
+        assert_eq!(admitted, 35);
     }
 }

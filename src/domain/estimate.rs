@@ -9,7 +9,7 @@
 //! text. It is a floor against free responses, not a bill: providers that report usage
 //! are charged what they report.
 
-use super::budget::Metered;
+use super::budget::{Hold, Metered};
 use super::pricing::{Price, cost_micros};
 use super::usage::Reported;
 
@@ -29,7 +29,20 @@ const CONTENT_KEYS: &[&[u8]] = &[
     b"partial_json",
     b"thinking",
 ];
-/// The longest content key: longer strings are never keys we count.
+/// Keys whose string values are prompt text in a request: the content keys (message
+/// contents and their `text` parts) and the prompt fields of the other APIs.
+const PROMPT_KEYS: &[&[u8]] = &[
+    b"content",
+    b"text",
+    b"arguments",
+    b"input",
+    b"prompt",
+    b"system",
+    b"instructions",
+    b"reasoning_content",
+    b"thinking",
+];
+/// The longest content or prompt key: longer strings are never keys we count.
 const KEY_CAP: usize = 17;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,10 +59,16 @@ enum State {
     BeforeValue,
 }
 
+/// Tokens for `bytes` of text: one per `BYTES_PER_TOKEN`, rounded up.
+pub fn tokens(bytes: u64) -> u64 {
+    bytes.div_ceil(BYTES_PER_TOKEN)
+}
+
 /// Counts content bytes of one response body, fed chunk by chunk.
 #[derive(Debug, Clone)]
 pub struct ContentEstimate {
     active: bool,
+    keys: &'static [&'static [u8]],
     state: State,
     /// Inside a string, after a backslash.
     escape: bool,
@@ -69,8 +88,15 @@ impl ContentEstimate {
     pub fn new(content_type: &str) -> Self {
         let ct = content_type.to_ascii_lowercase();
         let active = ct.is_empty() || ct.contains("json") || ct.contains("text/event-stream");
+        ContentEstimate { active, keys: CONTENT_KEYS, ..Self::request() }
+    }
+
+    /// For a request body: the bytes of its prompt text (JSON string values under
+    /// `PROMPT_KEYS`; images and files, which are not text, count nothing).
+    pub fn request() -> Self {
         ContentEstimate {
-            active,
+            active: true,
+            keys: PROMPT_KEYS,
             state: State::Outside,
             escape: false,
             unicode_left: 0,
@@ -98,7 +124,7 @@ impl ContentEstimate {
 
     /// The estimate in tokens: `bytes / BYTES_PER_TOKEN`, rounded up.
     pub fn tokens(&self) -> u64 {
-        self.bytes.div_ceil(BYTES_PER_TOKEN)
+        tokens(self.bytes)
     }
 
     fn byte(&mut self, b: u8) {
@@ -175,9 +201,8 @@ impl ContentEstimate {
         match b {
             b'\\' => self.escape = true,
             b'"' => {
-                self.last_was_content_key = !counting
-                    && self.key_len <= KEY_CAP
-                    && CONTENT_KEYS.iter().any(|k| *k == &self.key[..self.key_len]);
+                self.last_was_content_key =
+                    !counting && self.key_len <= KEY_CAP && self.keys.iter().any(|k| *k == &self.key[..self.key_len]);
                 self.state = State::AfterString;
             }
             // A JSON string never holds a raw line break: what came before was not JSON
@@ -196,25 +221,28 @@ impl ContentEstimate {
     }
 }
 
-/// What a successful response whose usage is missing or incomplete (cut before its end)
-/// is charged: what it reported (nothing, or part), its completion raised to the content
-/// estimate, and never less than what its reservation held (`held`: tokens, micro-USD).
-/// Priced at the response model's prices when it has them (`price`).
+/// What a successful response whose usage is missing or incomplete (cut before its end,
+/// or its final usage never came) is charged: what it reported (nothing, or part), its
+/// prompt raised to the request's prompt estimate and its completion to the content
+/// estimate, and never fewer tokens or micro-USD than its reservation `held`. Priced at
+/// the response model's prices when it has them (`price`).
 pub fn charge_unreported(
     reported: &Reported,
     estimate_tokens: u64,
     price: Option<&Price>,
-    held: Option<(u64, i64)>,
+    held: Option<Hold>,
 ) -> Metered {
-    let (held_tokens, held_micros) = held.unwrap_or((0, 0));
+    let held = held.unwrap_or_default();
     let (prompt, completion) =
         if reported.found { (reported.prompt_tokens, reported.completion_tokens) } else { (0, 0) };
+    let prompt = prompt.max(held.prompt_tokens);
     let completion = completion.max(estimate_tokens);
+    // The price is of what was estimated; the reservation's micro-USD are the floor of it.
     let priced = price.map_or(0, |p| cost_micros(p, prompt, completion));
     Metered {
         prompt_tokens: prompt,
-        completion_tokens: completion.max(held_tokens),
-        cost_micros: priced.max(held_micros).max(0),
+        completion_tokens: completion.max(held.tokens.saturating_sub(prompt)),
+        cost_micros: priced.max(held.micros).max(0),
     }
 }
 
@@ -318,13 +346,14 @@ mod tests {
     fn the_charge_is_the_estimate_never_less_than_the_reservation() {
         let price = Price { input_micros_per_million: 150_000, output_micros_per_million: 600_000 };
         let none = Reported::default();
+        let held = |tokens, micros| Some(Hold { tokens, micros, prompt_tokens: 0 });
         // 10 tokens at $0.60 per million = 6 micro-USD.
         assert_eq!(
-            charge_unreported(&none, 10, Some(&price), Some((300, 2))),
+            charge_unreported(&none, 10, Some(&price), held(300, 2)),
             Metered { prompt_tokens: 0, completion_tokens: 300, cost_micros: 6 }
         );
         assert_eq!(
-            charge_unreported(&none, 1000, Some(&price), Some((4, 100))),
+            charge_unreported(&none, 1000, Some(&price), held(4, 100)),
             Metered { prompt_tokens: 0, completion_tokens: 1000, cost_micros: 600 }
         );
         assert_eq!(
@@ -333,11 +362,20 @@ mod tests {
         );
         // Cut after Anthropic's message_start (1 output token so far): the prompt as
         // reported, the completion from the content, the reservation as the floor.
-        let part = Reported { model: None, prompt_tokens: 1000, completion_tokens: 1, found: true };
+        let part = Reported { model: None, prompt_tokens: 1000, completion_tokens: 1, found: true, last: false };
         assert_eq!(
-            charge_unreported(&part, 50, Some(&price), Some((20, 0))),
+            charge_unreported(&part, 50, Some(&price), held(20, 0)),
             Metered { prompt_tokens: 1000, completion_tokens: 50, cost_micros: 150 + 30 }
         );
-        assert_eq!(charge_unreported(&part, 0, None, Some((20, 0))).completion_tokens, 20);
+        assert_eq!(charge_unreported(&part, 0, None, held(2000, 0)).completion_tokens, 1000, "the rest of the hold");
+        // The prompt estimate is the least charged for the prompt; the hold covers both.
+        let asked = Some(Hold { tokens: 300, micros: 0, prompt_tokens: 120 });
+        assert_eq!(
+            charge_unreported(&none, 10, Some(&price), asked),
+            Metered { prompt_tokens: 120, completion_tokens: 180, cost_micros: 18 + 6 }
+        );
+        let reported_more =
+            Reported { model: None, prompt_tokens: 500, completion_tokens: 1, found: true, last: false };
+        assert_eq!(charge_unreported(&reported_more, 0, None, asked).prompt_tokens, 500);
     }
 }

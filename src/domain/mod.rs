@@ -2,6 +2,7 @@
 //! No transport and no storage code lives here.
 
 pub mod access;
+pub mod asked;
 pub mod budget;
 pub mod check;
 pub mod clock;

@@ -39,19 +39,38 @@ pub fn validate_model(field: &'static str, model: &str) -> Result<(), FieldError
 #[derive(Debug, Default, Clone)]
 pub struct PriceBook {
     prices: HashMap<String, Price>,
+    /// The highest input and the highest output price of the book (of different models,
+    /// maybe): what a request for an unpriced or unnamed model is reserved at.
+    highest: Option<Price>,
 }
 
 impl PriceBook {
     pub fn new(prices: impl IntoIterator<Item = (String, Price)>) -> Self {
-        PriceBook { prices: prices.into_iter().collect() }
+        let mut book = PriceBook { prices: prices.into_iter().collect(), highest: None };
+        book.rank();
+        book
     }
 
     pub fn set(&mut self, model: String, price: Price) {
         self.prices.insert(model, price);
+        self.rank();
     }
 
     pub fn remove(&mut self, model: &str) {
         self.prices.remove(model);
+        self.rank();
+    }
+
+    fn rank(&mut self) {
+        self.highest = self.prices.values().copied().reduce(|a, b| Price {
+            input_micros_per_million: a.input_micros_per_million.max(b.input_micros_per_million),
+            output_micros_per_million: a.output_micros_per_million.max(b.output_micros_per_million),
+        });
+    }
+
+    /// The highest input and output prices in the book; `None` when it is empty.
+    pub fn highest(&self) -> Option<&Price> {
+        self.highest.as_ref()
     }
 
     pub fn lookup(&self, model: &str) -> Option<&Price> {
@@ -84,6 +103,19 @@ mod tests {
         assert_eq!(cost_micros(&MINI, 0, 0), 0);
         let big = Price { input_micros_per_million: i64::MAX, output_micros_per_million: i64::MAX };
         assert_eq!(cost_micros(&big, u64::MAX, u64::MAX), i64::MAX, "saturates, never wraps");
+    }
+
+    #[test]
+    fn the_highest_prices_follow_changes() {
+        let p = |i, o| Price { input_micros_per_million: i, output_micros_per_million: o };
+        let mut book = PriceBook::default();
+        assert_eq!(book.highest(), None);
+        book.set("a".into(), p(5, 10));
+        book.set("b".into(), p(7, 3));
+        assert_eq!(book.highest(), Some(&p(7, 10)), "each the highest of any model");
+        book.remove("a");
+        assert_eq!(book.highest(), Some(&p(7, 3)));
+        assert_eq!(PriceBook::new([("c".to_string(), p(1, 2))]).highest(), Some(&p(1, 2)));
     }
 
     #[test]

@@ -1,33 +1,22 @@
 //! Reads what a response says it used: `usage` from JSON bodies and from
 //! `text/event-stream` bodies (OpenAI's final usage chunk; Anthropic's
-//! `message_start` / `message_delta`), with chunk boundaries anywhere.
+//! `message_start` / `message_delta`; OpenAI Responses' `response.completed`), with
+//! chunk boundaries anywhere.
 //!
-//! Memory is bounded per response and per process: a parser holds at most
-//! [`MAX_JSON_BODY`] (JSON) or [`MAX_SSE_EVENT`] (event streams) bytes, and every
-//! byte it holds is taken from one [`BufferBudget`] the whole process shares
-//! ([`MAX_BUFFERED_TOTAL`]). A response that needs more is not read (its usage is
-//! then not found); it still counts as a request.
+//! A lexical scan, not a parse: the parser walks the bytes once, keeps the nesting of the
+//! objects it is in (to a fixed depth), the last key, and the few numbers and the model
+//! name it wants, and skips everything else (string contents with `memchr`). So its
+//! memory is constant whatever the provider sends: a 1 GB JSON body or an event that
+//! never ends costs no more than a small one, no response is left unread for lack of
+//! room, and one client's huge responses cannot starve another's metering.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use serde_json::Value;
-
-/// A JSON body larger than this is not buffered for metering (it still counts as a request).
-pub const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
-/// An SSE event whose `data:` lines add up to more than this is dropped: the parser
-/// skips to the event's end (the next blank line) and reads the events after it.
-pub const MAX_SSE_EVENT: usize = 4 * 1024 * 1024;
-/// What all the usage parsers of one process may hold together. A response that
-/// would need more stops being read (its usage counts as not found).
-pub const MAX_BUFFERED_TOTAL: usize = 64 * 1024 * 1024;
 /// A response's model name is kept to this many bytes (prices name at most 200), so a
 /// provider's odd value cannot grow logs or labels.
 pub const MAX_MODEL_NAME: usize = 256;
-/// A buffer at most this large is kept for the next event; a larger one is freed.
-const KEEP_CAPACITY: usize = 64 * 1024;
-/// The first allocation of a buffer.
-const FIRST_CAPACITY: usize = 4 * 1024;
+/// Nesting deeper than this is walked but not looked into (usage sits at depth 2 or 3).
+const MAX_DEPTH: usize = 8;
+/// Keys longer than this are none of the ones we want.
+const KEY_CAP: usize = 32;
 
 /// Usage a response reported.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -37,97 +26,361 @@ pub struct Reported {
     pub completion_tokens: u64,
     /// Whether any usage was found at all.
     pub found: bool,
+    /// Whether the usage found is a final count: the last `usage` object read was not
+    /// Anthropic's `message_start` one (which says 1 output token before any is written).
+    pub last: bool,
 }
 
-impl Reported {
-    /// Takes what one JSON object says; later values replace earlier ones
-    /// (Anthropic's `message_delta` carries the cumulative output count).
-    fn absorb(&mut self, v: &Value) {
-        // OpenAI Responses API streams carry it under `response`.
-        if let Some(r) = v.get("response").filter(|r| r.is_object()) {
-            self.absorb(r);
-        }
-        let message = v.get("message");
-        if self.model.is_none() {
-            let model = v.get("model").or_else(|| message.and_then(|m| m.get("model")));
-            if let Some(m) = model.and_then(Value::as_str) {
-                let mut end = m.len().min(MAX_MODEL_NAME);
-                while !m.is_char_boundary(end) {
-                    end -= 1;
-                }
-                self.model = Some(m[..end].to_string());
-            }
-        }
-        let usage = v.get("usage").filter(|u| u.is_object()).or_else(|| message.and_then(|m| m.get("usage")));
-        let Some(usage) = usage.filter(|u| u.is_object()) else { return };
-        let field = |a: &str, b: &str| usage.get(a).or_else(|| usage.get(b)).and_then(Value::as_u64);
-        if let Some(p) = field("prompt_tokens", "input_tokens") {
-            // Anthropic reports prompt-cache tokens beside input_tokens; they are prompt too.
-            let cached = ["cache_creation_input_tokens", "cache_read_input_tokens"]
-                .iter()
-                .filter_map(|k| usage.get(*k).and_then(Value::as_u64))
-                .sum::<u64>();
-            self.prompt_tokens = p.saturating_add(cached);
-            self.found = true;
-        }
-        if let Some(c) = field("completion_tokens", "output_tokens") {
-            self.completion_tokens = c;
-            self.found = true;
-        }
-    }
+/// Where a container sits: what the objects we look into are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The body, or an event's data.
+    Top,
+    /// Anthropic's `message` (in `message_start`).
+    Message,
+    /// OpenAI Responses' `response`.
+    Response,
+    /// A `usage` object of one of the above.
+    Usage,
+    Other,
 }
 
-/// The bytes all usage parsers of a process may hold: shared, lock-free. A parser
-/// takes from it before its buffer grows and gives back when it frees or ends.
-#[derive(Debug)]
-pub struct BufferBudget {
-    limit: usize,
-    used: AtomicUsize,
-    /// The most ever held at once, to show the bound holds.
-    peak: AtomicUsize,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lex {
+    /// Between tokens.
+    Between,
+    /// Inside a string.
+    Str,
+    /// Inside a number.
+    Num,
 }
 
-impl Default for BufferBudget {
+/// What the string being read is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StrUse {
+    /// A key: its first bytes are kept in `key`.
+    Key,
+    /// The model name: kept in `model` up to `MAX_MODEL_NAME` bytes.
+    Model,
+    /// Anything else: skipped.
+    Skip,
+}
+
+/// The numbers of one `usage` object.
+#[derive(Debug, Clone, Copy, Default)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cached: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UsageKey {
+    Prompt,
+    Input,
+    Completion,
+    Output,
+    Cached,
+}
+
+fn usage_key(key: &[u8]) -> Option<UsageKey> {
+    Some(match key {
+        b"prompt_tokens" => UsageKey::Prompt,
+        b"input_tokens" => UsageKey::Input,
+        b"completion_tokens" => UsageKey::Completion,
+        b"output_tokens" => UsageKey::Output,
+        // Anthropic reports prompt-cache tokens beside input_tokens; they are prompt too.
+        b"cache_creation_input_tokens" | b"cache_read_input_tokens" => UsageKey::Cached,
+        _ => return None,
+    })
+}
+
+/// A lexical reader of JSON values for their usage and model, fed in pieces.
+#[derive(Debug, Clone)]
+struct JsonUsage {
+    /// Open containers: their role and whether they are objects.
+    stack: [(Role, bool); MAX_DEPTH],
+    depth: usize,
+    lex: Lex,
+    str_use: StrUse,
+    escape: bool,
+    /// Hex digits of a `\uXXXX` escape in the model name still to read, and its value.
+    unicode_left: u8,
+    unicode: u32,
+    /// In an object, before a key (after `{` or `,`).
+    expect_key: bool,
+    key: [u8; KEY_CAP],
+    /// Bytes of the key being read or last read; `KEY_CAP + 1` once it is none we want.
+    key_len: usize,
+    /// The number being read, if it is one we want and still a whole one.
+    number: Option<u64>,
+    number_for: Option<UsageKey>,
+    usage: UsageFields,
+    usage_role: Role,
+    model: Option<Vec<u8>>,
+    reported: Reported,
+}
+
+impl Default for JsonUsage {
     fn default() -> Self {
-        BufferBudget::new(MAX_BUFFERED_TOTAL)
+        JsonUsage {
+            stack: [(Role::Other, false); MAX_DEPTH],
+            depth: 0,
+            lex: Lex::Between,
+            str_use: StrUse::Skip,
+            escape: false,
+            unicode_left: 0,
+            unicode: 0,
+            expect_key: false,
+            key: [0; KEY_CAP],
+            key_len: KEY_CAP + 1,
+            number: None,
+            number_for: None,
+            usage: UsageFields::default(),
+            usage_role: Role::Other,
+            model: None,
+            reported: Reported::default(),
+        }
     }
 }
 
-impl BufferBudget {
-    pub fn new(limit: usize) -> Self {
-        BufferBudget { limit, used: AtomicUsize::new(0), peak: AtomicUsize::new(0) }
-    }
-
-    /// Takes `n` bytes if they fit under the limit.
-    fn take(&self, n: usize) -> bool {
-        let taken = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_add(n).filter(|&t| t <= self.limit));
-        match taken {
-            Ok(before) => {
-                self.peak.fetch_max(before + n, Ordering::Relaxed);
-                true
-            }
-            Err(_) => false,
+impl JsonUsage {
+    /// The container the reader is in, if it is looked into.
+    fn current(&self) -> Option<(Role, bool)> {
+        match self.depth {
+            0 => None,
+            d if d <= MAX_DEPTH => Some(self.stack[d - 1]),
+            _ => Some((Role::Other, false)),
         }
     }
 
-    fn give_back(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
+    fn last_key(&self) -> &[u8] {
+        if self.key_len <= KEY_CAP { &self.key[..self.key_len] } else { b"" }
     }
 
-    /// Bytes held now by all parsers.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while let Some((&b, rest)) = bytes.split_first() {
+            match self.lex {
+                Lex::Str => {
+                    if self.unicode_left > 0 {
+                        // `\uXXXX` in the model name (nowhere else is it decoded).
+                        self.unicode_left -= 1;
+                        self.unicode = (self.unicode << 4) | (b as char).to_digit(16).unwrap_or(0);
+                        if self.unicode_left == 0 {
+                            let c = char::from_u32(self.unicode).unwrap_or(char::REPLACEMENT_CHARACTER);
+                            for &b in c.encode_utf8(&mut [0; 4]).as_bytes() {
+                                self.model_byte(b);
+                            }
+                        }
+                        bytes = rest;
+                        continue;
+                    }
+                    if self.escape {
+                        self.escape = false;
+                        // An escaped key is none we want; an escape in the model name is decoded.
+                        match self.str_use {
+                            StrUse::Key => self.key_len = KEY_CAP + 1,
+                            StrUse::Model => match b {
+                                b'u' => (self.unicode_left, self.unicode) = (4, 0),
+                                b'n' => self.model_byte(b'\n'),
+                                b't' => self.model_byte(b'\t'),
+                                b'r' => self.model_byte(b'\r'),
+                                b'b' => self.model_byte(8),
+                                b'f' => self.model_byte(12),
+                                _ => self.model_byte(b),
+                            },
+                            StrUse::Skip => {}
+                        }
+                        bytes = rest;
+                        continue;
+                    }
+                    if self.str_use == StrUse::Skip {
+                        // Skip to the next quote or backslash at once.
+                        match memchr::memchr2(b'"', b'\\', bytes) {
+                            Some(i) => bytes = &bytes[i..],
+                            None => return,
+                        }
+                        let (&b, rest) = bytes.split_first().expect("memchr found a byte");
+                        self.string_byte(b);
+                        bytes = rest;
+                        continue;
+                    }
+                    self.string_byte(b);
+                }
+                Lex::Num => {
+                    if b.is_ascii_digit() {
+                        self.number = self.number.and_then(|n| n.checked_mul(10)?.checked_add(u64::from(b - b'0')));
+                    } else if matches!(b, b'.' | b'e' | b'E' | b'+' | b'-') {
+                        // Not a whole count (serde's `as_u64` would not read it either).
+                        self.number = None;
+                    } else {
+                        self.end_number();
+                        self.between(b);
+                    }
+                }
+                Lex::Between => self.between(b),
+            }
+            bytes = rest;
+        }
     }
 
-    /// The most held at once since the process started.
-    pub fn peak(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
+    fn string_byte(&mut self, b: u8) {
+        match b {
+            b'\\' => self.escape = true,
+            b'"' => {
+                self.lex = Lex::Between;
+                if self.str_use == StrUse::Model
+                    && let Some(m) = self.model.take()
+                {
+                    let name = String::from_utf8_lossy(&m);
+                    let mut end = name.len().min(MAX_MODEL_NAME);
+                    while !name.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    self.reported.model = Some(name[..end].to_string());
+                }
+            }
+            _ => match self.str_use {
+                StrUse::Key => {
+                    if self.key_len < KEY_CAP {
+                        self.key[self.key_len] = b;
+                        self.key_len += 1;
+                    } else {
+                        self.key_len = KEY_CAP + 1;
+                    }
+                }
+                StrUse::Model => self.model_byte(b),
+                StrUse::Skip => {}
+            },
+        }
     }
 
-    pub fn limit(&self) -> usize {
-        self.limit
+    fn model_byte(&mut self, b: u8) {
+        if let Some(m) = self.model.as_mut()
+            && m.len() < MAX_MODEL_NAME + 4
+        {
+            m.push(b);
+        }
+    }
+
+    fn between(&mut self, b: u8) {
+        match b {
+            b'"' => {
+                self.lex = Lex::Str;
+                self.escape = false;
+                self.unicode_left = 0;
+                let in_object = self.current().is_some_and(|(_, object)| object);
+                self.str_use = if in_object && self.expect_key {
+                    self.key_len = 0;
+                    StrUse::Key
+                } else if self.wants_model() {
+                    self.model = Some(Vec::new());
+                    StrUse::Model
+                } else {
+                    StrUse::Skip
+                };
+            }
+            b':' => self.expect_key = false,
+            b',' => {
+                self.expect_key = true;
+                self.key_len = KEY_CAP + 1;
+            }
+            b'{' | b'[' => self.open(b == b'{'),
+            b'}' | b']' => self.close(),
+            b'-' | b'0'..=b'9' => {
+                self.lex = Lex::Num;
+                self.number_for = match self.current() {
+                    Some((Role::Usage, true)) if self.depth <= MAX_DEPTH => usage_key(self.last_key()),
+                    _ => None,
+                };
+                self.number = (b != b'-').then(|| u64::from(b - b'0'));
+            }
+            _ => {}
+        }
+    }
+
+    /// A string value here is the model name we keep: the first `model` of the body (or
+    /// event), of its `message` or of its `response`.
+    fn wants_model(&self) -> bool {
+        self.reported.model.is_none()
+            && self.last_key() == b"model"
+            && matches!(self.current(), Some((Role::Top | Role::Message | Role::Response, true)))
+    }
+
+    fn open(&mut self, object: bool) {
+        let role = match (self.current(), self.last_key()) {
+            (None, _) => Role::Top,
+            (Some((Role::Top, true)), b"message") => Role::Message,
+            (Some((Role::Top, true)), b"response") => Role::Response,
+            (Some((Role::Response, true)), b"message") => Role::Message,
+            (Some((Role::Top | Role::Message | Role::Response, true)), b"usage") if object => Role::Usage,
+            _ => Role::Other,
+        };
+        if role == Role::Usage {
+            self.usage = UsageFields::default();
+            self.usage_role = self.current().map_or(Role::Other, |(r, _)| r);
+        }
+        if self.depth < MAX_DEPTH {
+            self.stack[self.depth] = (role, object);
+        }
+        self.depth = self.depth.saturating_add(1);
+        self.expect_key = object;
+        self.key_len = KEY_CAP + 1;
+    }
+
+    fn close(&mut self) {
+        if self.depth == 0 {
+            return;
+        }
+        if let Some((Role::Usage, _)) = self.current() {
+            self.absorb_usage();
+        }
+        self.depth -= 1;
+        self.expect_key = false;
+        self.key_len = KEY_CAP + 1;
+    }
+
+    fn end_number(&mut self) {
+        self.lex = Lex::Between;
+        let (Some(n), Some(field)) = (self.number.take(), self.number_for.take()) else { return };
+        let u = &mut self.usage;
+        match field {
+            UsageKey::Prompt => u.prompt_tokens = Some(n),
+            UsageKey::Input => u.input_tokens = Some(n),
+            UsageKey::Completion => u.completion_tokens = Some(n),
+            UsageKey::Output => u.output_tokens = Some(n),
+            UsageKey::Cached => u.cached = u.cached.saturating_add(n),
+        }
+    }
+
+    /// A `usage` object closed: later values replace earlier ones (Anthropic's
+    /// `message_delta` carries the cumulative output count).
+    fn absorb_usage(&mut self) {
+        let u = self.usage;
+        let r = &mut self.reported;
+        let prompt = u.prompt_tokens.or(u.input_tokens);
+        let completion = u.completion_tokens.or(u.output_tokens);
+        if let Some(p) = prompt {
+            r.prompt_tokens = p.saturating_add(u.cached);
+        }
+        if let Some(c) = completion {
+            r.completion_tokens = c;
+        }
+        if prompt.is_some() || completion.is_some() {
+            r.found = true;
+            r.last = self.usage_role != Role::Message;
+        }
+    }
+
+    /// The value ends (an event's end): whatever was open is dropped, what was read stays.
+    fn end_value(&mut self) {
+        if self.lex == Lex::Num {
+            self.end_number();
+        }
+        let reported = std::mem::take(&mut self.reported);
+        *self = JsonUsage { reported, ..JsonUsage::default() };
     }
 }
 
@@ -135,7 +388,10 @@ impl BufferBudget {
 enum Kind {
     Json,
     EventStream,
-    /// Audio, images, files: no usage to read, nothing buffered.
+    /// No content type: the first byte tells (`{` or `[` is JSON, anything else an
+    /// event stream).
+    Sniff,
+    /// Audio, images, files: no usage to read.
     Other,
 }
 
@@ -144,113 +400,65 @@ enum Kind {
 enum Line {
     /// The first bytes, until they tell whether this is a `data:` line.
     Start,
-    /// A `data:` line: its value goes to the event's data; `space` while a single
+    /// A `data:` line: its value goes to the event's JSON reader; `space` while a single
     /// leading space after the colon may still have to be dropped.
     Data { space: bool },
-    /// Any other line (`event:`, `id:`, a comment), or a data line of an event being skipped.
+    /// Any other line (`event:`, `id:`, a comment).
     Ignore,
 }
 
-/// Why a parser stopped reading before the end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    /// A JSON body over [`MAX_JSON_BODY`].
-    TooLarge,
-    /// The process's [`BufferBudget`] had no room.
-    Starved,
-}
-
-enum Grow {
-    Ok,
-    OverCap,
-    Starved,
-}
-
-/// Incremental usage reader for one response body.
-#[derive(Debug)]
+/// Incremental usage reader for one response body, in constant memory.
+#[derive(Debug, Clone)]
 pub struct UsageParser {
     kind: Kind,
-    /// JSON: the body so far. Event streams: the `data:` of the event being read.
-    buf: Vec<u8>,
-    /// Bytes of `buf`'s capacity taken from `budget`.
-    charged: usize,
-    budget: Option<Arc<BufferBudget>>,
-    stopped: Option<Stop>,
+    json: JsonUsage,
     /// Event streams: the current line.
     line: Line,
     /// The first bytes of the current line while `line` is `Start`.
     head: [u8; 5],
     head_len: usize,
-    /// Bytes the current data line put into `buf` (to drop a trailing `\r`).
-    line_data: usize,
-    /// The current event's data outgrew [`MAX_SSE_EVENT`]: skip to its end.
-    skip_event: bool,
-    reported: Reported,
+    /// The current event has had a data line (the next one is joined with a newline).
+    event_data: bool,
 }
 
 impl UsageParser {
-    /// `content_type` is the response's `content-type` header. Holds at most the
-    /// per-response caps, with no process-wide budget (tools and tests).
+    /// `content_type` is the response's `content-type` header (empty when unknown).
     pub fn new(content_type: &str) -> Self {
         let ct = content_type.to_ascii_lowercase();
         let kind = if ct.contains("text/event-stream") {
             Kind::EventStream
-        } else if ct.is_empty() || ct.contains("json") {
+        } else if ct.trim().is_empty() {
+            Kind::Sniff
+        } else if ct.contains("json") {
             Kind::Json
         } else {
             Kind::Other
         };
         UsageParser {
             kind,
-            buf: Vec::new(),
-            charged: 0,
-            budget: None,
-            stopped: None,
+            json: JsonUsage::default(),
             line: Line::Start,
             head: [0; 5],
             head_len: 0,
-            line_data: 0,
-            skip_event: false,
-            reported: Reported::default(),
+            event_data: false,
         }
-    }
-
-    /// Like [`UsageParser::new`], taking every byte it buffers from `budget`.
-    pub fn with_budget(content_type: &str, budget: Arc<BufferBudget>) -> Self {
-        let mut p = Self::new(content_type);
-        p.budget = Some(budget);
-        p
-    }
-
-    /// Bytes this parser holds now (the capacity of its buffer).
-    pub fn held(&self) -> usize {
-        self.buf.capacity()
-    }
-
-    /// Whether the process's budget refused this response buffer space (its usage
-    /// will then not be found).
-    pub fn starved(&self) -> bool {
-        self.stopped == Some(Stop::Starved)
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
-        if self.stopped.is_some() {
-            return;
+        if self.kind == Kind::Sniff {
+            let Some(first) = chunk.iter().find(|b| !b.is_ascii_whitespace()) else { return };
+            self.kind = if matches!(first, b'{' | b'[') { Kind::Json } else { Kind::EventStream };
         }
         match self.kind {
-            Kind::Other => {}
-            Kind::Json => match self.grow(chunk.len(), MAX_JSON_BODY) {
-                Grow::Ok => self.buf.extend_from_slice(chunk),
-                Grow::OverCap => self.stop(Stop::TooLarge),
-                Grow::Starved => self.stop(Stop::Starved),
-            },
+            Kind::Other | Kind::Sniff => {}
+            Kind::Json => self.json.feed(chunk),
             Kind::EventStream => self.feed_events(chunk),
         }
     }
 
     fn feed_events(&mut self, mut chunk: &[u8]) {
-        while !chunk.is_empty() && self.stopped.is_none() {
-            match chunk.iter().position(|&b| b == b'\n') {
+        while !chunk.is_empty() {
+            match memchr::memchr(b'\n', chunk) {
                 Some(nl) => {
                     self.line_bytes(&chunk[..nl]);
                     self.end_line();
@@ -274,12 +482,11 @@ impl UsageParser {
             if self.head_len < self.head.len() {
                 return;
             }
-            if &self.head == b"data:" && !self.skip_event {
+            if &self.head == b"data:" {
                 self.line = Line::Data { space: true };
-                self.line_data = 0;
                 // Data lines of one event are joined with a newline.
-                if !self.buf.is_empty() {
-                    self.append(b"\n");
+                if std::mem::replace(&mut self.event_data, true) {
+                    self.json.feed(b"\n");
                 }
             } else {
                 self.line = Line::Ignore;
@@ -290,147 +497,33 @@ impl UsageParser {
                 bytes = bytes.strip_prefix(b" ").unwrap_or(bytes);
                 self.line = Line::Data { space: false };
             }
-            self.line_data += bytes.len();
-            self.append(bytes);
-        }
-    }
-
-    /// Adds to the event's data, or drops the event once it is over the cap.
-    fn append(&mut self, bytes: &[u8]) {
-        if self.line == Line::Ignore || self.stopped.is_some() {
-            return;
-        }
-        match self.grow(bytes.len(), MAX_SSE_EVENT) {
-            Grow::Ok => self.buf.extend_from_slice(bytes),
-            Grow::OverCap => {
-                self.skip_event = true;
-                self.line = Line::Ignore;
-                self.release();
-            }
-            Grow::Starved => self.stop(Stop::Starved),
+            // A trailing `\r` is whitespace to the JSON reader.
+            self.json.feed(bytes);
         }
     }
 
     fn end_line(&mut self) {
-        match self.line {
-            Line::Start => {
-                let head = &self.head[..self.head_len];
-                if head.is_empty() || head == b"\r" {
-                    self.dispatch();
-                }
+        if self.line == Line::Start {
+            let head = &self.head[..self.head_len];
+            if head.is_empty() || head == b"\r" {
+                // A blank line ends the event.
+                self.json.end_value();
+                self.event_data = false;
             }
-            Line::Data { .. } => {
-                if self.line_data > 0 && self.buf.last() == Some(&b'\r') {
-                    self.buf.pop();
-                }
-            }
-            Line::Ignore => {}
         }
         self.line = Line::Start;
         self.head_len = 0;
     }
 
-    /// The event ends (a blank line): read its data if it can carry usage.
-    fn dispatch(&mut self) {
-        let skipped = std::mem::replace(&mut self.skip_event, false);
-        let data = &self.buf[..];
-        if !skipped && !data.is_empty() && data != b"[DONE]" {
-            // Only chunks that can carry usage or the model are worth parsing.
-            let wanted =
-                contains(data, b"\"usage\"") || (self.reported.model.is_none() && contains(data, b"\"model\""));
-            if wanted && let Ok(v) = serde_json::from_slice::<Value>(data) {
-                self.reported.absorb(&v);
-            }
-        }
-        self.buf.clear();
-        if self.buf.capacity() > KEEP_CAPACITY {
-            self.release();
-        }
-    }
-
-    /// Makes room for `extra` more bytes in `buf`, within `cap` and the process budget.
-    /// Capacity grows by doubling, so a body fed in small chunks is copied O(n) times.
-    fn grow(&mut self, extra: usize, cap: usize) -> Grow {
-        let need = self.buf.len().saturating_add(extra);
-        if need > cap {
-            return Grow::OverCap;
-        }
-        if need <= self.buf.capacity() {
-            return Grow::Ok;
-        }
-        let mut target = need.max(self.buf.capacity().saturating_mul(2)).max(FIRST_CAPACITY).min(cap);
-        if let Some(budget) = &self.budget
-            && !budget.take(target - self.charged)
-        {
-            // No room to double: exactly what is needed, or nothing.
-            if !budget.take(need - self.charged) {
-                return Grow::Starved;
-            }
-            target = need;
-        }
-        self.buf.reserve_exact(target - self.buf.len());
-        // `reserve_exact` may round up; whatever it holds is charged.
-        let extra_rounding = self.buf.capacity().saturating_sub(target);
-        if let Some(budget) = &self.budget
-            && extra_rounding > 0
-        {
-            budget.used.fetch_add(extra_rounding, Ordering::AcqRel);
-        }
-        self.charged = self.buf.capacity();
-        Grow::Ok
-    }
-
-    /// Frees the buffer and gives its bytes back.
-    fn release(&mut self) {
-        self.buf = Vec::new();
-        if let Some(budget) = &self.budget {
-            budget.give_back(self.charged);
-        }
-        self.charged = 0;
-    }
-
-    fn stop(&mut self, why: Stop) {
-        self.stopped = Some(why);
-        self.release();
-    }
-
     /// Call at the end of the body (or when the stream is cut).
     pub fn finish(mut self) -> Reported {
-        if self.starved() {
-            // What was read before may be a part (Anthropic's first input count, not the
-            // final output): report nothing rather than too little.
-            let model = self.reported.model.take();
-            return Reported { model, ..Reported::default() };
+        if self.kind == Kind::EventStream {
+            // A stream without a trailing blank line: its last event still counts.
+            self.end_line();
         }
-        match self.kind {
-            Kind::Other => {}
-            Kind::Json => {
-                if self.stopped.is_none()
-                    && let Ok(v) = serde_json::from_slice::<Value>(&self.buf)
-                {
-                    self.reported.absorb(&v);
-                }
-            }
-            Kind::EventStream => {
-                if self.stopped.is_none() {
-                    // A stream without a trailing blank line: its last event still counts.
-                    self.end_line();
-                    self.dispatch();
-                }
-            }
-        }
-        std::mem::take(&mut self.reported)
+        self.json.end_value();
+        std::mem::take(&mut self.json.reported)
     }
-}
-
-impl Drop for UsageParser {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -475,7 +568,13 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
     }
 
     fn reported(model: &str, prompt: u64, completion: u64) -> Reported {
-        Reported { model: Some(model.into()), prompt_tokens: prompt, completion_tokens: completion, found: true }
+        Reported {
+            model: Some(model.into()),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            found: true,
+            last: true,
+        }
     }
 
     #[test]
@@ -512,10 +611,9 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
     }
 
     #[test]
-    fn other_content_types_are_not_buffered() {
+    fn other_content_types_are_not_read() {
         let mut p = UsageParser::new("audio/mpeg");
-        p.feed(&[0u8; 1024]);
-        assert_eq!(p.held(), 0);
+        p.feed(br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
         assert!(!p.finish().found);
         // No content type at all: read as JSON.
         assert!(parse_split("", r#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#, &[]).found);
@@ -548,105 +646,65 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
     }
 
     #[test]
-    fn oversized_bodies_are_skipped_not_buffered() {
+    fn memory_is_constant_whatever_the_body() {
+        // A 64 MB JSON body with its usage at the end, and an event of `data:` lines
+        // that never ends, then a usage event: both read, in the parser's fixed size.
         let mut p = UsageParser::new("application/json");
-        p.feed(&vec![b' '; MAX_JSON_BODY]);
-        p.feed(b"{}");
-        assert_eq!(p.held(), 0);
-        assert!(!p.finish().found);
-        // A long line that is not `data:` is never buffered.
-        let mut p = UsageParser::new("text/event-stream");
-        p.feed(&vec![b'x'; MAX_SSE_EVENT + 1]);
-        assert_eq!(p.held(), 0);
-        p.feed(b"\n\ndata: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n");
-        let r = p.finish();
-        assert_eq!((r.prompt_tokens, r.completion_tokens), (3, 4), "reading resumes after the long line");
-    }
-
-    #[test]
-    fn a_200_mb_event_of_data_lines_never_holds_more_than_the_event_cap() {
-        // `data:` lines with no blank line between them: one event that never ends.
-        let line = format!("data: {}\n", "x".repeat(64 * 1024 - 7));
-        let chunk = line.repeat(4);
-        let budget = Arc::new(BufferBudget::default());
-        let mut p = UsageParser::with_budget("text/event-stream", Arc::clone(&budget));
-        p.feed(b"data: {\"model\":\"m\",");
-        let mut fed = 0;
-        while fed < 200 * 1024 * 1024 {
-            p.feed(chunk.as_bytes());
-            fed += chunk.len();
-            assert!(p.held() <= MAX_SSE_EVENT, "holds {} bytes after {fed}", p.held());
-            assert_eq!(budget.used(), p.held());
+        p.feed(br#"{"model":"m","choices":[{"message":{"content":""#);
+        let filler = vec![b'x'; 1024 * 1024];
+        for _ in 0..64 {
+            p.feed(&filler);
         }
-        // The event ends; the one after it is read as usual.
-        p.feed(b"\n\ndata: {\"model\":\"m\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n");
-        assert!(budget.peak() <= MAX_SSE_EVENT);
+        p.feed(br#""}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#);
         assert_eq!(p.finish(), reported("m", 3, 4));
-        assert_eq!(budget.used(), 0, "every byte was given back");
-    }
 
-    #[test]
-    fn an_event_over_the_cap_is_dropped_whatever_the_split() {
-        let big = format!(
-            "data: {{\"usage\":{{\"prompt_tokens\":9,\"completion_tokens\":9}},\"pad\":\"{}\"}}\n",
-            "y".repeat(MAX_SSE_EVENT)
-        );
-        let body = format!(
-            "{big}\r\ndata: {{\"model\":\"m\",\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2}}}}\r\n\r\n"
-        );
-        for split in [1, 6, 7, 1000, big.len() - 1, big.len() + 1] {
-            assert_eq!(parse_split("text/event-stream", &body, &[split]), reported("m", 1, 2), "split at {split}");
+        let line = format!("data: {}\n", "x".repeat(64 * 1024 - 7));
+        let chunk = line.repeat(16);
+        let mut p = UsageParser::new("text/event-stream");
+        p.feed(b"data: {\"model\":\"m\",");
+        for _ in 0..200 {
+            p.feed(chunk.as_bytes());
         }
+        p.feed(b"\n\ndata: {\"model\":\"m\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n");
+        assert_eq!(p.finish(), reported("m", 3, 4));
+        // Nothing on the heap but the model name while it is read.
+        assert!(std::mem::size_of::<UsageParser>() < 512, "{}", std::mem::size_of::<UsageParser>());
     }
 
     #[test]
-    fn the_process_budget_bounds_what_concurrent_responses_hold() {
-        let budget = Arc::new(BufferBudget::new(256 * 1024));
-        let usage = br#"{"model":"m","usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
-        let mut a = UsageParser::with_budget("application/json", Arc::clone(&budget));
-        let mut b = UsageParser::with_budget("application/json", Arc::clone(&budget));
-        let mut c = UsageParser::with_budget("text/event-stream", Arc::clone(&budget));
-        a.feed(&[b' '; 150 * 1024]);
-        a.feed(usage);
-        b.feed(&[b' '; 150 * 1024]);
-        assert!(b.starved() && b.held() == 0, "no room left for a second large body");
-        c.feed(b"data: ");
-        c.feed(&[b' '; 150 * 1024]);
-        assert!(c.starved());
-        c.feed(b"\n\ndata: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n");
-        assert!(budget.used() <= budget.limit());
-        assert_eq!(budget.used(), a.held());
-        assert!(!b.finish().found, "a starved response reports no usage");
-        assert!(!c.finish().found, "a starved stream stops reading");
-        // Usage read before the budget ran out is only part of it: none is reported.
-        let mut e = UsageParser::with_budget("text/event-stream", Arc::clone(&budget));
-        e.feed(ANTHROPIC_SSE.split("event: content_block_delta").next().unwrap().as_bytes());
-        e.feed(b"event: content_block_delta\ndata: ");
-        e.feed(&[b' '; 200 * 1024]);
-        assert!(e.starved());
-        let r = e.finish();
-        assert_eq!((r.found, r.prompt_tokens, r.model.as_deref()), (false, 0, Some("claude-3-5-sonnet")));
-        assert_eq!(a.finish(), reported("m", 1, 2));
-        assert_eq!(budget.used(), 0);
-        // Room again once they are done.
-        let mut d = UsageParser::with_budget("application/json", Arc::clone(&budget));
-        d.feed(&[b' '; 150 * 1024]);
-        d.feed(usage);
-        assert!(!d.starved());
-        drop(d);
-        assert_eq!(budget.used(), 0, "dropping a parser gives its bytes back");
+    fn usage_inside_strings_and_deep_objects_is_not_usage() {
+        let body = r#"{"model":"m","choices":[{"message":{"content":"\"usage\":{\"prompt_tokens\":999}","usage":{"prompt_tokens":5}}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":7}}}"#;
+        check_every_split("application/json", body, &reported("m", 1, 2));
+        // Counts that are not whole numbers are not counts.
+        let r = parse_split("application/json", r#"{"usage":{"prompt_tokens":1.5,"completion_tokens":-2}}"#, &[]);
+        assert!(!r.found);
+        let r = parse_split("application/json", r#"{"usage":{"completion_tokens":99999999999999999999999}}"#, &[]);
+        assert!(!r.found, "beyond u64");
     }
 
     #[test]
-    fn large_event_buffers_are_freed_once_the_event_is_read() {
-        let budget = Arc::new(BufferBudget::default());
-        let mut p = UsageParser::with_budget("text/event-stream", Arc::clone(&budget));
-        p.feed(format!("data: \"{}\"\n", "z".repeat(KEEP_CAPACITY * 2)).as_bytes());
-        assert!(p.held() > KEEP_CAPACITY);
-        p.feed(b"\n");
-        assert_eq!((p.held(), budget.used()), (0, 0));
-        p.feed(b"data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n");
-        assert!(p.held() <= KEEP_CAPACITY, "a small buffer is kept for the next event");
-        assert_eq!(budget.used(), p.held());
+    fn usage_from_message_start_alone_is_not_the_last_word() {
+        let start = ANTHROPIC_SSE.split("event: message_delta").next().unwrap();
+        let r = parse_split("text/event-stream", start, &[]);
+        assert_eq!((r.found, r.last, r.prompt_tokens, r.completion_tokens), (true, false, 25, 1));
+        // An error event instead of message_delta changes nothing.
+        let errored = format!(
+            "{start}event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"overloaded_error\"}}}}\n\n"
+        );
+        assert!(!parse_split("text/event-stream", &errored, &[]).last);
+        assert!(parse_split("text/event-stream", ANTHROPIC_SSE, &[]).last);
+        assert!(parse_split("application/json", OPENAI_JSON, &[]).last);
+    }
+
+    #[test]
+    fn escapes_in_the_model_name_are_decoded() {
+        let body = r#"{"model":"a\"b\nc\u00e9\/d","usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        check_every_split("application/json", body, &reported("a\"b\ncé/d", 1, 2));
+    }
+
+    #[test]
+    fn without_a_content_type_the_first_byte_tells() {
+        assert_eq!(parse_split("", OPENAI_SSE, &[0, 1]), reported("gpt-4o-mini", 21, 5));
+        assert_eq!(parse_split("", &format!("\n {OPENAI_JSON}"), &[1]), reported("gpt-4o-mini-2024-07-18", 12, 30));
     }
 }
