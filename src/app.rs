@@ -20,9 +20,10 @@ use crate::admin::gateways::GatewayServiceServer;
 use crate::admin::keys::KeyServiceServer;
 use crate::admin::pricing::PricingServiceServer;
 use crate::admin::{AccessApi, AuditApi};
-use crate::admin::{Admin, AdminAuth, GatewayApi, KeyApi, MAX_REQUEST_BYTES};
+use crate::admin::{Admin, AdminAuth, AdminLimits, GatewayApi, KeyApi, MAX_REQUEST_BYTES};
 use crate::authz::{AuthorizationServer, AuthzService, ExternalProcessorServer, MeterService};
 use crate::config::{ServeArgs, ServeRole};
+use crate::domain::access::Rate;
 use crate::domain::budget::Meters;
 use crate::domain::check::Limiters;
 use crate::domain::clock::Clock;
@@ -84,6 +85,32 @@ pub fn sweep(shared: &Shared, ttl: chrono::Duration) -> usize {
         tracing::warn!(expired, "released budget reservations that metering never settled");
     }
     expired
+}
+
+/// Audit events deleted per statement: small batches keep each write short.
+const AUDIT_PRUNE_BATCH: u32 = 5_000;
+
+/// Deletes the audit events from before `cutoff`, a batch at a time; returns how many.
+pub async fn prune_audit(store: &dyn Store, cutoff: chrono::DateTime<chrono::Utc>) -> u64 {
+    let mut deleted = 0;
+    loop {
+        match store.prune_audit(cutoff, AUDIT_PRUNE_BATCH).await {
+            Ok(n) => {
+                deleted += n;
+                if n < u64::from(AUDIT_PRUNE_BATCH) {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not delete old audit events; next hour again");
+                break;
+            }
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(deleted, %cutoff, "deleted audit events older than --audit-retention");
+    }
+    deleted
 }
 
 /// The service names this role serves, "" first.
@@ -214,6 +241,21 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             sweep(&shared, ttl);
         }
     });
+    // Hourly, from the start: the audit trail keeps --audit-retention.
+    if !args.audit_retention.is_zero() {
+        let retention = chrono::Duration::from_std(args.audit_retention).context("--audit-retention is too large")?;
+        let (weak, audit_store) = (Arc::downgrade(&shared), Arc::clone(&store));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { break };
+                let cutoff = shared.clock.now() - retention;
+                drop(shared);
+                prune_audit(&*audit_store, cutoff).await;
+            }
+        });
+    }
     // Usage reaches storage within --usage-flush-interval (1 s by default).
     let (weak, flush_store) = (Arc::downgrade(&shared), Arc::clone(&store));
     let every = args.usage_flush_interval.max(Duration::from_millis(10));
@@ -264,7 +306,12 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         let tls = admin_tls.is_some();
         let incoming = FrontDoor::new("admin", &limits, admin_tls).incoming(listener);
         admin_addr = Some(addr);
-        let admin = Admin::new(Arc::clone(&shared), Arc::clone(&store));
+        let writes = Rate {
+            burst: args.admin_write_burst,
+            interval: chrono::Duration::microseconds(1_000_000 / i64::from(args.admin_writes_per_second.max(1))),
+        };
+        let admin_limits = AdminLimits { writes, max_keys_per_gateway: args.max_keys_per_gateway };
+        let admin = Admin::new(Arc::clone(&shared), Arc::clone(&store), admin_limits);
         let auth = AdminAuth::new(Arc::clone(&shared));
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)

@@ -165,6 +165,22 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_ADMIN_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub admin_request_timeout: Duration,
 
+    /// Admin writes one management token may make at once ...
+    #[arg(long, env = "PORTCULLIS_ADMIN_WRITE_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub admin_write_burst: u32,
+
+    /// ... and then per second (a refused write gets RESOURCE_EXHAUSTED with when to retry).
+    #[arg(long, env = "PORTCULLIS_ADMIN_WRITES_PER_SECOND", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub admin_writes_per_second: u32,
+
+    /// Keys one gateway may have (creating or importing more is refused).
+    #[arg(long, env = "PORTCULLIS_MAX_KEYS_PER_GATEWAY", default_value_t = 1_000_000)]
+    pub max_keys_per_gateway: usize,
+
+    /// Audit events older than this are deleted (hourly); 0 keeps them all.
+    #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION", default_value = "365d", value_parser = humantime::parse_duration)]
+    pub audit_retention: Duration,
+
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `portcullis=debug`.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
     pub log: String,

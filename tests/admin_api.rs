@@ -655,3 +655,34 @@ async fn timestamps_and_durations_outside_the_protobuf_ranges_are_refused() {
         .into_inner();
     assert_ne!(rotated.secret, created.secret);
 }
+
+#[tokio::test]
+async fn writes_are_limited_per_token_and_keys_per_gateway() {
+    let flags = ["--admin-write-burst", "3", "--admin-writes-per-second", "1", "--max-keys-per-gateway", "2"];
+    let server = TestServer::start_with(&flags).await;
+    let (mut gw, mut keys) = server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (first, _) = create_key(&mut keys, "demo", "one").await;
+    create_key(&mut keys, "demo", "two").await;
+    // Three writes at once, then one a second.
+    let req = || pb::CreateKeyRequest { gateway: "demo".into(), name: "three".into(), ..Default::default() };
+    assert_status(keys.create_key(req()).await, Code::ResourceExhausted, "retry in 1 s");
+    // Reads are not limited.
+    keys.get_key(pb::GetKeyRequest { id: first.id.clone() }).await.unwrap();
+    server.clock.advance(Duration::seconds(1));
+    assert_status(keys.create_key(req()).await, Code::ResourceExhausted, "--max-keys-per-gateway");
+    server.clock.advance(Duration::seconds(1));
+    keys.delete_key(pb::DeleteKeyRequest { id: first.id }).await.unwrap();
+    server.clock.advance(Duration::seconds(1));
+    keys.create_key(req()).await.expect("a deleted key frees its place");
+
+    // The refused writes are in the audit trail, as refusals.
+    let mut audit = pb::audit_service_client::AuditServiceClient::with_interceptor(
+        server.channel().await,
+        portcullis::cli::BearerAuth::new(OWNER_TOKEN).unwrap(),
+    );
+    let events = audit.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap().into_inner().events;
+    let refused: Vec<&str> =
+        events.iter().filter(|e| e.result.starts_with("RESOURCE_EXHAUSTED")).map(|e| e.action.as_str()).collect();
+    assert_eq!(refused, ["KeyService/CreateKey", "KeyService/CreateKey"]);
+}

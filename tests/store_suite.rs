@@ -244,6 +244,15 @@ async fn usage_prices_tokens_and_audit(db: &Db) {
     assert_eq!(beta[0].target, "t2");
     let next = s.list_audit(Some("beta"), Some(&ids[2]), 10).await.unwrap();
     assert_eq!(next.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), ["t0"]);
+
+    // Retention: events from before the cutoff go, a batch at a time, oldest first.
+    assert_eq!(s.prune_audit(t0() + Duration::seconds(2), 1).await.unwrap(), 1);
+    let left = s.list_audit(None, None, 10).await.unwrap();
+    assert_eq!(left.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), ["t2", "t1"], "the oldest went first");
+    assert_eq!(portcullis::app::prune_audit(&**s, t0() + Duration::seconds(2)).await, 1);
+    assert_eq!(portcullis::app::prune_audit(&**s, t0() + Duration::seconds(2)).await, 0);
+    let left = s.list_audit(None, None, 10).await.unwrap();
+    assert_eq!(left.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), ["t2"], "the cutoff itself stays");
 }
 
 /// The provider key is sealed in the table, whatever the backend.

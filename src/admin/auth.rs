@@ -28,7 +28,7 @@ pub struct AdminAuth {
 
 impl AdminAuth {
     pub fn new(shared: Arc<Shared>) -> Self {
-        let throttle = Arc::new(Mutex::new(AuthThrottle::new(shared.clock.now())));
+        let throttle = Arc::new(Mutex::new(AuthThrottle::new(shared.clock.monotonic())));
         AdminAuth { shared, throttle }
     }
 
@@ -39,21 +39,21 @@ impl AdminAuth {
         if !has_scheme || presented.is_empty() {
             return None;
         }
-        let now = self.shared.clock.now();
+        let (now, elapsed) = (self.shared.clock.now(), self.shared.clock.monotonic());
         let peer = request.remote_addr().map(|a| a.ip());
         // Held across the lookup, so that concurrent guesses cannot overdraw a budget.
         let mut throttle = self.throttle.lock().ok()?;
         // A throttled address gets the answer of an unknown token, without a lookup:
         // nothing it sends, not even a valid token, changes the answer until it may try again.
-        if throttle.admit(peer, now) == Verdict::Throttled {
+        if throttle.admit(peer, elapsed) == Verdict::Throttled {
             tracing::debug!(peer = ?peer, "management token refused unseen: too many failures");
             return None;
         }
         let who = self.shared.tokens.write().ok()?.authenticate(presented, now);
         match &who {
-            Some(_) => throttle.succeeded(peer, now),
+            Some(_) => throttle.succeeded(peer, elapsed),
             None => {
-                if throttle.failed(peer, now) {
+                if throttle.failed(peer, elapsed) {
                     tracing::warn!(peer = ?peer, "too many failed management-token attempts from this address; throttled");
                 }
             }

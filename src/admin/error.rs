@@ -19,6 +19,9 @@ pub enum AdminError {
     FailedPrecondition(String),
     #[error("{}", .0.message())]
     PermissionDenied(Refusal),
+    /// A quota or rate: the message says which and when to retry.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("storage is unavailable")]
     Unavailable(#[source] StoreError),
     #[error("internal error: {0}")]
@@ -62,6 +65,7 @@ impl AdminError {
             AdminError::AlreadyExists(what) => (Code::AlreadyExists, format!("{what} already exists")),
             AdminError::FailedPrecondition(m) => (Code::FailedPrecondition, m.clone()),
             AdminError::PermissionDenied(r) => (Code::PermissionDenied, r.message().to_string()),
+            AdminError::ResourceExhausted(m) => (Code::ResourceExhausted, m.clone()),
             AdminError::Unavailable(_) => (Code::Unavailable, "storage is unavailable, try again".into()),
             AdminError::Internal(_) => (Code::Internal, "internal error".into()),
         }

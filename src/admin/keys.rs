@@ -88,6 +88,12 @@ impl Admin {
         // Under the write lock: the gateway cannot be deleted between lookup and insert.
         let _w = self.writes.lock().await;
         let gateway = self.gateway_by_name("gateway", gateway).await?;
+        let max = self.limits.max_keys_per_gateway;
+        if self.shared.view()?.keys_in(gateway.id) >= max {
+            return Err(AdminError::ResourceExhausted(format!(
+                "the gateway has {max} keys, the most it may have (--max-keys-per-gateway): delete keys first"
+            )));
+        }
         let (legacy, limits, expires_at) = match kind {
             NewKey::Managed { limits, expires_at } => (false, limits, expires_at),
             NewKey::Legacy => (true, Limits::default(), None),

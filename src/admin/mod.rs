@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use tonic::{Request, Status};
 use uuid::Uuid;
 
-use crate::domain::access::{Action, AuditAdmission, AuditEvent, AuditRateLimit, Principal};
+use crate::domain::access::{Action, AuditAdmission, AuditEvent, AuditRateLimit, Principal, Rate, WriteRate};
 use crate::domain::gateway::validate_gateway_name;
 use crate::state::Shared;
 use crate::store::DynStore;
@@ -38,7 +38,33 @@ pub struct Admin {
     writes: tokio::sync::Mutex<()>,
     /// Refused calls recorded per source and minute.
     refusals: Mutex<AuditRateLimit<Source>>,
+    /// Writes per token.
+    writes_per_token: Mutex<WriteRate>,
+    limits: AdminLimits,
 }
+
+/// What the admin API lets one token do, so that no token can grow the state or the audit
+/// trail without bound.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    /// Writes per token: a burst, then a steady rate (`--admin-write-burst`,
+    /// `--admin-writes-per-second`).
+    pub writes: Rate,
+    /// Keys one gateway may have (`--max-keys-per-gateway`).
+    pub max_keys_per_gateway: usize,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            writes: Rate { burst: 1000, interval: chrono::Duration::milliseconds(10) },
+            max_keys_per_gateway: 1_000_000,
+        }
+    }
+}
+
+/// Tokens the write rate tracks at most (tokens are far fewer).
+const WRITE_RATE_TOKENS_MAX: usize = 10_000;
 
 /// Who a refused call is counted against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -62,12 +88,27 @@ const REFUSAL_SOURCES_MAX: usize = 10_000;
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
 impl Admin {
-    pub fn new(shared: Arc<Shared>, store: DynStore) -> Arc<Self> {
+    pub fn new(shared: Arc<Shared>, store: DynStore, limits: AdminLimits) -> Arc<Self> {
         Arc::new(Admin {
             shared,
             store,
             writes: tokio::sync::Mutex::new(()),
             refusals: Mutex::new(AuditRateLimit::new(REFUSED_AUDIT_PER_MINUTE, REFUSAL_SOURCES_MAX)),
+            writes_per_token: Mutex::new(WriteRate::new(limits.writes, WRITE_RATE_TOKENS_MAX)),
+            limits,
+        })
+    }
+
+    /// Takes one write of `who`'s allowance, or refuses with when to retry.
+    fn admit_write(&self, who: &Principal) -> AdminResult<()> {
+        let now = self.shared.clock.monotonic();
+        let mut rate = self.writes_per_token.lock().map_err(|_| AdminError::Internal("write rate poisoned".into()))?;
+        rate.admit(who.token_id, now).map_err(|retry| {
+            let Rate { burst, interval } = rate.rate();
+            let per_second = 1_000_000 / interval.num_microseconds().unwrap_or(1_000_000).max(1);
+            AdminError::ResourceExhausted(format!(
+                "too many changes from this token (at most {burst} at once, then {per_second} a second): retry in {retry} s"
+            ))
         })
     }
 
@@ -154,8 +195,15 @@ impl Admin {
         run: impl Future<Output = AdminResult<T>> + Send + 'static,
     ) -> Result<T, Status> {
         let admin = Arc::clone(self);
+        let admitted = match kind {
+            Kind::Mutation => self.admit_write(&call.who),
+            Kind::Read => Ok(()),
+        };
         let audited = async move {
-            let result = run.await;
+            let result = match admitted {
+                Ok(()) => run.await,
+                Err(refused) => Err(refused),
+            };
             let refused = matches!(result, Err(AdminError::PermissionDenied(_)));
             if kind == Kind::Mutation || refused {
                 let gateway = call.gateway.lock().ok().and_then(|g| g.clone());

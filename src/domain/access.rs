@@ -5,6 +5,8 @@ use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 
 use chrono::{DateTime, Duration, Utc};
+
+use super::clock::Mono;
 use uuid::Uuid;
 
 use super::FieldError;
@@ -212,34 +214,78 @@ impl<K: Hash + Eq> AuditRateLimit<K> {
     }
 }
 
-/// A budget of failures: `burst` at once, then one more every `interval` (GCRA: one
-/// timestamp, no timer).
+/// An allowance of events (failed guesses, writes): `burst` at once, then one more every
+/// `interval` (GCRA: one timestamp, no timer), on the monotonic clock.
 #[derive(Clone, Copy, Debug)]
-struct FailureBudget {
+struct Allowance {
     /// When the budget is whole again.
-    full_at: DateTime<Utc>,
+    full_at: Mono,
 }
 
-impl FailureBudget {
-    fn new(now: DateTime<Utc>) -> Self {
-        FailureBudget { full_at: now }
+impl Allowance {
+    fn new(now: Mono) -> Self {
+        Allowance { full_at: now }
     }
 
-    /// No failure left: the budget lacks more than `burst - 1` intervals.
-    fn exhausted(&self, rate: Rate, now: DateTime<Utc>) -> bool {
-        self.full_at - now > rate.interval * (rate.burst.saturating_sub(1).min(i32::MAX as u32) as i32)
+    /// No event left: the allowance lacks more than `burst - 1` intervals.
+    fn exhausted(&self, rate: Rate, now: Mono) -> bool {
+        self.wait(rate, now) > 0
     }
 
-    fn spend(&mut self, rate: Rate, now: DateTime<Utc>) {
+    /// Microseconds until one more event is allowed (0: now).
+    fn wait(&self, rate: Rate, now: Mono) -> i64 {
+        let interval = rate.interval.num_microseconds().unwrap_or(i64::MAX);
+        let window = interval.saturating_mul(i64::from(rate.burst.saturating_sub(1)));
+        self.full_at.micros_since(now).saturating_sub(window).max(0)
+    }
+
+    fn spend(&mut self, rate: Rate, now: Mono) {
         self.full_at = self.full_at.max(now) + rate.interval;
     }
 
-    fn whole(&self, now: DateTime<Utc>) -> bool {
+    fn whole(&self, now: Mono) -> bool {
         self.full_at <= now
     }
 }
 
-/// `burst` failures at once, then one every `interval`.
+/// Writes through the admin API per management token: `rate.burst` at once, then one
+/// every `rate.interval`, so that no token (a leaked one, a runaway script) grows the key
+/// table or the audit trail faster than that. Memory: one timestamp per token that wrote
+/// lately; at most `max_tokens` (those with a whole allowance are forgotten first).
+#[derive(Debug)]
+pub struct WriteRate {
+    rate: Rate,
+    max_tokens: usize,
+    tokens: HashMap<Option<Uuid>, Allowance>,
+}
+
+impl WriteRate {
+    pub fn new(rate: Rate, max_tokens: usize) -> Self {
+        WriteRate { rate, max_tokens, tokens: HashMap::new() }
+    }
+
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    /// Takes one write for `token` (`None`: the `--dev` token), or says how many whole
+    /// seconds until it may write again.
+    pub fn admit(&mut self, token: Option<Uuid>, now: Mono) -> Result<(), u64> {
+        if !self.tokens.contains_key(&token) && self.tokens.len() >= self.max_tokens {
+            self.tokens.retain(|_, a| !a.whole(now));
+        }
+        let a = self.tokens.entry(token).or_insert_with(|| Allowance::new(now));
+        match a.wait(self.rate, now) {
+            0 => {
+                a.spend(self.rate, now);
+                Ok(())
+            }
+            wait => Err(u64::try_from(wait).unwrap_or(0).div_ceil(1_000_000).max(1)),
+        }
+    }
+}
+
+/// `burst` events at once, then one every `interval`.
 #[derive(Clone, Copy, Debug)]
 pub struct Rate {
     pub burst: u32,
@@ -248,13 +294,13 @@ pub struct Rate {
 
 #[derive(Debug)]
 struct Peer {
-    failures: FailureBudget,
+    failures: Allowance,
     /// A valid token came from here recently: the global lockout spares this peer.
-    trusted_until: Option<DateTime<Utc>>,
+    trusted_until: Option<Mono>,
 }
 
 impl Peer {
-    fn trusted(&self, now: DateTime<Utc>) -> bool {
+    fn trusted(&self, now: Mono) -> bool {
         self.trusted_until.is_some_and(|t| t > now)
     }
 }
@@ -275,7 +321,7 @@ impl Peer {
 pub struct AuthThrottle {
     per_peer: Rate,
     global_rate: Rate,
-    global: FailureBudget,
+    global: Allowance,
     trust: Duration,
     max_peers: usize,
     peers: HashMap<IpAddr, Peer>,
@@ -293,7 +339,7 @@ pub enum Verdict {
 impl AuthThrottle {
     /// Per address: 10 failures, then one every 6 s. All addresses together: 100, then
     /// one every 600 ms. Trust in an address lasts a day; 10,000 addresses at most.
-    pub fn new(now: DateTime<Utc>) -> Self {
+    pub fn new(now: Mono) -> Self {
         Self::with(
             Rate { burst: 10, interval: Duration::seconds(6) },
             Rate { burst: 100, interval: Duration::milliseconds(600) },
@@ -303,11 +349,11 @@ impl AuthThrottle {
         )
     }
 
-    pub fn with(per_peer: Rate, global: Rate, trust: Duration, max_peers: usize, now: DateTime<Utc>) -> Self {
+    pub fn with(per_peer: Rate, global: Rate, trust: Duration, max_peers: usize, now: Mono) -> Self {
         AuthThrottle {
             per_peer,
             global_rate: global,
-            global: FailureBudget::new(now),
+            global: Allowance::new(now),
             trust,
             max_peers,
             peers: HashMap::new(),
@@ -315,7 +361,7 @@ impl AuthThrottle {
     }
 
     /// Whether a token presented from `addr` may be looked up.
-    pub fn admit(&self, addr: Option<IpAddr>, now: DateTime<Utc>) -> Verdict {
+    pub fn admit(&self, addr: Option<IpAddr>, now: Mono) -> Verdict {
         let peer = self.peers.get(&peer_key(addr));
         if peer.is_some_and(|p| p.failures.exhausted(self.per_peer, now)) {
             return Verdict::Throttled;
@@ -328,7 +374,7 @@ impl AuthThrottle {
 
     /// A presented token did not authenticate. Returns true when this failure spent the
     /// address's budget (the moment to log it, once).
-    pub fn failed(&mut self, addr: Option<IpAddr>, now: DateTime<Utc>) -> bool {
+    pub fn failed(&mut self, addr: Option<IpAddr>, now: Mono) -> bool {
         self.global.spend(self.global_rate, now);
         let (rate, key) = (self.per_peer, peer_key(addr));
         match self.peer_mut(key, now, false) {
@@ -341,7 +387,7 @@ impl AuthThrottle {
     }
 
     /// A valid token came from `addr`.
-    pub fn succeeded(&mut self, addr: Option<IpAddr>, now: DateTime<Utc>) {
+    pub fn succeeded(&mut self, addr: Option<IpAddr>, now: Mono) {
         let trust = now + self.trust;
         if let Some(p) = self.peer_mut(peer_key(addr), now, true) {
             p.trusted_until = Some(trust);
@@ -350,7 +396,7 @@ impl AuthThrottle {
 
     /// The entry of `key`, made if there is room. `evict`: an address a valid token came
     /// from may take the place of a throttled untrusted one.
-    fn peer_mut(&mut self, key: IpAddr, now: DateTime<Utc>, evict: bool) -> Option<&mut Peer> {
+    fn peer_mut(&mut self, key: IpAddr, now: Mono, evict: bool) -> Option<&mut Peer> {
         if !self.peers.contains_key(&key) && self.peers.len() >= self.max_peers {
             self.peers.retain(|_, p| p.trusted(now) || !p.failures.whole(now));
             if self.peers.len() >= self.max_peers && evict {
@@ -363,7 +409,7 @@ impl AuthThrottle {
                 return None;
             }
         }
-        Some(self.peers.entry(key).or_insert_with(|| Peer { failures: FailureBudget::new(now), trusted_until: None }))
+        Some(self.peers.entry(key).or_insert_with(|| Peer { failures: Allowance::new(now), trusted_until: None }))
     }
 }
 
@@ -560,7 +606,7 @@ mod tests {
 
     #[test]
     fn failed_guesses_lock_one_address_until_its_budget_refills() {
-        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let t0 = Mono::from_micros(1_800_000_000_000_000);
         let rate = Rate { burst: 3, interval: Duration::seconds(10) };
         let mut t =
             AuthThrottle::with(rate, Rate { burst: 100, interval: Duration::seconds(1) }, Duration::days(1), 100, t0);
@@ -589,8 +635,27 @@ mod tests {
     }
 
     #[test]
+    fn writes_are_limited_per_token() {
+        let t0 = Mono::from_micros(1_800_000_000_000_000);
+        let mut w = WriteRate::new(Rate { burst: 3, interval: Duration::milliseconds(500) }, 2);
+        let (a, b) = (Some(Uuid::now_v7()), Some(Uuid::now_v7()));
+        for _ in 0..3 {
+            assert_eq!(w.admit(a, t0), Ok(()));
+        }
+        assert_eq!(w.admit(a, t0), Err(1), "retry in a second (rounded up)");
+        assert_eq!(w.admit(b, t0), Ok(()), "another token is unaffected");
+        assert_eq!(w.admit(a, t0 + Duration::milliseconds(499)), Err(1));
+        assert_eq!(w.admit(a, t0 + Duration::milliseconds(500)), Ok(()));
+        // A third token finds the table full of tokens still spending: it still gets its own.
+        assert_eq!(w.admit(None, t0 + Duration::milliseconds(500)), Ok(()));
+        assert!(w.tokens.len() <= 3);
+        assert_eq!(w.admit(Some(Uuid::now_v7()), t0 + Duration::hours(1)), Ok(()));
+        assert_eq!(w.tokens.len(), 1, "whole allowances are forgotten when the table is full");
+    }
+
+    #[test]
     fn an_ipv6_client_is_one_address_per_64() {
-        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let t0 = Mono::from_micros(1_800_000_000_000_000);
         let rate = Rate { burst: 2, interval: Duration::seconds(10) };
         let mut t =
             AuthThrottle::with(rate, Rate { burst: 100, interval: Duration::seconds(1) }, Duration::days(1), 100, t0);
@@ -605,7 +670,7 @@ mod tests {
 
     #[test]
     fn a_distributed_flood_spares_addresses_a_valid_token_came_from() {
-        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let t0 = Mono::from_micros(1_800_000_000_000_000);
         let per_peer = Rate { burst: 3, interval: Duration::seconds(10) };
         let global = Rate { burst: 5, interval: Duration::seconds(1) };
         let mut t = AuthThrottle::with(per_peer, global, Duration::hours(24), 100, t0);
@@ -622,7 +687,7 @@ mod tests {
 
     #[test]
     fn the_address_table_stays_bounded() {
-        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let t0 = Mono::from_micros(1_800_000_000_000_000);
         let per_peer = Rate { burst: 1, interval: Duration::hours(1) };
         let global = Rate { burst: 1_000_000, interval: Duration::milliseconds(1) };
         let mut t = AuthThrottle::with(per_peer, global, Duration::hours(24), 10, t0);

@@ -31,6 +31,7 @@ pub struct View {
     gateway_names: HashMap<Uuid, String>,
     keys: HashMap<SecretHash, (Arc<ApiKey>, Option<DateTime<Utc>>)>,
     secrets_by_key: HashMap<Uuid, Vec<KeySecret>>,
+    keys_per_gateway: HashMap<Uuid, usize>,
 }
 
 impl View {
@@ -73,6 +74,11 @@ impl View {
         self.secrets_by_key.len()
     }
 
+    /// Keys of one gateway.
+    pub fn keys_in(&self, gateway_id: Uuid) -> usize {
+        self.keys_per_gateway.get(&gateway_id).copied().unwrap_or(0)
+    }
+
     pub fn upsert_gateway(&mut self, gateway: Gateway) {
         self.gateway_names.insert(gateway.id, gateway.name.clone());
         self.gateways.insert(gateway.name.clone(), Arc::new(gateway));
@@ -92,6 +98,7 @@ impl View {
     /// Inserts or replaces a key; `secrets` are every secret that authenticates it.
     pub fn upsert_key(&mut self, key: ApiKey, secrets: Vec<KeySecret>) {
         self.remove_key(key.id);
+        *self.keys_per_gateway.entry(key.gateway_id).or_default() += 1;
         let key = Arc::new(key);
         for s in &secrets {
             self.keys.insert(s.hash, (Arc::clone(&key), s.valid_until));
@@ -119,9 +126,78 @@ impl View {
 
     pub fn remove_key(&mut self, id: Uuid) {
         if let Some(secrets) = self.secrets_by_key.remove(&id) {
+            let mut gateway = None;
             for s in secrets {
-                self.keys.remove(&s.hash);
+                if let Some((k, _)) = self.keys.remove(&s.hash) {
+                    gateway = Some(k.gateway_id);
+                }
+            }
+            if let Some(g) = gateway
+                && let Some(n) = self.keys_per_gateway.get_mut(&g)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    self.keys_per_gateway.remove(&g);
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::domain::gateway::InboundAuth;
+    use crate::domain::key::Limits;
+
+    fn gateway(name: &str) -> Gateway {
+        Gateway {
+            id: Uuid::now_v7(),
+            name: name.into(),
+            inbound: InboundAuth::default(),
+            upstream: None,
+            default_reservation_tokens: 0,
+            created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+        }
+    }
+
+    fn key(gateway: &Gateway) -> ApiKey {
+        ApiKey {
+            id: Uuid::now_v7(),
+            gateway_id: gateway.id,
+            name: "k".into(),
+            prefix: "pcs_x".into(),
+            enabled: true,
+            legacy: false,
+            limits: Limits::default(),
+            created_at: gateway.created_at,
+            expires_at: None,
+            last_used_at: None,
+        }
+    }
+
+    #[test]
+    fn keys_are_counted_per_gateway_through_every_change() {
+        let (a, b) = (gateway("a"), gateway("b"));
+        let (k1, k2, k3) = (key(&a), key(&a), key(&b));
+        let mut view = View::new(
+            vec![a.clone(), b.clone()],
+            vec![
+                (k1.clone(), vec![KeySecret::current(SecretHash::of("1"))]),
+                (k2.clone(), vec![KeySecret::current(SecretHash::of("2"))]),
+                (k3.clone(), vec![KeySecret::current(SecretHash::of("3"))]),
+            ],
+        );
+        assert_eq!((view.keys_in(a.id), view.keys_in(b.id)), (2, 1));
+        view.replace_key(k1.clone());
+        view.rotate_key(k1.id, SecretHash::of("1b"), Some(a.created_at));
+        assert_eq!(view.keys_in(a.id), 2, "updates and rotations are no new keys");
+        view.remove_key(k2.id);
+        view.remove_key(k2.id);
+        assert_eq!(view.keys_in(a.id), 1, "a key removed twice is counted once");
+        view.remove_gateway("a");
+        assert_eq!((view.keys_in(a.id), view.keys_in(b.id), view.key_count()), (0, 1, 1));
     }
 }

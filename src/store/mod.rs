@@ -107,6 +107,9 @@ pub trait Store: Send + Sync + 'static {
         before: Option<&str>,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Deletes up to `batch` audit events from before `cutoff` (oldest first); returns how
+    /// many it deleted.
+    async fn prune_audit(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, StoreError>;
 
     /// Gives a live key a new secret; the old one stays valid until `previous_valid_until`
     /// (`None`: not at all).

@@ -451,6 +451,19 @@ macro_rules! store_impl {
                 Ok(())
             }
 
+            async fn prune_audit(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, StoreError> {
+                let done = sqlx::query(
+                    "DELETE FROM audit_events WHERE id IN \
+                     (SELECT id FROM audit_events WHERE at < $1 ORDER BY at LIMIT $2)",
+                )
+                .bind(to_micros(cutoff))
+                .bind(i64::from(batch))
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable)?;
+                Ok(done.rows_affected())
+            }
+
             async fn list_audit(
                 &self,
                 gateway: Option<&str>,
