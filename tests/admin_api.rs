@@ -686,3 +686,18 @@ async fn writes_are_limited_per_token_and_keys_per_gateway() {
         events.iter().filter(|e| e.result.starts_with("RESOURCE_EXHAUSTED")).map(|e| e.action.as_str()).collect();
     assert_eq!(refused, ["KeyService/CreateKey", "KeyService/CreateKey"]);
 }
+
+#[tokio::test]
+async fn damaged_stored_data_is_an_internal_error_not_a_retry() {
+    let server = TestServer::start().await;
+    let (mut gw, _) = server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    gw.list_gateways(pb::ListGatewaysRequest::default()).await.unwrap();
+    // A row no release writes: a gateway id that is no UUID.
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(&server.db_url).await.unwrap();
+    sqlx::query("UPDATE gateways SET id = 'not-a-uuid' WHERE name = 'demo'").execute(&pool).await.unwrap();
+    pool.close().await;
+    // Retrying cannot help: INTERNAL, not UNAVAILABLE, and nothing of the row in the message.
+    let s = gw.list_gateways(pb::ListGatewaysRequest::default()).await.expect_err("damaged");
+    assert_eq!((s.code(), s.message()), (Code::Internal, "internal error"));
+}

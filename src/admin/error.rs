@@ -29,6 +29,8 @@ pub enum AdminError {
 }
 
 impl From<StoreError> for AdminError {
+    /// The caller's mistakes keep their own codes; a transient failure is `UNAVAILABLE`
+    /// (retry), a permanent one (damaged data, a bad configuration) `INTERNAL`.
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => AdminError::NotFound("object"),
@@ -37,7 +39,8 @@ impl From<StoreError> for AdminError {
                 "the gateway still has {n} keys: delete them first or set force"
             )),
             StoreError::Unsupported(why) => AdminError::FailedPrecondition(why),
-            StoreError::Unavailable(_) | StoreError::Corrupt(_) => AdminError::Unavailable(e),
+            e if e.is_transient() => AdminError::Unavailable(e),
+            e => AdminError::Internal(e.to_string()),
         }
     }
 }

@@ -38,6 +38,27 @@ pub enum StoreError {
     /// The operation does not apply to this backend or these arguments; says why.
     #[error("{0}")]
     Unsupported(String),
+    /// The configuration cannot work (an unknown database URL scheme, a sealed credential
+    /// without its encryption key): retrying never helps.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later: only when the database could not be
+    /// reached. Everything else (the caller's mistake, damaged data, a bad configuration)
+    /// fails the same way every time. The one place errors are classed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::NotFound
+            | StoreError::AlreadyExists(_)
+            | StoreError::GatewayHasKeys(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Unsupported(_)
+            | StoreError::Config(_) => false,
+        }
+    }
 }
 
 /// Everything the request path needs, read at start.
@@ -147,10 +168,10 @@ async fn open_with(url: &str, sealer: sealing::Sealer, create: bool) -> Result<D
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(postgres::PostgresStore::connect(url, sealer).await?))
     } else {
-        Err(StoreError::Unavailable(
-            format!("unsupported database URL scheme in '{}': use sqlite://PATH or postgres://…", redact_url(url))
-                .into(),
-        ))
+        Err(StoreError::Config(format!(
+            "unsupported database URL scheme in '{}': use sqlite://PATH or postgres://…",
+            redact_url(url)
+        )))
     }
 }
 

@@ -57,15 +57,13 @@ impl Sealer {
     pub fn open(&self, stored: &str) -> Result<String, StoreError> {
         let Some(body) = stored.strip_prefix(PREFIX) else { return Ok(stored.to_string()) };
         let cipher = self.cipher.as_ref().ok_or_else(|| {
-            StoreError::Corrupt("a provider credential is encrypted but PORTCULLIS_ENCRYPTION_KEY is not set".into())
+            StoreError::Config("a provider credential is encrypted but PORTCULLIS_ENCRYPTION_KEY is not set".into())
         })?;
         let bytes =
             unhex(body).filter(|b| b.len() > NONCE_LEN).ok_or_else(|| StoreError::Corrupt("sealed value".into()))?;
         let (nonce, sealed) = bytes.split_at(NONCE_LEN);
         let plain = cipher.decrypt(Nonce::from_slice(nonce), sealed).map_err(|_| {
-            StoreError::Corrupt(
-                "a provider credential does not open with PORTCULLIS_ENCRYPTION_KEY (wrong key?)".into(),
-            )
+            StoreError::Config("a provider credential does not open with PORTCULLIS_ENCRYPTION_KEY (wrong key?)".into())
         })?;
         String::from_utf8(plain).map_err(|_| StoreError::Corrupt("sealed value is not UTF-8".into()))
     }
