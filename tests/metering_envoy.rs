@@ -548,8 +548,9 @@ async fn streams_without_usage_are_never_free() {
     }
     assert_eq!(statuses, [200, 429, 429, 429, 429], "the built-in reservation (capped at the 100 left) is charged");
     let u = usage(&mut keys, &id).await;
-    // The prompt "hi" is 1 token of it; the rest of the hold is charged as completion.
-    assert_eq!((u.requests, u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (1, 1, 99, 0));
+    // The prompt ("user", "hi": 6 bytes) is 2 tokens of it; the rest of the hold is charged
+    // as completion.
+    assert_eq!((u.requests, u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (1, 2, 98, 0));
 
     // With a small reservation, the content that went through the meter is charged:
     // "Hello from the fake upstream." is 29 bytes, 8 tokens at 4 bytes a token, rounded up.
@@ -716,7 +717,7 @@ async fn a_response_without_usage_is_charged_its_prompt_too() {
     gw.create_gateway(gateway_req("demo")).await.unwrap();
     let (id, secret) =
         key_with(&mut keys, "long-prompt", pb::Limits { token_limit: Some(10_000), ..Default::default() }).await;
-    // 400 bytes of prompt text: 100 tokens at 4 bytes a token.
+    // 404 bytes of prompt text (the content and "user"): 101 tokens at 4 bytes a token.
     let body = format!(
         r#"{{"model":"gpt-4o-mini","max_tokens":1,"messages":[{{"role":"user","content":"{}"}}]}}"#,
         "a".repeat(400)
@@ -724,7 +725,7 @@ async fn a_response_without_usage_is_charged_its_prompt_too() {
     let h = [("x-api-key", secret.as_str()), ("x-fake-no-usage", "1")];
     assert_eq!(stack.envoy.post(DEMO, CHAT, &h, &body).await.status, 200);
     let u = metered(&keys, &id, 1).await;
-    assert_eq!((u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (100, 8, 0));
+    assert_eq!((u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (101, 8, 0));
 }
 
 #[tokio::test]
@@ -777,6 +778,10 @@ async fn a_usd_only_key_holds_its_budget_for_an_unpriced_model() {
     assert_eq!(first.status, 200);
     assert_eq!(reserved, "0.0001", "the whole budget is held while it is in flight");
     assert_eq!((second.status, second.json()["error"]["code"].as_str()), (429, Some("budget_exceeded")));
+    // And its usage is not free: 5 + 5 tokens at the highest prices ($0.15 and $0.60 per
+    // million), 3.75 micro-USD rounded up.
+    let u = metered(&keys, &id, 1).await;
+    assert_eq!((u.prompt_tokens, u.completion_tokens, u.cost_usd.as_str()), (5, 5, "0.000004"));
 }
 
 #[tokio::test]

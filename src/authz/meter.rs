@@ -174,7 +174,9 @@ impl Exchange {
             tracing::warn!(key_id = %key_id, encoding, "response body is compressed: its usage cannot be read");
         }
         let now = shared.clock.now();
-        let reset_period = shared.view_for_metering().key_by_id(key_id).map(|k| k.limits.reset_period);
+        let limits = shared.view_for_metering().key_by_id(key_id).map(|k| k.limits);
+        let reset_period = limits.map(|l| l.reset_period);
+        let cost_limited = limits.is_some_and(|l| l.cost_limit_micros.is_some());
         let limiters = &shared.limiters;
         // A response whose status never came through may have succeeded: it is charged
         // like one.
@@ -185,10 +187,20 @@ impl Exchange {
             _ => 0,
         };
         let model = reported.model.as_deref().unwrap_or("");
-        let price = limiters.prices.read().ok().as_ref().and_then(|book| book.lookup(model).copied());
+        let (price, highest) = match limiters.prices.read() {
+            Ok(book) => (book.lookup(model).copied(), book.highest().copied()),
+            Err(_) => (None, None),
+        };
         if price.is_none() && (reported.found || (success && !model.is_empty())) && shared.metrics.unpriced(model) {
-            tracing::warn!(model, "unpriced model: tokens are counted at cost 0 (set a price with SetModelPrice)");
+            tracing::warn!(
+                model,
+                "unpriced model: tokens are counted at cost 0, or at the highest prices for keys with a USD limit \
+                 (set a price with SetModelPrice)"
+            );
         }
+        // A key with a USD limit never gets a model for free: an unpriced (or unnamed)
+        // model costs the highest prices of the book, as its reservation did.
+        let price = price.or(highest.filter(|_| cost_limited));
         // Usage the provider reported is charged as reported. A successful response that
         // reports none (a stream without `stream_options.include_usage`, a compressed
         // body), that was cut before its end, or whose last usage was a first count

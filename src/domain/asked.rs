@@ -292,7 +292,8 @@ mod tests {
     #[test]
     fn caps_models_and_choices() {
         let a = asked(r#"{"model":"m","max_tokens":50,"messages":[{"role":"user","content":"hello"}]}"#);
-        assert_eq!(a, Asked { output_cap: Some(50), choices: 1, model: one("m"), unreadable: false, prompt_bytes: 5 });
+        // "user" and "hello": every string value but the model's name is prompt.
+        assert_eq!(a, Asked { output_cap: Some(50), choices: 1, model: one("m"), unreadable: false, prompt_bytes: 9 });
         assert_eq!(asked(r#"{"max_tokens":50,"max_completion_tokens":7}"#).output_cap, Some(50));
         assert_eq!(asked(r#"{"model":"gpt-4.1","max_output_tokens":9,"input":"xy"}"#).prompt_bytes, 2);
         assert_eq!(asked(r#"{"max_tokens":0}"#).output_cap, None, "0 is no cap");
@@ -334,7 +335,7 @@ mod tests {
         let a = Asked::read(cut.as_bytes(), Some(cut.len() as u64 + 1000));
         assert_eq!(
             a,
-            Asked { output_cap: Some(64), choices: 2, model: one("gpt-4o-mini"), unreadable: true, prompt_bytes: 1004 },
+            Asked { output_cap: Some(64), choices: 2, model: one("gpt-4o-mini"), unreadable: true, prompt_bytes: 1008 },
             "the unsent bytes count as prompt"
         );
         // A field name inside a string is not a field.
@@ -356,7 +357,12 @@ mod tests {
     #[test]
     fn prompt_text_is_what_messages_carry() {
         let body = r#"{"model":"m","system":"be brief","messages":[{"role":"user","content":[{"type":"text","text":"abc"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAAAAAAAAAA"}}]}]}"#;
-        assert_eq!(asked(body).prompt_bytes, 8 + 3, "images are not text");
+        // "be brief", "user", "text", "abc", "image_url" (a type's name); not the image.
+        assert_eq!(asked(body).prompt_bytes, 8 + 4 + 4 + 3 + 9, "images are not text");
         assert_eq!(asked(r#"{"prompt":"four"}"#).prompt_bytes, 4);
+        // Text under any key, escaped or not, in arrays and in tools, is prompt.
+        let hidden = r#"{"messages":[{"cont\u0065nt":"abcd"}],"input":["ef","gh"],"tools":[{"description":"ijkl"}]}"#;
+        assert_eq!(asked(hidden).prompt_bytes, 4 + 2 + 2 + 4);
+        assert_eq!(asked(r#"{"d\u0061ta":"xy"}"#).prompt_bytes, 2, "an escaped name is no payload's");
     }
 }

@@ -158,8 +158,8 @@ impl BudgetDenial {
 
 /// What a request holds against its key's budgets while it is in flight: tokens (its
 /// prompt estimate and the output it may be given) and micro-USD, each capped at what
-/// the key could still use when it was admitted, and the prompt estimate it was made with
-/// (the least a response that reports no usage is charged for its prompt).
+/// the key could still use when it was admitted, and the part of those tokens that is its
+/// prompt estimate (the least a response that reports no usage is charged for its prompt).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Hold {
     pub tokens: u64,
@@ -274,7 +274,8 @@ impl Meters {
                 break id;
             }
         };
-        let hold = Hold { tokens, micros, prompt_tokens };
+        // The prompt floor is part of what is held, never more.
+        let hold = Hold { tokens, micros, prompt_tokens: prompt_tokens.min(tokens) };
         let r = Reservation { key_id: key.id, hold, created: now.mono, attached: false };
         inner.reservations.insert(id, r);
         Ok(Ok(id))
@@ -627,7 +628,8 @@ mod tests {
         let k = key(Limits { token_limit: Some(100), cost_limit_micros: Some(50), ..Default::default() });
         let m = Meters::default();
         m.record(k.id, k.limits.reset_period, None, |_| used(30, 0, 20), now);
-        let r = m.admit(&k, hold(u64::MAX, i64::MAX), at(now)).unwrap().unwrap();
+        let ask = Hold { tokens: u64::MAX, micros: i64::MAX, prompt_tokens: 1_000_000 };
+        let r = m.admit(&k, ask, at(now)).unwrap().unwrap();
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.reserved_tokens, c.reserved_micros), (70, 30), "the rest of the budget, no more");
         assert!(m.admit(&k, hold(1, 0), at(now)).unwrap().is_err(), "nothing left in flight");
@@ -636,10 +638,14 @@ mod tests {
             k.id,
             k.limits.reset_period,
             Some(r),
-            |held| used(0, held.unwrap().tokens, held.unwrap().micros),
+            |held| {
+                assert_eq!(held.unwrap().prompt_tokens, 70, "the prompt floor is within the hold");
+                used(0, held.unwrap().tokens, held.unwrap().micros)
+            },
             now,
         );
         assert_eq!((charged.completion_tokens, charged.cost_micros), (70, 30));
+        assert_eq!(m.settle(k.id, r), None);
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.total_tokens(), c.cost_micros, c.reserved_tokens, c.reserved_micros), (100, 50, 0, 0));
         assert!(m.admit(&k, hold(0, 0), at(now)).unwrap().is_err());

@@ -191,7 +191,8 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now)
     Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key), rpm, reservation })
 }
 
-/// What an in-flight request holds against budgets (see [`Asked`]): its prompt estimate
+/// What an in-flight request holds against budgets (see [`Asked`]): nothing for a read
+/// (`GET`, `HEAD`, `DELETE`, `OPTIONS`) or an empty body; else its prompt estimate
 /// plus its output cap (the largest it names; else the gateway default, else
 /// `DEFAULT_RESERVATION_TOKENS`; at least the default when the body could not be read
 /// whole) for each choice it asks for, at most `MAX_RESERVATION_TOKENS`; and, for a cost
@@ -200,7 +201,16 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now)
 /// what the key can still use.
 fn reservation_for(gateway: &Gateway, cost_limited: bool, req: &RequestParts<'_>, limiters: &Limiters) -> Hold {
     let declared = req.headers.get("content-length").and_then(|v| v.trim().parse::<u64>().ok());
-    let asked = Asked::read(req.body, declared);
+    // Reads (listing models, fetching a file or a batch) and empty bodies generate
+    // nothing: they hold nothing, so a response without usage is charged nothing.
+    let method = req.headers.get(":method").map_or("", String::as_str);
+    let reads = matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS");
+    if reads || (req.body.is_empty() && declared == Some(0)) {
+        return Hold::default();
+    }
+    // Bytes Envoy did not send count as prompt only in a JSON body (not an upload).
+    let json = req.headers.get("content-type").is_none_or(|ct| ct.to_ascii_lowercase().contains("json"));
+    let asked = Asked::read(req.body, declared.filter(|_| json));
     let default = Some(gateway.default_reservation_tokens).filter(|&t| t > 0).unwrap_or(DEFAULT_RESERVATION_TOKENS);
     let cap = match asked.output_cap {
         Some(cap) if asked.unreadable => cap.max(default),
@@ -834,5 +844,30 @@ mod tests {
             assert!(admitted < 100, "unbounded");
         }
         assert_eq!(admitted, 35);
+    }
+
+    #[test]
+    fn reads_and_empty_bodies_hold_nothing_and_uploads_only_what_arrived() {
+        let mut f = fixture(InboundAuth::default());
+        let mut h = with_limits(&mut f, Limits { token_limit: Some(1_000_000), ..Default::default() });
+        h.push((":method", "GET".into()));
+        assert!(matches!(run_body(&f, &h, b""), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 0, "GET /v1/models");
+        h.pop();
+        h.push((":method", "POST".into()));
+        h.push(("content-length", "0".into()));
+        assert!(matches!(run_body(&f, &h, b""), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 0, "an empty POST");
+        h.pop();
+        // Envoy not sending the body: the default is held.
+        h.push(("content-length", "300".into()));
+        assert!(matches!(run_body(&f, &h, b""), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 75 + DEFAULT_RESERVATION_TOKENS, "300 unsent bytes of JSON: 75 tokens");
+        // A 10 MB upload: only what arrived is read, nothing of the rest counts as prompt.
+        h.pop();
+        h.push(("content-length", "10000000".into()));
+        h.push(("content-type", "multipart/form-data; boundary=x".into()));
+        assert!(matches!(run_body(&f, &h, b"--x\r\n"), Decision::Allow(_)));
+        assert_eq!(reserved(&f), 75 + 2 * DEFAULT_RESERVATION_TOKENS);
     }
 }

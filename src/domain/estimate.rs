@@ -29,21 +29,23 @@ const CONTENT_KEYS: &[&[u8]] = &[
     b"partial_json",
     b"thinking",
 ];
-/// Keys whose string values are prompt text in a request: the content keys (message
-/// contents and their `text` parts) and the prompt fields of the other APIs.
-const PROMPT_KEYS: &[&[u8]] = &[
-    b"content",
-    b"text",
-    b"arguments",
-    b"input",
-    b"prompt",
-    b"system",
-    b"instructions",
-    b"reasoning_content",
-    b"thinking",
-];
-/// The longest content or prompt key: longer strings are never keys we count.
+/// Keys whose string values in a request are not prompt text: the model's name, and
+/// binary payloads (data URLs, base64 images, audio and files). Every other string value
+/// of a request counts as prompt, however its key is written (escaped, unknown, in tools
+/// or schemas, in arrays).
+const NOT_TEXT_KEYS: &[&[u8]] =
+    &[b"model", b"url", b"image_url", b"data", b"b64_json", b"file_data", b"audio", b"image"];
+/// The longest key we match: longer strings are never one of them.
 const KEY_CAP: usize = 17;
+
+/// What is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A response: string values under `CONTENT_KEYS`.
+    Content,
+    /// A request: every string value except the direct values of `NOT_TEXT_KEYS`.
+    Prompt,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -68,7 +70,7 @@ pub fn tokens(bytes: u64) -> u64 {
 #[derive(Debug, Clone)]
 pub struct ContentEstimate {
     active: bool,
-    keys: &'static [&'static [u8]],
+    mode: Mode,
     state: State,
     /// Inside a string, after a backslash.
     escape: bool,
@@ -78,7 +80,12 @@ pub struct ContentEstimate {
     key: [u8; KEY_CAP],
     /// Bytes of the current key-candidate string; `KEY_CAP + 1` once it cannot be a content key.
     key_len: usize,
-    last_was_content_key: bool,
+    /// Content mode: the last key names content. Prompt mode: it names a binary payload.
+    last_key_matched: bool,
+    /// Prompt mode: bytes of the string just read, counted once it proves to be a value.
+    pending: u64,
+    /// Prompt mode: the string being read is a binary payload.
+    skip: bool,
     bytes: u64,
 }
 
@@ -88,22 +95,24 @@ impl ContentEstimate {
     pub fn new(content_type: &str) -> Self {
         let ct = content_type.to_ascii_lowercase();
         let active = ct.is_empty() || ct.contains("json") || ct.contains("text/event-stream");
-        ContentEstimate { active, keys: CONTENT_KEYS, ..Self::request() }
+        ContentEstimate { active, mode: Mode::Content, ..Self::request() }
     }
 
-    /// For a request body: the bytes of its prompt text (JSON string values under
-    /// `PROMPT_KEYS`; images and files, which are not text, count nothing).
+    /// For a JSON request body: the bytes of its prompt text, which is every string value
+    /// but binary payloads (`NOT_TEXT_KEYS`).
     pub fn request() -> Self {
         ContentEstimate {
             active: true,
-            keys: PROMPT_KEYS,
+            mode: Mode::Prompt,
             state: State::Outside,
             escape: false,
             unicode_left: 0,
             unicode: 0,
             key: [0; KEY_CAP],
             key_len: 0,
-            last_was_content_key: false,
+            last_key_matched: false,
+            pending: 0,
+            skip: false,
             bytes: 0,
         }
     }
@@ -133,15 +142,26 @@ impl ContentEstimate {
             State::Outside => self.outside(b),
             State::AfterString => match b {
                 b' ' | b'\t' | b'\r' | b'\n' => {}
-                b':' if self.last_was_content_key => self.state = State::BeforeValue,
+                // The string was a key.
+                b':' if self.mode == Mode::Prompt => {
+                    self.pending = 0;
+                    self.state = State::BeforeValue;
+                }
+                b':' if self.last_key_matched => self.state = State::BeforeValue,
                 _ => {
+                    // The string was a value (in an array, or cut short).
+                    self.bytes = self.bytes.saturating_add(std::mem::take(&mut self.pending));
                     self.state = State::Outside;
                     self.outside(b);
                 }
             },
             State::BeforeValue => match b {
                 b' ' | b'\t' | b'\r' | b'\n' => {}
-                b'"' => self.open(State::Value),
+                b'"' => {
+                    self.open(State::Value);
+                    // A binary payload's bytes are no prompt.
+                    self.skip = self.mode == Mode::Prompt && self.last_key_matched;
+                }
                 // An object, array, number, null: keys inside it are read as usual.
                 _ => {
                     self.state = State::Outside;
@@ -162,10 +182,22 @@ impl ContentEstimate {
         self.escape = false;
         self.unicode_left = 0;
         self.key_len = 0;
+        self.pending = 0;
+    }
+
+    /// `n` bytes of the string being read: counted now (a content value), held until it
+    /// proves to be a value (prompt mode, a string not yet known to be a key or a value),
+    /// or dropped (a key, a binary payload).
+    fn add(&mut self, n: u64) {
+        match self.state {
+            State::Value if !self.skip => self.bytes = self.bytes.saturating_add(n),
+            State::Key if self.mode == Mode::Prompt => self.pending = self.pending.saturating_add(n),
+            _ => {}
+        }
     }
 
     fn in_string(&mut self, b: u8) {
-        let counting = self.state == State::Value;
+        let in_key = self.state == State::Key;
         if self.unicode_left > 0 {
             let Some(d) = (b as char).to_digit(16) else {
                 // Not an escape after all: give up on this string's exact length.
@@ -174,9 +206,9 @@ impl ContentEstimate {
             };
             self.unicode = (self.unicode << 4) | d as u16;
             self.unicode_left -= 1;
-            if self.unicode_left == 0 && counting {
+            if self.unicode_left == 0 {
                 // The UTF-8 length of the code unit; a surrogate pair makes 4 bytes together.
-                self.bytes = self.bytes.saturating_add(match self.unicode {
+                self.add(match self.unicode {
                     0..0x80 => 1,
                     0x80..0x800 => 2,
                     0xD800..0xE000 => 2,
@@ -190,10 +222,11 @@ impl ContentEstimate {
             if b == b'u' {
                 self.unicode_left = 4;
                 self.unicode = 0;
-            } else if counting {
-                self.bytes = self.bytes.saturating_add(1);
             } else {
-                // Content keys have no escapes.
+                self.add(1);
+            }
+            if in_key {
+                // The keys we match have no escapes.
                 self.key_len = KEY_CAP + 1;
             }
             return;
@@ -201,20 +234,31 @@ impl ContentEstimate {
         match b {
             b'\\' => self.escape = true,
             b'"' => {
-                self.last_was_content_key =
-                    !counting && self.key_len <= KEY_CAP && self.keys.iter().any(|k| *k == &self.key[..self.key_len]);
+                let keys = match self.mode {
+                    Mode::Content => CONTENT_KEYS,
+                    Mode::Prompt => NOT_TEXT_KEYS,
+                };
+                self.last_key_matched =
+                    in_key && self.key_len <= KEY_CAP && keys.iter().any(|k| *k == &self.key[..self.key_len]);
+                self.skip = false;
                 self.state = State::AfterString;
             }
             // A JSON string never holds a raw line break: what came before was not JSON
             // (an SSE comment, a cut event). Start over on the next line.
-            b'\n' | b'\r' => self.state = State::Outside,
-            _ if counting => self.bytes = self.bytes.saturating_add(1),
+            b'\n' | b'\r' => {
+                self.pending = 0;
+                self.skip = false;
+                self.state = State::Outside;
+            }
             _ => {
-                if self.key_len < KEY_CAP {
-                    self.key[self.key_len] = b;
-                    self.key_len += 1;
-                } else {
-                    self.key_len = KEY_CAP + 1;
+                self.add(1);
+                if in_key {
+                    if self.key_len < KEY_CAP {
+                        self.key[self.key_len] = b;
+                        self.key_len += 1;
+                    } else {
+                        self.key_len = KEY_CAP + 1;
+                    }
                 }
             }
         }

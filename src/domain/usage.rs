@@ -419,7 +419,14 @@ pub struct UsageParser {
     head_len: usize,
     /// The current event has had a data line (the next one is joined with a newline).
     event_data: bool,
+    /// The last chunk ended with `\r`: a `\n` starting the next one ends no other line.
+    after_cr: bool,
+    /// Bytes of a leading byte-order mark matched so far (`BOM.len()` once past it).
+    bom: usize,
 }
+
+/// UTF-8's byte-order mark, which an event stream may start with.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl UsageParser {
     /// `content_type` is the response's `content-type` header (empty when unknown).
@@ -441,6 +448,8 @@ impl UsageParser {
             head: [0; 5],
             head_len: 0,
             event_data: false,
+            after_cr: false,
+            bom: 0,
         }
     }
 
@@ -456,13 +465,41 @@ impl UsageParser {
         }
     }
 
+    /// Lines end with `\n`, `\r\n` or a lone `\r` (the SSE grammar); a byte-order mark at
+    /// the start is skipped.
     fn feed_events(&mut self, mut chunk: &[u8]) {
+        while self.bom < BOM.len() {
+            let Some((&b, rest)) = chunk.split_first() else { return };
+            if b == BOM[self.bom] {
+                self.bom += 1;
+                chunk = rest;
+            } else {
+                // Not a byte-order mark after all: what matched of it is text.
+                let matched = self.bom;
+                self.bom = BOM.len();
+                self.feed_events(&BOM[..matched]);
+            }
+        }
+        if self.after_cr && !chunk.is_empty() {
+            self.after_cr = false;
+            if chunk[0] == b'\n' {
+                chunk = &chunk[1..];
+            }
+        }
         while !chunk.is_empty() {
-            match memchr::memchr(b'\n', chunk) {
-                Some(nl) => {
-                    self.line_bytes(&chunk[..nl]);
+            match memchr::memchr2(b'\n', b'\r', chunk) {
+                Some(end) => {
+                    self.line_bytes(&chunk[..end]);
                     self.end_line();
-                    chunk = &chunk[nl + 1..];
+                    let cr = chunk[end] == b'\r';
+                    chunk = &chunk[end + 1..];
+                    if cr {
+                        match chunk.first() {
+                            Some(b'\n') => chunk = &chunk[1..],
+                            Some(_) => {}
+                            None => self.after_cr = true,
+                        }
+                    }
                 }
                 None => {
                     self.line_bytes(chunk);
@@ -700,6 +737,16 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
     fn escapes_in_the_model_name_are_decoded() {
         let body = r#"{"model":"a\"b\nc\u00e9\/d","usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
         check_every_split("application/json", body, &reported("a\"b\ncé/d", 1, 2));
+    }
+
+    #[test]
+    fn carriage_returns_alone_end_lines_and_a_byte_order_mark_is_skipped() {
+        let cr = OPENAI_SSE.replace('\n', "\r");
+        check_every_split("text/event-stream", &cr, &reported("gpt-4o-mini", 21, 5));
+        let crlf = OPENAI_SSE.replace('\n', "\r\n");
+        check_every_split("text/event-stream", &crlf, &reported("gpt-4o-mini", 21, 5));
+        let bom = format!("\u{feff}{OPENAI_SSE}");
+        check_every_split("text/event-stream", &bom, &reported("gpt-4o-mini", 21, 5));
     }
 
     #[test]
