@@ -65,13 +65,6 @@ impl AuthzService {
         let decision = check::decide(&view, &self.shared.limiters, &parts, at);
         self.shared.metrics.check(&decision);
         log_decision(&decision);
-        // The Overview shows each key's last denial.
-        if let Decision::Deny(d) = &decision
-            && let Some((key_id, reason)) = denied_key(d)
-            && let Some(key) = view.key_by_id(key_id)
-        {
-            self.shared.limiters.meters.note_denial(key_id, key.limits.reset_period, reason, now);
-        }
         drop(view);
         response::from_decision(&decision, now)
     }
@@ -100,16 +93,6 @@ fn joined_headers<'a>(entries: impl Iterator<Item = &'a HeaderValue>) -> HashMap
         }
     }
     out
-}
-
-/// The key a denial is about, and the reason the Overview shows.
-fn denied_key(d: &Denial) -> Option<(uuid::Uuid, &'static str)> {
-    match d {
-        Denial::InvalidKey { reason, key_id: Some(id) } => Some((*id, reason.as_str())),
-        Denial::RateLimited { key_id, .. } => Some((*key_id, "rate_limit_exceeded")),
-        Denial::Budget { key_id, denial, .. } => Some((*key_id, denial.reason())),
-        _ => None,
-    }
 }
 
 fn log_decision(decision: &Decision) {

@@ -236,7 +236,7 @@ impl Meters {
     }
 
     /// Check for a key with a token or cost limit: deny once used (plus in-flight
-    /// reservations) has reached a limit, else reserve `tokens` / `micros` for this request,
+    /// reservations) has reached a limit (noting the denial), else reserve `tokens` / `micros` for this request,
     /// each capped at what the key can still use this period (so a request is admitted
     /// while any budget remains and nothing is reserved in flight). Returns the
     /// reservation id.
@@ -246,16 +246,23 @@ impl Meters {
         let Limits { cost_limit_micros, token_limit, reset_period, .. } = key.limits;
         let c = inner.counters(key.id, reset_period, now.wall);
         let reset_at = c.period_end;
-        if let Some(limit) = token_limit
+        let denial = if let Some(limit) = token_limit
             && c.total_tokens().saturating_add(c.reserved_tokens) >= limit
         {
-            return Ok(Err(BudgetDenial::Tokens { limit, reset_at, in_flight: c.total_tokens() < limit }));
-        }
-        if let Some(limit) = cost_limit_micros
+            Some(BudgetDenial::Tokens { limit, reset_at, in_flight: c.total_tokens() < limit })
+        } else if let Some(limit) = cost_limit_micros
             && c.cost_micros.saturating_add(c.reserved_micros) >= limit
         {
-            return Ok(Err(BudgetDenial::Cost { limit_micros: limit, reset_at, in_flight: c.cost_micros < limit }));
+            Some(BudgetDenial::Cost { limit_micros: limit, reset_at, in_flight: c.cost_micros < limit })
+        } else {
+            None
+        };
+        if let Some(denial) = denial {
+            // Noted under the same lock.
+            note_denial(&mut inner, key.id, reset_period, denial.reason(), now.wall);
+            return Ok(Err(denial));
         }
+        let c = inner.counters(key.id, reset_period, now.wall);
         // Under both limits here, so what is left is positive.
         let tokens = match token_limit {
             Some(limit) => tokens.min(limit.saturating_sub(c.total_tokens().saturating_add(c.reserved_tokens))),
@@ -336,14 +343,21 @@ impl Meters {
         }
     }
 
+    /// Notes a denied request of the key (the Overview's last denial and its reason).
     pub fn note_denial(&self, key_id: Uuid, reset_period: ResetPeriod, reason: &str, now: DateTime<Utc>) {
         if let Ok(mut inner) = self.inner.lock() {
-            let c = inner.counters(key_id, reset_period, now);
-            c.last_denied_at = Some(now);
-            if c.last_deny_reason.as_deref() != Some(reason) {
-                c.last_deny_reason = Some(reason.to_string());
+            note_denial(&mut inner, key_id, reset_period, reason, now);
+        }
+    }
+
+    /// A request admitted against the budgets and then refused (its requests-per-minute
+    /// window was full): gives its reservation back and notes the denial, in one step.
+    pub fn refuse(&self, key: &ApiKey, reservation: Option<u64>, reason: &str, now: DateTime<Utc>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            if let Some(r) = reservation {
+                release(&mut inner, key.id, r);
             }
-            inner.dirty.insert(key_id);
+            note_denial(&mut inner, key.id, key.limits.reset_period, reason, now);
         }
     }
 
@@ -436,6 +450,15 @@ impl Meters {
             inner.keys.remove(&key_id);
         }
     }
+}
+
+fn note_denial(inner: &mut Inner, key_id: Uuid, reset_period: ResetPeriod, reason: &str, now: DateTime<Utc>) {
+    let c = inner.counters(key_id, reset_period, now);
+    c.last_denied_at = Some(now);
+    if c.last_deny_reason.as_deref() != Some(reason) {
+        c.last_deny_reason = Some(reason.to_string());
+    }
+    inner.dirty.insert(key_id);
 }
 
 /// Releases a reservation of `key_id`, or takes it from the expired ones; returns what

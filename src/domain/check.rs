@@ -129,7 +129,9 @@ pub enum Decision {
 
 /// Decides one request: identify the gateway, find the key, check its status (on wall
 /// time), then its budgets (reserving for this request) and its requests-per-minute window
-/// (on elapsed time).
+/// (on elapsed time). Not a pure function: an admission takes a window slot and a
+/// reservation and marks the key used, and a denial of a known key is noted for its
+/// Overview, each under the counters' own locks.
 pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now) -> Decision {
     let now = at.wall;
     let name = req.gateway.unwrap_or("");
@@ -149,15 +151,21 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now)
         return invalid(InvalidReason::Unknown, None);
     };
     if key.gateway_id != gateway.id {
+        limiters.meters.note_denial(key.id, key.limits.reset_period, InvalidReason::OtherGateway.as_str(), now);
         return invalid(InvalidReason::OtherGateway, Some(key.id));
-    }
-    match key.status(now) {
-        KeyStatus::Active => {}
-        KeyStatus::Disabled => return invalid(InvalidReason::Disabled, Some(key.id)),
-        KeyStatus::Expired => return invalid(InvalidReason::Expired, Some(key.id)),
     }
     let limits = &key.limits;
     let meters = &limiters.meters;
+    // A denial of a known key is noted for its Overview, with the key at hand.
+    let refused = |reason: InvalidReason| {
+        meters.note_denial(key.id, limits.reset_period, reason.as_str(), now);
+        invalid(reason, Some(key.id))
+    };
+    match key.status(now) {
+        KeyStatus::Active => {}
+        KeyStatus::Disabled => return refused(InvalidReason::Disabled),
+        KeyStatus::Expired => return refused(InvalidReason::Expired),
+    }
     // Budgets first, so a request they refuse takes no requests-per-minute slot.
     let reservation = if limits.token_limit.is_some() || limits.cost_limit_micros.is_some() {
         let ask = reservation_for(gateway, limits.cost_limit_micros.is_some(), req, limiters);
@@ -177,9 +185,7 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now)
         Some(limit) => match limiters.windows.admit(key.id, limit, at.mono) {
             Some(a) if a.admitted => Some(a),
             refused => {
-                if let Some(r) = reservation {
-                    meters.release(key.id, r);
-                }
+                meters.refuse(key, reservation, "rate_limit_exceeded", now);
                 return Decision::Deny(match refused {
                     Some(admission) => Denial::RateLimited { key_id: key.id, admission },
                     None => Denial::Internal("request windows lock poisoned"),
@@ -869,5 +875,31 @@ mod tests {
         h.push(("content-type", "multipart/form-data; boundary=x".into()));
         assert!(matches!(run_body(&f, &h, b"--x\r\n"), Decision::Allow(_)));
         assert_eq!(reserved(&f), 75 + 2 * DEFAULT_RESERVATION_TOKENS);
+    }
+
+    fn last_denial(f: &Fixture, period: crate::domain::key::ResetPeriod) -> Option<String> {
+        f.limiters.meters.snapshot(f.key_id, period, f.clock.now()).unwrap().last_deny_reason
+    }
+
+    #[test]
+    fn a_denial_of_a_known_key_is_noted_by_the_decision_itself() {
+        let mut f = fixture(InboundAuth::default());
+        let h =
+            with_limits(&mut f, Limits { requests_per_minute: Some(1), token_limit: Some(10), ..Default::default() });
+        let period = crate::domain::key::ResetPeriod::Never;
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":5}"#), Decision::Allow(_)));
+        assert_eq!(last_denial(&f, period), None);
+        assert!(matches!(denial(run_body(&f, &h, br#"{"max_tokens":1}"#)), Denial::RateLimited { .. }));
+        assert_eq!(last_denial(&f, period).as_deref(), Some("rate_limit_exceeded"));
+        assert_eq!(reserved(&f), 5, "the refused request's reservation was given back");
+        f.clock.advance(Duration::seconds(60));
+        assert!(matches!(run_body(&f, &h, br#"{"max_tokens":5}"#), Decision::Allow(_)));
+        assert!(matches!(denial(run_body(&f, &h, br#"{"max_tokens":5}"#)), Denial::Budget { .. }));
+        assert_eq!(last_denial(&f, period).as_deref(), Some("token_limit_exceeded"));
+        let mut key = (**f.view.key_by_hash(&f.secret.hash(), f.clock.now()).unwrap()).clone();
+        key.enabled = false;
+        f.view.replace_key(key);
+        assert!(matches!(denial(run_body(&f, &h, b"")), Denial::InvalidKey { .. }));
+        assert_eq!(last_denial(&f, period).as_deref(), Some("disabled"));
     }
 }
