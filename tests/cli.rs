@@ -1,0 +1,212 @@
+//! The `portcullis` admin client as a process against a real server: gateways, keys, prices,
+//! usage, rotation, legacy import, management tokens and the audit trail; tables, `--json`,
+//! one-line errors, and the address and token from flags or the environment.
+
+mod common;
+
+use common::process::BIN;
+use common::*;
+use tokio::process::Command;
+
+/// Runs the CLI as the owner; (success, stdout, stderr).
+async fn cli(admin_url: &str, args: &[&str]) -> (bool, String, String) {
+    cli_as(admin_url, OWNER_TOKEN, args).await
+}
+
+/// Runs the CLI with this management token; (success, stdout, stderr).
+async fn cli_as(admin_url: &str, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("PORTCULLIS_ADMIN_URL", admin_url)
+        .env("PORTCULLIS_TOKEN", token)
+        .output()
+        .await
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test]
+async fn cli_manages_gateways_and_keys() {
+    let server = TestServer::start().await;
+    let url = server.admin_url();
+    let (ok, out, err) = cli(
+        &url,
+        &["gateways", "create", "demo", "--upstream-header", "authorization", "--upstream-value", "Bearer sk-x"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("demo") && out.contains("authorization (set)") && !out.contains("sk-x"), "{out}");
+
+    let (ok, out, _) = cli(&url, &["keys", "create", "token-user01", "--gateway", "demo", "--json"]).await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    assert!(v["secret"].as_str().unwrap().starts_with("pcs_"));
+    assert_eq!(v["status"], "ACTIVE");
+
+    let (ok, out, err) = cli(&url, &["keys", "create", "token-user02", "--gateway", "demo", "--rpm", "5"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("shown only this once") && out.contains("5 rpm"), "{out}");
+
+    let (ok, out, _) = cli(&url, &["keys", "disable", &id]).await;
+    assert!(ok && out.contains("DISABLED"), "{out}");
+    let (ok, out, _) = cli(&url, &["keys", "list", "--gateway", "demo"]).await;
+    assert!(ok);
+    assert!(out.starts_with("NAME"), "{out}");
+    assert!(out.contains("token-user01") && out.contains("token-user02") && out.contains("DISABLED"), "{out}");
+    assert!(!out.contains("pcs_") || out.lines().all(|l| !l.contains("pcs_") || l.contains('…')), "{out}");
+    let (ok, out, _) = cli(&url, &["keys", "enable", &id, "--json"]).await;
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["status"], "ACTIVE");
+
+    let (ok, _, err) = cli(&url, &["keys", "create", "token-user01", "--gateway", "demo"]).await;
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("already exists (ALREADY_EXISTS)"), "{err}");
+    let (ok, _, err) = cli(&url, &["gateways", "delete", "demo"]).await;
+    assert!(!ok && err.contains("FAILED_PRECONDITION"), "{err}");
+    let (ok, out, _) = cli(&url, &["gateways", "delete", "demo", "--force"]).await;
+    assert!(ok && out.contains("2 keys"), "{out}");
+
+    let out = Command::new(BIN)
+        .args(["gateways", "list"])
+        .env("PORTCULLIS_ADMIN_URL", &url)
+        .env_remove("PORTCULLIS_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PORTCULLIS_TOKEN"));
+    let out = Command::new(BIN)
+        .args(["gateways", "list"])
+        .env("PORTCULLIS_ADMIN_URL", &url)
+        .env("PORTCULLIS_TOKEN", "nope-nope-nope-nope")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthorized (UNAUTHENTICATED)"));
+}
+
+#[tokio::test]
+async fn cli_prices_usage_rotation_and_legacy_import() {
+    let server = TestServer::start().await;
+    let url = server.admin_url();
+    let (ok, _, err) = cli(&url, &["gateways", "create", "demo"]).await;
+    assert!(ok, "{err}");
+
+    let (ok, out, err) = cli(&url, &["prices", "set", "gpt-4o-mini", "--input", "0.15", "--output", "0.6"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("gpt-4o-mini") && out.contains("$0.15") && out.contains("$0.60"), "{out}");
+    let (ok, _, err) = cli(&url, &["prices", "set", "gpt-4o", "--input", "2.5.1", "--output", "10"]).await;
+    assert!(!ok && err.contains("price.input_usd_per_million") && err.contains("INVALID_ARGUMENT"), "{err}");
+    let (ok, out, _) = cli(&url, &["prices", "list", "--json"]).await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["output_usd_per_million"], "0.60");
+
+    let (ok, out, err) = cli(
+        &url,
+        &[
+            "keys",
+            "create",
+            "budgeted",
+            "--gateway",
+            "demo",
+            "--token-limit",
+            "1000",
+            "--cost-limit",
+            "5",
+            "--reset-period",
+            "monthly",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_str().unwrap().to_string();
+    let (ok, out, _) = cli(&url, &["keys", "usage", &id]).await;
+    assert!(ok);
+    assert!(out.contains("0 of 1000") && out.contains("$0.00 of $5.00") && out.contains("monthly"), "{out}");
+    let (ok, out, _) = cli(&url, &["keys", "usage", &id, "--json"]).await;
+    assert!(ok);
+    let u: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((u["requests"].as_u64(), u["cost_usd"].as_str()), (Some(0), Some("0.00")));
+
+    let (ok, out, err) = cli(&url, &["keys", "rotate", &id, "--grace", "10m"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("shown only this once") && out.contains("pcs_"), "{out}");
+
+    let out = Command::new(BIN)
+        .args(["keys", "import-legacy", "old-integration", "--gateway", "demo"])
+        .env("PORTCULLIS_ADMIN_URL", &url)
+        .env("PORTCULLIS_TOKEN", OWNER_TOKEN)
+        .env("PORTCULLIS_LEGACY_SECRET", "sk-legacy-abcdefghijklmnop")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("old-integration") && !stdout.contains("sk-legacy-abcdefghijklmnop"), "{stdout}");
+    let (ok, _, _) = cli(&url, &["prices", "delete", "gpt-4o-mini"]).await;
+    assert!(ok);
+    let (ok, _, err) = cli(&url, &["prices", "delete", "gpt-4o-mini"]).await;
+    assert!(!ok && err.contains("NOT_FOUND"), "{err}");
+}
+
+#[tokio::test]
+async fn cli_manages_tokens_and_reads_the_audit_trail() {
+    let server = TestServer::start().await;
+    let url = server.admin_url();
+    for g in ["alpha", "beta"] {
+        assert!(cli(&url, &["gateways", "create", g]).await.0);
+    }
+    let (ok, out, err) =
+        cli(&url, &["tokens", "create", "token-user01", "--role", "developer", "--gateway", "alpha"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("token-user01") && out.contains("developer") && out.contains("shown only this once"), "{out}");
+    let secret = out.lines().find(|l| l.starts_with("pcm_")).expect("secret printed").trim().to_string();
+
+    let (ok, out, _) = cli_as(&url, &secret, &["tokens", "whoami"]).await;
+    assert!(ok && out.contains("token-user01") && out.contains("alpha"), "{out}");
+    let (ok, _, err) = cli_as(&url, &secret, &["keys", "create", "app", "--gateway", "alpha"]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli_as(&url, &secret, &["keys", "list", "--gateway", "beta"]).await;
+    assert!(!ok);
+    assert_eq!(err.trim(), "error: You don't have access to this gateway (PERMISSION_DENIED)");
+    let (ok, _, err) = cli_as(&url, &secret, &["gateways", "delete", "alpha"]).await;
+    assert_eq!((ok, err.trim()), (false, "error: You don't have access to this action (PERMISSION_DENIED)"));
+
+    let (ok, out, _) = cli(&url, &["tokens", "list", "--json"]).await;
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dev = list.as_array().unwrap().iter().find(|t| t["name"] == "token-user01").unwrap().clone();
+    assert!(!out.contains(&secret[12..]), "secrets are never listed");
+    let (ok, out, _) = cli(&url, &["audit", "--gateway", "alpha", "--json"]).await;
+    assert!(ok);
+    let events: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let actions: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions[..2], ["GatewayService/DeleteGateway", "KeyService/CreateKey"], "{actions:?}");
+    assert_eq!(events[0]["token_name"], "token-user01");
+    let (ok, out, _) = cli(&url, &["audit", "--limit", "3"]).await;
+    assert!(ok && out.starts_with("TIME") && out.lines().count() == 4, "{out}");
+
+    // Address and token from flags, with no environment.
+    let out = Command::new(BIN)
+        .args(["--admin-url", &url, "--token", OWNER_TOKEN, "tokens", "list"])
+        .env_remove("PORTCULLIS_ADMIN_URL")
+        .env_remove("PORTCULLIS_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && listed.contains("token-user01") && listed.contains("ACTIVE"), "{listed}");
+    let (ok, out, _) = cli(&url, &["tokens", "revoke", dev["id"].as_str().unwrap()]).await;
+    assert!(ok && out.contains("REVOKED"), "{out}");
+    let (ok, out, _) = cli(&url, &["tokens", "list", "--json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dev = list.as_array().unwrap().iter().find(|t| t["name"] == "token-user01").unwrap().clone();
+    assert!(ok && dev["status"] == "TOKEN_STATUS_REVOKED", "{dev}");
+    let (ok, _, err) = cli_as(&url, &secret, &["tokens", "whoami"]).await;
+    assert_eq!((ok, err.trim()), (false, "error: Unauthorized (UNAUTHENTICATED)"));
+}
