@@ -355,7 +355,9 @@ pub fn query_param<'a>(path: &'a str, name: &str) -> Result<Option<QueryKey<'a>>
                 if found.is_some() {
                     return Err(InvalidReason::Repeated);
                 }
-                let value = pair.split_once('=').map_or("", |(_, v)| v);
+                // The value of this part only: in `api_key;x=pcs_…` Envoy sees a parameter
+                // named `api_key;x` (and leaves it), so a key there is no key of ours.
+                let value = part.split_once('=').map_or("", |(_, v)| v);
                 found = Some(QueryKey { value: percent_decode(value), pair: range.clone() });
             } else if reads_as(raw_name, name) {
                 return Err(InvalidReason::DisguisedName);
@@ -630,6 +632,9 @@ mod tests {
         assert_eq!(value_of("/p?k", "k").as_deref(), Some(""));
         assert_eq!(value_of("/p?k=%zz%2", "k").as_deref(), Some("%zz%2"));
         assert_eq!(value_of("/p", "k"), None);
+        // `k;x=v` is a parameter `k;x` to Envoy, which leaves it: no value of ours.
+        assert_eq!(value_of("/p?k;x=pcs_abc", "k").as_deref(), Some(""));
+        assert_eq!(value_of("/p?k=pcs_abc;x=1", "k").as_deref(), Some("pcs_abc"));
         // The range is the `name=value` pair Envoy removes.
         let path = "/p?a=1&k=v&b=2";
         let found = query_param(path, "k").unwrap().unwrap();
