@@ -19,9 +19,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::domain::budget::{Hold, Metered};
-use crate::domain::estimate::{self, ContentEstimate};
-use crate::domain::pricing::cost_micros;
+use crate::domain::estimate::ContentEstimate;
+use crate::domain::metering::{self, Observed, Settled};
 use crate::domain::usage::UsageParser;
 use crate::state::Shared;
 
@@ -175,62 +174,26 @@ impl Exchange {
         }
         let now = shared.clock.now();
         let limits = shared.view_for_metering().key_by_id(key_id).map(|k| k.limits);
-        let reset_period = limits.map(|l| l.reset_period);
-        let cost_limited = limits.is_some_and(|l| l.cost_limit_micros.is_some());
-        let limiters = &shared.limiters;
-        // A response whose status never came through may have succeeded: it is charged
-        // like one.
-        let success = self.status == 0 || (200..300).contains(&self.status);
         // A compressed body was not read: its reservation is the floor.
-        let estimate = match (&self.content_encoding, &self.estimate) {
+        let content_tokens = match (&self.content_encoding, &self.estimate) {
             (None, Some(e)) => e.tokens(),
             _ => 0,
         };
+        let seen = Observed { status: self.status, reported, content_tokens, complete: self.done };
+        let Settled { metered, unpriced } =
+            metering::settle(&shared.limiters, key_id, limits, self.reservation, &seen, now);
+        let reported = &seen.reported;
         let model = reported.model.as_deref().unwrap_or("");
-        let (price, highest) = match limiters.prices.read() {
-            Ok(book) => (book.lookup(model).copied(), book.highest().copied()),
-            Err(_) => (None, None),
-        };
-        if price.is_none() && (reported.found || (success && !model.is_empty())) && shared.metrics.unpriced(model) {
+        if unpriced && shared.metrics.unpriced(model) {
             tracing::warn!(
                 model,
                 "unpriced model: tokens are counted at cost 0, or at the highest prices for keys with a USD limit \
                  (set a price with SetModelPrice)"
             );
         }
-        // A key with a USD limit never gets a model for free: an unpriced (or unnamed)
-        // model costs the highest prices of the book, as its reservation did.
-        let price = price.or(highest.filter(|_| cost_limited));
-        // Usage the provider reported is charged as reported. A successful response that
-        // reports none (a stream without `stream_options.include_usage`, a compressed
-        // body), that was cut before its end, or whose last usage was a first count
-        // (Anthropic's `message_start` says 1 output token; an error event may follow it)
-        // is charged an estimate: its prompt from the request, its completion from its
-        // content, never less than its reservation. Leaving usage out, or cutting the
-        // stream, never escapes a budget.
-        let complete = self.done;
-        let charge = |held: Option<Hold>| {
-            if success && (!reported.found || !reported.last || !complete) {
-                estimate::charge_unreported(&reported, estimate, price.as_ref(), held)
-            } else if reported.found {
-                Metered {
-                    prompt_tokens: reported.prompt_tokens,
-                    completion_tokens: reported.completion_tokens,
-                    cost_micros: price
-                        .map_or(0, |p| cost_micros(&p, reported.prompt_tokens, reported.completion_tokens)),
-                }
-            } else {
-                Metered::default()
-            }
-        };
-        let metered = match reset_period {
-            Some(period) => limiters.meters.record(key_id, period, self.reservation, charge, now),
-            // The key was deleted meanwhile: only give the reservation back.
-            None => charge(self.reservation.and_then(|r| limiters.meters.settle(key_id, r))),
-        };
         shared.metrics.metered(metered.prompt_tokens, metered.completion_tokens, reported.found);
-        if !reported.found && success {
-            tracing::debug!(key_id = %key_id, estimate, charged = metered.completion_tokens, "no usage in a successful response: charged its estimate or reservation");
+        if !reported.found && seen.succeeded() {
+            tracing::debug!(key_id = %key_id, content_tokens, charged = metered.completion_tokens, "no usage in a successful response: charged its estimate or reservation");
         }
         tracing::debug!(key_id = %key_id, prompt = metered.prompt_tokens, completion = metered.completion_tokens, cost_micros = metered.cost_micros, "metered");
     }

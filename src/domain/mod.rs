@@ -9,6 +9,7 @@ pub mod clock;
 pub mod estimate;
 pub mod gateway;
 pub mod key;
+pub mod metering;
 pub mod money;
 pub mod period;
 pub mod pricing;
