@@ -32,7 +32,8 @@ use crate::domain::tokens::TokenRegistry;
 use crate::domain::view::View;
 use crate::listen::{self, FrontDoor, Limits};
 use crate::state::Shared;
-use crate::store::{self, DynStore, Store};
+use crate::store::{self, DynStore};
+use crate::upkeep::{self, Upkeep};
 
 /// Names reported by `grpc.health.v1.Health` (besides the overall ""), per side.
 const AUTHZ_HEALTH: &[&str] = &["envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor"];
@@ -43,75 +44,6 @@ const ADMIN_HEALTH: &[&str] = &[
     "portcullis.admin.v1.AccessService",
     "portcullis.admin.v1.AuditService",
 ];
-
-/// Writes changed usage counters and token last-use times; on failure they stay dirty
-/// for the next attempt.
-async fn flush_usage(store: &dyn Store, shared: &Shared, last: bool) -> bool {
-    let _one_at_a_time = shared.flush.lock().await;
-    let used = shared.tokens.read().map(|t| t.last_used_to_write(last)).unwrap_or_default();
-    if !used.is_empty() {
-        match store.save_token_last_used(&used).await {
-            Ok(()) => {
-                if let Ok(mut t) = shared.tokens.write() {
-                    t.persisted(&used);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not record management-token use; will retry"),
-        }
-    }
-    let dirty = shared.limiters.meters.take_dirty();
-    if dirty.is_empty() {
-        return true;
-    }
-    match store.save_usage(&dirty, shared.clock.now()).await {
-        Ok(()) => true,
-        Err(e) => {
-            shared.metrics.flush_failed();
-            tracing::error!(error = %e, keys = dirty.len(), "usage flush failed; will retry");
-            shared.limiters.meters.mark_dirty(dirty.iter().map(|c| c.key_id));
-            false
-        }
-    }
-}
-
-/// The once-a-minute sweep: forgets idle request windows and releases reservations older
-/// than `ttl` whose response never started metering (ages on the monotonic clock; one
-/// whose metering stream is open is kept until it ends). Returns how many it released.
-pub fn sweep(shared: &Shared, ttl: chrono::Duration) -> usize {
-    let now = shared.clock.monotonic();
-    shared.limiters.windows.sweep(now);
-    let expired = shared.limiters.meters.expire_reservations(now, ttl);
-    if expired > 0 {
-        tracing::warn!(expired, "released budget reservations that metering never settled");
-    }
-    expired
-}
-
-/// Audit events deleted per statement: small batches keep each write short.
-const AUDIT_PRUNE_BATCH: u32 = 5_000;
-
-/// Deletes the audit events from before `cutoff`, a batch at a time; returns how many.
-pub async fn prune_audit(store: &dyn Store, cutoff: chrono::DateTime<chrono::Utc>) -> u64 {
-    let mut deleted = 0;
-    loop {
-        match store.prune_audit(cutoff, AUDIT_PRUNE_BATCH).await {
-            Ok(n) => {
-                deleted += n;
-                if n < u64::from(AUDIT_PRUNE_BATCH) {
-                    break;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not delete old audit events; next hour again");
-                break;
-            }
-        }
-    }
-    if deleted > 0 {
-        tracing::info!(deleted, %cutoff, "deleted audit events older than --audit-retention");
-    }
-    deleted
-}
 
 /// The service names this role serves, "" first.
 fn health_names(role: ServeRole) -> Vec<&'static str> {
@@ -230,43 +162,13 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     };
     let shared = Arc::new(Shared::new(view, tokens, limiters, clock));
 
-    // Once a minute: forget idle request windows, release reservations metering never settled.
-    let weak = Arc::downgrade(&shared);
     let ttl = chrono::Duration::from_std(args.reservation_ttl).context("--reservation-ttl is too large")?;
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tick.tick().await;
-            let Some(shared) = weak.upgrade() else { break };
-            sweep(&shared, ttl);
-        }
-    });
-    // Hourly, from the start: the audit trail keeps --audit-retention.
-    if !args.audit_retention.is_zero() {
-        let retention = chrono::Duration::from_std(args.audit_retention).context("--audit-retention is too large")?;
-        let (weak, audit_store) = (Arc::downgrade(&shared), Arc::clone(&store));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(3600));
-            loop {
-                tick.tick().await;
-                let Some(shared) = weak.upgrade() else { break };
-                let cutoff = shared.clock.now() - retention;
-                drop(shared);
-                prune_audit(&*audit_store, cutoff).await;
-            }
-        });
-    }
-    // Usage reaches storage within --usage-flush-interval (1 s by default).
-    let (weak, flush_store) = (Arc::downgrade(&shared), Arc::clone(&store));
-    let every = args.usage_flush_interval.max(Duration::from_millis(10));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            let Some(shared) = weak.upgrade() else { break };
-            flush_usage(&*flush_store, &shared, false).await;
-        }
-    });
+    let retention = chrono::Duration::from_std(args.audit_retention).context("--audit-retention is too large")?;
+    upkeep::spawn(
+        &shared,
+        &store,
+        Upkeep { reservation_ttl: ttl, audit_retention: retention, flush_every: args.usage_flush_interval },
+    );
 
     let (health, health_server) = tonic_health::server::health_reporter();
     let (shutdown, rx) = watch::channel(false);
@@ -405,7 +307,7 @@ impl Running {
                 Ok(())
             }
         };
-        if !flush_usage(&*self.store, &self.shared, true).await {
+        if !upkeep::flush_usage(&*self.store, &self.shared, true).await {
             tracing::error!("usage of the last second could not be written");
         }
         self.store.release().await;

@@ -624,7 +624,7 @@ async fn an_open_stream_keeps_its_reservation_past_the_ttl() {
         .await;
         // Longer than the TTL passes while the stream is still open; the sweep runs.
         stack.server.clock.advance(Duration::minutes(11));
-        let released = portcullis::app::sweep(shared, Duration::minutes(10));
+        let released = portcullis::upkeep::sweep(shared, Duration::minutes(10));
         let reserved = usage(&mut keys.clone(), &id).await.reserved_tokens;
         release_upstream(&stack).await;
         (released, reserved)
@@ -652,7 +652,7 @@ async fn a_response_that_starts_after_its_reservation_expired_is_still_charged_i
         })
         .await;
         stack.server.clock.advance(Duration::minutes(11));
-        let released = portcullis::app::sweep(shared, Duration::minutes(10));
+        let released = portcullis::upkeep::sweep(shared, Duration::minutes(10));
         let reserved = usage(&mut keys.clone(), &id).await.reserved_tokens;
         release_upstream(&stack).await;
         (released, reserved)

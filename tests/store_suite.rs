@@ -249,8 +249,8 @@ async fn usage_prices_tokens_and_audit(db: &Db) {
     assert_eq!(s.prune_audit(t0() + Duration::seconds(2), 1).await.unwrap(), 1);
     let left = s.list_audit(None, None, 10).await.unwrap();
     assert_eq!(left.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), ["t2", "t1"], "the oldest went first");
-    assert_eq!(portcullis::app::prune_audit(&**s, t0() + Duration::seconds(2)).await, 1);
-    assert_eq!(portcullis::app::prune_audit(&**s, t0() + Duration::seconds(2)).await, 0);
+    assert_eq!(portcullis::upkeep::prune_audit(&**s, t0() + Duration::seconds(2)).await, 1);
+    assert_eq!(portcullis::upkeep::prune_audit(&**s, t0() + Duration::seconds(2)).await, 0);
     let left = s.list_audit(None, None, 10).await.unwrap();
     assert_eq!(left.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), ["t2"], "the cutoff itself stays");
 }

@@ -1,0 +1,132 @@
+//! What runs in the background of a server: the usage flush (every
+//! `--usage-flush-interval`), the sweep of request windows and unsettled reservations
+//! (every minute), and the audit retention (hourly). Each stops with the server.
+
+use std::future::Future;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::state::Shared;
+use crate::store::{DynStore, Store};
+
+/// How the background work is set.
+#[derive(Debug, Clone, Copy)]
+pub struct Upkeep {
+    /// A reservation whose response never started metering is released after this.
+    pub reservation_ttl: chrono::Duration,
+    /// Audit events older than this are deleted; zero keeps them all.
+    pub audit_retention: chrono::Duration,
+    /// How often changed usage is written.
+    pub flush_every: Duration,
+}
+
+/// Starts the background work of a server; each task ends once `shared` is dropped.
+pub fn spawn(shared: &Arc<Shared>, store: &DynStore, upkeep: Upkeep) {
+    let ttl = upkeep.reservation_ttl;
+    every(Duration::from_secs(60), shared, move |shared| async move {
+        sweep(&shared, ttl);
+    });
+    if upkeep.audit_retention > chrono::Duration::zero() {
+        let (store, retention) = (Arc::clone(store), upkeep.audit_retention);
+        every(Duration::from_secs(3600), shared, move |shared| {
+            let (store, cutoff) = (Arc::clone(&store), shared.clock.now() - retention);
+            async move {
+                drop(shared);
+                prune_audit(&*store, cutoff).await;
+            }
+        });
+    }
+    let store = Arc::clone(store);
+    every(upkeep.flush_every.max(Duration::from_millis(10)), shared, move |shared| {
+        let store = Arc::clone(&store);
+        async move {
+            flush_usage(&*store, &shared, false).await;
+        }
+    });
+}
+
+/// Runs `task` every `period` (the first time at once) while the server lives.
+fn every<F, Fut>(period: Duration, shared: &Arc<Shared>, task: F)
+where
+    F: Fn(Arc<Shared>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let Some(shared) = weak.upgrade() else { break };
+            task(shared).await;
+        }
+    });
+}
+
+/// Writes changed usage counters and token last-use times; on failure they stay dirty
+/// for the next attempt.
+pub async fn flush_usage(store: &dyn Store, shared: &Shared, last: bool) -> bool {
+    let _one_at_a_time = shared.flush.lock().await;
+    let used = shared.tokens.read().map(|t| t.last_used_to_write(last)).unwrap_or_default();
+    if !used.is_empty() {
+        match store.save_token_last_used(&used).await {
+            Ok(()) => {
+                if let Ok(mut t) = shared.tokens.write() {
+                    t.persisted(&used);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not record management-token use; will retry"),
+        }
+    }
+    let dirty = shared.limiters.meters.take_dirty();
+    if dirty.is_empty() {
+        return true;
+    }
+    match store.save_usage(&dirty, shared.clock.now()).await {
+        Ok(()) => true,
+        Err(e) => {
+            shared.metrics.flush_failed();
+            tracing::error!(error = %e, keys = dirty.len(), "usage flush failed; will retry");
+            shared.limiters.meters.mark_dirty(dirty.iter().map(|c| c.key_id));
+            false
+        }
+    }
+}
+
+/// The once-a-minute sweep: forgets idle request windows and releases reservations older
+/// than `ttl` whose response never started metering (ages on the monotonic clock; one
+/// whose metering stream is open is kept until it ends). Returns how many it released.
+pub fn sweep(shared: &Shared, ttl: chrono::Duration) -> usize {
+    let now = shared.clock.monotonic();
+    shared.limiters.windows.sweep(now);
+    let expired = shared.limiters.meters.expire_reservations(now, ttl);
+    if expired > 0 {
+        tracing::warn!(expired, "released budget reservations that metering never settled");
+    }
+    expired
+}
+
+/// Audit events deleted per statement: small batches keep each write short.
+const AUDIT_PRUNE_BATCH: u32 = 5_000;
+
+/// Deletes the audit events from before `cutoff`, a batch at a time; returns how many.
+pub async fn prune_audit(store: &dyn Store, cutoff: chrono::DateTime<chrono::Utc>) -> u64 {
+    let mut deleted = 0;
+    loop {
+        match store.prune_audit(cutoff, AUDIT_PRUNE_BATCH).await {
+            Ok(n) => {
+                deleted += n;
+                if n < u64::from(AUDIT_PRUNE_BATCH) {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not delete old audit events; next hour again");
+                break;
+            }
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(deleted, %cutoff, "deleted audit events older than --audit-retention");
+    }
+    deleted
+}
