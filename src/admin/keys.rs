@@ -10,8 +10,10 @@ use super::error::store_err;
 use super::{Admin, AdminError, AdminResult, Call, Kind, page_after, page_size};
 use crate::domain::FieldError;
 use crate::domain::access::Action;
-use crate::domain::key::{ApiKey, Limits, validate_expiry, validate_key_name};
-use crate::domain::secret::{self, Secret, SecretKind, Shape};
+use crate::domain::key::{
+    ApiKey, LEGACY_TAKES_NO_LIMITS, NewKey, RotationRefused, validate_expiry, validate_key_name, validate_legacy_secret,
+};
+use crate::domain::secret::{Secret, SecretKind};
 use crate::domain::view::KeySecret;
 use crate::domain::{money, period};
 use crate::pb;
@@ -31,29 +33,6 @@ pub(crate) fn parse_id(field: &'static str, id: &str) -> Result<Uuid, FieldError
     Uuid::parse_str(id).map_err(|_| FieldError::new(field, "is not a valid id"))
 }
 
-const LEGACY_TAKES_NO_LIMITS: &str = "legacy keys take no limits; create a new key to get limits";
-
-/// Legacy keys authenticate but take no limits.
-fn refuse_legacy_limits(key: &ApiKey) -> Result<(), FieldError> {
-    if key.legacy && key.limits != Limits::default() {
-        return Err(FieldError::new("limits", LEGACY_TAKES_NO_LIMITS));
-    }
-    Ok(())
-}
-
-/// A legacy secret clients already hold: 16 to 512 visible ASCII characters.
-fn validate_legacy_secret(s: &str) -> Result<(), FieldError> {
-    // A comma is how Envoy joins a header sent twice: Check refuses such a value, so a
-    // key containing one could never authenticate.
-    if s.len() < 16 || s.len() > 512 || !s.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
-        return Err(FieldError::new("secret", "must be 16 to 512 visible ASCII characters without spaces or commas"));
-    }
-    if secret::shape(s, SecretKind::ApiKey) == Shape::BadChecksum {
-        return Err(FieldError::new("secret", "looks like a Portcullis key but its checksum is wrong"));
-    }
-    Ok(())
-}
-
 impl Admin {
     /// Loads a key by id and authorizes `action` on its gateway.
     async fn key_for(&self, call: &Call, action: Action, id: &str) -> AdminResult<(ApiKey, String)> {
@@ -65,12 +44,6 @@ impl Admin {
         call.check(action, Some(&gateway))?;
         Ok((key, gateway))
     }
-}
-
-/// A key of ours (with limits and expiry), or an imported legacy secret (neither).
-enum NewKey {
-    Managed { limits: Limits, expires_at: Option<chrono::DateTime<chrono::Utc>> },
-    Legacy,
 }
 
 impl Admin {
@@ -94,23 +67,7 @@ impl Admin {
                 "the gateway has {max} keys, the most it may have (--max-keys-per-gateway): delete keys first"
             )));
         }
-        let (legacy, limits, expires_at) = match kind {
-            NewKey::Managed { limits, expires_at } => (false, limits, expires_at),
-            NewKey::Legacy => (true, Limits::default(), None),
-        };
-        let key = ApiKey {
-            id: Uuid::now_v7(),
-            gateway_id: gateway.id,
-            name: name.trim().to_string(),
-            // A legacy secret may be short: show less of it than of ours.
-            prefix: if legacy { secret.expose().chars().take(6).collect() } else { secret.display_prefix() },
-            enabled: true,
-            legacy,
-            limits,
-            created_at: self.shared.clock.now(),
-            expires_at,
-            last_used_at: None,
-        };
+        let key = ApiKey::new(gateway.id, name, secret.expose(), kind, self.shared.clock.now());
         call.target(key.id.to_string());
         self.store.insert_key(&key, &secret.hash()).await?;
         self.shared.view_mut()?.upsert_key(key.clone(), vec![KeySecret::current(secret.hash())]);
@@ -200,7 +157,7 @@ impl KeyService for KeyApi {
             }
             if let Some(limits) = &req.limits {
                 key.limits = limits_from_pb(Some(limits))?;
-                refuse_legacy_limits(&key)?;
+                key.check_limits()?;
             }
             if let Some(t) = &req.expires_at {
                 let at = from_timestamp("expires_at", t)?;
@@ -310,16 +267,13 @@ impl KeyService for KeyApi {
                 None => chrono::Duration::zero(),
                 Some(d) => from_duration("grace_period", d)?,
             };
-            if grace < chrono::Duration::zero() || grace > chrono::Duration::days(90) {
-                return Err(FieldError::new("grace_period", "must be between 0 and 90 days").into());
-            }
-            if key.legacy {
-                return Err(AdminError::FailedPrecondition(
+            let until = key.rotation_grace(grace, now).map_err(|refused| match refused {
+                RotationRefused::Invalid(e) => AdminError::from(e),
+                RotationRefused::Legacy => AdminError::FailedPrecondition(
                     "legacy keys cannot be rotated: create a new key, then disable the legacy one".into(),
-                ));
-            }
+                ),
+            })?;
             let secret = Secret::generate(SecretKind::ApiKey);
-            let until = (grace > chrono::Duration::zero()).then(|| now + grace);
             admin
                 .store
                 .rotate_key(key.id, &secret.hash(), &secret.display_prefix(), until)

@@ -1,9 +1,10 @@
 //! API keys: identity, status rules and limits.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
 use super::FieldError;
+use super::secret::{DISPLAY_PREFIX_LEN, SecretKind, Shape, shape};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ResetPeriod {
@@ -85,7 +86,76 @@ pub struct ApiKey {
     pub last_used_at: Option<DateTime<Utc>>,
 }
 
+/// What a new key is: one of ours (with limits and expiry), or an imported legacy secret
+/// (neither).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewKey {
+    Managed { limits: Limits, expires_at: Option<DateTime<Utc>> },
+    Legacy,
+}
+
+/// Why a key cannot be rotated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RotationRefused {
+    /// The grace period is out of range.
+    Invalid(FieldError),
+    /// Legacy keys keep the secret clients already hold.
+    Legacy,
+}
+
+/// The longest grace period during which a rotated-out secret still works.
+pub const MAX_ROTATION_GRACE_DAYS: i64 = 90;
+
+pub const LEGACY_TAKES_NO_LIMITS: &str = "legacy keys take no limits; create a new key to get limits";
+
 impl ApiKey {
+    /// A new, enabled key of gateway `gateway_id` named `name` (trimmed) whose secret
+    /// starts with `prefix_of_secret`: ours show their first 12 characters, a legacy
+    /// secret (which may be short) only 6.
+    pub fn new(gateway_id: Uuid, name: &str, secret_prefix: &str, kind: NewKey, now: DateTime<Utc>) -> ApiKey {
+        let (legacy, limits, expires_at) = match kind {
+            NewKey::Managed { limits, expires_at } => (false, limits, expires_at),
+            NewKey::Legacy => (true, Limits::default(), None),
+        };
+        let shown = if legacy { 6 } else { DISPLAY_PREFIX_LEN };
+        ApiKey {
+            id: Uuid::now_v7(),
+            gateway_id,
+            name: name.trim().to_string(),
+            prefix: secret_prefix.chars().take(shown).collect(),
+            enabled: true,
+            legacy,
+            limits,
+            created_at: now,
+            expires_at,
+            last_used_at: None,
+        }
+    }
+
+    /// Legacy keys authenticate but take no limits.
+    pub fn check_limits(&self) -> Result<(), FieldError> {
+        if self.legacy && self.limits != Limits::default() {
+            return Err(FieldError::new("limits", LEGACY_TAKES_NO_LIMITS));
+        }
+        Ok(())
+    }
+
+    /// Until when the current secret keeps working after a rotation at `now` with this
+    /// grace period (`None`: it stops at once). Legacy keys are not rotated.
+    pub fn rotation_grace(
+        &self,
+        grace: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, RotationRefused> {
+        if grace < Duration::zero() || grace > Duration::days(MAX_ROTATION_GRACE_DAYS) {
+            return Err(RotationRefused::Invalid(FieldError::new("grace_period", "must be between 0 and 90 days")));
+        }
+        if self.legacy {
+            return Err(RotationRefused::Legacy);
+        }
+        Ok((grace > Duration::zero()).then(|| now + grace))
+    }
+
     /// Disabled wins over expired: re-enabling an expired key leaves it expired.
     pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
         if !self.enabled {
@@ -108,6 +178,19 @@ pub fn validate_key_name(field: &'static str, name: &str) -> Result<(), FieldErr
     }
     if name.chars().any(char::is_control) {
         return Err(FieldError::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A legacy secret clients already hold: 16 to 512 visible ASCII characters.
+pub fn validate_legacy_secret(s: &str) -> Result<(), FieldError> {
+    // A comma is how Envoy joins a header sent twice: Check refuses such a value, so a
+    // key containing one could never authenticate.
+    if s.len() < 16 || s.len() > 512 || !s.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+        return Err(FieldError::new("secret", "must be 16 to 512 visible ASCII characters without spaces or commas"));
+    }
+    if shape(s, SecretKind::ApiKey) == Shape::BadChecksum {
+        return Err(FieldError::new("secret", "looks like a Portcullis key but its checksum is wrong"));
     }
     Ok(())
 }
@@ -164,6 +247,40 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
         assert!(validate_expiry("expires_at", now + Duration::seconds(1), now).is_ok());
         assert_eq!(validate_expiry("expires_at", now, now).unwrap_err().field, "expires_at");
+    }
+
+    #[test]
+    fn new_keys_legacy_rules_and_rotation() {
+        let now = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        let limits = Limits { token_limit: Some(5), ..Default::default() };
+        let ours = ApiKey::new(
+            Uuid::now_v7(),
+            " team ",
+            "pcs_abcdefghijklmn",
+            NewKey::Managed { limits, expires_at: None },
+            now,
+        );
+        assert_eq!(
+            (ours.name.as_str(), ours.prefix.as_str(), ours.legacy, ours.enabled),
+            ("team", "pcs_abcdefgh", false, true)
+        );
+        assert_eq!((ours.limits, ours.created_at), (limits, now));
+        let mut legacy = ApiKey::new(Uuid::now_v7(), "old", "sk-legacy-0123456789", NewKey::Legacy, now);
+        assert_eq!((legacy.prefix.as_str(), legacy.legacy, legacy.limits), ("sk-leg", true, Limits::default()));
+        assert!(legacy.check_limits().is_ok());
+        legacy.limits = limits;
+        assert_eq!(legacy.check_limits().unwrap_err().message, LEGACY_TAKES_NO_LIMITS);
+        assert!(ours.check_limits().is_ok());
+        // Rotation: the old secret works for the grace period, at most 90 days.
+        assert_eq!(ours.rotation_grace(Duration::zero(), now), Ok(None));
+        assert_eq!(ours.rotation_grace(Duration::hours(1), now), Ok(Some(now + Duration::hours(1))));
+        assert!(matches!(ours.rotation_grace(Duration::days(91), now), Err(RotationRefused::Invalid(_))));
+        assert!(matches!(ours.rotation_grace(Duration::seconds(-1), now), Err(RotationRefused::Invalid(_))));
+        assert_eq!(legacy.rotation_grace(Duration::zero(), now), Err(RotationRefused::Legacy));
+        // Legacy secrets.
+        assert!(validate_legacy_secret("sk-legacy-0123456789").is_ok());
+        assert_eq!(validate_legacy_secret("short").unwrap_err().field, "secret");
+        assert_eq!(validate_legacy_secret("sk-legacy,0123456789").unwrap_err().field, "secret");
     }
 
     #[test]
