@@ -2,6 +2,8 @@
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use uuid::Uuid;
+
 use crate::domain::check::Limiters;
 use crate::domain::clock::Clock;
 use crate::domain::tokens::TokenRegistry;
@@ -52,6 +54,23 @@ impl Shared {
     /// which can refuse, denies instead).
     pub fn view_for_metering(&self) -> RwLockReadGuard<'_, View> {
         self.view.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// After a key was deleted: Check stops knowing it and its counters are dropped (its
+    /// stored usage stays for history).
+    pub fn key_deleted(&self, id: Uuid) -> Result<(), ViewPoisoned> {
+        self.view_mut()?.remove_key(id);
+        self.limiters.meters.forget(id);
+        Ok(())
+    }
+
+    /// After a gateway was deleted together with `keys`: the same for each of them.
+    pub fn gateway_deleted(&self, name: &str, keys: &[Uuid]) -> Result<(), ViewPoisoned> {
+        self.view_mut()?.remove_gateway(name);
+        for &id in keys {
+            self.limiters.meters.forget(id);
+        }
+        Ok(())
     }
 
     /// Marks a metering stream as started; the guard marks it recorded when dropped.

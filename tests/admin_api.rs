@@ -701,3 +701,21 @@ async fn damaged_stored_data_is_an_internal_error_not_a_retry() {
     let s = gw.list_gateways(pb::ListGatewaysRequest::default()).await.expect_err("damaged");
     assert_eq!((s.code(), s.message()), (Code::Internal, "internal error"));
 }
+
+#[tokio::test]
+async fn a_forced_gateway_delete_forgets_its_keys_and_their_counters() {
+    let server = TestServer::start().await;
+    let (mut gw, mut keys) = server.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (key, _) = create_key(&mut keys, "demo", "one").await;
+    let id: uuid::Uuid = key.id.parse().unwrap();
+    let meters = &server.running().shared.limiters.meters;
+    // The key has been used: its counters are in memory.
+    keys.get_key_usage(pb::GetKeyUsageRequest { id: key.id.clone() }).await.unwrap();
+    assert!(meters.holds(id));
+    let r = gw.delete_gateway(pb::DeleteGatewayRequest { name: "demo".into(), force: true }).await.unwrap();
+    assert_eq!(r.into_inner().deleted_keys, 1);
+    assert!(!meters.holds(id), "a deleted key's counters are not kept (nor flushed) any more");
+    let s = keys.get_key(pb::GetKeyRequest { id: key.id }).await.expect_err("deleted");
+    assert_eq!(s.code(), Code::NotFound);
+}

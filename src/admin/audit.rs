@@ -34,30 +34,28 @@ impl AuditService for AuditApi {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let call = self.0.begin(&request, "AuditService/ListAuditEvents").await?;
-        let req = request.into_inner();
-        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
-        let run = async move {
-            let gateway = (!req.gateway.is_empty()).then_some(req.gateway.as_str());
-            c.check(Action::ReadAudit, gateway)?;
-            // Events of every gateway need an unscoped token.
-            if gateway.is_none() && c.who.is_scoped() {
-                return Err(Refusal::Gateway.into());
-            }
-            let size = page_size(req.page_size)?;
-            let before = page_after(&req.page_token)?;
-            let mut events = admin.store.list_audit(gateway, before.as_deref(), size + 1).await?;
-            let next_page_token = if events.len() > size as usize {
-                events.truncate(size as usize);
-                events.last().map(|e| e.id.to_string()).unwrap_or_default()
-            } else {
-                String::new()
-            };
-            AdminResult::Ok(pb::ListAuditEventsResponse {
-                events: events.iter().map(event_to_pb).collect(),
-                next_page_token,
+        self.0
+            .serve(request, "AuditService/ListAuditEvents", Kind::Read, |admin, c, req| async move {
+                let gateway = (!req.gateway.is_empty()).then_some(req.gateway.as_str());
+                c.check(Action::ReadAudit, gateway)?;
+                // Events of every gateway need an unscoped token.
+                if gateway.is_none() && c.who.is_scoped() {
+                    return Err(Refusal::Gateway.into());
+                }
+                let size = page_size(req.page_size)?;
+                let before = page_after(&req.page_token)?;
+                let mut events = admin.store.list_audit(gateway, before.as_deref(), size + 1).await?;
+                let next_page_token = if events.len() > size as usize {
+                    events.truncate(size as usize);
+                    events.last().map(|e| e.id.to_string()).unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                AdminResult::Ok(pb::ListAuditEventsResponse {
+                    events: events.iter().map(event_to_pb).collect(),
+                    next_page_token,
+                })
             })
-        };
-        self.0.finish(call, Kind::Read, run).await.map(Response::new)
+            .await
     }
 }

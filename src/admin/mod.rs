@@ -168,6 +168,28 @@ impl Call {
 }
 
 impl Admin {
+    /// One admin call, the same for every RPC: the caller the interceptor authenticated
+    /// (else `UNAUTHENTICATED`, audited), then `handler` (which authorizes through
+    /// [`Call::check`] and notes the gateway and target the trail records), then the audit
+    /// (every mutation; reads only when refused) and the answer. A mutation first takes one
+    /// of its token's writes and then runs to completion even if the client goes away.
+    async fn serve<Req, Res, F, Fut>(
+        self: &Arc<Self>,
+        request: Request<Req>,
+        action: &'static str,
+        kind: Kind,
+        handler: F,
+    ) -> Result<tonic::Response<Res>, Status>
+    where
+        F: FnOnce(Arc<Admin>, Arc<Call>, Req) -> Fut,
+        Fut: Future<Output = AdminResult<Res>> + Send + 'static,
+        Res: Send + 'static,
+    {
+        let call = self.begin(&request, action).await?;
+        let run = handler(Arc::clone(self), Arc::clone(&call), request.into_inner());
+        self.finish(call, kind, run).await.map(tonic::Response::new)
+    }
+
     /// Starts a call: the caller the interceptor authenticated, or `UNAUTHENTICATED`
     /// (recorded in the audit trail).
     async fn begin<T>(&self, request: &Request<T>, action: &'static str) -> Result<Arc<Call>, Status> {

@@ -37,64 +37,67 @@ impl PricingService for PricingApi {
         &self,
         request: Request<pb::SetModelPriceRequest>,
     ) -> Result<Response<pb::ModelPrice>, Status> {
-        let call = self.0.begin(&request, "PricingService/SetModelPrice").await?;
-        let p = request.into_inner().price.unwrap_or_default();
-        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
-        let run = async move {
-            let valid = validate_model("price.model", &p.model);
-            if valid.is_ok() {
-                c.target(p.model.clone());
-            }
-            // Prices apply to every gateway: a gateway-scoped token cannot set them.
-            c.check_global(Action::WritePrices)?;
-            valid?;
-            let price = Price {
-                input_micros_per_million: money::parse_usd("price.input_usd_per_million", &p.input_usd_per_million)?,
-                output_micros_per_million: money::parse_usd("price.output_usd_per_million", &p.output_usd_per_million)?,
-            };
-            let _w = admin.writes.lock().await;
-            admin.store.set_price(&p.model, &price, admin.shared.clock.now()).await?;
-            admin.price_book()?.set(p.model.clone(), price);
-            AdminResult::Ok(price_to_pb(&p.model, &price))
-        };
-        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
+        self.0
+            .serve(request, "PricingService/SetModelPrice", Kind::Mutation, |admin, c, req| async move {
+                let p = req.price.unwrap_or_default();
+                let valid = validate_model("price.model", &p.model);
+                if valid.is_ok() {
+                    c.target(p.model.clone());
+                }
+                // Prices apply to every gateway: a gateway-scoped token cannot set them.
+                c.check_global(Action::WritePrices)?;
+                valid?;
+                let price = Price {
+                    input_micros_per_million: money::parse_usd(
+                        "price.input_usd_per_million",
+                        &p.input_usd_per_million,
+                    )?,
+                    output_micros_per_million: money::parse_usd(
+                        "price.output_usd_per_million",
+                        &p.output_usd_per_million,
+                    )?,
+                };
+                let _w = admin.writes.lock().await;
+                admin.store.set_price(&p.model, &price, admin.shared.clock.now()).await?;
+                admin.price_book()?.set(p.model.clone(), price);
+                AdminResult::Ok(price_to_pb(&p.model, &price))
+            })
+            .await
     }
 
     async fn list_model_prices(
         &self,
         request: Request<pb::ListModelPricesRequest>,
     ) -> Result<Response<pb::ListModelPricesResponse>, Status> {
-        let call = self.0.begin(&request, "PricingService/ListModelPrices").await?;
-        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
-        let run = async move {
-            c.check(Action::ReadPrices, None)?;
-            let prices = admin.store.list_prices().await?;
-            AdminResult::Ok(pb::ListModelPricesResponse {
-                prices: prices.iter().map(|(m, p)| price_to_pb(m, p)).collect(),
+        self.0
+            .serve(request, "PricingService/ListModelPrices", Kind::Read, |admin, c, _req| async move {
+                c.check(Action::ReadPrices, None)?;
+                let prices = admin.store.list_prices().await?;
+                AdminResult::Ok(pb::ListModelPricesResponse {
+                    prices: prices.iter().map(|(m, p)| price_to_pb(m, p)).collect(),
+                })
             })
-        };
-        self.0.finish(call, Kind::Read, run).await.map(Response::new)
+            .await
     }
 
     async fn delete_model_price(
         &self,
         request: Request<pb::DeleteModelPriceRequest>,
     ) -> Result<Response<pb::DeleteModelPriceResponse>, Status> {
-        let call = self.0.begin(&request, "PricingService/DeleteModelPrice").await?;
-        let model = request.into_inner().model;
-        let (admin, c) = (Arc::clone(&self.0), Arc::clone(&call));
-        let run = async move {
-            let valid = validate_model("model", &model);
-            if valid.is_ok() {
-                c.target(model.clone());
-            }
-            c.check_global(Action::WritePrices)?;
-            valid?;
-            let _w = admin.writes.lock().await;
-            admin.store.delete_price(&model).await.map_err(store_err("model price"))?;
-            admin.price_book()?.remove(&model);
-            AdminResult::Ok(pb::DeleteModelPriceResponse {})
-        };
-        self.0.finish(call, Kind::Mutation, run).await.map(Response::new)
+        self.0
+            .serve(request, "PricingService/DeleteModelPrice", Kind::Mutation, |admin, c, req| async move {
+                let model = req.model;
+                let valid = validate_model("model", &model);
+                if valid.is_ok() {
+                    c.target(model.clone());
+                }
+                c.check_global(Action::WritePrices)?;
+                valid?;
+                let _w = admin.writes.lock().await;
+                admin.store.delete_price(&model).await.map_err(store_err("model price"))?;
+                admin.price_book()?.remove(&model);
+                AdminResult::Ok(pb::DeleteModelPriceResponse {})
+            })
+            .await
     }
 }

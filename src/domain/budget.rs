@@ -444,6 +444,11 @@ impl Meters {
         stale.len()
     }
 
+    /// Whether counters of this key are held.
+    pub fn holds(&self, key_id: Uuid) -> bool {
+        self.inner.lock().is_ok_and(|inner| inner.keys.contains_key(&key_id))
+    }
+
     /// Forgets a deleted key's counters (its stored history stays).
     pub fn forget(&self, key_id: Uuid) {
         if let Ok(mut inner) = self.inner.lock() {
