@@ -96,6 +96,15 @@ async fn state_survives_a_sigterm_restart_and_secrets_stay_out_of_logs() {
         assert!(!all.contains(secret), "a secret reached the logs");
     }
     assert!(all.contains("reason=disabled"), "denials say why: {all}");
+    // One request can be followed: each Check, metered response and admin call in its span.
+    let denial = all.lines().find(|l| l.contains("denied: invalid key")).expect("the disabled key's denial");
+    assert!(denial.contains("check{gateway=\"demo\"") && denial.contains("decision=\"deny\""), "{denial}");
+    assert!(all.lines().any(|l| l.contains("metering{key_id=Some(")), "{all}");
+    let created = all.lines().find(|l| l.contains("admin call") && l.contains("KeyService/CreateKey")).unwrap();
+    assert!(
+        created.contains("admin_call{action=\"KeyService/CreateKey\"") && created.contains("gateway=\"demo\""),
+        "{created}"
+    );
     assert_eq!(all.matches(&token).count(), 1, "the owner token is printed exactly once");
 }
 

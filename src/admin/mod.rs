@@ -154,6 +154,7 @@ impl Call {
         if validate_gateway_name("gateway", name).is_err() {
             return;
         }
+        tracing::Span::current().record("gateway", name);
         if let Ok(mut g) = self.gateway.lock() {
             *g = Some(name.to_string());
         }
@@ -161,8 +162,10 @@ impl Call {
 
     /// Notes the call's target: an id, or a name that passed validation.
     fn target(&self, t: impl Into<String>) {
+        let t = t.into();
+        tracing::Span::current().record("target", t.as_str());
         if let Ok(mut target) = self.target.lock() {
-            *target = t.into();
+            *target = t;
         }
     }
 }
@@ -185,9 +188,22 @@ impl Admin {
         Fut: Future<Output = AdminResult<Res>> + Send + 'static,
         Res: Send + 'static,
     {
-        let call = self.begin(&request, action).await?;
-        let run = handler(Arc::clone(self), Arc::clone(&call), request.into_inner());
-        self.finish(call, kind, run).await.map(tonic::Response::new)
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "admin_call",
+            action,
+            token = tracing::field::Empty,
+            gateway = tracing::field::Empty,
+            target = tracing::field::Empty
+        );
+        async move {
+            let call = self.begin(&request, action).await?;
+            tracing::Span::current().record("token", call.who.name.as_str());
+            let run = handler(Arc::clone(self), Arc::clone(&call), request.into_inner());
+            self.finish(call, kind, run).await.map(tonic::Response::new)
+        }
+        .instrument(span)
+        .await
     }
 
     /// Starts a call: the caller the interceptor authenticated, or `UNAUTHENTICATED`

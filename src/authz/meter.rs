@@ -161,6 +161,7 @@ impl Exchange {
     }
 
     /// Records the response (once), whatever it reported; a cut stream still counts.
+    #[tracing::instrument(level = "debug", name = "metering", skip_all, fields(key_id = ?self.key_id, status = self.status))]
     fn finish(self, shared: &Shared) {
         let Some(key_id) = self.key_id else {
             if self.seen && !DENIAL_STATUSES.contains(&self.status) {

@@ -29,10 +29,16 @@ impl AuthzService {
         AuthzService { shared }
     }
 
-    /// Decides one CheckRequest. Never fails: faults become a 503 denial.
+    /// Decides one CheckRequest. Never fails: faults become a 503 denial. Its span (at
+    /// debug level, free when off) names the gateway, the key and the decision.
+    #[tracing::instrument(level = "debug", name = "check", skip_all, fields(gateway, key_id, decision))]
     pub fn decide(&self, req: &CheckRequest) -> CheckResponse {
         let attrs = req.attributes.as_ref();
         let gateway = attrs.and_then(|a| a.context_extensions.get("gateway")).map(String::as_str);
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("gateway", gateway.unwrap_or(""));
+        }
         let http = attrs.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         let empty = HashMap::new();
         // Envoy sends `headers` unless `encode_raw_headers` is on; then only `header_map`.
@@ -63,6 +69,16 @@ impl AuthzService {
             }
         };
         let decision = check::decide(&view, &self.shared.limiters, &parts, at);
+        if !span.is_disabled() {
+            let (key_id, outcome) = match &decision {
+                Decision::Allow(a) => (Some(a.key.id), "allow"),
+                Decision::Deny(d) => (d.key_id(), "deny"),
+            };
+            if let Some(id) = key_id {
+                span.record("key_id", tracing::field::display(id));
+            }
+            span.record("decision", outcome);
+        }
         self.shared.metrics.check(&decision);
         log_decision(&decision);
         drop(view);

@@ -111,6 +111,17 @@ pub enum Denial {
     Internal(&'static str),
 }
 
+impl Denial {
+    /// The key the denial is about, when one was found.
+    pub fn key_id(&self) -> Option<Uuid> {
+        match self {
+            Denial::InvalidKey { key_id, .. } => *key_id,
+            Denial::RateLimited { key_id, .. } | Denial::Budget { key_id, .. } => Some(*key_id),
+            Denial::MissingKey | Denial::GatewayNotConfigured { .. } | Denial::Internal(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Admitted {
     pub gateway: Arc<Gateway>,
