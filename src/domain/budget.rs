@@ -506,24 +506,15 @@ mod tests {
 
     use super::*;
     use crate::domain::clock::{Clock, ManualClock};
+    use crate::domain::key::NewKey;
 
     fn hold(tokens: u64, micros: i64) -> Hold {
         Hold { tokens, micros, prompt_tokens: 0 }
     }
 
     fn key(limits: Limits) -> ApiKey {
-        ApiKey {
-            id: Uuid::now_v7(),
-            gateway_id: Uuid::now_v7(),
-            name: "k".into(),
-            prefix: "pcs_x".into(),
-            enabled: true,
-            legacy: false,
-            limits,
-            created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
-            expires_at: None,
-            last_used_at: None,
-        }
+        let created = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        ApiKey::new(Uuid::now_v7(), "k", "pcs_x", NewKey::Managed { limits, expires_at: None }, created)
     }
 
     /// `wall` with the monotonic clock at its origin.

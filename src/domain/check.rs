@@ -441,7 +441,7 @@ mod tests {
     use super::*;
     use crate::domain::clock::{Clock, ManualClock};
     use crate::domain::gateway::{DEFAULT_KEY_NAME, InboundAuth, UpstreamAuth};
-    use crate::domain::key::Limits;
+    use crate::domain::key::{Limits, NewKey};
     use crate::domain::secret::Secret;
     use crate::domain::view::KeySecret;
 
@@ -469,18 +469,8 @@ mod tests {
         let demo = gateway("demo", inbound);
         let other = gateway("other", InboundAuth::default());
         let secret = Secret::generate(SecretKind::ApiKey);
-        let key = ApiKey {
-            id: Uuid::now_v7(),
-            gateway_id: demo.id,
-            name: "token-user01".into(),
-            prefix: secret.display_prefix(),
-            enabled: true,
-            legacy: false,
-            limits: Limits::default(),
-            created_at: clock.now(),
-            expires_at: Some(clock.now() + Duration::hours(1)),
-            last_used_at: None,
-        };
+        let kind = NewKey::Managed { limits: Limits::default(), expires_at: Some(clock.now() + Duration::hours(1)) };
+        let key = ApiKey::new(demo.id, "token-user01", secret.expose(), kind, clock.now());
         let key_id = key.id;
         let view = View::new(vec![demo, other], vec![(key, vec![KeySecret::current(secret.hash())])]);
         Fixture { view, limiters: Limiters::default(), clock, secret, key_id }

@@ -211,18 +211,9 @@ mod tests {
     use crate::domain::clock::{Clock, ManualClock};
 
     fn key(enabled: bool, expires_at: Option<DateTime<Utc>>) -> ApiKey {
-        ApiKey {
-            id: Uuid::now_v7(),
-            gateway_id: Uuid::now_v7(),
-            name: "token-user01".into(),
-            prefix: "pcs_abcdefgh".into(),
-            enabled,
-            legacy: false,
-            limits: Limits::default(),
-            created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
-            expires_at,
-            last_used_at: None,
-        }
+        let created = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let kind = NewKey::Managed { limits: Limits::default(), expires_at };
+        ApiKey { enabled, ..ApiKey::new(Uuid::now_v7(), "token-user01", "pcs_abcdefgh", kind, created) }
     }
 
     #[test]

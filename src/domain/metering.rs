@@ -96,7 +96,7 @@ mod tests {
 
     use super::*;
     use crate::domain::clock::Now;
-    use crate::domain::key::{ApiKey, ResetPeriod};
+    use crate::domain::key::{ApiKey, NewKey, ResetPeriod};
     use crate::domain::pricing::PriceBook;
 
     fn now() -> DateTime<Utc> {
@@ -116,18 +116,7 @@ mod tests {
     }
 
     fn key(limits: Limits) -> ApiKey {
-        ApiKey {
-            id: Uuid::now_v7(),
-            gateway_id: Uuid::now_v7(),
-            name: "k".into(),
-            prefix: "pcs_x".into(),
-            enabled: true,
-            legacy: false,
-            limits,
-            created_at: now(),
-            expires_at: None,
-            last_used_at: None,
-        }
+        ApiKey::new(Uuid::now_v7(), "k", "pcs_x", NewKey::Managed { limits, expires_at: None }, now())
     }
 
     fn reported(model: &str, prompt: u64, completion: u64, last: bool) -> Reported {

@@ -150,7 +150,7 @@ mod tests {
 
     use super::*;
     use crate::domain::gateway::InboundAuth;
-    use crate::domain::key::Limits;
+    use crate::domain::key::{Limits, NewKey};
 
     fn gateway(name: &str) -> Gateway {
         Gateway {
@@ -164,18 +164,8 @@ mod tests {
     }
 
     fn key(gateway: &Gateway) -> ApiKey {
-        ApiKey {
-            id: Uuid::now_v7(),
-            gateway_id: gateway.id,
-            name: "k".into(),
-            prefix: "pcs_x".into(),
-            enabled: true,
-            legacy: false,
-            limits: Limits::default(),
-            created_at: gateway.created_at,
-            expires_at: None,
-            last_used_at: None,
-        }
+        let kind = NewKey::Managed { limits: Limits::default(), expires_at: None };
+        ApiKey::new(gateway.id, "k", "pcs_x", kind, gateway.created_at)
     }
 
     #[test]
