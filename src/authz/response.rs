@@ -183,3 +183,345 @@ fn allow(a: &Admitted) -> CheckResponse {
         dynamic_metadata: Some(Struct { fields }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use chrono::{Duration, TimeZone};
+    use serde_json::json;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::domain::check::InvalidReason;
+    use crate::domain::gateway::{Gateway, InboundAuth, UpstreamAuth};
+    use crate::domain::key::{ApiKey, Limits};
+
+    const KEY_ID: Uuid = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap()
+    }
+
+    fn denied(r: &CheckResponse) -> &DeniedHttpResponse {
+        match &r.http_response {
+            Some(HttpResponse::DeniedResponse(d)) => d,
+            other => panic!("expected a denied response, got {other:?}"),
+        }
+    }
+
+    /// Header names and values in order; each must overwrite, never append.
+    fn headers(h: &[HeaderValueOption]) -> Vec<(&str, &str)> {
+        h.iter()
+            .map(|o| {
+                assert_eq!(o.append_action, HeaderAppendAction::OverwriteIfExistsOrAdd as i32);
+                let v = o.header.as_ref().expect("a header");
+                (v.key.as_str(), v.value.as_str())
+            })
+            .collect()
+    }
+
+    fn rpc_code(r: &CheckResponse) -> i32 {
+        r.status.as_ref().expect("a gRPC status").code
+    }
+
+    fn admission(admitted: bool, limit: u32, remaining: u32, reset_in_micros: i64) -> Admission {
+        Admission { admitted, limit, remaining, reset_in_micros }
+    }
+
+    #[test]
+    fn key_gateway_and_internal_denials_are_401_or_503_with_a_json_error_body() {
+        let invalid = |reason| Denial::InvalidKey { reason, key_id: Some(KEY_ID) };
+        let missing = r#"{"error":{"message":"Missing authentication token","type":"invalid_request_error","code":"missing_api_key"}}"#;
+        let bad = r#"{"error":{"message":"Invalid authentication token","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+        let unavailable = json!({"error": {
+            "message": "The authorization service is unavailable", "type": "server_error", "code": "service_unavailable",
+        }});
+        let not_configured = json!({"error": {
+            "message": "gateway 'demo' is not configured", "type": "server_error", "code": "gateway_not_configured",
+        }});
+        // (denial, HTTP status, gRPC code, body)
+        let mut cases = vec![
+            (Denial::MissingKey, 401, 16, serde_json::from_str(missing).unwrap()),
+            (Denial::GatewayNotConfigured { name: "demo".into() }, 503, 14, not_configured),
+            (Denial::Internal("meters lock poisoned"), 503, 14, unavailable.clone()),
+        ];
+        // Clients see one body for every reason; only the log tells them apart.
+        for reason in [
+            InvalidReason::Malformed,
+            InvalidReason::Unknown,
+            InvalidReason::Disabled,
+            InvalidReason::Expired,
+            InvalidReason::OtherGateway,
+            InvalidReason::Repeated,
+            InvalidReason::DisguisedName,
+            InvalidReason::AlsoElsewhere,
+        ] {
+            cases.push((invalid(reason), 401, 16, serde_json::from_str(bad).unwrap()));
+        }
+        let unknown = Denial::InvalidKey { reason: InvalidReason::Unknown, key_id: None };
+        cases.push((unknown, 401, 16, serde_json::from_str(bad).unwrap()));
+        for (denial, status, rpc, body) in cases {
+            let r = from_decision(&Decision::Deny(denial.clone()), now());
+            let d = denied(&r);
+            assert_eq!(d.status.as_ref().map(|s| s.code), Some(status), "{denial:?}");
+            assert_eq!(rpc_code(&r), rpc, "{denial:?}");
+            assert_eq!(headers(&d.headers), [("content-type", "application/json")], "{denial:?}");
+            let sent: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+            assert_eq!(sent, body, "{denial:?}");
+            assert_eq!(r.dynamic_metadata, None, "{denial:?}");
+        }
+        // The 401 bodies are the specification's bytes.
+        assert_eq!(denied(&from_decision(&Decision::Deny(Denial::MissingKey), now())).body, missing);
+        let r = from_decision(&Decision::Deny(invalid(InvalidReason::Expired)), now());
+        assert_eq!(denied(&r).body, bad);
+        // A fault outside any decision answers the same as an internal denial.
+        let r = internal_error();
+        assert_eq!((denied(&r).status.as_ref().unwrap().code, rpc_code(&r)), (503, 14));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&denied(&r).body).unwrap(), unavailable);
+    }
+
+    #[test]
+    fn limit_denials_are_429_and_say_which_limit_and_when_to_retry() {
+        let soon = now() + Duration::seconds(90);
+        let tokens = |reset_at, in_flight| BudgetDenial::Tokens { limit: 1000, reset_at, in_flight };
+        let cost = |reset_at, in_flight| BudgetDenial::Cost { limit_micros: 12_500_000, reset_at, in_flight };
+        let budget = |denial, rpm| Denial::Budget { key_id: KEY_ID, denial, rpm };
+        let rate_limited = |admission| Denial::RateLimited { key_id: KEY_ID, admission };
+        // (denial, body code, body message, headers after content-type)
+        let cases = vec![
+            (
+                rate_limited(admission(false, 5, 0, 12_300_000)),
+                "rate_limit_exceeded",
+                "Rate limit reached: 5 requests per minute. A request slot frees in 13s.",
+                vec![
+                    ("retry-after", "13"),
+                    ("x-ratelimit-limit-requests", "5"),
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "13s"),
+                ],
+            ),
+            (
+                // An empty window still says at least one second.
+                rate_limited(admission(false, 0, 0, 0)),
+                "rate_limit_exceeded",
+                "Rate limit reached: 0 requests per minute. A request slot frees in 1s.",
+                vec![
+                    ("retry-after", "1"),
+                    ("x-ratelimit-limit-requests", "0"),
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "1s"),
+                ],
+            ),
+            (
+                budget(tokens(Some(soon), false), None),
+                "token_limit_exceeded",
+                "Token limit of 1000 tokens reached for this key; it resets at 2026-02-01T00:01:30Z (in 90s).",
+                vec![("retry-after", "90")],
+            ),
+            (
+                // Part of a second rounds up.
+                budget(tokens(Some(now() + Duration::milliseconds(89_500)), false), None),
+                "token_limit_exceeded",
+                "Token limit of 1000 tokens reached for this key; it resets at 2026-02-01T00:01:29Z (in 90s).",
+                vec![("retry-after", "90")],
+            ),
+            (
+                budget(tokens(Some(soon), true), None),
+                "token_limit_exceeded",
+                "Token limit of 1000 tokens reached for this key; the rest is held by requests in flight; retry shortly.",
+                vec![("retry-after", "1")],
+            ),
+            (
+                budget(tokens(None, false), None),
+                "token_limit_exceeded",
+                "Token limit of 1000 tokens reached for this key; it does not reset.",
+                vec![],
+            ),
+            (
+                budget(cost(Some(soon), false), None),
+                "budget_exceeded",
+                "Budget of $12.50 USD reached for this key; it resets at 2026-02-01T00:01:30Z (in 90s).",
+                vec![("retry-after", "90")],
+            ),
+            (
+                budget(cost(None, true), None),
+                "budget_exceeded",
+                "Budget of $12.50 USD reached for this key; the rest is held by requests in flight; retry shortly.",
+                vec![("retry-after", "1")],
+            ),
+            (
+                budget(cost(None, false), None),
+                "budget_exceeded",
+                "Budget of $12.50 USD reached for this key; it does not reset.",
+                vec![],
+            ),
+            (
+                // An RPM key's window, untouched by the refused request: its headers, no reset.
+                budget(tokens(Some(soon), false), Some(admission(true, 10, 4, 30_000_000))),
+                "token_limit_exceeded",
+                "Token limit of 1000 tokens reached for this key; it resets at 2026-02-01T00:01:30Z (in 90s).",
+                vec![
+                    ("retry-after", "90"),
+                    ("x-ratelimit-limit-requests", "10"),
+                    ("x-ratelimit-remaining-requests", "4"),
+                ],
+            ),
+            (
+                budget(cost(None, false), Some(admission(true, 10, 10, 0))),
+                "budget_exceeded",
+                "Budget of $12.50 USD reached for this key; it does not reset.",
+                vec![("x-ratelimit-limit-requests", "10"), ("x-ratelimit-remaining-requests", "10")],
+            ),
+        ];
+        for (denial, code, message, extra) in cases {
+            let r = from_decision(&Decision::Deny(denial.clone()), now());
+            let d = denied(&r);
+            assert_eq!(d.status.as_ref().map(|s| s.code), Some(429), "{denial:?}");
+            assert_eq!(rpc_code(&r), 8, "{denial:?}");
+            let mut expected = vec![("content-type", "application/json")];
+            expected.extend(extra);
+            assert_eq!(headers(&d.headers), expected, "{denial:?}");
+            let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+            let want = json!({"error": {"message": message, "type": "rate_limit_error", "code": code}});
+            assert_eq!(body, want, "{denial:?}");
+            assert_eq!(r.dynamic_metadata, None, "{denial:?}");
+        }
+    }
+
+    fn admitted(
+        inbound: InboundAuth,
+        upstream: Option<(&str, &str)>,
+        rpm: Option<Admission>,
+        reservation: Option<u64>,
+    ) -> Decision {
+        let gateway = Gateway {
+            id: Uuid::from_u128(7),
+            name: "demo".into(),
+            inbound,
+            upstream: upstream.map(|(name, value)| UpstreamAuth::new(name, value).unwrap()),
+            default_reservation_tokens: 0,
+            created_at: now(),
+        };
+        let key = ApiKey {
+            id: KEY_ID,
+            gateway_id: gateway.id,
+            name: "token-user01".into(),
+            prefix: "pcs_AbCdEfGh".into(),
+            enabled: true,
+            legacy: false,
+            limits: Limits::default(),
+            created_at: now(),
+            expires_at: None,
+            last_used_at: None,
+        };
+        Decision::Allow(Admitted { gateway: Arc::new(gateway), key: Arc::new(key), rpm, reservation })
+    }
+
+    /// What Envoy does with an allowed request.
+    #[derive(Debug, PartialEq)]
+    struct Allowed<'a> {
+        headers_to_remove: Vec<&'a str>,
+        query_parameters_to_remove: Vec<&'a str>,
+        upstream_headers: Vec<(&'a str, &'a str)>,
+        client_headers: Vec<(&'a str, &'a str)>,
+        metadata: BTreeMap<&'a str, &'a str>,
+    }
+
+    fn allowed(r: &CheckResponse) -> Allowed<'_> {
+        assert_eq!(rpc_code(r), 0);
+        let Some(HttpResponse::OkResponse(ok)) = &r.http_response else { panic!("expected an ok response: {r:?}") };
+        let metadata = r.dynamic_metadata.as_ref().expect("dynamic metadata");
+        Allowed {
+            headers_to_remove: ok.headers_to_remove.iter().map(String::as_str).collect(),
+            query_parameters_to_remove: ok.query_parameters_to_remove.iter().map(String::as_str).collect(),
+            upstream_headers: headers(&ok.headers),
+            client_headers: headers(&ok.response_headers_to_add),
+            metadata: metadata
+                .fields
+                .iter()
+                .map(|(k, v)| match &v.kind {
+                    Some(Kind::StringValue(s)) => (k.as_str(), s.as_str()),
+                    other => panic!("{k}: expected a string, got {other:?}"),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_allowed_request_loses_the_client_key_and_carries_the_provider_key_and_metadata() {
+        const ID: &str = "01900000-0000-7000-8000-000000000001";
+        let header = InboundAuth::default();
+        let bearer = InboundAuth::new("Authorization", KeyLocation::Header).unwrap();
+        let query = InboundAuth::new("api_key", KeyLocation::Query).unwrap();
+        let provider = Some(("authorization", "Bearer sk-provider"));
+        let identity = ("accept-encoding", "identity");
+        let meta = |reservation: Option<&'static str>| {
+            let mut m = BTreeMap::from([("key_id", ID), ("gateway", "demo")]);
+            m.extend(reservation.map(|r| ("reservation", r)));
+            m
+        };
+        let cases = [
+            (
+                "header key, no provider key, no limits",
+                admitted(header.clone(), None, None, None),
+                Allowed {
+                    headers_to_remove: vec!["x-api-key"],
+                    query_parameters_to_remove: vec![],
+                    upstream_headers: vec![identity],
+                    client_headers: vec![],
+                    metadata: meta(None),
+                },
+            ),
+            (
+                "header key, provider key, an RPM window and a reservation",
+                admitted(header, provider, Some(admission(true, 10, 9, 60_000_000)), Some(42)),
+                Allowed {
+                    headers_to_remove: vec!["x-api-key"],
+                    query_parameters_to_remove: vec![],
+                    upstream_headers: vec![("authorization", "Bearer sk-provider"), identity],
+                    client_headers: vec![("x-ratelimit-limit-requests", "10"), ("x-ratelimit-remaining-requests", "9")],
+                    metadata: meta(Some("42")),
+                },
+            ),
+            (
+                // Envoy removes after it sets: the provider key must not be removed.
+                "the provider key in the client key's header",
+                admitted(bearer.clone(), provider, None, Some(0)),
+                Allowed {
+                    headers_to_remove: vec![],
+                    query_parameters_to_remove: vec![],
+                    upstream_headers: vec![("authorization", "Bearer sk-provider"), identity],
+                    client_headers: vec![],
+                    metadata: meta(Some("0")),
+                },
+            ),
+            (
+                "header key, provider key elsewhere",
+                admitted(bearer, Some(("x-api-key", "sk-provider")), None, None),
+                Allowed {
+                    headers_to_remove: vec!["authorization"],
+                    query_parameters_to_remove: vec![],
+                    upstream_headers: vec![("x-api-key", "sk-provider"), identity],
+                    client_headers: vec![],
+                    metadata: meta(None),
+                },
+            ),
+            (
+                "query key",
+                admitted(query, provider, Some(admission(true, 3, 0, 1)), None),
+                Allowed {
+                    headers_to_remove: vec![],
+                    query_parameters_to_remove: vec!["api_key"],
+                    upstream_headers: vec![("authorization", "Bearer sk-provider"), identity],
+                    client_headers: vec![("x-ratelimit-limit-requests", "3"), ("x-ratelimit-remaining-requests", "0")],
+                    metadata: meta(None),
+                },
+            ),
+        ];
+        for (case, decision, want) in cases {
+            assert_eq!(allowed(&from_decision(&decision, now())), want, "{case}");
+        }
+    }
+}

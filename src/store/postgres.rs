@@ -5,20 +5,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::Row;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 
+use super::rows::unavailable;
 use super::sealing::Sealer;
-use super::{Page, Snapshot, Store, StoreError, from_micros, to_micros};
-use crate::domain::access::{AccessToken, AuditEvent, Role};
+use super::{Page, Snapshot, Store, StoreError};
+use crate::domain::access::AuditEvent;
 use crate::domain::budget::Counters;
-use crate::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
-use crate::domain::key::{ApiKey, Limits, ResetPeriod};
+use crate::domain::gateway::Gateway;
+use crate::domain::key::ApiKey;
 use crate::domain::pricing::Price;
 use crate::domain::secret::SecretHash;
 use crate::domain::tokens::StoredToken;
-use crate::domain::view::KeySecret;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/postgres");
 
@@ -29,8 +28,6 @@ pub struct PostgresStore {
     claim: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
     sealer: Sealer,
 }
-
-super::rows::row_mappers!(PgRow, sqlx::Postgres);
 
 impl PostgresStore {
     pub async fn connect(url: &str, sealer: Sealer) -> Result<Self, StoreError> {

@@ -16,19 +16,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use uuid::Uuid;
 
+use super::rows::unavailable;
 use super::sealing::Sealer;
-use super::{Page, Snapshot, Store, StoreError, from_micros, to_micros};
-use crate::domain::access::{AccessToken, AuditEvent, Role};
+use super::{Page, Snapshot, Store, StoreError};
+use crate::domain::access::AuditEvent;
 use crate::domain::budget::Counters;
-use crate::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
-use crate::domain::key::{ApiKey, Limits, ResetPeriod};
+use crate::domain::gateway::Gateway;
+use crate::domain::key::ApiKey;
 use crate::domain::pricing::Price;
 use crate::domain::secret::SecretHash;
 use crate::domain::tokens::StoredToken;
-use crate::domain::view::KeySecret;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
@@ -74,8 +74,6 @@ impl FileIdentity {
         ))
     }
 }
-
-super::rows::row_mappers!(SqliteRow, sqlx::Sqlite);
 
 impl SqliteStore {
     /// Opens the database at `url`; `create` makes the file when it is missing.

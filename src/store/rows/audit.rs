@@ -1,0 +1,76 @@
+//! The audit log of admin calls: appended, listed newest first, pruned oldest first.
+
+use chrono::{DateTime, Utc};
+use sqlx::Pool;
+use uuid::Uuid;
+
+use super::backend::{Backend, query};
+use super::{get, time, unavailable, uuid};
+use crate::domain::access::AuditEvent;
+use crate::store::{StoreError, to_micros};
+
+pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, e: &AuditEvent) -> Result<(), StoreError> {
+    query(
+        "INSERT INTO audit_events (id, at, token_id, token_name, action, gateway, target, result) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(e.id.to_string())
+    .bind(to_micros(e.at))
+    .bind(e.token_id.map(|t| t.to_string()))
+    .bind(&e.token_name)
+    .bind(&e.action)
+    .bind(e.gateway.as_deref())
+    .bind(&e.target)
+    .bind(&e.result)
+    .execute(pool)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+/// Deletes up to `batch` events from before `cutoff`, oldest first; how many it deleted.
+pub(crate) async fn prune<D: Backend>(pool: &Pool<D>, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, StoreError> {
+    query(
+        "DELETE FROM audit_events WHERE id IN \
+         (SELECT id FROM audit_events WHERE at < $1 ORDER BY at LIMIT $2)",
+    )
+    .bind(to_micros(cutoff))
+    .bind(i64::from(batch))
+    .execute(pool)
+    .await
+    .map_err(unavailable)
+}
+
+/// Newest first, before the event with id `before`, optionally of one gateway.
+pub(crate) async fn list<D: Backend>(
+    pool: &Pool<D>,
+    gateway: Option<&str>,
+    before: Option<&str>,
+    limit: u32,
+) -> Result<Vec<AuditEvent>, StoreError> {
+    let rows = query(
+        "SELECT * FROM audit_events WHERE (CAST($1 AS TEXT) IS NULL OR gateway = $1) AND (CAST($2 AS TEXT) IS NULL OR id < $2) \
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(gateway)
+    .bind(before)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await
+    .map_err(unavailable)?;
+    rows.iter()
+        .map(|r| {
+            let token_id: Option<String> = get(r, "token_id")?;
+            Ok(AuditEvent {
+                id: uuid(r, "id")?,
+                at: time(r, "at")?,
+                token_id: token_id.and_then(|t| Uuid::parse_str(&t).ok()),
+                token_name: get(r, "token_name")?,
+                action: get(r, "action")?,
+                gateway: get(r, "gateway")?,
+                target: get(r, "target")?,
+                result: get(r, "result")?,
+            })
+        })
+        .collect()
+}

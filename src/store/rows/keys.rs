@@ -1,0 +1,187 @@
+//! API keys: their rows, their secrets (current and, while a rotation's grace lasts,
+//! previous) and their soft deletion.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::Pool;
+use uuid::Uuid;
+
+use super::backend::{Backend, Columns, query};
+use super::{found, get, hash, opt_time, time, unavailable, uuid, write_err};
+use crate::domain::budget::Counters;
+use crate::domain::key::{ApiKey, Limits, ResetPeriod};
+use crate::domain::secret::SecretHash;
+use crate::domain::view::KeySecret;
+use crate::store::{Page, StoreError, to_micros};
+
+const KEY_COLUMNS: &str = "id, gateway_id, name, secret_hash, prefix, enabled, legacy, cost_limit_micros, \
+    token_limit, requests_per_minute, reset_period, created_at, expires_at, last_used_at";
+/// What loading a key for the view reads besides `KEY_COLUMNS`.
+const KEY_SECRET_COLUMNS: &str = "previous_secret_hash, previous_valid_until, last_denied_at, last_deny_reason";
+
+fn key_from(row: &impl Columns) -> Result<ApiKey, StoreError> {
+    let period: String = get(row, "reset_period")?;
+    let token_limit: Option<i64> = get(row, "token_limit")?;
+    let rpm: Option<i64> = get(row, "requests_per_minute")?;
+    Ok(ApiKey {
+        id: uuid(row, "id")?,
+        gateway_id: uuid(row, "gateway_id")?,
+        name: get(row, "name")?,
+        prefix: get(row, "prefix")?,
+        enabled: get(row, "enabled")?,
+        legacy: get(row, "legacy")?,
+        limits: Limits {
+            cost_limit_micros: get(row, "cost_limit_micros")?,
+            token_limit: token_limit.map(|t| t.max(0) as u64),
+            requests_per_minute: rpm.map(|r| r.clamp(0, u32::MAX as i64) as u32),
+            reset_period: ResetPeriod::parse(&period)
+                .ok_or_else(|| StoreError::Corrupt(format!("reset_period: '{period}'")))?,
+        },
+        created_at: time(row, "created_at")?,
+        expires_at: opt_time(row, "expires_at")?,
+        last_used_at: opt_time(row, "last_used_at")?,
+    })
+}
+
+fn secrets(row: &impl Columns) -> Result<Vec<KeySecret>, StoreError> {
+    let mut out = vec![KeySecret::current(hash(row)?)];
+    let previous: Option<Vec<u8>> = get(row, "previous_secret_hash")?;
+    if let (Some(bytes), Some(until)) = (previous, opt_time(row, "previous_valid_until")?) {
+        let hash = SecretHash::from_slice(&bytes).ok_or_else(|| StoreError::Corrupt("previous_secret_hash".into()))?;
+        out.push(KeySecret { hash, valid_until: Some(until) });
+    }
+    Ok(out)
+}
+
+/// Live keys with every secret that authenticates them.
+type LiveKeys = Vec<(ApiKey, Vec<KeySecret>)>;
+
+/// Every live key with its secrets, and the last use and denial of those that have one
+/// (as counters of no period yet: the usage rows fill that in).
+pub(crate) async fn load_live<D: Backend>(pool: &Pool<D>) -> Result<(LiveKeys, HashMap<Uuid, Counters>), StoreError> {
+    let rows = query(format!("SELECT {KEY_COLUMNS}, {KEY_SECRET_COLUMNS} FROM api_keys WHERE deleted_at IS NULL"))
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)?;
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut usage = HashMap::new();
+    for r in &rows {
+        let key = key_from(r)?;
+        let last_denied_at = opt_time(r, "last_denied_at")?;
+        if key.last_used_at.is_some() || last_denied_at.is_some() {
+            let mut c = Counters::empty(key.id, key.limits.reset_period, DateTime::UNIX_EPOCH);
+            c.last_used_at = key.last_used_at;
+            c.last_denied_at = last_denied_at;
+            c.last_deny_reason = get(r, "last_deny_reason")?;
+            usage.insert(key.id, c);
+        }
+        keys.push((key, secrets(r)?));
+    }
+    Ok((keys, usage))
+}
+
+pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, k: &ApiKey, hash: &SecretHash) -> Result<(), StoreError> {
+    query(format!(
+        "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    ))
+    .bind(k.id.to_string())
+    .bind(k.gateway_id.to_string())
+    .bind(&k.name)
+    .bind(&hash.0[..])
+    .bind(&k.prefix)
+    .bind(k.enabled)
+    .bind(k.legacy)
+    .bind(k.limits.cost_limit_micros)
+    .bind(k.limits.token_limit.map(|t| t as i64))
+    .bind(k.limits.requests_per_minute.map(i64::from))
+    .bind(k.limits.reset_period.as_str())
+    .bind(to_micros(k.created_at))
+    .bind(k.expires_at.map(to_micros))
+    .bind(k.last_used_at.map(to_micros))
+    .execute(pool)
+    .await
+    .map_err(write_err("a key with this name in the gateway"))?;
+    Ok(())
+}
+
+/// Replaces a live key's mutable fields (name, enabled, limits, expiry).
+pub(crate) async fn update<D: Backend>(pool: &Pool<D>, k: &ApiKey) -> Result<(), StoreError> {
+    let done = query(
+        "UPDATE api_keys SET name = $1, enabled = $2, cost_limit_micros = $3, token_limit = $4, \
+         requests_per_minute = $5, reset_period = $6, expires_at = $7 WHERE id = $8 AND deleted_at IS NULL",
+    )
+    .bind(&k.name)
+    .bind(k.enabled)
+    .bind(k.limits.cost_limit_micros)
+    .bind(k.limits.token_limit.map(|t| t as i64))
+    .bind(k.limits.requests_per_minute.map(i64::from))
+    .bind(k.limits.reset_period.as_str())
+    .bind(k.expires_at.map(to_micros))
+    .bind(k.id.to_string())
+    .execute(pool)
+    .await
+    .map_err(write_err("a key with this name in the gateway"))?;
+    found(done)
+}
+
+pub(crate) async fn delete<D: Backend>(pool: &Pool<D>, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
+    let done = query("UPDATE api_keys SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
+        .bind(to_micros(now))
+        .bind(id.to_string())
+        .execute(pool)
+        .await
+        .map_err(unavailable)?;
+    found(done)
+}
+
+/// The live key with this id.
+pub(crate) async fn find<D: Backend>(pool: &Pool<D>, id: Uuid) -> Result<Option<ApiKey>, StoreError> {
+    let row = query(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 AND deleted_at IS NULL"))
+        .bind(id.to_string())
+        .fetch_optional(pool)
+        .await
+        .map_err(unavailable)?;
+    row.as_ref().map(key_from).transpose()
+}
+
+pub(crate) async fn list<D: Backend>(
+    pool: &Pool<D>,
+    gateway_id: Uuid,
+    page: Page<'_>,
+) -> Result<Vec<ApiKey>, StoreError> {
+    let rows = query(format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys WHERE gateway_id = $1 AND deleted_at IS NULL AND id > $2 \
+         ORDER BY id LIMIT $3"
+    ))
+    .bind(gateway_id.to_string())
+    .bind(page.after.unwrap_or(""))
+    .bind(i64::from(page.limit))
+    .fetch_all(pool)
+    .await
+    .map_err(unavailable)?;
+    rows.iter().map(key_from).collect()
+}
+
+/// Gives a live key a new secret; the old one stays valid until `previous_valid_until`
+/// (`None`: not at all).
+pub(crate) async fn rotate<D: Backend>(
+    pool: &Pool<D>,
+    id: Uuid,
+    new_hash: &SecretHash,
+    new_prefix: &str,
+    previous_valid_until: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
+    let done = query(
+        "UPDATE api_keys SET previous_secret_hash = CASE WHEN CAST($1 AS BIGINT) IS NULL THEN NULL ELSE secret_hash END, \
+         previous_valid_until = $1, secret_hash = $2, prefix = $3 WHERE id = $4 AND deleted_at IS NULL",
+    )
+    .bind(previous_valid_until.map(to_micros))
+    .bind(&new_hash.0[..])
+    .bind(new_prefix)
+    .bind(id.to_string())
+    .execute(pool)
+    .await
+    .map_err(write_err("a key with this secret"))?;
+    found(done)
+}

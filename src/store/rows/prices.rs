@@ -1,0 +1,52 @@
+//! Model prices, per million tokens.
+
+use chrono::{DateTime, Utc};
+use sqlx::Pool;
+
+use super::backend::{Backend, Columns, query};
+use super::{found, get, unavailable};
+use crate::domain::pricing::Price;
+use crate::store::{StoreError, to_micros};
+
+fn price_from(row: &impl Columns) -> Result<(String, Price), StoreError> {
+    Ok((
+        get(row, "model")?,
+        Price {
+            input_micros_per_million: get(row, "input_micros_per_million")?,
+            output_micros_per_million: get(row, "output_micros_per_million")?,
+        },
+    ))
+}
+
+pub(crate) async fn set<D: Backend>(
+    pool: &Pool<D>,
+    model: &str,
+    price: &Price,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    query(
+        "INSERT INTO model_prices (model, input_micros_per_million, output_micros_per_million, updated_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (model) DO UPDATE SET \
+         input_micros_per_million = excluded.input_micros_per_million, \
+         output_micros_per_million = excluded.output_micros_per_million, updated_at = excluded.updated_at",
+    )
+    .bind(model)
+    .bind(price.input_micros_per_million)
+    .bind(price.output_micros_per_million)
+    .bind(to_micros(now))
+    .execute(pool)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+pub(crate) async fn delete<D: Backend>(pool: &Pool<D>, model: &str) -> Result<(), StoreError> {
+    let done =
+        query("DELETE FROM model_prices WHERE model = $1").bind(model).execute(pool).await.map_err(unavailable)?;
+    found(done)
+}
+
+pub(crate) async fn list<D: Backend>(pool: &Pool<D>) -> Result<Vec<(String, Price)>, StoreError> {
+    let rows = query("SELECT * FROM model_prices ORDER BY model").fetch_all(pool).await.map_err(unavailable)?;
+    rows.iter().map(price_from).collect()
+}

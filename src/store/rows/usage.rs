@@ -1,0 +1,116 @@
+//! Usage: each key's totals per period, and its last use and denial.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::Pool;
+use uuid::Uuid;
+
+use super::backend::{Backend, query};
+use super::{get, time, unavailable, uuid};
+use crate::domain::budget::Counters;
+use crate::domain::key::ResetPeriod;
+use crate::store::{StoreError, to_micros};
+
+/// Fills in each live key's latest period: the latest under the key's current rule (a
+/// reset-period change can move usage to a period that starts earlier: MONTHLY -> NEVER).
+pub(crate) async fn load_latest<D: Backend>(
+    pool: &Pool<D>,
+    usage: &mut HashMap<Uuid, Counters>,
+) -> Result<(), StoreError> {
+    let rows = query(
+        "SELECT u.* FROM key_usage u JOIN api_keys k ON k.id = u.key_id AND k.deleted_at IS NULL \
+         WHERE u.reset_period = k.reset_period AND u.period_start = (SELECT MAX(x.period_start) \
+             FROM key_usage x WHERE x.key_id = u.key_id AND x.reset_period = k.reset_period)",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(unavailable)?;
+    for r in &rows {
+        let key_id = uuid(r, "key_id")?;
+        let period: String = get(r, "reset_period")?;
+        let reset_period =
+            ResetPeriod::parse(&period).ok_or_else(|| StoreError::Corrupt(format!("reset_period: '{period}'")))?;
+        let c = usage.entry(key_id).or_insert_with(|| Counters::empty(key_id, reset_period, DateTime::UNIX_EPOCH));
+        c.reset_period = reset_period;
+        c.period_start = time(r, "period_start")?;
+        c.period_end = crate::domain::period::bounds(reset_period, c.period_start).1;
+        c.requests = stored_count(get(r, "requests")?);
+        c.prompt_tokens = stored_count(get(r, "prompt_tokens")?);
+        c.completion_tokens = stored_count(get(r, "completion_tokens")?);
+        let cost: i64 = get(r, "cost_micros")?;
+        c.cost_micros = if cost < 0 { i64::MAX } else { cost };
+    }
+    Ok(())
+}
+
+/// Writes usage totals (absolute, per key and period) and last use/denial, in one
+/// transaction.
+pub(crate) async fn save<D: Backend>(
+    pool: &Pool<D>,
+    counters: &[Counters],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    for c in counters {
+        query(
+            "INSERT INTO key_usage (key_id, period_start, reset_period, requests, prompt_tokens, \
+             completion_tokens, cost_micros, updated_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+             WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = $1) \
+             ON CONFLICT (key_id, period_start) DO UPDATE SET reset_period = excluded.reset_period, \
+             requests = excluded.requests, prompt_tokens = excluded.prompt_tokens, \
+             completion_tokens = excluded.completion_tokens, cost_micros = excluded.cost_micros, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(c.key_id.to_string())
+        .bind(to_micros(c.period_start))
+        .bind(c.reset_period.as_str())
+        .bind(count_to_store(c.requests))
+        .bind(count_to_store(c.prompt_tokens))
+        .bind(count_to_store(c.completion_tokens))
+        .bind(c.cost_micros.max(0))
+        .bind(to_micros(now))
+        .execute(&mut tx)
+        .await
+        .map_err(unavailable)?;
+        query(
+            "UPDATE api_keys SET last_used_at = COALESCE($1, last_used_at), \
+             last_denied_at = COALESCE($2, last_denied_at), last_deny_reason = COALESCE($3, last_deny_reason) \
+             WHERE id = $4",
+        )
+        .bind(c.last_used_at.map(to_micros))
+        .bind(c.last_denied_at.map(to_micros))
+        .bind(c.last_deny_reason.as_deref())
+        .bind(c.key_id.to_string())
+        .execute(&mut tx)
+        .await
+        .map_err(unavailable)?;
+    }
+    tx.commit().await.map_err(unavailable)
+}
+
+/// A usage counter for an `i64` column: saturated at `i64::MAX`, never wrapped negative.
+pub(crate) fn count_to_store(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A stored usage counter. No write makes one negative, so a negative value is damage
+/// (or a row written before writes were clamped, when a huge count wrapped): it reads as
+/// exhausted, never as empty, so a budget never comes back by accident.
+pub(crate) fn stored_count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_counts_never_wrap_and_damage_reads_as_exhausted() {
+        assert_eq!(count_to_store(42), 42);
+        assert_eq!(count_to_store(u64::MAX), i64::MAX, "saturated, not -1");
+        assert_eq!(stored_count(count_to_store(u64::MAX)), i64::MAX as u64);
+        assert_eq!(stored_count(7), 7);
+        assert_eq!(stored_count(-1), u64::MAX, "what a wrapped 2^64-1 was written as: exhausted, not 0");
+    }
+}
