@@ -14,12 +14,13 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, 
 use portcullis::authz::AuthzService;
 use portcullis::domain::asked::Asked;
 use portcullis::domain::budget::Hold;
-use portcullis::domain::check::{self, Limiters};
+use portcullis::domain::check::Limiters;
 use portcullis::domain::clock::ManualClock;
 use portcullis::domain::estimate;
 use portcullis::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
 use portcullis::domain::key::{ApiKey, Limits};
 use portcullis::domain::pricing::Price;
+use portcullis::domain::request;
 use portcullis::domain::secret::{self, Secret, SecretHash, SecretKind, Shape};
 use portcullis::domain::tokens::TokenRegistry;
 use portcullis::domain::usage::{Reported, UsageParser};
@@ -396,7 +397,7 @@ proptest! {
         prop_assert_eq!(*gateway, r.gateway, "a key of another gateway was allowed");
         prop_assert!(everything.contains(secret.as_str()), "allowed without its key: {r:?}");
         let (up_headers, up_path) = upstream_view(ok, &headers, &path);
-        let decoded = check::percent_decode(&up_path).into_owned();
+        let decoded = request::percent_decode(&up_path).into_owned();
         for s in w.ours.iter().chain([secret]) {
             for (k, v) in &up_headers {
                 prop_assert!(!v.contains(s.as_str()), "key left in header {k}: {r:?}");
@@ -408,10 +409,10 @@ proptest! {
     /// The pieces Check is made of never panic on any input.
     #[test]
     fn check_parsers_take_any_text(text in any::<String>(), name in any::<String>(), body in proptest::collection::vec(any::<u8>(), 0..256)) {
-        let _ = check::strip_bearer(&text);
-        let _ = check::percent_decode(&text);
-        let _ = check::query_param(&text, &name);
-        let _ = check::query_param(&format!("/?{text}"), "api_key");
+        let _ = request::strip_bearer(&text);
+        let _ = request::percent_decode(&text);
+        let _ = request::query_param(&text, &name);
+        let _ = request::query_param(&format!("/?{text}"), "api_key");
         let _ = Asked::read(&body, None);
         let _ = Asked::read(text.as_bytes(), Some(body.len() as u64));
     }

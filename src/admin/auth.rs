@@ -8,7 +8,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::domain::access::{AuthThrottle, Principal, Verdict};
-use crate::domain::check::strip_bearer;
+use crate::domain::request::strip_bearer;
 use crate::state::Shared;
 
 /// What the interceptor found: handlers turn `Refused` into `UNAUTHENTICATED` and audit it.

@@ -15,7 +15,8 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorizati
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
 
-use crate::domain::check::{self, Decision, Denial, RequestParts};
+use crate::domain::check::{self, Decision, Denial};
+use crate::domain::request::RequestParts;
 use crate::state::Shared;
 
 pub use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;

@@ -194,9 +194,9 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::domain::check::InvalidReason;
     use crate::domain::gateway::{Gateway, InboundAuth, UpstreamAuth};
     use crate::domain::key::{ApiKey, Limits};
+    use crate::domain::request::InvalidReason;
 
     const KEY_ID: Uuid = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
 

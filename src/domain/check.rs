@@ -1,8 +1,6 @@
 //! The Check decision: a pure function of the view, the request and the clock.
 //! Identify the gateway, find the key, check its status. Denials are data.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -11,9 +9,10 @@ use super::asked::{Asked, AskedModel};
 use super::budget::{BudgetDenial, DEFAULT_RESERVATION_TOKENS, Hold, MAX_RESERVATION_TOKENS, Meters};
 use super::clock::Now;
 use super::estimate;
-use super::gateway::{Gateway, KeyLocation};
+use super::gateway::Gateway;
 use super::key::{ApiKey, KeyStatus};
 use super::pricing::{PriceBook, cost_micros};
+use super::request::{InvalidReason, RequestParts, extract_key};
 use super::secret::{self, SecretHash, SecretKind, Shape};
 use super::view::View;
 use super::window::{Admission, RequestWindows};
@@ -24,64 +23,6 @@ pub struct Limiters {
     pub windows: RequestWindows,
     pub meters: Meters,
     pub prices: std::sync::RwLock<PriceBook>,
-}
-
-/// What Check needs from an HTTP request.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestParts<'a> {
-    /// `context_extensions["gateway"]`.
-    pub gateway: Option<&'a str>,
-    /// Lowercase header names, as Envoy sends them.
-    pub headers: &'a HashMap<String, String>,
-    /// Path with query string.
-    pub path: &'a str,
-    /// The request body when Envoy sends it (`with_request_body`), else empty.
-    pub body: &'a [u8],
-}
-
-/// Why a presented key is not accepted. Clients see one message for all of them;
-/// the log says which.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InvalidReason {
-    /// Our prefix, wrong checksum: refused without a lookup.
-    Malformed,
-    /// No key has this secret (never issued, or deleted).
-    Unknown,
-    Disabled,
-    Expired,
-    /// A valid key of another gateway.
-    OtherGateway,
-    /// The key header or query parameter came more than once (Envoy joins a header
-    /// sent twice with `,`): which one counts would be a guess.
-    Repeated,
-    /// A query parameter whose name reads as the key's name once decoded or case-folded
-    /// (`api%5Fkey`, `API_KEY`, `x=1;api_key`) but is not spelled as it: Envoy removes
-    /// only the literal name, so it would reach the provider.
-    DisguisedName,
-    /// The key (or another key of ours) is also in another header or elsewhere in the
-    /// URL, which Envoy would pass on to the provider.
-    AlsoElsewhere,
-}
-
-impl InvalidReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InvalidReason::Malformed => "malformed",
-            InvalidReason::Unknown => "unknown_or_deleted",
-            InvalidReason::Disabled => "disabled",
-            InvalidReason::Expired => "expired",
-            InvalidReason::OtherGateway => "other_gateway",
-            InvalidReason::Repeated => "repeated_key",
-            InvalidReason::DisguisedName => "disguised_key_name",
-            InvalidReason::AlsoElsewhere => "key_also_elsewhere",
-        }
-    }
-}
-
-impl std::fmt::Display for InvalidReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,198 +191,17 @@ fn reservation_for(gateway: &Gateway, cost_limited: bool, req: &RequestParts<'_>
     Hold { tokens: prompt_tokens.saturating_add(output).min(MAX_RESERVATION_TOKENS), micros, prompt_tokens }
 }
 
-/// Reads the key where the gateway says clients put it: `Ok(None)` when absent or
-/// blank. A key that could be misread or reach the provider is refused before any
-/// lookup: sent twice, under a disguised query parameter name, or also present
-/// elsewhere in the request's headers or URL (Envoy removes only the key's own
-/// header or literal parameter).
-pub fn extract_key<'a>(
-    gateway: &Gateway,
-    headers: &'a HashMap<String, String>,
-    path: &'a str,
-) -> Result<Option<Cow<'a, str>>, InvalidReason> {
-    let inbound = &gateway.inbound;
-    let (raw, pair): (Cow<'a, str>, _) = match inbound.location {
-        KeyLocation::Header => {
-            let Some(value) = headers.get(&inbound.key_name) else { return Ok(None) };
-            // Envoy joins a header sent twice with `,` (and so does the adapter for
-            // `encode_raw_headers`); no key contains one.
-            if value.contains(',') {
-                return Err(InvalidReason::Repeated);
-            }
-            (Cow::Borrowed(value.as_str()), None)
-        }
-        KeyLocation::Query => match query_param(path, &inbound.key_name)? {
-            Some(QueryKey { value, pair }) => (value, Some(pair)),
-            None => return Ok(None),
-        },
-    };
-    let key = match raw {
-        Cow::Borrowed(b) => Cow::Borrowed(strip_bearer(b)),
-        Cow::Owned(o) => Cow::Owned(strip_bearer(&o).to_string()),
-    };
-    if key.is_empty() {
-        return Ok(None);
-    }
-    if carried_elsewhere(gateway, &key, headers, path, pair) {
-        return Err(InvalidReason::AlsoElsewhere);
-    }
-    Ok(Some(key))
-}
-
-/// Whether the key, or any well-formed key of ours, is somewhere Envoy would pass on
-/// to the provider: a header other than the key's own (and the provider-key header,
-/// which Envoy overwrites), or the URL outside the key's own parameter `pair`.
-fn carried_elsewhere(
-    gateway: &Gateway,
-    key: &str,
-    headers: &HashMap<String, String>,
-    path: &str,
-    pair: Option<std::ops::Range<usize>>,
-) -> bool {
-    let key_header = (gateway.inbound.location == KeyLocation::Header).then_some(gateway.inbound.key_name.as_str());
-    let upstream_header = gateway.upstream.as_ref().map(|u| u.header_name.as_str());
-    let in_headers = headers.iter().any(|(name, value)| {
-        // `:path` is the URL, checked below without the key's own parameter.
-        let skip = name == ":path" || Some(name.as_str()) == key_header || Some(name.as_str()) == upstream_header;
-        !skip && carries_key(value, key)
-    });
-    let carried_in_url =
-        |part: &str| carries_key(part, key) || part.contains('%') && carries_key(&decode_all(part, false).0, key);
-    in_headers
-        || match pair {
-            Some(p) => carried_in_url(&path[..p.start]) || carried_in_url(&path[p.end..]),
-            None => carried_in_url(path),
-        }
-}
-
-/// Whether `text` holds `key`, or any well-formed key of ours (checksum and all).
-fn carries_key(text: &str, key: &str) -> bool {
-    const API_KEY_LEN: usize = SecretKind::ApiKey.secret_len();
-    let prefix = SecretKind::ApiKey.prefix();
-    if text.len() >= key.len() && text.contains(key) {
-        return true;
-    }
-    text.len() >= API_KEY_LEN
-        && text.match_indices(prefix).any(|(i, _)| {
-            text.get(i..i + API_KEY_LEN).is_some_and(|k| secret::shape(k, SecretKind::ApiKey) == Shape::Valid)
-        })
-}
-
-/// Strips surrounding spaces and a leading `Bearer ` in any case.
-pub fn strip_bearer(value: &str) -> &str {
-    let v = value.trim();
-    let rest = match v.get(..6) {
-        Some(p) if p.eq_ignore_ascii_case("bearer") => &v[6..],
-        _ => return v,
-    };
-    // "Bearer" alone, or followed by white space; "Bearerabc" is a value of its own.
-    if rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_whitespace()) { rest.trim() } else { v }
-}
-
-/// A key found in the query string.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueryKey<'a> {
-    /// The parameter's value, percent-decoded.
-    pub value: Cow<'a, str>,
-    /// The byte range of its `name=value` pair in the path: what Envoy removes.
-    pub pair: std::ops::Range<usize>,
-}
-
-/// Query parameter `name` in `path`. The name must be spelled literally
-/// and come once: a pair whose name only reads as `name` once decoded, case-folded,
-/// trimmed or split at `;` (as some servers split) is refused as disguised, and the
-/// name twice as repeated.
-pub fn query_param<'a>(path: &'a str, name: &str) -> Result<Option<QueryKey<'a>>, InvalidReason> {
-    let Some((before, query)) = path.split_once('?') else { return Ok(None) };
-    let query = query.split_once('#').map_or(query, |(q, _)| q);
-    let mut found = None;
-    let mut at = before.len() + 1;
-    for pair in query.split('&') {
-        let range = at..at + pair.len();
-        at = range.end + 1;
-        for (i, part) in pair.split(';').enumerate() {
-            let raw_name = part.split_once('=').map_or(part, |(k, _)| k);
-            if i == 0 && raw_name == name {
-                if found.is_some() {
-                    return Err(InvalidReason::Repeated);
-                }
-                // The value of this part only: in `api_key;x=pcs_…` Envoy sees a parameter
-                // named `api_key;x` (and leaves it), so a key there is no key of ours.
-                let value = part.split_once('=').map_or("", |(_, v)| v);
-                found = Some(QueryKey { value: percent_decode(value), pair: range.clone() });
-            } else if reads_as(raw_name, name) {
-                return Err(InvalidReason::DisguisedName);
-            }
-        }
-    }
-    Ok(found)
-}
-
-/// Whether a raw query parameter name reads as `name` to some server: percent- and
-/// `+`-decoded (repeatedly), trimmed, in any case.
-fn reads_as(raw: &str, name: &str) -> bool {
-    if raw.is_ascii() && !raw.contains(['%', '+']) {
-        return raw.trim().eq_ignore_ascii_case(name);
-    }
-    let (decoded, settled) = decode_all(raw, true);
-    let lower = |s: &str| s.chars().flat_map(char::to_lowercase).collect::<String>();
-    !settled || lower(decoded.trim()) == lower(name)
-}
-
-/// Decoding rounds [`decode_all`] does at most: a name still encoded after them is a
-/// disguise in itself.
-const DECODE_ROUNDS: usize = 4;
-
-/// Percent-decodes (and with `plus`, reads `+` as a space) until nothing changes, as a
-/// server that decodes more than once would, for at most [`DECODE_ROUNDS`] rounds;
-/// `false` when it would still change.
-fn decode_all(s: &str, plus: bool) -> (Cow<'_, str>, bool) {
-    let mut out = Cow::Borrowed(s);
-    for _ in 0..DECODE_ROUNDS {
-        let once = percent_decode(&out);
-        let once = if plus && once.contains('+') { Cow::Owned(once.replace('+', " ")) } else { once };
-        if once == out {
-            return (out, true);
-        }
-        out = Cow::Owned(once.into_owned());
-    }
-    let settled = percent_decode(&out) == out && !(plus && out.contains('+'));
-    (out, settled)
-}
-
-/// `%XY` sequences decoded; invalid ones and invalid UTF-8 kept as they are (lossy).
-pub fn percent_decode(s: &str) -> Cow<'_, str> {
-    if !s.contains('%') {
-        return Cow::Borrowed(s);
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::{Duration, TimeZone, Utc};
 
+    use std::collections::HashMap;
+
     use super::*;
     use crate::domain::clock::{Clock, ManualClock};
-    use crate::domain::gateway::{DEFAULT_KEY_NAME, InboundAuth, UpstreamAuth};
+    use crate::domain::gateway::{DEFAULT_KEY_NAME, InboundAuth, KeyLocation, UpstreamAuth};
     use crate::domain::key::{Limits, NewKey};
+    use crate::domain::request::strip_bearer;
     use crate::domain::secret::Secret;
     use crate::domain::view::KeySecret;
 
@@ -620,26 +380,6 @@ mod tests {
         assert_eq!(denial(run(&f, Some("demo"), &[("api_key", f.secret.expose())], "/")), Denial::MissingKey);
         assert_eq!(denial(run(&f, Some("demo"), &[], "/v1?api_key=")), Denial::MissingKey);
         assert_eq!(denial(run(&f, Some("demo"), &[], "/v1?api_keyx=1")), Denial::MissingKey);
-    }
-
-    fn value_of(path: &str, name: &str) -> Option<String> {
-        query_param(path, name).unwrap().map(|q| q.value.into_owned())
-    }
-
-    #[test]
-    fn query_values_are_percent_decoded() {
-        assert_eq!(value_of("/p?k=a%20b", "k").as_deref(), Some("a b"));
-        assert_eq!(value_of("/p?a=1&k=Bearer%20x#frag", "k").as_deref(), Some("Bearer x"));
-        assert_eq!(value_of("/p?k", "k").as_deref(), Some(""));
-        assert_eq!(value_of("/p?k=%zz%2", "k").as_deref(), Some("%zz%2"));
-        assert_eq!(value_of("/p", "k"), None);
-        // `k;x=v` is a parameter `k;x` to Envoy, which leaves it: no value of ours.
-        assert_eq!(value_of("/p?k;x=pcs_abc", "k").as_deref(), Some(""));
-        assert_eq!(value_of("/p?k=pcs_abc;x=1", "k").as_deref(), Some("pcs_abc"));
-        // The range is the `name=value` pair Envoy removes.
-        let path = "/p?a=1&k=v&b=2";
-        let found = query_param(path, "k").unwrap().unwrap();
-        assert_eq!(&path[found.pair], "k=v");
     }
 
     fn reason(d: Decision) -> InvalidReason {

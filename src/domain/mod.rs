@@ -13,6 +13,7 @@ pub mod metering;
 pub mod money;
 pub mod period;
 pub mod pricing;
+pub mod request;
 pub mod secret;
 pub mod tokens;
 pub mod usage;
