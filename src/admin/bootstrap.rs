@@ -5,25 +5,13 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::domain::access::{AccessToken, AuditEvent, Role, validate_bootstrap_secret};
+use crate::domain::access::{AuditEvent, validate_bootstrap_secret};
 use crate::domain::secret::{Secret, SecretKind};
 use crate::domain::tokens::{StoredToken, TokenRegistry};
 use crate::store::Store;
 
 /// The audit trail's name for what start-up does on the variable's behalf.
 const BOOTSTRAP_ACTOR: &str = "PORTCULLIS_BOOTSTRAP_TOKEN";
-
-fn owner(name: &str, now: DateTime<Utc>) -> AccessToken {
-    AccessToken {
-        id: Uuid::now_v7(),
-        name: name.to_string(),
-        role: Role::Owner,
-        gateways: vec![],
-        created_at: now,
-        expires_at: None,
-        revoked_at: None,
-    }
-}
 
 /// Makes sure someone can administer this instance. With `bootstrap` (the variable's
 /// value): an owner token with that secret exists, usable, unscoped and without a display
@@ -50,34 +38,19 @@ pub async fn ensure_access(
     let hash = Secret::from_plaintext(secret).hash();
     match tokens.get(&hash).cloned() {
         None => {
-            // No prefix: the first characters of a chosen secret are part of the secret.
-            let stored = StoredToken {
-                token: owner("bootstrap", now),
-                hash,
-                prefix: String::new(),
-                last_used_at: None,
-                bootstrap: true,
-            };
+            let stored = StoredToken::bootstrap(hash, now);
             store.insert_access_token(&stored).await.context("storing the bootstrap token")?;
             tracing::info!(token_id = %stored.token.id, "bootstrap owner token stored");
             tokens.insert(stored);
         }
         Some(mut stored) => {
-            let t = &stored.token;
-            let narrowed =
-                t.role != Role::Owner || !t.gateways.is_empty() || t.revoked_at.is_some() || t.expires_at.is_some();
-            if narrowed || !stored.bootstrap || !stored.prefix.is_empty() {
+            if stored.needs_restoring() {
                 store.restore_owner_token(&hash).await.context("restoring the bootstrap token")?;
-                if narrowed {
+                if stored.narrowed() {
                     // The variable says this secret is an owner: make it one again.
-                    tracing::warn!(token_id = %t.id, "the bootstrap token was revoked, expired or narrowed; restored as an owner (unset PORTCULLIS_BOOTSTRAP_TOKEN to stop restoring it, or set another value to retire it)");
+                    tracing::warn!(token_id = %stored.token.id, "the bootstrap token was revoked, expired or narrowed; restored as an owner (unset PORTCULLIS_BOOTSTRAP_TOKEN to stop restoring it, or set another value to retire it)");
                 }
-                stored.token.role = Role::Owner;
-                stored.token.gateways.clear();
-                stored.token.revoked_at = None;
-                stored.token.expires_at = None;
-                stored.bootstrap = true;
-                stored.prefix.clear();
+                stored.restore_as_bootstrap();
                 tokens.insert(stored);
             }
         }
@@ -96,12 +69,7 @@ async fn retire_previous(
     current: &crate::domain::secret::SecretHash,
     now: DateTime<Utc>,
 ) -> anyhow::Result<()> {
-    let previous: Vec<Uuid> = tokens
-        .list()
-        .into_iter()
-        .filter(|(s, _)| s.bootstrap && s.hash != *current && s.token.revoked_at.is_none())
-        .map(|(s, _)| s.token.id)
-        .collect();
+    let previous = tokens.previous_bootstrap(current);
     for id in previous {
         store.revoke_access_token(id, now).await.context("retiring the previous bootstrap token")?;
         tokens.revoke(id, now);
@@ -123,13 +91,7 @@ async fn retire_previous(
 
 async fn create_first_owner(store: &dyn Store, tokens: &mut TokenRegistry, now: DateTime<Utc>) -> anyhow::Result<()> {
     let secret = Secret::generate(SecretKind::AccessToken);
-    let stored = StoredToken {
-        token: owner("owner", now),
-        hash: secret.hash(),
-        prefix: secret.display_prefix(),
-        last_used_at: None,
-        bootstrap: false,
-    };
+    let stored = StoredToken::owner("owner", secret.hash(), secret.display_prefix(), false, now);
     store.insert_access_token(&stored).await.context("storing the first owner token")?;
     tokens.insert(stored);
     // Printed once, on stderr, never logged.

@@ -28,6 +28,52 @@ pub struct StoredToken {
     pub bootstrap: bool,
 }
 
+impl StoredToken {
+    /// A new unscoped owner token that never expires, named `name`.
+    pub fn owner(name: &str, hash: SecretHash, prefix: String, bootstrap: bool, now: DateTime<Utc>) -> StoredToken {
+        let token = AccessToken {
+            id: Uuid::now_v7(),
+            name: name.to_string(),
+            role: Role::Owner,
+            gateways: vec![],
+            created_at: now,
+            expires_at: None,
+            revoked_at: None,
+        };
+        StoredToken { token, hash, prefix, last_used_at: None, bootstrap }
+    }
+
+    /// The bootstrap token the variable names (its secret chosen, so no prefix is kept:
+    /// the first characters of a chosen secret are part of the secret).
+    pub fn bootstrap(hash: SecretHash, now: DateTime<Utc>) -> StoredToken {
+        StoredToken::owner("bootstrap", hash, String::new(), true, now)
+    }
+
+    /// Whether a stored token the variable names was revoked, expired or narrowed since
+    /// (it must be an unscoped owner again).
+    pub fn narrowed(&self) -> bool {
+        let t = &self.token;
+        t.role != Role::Owner || !t.gateways.is_empty() || t.revoked_at.is_some() || t.expires_at.is_some()
+    }
+
+    /// Whether it is not yet exactly what the variable makes it: a usable, unscoped owner
+    /// marked as the bootstrap token, without a display prefix.
+    pub fn needs_restoring(&self) -> bool {
+        self.narrowed() || !self.bootstrap || !self.prefix.is_empty()
+    }
+
+    /// Makes it what the variable says: a usable, unscoped owner, the bootstrap token,
+    /// without a display prefix.
+    pub fn restore_as_bootstrap(&mut self) {
+        self.token.role = Role::Owner;
+        self.token.gateways.clear();
+        self.token.revoked_at = None;
+        self.token.expires_at = None;
+        self.bootstrap = true;
+        self.prefix.clear();
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     stored: StoredToken,
@@ -101,6 +147,17 @@ impl TokenRegistry {
         self.by_hash.values().find(|e| e.stored.token.id == id).map(|e| (e.stored.clone(), e.last_used))
     }
 
+    /// Bootstrap tokens made with an earlier value of the variable, still live: a changed
+    /// variable retires the secret it replaced.
+    pub fn previous_bootstrap(&self, current: &SecretHash) -> Vec<Uuid> {
+        self.by_hash
+            .values()
+            .map(|e| &e.stored)
+            .filter(|s| s.bootstrap && s.hash != *current && s.token.revoked_at.is_none())
+            .map(|s| s.token.id)
+            .collect()
+    }
+
     pub fn revoke(&mut self, id: Uuid, at: DateTime<Utc>) {
         if let Some(e) = self.by_hash.values_mut().find(|e| e.stored.token.id == id) {
             e.stored.token.revoked_at.get_or_insert(at);
@@ -171,5 +228,28 @@ mod tests {
         assert_eq!(r.last_used_to_write(false), vec![(first[0].0, t0 + Duration::seconds(62))]);
         // Not confirmed (the write failed): still due.
         assert_eq!(r.last_used_to_write(false).len(), 1);
+    }
+
+    #[test]
+    fn bootstrap_tokens_are_restored_and_earlier_ones_retired() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let mut b = StoredToken::bootstrap(SecretHash::of("first-value-of-the-variable-0123456"), t0);
+        assert!(!b.needs_restoring() && b.prefix.is_empty() && b.token.role == Role::Owner);
+        b.token.gateways = vec!["demo".into()];
+        b.token.revoked_at = Some(t0);
+        assert!(b.narrowed() && b.needs_restoring());
+        b.restore_as_bootstrap();
+        assert!(!b.needs_restoring());
+        let mut made_elsewhere = StoredToken::owner("owner", SecretHash::of("x"), "pcm_abcdefgh".into(), false, t0);
+        assert!(!made_elsewhere.narrowed() && made_elsewhere.needs_restoring(), "not yet the bootstrap token");
+        made_elsewhere.restore_as_bootstrap();
+        assert!(made_elsewhere.prefix.is_empty() && made_elsewhere.bootstrap);
+
+        let second = StoredToken::bootstrap(SecretHash::of("second-value-of-the-variable-012345"), t0);
+        let (first_id, second_hash) = (b.token.id, second.hash);
+        let mut r = TokenRegistry::new(vec![b, second], false, Duration::hours(1));
+        assert_eq!(r.previous_bootstrap(&second_hash), vec![first_id]);
+        r.revoke(first_id, t0);
+        assert!(r.previous_bootstrap(&second_hash).is_empty(), "a revoked one is retired already");
     }
 }
