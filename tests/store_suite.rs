@@ -273,6 +273,40 @@ async fn provider_keys_are_sealed(db: &Db) {
     assert!(raw.starts_with("enc:v1:") && !raw.contains("sk-suite-secret"), "{raw}");
 }
 
+/// A flush of more keys than one statement holds (two statements per 500 keys) writes
+/// every one of them, and skips a key deleted meanwhile.
+async fn a_flush_of_many_keys_writes_each(db: &Db) {
+    let s = &db.store;
+    let g = gateway("many");
+    s.insert_gateway(&g).await.unwrap();
+    let start = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+    let mut counters = Vec::new();
+    for i in 0..1203u64 {
+        let sec = Secret::generate(SecretKind::ApiKey);
+        let k = key(&g, &format!("k{i}"), &sec);
+        s.insert_key(&k, &sec.hash()).await.unwrap();
+        let mut c = Counters::empty(k.id, ResetPeriod::Monthly, start);
+        (c.requests, c.prompt_tokens, c.completion_tokens, c.cost_micros) = (i, 2 * i, 3 * i, 4 * i as i64);
+        c.last_used_at = Some(t0() + Duration::seconds(i as i64));
+        c.last_deny_reason = (i % 2 == 0).then(|| "rate_limit_exceeded".to_string());
+        counters.push(c);
+    }
+    // Not in api_keys: skipped, not an error.
+    counters.push(Counters::empty(Uuid::now_v7(), ResetPeriod::Monthly, start));
+    s.save_usage(&counters, t0()).await.unwrap();
+    let snap = s.load().await.unwrap();
+    assert_eq!(snap.usage.len(), 1203);
+    for c in &counters[..1203] {
+        let u = snap.usage.iter().find(|u| u.key_id == c.key_id).unwrap();
+        assert_eq!(
+            (u.requests, u.prompt_tokens, u.completion_tokens, u.cost_micros),
+            (c.requests, c.prompt_tokens, c.completion_tokens, c.cost_micros)
+        );
+        assert_eq!(u.last_deny_reason, c.last_deny_reason);
+        assert_eq!(snap.keys.iter().find(|(k, _)| k.id == c.key_id).unwrap().0.last_used_at, c.last_used_at);
+    }
+}
+
 macro_rules! test_with_all_storage_impls {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -298,4 +332,9 @@ macro_rules! test_with_all_storage_impls {
     };
 }
 
-test_with_all_storage_impls!(gateways_and_keys, usage_prices_tokens_and_audit, provider_keys_are_sealed);
+test_with_all_storage_impls!(
+    gateways_and_keys,
+    usage_prices_tokens_and_audit,
+    provider_keys_are_sealed,
+    a_flush_of_many_keys_writes_each
+);

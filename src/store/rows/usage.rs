@@ -44,47 +44,76 @@ pub(crate) async fn load_latest<D: Backend>(
     Ok(())
 }
 
+/// Keys written per statement: 8 bound values each, far below what SQLite (32,766) and
+/// PostgreSQL (65,535) accept in one statement.
+const KEYS_PER_STATEMENT: usize = 500;
+
+/// `VALUES` rows of `rows` tuples, each of these typed columns, numbered from `$1`
+/// (`column1`, `column2`, ... in both backends).
+fn values(rows: usize, types: &[&str]) -> String {
+    let mut sql = String::with_capacity(rows * types.len() * 24);
+    let mut n = 0;
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for (i, t) in types.iter().enumerate() {
+            n += 1;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("CAST(${n} AS {t})"));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
 /// Writes usage totals (absolute, per key and period) and last use/denial, in one
-/// transaction.
+/// transaction: two statements per 500 keys, however many keys changed.
 pub(crate) async fn save<D: Backend>(
     pool: &Pool<D>,
     counters: &[Counters],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await.map_err(unavailable)?;
-    for c in counters {
-        query(
+    for chunk in counters.chunks(KEYS_PER_STATEMENT) {
+        let rows = values(chunk.len(), &["TEXT", "BIGINT", "TEXT", "BIGINT", "BIGINT", "BIGINT", "BIGINT", "BIGINT"]);
+        let mut totals = query(format!(
             "INSERT INTO key_usage (key_id, period_start, reset_period, requests, prompt_tokens, \
-             completion_tokens, cost_micros, updated_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
-             WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = $1) \
+             completion_tokens, cost_micros, updated_at) \
+             SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8 \
+             FROM (VALUES {rows}) AS v WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = v.column1) \
              ON CONFLICT (key_id, period_start) DO UPDATE SET reset_period = excluded.reset_period, \
              requests = excluded.requests, prompt_tokens = excluded.prompt_tokens, \
              completion_tokens = excluded.completion_tokens, cost_micros = excluded.cost_micros, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(c.key_id.to_string())
-        .bind(to_micros(c.period_start))
-        .bind(c.reset_period.as_str())
-        .bind(count_to_store(c.requests))
-        .bind(count_to_store(c.prompt_tokens))
-        .bind(count_to_store(c.completion_tokens))
-        .bind(c.cost_micros.max(0))
-        .bind(to_micros(now))
-        .execute(&mut tx)
-        .await
-        .map_err(unavailable)?;
-        query(
-            "UPDATE api_keys SET last_used_at = COALESCE($1, last_used_at), \
-             last_denied_at = COALESCE($2, last_denied_at), last_deny_reason = COALESCE($3, last_deny_reason) \
-             WHERE id = $4",
-        )
-        .bind(c.last_used_at.map(to_micros))
-        .bind(c.last_denied_at.map(to_micros))
-        .bind(c.last_deny_reason.as_deref())
-        .bind(c.key_id.to_string())
-        .execute(&mut tx)
-        .await
-        .map_err(unavailable)?;
+             updated_at = excluded.updated_at"
+        ));
+        for c in chunk {
+            totals = totals
+                .bind(c.key_id.to_string())
+                .bind(to_micros(c.period_start))
+                .bind(c.reset_period.as_str())
+                .bind(count_to_store(c.requests))
+                .bind(count_to_store(c.prompt_tokens))
+                .bind(count_to_store(c.completion_tokens))
+                .bind(c.cost_micros.max(0))
+                .bind(to_micros(now));
+        }
+        totals.execute(&mut tx).await.map_err(unavailable)?;
+        let rows = values(chunk.len(), &["BIGINT", "BIGINT", "TEXT", "TEXT"]);
+        let mut last = query(format!(
+            "UPDATE api_keys SET last_used_at = COALESCE(v.column1, last_used_at), \
+             last_denied_at = COALESCE(v.column2, last_denied_at), \
+             last_deny_reason = COALESCE(v.column3, last_deny_reason) \
+             FROM (VALUES {rows}) AS v WHERE api_keys.id = v.column4"
+        ));
+        for c in chunk {
+            last = last
+                .bind(c.last_used_at.map(to_micros))
+                .bind(c.last_denied_at.map(to_micros))
+                .bind(c.last_deny_reason.as_deref())
+                .bind(c.key_id.to_string());
+        }
+        last.execute(&mut tx).await.map_err(unavailable)?;
     }
     tx.commit().await.map_err(unavailable)
 }
@@ -104,6 +133,14 @@ pub(crate) fn stored_count(v: i64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_rows_are_numbered_in_order() {
+        assert_eq!(
+            values(2, &["TEXT", "BIGINT"]),
+            "(CAST($1 AS TEXT), CAST($2 AS BIGINT)), (CAST($3 AS TEXT), CAST($4 AS BIGINT))"
+        );
+    }
 
     #[test]
     fn usage_counts_never_wrap_and_damage_reads_as_exhausted() {
