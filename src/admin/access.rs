@@ -77,50 +77,54 @@ impl AccessService for AccessApi {
         request: Request<pb::CreateAccessTokenRequest>,
     ) -> Result<Response<pb::CreateAccessTokenResponse>, Status> {
         self.0
-            .serve(request, "AccessService/CreateAccessToken", Kind::Mutation, |admin, c, req| async move {
-                c.check(Action::ManageTokens, None)?;
-                let now = admin.shared.clock.now();
-                validate_key_name("name", &req.name)?;
-                let role = role_from_pb(req.role)?;
-                let mut gateways = req.gateways.clone();
-                for g in &gateways {
-                    validate_gateway_name("gateways", g)?;
+            .serve(request, "AccessService/CreateAccessToken", Kind::Mutation, |admin, mut c, req| async move {
+                let result = async {
+                    c.check(Action::ManageTokens, None)?;
+                    let now = admin.shared.clock.now();
+                    validate_key_name("name", &req.name)?;
+                    let role = role_from_pb(req.role)?;
+                    let mut gateways = req.gateways.clone();
+                    for g in &gateways {
+                        validate_gateway_name("gateways", g)?;
+                    }
+                    gateways.sort();
+                    gateways.dedup();
+                    let expires_at = req.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
+                    if let Some(at) = expires_at {
+                        validate_expiry("expires_at", at, now)?;
+                    }
+                    if let [only] = gateways.as_slice() {
+                        c.gateway(only);
+                    }
+                    c.who.may_manage(role, &gateways)?;
+                    let secret = Secret::generate(SecretKind::AccessToken);
+                    let token = AccessToken {
+                        id: Uuid::now_v7(),
+                        name: req.name.trim().to_string(),
+                        role,
+                        gateways,
+                        created_at: now,
+                        expires_at,
+                        revoked_at: None,
+                    };
+                    c.target(token.id.to_string());
+                    let stored = StoredToken {
+                        token,
+                        hash: secret.hash(),
+                        prefix: secret.display_prefix(),
+                        last_used_at: None,
+                        bootstrap: false,
+                    };
+                    let _w = admin.writes.lock().await;
+                    admin.store.insert_access_token(&stored).await?;
+                    admin.registry()?.insert(stored.clone());
+                    AdminResult::Ok(pb::CreateAccessTokenResponse {
+                        token: Some(token_to_pb(&stored, now, true)),
+                        secret: secret.expose().to_string(),
+                    })
                 }
-                gateways.sort();
-                gateways.dedup();
-                let expires_at = req.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
-                if let Some(at) = expires_at {
-                    validate_expiry("expires_at", at, now)?;
-                }
-                if let [only] = gateways.as_slice() {
-                    c.gateway(only);
-                }
-                c.who.may_manage(role, &gateways)?;
-                let secret = Secret::generate(SecretKind::AccessToken);
-                let token = AccessToken {
-                    id: Uuid::now_v7(),
-                    name: req.name.trim().to_string(),
-                    role,
-                    gateways,
-                    created_at: now,
-                    expires_at,
-                    revoked_at: None,
-                };
-                c.target(token.id.to_string());
-                let stored = StoredToken {
-                    token,
-                    hash: secret.hash(),
-                    prefix: secret.display_prefix(),
-                    last_used_at: None,
-                    bootstrap: false,
-                };
-                let _w = admin.writes.lock().await;
-                admin.store.insert_access_token(&stored).await?;
-                admin.registry()?.insert(stored.clone());
-                AdminResult::Ok(pb::CreateAccessTokenResponse {
-                    token: Some(token_to_pb(&stored, now, true)),
-                    secret: secret.expose().to_string(),
-                })
+                .await;
+                (c, result)
             })
             .await
     }
@@ -130,18 +134,22 @@ impl AccessService for AccessApi {
         request: Request<pb::ListAccessTokensRequest>,
     ) -> Result<Response<pb::ListAccessTokensResponse>, Status> {
         self.0
-            .serve(request, "AccessService/ListAccessTokens", Kind::Read, |admin, c, _req| async move {
-                c.check(Action::ManageTokens, None)?;
-                let now = admin.shared.clock.now();
-                let registry = admin.registry()?;
-                let all = registry.list();
-                // A gateway-scoped owner sees the tokens it could have made.
-                let tokens = all
-                    .iter()
-                    .filter(|(s, _)| c.who.may_manage(s.token.role, &s.token.gateways).is_ok())
-                    .map(|(s, used)| token_to_pb(s, *used, registry.usable(&s.token, *used, now)))
-                    .collect();
-                AdminResult::Ok(pb::ListAccessTokensResponse { tokens })
+            .serve(request, "AccessService/ListAccessTokens", Kind::Read, |admin, mut c, _req| async move {
+                let result = async {
+                    c.check(Action::ManageTokens, None)?;
+                    let now = admin.shared.clock.now();
+                    let registry = admin.registry()?;
+                    let all = registry.list();
+                    // A gateway-scoped owner sees the tokens it could have made.
+                    let tokens = all
+                        .iter()
+                        .filter(|(s, _)| c.who.may_manage(s.token.role, &s.token.gateways).is_ok())
+                        .map(|(s, used)| token_to_pb(s, *used, registry.usable(&s.token, *used, now)))
+                        .collect();
+                    AdminResult::Ok(pb::ListAccessTokensResponse { tokens })
+                }
+                .await;
+                (c, result)
             })
             .await
     }
@@ -151,22 +159,26 @@ impl AccessService for AccessApi {
         request: Request<pb::RevokeAccessTokenRequest>,
     ) -> Result<Response<pb::AccessToken>, Status> {
         self.0
-            .serve(request, "AccessService/RevokeAccessToken", Kind::Mutation, |admin, c, req| async move {
-                let id = req.id;
-                c.check(Action::ManageTokens, None)?;
-                let id = parse_id("id", &id)?;
-                c.target(id.to_string());
-                let _w = admin.writes.lock().await;
-                let (stored, _) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
-                if let [only] = stored.token.gateways.as_slice() {
-                    c.gateway(only);
+            .serve(request, "AccessService/RevokeAccessToken", Kind::Mutation, |admin, mut c, req| async move {
+                let result = async {
+                    let id = req.id;
+                    c.check(Action::ManageTokens, None)?;
+                    let id = parse_id("id", &id)?;
+                    c.target(id.to_string());
+                    let _w = admin.writes.lock().await;
+                    let (stored, _) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
+                    if let [only] = stored.token.gateways.as_slice() {
+                        c.gateway(only);
+                    }
+                    c.who.may_manage(stored.token.role, &stored.token.gateways)?;
+                    let now = admin.shared.clock.now();
+                    admin.store.revoke_access_token(id, now).await?;
+                    admin.registry()?.revoke(id, now);
+                    let (stored, used) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
+                    AdminResult::Ok(token_to_pb(&stored, used, false))
                 }
-                c.who.may_manage(stored.token.role, &stored.token.gateways)?;
-                let now = admin.shared.clock.now();
-                admin.store.revoke_access_token(id, now).await?;
-                admin.registry()?.revoke(id, now);
-                let (stored, used) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
-                AdminResult::Ok(token_to_pb(&stored, used, false))
+                .await;
+                (c, result)
             })
             .await
     }
@@ -174,18 +186,22 @@ impl AccessService for AccessApi {
     async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::AccessToken>, Status> {
         self.0
             .serve(request, "AccessService/WhoAmI", Kind::Read, |admin, c, _req| async move {
-                let Some(id) = c.who.token_id else {
-                    // The --dev token has no row.
-                    return Ok(pb::AccessToken {
-                        status: pb::TokenStatus::Active as i32,
-                        name: c.who.name.clone(),
-                        role: role_to_pb(c.who.role) as i32,
-                        ..Default::default()
-                    });
-                };
-                let (stored, used) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
-                // It authenticated this very call.
-                AdminResult::Ok(token_to_pb(&stored, used, true))
+                let result = async {
+                    let Some(id) = c.who.token_id else {
+                        // The --dev token has no row.
+                        return Ok(pb::AccessToken {
+                            status: pb::TokenStatus::Active as i32,
+                            name: c.who.name.clone(),
+                            role: role_to_pb(c.who.role) as i32,
+                            ..Default::default()
+                        });
+                    };
+                    let (stored, used) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
+                    // It authenticated this very call.
+                    AdminResult::Ok(token_to_pb(&stored, used, true))
+                }
+                .await;
+                (c, result)
             })
             .await
     }

@@ -35,26 +35,30 @@ impl AuditService for AuditApi {
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         self.0
-            .serve(request, "AuditService/ListAuditEvents", Kind::Read, |admin, c, req| async move {
-                let gateway = (!req.gateway.is_empty()).then_some(req.gateway.as_str());
-                c.check(Action::ReadAudit, gateway)?;
-                // Events of every gateway need an unscoped token.
-                if gateway.is_none() && c.who.is_scoped() {
-                    return Err(Refusal::Gateway.into());
+            .serve(request, "AuditService/ListAuditEvents", Kind::Read, |admin, mut c, req| async move {
+                let result = async {
+                    let gateway = (!req.gateway.is_empty()).then_some(req.gateway.as_str());
+                    c.check(Action::ReadAudit, gateway)?;
+                    // Events of every gateway need an unscoped token.
+                    if gateway.is_none() && c.who.is_scoped() {
+                        return Err(Refusal::Gateway.into());
+                    }
+                    let size = page_size(req.page_size)?;
+                    let before = page_after(&req.page_token)?;
+                    let mut events = admin.store.list_audit(gateway, before.as_deref(), size + 1).await?;
+                    let next_page_token = if events.len() > size as usize {
+                        events.truncate(size as usize);
+                        events.last().map(|e| e.id.to_string()).unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    AdminResult::Ok(pb::ListAuditEventsResponse {
+                        events: events.iter().map(event_to_pb).collect(),
+                        next_page_token,
+                    })
                 }
-                let size = page_size(req.page_size)?;
-                let before = page_after(&req.page_token)?;
-                let mut events = admin.store.list_audit(gateway, before.as_deref(), size + 1).await?;
-                let next_page_token = if events.len() > size as usize {
-                    events.truncate(size as usize);
-                    events.last().map(|e| e.id.to_string()).unwrap_or_default()
-                } else {
-                    String::new()
-                };
-                AdminResult::Ok(pb::ListAuditEventsResponse {
-                    events: events.iter().map(event_to_pb).collect(),
-                    next_page_token,
-                })
+                .await;
+                (c, result)
             })
             .await
     }

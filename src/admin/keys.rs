@@ -35,7 +35,7 @@ pub(crate) fn parse_id(field: &'static str, id: &str) -> Result<Uuid, FieldError
 
 impl Admin {
     /// Loads a key by id and authorizes `action` on its gateway.
-    async fn key_for(&self, call: &Call, action: Action, id: &str) -> AdminResult<(ApiKey, String)> {
+    async fn key_for(&self, call: &mut Call, action: Action, id: &str) -> AdminResult<(ApiKey, String)> {
         call.check(action, None)?;
         let id = parse_id("id", id)?;
         call.target(id.to_string());
@@ -51,7 +51,7 @@ impl Admin {
     /// returns it as the API shows it.
     async fn add_key(
         &self,
-        call: &Call,
+        call: &mut Call,
         gateway: &str,
         name: &str,
         secret: &Secret,
@@ -82,87 +82,103 @@ impl KeyService for KeyApi {
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         self.0
-            .serve(request, "KeyService/CreateKey", Kind::Mutation, |admin, c, req| async move {
-                c.check(Action::WriteKeys, Some(&req.gateway))?;
-                let limits = limits_from_pb(req.limits.as_ref())?;
-                let expires_at = req.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
-                if let Some(at) = expires_at {
-                    validate_expiry("expires_at", at, admin.shared.clock.now())?;
+            .serve(request, "KeyService/CreateKey", Kind::Mutation, |admin, mut c, req| async move {
+                let result = async {
+                    c.check(Action::WriteKeys, Some(&req.gateway))?;
+                    let limits = limits_from_pb(req.limits.as_ref())?;
+                    let expires_at = req.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
+                    if let Some(at) = expires_at {
+                        validate_expiry("expires_at", at, admin.shared.clock.now())?;
+                    }
+                    let secret = Secret::generate(SecretKind::ApiKey);
+                    let kind = NewKey::Managed { limits, expires_at };
+                    let key = admin.add_key(&mut c, &req.gateway, &req.name, &secret, kind).await?;
+                    AdminResult::Ok(pb::CreateKeyResponse { key: Some(key), secret: secret.expose().to_string() })
                 }
-                let secret = Secret::generate(SecretKind::ApiKey);
-                let kind = NewKey::Managed { limits, expires_at };
-                let key = admin.add_key(&c, &req.gateway, &req.name, &secret, kind).await?;
-                AdminResult::Ok(pb::CreateKeyResponse { key: Some(key), secret: secret.expose().to_string() })
+                .await;
+                (c, result)
             })
             .await
     }
 
     async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         self.0
-            .serve(request, "KeyService/GetKey", Kind::Read, |admin, c, req| async move {
-                let id = req.id;
-                let (key, gateway) = admin.key_for(&c, Action::ReadKeys, &id).await?;
-                Ok(key_to_pb(&key, &gateway, admin.shared.clock.now()))
+            .serve(request, "KeyService/GetKey", Kind::Read, |admin, mut c, req| async move {
+                let result = async {
+                    let id = req.id;
+                    let (key, gateway) = admin.key_for(&mut c, Action::ReadKeys, &id).await?;
+                    Ok(key_to_pb(&key, &gateway, admin.shared.clock.now()))
+                }
+                .await;
+                (c, result)
             })
             .await
     }
 
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
         self.0
-            .serve(request, "KeyService/ListKeys", Kind::Read, |admin, c, req| async move {
-                // Keys of a gateway out of scope are refused, not silently filtered.
-                c.check(Action::ReadKeys, Some(&req.gateway))?;
-                let size = page_size(req.page_size)?;
-                let after = page_after(&req.page_token)?;
-                let gateway = admin.gateway_by_name("gateway", &req.gateway).await?;
-                let page = crate::store::Page { after: after.as_deref(), limit: size + 1 };
-                let mut keys = admin.store.list_keys(gateway.id, page).await?;
-                let next_page_token = if keys.len() > size as usize {
-                    keys.truncate(size as usize);
-                    keys.last().map(|k| k.id.to_string()).unwrap_or_default()
-                } else {
-                    String::new()
-                };
-                let now = admin.shared.clock.now();
-                AdminResult::Ok(pb::ListKeysResponse {
-                    keys: keys.iter().map(|k| key_to_pb(k, &gateway.name, now)).collect(),
-                    next_page_token,
-                })
+            .serve(request, "KeyService/ListKeys", Kind::Read, |admin, mut c, req| async move {
+                let result = async {
+                    // Keys of a gateway out of scope are refused, not silently filtered.
+                    c.check(Action::ReadKeys, Some(&req.gateway))?;
+                    let size = page_size(req.page_size)?;
+                    let after = page_after(&req.page_token)?;
+                    let gateway = admin.gateway_by_name("gateway", &req.gateway).await?;
+                    let page = crate::store::Page { after: after.as_deref(), limit: size + 1 };
+                    let mut keys = admin.store.list_keys(gateway.id, page).await?;
+                    let next_page_token = if keys.len() > size as usize {
+                        keys.truncate(size as usize);
+                        keys.last().map(|k| k.id.to_string()).unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    let now = admin.shared.clock.now();
+                    AdminResult::Ok(pb::ListKeysResponse {
+                        keys: keys.iter().map(|k| key_to_pb(k, &gateway.name, now)).collect(),
+                        next_page_token,
+                    })
+                }
+                .await;
+                (c, result)
             })
             .await
     }
 
     async fn update_key(&self, request: Request<pb::UpdateKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         self.0
-            .serve(request, "KeyService/UpdateKey", Kind::Mutation, |admin, c, req| async move {
-                let now = admin.shared.clock.now();
-                let _w = admin.writes.lock().await;
-                let (mut key, gateway) = admin.key_for(&c, Action::WriteKeys, &req.id).await?;
-                if req.clear_expires_at && req.expires_at.is_some() {
-                    return Err(FieldError::new("clear_expires_at", "cannot be combined with expires_at").into());
+            .serve(request, "KeyService/UpdateKey", Kind::Mutation, |admin, mut c, req| async move {
+                let result = async {
+                    let now = admin.shared.clock.now();
+                    let _w = admin.writes.lock().await;
+                    let (mut key, gateway) = admin.key_for(&mut c, Action::WriteKeys, &req.id).await?;
+                    if req.clear_expires_at && req.expires_at.is_some() {
+                        return Err(FieldError::new("clear_expires_at", "cannot be combined with expires_at").into());
+                    }
+                    if let Some(name) = &req.name {
+                        validate_key_name("name", name)?;
+                        key.name = name.trim().to_string();
+                    }
+                    if let Some(enabled) = req.enabled {
+                        key.enabled = enabled;
+                    }
+                    if let Some(limits) = &req.limits {
+                        key.limits = limits_from_pb(Some(limits))?;
+                        key.check_limits()?;
+                    }
+                    if let Some(t) = &req.expires_at {
+                        let at = from_timestamp("expires_at", t)?;
+                        validate_expiry("expires_at", at, now)?;
+                        key.expires_at = Some(at);
+                    }
+                    if req.clear_expires_at {
+                        key.expires_at = None;
+                    }
+                    admin.store.update_key(&key).await.map_err(store_err("key"))?;
+                    admin.shared.view_mut()?.replace_key(key.clone());
+                    AdminResult::Ok(key_to_pb(&key, &gateway, now))
                 }
-                if let Some(name) = &req.name {
-                    validate_key_name("name", name)?;
-                    key.name = name.trim().to_string();
-                }
-                if let Some(enabled) = req.enabled {
-                    key.enabled = enabled;
-                }
-                if let Some(limits) = &req.limits {
-                    key.limits = limits_from_pb(Some(limits))?;
-                    key.check_limits()?;
-                }
-                if let Some(t) = &req.expires_at {
-                    let at = from_timestamp("expires_at", t)?;
-                    validate_expiry("expires_at", at, now)?;
-                    key.expires_at = Some(at);
-                }
-                if req.clear_expires_at {
-                    key.expires_at = None;
-                }
-                admin.store.update_key(&key).await.map_err(store_err("key"))?;
-                admin.shared.view_mut()?.replace_key(key.clone());
-                AdminResult::Ok(key_to_pb(&key, &gateway, now))
+                .await;
+                (c, result)
             })
             .await
     }
@@ -172,13 +188,17 @@ impl KeyService for KeyApi {
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
         self.0
-            .serve(request, "KeyService/DeleteKey", Kind::Mutation, |admin, c, req| async move {
-                let id = req.id;
-                let _w = admin.writes.lock().await;
-                let (key, _) = admin.key_for(&c, Action::WriteKeys, &id).await?;
-                admin.store.delete_key(key.id, admin.shared.clock.now()).await.map_err(store_err("key"))?;
-                admin.shared.key_deleted(key.id)?;
-                AdminResult::Ok(pb::DeleteKeyResponse {})
+            .serve(request, "KeyService/DeleteKey", Kind::Mutation, |admin, mut c, req| async move {
+                let result = async {
+                    let id = req.id;
+                    let _w = admin.writes.lock().await;
+                    let (key, _) = admin.key_for(&mut c, Action::WriteKeys, &id).await?;
+                    admin.store.delete_key(key.id, admin.shared.clock.now()).await.map_err(store_err("key"))?;
+                    admin.shared.key_deleted(key.id)?;
+                    AdminResult::Ok(pb::DeleteKeyResponse {})
+                }
+                .await;
+                (c, result)
             })
             .await
     }
@@ -188,54 +208,62 @@ impl KeyService for KeyApi {
         request: Request<pb::ImportLegacyKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
         self.0
-            .serve(request, "KeyService/ImportLegacyKey", Kind::Mutation, |admin, c, req| async move {
-                c.check(Action::WriteKeys, Some(&req.gateway))?;
-                if req.limits.as_ref().is_some_and(|l| *l != pb::Limits::default()) {
-                    return Err(FieldError::new("limits", LEGACY_TAKES_NO_LIMITS).into());
+            .serve(request, "KeyService/ImportLegacyKey", Kind::Mutation, |admin, mut c, req| async move {
+                let result = async {
+                    c.check(Action::WriteKeys, Some(&req.gateway))?;
+                    if req.limits.as_ref().is_some_and(|l| *l != pb::Limits::default()) {
+                        return Err(FieldError::new("limits", LEGACY_TAKES_NO_LIMITS).into());
+                    }
+                    validate_legacy_secret(&req.secret)?;
+                    let secret = Secret::from_plaintext(req.secret);
+                    admin.add_key(&mut c, &req.gateway, &req.name, &secret, NewKey::Legacy).await
                 }
-                validate_legacy_secret(&req.secret)?;
-                let secret = Secret::from_plaintext(req.secret);
-                admin.add_key(&c, &req.gateway, &req.name, &secret, NewKey::Legacy).await
+                .await;
+                (c, result)
             })
             .await
     }
 
     async fn get_key_usage(&self, request: Request<pb::GetKeyUsageRequest>) -> Result<Response<pb::KeyUsage>, Status> {
         self.0
-            .serve(request, "KeyService/GetKeyUsage", Kind::Read, |admin, c, req| async move {
-                let id = req.id;
-                let (key, _) = admin.key_for(&c, Action::ReadKeys, &id).await?;
-                let now = admin.shared.clock.now();
-                let limiters = &admin.shared.limiters;
-                let u = limiters
-                    .meters
-                    .snapshot(key.id, key.limits.reset_period, now)
-                    .ok_or_else(|| AdminError::Internal("meters lock poisoned".into()))?;
-                let (_, period_end) = period::bounds(key.limits.reset_period, now);
-                // A budget that never resets counts from the key's creation.
-                let period_start = if period_end.is_none() { key.created_at } else { u.period_start };
-                // Exact for keys with a requests-per-minute window, to the second otherwise.
-                let elapsed = admin.shared.clock.monotonic();
-                let last_minute = match key.limits.requests_per_minute {
-                    Some(_) => limiters.windows.count(key.id, elapsed).try_into().unwrap_or(u32::MAX),
-                    None => u.requests_last_minute(elapsed),
-                };
-                AdminResult::Ok(pb::KeyUsage {
-                    key_id: key.id.to_string(),
-                    limits: Some(limits_to_pb(&key.limits)),
-                    period_start: Some(timestamp(period_start)),
-                    period_end: period_end.map(timestamp),
-                    requests: u.requests,
-                    prompt_tokens: u.prompt_tokens,
-                    completion_tokens: u.completion_tokens,
-                    total_tokens: u.total_tokens(),
-                    cost_usd: money::format_usd(u.cost_micros),
-                    requests_last_minute: last_minute,
-                    last_denied_at: u.last_denied_at.map(timestamp),
-                    last_deny_reason: u.last_deny_reason.unwrap_or_default(),
-                    reserved_tokens: u.reserved_tokens,
-                    reserved_usd: money::format_usd(u.reserved_micros),
-                })
+            .serve(request, "KeyService/GetKeyUsage", Kind::Read, |admin, mut c, req| async move {
+                let result = async {
+                    let id = req.id;
+                    let (key, _) = admin.key_for(&mut c, Action::ReadKeys, &id).await?;
+                    let now = admin.shared.clock.now();
+                    let limiters = &admin.shared.limiters;
+                    let u = limiters
+                        .meters
+                        .snapshot(key.id, key.limits.reset_period, now)
+                        .ok_or_else(|| AdminError::Internal("meters lock poisoned".into()))?;
+                    let (_, period_end) = period::bounds(key.limits.reset_period, now);
+                    // A budget that never resets counts from the key's creation.
+                    let period_start = if period_end.is_none() { key.created_at } else { u.period_start };
+                    // Exact for keys with a requests-per-minute window, to the second otherwise.
+                    let elapsed = admin.shared.clock.monotonic();
+                    let last_minute = match key.limits.requests_per_minute {
+                        Some(_) => limiters.windows.count(key.id, elapsed).try_into().unwrap_or(u32::MAX),
+                        None => u.requests_last_minute(elapsed),
+                    };
+                    AdminResult::Ok(pb::KeyUsage {
+                        key_id: key.id.to_string(),
+                        limits: Some(limits_to_pb(&key.limits)),
+                        period_start: Some(timestamp(period_start)),
+                        period_end: period_end.map(timestamp),
+                        requests: u.requests,
+                        prompt_tokens: u.prompt_tokens,
+                        completion_tokens: u.completion_tokens,
+                        total_tokens: u.total_tokens(),
+                        cost_usd: money::format_usd(u.cost_micros),
+                        requests_last_minute: last_minute,
+                        last_denied_at: u.last_denied_at.map(timestamp),
+                        last_deny_reason: u.last_deny_reason.unwrap_or_default(),
+                        reserved_tokens: u.reserved_tokens,
+                        reserved_usd: money::format_usd(u.reserved_micros),
+                    })
+                }
+                .await;
+                (c, result)
             })
             .await
     }
@@ -245,36 +273,40 @@ impl KeyService for KeyApi {
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         self.0
-            .serve(request, "KeyService/RotateKey", Kind::Mutation, |admin, c, req| async move {
-                let now = admin.shared.clock.now();
-                let _w = admin.writes.lock().await;
-                let (mut key, gateway) = admin.key_for(&c, Action::WriteKeys, &req.id).await?;
-                let grace = match &req.grace_period {
-                    None => chrono::Duration::zero(),
-                    Some(d) => from_duration("grace_period", d)?,
-                };
-                let until = key.rotation_grace(grace, now).map_err(|refused| match refused {
-                    RotationRefused::Invalid(e) => AdminError::from(e),
-                    RotationRefused::Legacy => AdminError::FailedPrecondition(
-                        "legacy keys cannot be rotated: create a new key, then disable the legacy one".into(),
-                    ),
-                })?;
-                let secret = Secret::generate(SecretKind::ApiKey);
-                admin
-                    .store
-                    .rotate_key(key.id, &secret.hash(), &secret.display_prefix(), until)
-                    .await
-                    .map_err(store_err("key"))?;
-                key.prefix = secret.display_prefix();
-                {
-                    let mut view = admin.shared.view_mut()?;
-                    view.replace_key(key.clone());
-                    view.rotate_key(key.id, secret.hash(), until);
+            .serve(request, "KeyService/RotateKey", Kind::Mutation, |admin, mut c, req| async move {
+                let result = async {
+                    let now = admin.shared.clock.now();
+                    let _w = admin.writes.lock().await;
+                    let (mut key, gateway) = admin.key_for(&mut c, Action::WriteKeys, &req.id).await?;
+                    let grace = match &req.grace_period {
+                        None => chrono::Duration::zero(),
+                        Some(d) => from_duration("grace_period", d)?,
+                    };
+                    let until = key.rotation_grace(grace, now).map_err(|refused| match refused {
+                        RotationRefused::Invalid(e) => AdminError::from(e),
+                        RotationRefused::Legacy => AdminError::FailedPrecondition(
+                            "legacy keys cannot be rotated: create a new key, then disable the legacy one".into(),
+                        ),
+                    })?;
+                    let secret = Secret::generate(SecretKind::ApiKey);
+                    admin
+                        .store
+                        .rotate_key(key.id, &secret.hash(), &secret.display_prefix(), until)
+                        .await
+                        .map_err(store_err("key"))?;
+                    key.prefix = secret.display_prefix();
+                    {
+                        let mut view = admin.shared.view_mut()?;
+                        view.replace_key(key.clone());
+                        view.rotate_key(key.id, secret.hash(), until);
+                    }
+                    AdminResult::Ok(pb::CreateKeyResponse {
+                        key: Some(key_to_pb(&key, &gateway, now)),
+                        secret: secret.expose().to_string(),
+                    })
                 }
-                AdminResult::Ok(pb::CreateKeyResponse {
-                    key: Some(key_to_pb(&key, &gateway, now)),
-                    secret: secret.expose().to_string(),
-                })
+                .await;
+                (c, result)
             })
             .await
     }

@@ -126,17 +126,19 @@ enum Kind {
     Mutation,
 }
 
-/// One admin call: who makes it and what it concerns, for authorization and the audit trail.
+/// One admin call: who makes it and what it concerns. The handler owns it while it runs
+/// (authorizing through it and noting the gateway and target), then hands it back with
+/// its result for the audit trail: nothing about a call is shared or locked.
 pub struct Call {
     pub who: Principal,
     action: &'static str,
-    gateway: Mutex<Option<String>>,
-    target: Mutex<String>,
+    gateway: Option<String>,
+    target: String,
 }
 
 impl Call {
     /// Authorizes `action` (on `gateway`, when the call names one), noting the gateway.
-    fn check(&self, action: Action, gateway: Option<&str>) -> AdminResult<()> {
+    fn check(&mut self, action: Action, gateway: Option<&str>) -> AdminResult<()> {
         if let Some(g) = gateway {
             self.gateway(g);
         }
@@ -150,23 +152,18 @@ impl Call {
 
     /// Notes the gateway the call concerns; a name that is not a valid gateway name is
     /// not recorded (it may be anything a client sent, even a secret).
-    pub(crate) fn gateway(&self, name: &str) {
+    pub(crate) fn gateway(&mut self, name: &str) {
         if validate_gateway_name("gateway", name).is_err() {
             return;
         }
         tracing::Span::current().record("gateway", name);
-        if let Ok(mut g) = self.gateway.lock() {
-            *g = Some(name.to_string());
-        }
+        self.gateway = Some(name.to_string());
     }
 
     /// Notes the call's target: an id, or a name that passed validation.
-    fn target(&self, t: impl Into<String>) {
-        let t = t.into();
-        tracing::Span::current().record("target", t.as_str());
-        if let Ok(mut target) = self.target.lock() {
-            *target = t;
-        }
+    fn target(&mut self, t: impl Into<String>) {
+        self.target = t.into();
+        tracing::Span::current().record("target", self.target.as_str());
     }
 }
 
@@ -184,8 +181,9 @@ impl Admin {
         handler: F,
     ) -> Result<tonic::Response<Res>, Status>
     where
-        F: FnOnce(Arc<Admin>, Arc<Call>, Req) -> Fut,
-        Fut: Future<Output = AdminResult<Res>> + Send + 'static,
+        F: FnOnce(Arc<Admin>, Call, Req) -> Fut + Send + 'static,
+        Fut: Future<Output = (Call, AdminResult<Res>)> + Send + 'static,
+        Req: Send + 'static,
         Res: Send + 'static,
     {
         use tracing::Instrument;
@@ -199,8 +197,18 @@ impl Admin {
         async move {
             let call = self.begin(&request, action).await?;
             tracing::Span::current().record("token", call.who.name.as_str());
-            let run = handler(Arc::clone(self), Arc::clone(&call), request.into_inner());
-            self.finish(call, kind, run).await.map(tonic::Response::new)
+            let admitted = match kind {
+                Kind::Mutation => self.admit_write(&call.who),
+                Kind::Read => Ok(()),
+            };
+            let (admin, req) = (Arc::clone(self), request.into_inner());
+            let run = async move {
+                match admitted {
+                    Ok(()) => handler(admin, call, req).await,
+                    Err(refused) => (call, Err(refused)),
+                }
+            };
+            self.finish(kind, run).await.map(tonic::Response::new)
         }
         .instrument(span)
         .await
@@ -208,14 +216,9 @@ impl Admin {
 
     /// Starts a call: the caller the interceptor authenticated, or `UNAUTHENTICATED`
     /// (recorded in the audit trail).
-    async fn begin<T>(&self, request: &Request<T>, action: &'static str) -> Result<Arc<Call>, Status> {
+    async fn begin<T>(&self, request: &Request<T>, action: &'static str) -> Result<Call, Status> {
         match request.extensions().get::<Caller>() {
-            Some(Caller::Token(who)) => Ok(Arc::new(Call {
-                who: who.clone(),
-                action,
-                gateway: Mutex::new(None),
-                target: Mutex::new(String::new()),
-            })),
+            Some(Caller::Token(who)) => Ok(Call { who: who.clone(), action, gateway: None, target: String::new() }),
             _ => {
                 let admission = self.admit_refusal(Source::Unauthenticated);
                 let result = "UNAUTHENTICATED: Unauthorized".to_string();
@@ -225,36 +228,28 @@ impl Admin {
         }
     }
 
-    /// Runs a call. Mutations run detached and are always audited; reads only when refused.
+    /// Runs a call and audits what it hands back. Mutations run detached and are always
+    /// audited; reads only when refused.
     async fn finish<T: Send + 'static>(
         self: &Arc<Self>,
-        call: Arc<Call>,
         kind: Kind,
-        run: impl Future<Output = AdminResult<T>> + Send + 'static,
+        run: impl Future<Output = (Call, AdminResult<T>)> + Send + 'static,
     ) -> Result<T, Status> {
         let admin = Arc::clone(self);
-        let admitted = match kind {
-            Kind::Mutation => self.admit_write(&call.who),
-            Kind::Read => Ok(()),
-        };
         let audited = async move {
-            let result = match admitted {
-                Ok(()) => run.await,
-                Err(refused) => Err(refused),
-            };
+            let (call, result) = run.await;
             let refused = matches!(result, Err(AdminError::PermissionDenied(_)));
             if kind == Kind::Mutation || refused {
-                let gateway = call.gateway.lock().ok().and_then(|g| g.clone());
-                let target = call.target.lock().map(|t| t.clone()).unwrap_or_default();
+                let Call { who, action, gateway, target } = call;
                 match &result {
                     // A change is always recorded.
-                    Ok(_) => admin.record(Some(&call.who), call.action, gateway, target, "OK".into()).await,
+                    Ok(_) => admin.record(Some(&who), action, gateway, target, "OK".into()).await,
                     // A refusal changed nothing: recorded up to a rate per token.
                     Err(e) => {
                         let (code, message) = e.status_parts();
                         let outcome = format!("{}: {message}", crate::pb::code_name(code));
-                        let admission = admin.admit_refusal(Source::Token(call.who.token_id));
-                        admin.record_refusal(admission, Some(&call.who), call.action, gateway, target, outcome).await;
+                        let admission = admin.admit_refusal(Source::Token(who.token_id));
+                        admin.record_refusal(admission, Some(&who), action, gateway, target, outcome).await;
                     }
                 }
             }

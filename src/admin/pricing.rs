@@ -38,29 +38,33 @@ impl PricingService for PricingApi {
         request: Request<pb::SetModelPriceRequest>,
     ) -> Result<Response<pb::ModelPrice>, Status> {
         self.0
-            .serve(request, "PricingService/SetModelPrice", Kind::Mutation, |admin, c, req| async move {
-                let p = req.price.unwrap_or_default();
-                let valid = validate_model("price.model", &p.model);
-                if valid.is_ok() {
-                    c.target(p.model.clone());
+            .serve(request, "PricingService/SetModelPrice", Kind::Mutation, |admin, mut c, req| async move {
+                let result = async {
+                    let p = req.price.unwrap_or_default();
+                    let valid = validate_model("price.model", &p.model);
+                    if valid.is_ok() {
+                        c.target(p.model.clone());
+                    }
+                    // Prices apply to every gateway: a gateway-scoped token cannot set them.
+                    c.check_global(Action::WritePrices)?;
+                    valid?;
+                    let price = Price {
+                        input_micros_per_million: money::parse_usd(
+                            "price.input_usd_per_million",
+                            &p.input_usd_per_million,
+                        )?,
+                        output_micros_per_million: money::parse_usd(
+                            "price.output_usd_per_million",
+                            &p.output_usd_per_million,
+                        )?,
+                    };
+                    let _w = admin.writes.lock().await;
+                    admin.store.set_price(&p.model, &price, admin.shared.clock.now()).await?;
+                    admin.price_book()?.set(p.model.clone(), price);
+                    AdminResult::Ok(price_to_pb(&p.model, &price))
                 }
-                // Prices apply to every gateway: a gateway-scoped token cannot set them.
-                c.check_global(Action::WritePrices)?;
-                valid?;
-                let price = Price {
-                    input_micros_per_million: money::parse_usd(
-                        "price.input_usd_per_million",
-                        &p.input_usd_per_million,
-                    )?,
-                    output_micros_per_million: money::parse_usd(
-                        "price.output_usd_per_million",
-                        &p.output_usd_per_million,
-                    )?,
-                };
-                let _w = admin.writes.lock().await;
-                admin.store.set_price(&p.model, &price, admin.shared.clock.now()).await?;
-                admin.price_book()?.set(p.model.clone(), price);
-                AdminResult::Ok(price_to_pb(&p.model, &price))
+                .await;
+                (c, result)
             })
             .await
     }
@@ -70,12 +74,16 @@ impl PricingService for PricingApi {
         request: Request<pb::ListModelPricesRequest>,
     ) -> Result<Response<pb::ListModelPricesResponse>, Status> {
         self.0
-            .serve(request, "PricingService/ListModelPrices", Kind::Read, |admin, c, _req| async move {
-                c.check(Action::ReadPrices, None)?;
-                let prices = admin.store.list_prices().await?;
-                AdminResult::Ok(pb::ListModelPricesResponse {
-                    prices: prices.iter().map(|(m, p)| price_to_pb(m, p)).collect(),
-                })
+            .serve(request, "PricingService/ListModelPrices", Kind::Read, |admin, mut c, _req| async move {
+                let result = async {
+                    c.check(Action::ReadPrices, None)?;
+                    let prices = admin.store.list_prices().await?;
+                    AdminResult::Ok(pb::ListModelPricesResponse {
+                        prices: prices.iter().map(|(m, p)| price_to_pb(m, p)).collect(),
+                    })
+                }
+                .await;
+                (c, result)
             })
             .await
     }
@@ -85,18 +93,22 @@ impl PricingService for PricingApi {
         request: Request<pb::DeleteModelPriceRequest>,
     ) -> Result<Response<pb::DeleteModelPriceResponse>, Status> {
         self.0
-            .serve(request, "PricingService/DeleteModelPrice", Kind::Mutation, |admin, c, req| async move {
-                let model = req.model;
-                let valid = validate_model("model", &model);
-                if valid.is_ok() {
-                    c.target(model.clone());
+            .serve(request, "PricingService/DeleteModelPrice", Kind::Mutation, |admin, mut c, req| async move {
+                let result = async {
+                    let model = req.model;
+                    let valid = validate_model("model", &model);
+                    if valid.is_ok() {
+                        c.target(model.clone());
+                    }
+                    c.check_global(Action::WritePrices)?;
+                    valid?;
+                    let _w = admin.writes.lock().await;
+                    admin.store.delete_price(&model).await.map_err(store_err("model price"))?;
+                    admin.price_book()?.remove(&model);
+                    AdminResult::Ok(pb::DeleteModelPriceResponse {})
                 }
-                c.check_global(Action::WritePrices)?;
-                valid?;
-                let _w = admin.writes.lock().await;
-                admin.store.delete_price(&model).await.map_err(store_err("model price"))?;
-                admin.price_book()?.remove(&model);
-                AdminResult::Ok(pb::DeleteModelPriceResponse {})
+                .await;
+                (c, result)
             })
             .await
     }
