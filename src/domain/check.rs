@@ -14,6 +14,7 @@ use super::key::{ApiKey, KeyStatus};
 use super::pricing::{PriceBook, cost_micros};
 use super::request::{InvalidReason, RequestParts, extract_key};
 use super::secret::{self, SecretHash, SecretKind, Shape};
+use super::usage::BodyKind;
 use super::view::View;
 use super::window::{Admission, RequestWindows};
 
@@ -167,7 +168,8 @@ fn reservation_for(gateway: &Gateway, cost_limited: bool, req: &RequestParts<'_>
         return Hold::default();
     }
     // Bytes Envoy did not send count as prompt only in a JSON body (not an upload).
-    let json = req.headers.get("content-type").is_none_or(|ct| ct.to_ascii_lowercase().contains("json"));
+    let json =
+        req.headers.get("content-type").is_none_or(|ct| matches!(BodyKind::of(ct), BodyKind::Json | BodyKind::Unsaid));
     let asked = Asked::read(req.body, declared.filter(|_| json));
     let default = Some(gateway.default_reservation_tokens).filter(|&t| t > 0).unwrap_or(DEFAULT_RESERVATION_TOKENS);
     let cap = match asked.output_cap {

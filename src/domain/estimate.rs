@@ -11,7 +11,7 @@
 
 use super::budget::{Hold, Metered};
 use super::pricing::{Price, cost_micros};
-use super::usage::Reported;
+use super::usage::{BodyKind, Reported};
 
 /// The estimate's ratio: one completion token per this many bytes of content, rounded up.
 pub const BYTES_PER_TOKEN: u64 = 4;
@@ -93,8 +93,7 @@ impl ContentEstimate {
     /// For a response with this `content-type`: JSON and event streams are scanned; other
     /// bodies (audio, images, files) count nothing.
     pub fn new(content_type: &str) -> Self {
-        let ct = content_type.to_ascii_lowercase();
-        let active = ct.is_empty() || ct.contains("json") || ct.contains("text/event-stream");
+        let active = BodyKind::of(content_type) != BodyKind::Other;
         ContentEstimate { active, mode: Mode::Content, ..Self::request() }
     }
 

@@ -425,21 +425,46 @@ pub struct UsageParser {
     bom: usize,
 }
 
+/// What a `content-type` says a body is, as far as metering cares; matched in any case
+/// and without allocating (it is read for every metered response and budgeted Check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Json,
+    EventStream,
+    /// No content type: the body itself tells.
+    Unsaid,
+    /// Audio, images, files, forms: no JSON text in it.
+    Other,
+}
+
+impl BodyKind {
+    pub fn of(content_type: &str) -> BodyKind {
+        let has = |needle: &str| {
+            content_type.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+        };
+        if has("text/event-stream") {
+            BodyKind::EventStream
+        } else if content_type.trim().is_empty() {
+            BodyKind::Unsaid
+        } else if has("json") {
+            BodyKind::Json
+        } else {
+            BodyKind::Other
+        }
+    }
+}
+
 /// UTF-8's byte-order mark, which an event stream may start with.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl UsageParser {
     /// `content_type` is the response's `content-type` header (empty when unknown).
     pub fn new(content_type: &str) -> Self {
-        let ct = content_type.to_ascii_lowercase();
-        let kind = if ct.contains("text/event-stream") {
-            Kind::EventStream
-        } else if ct.trim().is_empty() {
-            Kind::Sniff
-        } else if ct.contains("json") {
-            Kind::Json
-        } else {
-            Kind::Other
+        let kind = match BodyKind::of(content_type) {
+            BodyKind::Json => Kind::Json,
+            BodyKind::EventStream => Kind::EventStream,
+            BodyKind::Unsaid => Kind::Sniff,
+            BodyKind::Other => Kind::Other,
         };
         UsageParser {
             kind,
@@ -747,6 +772,14 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
         check_every_split("text/event-stream", &crlf, &reported("gpt-4o-mini", 21, 5));
         let bom = format!("\u{feff}{OPENAI_SSE}");
         check_every_split("text/event-stream", &bom, &reported("gpt-4o-mini", 21, 5));
+    }
+
+    #[test]
+    fn content_types_are_read_in_any_case() {
+        assert_eq!(BodyKind::of("Application/JSON; charset=utf-8"), BodyKind::Json);
+        assert_eq!(BodyKind::of("TEXT/Event-Stream"), BodyKind::EventStream);
+        assert_eq!(BodyKind::of("  "), BodyKind::Unsaid);
+        assert_eq!(BodyKind::of("multipart/form-data; boundary=x"), BodyKind::Other);
     }
 
     #[test]
