@@ -103,10 +103,6 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now)
     let Some(key) = view.key_by_hash(&SecretHash::of(&presented), now) else {
         return invalid(InvalidReason::Unknown, None);
     };
-    if key.gateway_id != gateway.id {
-        limiters.meters.note_denial(key.id, key.limits.reset_period, InvalidReason::OtherGateway.as_str(), now);
-        return invalid(InvalidReason::OtherGateway, Some(key.id));
-    }
     let limits = &key.limits;
     let meters = &limiters.meters;
     // A denial of a known key is noted for its Overview, with the key at hand.
@@ -114,6 +110,9 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now)
         meters.note_denial(key.id, limits.reset_period, reason.as_str(), now);
         invalid(reason, Some(key.id))
     };
+    if key.gateway_id != gateway.id {
+        return refused(InvalidReason::OtherGateway);
+    }
     match key.status(now) {
         KeyStatus::Active => {}
         KeyStatus::Disabled => return refused(InvalidReason::Disabled),
