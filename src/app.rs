@@ -155,11 +155,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     }
     let view = View::new(snapshot.gateways, snapshot.keys);
     tracing::info!(database = %url, gateways = view.gateway_count(), keys = view.key_count(), "storage migrated and view loaded");
-    let limiters = Limiters {
-        windows: Default::default(),
-        meters: Meters::new(snapshot.usage),
-        prices: std::sync::RwLock::new(PriceBook::new(snapshot.prices)),
-    };
+    let limiters = Limiters::in_process(Arc::new(Meters::new(snapshot.usage)), PriceBook::new(snapshot.prices));
     let shared = Arc::new(Shared::new(view, tokens, limiters, clock));
 
     let ttl = chrono::Duration::from_std(args.reservation_ttl).context("--reservation-ttl is too large")?;

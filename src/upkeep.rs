@@ -86,7 +86,7 @@ pub async fn flush_usage(store: &dyn Store, shared: &Shared, last: bool) -> bool
         Err(e) => {
             shared.metrics.flush_failed();
             tracing::error!(error = %e, keys = dirty.len(), "usage flush failed; will retry");
-            shared.limiters.meters.mark_dirty(dirty.iter().map(|c| c.key_id));
+            shared.limiters.meters.restore(dirty);
             false
         }
     }
@@ -96,9 +96,7 @@ pub async fn flush_usage(store: &dyn Store, shared: &Shared, last: bool) -> bool
 /// than `ttl` whose response never started metering (ages on the monotonic clock; one
 /// whose metering stream is open is kept until it ends). Returns how many it released.
 pub fn sweep(shared: &Shared, ttl: chrono::Duration) -> usize {
-    let now = shared.clock.monotonic();
-    shared.limiters.windows.sweep(now);
-    let expired = shared.limiters.meters.expire_reservations(now, ttl);
+    let expired = shared.limiters.counters.sweep(shared.clock.monotonic(), ttl);
     if expired > 0 {
         tracing::warn!(expired, "released budget reservations that metering never settled");
     }

@@ -133,7 +133,7 @@ async fn gateways_and_keys(db: &Db) {
     changed.name = "renamed".into();
     changed.limits = Limits::default();
     changed.expires_at = None;
-    s.update_key(&changed).await.unwrap();
+    s.update_key(&changed, t0()).await.unwrap();
     assert_eq!(s.get_key(changed.id).await.unwrap().unwrap(), changed);
 
     let new = Secret::generate(SecretKind::ApiKey);
@@ -174,13 +174,28 @@ async fn usage_prices_tokens_and_audit(db: &Db) {
     c.last_denied_at = Some(t0());
     c.last_deny_reason = Some("budget_exceeded".into());
     s.save_usage(std::slice::from_ref(&c), t0()).await.unwrap();
-    c.requests = 4;
-    s.save_usage(std::slice::from_ref(&c), t0()).await.expect("absolute totals, written again");
+    // Another replica's increments for the same key and period add up; its older last use
+    // and denial do not move the key's back.
+    let mut other = Counters::empty(k.id, ResetPeriod::Monthly, c.period_start);
+    (other.requests, other.prompt_tokens, other.completion_tokens, other.cost_micros) = (1, 5, 6, 3);
+    other.last_used_at = Some(t0() - Duration::seconds(5));
+    other.last_denied_at = Some(t0() - Duration::seconds(5));
+    other.last_deny_reason = Some("rate_limit_exceeded".into());
+    s.save_usage(std::slice::from_ref(&other), t0()).await.expect("increments, written again");
     let snap = s.load().await.unwrap();
     let u = snap.usage.iter().find(|u| u.key_id == k.id).unwrap();
-    assert_eq!((u.requests, u.prompt_tokens, u.completion_tokens, u.cost_micros), (4, 30, 12, 77));
+    assert_eq!((u.requests, u.prompt_tokens, u.completion_tokens, u.cost_micros), (4, 35, 18, 80));
     assert_eq!((u.period_start, u.last_deny_reason.as_deref()), (c.period_start, Some("budget_exceeded")));
     assert_eq!(snap.keys.iter().find(|(x, _)| x.id == k.id).unwrap().0.last_used_at, Some(t0()));
+    // A later denial moves forward; a counter saturates instead of wrapping.
+    let mut later = Counters::empty(k.id, ResetPeriod::Monthly, c.period_start);
+    later.last_denied_at = Some(t0() + Duration::seconds(1));
+    later.last_deny_reason = Some("disabled".into());
+    later.cost_micros = i64::MAX;
+    s.save_usage(std::slice::from_ref(&later), t0()).await.unwrap();
+    let snap = s.load().await.unwrap();
+    let u = snap.usage.iter().find(|u| u.key_id == k.id).unwrap();
+    assert_eq!((u.cost_micros, u.last_deny_reason.as_deref()), (i64::MAX, Some("disabled")));
 
     let p = Price { input_micros_per_million: 150_000, output_micros_per_million: 600_000 };
     s.set_price("gpt-4o-mini", &p, t0()).await.unwrap();

@@ -18,6 +18,7 @@ use crate::domain::view::KeySecret;
 use crate::domain::{money, period};
 use crate::pb;
 use crate::pb::key_service_server::KeyService;
+use crate::store::StoreError;
 
 pub use crate::pb::key_service_server::KeyServiceServer;
 
@@ -173,7 +174,7 @@ impl KeyService for KeyApi {
                     if req.clear_expires_at {
                         key.expires_at = None;
                     }
-                    admin.store.update_key(&key).await.map_err(store_err("key"))?;
+                    admin.store.update_key(&key, now).await.map_err(store_err("key"))?;
                     admin.shared.view_mut()?.replace_key(key.clone());
                     AdminResult::Ok(key_to_pb(&key, &gateway, now))
                 }
@@ -230,21 +231,20 @@ impl KeyService for KeyApi {
                 let result = async {
                     let id = req.id;
                     let (key, _) = admin.key_for(&mut c, Action::ReadKeys, &id).await?;
-                    let now = admin.shared.clock.now();
-                    let limiters = &admin.shared.limiters;
-                    let u = limiters
-                        .meters
-                        .snapshot(key.id, key.limits.reset_period, now)
-                        .ok_or_else(|| AdminError::Internal("meters lock poisoned".into()))?;
+                    let at = admin.shared.clock.read();
+                    let now = at.wall;
+                    let u = admin.shared.limiters.counters.usage(&key, at).await.map_err(|e| {
+                        AdminError::Unavailable(StoreError::Unavailable(format!("usage counters: {e}").into()))
+                    })?;
                     let (_, period_end) = period::bounds(key.limits.reset_period, now);
                     // A budget that never resets counts from the key's creation.
-                    let period_start = if period_end.is_none() { key.created_at } else { u.period_start };
-                    // Exact for keys with a requests-per-minute window, to the second otherwise.
-                    let elapsed = admin.shared.clock.monotonic();
-                    let last_minute = match key.limits.requests_per_minute {
-                        Some(_) => limiters.windows.count(key.id, elapsed).try_into().unwrap_or(u32::MAX),
-                        None => u.requests_last_minute(elapsed),
+                    let period_start = match (period_end, u.period_start) {
+                        (Some(_), Some(start)) => start,
+                        _ => key.created_at,
                     };
+                    let last = admin.shared.limiters.meters.snapshot(key.id, key.limits.reset_period, now);
+                    let (last_denied_at, last_deny_reason) =
+                        last.map(|c| (c.last_denied_at, c.last_deny_reason)).unwrap_or_default();
                     AdminResult::Ok(pb::KeyUsage {
                         key_id: key.id.to_string(),
                         limits: Some(limits_to_pb(&key.limits)),
@@ -253,11 +253,11 @@ impl KeyService for KeyApi {
                         requests: u.requests,
                         prompt_tokens: u.prompt_tokens,
                         completion_tokens: u.completion_tokens,
-                        total_tokens: u.total_tokens(),
+                        total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens),
                         cost_usd: money::format_usd(u.cost_micros),
-                        requests_last_minute: last_minute,
-                        last_denied_at: u.last_denied_at.map(timestamp),
-                        last_deny_reason: u.last_deny_reason.unwrap_or_default(),
+                        requests_last_minute: u.requests_last_minute,
+                        last_denied_at: last_denied_at.map(timestamp),
+                        last_deny_reason: last_deny_reason.unwrap_or_default(),
                         reserved_tokens: u.reserved_tokens,
                         reserved_usd: money::format_usd(u.reserved_micros),
                     })

@@ -19,6 +19,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+use crate::domain::budget::Ticket;
+use crate::domain::counters::now_or_never;
 use crate::domain::estimate::ContentEstimate;
 use crate::domain::metering::{self, Observed, Settled};
 use crate::domain::usage::UsageParser;
@@ -42,7 +44,7 @@ impl MeterService {
 #[derive(Default)]
 struct Exchange {
     key_id: Option<Uuid>,
-    reservation: Option<u64>,
+    reservation: Option<Ticket>,
     /// The reservation was attached to this stream (the sweep leaves it alone).
     attached: bool,
     /// Any message arrived at all.
@@ -113,7 +115,7 @@ impl Exchange {
                 _ => None,
             };
             self.key_id = text("key_id").and_then(|s| Uuid::parse_str(&s).ok());
-            self.reservation = text("reservation").and_then(|s| s.parse().ok());
+            self.reservation = text("reservation").and_then(|s| Ticket::decode(&s));
         }
         match m.request {
             Some(Msg::ResponseHeaders(h)) => {
@@ -148,21 +150,21 @@ impl Exchange {
 
     /// Once the metadata names a reservation: from now on the end of this stream settles
     /// it, however long the response takes (the sweep leaves it alone).
-    fn attach(&mut self, shared: &Shared) {
+    async fn attach(&mut self, shared: &Shared) {
         if self.attached {
             return;
         }
         if let Some(key_id) = self.key_id {
             self.attached = true;
-            if let Some(r) = self.reservation {
-                shared.limiters.meters.attach(key_id, r, shared.clock.monotonic());
+            if let Some(ticket) = self.reservation {
+                shared.limiters.counters.attach(key_id, ticket, shared.clock.read()).await;
             }
         }
     }
 
     /// Records the response (once), whatever it reported; a cut stream still counts.
     #[tracing::instrument(level = "debug", name = "metering", skip_all, fields(key_id = ?self.key_id, status = self.status))]
-    fn finish(self, shared: &Shared) {
+    async fn finish(self, shared: &Shared) {
         let Some(key_id) = self.key_id else {
             if self.seen && !DENIAL_STATUSES.contains(&self.status) {
                 without_metadata(shared);
@@ -173,7 +175,7 @@ impl Exchange {
         if let Some(encoding) = &self.content_encoding {
             tracing::warn!(key_id = %key_id, encoding, "response body is compressed: its usage cannot be read");
         }
-        let now = shared.clock.now();
+        let now = shared.clock.read();
         let limits = shared.view_for_metering().key_by_id(key_id).map(|k| k.limits);
         // A compressed body was not read: its reservation is the floor.
         let content_tokens = match (&self.content_encoding, &self.estimate) {
@@ -182,7 +184,7 @@ impl Exchange {
         };
         let seen = Observed { status: self.status, reported, content_tokens, complete: self.done };
         let Settled { metered, unpriced } =
-            metering::settle(&shared.limiters, key_id, limits, self.reservation, &seen, now);
+            metering::settle(&shared.limiters, key_id, limits, self.reservation, &seen, now).await;
         let reported = &seen.reported;
         let model = reported.model.as_deref().unwrap_or("");
         if unpriced && shared.metrics.unpriced(model) {
@@ -200,17 +202,38 @@ impl Exchange {
     }
 }
 
-/// Records its exchange when dropped: at the end of the stream, and also when the task is
-/// cancelled (the runtime shutting down) or panics, so an attached reservation is always
+/// Records its exchange at the end of the stream, and also when the task is cancelled
+/// (the runtime shutting down) or panics (on drop), so an attached reservation is always
 /// settled.
 struct Metering {
-    exchange: Exchange,
+    exchange: Option<Exchange>,
     shared: Arc<Shared>,
+}
+
+impl Metering {
+    async fn finish(mut self) {
+        if let Some(exchange) = self.exchange.take() {
+            exchange.finish(&self.shared).await;
+        }
+    }
 }
 
 impl Drop for Metering {
     fn drop(&mut self) {
-        std::mem::take(&mut self.exchange).finish(&self.shared);
+        let Some(exchange) = self.exchange.take() else { return };
+        let shared = Arc::clone(&self.shared);
+        // In-process counters settle at once; shared ones need a task (when a runtime is
+        // still there to run it).
+        let mut settling = Box::pin(async move { exchange.finish(&shared).await });
+        if now_or_never(settling.as_mut()).is_none()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let guard = self.shared.metering_started();
+            runtime.spawn(async move {
+                settling.await;
+                drop(guard);
+            });
+        }
     }
 }
 
@@ -228,15 +251,15 @@ impl ExternalProcessor for MeterService {
         let guard = shared.metering_started();
         tokio::spawn(async move {
             let _guard = guard;
-            // Dropped (and so recorded) before the guard, however this task ends.
-            let mut metering = Metering { exchange: Exchange::default(), shared };
-            let Metering { exchange, shared } = &mut metering;
+            // Recorded before the guard goes, however this task ends.
+            let mut metering = Metering { exchange: Some(Exchange::default()), shared };
+            let Metering { exchange: Some(exchange), shared } = &mut metering else { return };
             // Envoy closing the stream early (a cut response) ends the loop too.
             while let Ok(Some(m)) = inbound.message().await {
                 // In observability mode Envoy ignores replies; otherwise it waits for each.
                 let observe_only = m.observability_mode;
                 let reply = exchange.on_message(m);
-                exchange.attach(shared);
+                exchange.attach(shared).await;
                 if !observe_only {
                     let resp = ProcessingResponse { response: Some(reply), ..Default::default() };
                     if tx.send(Ok(resp)).await.is_err() {
@@ -247,6 +270,7 @@ impl ExternalProcessor for MeterService {
                     break;
                 }
             }
+            metering.finish().await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -297,10 +321,13 @@ mod tests {
         let mut x = Exchange::default();
         let reply = x.on_message(msg(
             headers(&[(":status", "200"), ("content-type", "application/json")], false),
-            metadata(&id.to_string(), Some("42")),
+            metadata(&id.to_string(), Some("42.100.7.3.1780272000000000")),
         ));
         assert!(matches!(reply, Reply::ResponseHeaders(HeadersResponse { response: Some(_) })));
-        assert_eq!((x.key_id, x.reservation, x.status, x.done), (Some(id), Some(42), 200, false));
+        assert_eq!(
+            (x.key_id, x.reservation, x.status, x.done),
+            (Some(id), x.reservation.filter(|t| t.id == 42 && t.hold.tokens == 100), 200, false)
+        );
         x.on_message(msg(body(r#"{"model":"m","usage":{"prompt_"#, false), None));
         let reply = x.on_message(msg(body(r#"tokens":3,"completion_tokens":4}}"#, true), None));
         assert!(matches!(reply, Reply::ResponseBody(BodyResponse { response: Some(_) })));

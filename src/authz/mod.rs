@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorizati
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
 
-use crate::domain::check::{self, Decision, Denial};
+use crate::domain::check::{self, Decision, Denial, Step};
 use crate::domain::request::RequestParts;
 use crate::state::Shared;
 
@@ -33,7 +33,7 @@ impl AuthzService {
     /// Decides one CheckRequest. Never fails: faults become a 503 denial. Its span (at
     /// debug level, free when off) names the gateway, the key and the decision.
     #[tracing::instrument(level = "debug", name = "check", skip_all, fields(gateway, key_id, decision))]
-    pub fn decide(&self, req: &CheckRequest) -> CheckResponse {
+    pub async fn decide(&self, req: &CheckRequest) -> CheckResponse {
         let attrs = req.attributes.as_ref();
         let gateway = attrs.and_then(|a| a.context_extensions.get("gateway")).map(String::as_str);
         let span = tracing::Span::current();
@@ -61,15 +61,20 @@ impl AuthzService {
         // One reading of each clock: wall time for expiry and periods, elapsed time for windows.
         let at = self.shared.clock.read();
         let now = at.wall;
-        let view = match self.shared.view() {
-            Ok(view) => view,
+        let limiters = &self.shared.limiters;
+        let step = match self.shared.view() {
+            Ok(view) => check::identify(&view, limiters, &parts, at),
             Err(e) => {
                 tracing::error!(error = %e, "check denied: internal error");
                 self.shared.metrics.internal_error();
                 return response::internal_error();
             }
         };
-        let decision = check::decide(&view, &self.shared.limiters, &parts, at);
+        // The view's lock is not held while the counters decide (they may be remote).
+        let decision = match step {
+            Step::Done(decision) => decision,
+            Step::Limit(pending) => check::limit(limiters, pending, at).await,
+        };
         if !span.is_disabled() {
             let (key_id, outcome) = match &decision {
                 Decision::Allow(a) => (Some(a.key.id), "allow"),
@@ -82,7 +87,6 @@ impl AuthzService {
         }
         self.shared.metrics.check(&decision);
         log_decision(&decision);
-        drop(view);
         response::from_decision(&decision, now)
     }
 }
@@ -141,7 +145,7 @@ impl Authorization for AuthzService {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         // A denial is a CheckResponse with an HTTP status, never a gRPC error: Envoy
         // would map a gRPC error to `status_on_error` and lose our body.
-        Ok(Response::new(self.decide(request.get_ref())))
+        Ok(Response::new(self.decide(request.get_ref()).await))
     }
 }
 

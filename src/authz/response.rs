@@ -175,7 +175,7 @@ fn allow(a: &Admitted) -> CheckResponse {
     fields.insert("key_id".to_string(), string_value(&a.key.id.to_string()));
     fields.insert("gateway".to_string(), string_value(&a.gateway.name));
     if let Some(r) = a.reservation {
-        fields.insert("reservation".to_string(), string_value(&r.to_string()));
+        fields.insert("reservation".to_string(), string_value(&r.encode()));
     }
     CheckResponse {
         status: Some(rpc::Status { code: RPC_OK, ..Default::default() }),
@@ -189,11 +189,12 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
-    use chrono::{Duration, TimeZone};
+    use chrono::{DateTime, Duration, TimeZone};
     use serde_json::json;
     use uuid::Uuid;
 
     use super::*;
+    use crate::domain::budget::{Hold, Ticket};
     use crate::domain::gateway::{Gateway, InboundAuth, UpstreamAuth};
     use crate::domain::key::{ApiKey, Limits};
     use crate::domain::request::InvalidReason;
@@ -396,6 +397,11 @@ mod tests {
         rpm: Option<Admission>,
         reservation: Option<u64>,
     ) -> Decision {
+        let reservation = reservation.map(|id| Ticket {
+            id,
+            hold: Hold { tokens: 100, micros: 7, prompt_tokens: 3 },
+            period_start: DateTime::UNIX_EPOCH,
+        });
         let gateway = Gateway {
             id: Uuid::from_u128(7),
             name: "demo".into(),
@@ -482,7 +488,7 @@ mod tests {
                     query_parameters_to_remove: vec![],
                     upstream_headers: vec![("authorization", "Bearer sk-provider"), identity],
                     client_headers: vec![("x-ratelimit-limit-requests", "10"), ("x-ratelimit-remaining-requests", "9")],
-                    metadata: meta(Some("42")),
+                    metadata: meta(Some("42.100.7.3.0")),
                 },
             ),
             (
@@ -494,7 +500,7 @@ mod tests {
                     query_parameters_to_remove: vec![],
                     upstream_headers: vec![("authorization", "Bearer sk-provider"), identity],
                     client_headers: vec![],
-                    metadata: meta(Some("0")),
+                    metadata: meta(Some("0.100.7.3.0")),
                 },
             ),
             (

@@ -75,6 +75,22 @@ impl Counters {
         }
     }
 
+    /// Counts one response's usage.
+    fn count(&mut self, m: &Metered) {
+        self.requests = self.requests.saturating_add(1);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(m.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(m.completion_tokens);
+        self.cost_micros = self.cost_micros.saturating_add(m.cost_micros.max(0));
+    }
+
+    /// Adds another's usage counts (increments of the same key and period).
+    fn add(&mut self, other: &Counters) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
+        self.cost_micros = self.cost_micros.saturating_add(other.cost_micros.max(0));
+    }
+
     pub fn total_tokens(&self) -> u64 {
         self.prompt_tokens.saturating_add(self.completion_tokens)
     }
@@ -167,6 +183,45 @@ pub struct Hold {
     pub prompt_tokens: u64,
 }
 
+/// A reservation as it travels from the Check that made it to the metering of its
+/// response (in Envoy's dynamic metadata), possibly on another replica: its id, what it
+/// holds and the period it was admitted in, so whoever settles it needs to ask nobody.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    pub id: u64,
+    pub hold: Hold,
+    /// Start of the budget period the request was admitted in.
+    pub period_start: DateTime<Utc>,
+}
+
+impl Ticket {
+    /// `id.tokens.micros.prompt.period_start_micros`, all decimal.
+    pub fn encode(&self) -> String {
+        format!(
+            "{}.{}.{}.{}.{}",
+            self.id,
+            self.hold.tokens,
+            self.hold.micros,
+            self.hold.prompt_tokens,
+            self.period_start.timestamp_micros()
+        )
+    }
+
+    /// Reads what [`Ticket::encode`] wrote; `None` for anything else.
+    pub fn decode(s: &str) -> Option<Ticket> {
+        let mut parts = s.split('.');
+        let id = parts.next()?.parse().ok()?;
+        let tokens = parts.next()?.parse().ok()?;
+        let micros = parts.next()?.parse().ok()?;
+        let prompt_tokens = parts.next()?.parse().ok()?;
+        let period_start = DateTime::from_timestamp_micros(parts.next()?.parse().ok()?)?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Ticket { id, hold: Hold { tokens, micros, prompt_tokens }, period_start })
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Reservation {
     key_id: Uuid,
@@ -187,7 +242,10 @@ struct Inner {
     expired: HashMap<u64, (Reservation, Mono)>,
     expired_order: VecDeque<u64>,
     rng: u64,
+    /// Keys whose last use or denial changed since the last flush.
     dirty: std::collections::HashSet<Uuid>,
+    /// What was metered since the last flush, per key and period: the ledger's increments.
+    deltas: HashMap<(Uuid, DateTime<Utc>), Counters>,
 }
 
 impl Inner {
@@ -236,11 +294,11 @@ impl Meters {
     }
 
     /// Check for a key with a token or cost limit: deny once used (plus in-flight
-    /// reservations) has reached a limit (noting the denial), else reserve `tokens` / `micros` for this request,
-    /// each capped at what the key can still use this period (so a request is admitted
-    /// while any budget remains and nothing is reserved in flight). Returns the
-    /// reservation id.
-    pub fn admit(&self, key: &ApiKey, ask: Hold, now: Now) -> Result<Result<u64, BudgetDenial>, MetersUnavailable> {
+    /// reservations) has reached a limit, else reserve `tokens` /
+    /// `micros` for this request, each capped at what the key can still use this period
+    /// (so a request is admitted while any budget remains and nothing is reserved in
+    /// flight). Returns the reservation.
+    pub fn admit(&self, key: &ApiKey, ask: Hold, now: Now) -> Result<Result<Ticket, BudgetDenial>, MetersUnavailable> {
         let Hold { tokens, micros, prompt_tokens } = ask;
         let mut inner = self.inner.lock().map_err(|_| MetersUnavailable)?;
         let Limits { cost_limit_micros, token_limit, reset_period, .. } = key.limits;
@@ -258,8 +316,6 @@ impl Meters {
             None
         };
         if let Some(denial) = denial {
-            // Noted under the same lock.
-            note_denial(&mut inner, key.id, reset_period, denial.reason(), now.wall);
             return Ok(Err(denial));
         }
         let c = inner.counters(key.id, reset_period, now.wall);
@@ -275,6 +331,7 @@ impl Meters {
         .max(0);
         c.reserved_tokens = c.reserved_tokens.saturating_add(tokens);
         c.reserved_micros = c.reserved_micros.saturating_add(micros);
+        let period_start = c.period_start;
         let id = loop {
             let id = inner.next_id();
             if !inner.reservations.contains_key(&id) && !inner.expired.contains_key(&id) {
@@ -285,7 +342,7 @@ impl Meters {
         let hold = Hold { tokens, micros, prompt_tokens: prompt_tokens.min(tokens) };
         let r = Reservation { key_id: key.id, hold, created: now.mono, attached: false };
         inner.reservations.insert(id, r);
-        Ok(Ok(id))
+        Ok(Ok(Ticket { id, hold, period_start }))
     }
 
     /// The metering stream of a reservation's response has opened: from now on only the
@@ -350,17 +407,6 @@ impl Meters {
         }
     }
 
-    /// A request admitted against the budgets and then refused (its requests-per-minute
-    /// window was full): gives its reservation back and notes the denial, in one step.
-    pub fn refuse(&self, key: &ApiKey, reservation: Option<u64>, reason: &str, now: DateTime<Utc>) {
-        if let Ok(mut inner) = self.inner.lock() {
-            if let Some(r) = reservation {
-                release(&mut inner, key.id, r);
-            }
-            note_denial(&mut inner, key.id, key.limits.reset_period, reason, now);
-        }
-    }
-
     /// Records one metered response and settles its reservation in one step (no Check
     /// sees the reservation gone and the usage not yet counted). `charge` gets what the
     /// reservation held (also when the sweep had already released it) and says what to
@@ -376,13 +422,46 @@ impl Meters {
         let Ok(mut inner) = self.inner.lock() else { return charge(None) };
         let held = reservation.and_then(|r| settle(&mut inner, key_id, r));
         let m = charge(held);
-        let c = inner.counters(key_id, reset_period, now);
-        c.requests = c.requests.saturating_add(1);
-        c.prompt_tokens = c.prompt_tokens.saturating_add(m.prompt_tokens);
-        c.completion_tokens = c.completion_tokens.saturating_add(m.completion_tokens);
-        c.cost_micros = c.cost_micros.saturating_add(m.cost_micros.max(0));
-        inner.dirty.insert(key_id);
+        add_usage(&mut inner, key_id, reset_period, None, &m, now);
         m
+    }
+
+    /// Records a response settled elsewhere (by the shared counters) in this process: the
+    /// ledger's increments, charged to `admitted_in` (the period its request was admitted
+    /// in) when it names one, and the usage this process last knew of.
+    pub fn add(
+        &self,
+        key_id: Uuid,
+        reset_period: ResetPeriod,
+        admitted_in: Option<DateTime<Utc>>,
+        m: &Metered,
+        now: DateTime<Utc>,
+    ) {
+        if let Ok(mut inner) = self.inner.lock() {
+            add_usage(&mut inner, key_id, reset_period, admitted_in, m, now);
+        }
+    }
+
+    /// Raises what this process knows of a key's usage in the period starting
+    /// `period_start` to what the shared counters hold (never lowers it), so budgets decided
+    /// here while they are unreachable start from the last known usage.
+    pub fn observe_shared(
+        &self,
+        key_id: Uuid,
+        reset_period: ResetPeriod,
+        period_start: DateTime<Utc>,
+        tokens: u64,
+        micros: i64,
+        now: DateTime<Utc>,
+    ) {
+        if let Ok(mut inner) = self.inner.lock() {
+            let c = inner.counters(key_id, reset_period, now);
+            if c.period_start == period_start {
+                // The split between prompt and completion is not shared; the total is.
+                c.completion_tokens = c.completion_tokens.max(tokens.saturating_sub(c.prompt_tokens));
+                c.cost_micros = c.cost_micros.max(micros);
+            }
+        }
     }
 
     /// The key's counters for the period `now` is in.
@@ -391,17 +470,45 @@ impl Meters {
         Some(inner.counters(key_id, reset_period, now).clone())
     }
 
-    /// Counters changed since the last call, for the flusher.
+    /// What to write to the ledger since the last call: per key and period, the usage
+    /// metered here (increments: other replicas add theirs), with each key's last use and
+    /// denial. A key whose last use changed without usage comes with zero increments.
     pub fn take_dirty(&self) -> Vec<Counters> {
         let Ok(mut inner) = self.inner.lock() else { return vec![] };
-        let dirty: Vec<Uuid> = inner.dirty.drain().collect();
-        dirty.iter().filter_map(|id| inner.keys.get(id).cloned()).collect()
+        let inner = &mut *inner;
+        let mut out: Vec<Counters> = inner.deltas.drain().map(|(_, d)| d).collect();
+        for d in &mut out {
+            if let Some(c) = inner.keys.get(&d.key_id) {
+                d.last_used_at = c.last_used_at;
+                d.last_denied_at = c.last_denied_at;
+                d.last_deny_reason.clone_from(&c.last_deny_reason);
+            }
+            inner.dirty.remove(&d.key_id);
+        }
+        for id in inner.dirty.drain() {
+            if let Some(c) = inner.keys.get(&id) {
+                let mut d = Counters::empty(id, c.reset_period, c.period_start);
+                d.last_used_at = c.last_used_at;
+                d.last_denied_at = c.last_denied_at;
+                d.last_deny_reason.clone_from(&c.last_deny_reason);
+                out.push(d);
+            }
+        }
+        out
     }
 
-    /// Puts counters back on the dirty list after a failed flush.
-    pub fn mark_dirty(&self, ids: impl IntoIterator<Item = Uuid>) {
+    /// Puts what a failed flush took back, to be written with the next one (increments
+    /// add up; nothing is counted twice).
+    pub fn restore(&self, failed: Vec<Counters>) {
         if let Ok(mut inner) = self.inner.lock() {
-            inner.dirty.extend(ids);
+            for d in failed {
+                inner.dirty.insert(d.key_id);
+                let slot = inner
+                    .deltas
+                    .entry((d.key_id, d.period_start))
+                    .or_insert_with(|| Counters::empty(d.key_id, d.reset_period, d.period_start));
+                slot.add(&d);
+            }
         }
     }
 
@@ -455,6 +562,30 @@ impl Meters {
             inner.keys.remove(&key_id);
         }
     }
+}
+
+/// Counts one metered response: in the key's counters when it belongs to their period, and
+/// in the ledger's increments for its period.
+fn add_usage(
+    inner: &mut Inner,
+    key_id: Uuid,
+    reset_period: ResetPeriod,
+    admitted_in: Option<DateTime<Utc>>,
+    m: &Metered,
+    now: DateTime<Utc>,
+) {
+    let c = inner.counters(key_id, reset_period, now);
+    let period_start = admitted_in.unwrap_or(c.period_start);
+    if period_start == c.period_start {
+        c.count(m);
+    }
+    let reset_period = c.reset_period;
+    inner
+        .deltas
+        .entry((key_id, period_start))
+        .or_insert_with(|| Counters::empty(key_id, reset_period, period_start))
+        .count(m);
+    inner.dirty.insert(key_id);
 }
 
 fn note_denial(inner: &mut Inner, key_id: Uuid, reset_period: ResetPeriod, reason: &str, now: DateTime<Utc>) {
@@ -527,11 +658,24 @@ mod tests {
     }
 
     #[test]
+    fn tickets_travel_whole_and_nothing_else_reads_as_one() {
+        let t = Ticket {
+            id: u64::MAX,
+            hold: Hold { tokens: 4096, micros: 12_345, prompt_tokens: 96 },
+            period_start: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
+        };
+        assert_eq!(Ticket::decode(&t.encode()), Some(t));
+        for bad in ["", "1", "1.2.3.4", "1.2.3.4.5.6", "x.2.3.4.5", "1.2.3.4.99999999999999999999"] {
+            assert_eq!(Ticket::decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn token_limit_denies_once_used_reaches_it_and_frees_at_the_reset() {
         let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 31, 22, 0, 0).unwrap());
         let k = key(Limits { token_limit: Some(100), reset_period: ResetPeriod::Monthly, ..Default::default() });
         let m = Meters::default();
-        let r = m.admit(&k, hold(0, 0), clock.read()).unwrap().unwrap();
+        let r = m.admit(&k, hold(0, 0), clock.read()).unwrap().unwrap().id;
         m.record(k.id, k.limits.reset_period, Some(r), |_| used(40, 59, 0), clock.now());
         assert!(m.admit(&k, hold(0, 0), clock.read()).unwrap().is_ok(), "99 < 100");
         m.record(k.id, k.limits.reset_period, None, |_| used(0, 1, 0), clock.now());
@@ -549,8 +693,8 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits { token_limit: Some(100), ..Default::default() });
         let m = Meters::default();
-        let a = m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap();
-        let b = m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap();
+        let a = m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap().id;
+        let b = m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap().id;
         assert_eq!(
             m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap_err(),
             BudgetDenial::Tokens { limit: 100, reset_at: None, in_flight: true },
@@ -575,7 +719,7 @@ mod tests {
         let k = key(Limits { cost_limit_micros: Some(1_000), ..Default::default() });
         let m = Meters::default();
         m.record(k.id, k.limits.reset_period, None, |_| used(1, 1, 999), now);
-        let r = m.admit(&k, hold(0, 5), at(now)).unwrap().unwrap();
+        let r = m.admit(&k, hold(0, 5), at(now)).unwrap().unwrap().id;
         assert_eq!(
             m.admit(&k, hold(0, 0), at(now)).unwrap().unwrap_err(),
             BudgetDenial::Cost { limit_micros: 1_000, reset_at: None, in_flight: true }
@@ -620,7 +764,7 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let (a, b) = (key(Limits { token_limit: Some(10), ..Default::default() }), key(Limits::default()));
         let m = Meters::default();
-        let r = m.admit(&a, hold(10, 0), at(now)).unwrap().unwrap();
+        let r = m.admit(&a, hold(10, 0), at(now)).unwrap().unwrap().id;
         assert_eq!(m.release(b.id, r), None, "another key's id settles nothing");
         assert!(m.admit(&a, hold(1, 0), at(now)).unwrap().is_err());
         assert_eq!(m.release(a.id, r), Some(hold(10, 0)));
@@ -648,7 +792,7 @@ mod tests {
         let m = Meters::default();
         m.record(k.id, k.limits.reset_period, None, |_| used(30, 0, 20), now);
         let ask = Hold { tokens: u64::MAX, micros: i64::MAX, prompt_tokens: 1_000_000 };
-        let r = m.admit(&k, ask, at(now)).unwrap().unwrap();
+        let r = m.admit(&k, ask, at(now)).unwrap().unwrap().id;
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.reserved_tokens, c.reserved_micros), (70, 30), "the rest of the budget, no more");
         assert!(m.admit(&k, hold(1, 0), at(now)).unwrap().is_err(), "nothing left in flight");
@@ -670,7 +814,7 @@ mod tests {
         assert!(m.admit(&k, hold(0, 0), at(now)).unwrap().is_err());
         // A key without a token limit reserves what it asks for; counters saturate.
         let free = key(Limits { cost_limit_micros: Some(i64::MAX), ..Default::default() });
-        let r = m.admit(&free, hold(u64::MAX, -5), at(now)).unwrap().unwrap();
+        let r = m.admit(&free, hold(u64::MAX, -5), at(now)).unwrap().unwrap().id;
         m.record(free.id, ResetPeriod::Never, Some(r), |held| used(u64::MAX, held.unwrap().tokens, i64::MAX), now);
         m.record(free.id, ResetPeriod::Never, None, |_| used(u64::MAX, u64::MAX, i64::MAX), now);
         let c = m.snapshot(free.id, ResetPeriod::Never, now).unwrap();
@@ -692,8 +836,8 @@ mod tests {
         let k = key(Limits { token_limit: Some(1000), ..Default::default() });
         let m = Meters::default();
         let t0 = Mono::default();
-        let open = m.admit(&k, hold(300, 0), at(now)).unwrap().unwrap();
-        let late = m.admit(&k, hold(200, 0), at(now)).unwrap().unwrap();
+        let open = m.admit(&k, hold(300, 0), at(now)).unwrap().unwrap().id;
+        let late = m.admit(&k, hold(200, 0), at(now)).unwrap().unwrap().id;
         assert!(m.attach(k.id, open, t0 + Duration::seconds(1)), "its stream opened");
         assert_eq!(m.in_flight(), (2, 1));
         assert_eq!(m.expire_reservations(t0 + Duration::minutes(30), ttl), 1, "only the one with no stream");
@@ -718,7 +862,7 @@ mod tests {
         let other = key(Limits { token_limit: Some(1000), ..Default::default() });
         let m = Meters::default();
         let t0 = Mono::default();
-        let r = m.admit(&k, hold(400, 0), at(now)).unwrap().unwrap();
+        let r = m.admit(&k, hold(400, 0), at(now)).unwrap().unwrap().id;
         assert_eq!(m.expire_reservations(t0 + Duration::minutes(11), ttl), 1);
         assert!(!m.attach(other.id, r, t0 + Duration::minutes(12)), "not another key's");
         assert!(m.attach(k.id, r, t0 + Duration::minutes(12)));
@@ -726,7 +870,7 @@ mod tests {
         assert_eq!(m.expire_reservations(t0 + Duration::hours(5), ttl), 0, "attached: kept");
         assert_eq!(m.release(k.id, r), Some(hold(400, 0)));
         // Expired ones are forgotten after another TTL.
-        let r = m.admit(&k, hold(10, 0), at(now)).unwrap().unwrap();
+        let r = m.admit(&k, hold(10, 0), at(now)).unwrap().unwrap().id;
         let t1 = t0 + Duration::hours(6);
         assert_eq!(m.expire_reservations(t1, ttl), 1);
         assert_eq!(m.expire_reservations(t1 + Duration::minutes(11), ttl), 0);
@@ -741,7 +885,7 @@ mod tests {
         let ids: Vec<u64> = (0..MAX_EXPIRED_RESERVATIONS + 10)
             .map(|i| {
                 let made = Now { wall: now, mono: Mono::from_micros(i as i64) };
-                m.admit(&k, hold(1, 0), made).unwrap().unwrap()
+                m.admit(&k, hold(1, 0), made).unwrap().unwrap().id
             })
             .collect();
         let later = Mono::default() + Duration::minutes(11);
@@ -772,7 +916,7 @@ mod tests {
         clock.advance(ttl);
         assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 1, "expires after the TTL of elapsed time");
         // A step back does not make a new reservation look young forever, nor an old one new.
-        let r = m.admit(&k, hold(100, 0), clock.read()).unwrap().unwrap();
+        let r = m.admit(&k, hold(100, 0), clock.read()).unwrap().unwrap().id;
         clock.set(clock.now() - Duration::days(30));
         clock.advance(ttl + Duration::seconds(1));
         assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 1);

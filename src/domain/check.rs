@@ -6,8 +6,9 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::asked::{Asked, AskedModel};
-use super::budget::{BudgetDenial, DEFAULT_RESERVATION_TOKENS, Hold, MAX_RESERVATION_TOKENS, Meters};
+use super::budget::{BudgetDenial, DEFAULT_RESERVATION_TOKENS, Hold, MAX_RESERVATION_TOKENS, Meters, Ticket};
 use super::clock::Now;
+use super::counters::{Counters, InProcess, Outcome};
 use super::estimate;
 use super::gateway::Gateway;
 use super::key::{ApiKey, KeyStatus};
@@ -16,14 +17,34 @@ use super::request::{InvalidReason, RequestParts, extract_key};
 use super::secret::{self, SecretHash, SecretKind, Shape};
 use super::usage::BodyKind;
 use super::view::View;
-use super::window::{Admission, RequestWindows};
+use super::window::Admission;
 
-/// The counters a decision reads and updates: request windows, budgets, prices.
-#[derive(Debug, Default)]
+/// What a decision reads and updates: the counters that decide limits (in this process,
+/// or shared by every replica), this process's usage ledger and last uses, and prices.
+#[derive(Debug)]
 pub struct Limiters {
-    pub windows: RequestWindows,
-    pub meters: Meters,
+    pub counters: Arc<dyn Counters>,
+    /// Usage metered here (the ledger's increments), last use and denial of each key,
+    /// and what this process knows of each key's usage.
+    pub meters: Arc<Meters>,
     pub prices: std::sync::RwLock<PriceBook>,
+}
+
+impl Default for Limiters {
+    fn default() -> Self {
+        Limiters::in_process(Arc::default(), PriceBook::default())
+    }
+}
+
+impl Limiters {
+    /// Counters in this process (one replica).
+    pub fn in_process(meters: Arc<Meters>, prices: PriceBook) -> Self {
+        Limiters {
+            counters: Arc::new(InProcess::new(Arc::clone(&meters))),
+            meters,
+            prices: std::sync::RwLock::new(prices),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +92,7 @@ pub struct Admitted {
     /// Present for keys with a requests-per-minute limit.
     pub rpm: Option<Admission>,
     /// The budget reservation metering settles (keys with a token or USD limit).
-    pub reservation: Option<u64>,
+    pub reservation: Option<Ticket>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,21 +101,44 @@ pub enum Decision {
     Deny(Denial),
 }
 
-/// Decides one request: identify the gateway, find the key, check its status (on wall
-/// time), then its budgets (reserving for this request) and its requests-per-minute window
-/// (on elapsed time). Not a pure function: an admission takes a window slot and a
-/// reservation and marks the key used, and a denial of a known key is noted for its
-/// Overview, each under the counters' own locks.
-pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now) -> Decision {
+/// A request of a known, active key with limits: what is left to decide, by the counters.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub gateway: Arc<Gateway>,
+    pub key: Arc<ApiKey>,
+    /// What the request would hold against the key's budgets.
+    pub ask: Hold,
+}
+
+/// The first step of a decision, under the view: either the decision, or a key with limits
+/// for the counters to decide.
+#[derive(Debug, Clone)]
+pub enum Step {
+    Done(Decision),
+    Limit(Pending),
+}
+
+/// Decides one request: [`identify`], then [`limit`] when the key has limits.
+pub async fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now) -> Decision {
+    match identify(view, limiters, req, at) {
+        Step::Done(d) => d,
+        Step::Limit(p) => limit(limiters, p, at).await,
+    }
+}
+
+/// Identifies the gateway, finds the key and checks its status (on wall time). A key
+/// without limits is admitted here (marked used); one with limits is left to [`limit`]
+/// with what the request would reserve. A denial of a known key is noted for its Overview.
+pub fn identify(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now) -> Step {
     let now = at.wall;
     let name = req.gateway.unwrap_or("");
     let Some(gateway) = view.gateway(name) else {
-        return Decision::Deny(Denial::GatewayNotConfigured { name: name.to_string() });
+        return Step::Done(Decision::Deny(Denial::GatewayNotConfigured { name: name.to_string() }));
     };
-    let invalid = |reason, key_id| Decision::Deny(Denial::InvalidKey { reason, key_id });
+    let invalid = |reason, key_id| Step::Done(Decision::Deny(Denial::InvalidKey { reason, key_id }));
     let presented = match extract_key(gateway, req.headers, req.path) {
         Ok(Some(presented)) => presented,
-        Ok(None) => return Decision::Deny(Denial::MissingKey),
+        Ok(None) => return Step::Done(Decision::Deny(Denial::MissingKey)),
         Err(reason) => return invalid(reason, None),
     };
     if secret::shape(&presented, SecretKind::ApiKey) == Shape::BadChecksum {
@@ -118,35 +162,43 @@ pub fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now)
         KeyStatus::Disabled => return refused(InvalidReason::Disabled),
         KeyStatus::Expired => return refused(InvalidReason::Expired),
     }
-    // Budgets first, so a request they refuse takes no requests-per-minute slot.
-    let reservation = if limits.token_limit.is_some() || limits.cost_limit_micros.is_some() {
-        let ask = reservation_for(gateway, limits.cost_limit_micros.is_some(), req, limiters);
-        match meters.admit(key, ask, at) {
-            Ok(Ok(id)) => Some(id),
-            Ok(Err(denial)) => {
-                let rpm = limits.requests_per_minute.and_then(|l| limiters.windows.peek(key.id, l, at.mono));
-                return Decision::Deny(Denial::Budget { key_id: key.id, denial, rpm });
-            }
-            Err(_) => return Decision::Deny(Denial::Internal("meters lock poisoned")),
-        }
+    let budgeted = limits.token_limit.is_some() || limits.cost_limit_micros.is_some();
+    if !budgeted && limits.requests_per_minute.is_none() {
+        meters.touch(key.id, limits.reset_period, at);
+        let admitted = Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key), rpm: None, reservation: None };
+        return Step::Done(Decision::Allow(admitted));
+    }
+    let ask = if budgeted {
+        reservation_for(gateway, limits.cost_limit_micros.is_some(), req, limiters)
     } else {
-        None
+        Hold::default()
     };
-    let rpm = match limits.requests_per_minute {
-        None => None,
-        Some(limit) => match limiters.windows.admit(key.id, limit, at.mono) {
-            Some(a) if a.admitted => Some(a),
-            refused => {
-                meters.refuse(key, reservation, "rate_limit_exceeded", now);
-                return Decision::Deny(match refused {
-                    Some(admission) => Denial::RateLimited { key_id: key.id, admission },
-                    None => Denial::Internal("request windows lock poisoned"),
-                });
-            }
-        },
-    };
-    meters.touch(key.id, limits.reset_period, at);
-    Decision::Allow(Admitted { gateway: Arc::clone(gateway), key: Arc::clone(key), rpm, reservation })
+    Step::Limit(Pending { gateway: Arc::clone(gateway), key: Arc::clone(key), ask })
+}
+
+/// Decides the limits of a key that has some, with the counters (one step, all or none):
+/// budgets (reserving for this request) and the requests-per-minute window. An admission
+/// marks the key used; a denial is noted for its Overview.
+pub async fn limit(limiters: &Limiters, p: Pending, at: Now) -> Decision {
+    let Pending { gateway, key, ask } = p;
+    let outcome = limiters.counters.admit(&key, ask, at).await;
+    let meters = &limiters.meters;
+    let reset_period = key.limits.reset_period;
+    match outcome {
+        Ok(Outcome::Admitted { rpm, reservation }) => {
+            meters.touch(key.id, reset_period, at);
+            Decision::Allow(Admitted { gateway, key, rpm, reservation })
+        }
+        Ok(Outcome::RateLimited(admission)) => {
+            meters.note_denial(key.id, reset_period, "rate_limit_exceeded", at.wall);
+            Decision::Deny(Denial::RateLimited { key_id: key.id, admission })
+        }
+        Ok(Outcome::Budget { denial, rpm }) => {
+            meters.note_denial(key.id, reset_period, denial.reason(), at.wall);
+            Decision::Deny(Denial::Budget { key_id: key.id, denial, rpm })
+        }
+        Err(unavailable) => Decision::Deny(Denial::Internal(unavailable.0)),
+    }
 }
 
 /// What an in-flight request holds against budgets (see [`Asked`]): nothing for a read
@@ -200,6 +252,7 @@ mod tests {
 
     use super::*;
     use crate::domain::clock::{Clock, ManualClock};
+    use crate::domain::counters::now_or_never;
     use crate::domain::gateway::{DEFAULT_KEY_NAME, InboundAuth, KeyLocation, UpstreamAuth};
     use crate::domain::key::{Limits, NewKey};
     use crate::domain::request::strip_bearer;
@@ -239,7 +292,8 @@ mod tests {
 
     fn run(f: &Fixture, gateway: Option<&str>, headers: &[(&str, &str)], path: &str) -> Decision {
         let headers: HashMap<String, String> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        decide(&f.view, &f.limiters, &RequestParts { gateway, headers: &headers, path, body: b"" }, f.clock.read())
+        let req = RequestParts { gateway, headers: &headers, path, body: b"" };
+        now_or_never(decide(&f.view, &f.limiters, &req, f.clock.read())).expect("in-process counters answer at once")
     }
 
     fn denial(d: Decision) -> Denial {
@@ -369,7 +423,9 @@ mod tests {
         f.view.replace_key(key);
         f.clock.advance(Duration::seconds(40));
         assert!(matches!(run(&f, Some("demo"), &h, "/"), Decision::Allow(_)));
-        assert_eq!(f.limiters.windows.count(f.key_id, f.clock.monotonic()), 1, "the first two left the window");
+        let key = f.view.key_by_hash(&f.secret.hash(), f.clock.now()).unwrap();
+        let usage = now_or_never(f.limiters.counters.usage(key, f.clock.read())).unwrap().unwrap();
+        assert_eq!(usage.requests_last_minute, 1, "the first two left the window");
     }
 
     #[test]
@@ -498,7 +554,7 @@ mod tests {
     fn run_body(f: &Fixture, h: &[(&str, String)], body: &[u8]) -> Decision {
         let headers: HashMap<String, String> = h.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         let req = RequestParts { gateway: Some("demo"), headers: &headers, path: "/", body };
-        decide(&f.view, &f.limiters, &req, f.clock.read())
+        now_or_never(decide(&f.view, &f.limiters, &req, f.clock.read())).expect("in-process counters answer at once")
     }
 
     fn reserved(f: &Fixture) -> u64 {

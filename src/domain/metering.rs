@@ -2,11 +2,11 @@
 //! against the key's counters with its reservation settled, in one step. The ext_proc
 //! adapter only gathers what the response showed ([`Observed`]).
 
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::budget::{Hold, Metered};
+use super::budget::{Hold, Metered, Ticket};
 use super::check::Limiters;
+use super::clock::Now;
 use super::estimate;
 use super::key::Limits;
 use super::pricing::{Price, cost_micros};
@@ -64,15 +64,16 @@ impl Observed {
 
 /// Settles a response of key `key_id` (whose limits are `limits`, `None` once the key is
 /// deleted): prices it at its model's prices (for a key with a USD limit, an unpriced or
-/// unnamed model at the book's highest prices, as its reservation was), then records it
-/// and settles its reservation in one step. A deleted key's reservation is only given back.
-pub fn settle(
+/// unnamed model at the book's highest prices, as its reservation was), then has the
+/// counters record it against the period its request was admitted in and settle its
+/// reservation, once. A deleted key's reservation is only given back.
+pub async fn settle(
     limiters: &Limiters,
     key_id: Uuid,
     limits: Option<Limits>,
-    reservation: Option<u64>,
+    reservation: Option<Ticket>,
     seen: &Observed,
-    now: DateTime<Utc>,
+    now: Now,
 ) -> Settled {
     let model = seen.reported.model.as_deref().unwrap_or("");
     let (price, highest) = match limiters.prices.read() {
@@ -83,10 +84,7 @@ pub fn settle(
     let cost_limited = limits.is_some_and(|l| l.cost_limit_micros.is_some());
     let price = price.or(highest.filter(|_| cost_limited));
     let charge = |held: Option<Hold>| seen.charge(price.as_ref(), held);
-    let metered = match limits {
-        Some(l) => limiters.meters.record(key_id, l.reset_period, reservation, charge, now),
-        None => charge(reservation.and_then(|r| limiters.meters.settle(key_id, r))),
-    };
+    let metered = limiters.counters.settle(key_id, limits.map(|l| l.reset_period), reservation, &charge, now).await;
     Settled { metered, unpriced }
 }
 
@@ -94,8 +92,9 @@ pub fn settle(
 mod tests {
     use chrono::TimeZone;
 
+    use chrono::{DateTime, Utc};
+
     use super::*;
-    use crate::domain::clock::Now;
     use crate::domain::key::{ApiKey, NewKey, ResetPeriod};
     use crate::domain::pricing::PriceBook;
 
@@ -105,14 +104,13 @@ mod tests {
 
     fn limiters() -> Limiters {
         let p = |i, o| Price { input_micros_per_million: i, output_micros_per_million: o };
-        Limiters {
-            windows: Default::default(),
-            meters: Default::default(),
-            prices: std::sync::RwLock::new(PriceBook::new([
+        Limiters::in_process(
+            Default::default(),
+            PriceBook::new([
                 ("cheap".to_string(), p(1_000_000, 2_000_000)),
                 ("dear".to_string(), p(10_000_000, 30_000_000)),
-            ])),
-        }
+            ]),
+        )
     }
 
     fn key(limits: Limits) -> ApiKey {
@@ -150,8 +148,8 @@ mod tests {
         assert_eq!(failed, Metered { prompt_tokens: 7, completion_tokens: 0, cost_micros: 7 });
     }
 
-    #[test]
-    fn settling_prices_records_and_settles_in_one_step() {
+    #[tokio::test]
+    async fn settling_prices_records_and_settles_in_one_step() {
         let l = limiters();
         let usd = key(Limits { cost_limit_micros: Some(1_000_000), ..Default::default() });
         let at = Now { wall: now(), mono: Default::default() };
@@ -159,21 +157,23 @@ mod tests {
         let r = l.meters.admit(&usd, hold, at).unwrap().unwrap();
         // An unpriced model on a USD-limited key: the highest prices ($10 and $30 per million).
         let s =
-            settle(&l, usd.id, Some(usd.limits), Some(r), &seen(200, reported("other", 1, 1, true), 0, true), now());
+            settle(&l, usd.id, Some(usd.limits), Some(r), &seen(200, reported("other", 1, 1, true), 0, true), at).await;
         assert_eq!((s.metered.cost_micros, s.unpriced), (40, true));
         let c = l.meters.snapshot(usd.id, ResetPeriod::Never, now()).unwrap();
         assert_eq!((c.requests, c.cost_micros, c.reserved_micros), (1, 40, 0));
         // Without a USD limit an unpriced model costs nothing; a priced one its price.
         let tokens = key(Limits { token_limit: Some(1000), ..Default::default() });
         let s =
-            settle(&l, tokens.id, Some(tokens.limits), None, &seen(200, reported("other", 1, 1, true), 0, true), now());
+            settle(&l, tokens.id, Some(tokens.limits), None, &seen(200, reported("other", 1, 1, true), 0, true), at)
+                .await;
         assert_eq!((s.metered.cost_micros, s.unpriced), (0, true));
         let s =
-            settle(&l, tokens.id, Some(tokens.limits), None, &seen(200, reported("cheap", 1, 1, true), 0, true), now());
+            settle(&l, tokens.id, Some(tokens.limits), None, &seen(200, reported("cheap", 1, 1, true), 0, true), at)
+                .await;
         assert_eq!((s.metered.cost_micros, s.unpriced), (3, false));
         // A deleted key: its reservation is given back, nothing is recorded.
         let r = l.meters.admit(&usd, hold, at).unwrap().unwrap();
-        let s = settle(&l, usd.id, None, Some(r), &seen(200, Reported::default(), 0, true), now());
+        let s = settle(&l, usd.id, None, Some(r), &seen(200, Reported::default(), 0, true), at).await;
         assert_eq!(s.metered.completion_tokens, 10, "charged its hold, for the metrics");
         let c = l.meters.snapshot(usd.id, ResetPeriod::Never, now()).unwrap();
         assert_eq!((c.requests, c.reserved_micros), (1, 0));

@@ -6,6 +6,7 @@ pub mod asked;
 pub mod budget;
 pub mod check;
 pub mod clock;
+pub mod counters;
 pub mod estimate;
 pub mod gateway;
 pub mod key;

@@ -108,7 +108,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn insert_key(&self, key: &ApiKey, hash: &SecretHash) -> Result<(), StoreError>;
     /// Replaces a live key's mutable fields (name, enabled, limits, expiry).
-    async fn update_key(&self, key: &ApiKey) -> Result<(), StoreError>;
+    /// Changing the reset period carries the current usage into the new period.
+    async fn update_key(&self, key: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn delete_key(&self, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError>;
     async fn list_keys(&self, gateway_id: Uuid, page: Page<'_>) -> Result<Vec<ApiKey>, StoreError>;

@@ -114,8 +114,8 @@ macro_rules! store_impl {
                 $crate::store::rows::keys::insert(&self.pool, k, hash).await
             }
 
-            async fn update_key(&self, k: &ApiKey) -> Result<(), StoreError> {
-                $crate::store::rows::keys::update(&self.pool, k).await
+            async fn update_key(&self, k: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError> {
+                $crate::store::rows::keys::update(&self.pool, k, now).await
             }
 
             async fn delete_key(&self, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {

@@ -106,7 +106,19 @@ pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, k: &ApiKey, hash: &Secret
 }
 
 /// Replaces a live key's mutable fields (name, enabled, limits, expiry).
-pub(crate) async fn update<D: Backend>(pool: &Pool<D>, k: &ApiKey) -> Result<(), StoreError> {
+/// Replaces a live key's mutable fields. When its reset period changes, the usage of its
+/// current period is carried into the period the new rule puts `now` in (added, in the
+/// same transaction), as every replica's counters re-key it: the budget neither resets nor
+/// inflates, also after a restart.
+pub(crate) async fn update<D: Backend>(pool: &Pool<D>, k: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    let before: Option<String> = query("SELECT reset_period FROM api_keys WHERE id = $1 AND deleted_at IS NULL")
+        .bind(k.id.to_string())
+        .fetch_optional(&mut tx)
+        .await
+        .map_err(unavailable)?
+        .map(|r| get(&r, "reset_period"))
+        .transpose()?;
     let done = query(
         "UPDATE api_keys SET name = $1, enabled = $2, cost_limit_micros = $3, token_limit = $4, \
          requests_per_minute = $5, reset_period = $6, expires_at = $7 WHERE id = $8 AND deleted_at IS NULL",
@@ -119,10 +131,17 @@ pub(crate) async fn update<D: Backend>(pool: &Pool<D>, k: &ApiKey) -> Result<(),
     .bind(k.limits.reset_period.as_str())
     .bind(k.expires_at.map(to_micros))
     .bind(k.id.to_string())
-    .execute(pool)
+    .execute(&mut tx)
     .await
     .map_err(write_err("a key with this name in the gateway"))?;
-    found(done)
+    found(done)?;
+    let old = before.as_deref().and_then(ResetPeriod::parse);
+    if let Some(old) = old.filter(|old| *old != k.limits.reset_period) {
+        let (from, _) = crate::domain::period::bounds(old, now);
+        let (to, _) = crate::domain::period::bounds(k.limits.reset_period, now);
+        super::usage::carry(&mut tx, k.id, from, to, k.limits.reset_period, now).await?;
+    }
+    tx.commit().await.map_err(unavailable)
 }
 
 pub(crate) async fn delete<D: Backend>(pool: &Pool<D>, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {

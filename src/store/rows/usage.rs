@@ -74,8 +74,10 @@ fn values<D: Backend>(rows: usize, types: &[&str]) -> String {
     sql
 }
 
-/// Writes usage totals (absolute, per key and period) and last use/denial, in one
-/// transaction: two statements per 500 keys, however many keys changed.
+/// Adds usage increments (per key and period: what this replica metered since its last
+/// flush; other replicas add theirs, nobody overwrites a total) and moves last use/denial
+/// forward (never back: replicas flush in any order), in one transaction: two statements
+/// per 500 keys, however many keys changed.
 pub(crate) async fn save<D: Backend>(
     pool: &Pool<D>,
     counters: &[Counters],
@@ -91,9 +93,12 @@ pub(crate) async fn save<D: Backend>(
              SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8 \
              FROM (VALUES {rows}) AS v WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = v.column1) \
              ON CONFLICT (key_id, period_start) DO UPDATE SET reset_period = excluded.reset_period, \
-             requests = excluded.requests, prompt_tokens = excluded.prompt_tokens, \
-             completion_tokens = excluded.completion_tokens, cost_micros = excluded.cost_micros, \
-             updated_at = excluded.updated_at"
+             requests = {}, prompt_tokens = {}, completion_tokens = {}, cost_micros = {}, \
+             updated_at = excluded.updated_at",
+            added::<D>("requests"),
+            added::<D>("prompt_tokens"),
+            added::<D>("completion_tokens"),
+            added::<D>("cost_micros"),
         ));
         for c in chunk {
             totals = totals
@@ -109,9 +114,13 @@ pub(crate) async fn save<D: Backend>(
         totals.execute(&mut tx).await.map_err(unavailable)?;
         let rows = values::<D>(chunk.len(), &["BIGINT", "BIGINT", "TEXT", "TEXT"]);
         let mut last = query(format!(
-            "UPDATE api_keys SET last_used_at = COALESCE(v.column1, last_used_at), \
-             last_denied_at = COALESCE(v.column2, last_denied_at), \
-             last_deny_reason = COALESCE(v.column3, last_deny_reason) \
+            "UPDATE api_keys SET \
+             last_used_at = CASE WHEN last_used_at IS NULL OR v.column1 > last_used_at \
+                 THEN COALESCE(v.column1, last_used_at) ELSE last_used_at END, \
+             last_deny_reason = CASE WHEN last_denied_at IS NULL OR v.column2 > last_denied_at \
+                 THEN COALESCE(v.column3, last_deny_reason) ELSE last_deny_reason END, \
+             last_denied_at = CASE WHEN last_denied_at IS NULL OR v.column2 > last_denied_at \
+                 THEN COALESCE(v.column2, last_denied_at) ELSE last_denied_at END \
              FROM (VALUES {rows}) AS v WHERE api_keys.id = v.column4"
         ));
         for c in chunk {
@@ -124,6 +133,55 @@ pub(crate) async fn save<D: Backend>(
         last.execute(&mut tx).await.map_err(unavailable)?;
     }
     tx.commit().await.map_err(unavailable)
+}
+
+/// Adds the usage of `key_id`'s period starting `from` to its period starting `to` (a
+/// reset-period change re-keys the current usage), inside the caller's transaction.
+pub(crate) async fn carry<D: Backend>(
+    tx: &mut sqlx::Transaction<'_, D>,
+    key_id: Uuid,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    to_period: ResetPeriod,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if from == to {
+        return Ok(());
+    }
+    query(format!(
+        "INSERT INTO key_usage (key_id, period_start, reset_period, requests, prompt_tokens, \
+         completion_tokens, cost_micros, updated_at) \
+         SELECT key_id, $1, $2, requests, prompt_tokens, completion_tokens, cost_micros, $3 \
+         FROM key_usage WHERE key_id = $4 AND period_start = $5 \
+         ON CONFLICT (key_id, period_start) DO UPDATE SET reset_period = excluded.reset_period, \
+         requests = {}, prompt_tokens = {}, completion_tokens = {}, cost_micros = {}, \
+         updated_at = excluded.updated_at",
+        added::<D>("requests"),
+        added::<D>("prompt_tokens"),
+        added::<D>("completion_tokens"),
+        added::<D>("cost_micros"),
+    ))
+    .bind(to_micros(to))
+    .bind(to_period.as_str())
+    .bind(to_micros(now))
+    .bind(key_id.to_string())
+    .bind(to_micros(from))
+    .execute(&mut *tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+/// `column` plus the row's increment, saturated at `i64::MAX` (a counter never wraps
+/// negative): computed in 128 bits on PostgreSQL, checked against the headroom on SQLite.
+fn added<D: Backend>(column: &str) -> String {
+    if D::NAME == "SQLite" {
+        format!(
+            "CASE WHEN key_usage.{column} > 9223372036854775807 - excluded.{column} THEN 9223372036854775807 ELSE key_usage.{column} + excluded.{column} END"
+        )
+    } else {
+        format!("LEAST(key_usage.{column}::NUMERIC + excluded.{column}, 9223372036854775807)::BIGINT")
+    }
 }
 
 /// A usage counter for an `i64` column: saturated at `i64::MAX`, never wrapped negative.
