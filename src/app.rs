@@ -27,10 +27,12 @@ use crate::domain::access::Rate;
 use crate::domain::budget::Meters;
 use crate::domain::check::Limiters;
 use crate::domain::clock::Clock;
+use crate::domain::counters::{Counters, InProcess};
 use crate::domain::pricing::PriceBook;
 use crate::domain::tokens::TokenRegistry;
 use crate::domain::view::View;
 use crate::listen::{self, FrontDoor, Limits};
+use crate::shared_counters::{self, SharedCounters};
 use crate::state::Shared;
 use crate::store::{self, DynStore};
 use crate::upkeep::{self, Upkeep};
@@ -130,16 +132,17 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let limits = Limits::from_args(args)?;
     let (authz_tls, admin_tls) = listen::tls_from_args(args)?;
     listen::raise_open_files_limit(&limits);
-    if args.redis_url.is_some() {
-        bail!(
-            "--redis-url (shared counters across replicas) is not supported by this version; run one replica without it"
-        );
+    if args.redis_url.is_some() && !args.database.database_url.starts_with("postgres") {
+        bail!("--redis-url needs a PostgreSQL --database-url: SQLite serves one replica");
     }
     let url = store::redact_url(&args.database.database_url);
     let sealer = store::sealing::Sealer::from_key(args.encryption_key.as_deref()).map_err(anyhow::Error::msg)?;
     let store = store::open(&args.database.database_url, sealer).await.with_context(|| format!("opening {url}"))?;
     store.migrate().await.context("running migrations")?;
-    store.claim().await.context("claiming the database")?;
+    // Replicas with shared counters share the database; without them, one serves it.
+    if args.redis_url.is_none() {
+        store.claim().await.context("claiming the database")?;
+    }
     let snapshot = store.load().await.context("loading gateways, keys and tokens")?;
     let idle = chrono::Duration::from_std(args.session_idle_timeout).context("--session-idle-timeout is too large")?;
     if idle <= chrono::Duration::zero() {
@@ -155,8 +158,32 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     }
     let view = View::new(snapshot.gateways, snapshot.keys);
     tracing::info!(database = %url, gateways = view.gateway_count(), keys = view.key_count(), "storage migrated and view loaded");
-    let limiters = Limiters::in_process(Arc::new(Meters::new(snapshot.usage)), PriceBook::new(snapshot.prices));
-    let shared = Arc::new(Shared::new(view, tokens, limiters, clock));
+    let meters = Arc::new(Meters::new(snapshot.usage));
+    let mut limiters = Limiters::in_process(Arc::clone(&meters), PriceBook::new(snapshot.prices));
+    let mut shared_counters = None;
+    if let Some(url) = &args.redis_url {
+        let settings = shared_counters::Settings {
+            url: url.clone(),
+            timeout: args.redis_timeout,
+            failure_mode: args.counter_failure_mode,
+            reservation_ttl: args.reservation_ttl,
+        };
+        let counters = Arc::new(SharedCounters::new(settings, InProcess::new(meters)).map_err(anyhow::Error::msg)?);
+        match shared_counters::ping(&counters).await {
+            Ok(()) => tracing::info!(redis = %shared_counters::redact(url), "shared counters (Redis) reachable"),
+            Err(e) => tracing::error!(
+                redis = %shared_counters::redact(url),
+                error = %e,
+                mode = ?args.counter_failure_mode,
+                "shared counters (Redis) unreachable at start: deciding in the failure mode until it answers"
+            ),
+        }
+        limiters.counters = Arc::clone(&counters) as Arc<dyn Counters>;
+        shared_counters = Some(counters);
+    }
+    let mut shared = Shared::new(view, tokens, limiters, clock);
+    shared.shared_counters = shared_counters;
+    let shared = Arc::new(shared);
 
     let ttl = chrono::Duration::from_std(args.reservation_ttl).context("--reservation-ttl is too large")?;
     let retention = chrono::Duration::from_std(args.audit_retention).context("--audit-retention is too large")?;
@@ -256,7 +283,11 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         let scraped = Arc::clone(&shared);
         let render = move || {
             let (g, k) = scraped.view().map(|v| (v.gateway_count(), v.key_count())).unwrap_or((0, 0));
-            scraped.metrics.render(g, k)
+            let mut text = scraped.metrics.render(g, k);
+            if let Some(c) = &scraped.shared_counters {
+                text.push_str(&crate::metrics::counter_store(c.status()));
+            }
+            text
         };
         let (local, task) = crate::metrics::serve(addr, render, signal()).await?;
         metrics_addr = Some(local);
@@ -303,6 +334,11 @@ impl Running {
                 Ok(())
             }
         };
+        if let Some(counters) = &self.shared.shared_counters {
+            // Settles Redis did not take yet, then this replica leaves the count.
+            counters.tick(self.shared.clock.monotonic()).await;
+            counters.leave().await;
+        }
         if !upkeep::flush_usage(&*self.store, &self.shared, true).await {
             tracing::error!("usage of the last second could not be written");
         }

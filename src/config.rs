@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cli::CliCommand;
+use crate::shared_counters::FailureMode;
 
 #[derive(Debug, Parser)]
 #[command(name = "portcullis", version, about = "API keys with limits for LLM gateways built on Envoy")]
@@ -83,9 +84,20 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
-    /// Shared counters for several replicas (Redis). Without it counters live in the process.
-    #[arg(long, env = "PORTCULLIS_REDIS_URL")]
+    /// Shared counters for several replicas (Redis; needs a PostgreSQL --database-url).
+    /// Without it counters live in the process (one replica).
+    #[arg(long, env = "PORTCULLIS_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// While Redis is unreachable: `local` decides with this replica's own counters (its
+    /// share of each key's requests per minute, budgets against the last known usage);
+    /// `deny` answers 503 for keys with limits. Keys without limits never use Redis.
+    #[arg(long, env = "PORTCULLIS_COUNTER_FAILURE_MODE", value_enum, default_value_t = FailureMode::Local)]
+    pub counter_failure_mode: FailureMode,
+
+    /// Longest wait for Redis on a Check before the failure mode decides (a few round trips).
+    #[arg(long, env = "PORTCULLIS_REDIS_TIMEOUT", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
 
     /// Encrypt provider credentials at rest: 64 hex characters (`openssl rand -hex 32`).
     #[arg(long, env = "PORTCULLIS_ENCRYPTION_KEY", hide_env_values = true)]

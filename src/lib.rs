@@ -11,6 +11,7 @@ pub mod domain;
 pub mod listen;
 pub mod metrics;
 pub mod pem;
+pub mod shared_counters;
 pub mod state;
 pub mod store;
 pub mod upkeep;

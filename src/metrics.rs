@@ -202,6 +202,41 @@ impl Metrics {
     }
 }
 
+/// The shared counters' families (replicas with `--redis-url`).
+pub fn counter_store(s: crate::shared_counters::CounterStatus) -> String {
+    let families = [
+        (
+            "portcullis_counter_store_up",
+            "gauge",
+            "1 while the shared counters (Redis) answer; 0 while the failure mode decides.",
+            u64::from(s.up),
+        ),
+        (
+            "portcullis_counter_outage_decisions_total",
+            "counter",
+            "Checks decided by --counter-failure-mode because Redis did not answer.",
+            s.outage_decisions,
+        ),
+        (
+            "portcullis_counter_replicas",
+            "gauge",
+            "Replicas seen alive in Redis (each one's share of a window in the failure mode).",
+            u64::from(s.replicas),
+        ),
+        (
+            "portcullis_counter_pending_settles",
+            "gauge",
+            "Settled responses waiting for Redis to take them.",
+            s.pending_settles as u64,
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, v) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    out
+}
+
 /// Scrapers connected at once, at most; beyond it the listener waits for one to leave.
 const METRICS_CONNECTIONS: usize = 64;
 /// A connection that has not sent a request's headers within this is closed.

@@ -23,6 +23,9 @@ pub struct Shared {
     /// periodic flush took but has not written yet.
     pub flush: tokio::sync::Mutex<()>,
     pub metrics: crate::metrics::Metrics,
+    /// The counters shared with other replicas (Redis), when configured: also in
+    /// `limiters.counters`; here for their upkeep and metrics.
+    pub shared_counters: Option<Arc<crate::shared_counters::SharedCounters>>,
 }
 
 /// The view's lock was poisoned by a panicking writer: the view may be half-updated,
@@ -42,6 +45,7 @@ impl Shared {
             metering_done: Default::default(),
             flush: Default::default(),
             metrics: Default::default(),
+            shared_counters: None,
         }
     }
 

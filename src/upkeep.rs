@@ -36,6 +36,13 @@ pub fn spawn(shared: &Arc<Shared>, store: &DynStore, upkeep: Upkeep) {
             }
         });
     }
+    if shared.shared_counters.is_some() {
+        every(Duration::from_secs(1), shared, |shared| async move {
+            if let Some(counters) = &shared.shared_counters {
+                counters.tick(shared.clock.monotonic()).await;
+            }
+        });
+    }
     let store = Arc::clone(store);
     every(upkeep.flush_every.max(Duration::from_millis(10)), shared, move |shared| {
         let store = Arc::clone(&store);

@@ -26,6 +26,10 @@ pub const MAX_RESERVATION_TOKENS: u64 = 1 << 20;
 /// reservation. About 64 bytes each.
 pub const MAX_EXPIRED_RESERVATIONS: usize = 65_536;
 
+/// At most this many settled reservation ids are remembered (oldest forgotten first), so
+/// settling one again charges nothing.
+pub const MAX_SETTLED_RESERVATIONS: usize = 65_536;
+
 /// One key's usage in its current period.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counters {
@@ -246,6 +250,10 @@ struct Inner {
     dirty: std::collections::HashSet<Uuid>,
     /// What was metered since the last flush, per key and period: the ledger's increments.
     deltas: HashMap<(Uuid, DateTime<Utc>), Counters>,
+    /// Reservations settled here, oldest first in `settled_order`; bounded by
+    /// `MAX_SETTLED_RESERVATIONS`.
+    settled: std::collections::HashSet<u64>,
+    settled_order: VecDeque<u64>,
 }
 
 impl Inner {
@@ -383,13 +391,6 @@ impl Meters {
         release(&mut inner, key_id, reservation)
     }
 
-    /// Settles a reservation without recording usage (its key is gone); returns what it
-    /// held, also when the sweep had already released it.
-    pub fn settle(&self, key_id: Uuid, reservation: u64) -> Option<Hold> {
-        let mut inner = self.inner.lock().ok()?;
-        settle(&mut inner, key_id, reservation)
-    }
-
     /// Notes an admitted request (`last_used_at`, requests in the last minute).
     pub fn touch(&self, key_id: Uuid, reset_period: ResetPeriod, now: Now) {
         if let Ok(mut inner) = self.inner.lock() {
@@ -408,38 +409,38 @@ impl Meters {
     }
 
     /// Records one metered response and settles its reservation in one step (no Check
-    /// sees the reservation gone and the usage not yet counted). `charge` gets what the
-    /// reservation held (also when the sweep had already released it) and says what to
-    /// record. Returns what was recorded.
+    /// sees the reservation gone and the usage not yet counted), once: a ticket settled
+    /// here before is charged nothing (`None`). `charge` gets what the reservation held
+    /// (also when the sweep had already released it, or when another replica made it) and
+    /// says what to record; the usage counts in the period the request was admitted in.
+    /// `reset_period` is `None` once the key is deleted: the reservation is only given back.
     pub fn record(
         &self,
         key_id: Uuid,
-        reset_period: ResetPeriod,
-        reservation: Option<u64>,
+        reset_period: Option<ResetPeriod>,
+        ticket: Option<Ticket>,
         charge: impl FnOnce(Option<Hold>) -> Metered,
         now: DateTime<Utc>,
-    ) -> Metered {
-        let Ok(mut inner) = self.inner.lock() else { return charge(None) };
-        let held = reservation.and_then(|r| settle(&mut inner, key_id, r));
-        let m = charge(held);
-        add_usage(&mut inner, key_id, reset_period, None, &m, now);
-        m
-    }
-
-    /// Records a response settled elsewhere (by the shared counters) in this process: the
-    /// ledger's increments, charged to `admitted_in` (the period its request was admitted
-    /// in) when it names one, and the usage this process last knew of.
-    pub fn add(
-        &self,
-        key_id: Uuid,
-        reset_period: ResetPeriod,
-        admitted_in: Option<DateTime<Utc>>,
-        m: &Metered,
-        now: DateTime<Utc>,
-    ) {
-        if let Ok(mut inner) = self.inner.lock() {
-            add_usage(&mut inner, key_id, reset_period, admitted_in, m, now);
+    ) -> Option<Metered> {
+        let Ok(mut inner) = self.inner.lock() else { return Some(charge(ticket.map(|t| t.hold))) };
+        if ticket.is_some_and(|t| inner.settled.contains(&t.id)) {
+            return None;
         }
+        let held = ticket.map(|t| settle(&mut inner, key_id, t.id).unwrap_or(t.hold));
+        let m = charge(held);
+        if let Some(period) = reset_period {
+            add_usage(&mut inner, key_id, period, ticket.map(|t| t.period_start), &m, now);
+        }
+        if let Some(t) = ticket {
+            inner.settled.insert(t.id);
+            inner.settled_order.push_back(t.id);
+            while inner.settled_order.len() > MAX_SETTLED_RESERVATIONS {
+                if let Some(old) = inner.settled_order.pop_front() {
+                    inner.settled.remove(&old);
+                }
+            }
+        }
+        Some(m)
     }
 
     /// Raises what this process knows of a key's usage in the period starting
@@ -675,10 +676,10 @@ mod tests {
         let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 31, 22, 0, 0).unwrap());
         let k = key(Limits { token_limit: Some(100), reset_period: ResetPeriod::Monthly, ..Default::default() });
         let m = Meters::default();
-        let r = m.admit(&k, hold(0, 0), clock.read()).unwrap().unwrap().id;
-        m.record(k.id, k.limits.reset_period, Some(r), |_| used(40, 59, 0), clock.now());
+        let r = m.admit(&k, hold(0, 0), clock.read()).unwrap().unwrap();
+        m.record(k.id, Some(k.limits.reset_period), Some(r), |_| used(40, 59, 0), clock.now());
         assert!(m.admit(&k, hold(0, 0), clock.read()).unwrap().is_ok(), "99 < 100");
-        m.record(k.id, k.limits.reset_period, None, |_| used(0, 1, 0), clock.now());
+        m.record(k.id, Some(k.limits.reset_period), None, |_| used(0, 1, 0), clock.now());
         let denied = m.admit(&k, hold(0, 0), clock.read()).unwrap().unwrap_err();
         let feb = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
         assert_eq!(denied, BudgetDenial::Tokens { limit: 100, reset_at: Some(feb), in_flight: false });
@@ -693,15 +694,15 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits { token_limit: Some(100), ..Default::default() });
         let m = Meters::default();
-        let a = m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap().id;
-        let b = m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap().id;
+        let a = m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap();
+        let b = m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap();
         assert_eq!(
             m.admit(&k, hold(60, 0), at(now)).unwrap().unwrap_err(),
             BudgetDenial::Tokens { limit: 100, reset_at: None, in_flight: true },
             "120 reserved >= 100, nothing used yet"
         );
-        m.record(k.id, k.limits.reset_period, Some(a), |_| used(10, 10, 0), now);
-        m.release(k.id, b);
+        m.record(k.id, Some(k.limits.reset_period), Some(a), |_| used(10, 10, 0), now);
+        m.release(k.id, b.id);
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.total_tokens(), c.reserved_tokens, c.requests), (20, 0, 1));
         // An unsettled reservation expires.
@@ -718,13 +719,13 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits { cost_limit_micros: Some(1_000), ..Default::default() });
         let m = Meters::default();
-        m.record(k.id, k.limits.reset_period, None, |_| used(1, 1, 999), now);
-        let r = m.admit(&k, hold(0, 5), at(now)).unwrap().unwrap().id;
+        m.record(k.id, Some(k.limits.reset_period), None, |_| used(1, 1, 999), now);
+        let r = m.admit(&k, hold(0, 5), at(now)).unwrap().unwrap();
         assert_eq!(
             m.admit(&k, hold(0, 0), at(now)).unwrap().unwrap_err(),
             BudgetDenial::Cost { limit_micros: 1_000, reset_at: None, in_flight: true }
         );
-        m.release(k.id, r);
+        m.release(k.id, r.id);
         assert!(m.admit(&k, hold(0, 0), at(now)).unwrap().is_ok());
     }
 
@@ -753,7 +754,7 @@ mod tests {
         let april = Utc.with_ymd_and_hms(2026, 4, 20, 0, 0, 0).unwrap();
         let k = key(Limits { token_limit: Some(100), reset_period: ResetPeriod::Monthly, ..Default::default() });
         let m = Meters::default();
-        m.record(k.id, ResetPeriod::Monthly, None, |_| used(90, 0, 0), april);
+        m.record(k.id, Some(ResetPeriod::Monthly), None, |_| used(90, 0, 0), april);
         let may = Utc.with_ymd_and_hms(2026, 5, 20, 0, 0, 0).unwrap();
         let c = m.snapshot(k.id, ResetPeriod::Daily, may).unwrap();
         assert_eq!((c.total_tokens(), c.period_start), (0, may), "April's usage stays in April");
@@ -764,11 +765,11 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let (a, b) = (key(Limits { token_limit: Some(10), ..Default::default() }), key(Limits::default()));
         let m = Meters::default();
-        let r = m.admit(&a, hold(10, 0), at(now)).unwrap().unwrap().id;
-        assert_eq!(m.release(b.id, r), None, "another key's id settles nothing");
+        let r = m.admit(&a, hold(10, 0), at(now)).unwrap().unwrap();
+        assert_eq!(m.release(b.id, r.id), None, "another key's id settles nothing");
         assert!(m.admit(&a, hold(1, 0), at(now)).unwrap().is_err());
-        assert_eq!(m.release(a.id, r), Some(hold(10, 0)));
-        assert_eq!(m.release(a.id, r), None, "once");
+        assert_eq!(m.release(a.id, r.id), Some(hold(10, 0)));
+        assert_eq!(m.release(a.id, r.id), None, "once");
     }
 
     #[test]
@@ -776,7 +777,7 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 20, 0, 0, 0).unwrap();
         let mut k = key(Limits { token_limit: Some(1000), ..Default::default() });
         let m = Meters::default();
-        m.record(k.id, ResetPeriod::Never, None, |_| used(300, 0, 0), now);
+        m.record(k.id, Some(ResetPeriod::Never), None, |_| used(300, 0, 0), now);
         k.limits.reset_period = ResetPeriod::Monthly;
         let c = m.snapshot(k.id, ResetPeriod::Monthly, now).unwrap();
         assert_eq!(c.total_tokens(), 300, "no reset, no inflation");
@@ -790,33 +791,41 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits { token_limit: Some(100), cost_limit_micros: Some(50), ..Default::default() });
         let m = Meters::default();
-        m.record(k.id, k.limits.reset_period, None, |_| used(30, 0, 20), now);
+        m.record(k.id, Some(k.limits.reset_period), None, |_| used(30, 0, 20), now);
         let ask = Hold { tokens: u64::MAX, micros: i64::MAX, prompt_tokens: 1_000_000 };
-        let r = m.admit(&k, ask, at(now)).unwrap().unwrap().id;
+        let r = m.admit(&k, ask, at(now)).unwrap().unwrap();
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.reserved_tokens, c.reserved_micros), (70, 30), "the rest of the budget, no more");
         assert!(m.admit(&k, hold(1, 0), at(now)).unwrap().is_err(), "nothing left in flight");
         // Charged its (capped) reservation, the key is exactly exhausted; nothing wraps.
-        let charged = m.record(
-            k.id,
-            k.limits.reset_period,
-            Some(r),
-            |held| {
-                assert_eq!(held.unwrap().prompt_tokens, 70, "the prompt floor is within the hold");
-                used(0, held.unwrap().tokens, held.unwrap().micros)
-            },
-            now,
-        );
+        let charged = m
+            .record(
+                k.id,
+                Some(k.limits.reset_period),
+                Some(r),
+                |held| {
+                    assert_eq!(held.unwrap().prompt_tokens, 70, "the prompt floor is within the hold");
+                    used(0, held.unwrap().tokens, held.unwrap().micros)
+                },
+                now,
+            )
+            .unwrap();
         assert_eq!((charged.completion_tokens, charged.cost_micros), (70, 30));
-        assert_eq!(m.settle(k.id, r), None);
+        assert_eq!(m.release(k.id, r.id), None);
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.total_tokens(), c.cost_micros, c.reserved_tokens, c.reserved_micros), (100, 50, 0, 0));
         assert!(m.admit(&k, hold(0, 0), at(now)).unwrap().is_err());
         // A key without a token limit reserves what it asks for; counters saturate.
         let free = key(Limits { cost_limit_micros: Some(i64::MAX), ..Default::default() });
-        let r = m.admit(&free, hold(u64::MAX, -5), at(now)).unwrap().unwrap().id;
-        m.record(free.id, ResetPeriod::Never, Some(r), |held| used(u64::MAX, held.unwrap().tokens, i64::MAX), now);
-        m.record(free.id, ResetPeriod::Never, None, |_| used(u64::MAX, u64::MAX, i64::MAX), now);
+        let r = m.admit(&free, hold(u64::MAX, -5), at(now)).unwrap().unwrap();
+        m.record(
+            free.id,
+            Some(ResetPeriod::Never),
+            Some(r),
+            |held| used(u64::MAX, held.unwrap().tokens, i64::MAX),
+            now,
+        );
+        m.record(free.id, Some(ResetPeriod::Never), None, |_| used(u64::MAX, u64::MAX, i64::MAX), now);
         let c = m.snapshot(free.id, ResetPeriod::Never, now).unwrap();
         assert_eq!(
             (c.prompt_tokens, c.completion_tokens, c.cost_micros, c.reserved_micros),
@@ -825,7 +834,7 @@ mod tests {
         let mut requests = c.clone();
         requests.requests = u64::MAX;
         let m = Meters::new(vec![requests]);
-        m.record(free.id, ResetPeriod::Never, None, |_| used(0, 0, 0), now);
+        m.record(free.id, Some(ResetPeriod::Never), None, |_| used(0, 0, 0), now);
         assert_eq!(m.snapshot(free.id, ResetPeriod::Never, now).unwrap().requests, u64::MAX, "saturates");
     }
 
@@ -836,20 +845,25 @@ mod tests {
         let k = key(Limits { token_limit: Some(1000), ..Default::default() });
         let m = Meters::default();
         let t0 = Mono::default();
-        let open = m.admit(&k, hold(300, 0), at(now)).unwrap().unwrap().id;
-        let late = m.admit(&k, hold(200, 0), at(now)).unwrap().unwrap().id;
-        assert!(m.attach(k.id, open, t0 + Duration::seconds(1)), "its stream opened");
+        let open = m.admit(&k, hold(300, 0), at(now)).unwrap().unwrap();
+        let late = m.admit(&k, hold(200, 0), at(now)).unwrap().unwrap();
+        assert!(m.attach(k.id, open.id, t0 + Duration::seconds(1)), "its stream opened");
         assert_eq!(m.in_flight(), (2, 1));
         assert_eq!(m.expire_reservations(t0 + Duration::minutes(30), ttl), 1, "only the one with no stream");
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!(c.reserved_tokens, 300, "the open stream still holds its reservation");
         // The open stream ends reporting nothing: its reservation is what it is charged.
-        let charged = m.record(k.id, k.limits.reset_period, Some(open), |held| used(0, held.unwrap().tokens, 0), now);
+        let charged = m
+            .record(k.id, Some(k.limits.reset_period), Some(open), |held| used(0, held.unwrap().tokens, 0), now)
+            .unwrap();
         assert_eq!(charged.completion_tokens, 300);
         // The expired one's stream ends after all: still charged what it held.
-        let charged = m.record(k.id, k.limits.reset_period, Some(late), |held| used(0, held.unwrap().tokens, 0), now);
+        let charged = m
+            .record(k.id, Some(k.limits.reset_period), Some(late), |held| used(0, held.unwrap().tokens, 0), now)
+            .unwrap();
         assert_eq!(charged.completion_tokens, 200);
-        assert_eq!(m.settle(k.id, late), None, "once");
+        let again = m.record(k.id, Some(k.limits.reset_period), Some(late), |_| used(0, 999, 0), now);
+        assert_eq!(again, None, "settled once: a second settle charges nothing");
         let c = m.snapshot(k.id, k.limits.reset_period, now).unwrap();
         assert_eq!((c.total_tokens(), c.reserved_tokens, c.requests), (500, 0, 2));
     }
@@ -862,19 +876,19 @@ mod tests {
         let other = key(Limits { token_limit: Some(1000), ..Default::default() });
         let m = Meters::default();
         let t0 = Mono::default();
-        let r = m.admit(&k, hold(400, 0), at(now)).unwrap().unwrap().id;
+        let r = m.admit(&k, hold(400, 0), at(now)).unwrap().unwrap();
         assert_eq!(m.expire_reservations(t0 + Duration::minutes(11), ttl), 1);
-        assert!(!m.attach(other.id, r, t0 + Duration::minutes(12)), "not another key's");
-        assert!(m.attach(k.id, r, t0 + Duration::minutes(12)));
+        assert!(!m.attach(other.id, r.id, t0 + Duration::minutes(12)), "not another key's");
+        assert!(m.attach(k.id, r.id, t0 + Duration::minutes(12)));
         assert_eq!(m.snapshot(k.id, k.limits.reset_period, now).unwrap().reserved_tokens, 400);
         assert_eq!(m.expire_reservations(t0 + Duration::hours(5), ttl), 0, "attached: kept");
-        assert_eq!(m.release(k.id, r), Some(hold(400, 0)));
+        assert_eq!(m.release(k.id, r.id), Some(hold(400, 0)));
         // Expired ones are forgotten after another TTL.
-        let r = m.admit(&k, hold(10, 0), at(now)).unwrap().unwrap().id;
+        let r = m.admit(&k, hold(10, 0), at(now)).unwrap().unwrap();
         let t1 = t0 + Duration::hours(6);
         assert_eq!(m.expire_reservations(t1, ttl), 1);
         assert_eq!(m.expire_reservations(t1 + Duration::minutes(11), ttl), 0);
-        assert_eq!(m.settle(k.id, r), None);
+        assert_eq!(m.release(k.id, r.id), None);
     }
 
     #[test]
@@ -916,10 +930,10 @@ mod tests {
         clock.advance(ttl);
         assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 1, "expires after the TTL of elapsed time");
         // A step back does not make a new reservation look young forever, nor an old one new.
-        let r = m.admit(&k, hold(100, 0), clock.read()).unwrap().unwrap().id;
+        let r = m.admit(&k, hold(100, 0), clock.read()).unwrap().unwrap();
         clock.set(clock.now() - Duration::days(30));
         clock.advance(ttl + Duration::seconds(1));
         assert_eq!(m.expire_reservations(clock.monotonic(), ttl), 1);
-        assert_eq!(m.release(k.id, r), None);
+        assert_eq!(m.release(k.id, r.id), None);
     }
 }

@@ -183,11 +183,7 @@ impl Counters for InProcess {
         charge: Charge<'a>,
         now: Now,
     ) -> CountFuture<'a, Metered> {
-        let id = ticket.map(|t| t.id);
-        let m = match reset_period {
-            Some(period) => self.meters.record(key_id, period, id, charge, now.wall),
-            None => charge(id.and_then(|r| self.meters.settle(key_id, r))),
-        };
+        let m = self.meters.record(key_id, reset_period, ticket, charge, now.wall).unwrap_or_default();
         Box::pin(std::future::ready(m))
     }
 

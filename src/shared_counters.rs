@@ -1,0 +1,671 @@
+//! Counters shared by every replica, in Redis: the second implementation of
+//! [`Counters`]. One server-side script per Check decides every limit of a key at once,
+//! with Redis's clock, and records the admission and the reservation; one script settles a
+//! reservation, once, from any replica. While Redis is unreachable (short timeouts, a
+//! circuit breaker) the replica decides with its own counters (`local`) or denies keys
+//! with limits (`deny`).
+//!
+//! Layout: every key of one API key `k` shares the hash tag `{k}` (one Redis Cluster slot):
+//! - `pc:{k}:rpm`: admission times (ms), newest first, none older than 60 s;
+//! - `pc:{k}:b:<period start µs>`: the period's usage and reservations (integer fields
+//!   `req`, `pt`, `ct`, `t` tokens, `m` micro-USD, `rt`/`rm` reserved), seeded from the
+//!   ledger when missing, expiring after the period;
+//! - `pc:{k}:rz`: reservation id → deadline (ms); `pc:{k}:rh`: id → `tokens:micros:period`;
+//! - `pc:{k}:done`: settled ids → when, kept a while so a retried settle charges nothing.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisResult, Script};
+use uuid::Uuid;
+
+use crate::domain::budget::{BudgetDenial, Hold, Metered, Ticket};
+use crate::domain::clock::{Mono, Now};
+use crate::domain::counters::{Charge, CountFuture, Counters, InProcess, Outcome, Unavailable, Usage};
+use crate::domain::key::{ApiKey, ResetPeriod};
+use crate::domain::period;
+use crate::domain::window::{Admission, WINDOW_MICROS};
+
+/// What a replica does while Redis is unreachable (`--counter-failure-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailureMode {
+    /// Decide with this replica's own counters: its share of each key's requests per
+    /// minute (the limit divided by the replicas last seen alive), budgets against the
+    /// last known usage.
+    Local,
+    /// Deny requests of keys with limits (503).
+    Deny,
+}
+
+/// How the shared counters are set.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub url: String,
+    /// Longest wait for one Redis call before it counts as failed.
+    pub timeout: Duration,
+    pub failure_mode: FailureMode,
+    /// A reservation never settled is released after this.
+    pub reservation_ttl: Duration,
+}
+
+/// Consecutive failed calls that open the breaker.
+const BREAKER_FAILURES: u32 = 3;
+/// How long an open breaker sends every decision to the failure mode before Redis is
+/// tried again.
+const BREAKER_OPEN_MICROS: i64 = 1_000_000;
+/// Expired reservations released per Check, at most (bounded work in Redis).
+const SWEEP_PER_CHECK: u32 = 16;
+/// Settles waiting for Redis to come back, at most (the oldest are dropped: their
+/// reservations expire and their usage is in the ledger).
+const MAX_PENDING_SETTLES: usize = 100_000;
+/// A replica is counted alive while its heartbeat is younger than this.
+const REPLICA_ALIVE_MS: i64 = 10_000;
+/// Budget hashes outlive their period by this (late settles), and a never-resetting
+/// one lives this long after its last use (it is reseeded from the ledger after).
+const BUDGET_GRACE_MS: i64 = 7 * 24 * 3_600_000;
+/// Lua numbers are doubles: every integer sent to a script stays below 2^53 (a limit
+/// above it is as good as none).
+const MAX_EXACT: u64 = 1 << 53;
+
+const ADMIT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm_limit = tonumber(ARGV[1])
+local token_limit = tonumber(ARGV[2])
+local cost_limit = tonumber(ARGV[3])
+local budgeted = token_limit >= 0 or cost_limit >= 0
+local function int(x) return string.format('%d', x) end
+local function num(v) return tonumber(v or '0') or 0 end
+-- Reservations past their deadline give their hold back (a bounded number per call).
+local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
+for _, id in ipairs(stale) do
+  local v = redis.call('HGET', KEYS[4], id)
+  if v then
+    local tok, mic, per = string.match(v, '^(%d+):(%d+):(%-?%d+)$')
+    local bk = ARGV[9] .. (per or '')
+    if tok and redis.call('EXISTS', bk) == 1 then
+      local h = redis.call('HMGET', bk, 'rt', 'rm')
+      redis.call('HSET', bk, 'rt', int(math.max(0, num(h[1]) - tonumber(tok))), 'rm', int(math.max(0, num(h[2]) - tonumber(mic))))
+    end
+    redis.call('HDEL', KEYS[4], id)
+  end
+  redis.call('ZREM', KEYS[3], id)
+end
+-- The window: admissions older than 60 s leave from the tail.
+local in_window, oldest = 0, nil
+if rpm_limit > 0 then
+  while true do
+    local last = redis.call('LINDEX', KEYS[1], -1)
+    if not last then break end
+    if now - tonumber(last) >= 60000 then redis.call('RPOP', KEYS[1]) else oldest = tonumber(last) break end
+  end
+  in_window = redis.call('LLEN', KEYS[1])
+end
+local function reset_in() if oldest then return oldest + 60000 - now end return 0 end
+local used_t, used_m, rt, rm = 0, 0, 0, 0
+if budgeted then
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    if ARGV[10] == '' then return {-1} end
+    redis.call('HSET', KEYS[2], 'req', ARGV[10], 'pt', ARGV[11], 'ct', ARGV[12], 't', ARGV[13], 'm', ARGV[14], 'rt', '0', 'rm', '0')
+  end
+  redis.call('PEXPIREAT', KEYS[2], ARGV[7])
+  local h = redis.call('HMGET', KEYS[2], 't', 'm', 'rt', 'rm')
+  used_t, used_m, rt, rm = num(h[1]), num(h[2]), num(h[3]), num(h[4])
+  if token_limit >= 0 and used_t + rt >= token_limit then
+    return {2, used_t < token_limit and 1 or 0, in_window, reset_in()}
+  end
+  if cost_limit >= 0 and used_m + rm >= cost_limit then
+    return {3, used_m < cost_limit and 1 or 0, in_window, reset_in()}
+  end
+end
+if rpm_limit > 0 then
+  if in_window >= rpm_limit then return {1, 0, in_window, reset_in()} end
+  redis.call('LPUSH', KEYS[1], int(now))
+  redis.call('PEXPIRE', KEYS[1], 60000)
+  in_window = in_window + 1
+  if not oldest then oldest = now end
+end
+local tok, mic = 0, 0
+if budgeted then
+  tok = tonumber(ARGV[4])
+  if token_limit >= 0 then tok = math.min(tok, token_limit - used_t - rt) end
+  mic = tonumber(ARGV[5])
+  if cost_limit >= 0 then mic = math.min(mic, cost_limit - used_m - rm) end
+  mic = math.max(mic, 0)
+  redis.call('HSET', KEYS[2], 'rt', int(rt + tok), 'rm', int(rm + mic))
+  redis.call('ZADD', KEYS[3], int(now + tonumber(ARGV[6])), ARGV[15])
+  redis.call('HSET', KEYS[4], ARGV[15], int(tok) .. ':' .. int(mic) .. ':' .. ARGV[16])
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]) * 4 + 86400000)
+  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[6]) * 4 + 86400000)
+end
+return {0, 0, in_window, reset_in(), int(tok), int(mic), int(used_t), int(used_m)}
+"#;
+
+const SETTLE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id = ARGV[1]
+local function int(x) return string.format('%d', x) end
+local function num(v) return tonumber(v or '0') or 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[7]))
+if redis.call('ZSCORE', KEYS[4], id) then return 0 end
+local live = 2
+local v = redis.call('HGET', KEYS[3], id)
+if v then
+  live = 1
+  local tok, mic = string.match(v, '^(%d+):(%d+):')
+  if tok and redis.call('EXISTS', KEYS[1]) == 1 then
+    local h = redis.call('HMGET', KEYS[1], 'rt', 'rm')
+    redis.call('HSET', KEYS[1], 'rt', int(math.max(0, num(h[1]) - tonumber(tok))), 'rm', int(math.max(0, num(h[2]) - tonumber(mic))))
+  end
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('ZREM', KEYS[2], id)
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'req', 1)
+  redis.call('HINCRBY', KEYS[1], 'pt', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'ct', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 't', ARGV[4])
+  redis.call('HINCRBY', KEYS[1], 'm', ARGV[5])
+end
+redis.call('ZADD', KEYS[4], int(now), id)
+redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]))
+return live
+"#;
+
+const ATTACH: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZADD', KEYS[1], 'XX', 'GT', string.format('%d', now + tonumber(ARGV[2])), ARGV[1])
+"#;
+
+const USAGE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = 0
+for _, at in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if now - tonumber(at) < 60000 then n = n + 1 end
+end
+local h = redis.call('HMGET', KEYS[2], 'req', 'pt', 'ct', 'm', 'rt', 'rm')
+if not h[1] then return {n} end
+return {n, h[1], h[2], h[3], h[4], h[5], h[6]}
+"#;
+
+const HEARTBEAT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], string.format('%d', now), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - tonumber(ARGV[2])))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 6)
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+/// A settle Redis did not take (unreachable), retried until it does: idempotent by id.
+#[derive(Debug, Clone)]
+struct PendingSettle {
+    key_id: Uuid,
+    ticket: Ticket,
+    metered: Metered,
+}
+
+/// The breaker and what the metrics show of the shared counters.
+#[derive(Debug, Default)]
+struct Health {
+    /// Consecutive failed calls.
+    failures: AtomicU32,
+    /// While the monotonic clock is before this (µs), Redis is not tried.
+    open_until: AtomicI64,
+    /// The last state logged: false once Redis was found unreachable.
+    down: AtomicBool,
+    outage_decisions: AtomicU64,
+    replicas: AtomicU32,
+}
+
+pub struct SharedCounters {
+    conn: ConnectionManager,
+    settings: Settings,
+    /// Decides while Redis is unreachable; also this replica's ledger and last uses (the
+    /// same meters as `Limiters::meters`).
+    local: InProcess,
+    health: Health,
+    pending: Mutex<VecDeque<PendingSettle>>,
+    replica_id: String,
+    rng: Mutex<u64>,
+    admit: Script,
+    settle: Script,
+    attach: Script,
+    usage: Script,
+    heartbeat: Script,
+}
+
+impl std::fmt::Debug for SharedCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCounters").field("failure_mode", &self.settings.failure_mode).finish_non_exhaustive()
+    }
+}
+
+/// What the metrics show of the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterStatus {
+    pub up: bool,
+    pub outage_decisions: u64,
+    pub replicas: u32,
+    pub pending_settles: usize,
+}
+
+impl SharedCounters {
+    /// Connects lazily (a replica starts while Redis is down, in the failure mode).
+    pub fn new(settings: Settings, local: InProcess) -> Result<Self, String> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| format!("--redis-url is not a Redis URL ({}): {e}", redact(&settings.url)))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(settings.timeout))
+            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("connecting to Redis at {}: {e}", redact(&settings.url)))?;
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
+        Ok(SharedCounters {
+            conn,
+            settings,
+            local,
+            health: Health { replicas: AtomicU32::new(1), ..Default::default() },
+            pending: Mutex::new(VecDeque::new()),
+            replica_id: Uuid::now_v7().to_string(),
+            rng: Mutex::new(u64::from_le_bytes(seed) | 1),
+            admit: Script::new(ADMIT),
+            settle: Script::new(SETTLE),
+            attach: Script::new(ATTACH),
+            usage: Script::new(USAGE),
+            heartbeat: Script::new(HEARTBEAT),
+        })
+    }
+
+    pub fn status(&self) -> CounterStatus {
+        CounterStatus {
+            up: !self.health.down.load(Relaxed),
+            outage_decisions: self.health.outage_decisions.load(Relaxed),
+            replicas: self.health.replicas.load(Relaxed),
+            pending_settles: self.pending.lock().map_or(0, |p| p.len()),
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        let mut rng = self.rng.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *rng ^= *rng >> 12;
+        *rng ^= *rng << 25;
+        *rng ^= *rng >> 27;
+        rng.wrapping_mul(0x2545_F491_4F6C_DD1D).max(1)
+    }
+
+    /// Whether Redis may be tried now (the breaker is closed, or its pause is over).
+    fn closed(&self, now: Mono) -> bool {
+        now.micros() >= self.health.open_until.load(Relaxed)
+    }
+
+    fn succeeded(&self) {
+        self.health.failures.store(0, Relaxed);
+        if self.health.down.swap(false, Relaxed) {
+            tracing::warn!("Redis is reachable again: counting on the shared counters");
+        }
+    }
+
+    fn failed(&self, now: Mono, error: &dyn std::fmt::Display) {
+        let failures = self.health.failures.fetch_add(1, Relaxed) + 1;
+        if failures >= BREAKER_FAILURES {
+            self.health.open_until.store(now.micros() + BREAKER_OPEN_MICROS, Relaxed);
+            if !self.health.down.swap(true, Relaxed) {
+                let mode = match self.settings.failure_mode {
+                    FailureMode::Local => "deciding with this replica's own counters (--counter-failure-mode local)",
+                    FailureMode::Deny => "denying keys with limits (--counter-failure-mode deny)",
+                };
+                tracing::error!(error = %error, "Redis is unreachable: {mode}");
+            }
+        }
+    }
+
+    /// Runs one script call with the timeout; feeds the breaker.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+        now: Mono,
+    ) -> Result<T, ()> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.settings.timeout, invocation.invoke_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => {
+                self.succeeded();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.failed(now, &e);
+                Err(())
+            }
+            Err(_) => {
+                self.failed(now, &"timed out");
+                Err(())
+            }
+        }
+    }
+
+    /// Decides with this replica's own counters while Redis is unreachable.
+    fn outage(&self, key: &ApiKey, ask: Hold, now: Now) -> Result<Outcome, Unavailable> {
+        self.health.outage_decisions.fetch_add(1, Relaxed);
+        match self.settings.failure_mode {
+            FailureMode::Deny => Err(Unavailable("the shared counters (Redis) are unreachable")),
+            FailureMode::Local => {
+                // This replica's share: all replicas together never admit more than N.
+                let replicas = self.health.replicas.load(Relaxed).max(1);
+                let share = key.limits.requests_per_minute.map(|n| n / replicas);
+                if share == Some(0) {
+                    let limit = key.limits.requests_per_minute.unwrap_or(0);
+                    let admission = Admission { admitted: false, limit, remaining: 0, reset_in_micros: WINDOW_MICROS };
+                    return Ok(Outcome::RateLimited(admission));
+                }
+                self.local.admit_now(key, ask, share, now)
+            }
+        }
+    }
+
+    async fn admit_shared(&self, key: &ApiKey, ask: Hold, now: Now) -> Result<Outcome, ()> {
+        let limits = &key.limits;
+        let (start, end) = period::bounds(limits.reset_period, now.wall);
+        let expire_at = end.map_or(now.wall.timestamp_millis(), |e| e.timestamp_millis()) + BUDGET_GRACE_MS;
+        let keys = Keys::of(key.id, start);
+        let id = self.next_id();
+        let limit = |l: Option<u64>| l.map_or(-1, |l| l.min(MAX_EXACT) as i64);
+        let ttl_ms = self.settings.reservation_ttl.as_millis().min(u128::from(u32::MAX)) as i64;
+        let mut seed: Option<[String; 5]> = None;
+        // At most twice: the second time with the ledger's usage, when the period's counters
+        // are missing (a new period, or Redis lost them).
+        for _ in 0..2 {
+            let mut inv = self.admit.prepare_invoke();
+            inv.key(&keys.rpm).key(&keys.budget).key(&keys.deadlines).key(&keys.holds);
+            inv.arg(limits.requests_per_minute.unwrap_or(0))
+                .arg(limit(limits.token_limit))
+                .arg(limit(limits.cost_limit_micros.map(|m| m.max(0) as u64)))
+                .arg(ask.tokens.min(MAX_EXACT))
+                .arg(ask.micros.clamp(0, MAX_EXACT as i64))
+                .arg(ttl_ms)
+                .arg(expire_at)
+                .arg(SWEEP_PER_CHECK)
+                .arg(&keys.budget_prefix);
+            match &seed {
+                None => inv.arg("").arg("").arg("").arg("").arg(""),
+                Some(s) => inv.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&s[3]).arg(&s[4]),
+            };
+            inv.arg(id).arg(start.timestamp_micros());
+            let reply: Vec<i64> = self.call(inv, now.mono).await?;
+            match reply.first() {
+                Some(-1) => {
+                    let known = self.local.usage_now(key, now).unwrap_or_default();
+                    let same = known.period_start == Some(start);
+                    let v = |n: u64| if same { n.min(MAX_EXACT).to_string() } else { "0".into() };
+                    let total = known.prompt_tokens.saturating_add(known.completion_tokens);
+                    let micros =
+                        if same { known.cost_micros.clamp(0, MAX_EXACT as i64).to_string() } else { "0".into() };
+                    seed =
+                        Some([v(known.requests), v(known.prompt_tokens), v(known.completion_tokens), v(total), micros]);
+                }
+                Some(&code) => return Ok(self.outcome(key, code, &reply, ask, id, start, now)),
+                None => return Err(()),
+            }
+        }
+        Err(())
+    }
+
+    /// Reads the admit script's answer.
+    #[allow(clippy::too_many_arguments)]
+    fn outcome(
+        &self,
+        key: &ApiKey,
+        code: i64,
+        r: &[i64],
+        ask: Hold,
+        id: u64,
+        start: DateTime<Utc>,
+        now: Now,
+    ) -> Outcome {
+        let at = |i: usize| r.get(i).copied().unwrap_or(0);
+        let rpm = key.limits.requests_per_minute.map(|limit| {
+            let used = at(2).max(0) as u64;
+            Admission {
+                admitted: code == 0,
+                limit,
+                remaining: u64::from(limit).saturating_sub(used) as u32,
+                reset_in_micros: at(3).max(0).saturating_mul(1000),
+            }
+        });
+        let (_, reset_at) = period::bounds(key.limits.reset_period, now.wall);
+        match code {
+            0 => {
+                let reservation =
+                    (key.limits.token_limit.is_some() || key.limits.cost_limit_micros.is_some()).then(|| {
+                        let tokens = at(4).max(0) as u64;
+                        Ticket {
+                            id,
+                            hold: Hold { tokens, micros: at(5).max(0), prompt_tokens: ask.prompt_tokens.min(tokens) },
+                            period_start: start,
+                        }
+                    });
+                // What this replica knows of the key's usage, for the failure mode.
+                self.local.meters.observe_shared(
+                    key.id,
+                    key.limits.reset_period,
+                    start,
+                    at(6).max(0) as u64,
+                    at(7).max(0),
+                    now.wall,
+                );
+                Outcome::Admitted { rpm, reservation }
+            }
+            1 => Outcome::RateLimited(rpm.unwrap_or(Admission {
+                admitted: false,
+                limit: 0,
+                remaining: 0,
+                reset_in_micros: at(3).max(0) * 1000,
+            })),
+            2 => Outcome::Budget {
+                denial: BudgetDenial::Tokens {
+                    limit: key.limits.token_limit.unwrap_or(0),
+                    reset_at,
+                    in_flight: at(1) == 1,
+                },
+                rpm,
+            },
+            _ => Outcome::Budget {
+                denial: BudgetDenial::Cost {
+                    limit_micros: key.limits.cost_limit_micros.unwrap_or(0),
+                    reset_at,
+                    in_flight: at(1) == 1,
+                },
+                rpm,
+            },
+        }
+    }
+
+    async fn settle_shared(&self, p: &PendingSettle, now: Mono) -> Result<(), ()> {
+        let keys = Keys::of(p.key_id, p.ticket.period_start);
+        let m = &p.metered;
+        let tokens = m.prompt_tokens.saturating_add(m.completion_tokens).min(MAX_EXACT);
+        let tombstone_ms = (self.settings.reservation_ttl.as_millis() as i64).max(600_000) * 2;
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(&keys.budget).key(&keys.deadlines).key(&keys.holds).key(&keys.done);
+        inv.arg(p.ticket.id)
+            .arg(m.prompt_tokens.min(MAX_EXACT))
+            .arg(m.completion_tokens.min(MAX_EXACT))
+            .arg(tokens)
+            .arg(m.cost_micros.clamp(0, MAX_EXACT as i64))
+            .arg(0)
+            .arg(tombstone_ms);
+        self.call::<i64>(inv, now).await.map(drop)
+    }
+
+    fn queue(&self, p: PendingSettle) {
+        if let Ok(mut q) = self.pending.lock() {
+            if q.len() >= MAX_PENDING_SETTLES {
+                q.pop_front();
+            }
+            q.push_back(p);
+        }
+    }
+
+    /// Once a second: announces this replica (the others count it for their share of each
+    /// window in the failure mode), probes Redis while it is down, and retries the settles
+    /// it did not take.
+    pub async fn tick(&self, now: Mono) {
+        let mut inv = self.heartbeat.prepare_invoke();
+        inv.key("pc:replicas").arg(&self.replica_id).arg(REPLICA_ALIVE_MS);
+        if let Ok(n) = self.call::<u32>(inv, now).await {
+            self.health.replicas.store(n.max(1), Relaxed);
+        } else {
+            return;
+        }
+        while let Some(p) = self.pending.lock().ok().and_then(|mut q| q.pop_front()) {
+            if self.settle_shared(&p, now).await.is_err() {
+                if let Ok(mut q) = self.pending.lock() {
+                    q.push_front(p);
+                }
+                break;
+            }
+        }
+    }
+
+    /// Forgets this replica at shutdown, so the others' shares grow at once.
+    pub async fn leave(&self) {
+        let mut conn = self.conn.clone();
+        let forget = redis::cmd("ZREM").arg("pc:replicas").arg(&self.replica_id).to_owned();
+        let _ = tokio::time::timeout(self.settings.timeout, forget.query_async::<i64>(&mut conn)).await;
+    }
+}
+
+impl Counters for SharedCounters {
+    fn admit<'a>(&'a self, key: &'a ApiKey, ask: Hold, now: Now) -> CountFuture<'a, Result<Outcome, Unavailable>> {
+        Box::pin(async move {
+            if self.closed(now.mono)
+                && let Ok(outcome) = self.admit_shared(key, ask, now).await
+            {
+                return Ok(outcome);
+            }
+            self.outage(key, ask, now)
+        })
+    }
+
+    fn attach<'a>(&'a self, key_id: Uuid, ticket: Ticket, now: Now) -> CountFuture<'a, ()> {
+        // A reservation made here while Redis was down.
+        self.local.meters.attach(key_id, ticket.id, now.mono);
+        Box::pin(async move {
+            if !self.closed(now.mono) {
+                return;
+            }
+            let keys = Keys::of(key_id, ticket.period_start);
+            // An open stream keeps its reservation for another TTL; a replica that dies
+            // mid-stream stops extending it, and it expires.
+            let ttl_ms = self.settings.reservation_ttl.as_millis().min(u128::from(u32::MAX)) as i64;
+            let mut inv = self.attach.prepare_invoke();
+            inv.key(&keys.deadlines).arg(ticket.id).arg(ttl_ms);
+            let _ = self.call::<i64>(inv, now.mono).await;
+        })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        key_id: Uuid,
+        reset_period: Option<ResetPeriod>,
+        ticket: Option<Ticket>,
+        charge: Charge<'a>,
+        now: Now,
+    ) -> CountFuture<'a, Metered> {
+        // This replica's ledger and what it knows of the key, once per ticket (a reservation
+        // made here while Redis was down is released here too).
+        let recorded = self.local.meters.record(key_id, reset_period, ticket, charge, now.wall);
+        Box::pin(async move {
+            let Some(metered) = recorded else { return Metered::default() };
+            if let Some(ticket) = ticket {
+                let p = PendingSettle { key_id, ticket, metered };
+                if !self.closed(now.mono) || self.settle_shared(&p, now.mono).await.is_err() {
+                    self.queue(p);
+                }
+            }
+            metered
+        })
+    }
+
+    fn usage<'a>(&'a self, key: &'a ApiKey, now: Now) -> CountFuture<'a, Result<Usage, Unavailable>> {
+        Box::pin(async move {
+            let known = self.local.usage_now(key, now)?;
+            if !self.closed(now.mono) {
+                return Ok(known);
+            }
+            let (start, _) = period::bounds(key.limits.reset_period, now.wall);
+            let keys = Keys::of(key.id, start);
+            let mut inv = self.usage.prepare_invoke();
+            inv.key(&keys.rpm).key(&keys.budget);
+            let Ok(r) = self.call::<Vec<i64>>(inv, now.mono).await else { return Ok(known) };
+            let at = |i: usize| r.get(i).copied().unwrap_or(0).max(0);
+            let mut u = known;
+            if key.limits.requests_per_minute.is_some() {
+                u.requests_last_minute = at(0).min(i64::from(u32::MAX)) as u32;
+            }
+            if r.len() > 1 {
+                u.period_start = Some(start);
+                u.requests = at(1) as u64;
+                u.prompt_tokens = at(2) as u64;
+                u.completion_tokens = at(3) as u64;
+                u.cost_micros = at(4);
+                u.reserved_tokens = at(5) as u64;
+                u.reserved_micros = at(6);
+            }
+            Ok(u)
+        })
+    }
+
+    fn sweep(&self, now: Mono, ttl: chrono::Duration) -> usize {
+        // Redis sweeps its reservations at each Check; these are the failure mode's.
+        self.local.sweep(now, ttl)
+    }
+}
+
+/// The Redis keys of one API key (and one budget period), under its hash tag.
+struct Keys {
+    rpm: String,
+    budget: String,
+    budget_prefix: String,
+    deadlines: String,
+    holds: String,
+    done: String,
+}
+
+impl Keys {
+    fn of(key_id: Uuid, period_start: DateTime<Utc>) -> Keys {
+        let tag = format!("pc:{{{key_id}}}:");
+        let budget_prefix = format!("{tag}b:");
+        Keys {
+            rpm: format!("{tag}rpm"),
+            budget: format!("{budget_prefix}{}", period_start.timestamp_micros()),
+            budget_prefix,
+            deadlines: format!("{tag}rz"),
+            holds: format!("{tag}rh"),
+            done: format!("{tag}done"),
+        }
+    }
+}
+
+/// A Redis URL with any password replaced, fit for logs and errors.
+pub fn redact(url: &str) -> String {
+    crate::store::redact_url(url)
+}
+
+/// Whether a reply is a usable connection: used by `start` to log Redis's state once.
+pub async fn ping(counters: &Arc<SharedCounters>) -> RedisResult<()> {
+    let mut conn = counters.conn.clone();
+    match tokio::time::timeout(Duration::from_secs(2), redis::cmd("PING").query_async::<String>(&mut conn)).await {
+        Ok(r) => r.map(drop),
+        Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out"))),
+    }
+}
