@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pem;
 pub mod state;
 pub mod store;
+pub mod sync;
 pub mod upkeep;
 
 use std::process::ExitCode;
