@@ -78,6 +78,8 @@ impl Backoff {
 async fn listen(store: DynStore, wake: Arc<Wake>, mut stop: watch::Receiver<()>) {
     let mut backoff = Backoff::new();
     let mut lost = false;
+    // The reader reads everything at start anyway.
+    let mut first = true;
     loop {
         let connected = tokio::select! {
             _ = stop.changed() => return,
@@ -100,8 +102,11 @@ async fn listen(store: DynStore, wake: Arc<Wake>, mut stop: watch::Receiver<()>)
         if lost {
             tracing::info!("listening for changes of other replicas again");
         }
-        wake.reload.store(true, Ordering::SeqCst);
-        wake.changed.notify_one();
+        if !first {
+            wake.reload.store(true, Ordering::SeqCst);
+            wake.changed.notify_one();
+        }
+        first = false;
         loop {
             let r = tokio::select! {
                 _ = stop.changed() => return,
@@ -154,7 +159,7 @@ async fn follow(shared: Weak<Shared>, store: DynStore, wake: Arc<Wake>, _alive: 
                     tracing::debug!(applied, version, "applied changes of other replicas");
                 }
                 if failing {
-                    tracing::info!("reading changes of other replicas again");
+                    tracing::info!("the view follows the database again");
                     failing = false;
                 }
                 backoff.reset();
@@ -162,7 +167,7 @@ async fn follow(shared: Weak<Shared>, store: DynStore, wake: Arc<Wake>, _alive: 
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!(error = %e, "cannot read changes of other replicas; Check answers from the view it has, retrying");
+                    tracing::warn!(error = %e, "cannot bring the view up to date with the database; Check answers from the view it has, retrying");
                     failing = true;
                 }
                 backoff.next()

@@ -179,6 +179,8 @@ async fn admin_changes_on_one_replica_reach_the_other_replicas_check_within_a_se
     })
     .await;
 
+    let metrics = b.running().shared.metrics.render(0, 0);
+    assert!(metrics.contains("\nportcullis_view_version ") && metrics.contains("\nportcullis_view_sync_age_seconds "));
     drop((gw, keys, prices));
     let (mut a, mut b) = (a, b);
     a.stop().await;

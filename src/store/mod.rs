@@ -123,7 +123,7 @@ pub struct Page<'a> {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<(), StoreError>;
-    /// Claims the database for this process (one replica per database until scale-out):
+    /// Claims the database for this process alone (a replica without shared counters):
     /// fails when another serving process already holds it.
     async fn claim(&self) -> Result<(), StoreError> {
         Ok(())
