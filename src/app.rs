@@ -132,16 +132,17 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     let limits = Limits::from_args(args)?;
     let (authz_tls, admin_tls) = listen::tls_from_args(args)?;
     listen::raise_open_files_limit(&limits);
-    if args.redis_url.is_some() && !args.database.database_url.starts_with("postgres") {
-        bail!("--redis-url needs a PostgreSQL --database-url: SQLite serves one replica");
-    }
     let url = store::redact_url(&args.database.database_url);
     let sealer = store::sealing::Sealer::from_key(args.encryption_key.as_deref()).map_err(anyhow::Error::msg)?;
     let store = store::open(&args.database.database_url, sealer).await.with_context(|| format!("opening {url}"))?;
+    if args.redis_url.is_some() && !store.is_shared() {
+        bail!("--redis-url needs a PostgreSQL --database-url: SQLite serves one replica");
+    }
     store.migrate().await.context("running migrations")?;
     // Replicas with shared counters share the database; without them, one serves it.
-    if args.redis_url.is_none() {
-        store.claim().await.context("claiming the database")?;
+    match args.redis_url {
+        None => store.claim().await.context("claiming the database")?,
+        Some(_) => store.claim_shared().await.context("claiming the database")?,
     }
     let snapshot = store.load().await.context("loading gateways, keys and tokens")?;
     let idle = chrono::Duration::from_std(args.session_idle_timeout).context("--session-idle-timeout is too large")?;
@@ -192,6 +193,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         &store,
         Upkeep { reservation_ttl: ttl, audit_retention: retention, flush_every: args.usage_flush_interval },
     );
+    crate::sync::spawn(&shared, &store);
 
     let (health, health_server) = tonic_health::server::health_reporter();
     let (shutdown, rx) = watch::channel(false);

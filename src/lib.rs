@@ -14,6 +14,7 @@ pub mod pem;
 pub mod shared_counters;
 pub mod state;
 pub mod store;
+pub mod sync;
 pub mod upkeep;
 
 use std::process::ExitCode;

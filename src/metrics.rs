@@ -68,6 +68,10 @@ pub struct Metrics {
     /// Responses of models without a price, by model: at most `UNPRICED_SERIES` models
     /// (names cut to `MODEL_LABEL_MAX` bytes), the rest under `other`.
     unpriced: Mutex<BTreeMap<String, u64>>,
+    /// The highest change version applied from storage, and when storage was last read
+    /// (replicas on PostgreSQL; never set on SQLite, then not exported).
+    view_version: AtomicU64,
+    last_sync: Mutex<Option<std::time::Instant>>,
 }
 
 impl Metrics {
@@ -120,6 +124,14 @@ impl Metrics {
     /// Counts a metering stream that carried no ext_authz metadata; returns the total.
     pub fn metering_without_metadata(&self) -> u64 {
         self.metering_without_metadata.fetch_add(1, Relaxed).saturating_add(1)
+    }
+
+    /// Storage was read for changes; the view holds every change up to `version`.
+    pub fn synced(&self, version: i64) {
+        self.view_version.fetch_max(u64::try_from(version).unwrap_or(0), Relaxed);
+        if let Ok(mut at) = self.last_sync.lock() {
+            *at = Some(std::time::Instant::now());
+        }
     }
 
     pub fn flush_failed(&self) {
@@ -192,6 +204,17 @@ impl Metrics {
             "# HELP portcullis_unpriced_model_responses_total Responses of models without a price (counted at cost 0).\n\
              # TYPE portcullis_unpriced_model_responses_total counter"
         );
+        if let Some(at) = self.last_sync.lock().ok().and_then(|at| *at) {
+            let _ = writeln!(
+                out,
+                "# HELP portcullis_view_version The highest change version (PostgreSQL) the in-memory view holds.\n\
+                 # TYPE portcullis_view_version gauge\nportcullis_view_version {}\n\
+                 # HELP portcullis_view_sync_age_seconds Seconds since the view was last brought up to date with storage.\n\
+                 # TYPE portcullis_view_sync_age_seconds gauge\nportcullis_view_sync_age_seconds {:.3}",
+                self.view_version.load(Relaxed),
+                at.elapsed().as_secs_f64()
+            );
+        }
         if let Ok(m) = self.unpriced.lock() {
             for (model, n) in m.iter() {
                 let _ =

@@ -22,6 +22,10 @@ pub struct Shared {
     /// One usage flush at a time: the last flush at shutdown must not miss counters a
     /// periodic flush took but has not written yet.
     pub flush: tokio::sync::Mutex<()>,
+    /// Admin writes, and the application of changes other replicas made, one at a time:
+    /// so that the order of commits and of view updates agree (a change read before this
+    /// replica's own write committed is never applied after it).
+    pub writes: tokio::sync::Mutex<()>,
     pub metrics: crate::metrics::Metrics,
     /// The counters shared with other replicas (Redis), when configured: also in
     /// `limiters.counters`; here for their upkeep and metrics.
@@ -44,6 +48,7 @@ impl Shared {
             metering: Default::default(),
             metering_done: Default::default(),
             flush: Default::default(),
+            writes: Default::default(),
             metrics: Default::default(),
             shared_counters: None,
         }
@@ -64,17 +69,23 @@ impl Shared {
     /// stored usage stays for history).
     pub fn key_deleted(&self, id: Uuid) -> Result<(), ViewPoisoned> {
         self.view_mut()?.remove_key(id);
-        self.limiters.meters.forget(id);
+        self.keys_removed(&[id]);
         Ok(())
     }
 
     /// After a gateway was deleted together with `keys`: the same for each of them.
     pub fn gateway_deleted(&self, name: &str, keys: &[Uuid]) -> Result<(), ViewPoisoned> {
         self.view_mut()?.remove_gateway(name);
-        for &id in keys {
+        self.keys_removed(keys);
+        Ok(())
+    }
+
+    /// Keys gone from the view (deleted here or by another replica): their counters go.
+    /// The one place counters learn that a key is gone.
+    pub fn keys_removed(&self, ids: &[Uuid]) {
+        for &id in ids {
             self.limiters.meters.forget(id);
         }
-        Ok(())
     }
 
     /// Marks a metering stream as started; the guard marks it recorded when dropped.

@@ -322,6 +322,67 @@ async fn a_flush_of_many_keys_writes_each(db: &Db) {
     }
 }
 
+/// Replicas follow each other through `changes_since` (PostgreSQL; SQLite serves one
+/// replica and says so). The same change may come twice (the cursor's margin, widened by
+/// transactions of other tests on the same server): assertions look for, not count.
+async fn changes_since_returns_every_change_the_view_needs(db: &Db) {
+    let s = &db.store;
+    if !s.is_shared() {
+        assert!(matches!(s.changes_since(0).await, Err(StoreError::Unsupported(_))));
+        return;
+    }
+    let start = s.changes_since(0).await.unwrap();
+    assert!(start.is_empty(), "a fresh database has nothing to follow");
+    let g = gateway("gamma");
+    s.insert_gateway(&g).await.unwrap();
+    let sec = Secret::generate(SecretKind::ApiKey);
+    let k = key(&g, "followed", &sec);
+    s.insert_key(&k, &sec.hash()).await.unwrap();
+    let p = Price { input_micros_per_million: 1, output_micros_per_million: 2 };
+    s.set_price("m-follow", &p, t0()).await.unwrap();
+    let token =
+        StoredToken::owner("followed", Secret::generate(SecretKind::AccessToken).hash(), "pcm_x".into(), false, t0());
+    s.insert_access_token(&token).await.unwrap();
+
+    let c = s.changes_since(start.next).await.unwrap();
+    assert!(c.gateways.contains(&g));
+    assert!(c.keys.iter().any(|(x, secrets)| *x == k && secrets.len() == 1));
+    assert!(c.prices.contains(&("m-follow".to_string(), p)));
+    assert!(c.access_tokens.iter().any(|t| t.token.id == token.token.id));
+    assert!(c.removed_keys.is_empty() && c.removed_gateways.is_empty() && c.removed_prices.is_empty());
+    assert!(c.version > start.version && c.next >= start.next);
+
+    // A usage flush writes last use on the key row: no change the view needs.
+    let mut used = Counters::empty(k.id, ResetPeriod::Monthly, t0());
+    used.requests = 1;
+    used.last_used_at = Some(t0());
+    s.save_usage(&[used], t0()).await.unwrap();
+    let after_usage = s.changes_since(c.next).await.unwrap();
+    assert!(after_usage.version <= c.version, "no new version for usage");
+
+    s.rotate_key(k.id, &Secret::generate(SecretKind::ApiKey).hash(), "pcs_new", Some(t0() + Duration::hours(1)))
+        .await
+        .unwrap();
+    s.revoke_access_token(token.token.id, t0()).await.unwrap();
+    let r = s.changes_since(c.next).await.unwrap();
+    assert!(r.keys.iter().any(|(x, secrets)| x.id == k.id && secrets.len() == 2), "a rotated key with both secrets");
+    assert!(r.access_tokens.iter().any(|t| t.token.id == token.token.id && t.token.revoked_at.is_some()));
+    assert!(r.version > c.version);
+
+    s.delete_price("m-follow").await.unwrap();
+    s.delete_gateway(g.id, true, t0()).await.unwrap();
+    let d = s.changes_since(r.next).await.unwrap();
+    assert_eq!((d.removed_keys.as_slice(), d.removed_gateways.as_slice()), ([k.id].as_slice(), [g.id].as_slice()));
+    assert_eq!(d.removed_prices, vec!["m-follow".to_string()]);
+    assert!(d.keys.is_empty() && d.gateways.is_empty() && d.prices.is_empty());
+    assert!(s.list_prices().await.unwrap().is_empty(), "a deleted price is not listed");
+
+    s.set_price("m-follow", &p, t0()).await.unwrap();
+    let all = s.changes_since(0).await.unwrap();
+    assert!(all.prices.contains(&("m-follow".to_string(), p)) && all.removed_prices.is_empty(), "set again");
+    assert!(all.removed_keys.contains(&k.id) && all.removed_gateways.contains(&g.id), "from 0: deletions too");
+}
+
 macro_rules! test_with_all_storage_impls {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -351,5 +412,6 @@ test_with_all_storage_impls!(
     gateways_and_keys,
     usage_prices_tokens_and_audit,
     provider_keys_are_sealed,
-    a_flush_of_many_keys_writes_each
+    a_flush_of_many_keys_writes_each,
+    changes_since_returns_every_change_the_view_needs
 );

@@ -115,7 +115,7 @@ impl AccessService for AccessApi {
                         last_used_at: None,
                         bootstrap: false,
                     };
-                    let _w = admin.writes.lock().await;
+                    let _w = admin.shared.writes.lock().await;
                     admin.store.insert_access_token(&stored).await?;
                     admin.registry()?.insert(stored.clone());
                     AdminResult::Ok(pb::CreateAccessTokenResponse {
@@ -165,7 +165,7 @@ impl AccessService for AccessApi {
                     c.check(Action::ManageTokens, None)?;
                     let id = parse_id("id", &id)?;
                     c.target(id.to_string());
-                    let _w = admin.writes.lock().await;
+                    let _w = admin.shared.writes.lock().await;
                     let (stored, _) = admin.registry()?.find(id).ok_or(AdminError::NotFound("access token"))?;
                     if let [only] = stored.token.gateways.as_slice() {
                         c.gateway(only);

@@ -53,7 +53,7 @@ impl GatewayService for GatewayApi {
                         default_reservation_tokens: check_reservation(req.default_reservation_tokens)?,
                         created_at: admin.shared.clock.now(),
                     };
-                    let _w = admin.writes.lock().await;
+                    let _w = admin.shared.writes.lock().await;
                     admin.store.insert_gateway(&gateway).await?;
                     admin.shared.view_mut()?.upsert_gateway(gateway.clone());
                     AdminResult::Ok(gateway_to_pb(&gateway))
@@ -109,7 +109,7 @@ impl GatewayService for GatewayApi {
                     c.check(Action::WriteGateways, Some(&req.name))?;
                     validate_gateway_name("name", &req.name)?;
                     c.target(req.name.clone());
-                    let _w = admin.writes.lock().await;
+                    let _w = admin.shared.writes.lock().await;
                     let mut g = admin.gateway_by_name("name", &req.name).await?;
                     if let Some(a) = req.inbound_auth.as_ref() {
                         g.inbound = inbound_from_pb(Some(a))?;
@@ -145,7 +145,7 @@ impl GatewayService for GatewayApi {
                     c.check(Action::WriteGateways, Some(&req.name))?;
                     validate_gateway_name("name", &req.name)?;
                     c.target(req.name.clone());
-                    let _w = admin.writes.lock().await;
+                    let _w = admin.shared.writes.lock().await;
                     let g = admin.gateway_by_name("name", &req.name).await?;
                     let now = admin.shared.clock.now();
                     let deleted =

@@ -60,7 +60,7 @@ impl Admin {
     ) -> AdminResult<pb::ApiKey> {
         validate_key_name("name", name)?;
         // Under the write lock: the gateway cannot be deleted between lookup and insert.
-        let _w = self.writes.lock().await;
+        let _w = self.shared.writes.lock().await;
         let gateway = self.gateway_by_name("gateway", gateway).await?;
         let max = self.limits.max_keys_per_gateway;
         if self.shared.view()?.keys_in(gateway.id) >= max {
@@ -150,7 +150,7 @@ impl KeyService for KeyApi {
             .serve(request, "KeyService/UpdateKey", Kind::Mutation, |admin, mut c, req| async move {
                 let result = async {
                     let now = admin.shared.clock.now();
-                    let _w = admin.writes.lock().await;
+                    let _w = admin.shared.writes.lock().await;
                     let (mut key, gateway) = admin.key_for(&mut c, Action::WriteKeys, &req.id).await?;
                     if req.clear_expires_at && req.expires_at.is_some() {
                         return Err(FieldError::new("clear_expires_at", "cannot be combined with expires_at").into());
@@ -192,7 +192,7 @@ impl KeyService for KeyApi {
             .serve(request, "KeyService/DeleteKey", Kind::Mutation, |admin, mut c, req| async move {
                 let result = async {
                     let id = req.id;
-                    let _w = admin.writes.lock().await;
+                    let _w = admin.shared.writes.lock().await;
                     let (key, _) = admin.key_for(&mut c, Action::WriteKeys, &id).await?;
                     admin.store.delete_key(key.id, admin.shared.clock.now()).await.map_err(store_err("key"))?;
                     admin.shared.key_deleted(key.id)?;
@@ -276,7 +276,7 @@ impl KeyService for KeyApi {
             .serve(request, "KeyService/RotateKey", Kind::Mutation, |admin, mut c, req| async move {
                 let result = async {
                     let now = admin.shared.clock.now();
-                    let _w = admin.writes.lock().await;
+                    let _w = admin.shared.writes.lock().await;
                     let (mut key, gateway) = admin.key_for(&mut c, Action::WriteKeys, &req.id).await?;
                     let grace = match &req.grace_period {
                         None => chrono::Duration::zero(),

@@ -34,8 +34,6 @@ pub use pricing::PricingApi;
 pub struct Admin {
     shared: Arc<Shared>,
     store: DynStore,
-    /// Admin writes are serialised so that the order of commits and of view updates agree.
-    writes: tokio::sync::Mutex<()>,
     /// Refused calls recorded per source and minute.
     refusals: Mutex<AuditRateLimit<Source>>,
     /// Writes per token.
@@ -92,7 +90,6 @@ impl Admin {
         Arc::new(Admin {
             shared,
             store,
-            writes: tokio::sync::Mutex::new(()),
             refusals: Mutex::new(AuditRateLimit::new(REFUSED_AUDIT_PER_MINUTE, REFUSAL_SOURCES_MAX)),
             writes_per_token: Mutex::new(WriteRate::new(limits.writes, WRITE_RATE_TOKENS_MAX)),
             limits,

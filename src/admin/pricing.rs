@@ -58,7 +58,7 @@ impl PricingService for PricingApi {
                             &p.output_usd_per_million,
                         )?,
                     };
-                    let _w = admin.writes.lock().await;
+                    let _w = admin.shared.writes.lock().await;
                     admin.store.set_price(&p.model, &price, admin.shared.clock.now()).await?;
                     admin.price_book()?.set(p.model.clone(), price);
                     AdminResult::Ok(price_to_pb(&p.model, &price))
@@ -102,7 +102,7 @@ impl PricingService for PricingApi {
                     }
                     c.check_global(Action::WritePrices)?;
                     valid?;
-                    let _w = admin.writes.lock().await;
+                    let _w = admin.shared.writes.lock().await;
                     admin.store.delete_price(&model).await.map_err(store_err("model price"))?;
                     admin.price_book()?.remove(&model);
                     AdminResult::Ok(pb::DeleteModelPriceResponse {})

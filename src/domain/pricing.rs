@@ -73,6 +73,11 @@ impl PriceBook {
         self.highest.as_ref()
     }
 
+    /// The price set for exactly this model.
+    pub fn get(&self, model: &str) -> Option<&Price> {
+        self.prices.get(model)
+    }
+
     pub fn lookup(&self, model: &str) -> Option<&Price> {
         if let Some(p) = self.prices.get(model) {
             return Some(p);

@@ -106,6 +106,35 @@ impl TokenRegistry {
         self.by_hash.insert(stored.hash, Entry { stored, last_used, persisted });
     }
 
+    /// Takes a token as storage has it now (written by this or another replica):
+    /// revocation, scope, expiry; last use only moves forward. Returns whether the token
+    /// changed here (applying the same row twice changes nothing).
+    pub fn apply(&mut self, stored: StoredToken) -> bool {
+        let Some(e) = self.by_hash.get_mut(&stored.hash) else {
+            self.insert(stored);
+            return true;
+        };
+        let mut changed = false;
+        if let Some(at) = stored.last_used_at {
+            e.persisted = Some(e.persisted.map_or(at, |p| p.max(at)));
+            if at > e.last_used {
+                e.last_used = at;
+                changed = true;
+            }
+        }
+        let last_used_at = e.stored.last_used_at.max(stored.last_used_at);
+        let same = e.stored.token == stored.token
+            && e.stored.prefix == stored.prefix
+            && e.stored.bootstrap == stored.bootstrap;
+        if !same {
+            e.stored = StoredToken { last_used_at, ..stored };
+            changed = true;
+        } else {
+            e.stored.last_used_at = last_used_at;
+        }
+        changed
+    }
+
     pub fn get(&self, hash: &SecretHash) -> Option<&StoredToken> {
         self.by_hash.get(hash).map(|e| &e.stored)
     }
@@ -251,5 +280,22 @@ mod tests {
         assert_eq!(r.previous_bootstrap(&second_hash), vec![first_id]);
         r.revoke(first_id, t0);
         assert!(r.previous_bootstrap(&second_hash).is_empty(), "a revoked one is retired already");
+    }
+
+    #[test]
+    fn a_token_from_storage_is_applied_once_and_its_last_use_only_moves_forward() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let secret = "pcm_another-secret-for-the-registry-test";
+        let mut stored = StoredToken::owner("ops", SecretHash::of(secret), "pcm_another".into(), false, t0);
+        let mut r = TokenRegistry::new(vec![], false, Duration::hours(1));
+        assert!(r.apply(stored.clone()), "new here");
+        assert!(!r.apply(stored.clone()), "the same row twice");
+        r.authenticate(secret, t0 + Duration::minutes(30)).unwrap();
+        stored.last_used_at = Some(t0 + Duration::minutes(10));
+        assert!(!r.apply(stored.clone()), "an older last use from elsewhere changes nothing");
+        assert_eq!(r.find(stored.token.id).unwrap().1, t0 + Duration::minutes(30));
+        stored.token.revoked_at = Some(t0 + Duration::minutes(40));
+        assert!(r.apply(stored.clone()), "revoked elsewhere");
+        assert!(r.authenticate(secret, t0 + Duration::minutes(41)).is_none());
     }
 }

@@ -66,6 +66,20 @@ impl View {
         self.keys.get(&first.hash).map(|(k, _)| k)
     }
 
+    /// Every secret of a key, by id.
+    pub fn secrets_of(&self, id: Uuid) -> Option<&[KeySecret]> {
+        self.secrets_by_key.get(&id).map(Vec::as_slice)
+    }
+
+    /// The ids of every key of one gateway.
+    pub fn key_ids_in(&self, gateway_id: Uuid) -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> =
+            self.keys.values().filter(|(k, _)| k.gateway_id == gateway_id).map(|(k, _)| k.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     pub fn gateway_count(&self) -> usize {
         self.gateways.len()
     }
@@ -80,8 +94,25 @@ impl View {
     }
 
     pub fn upsert_gateway(&mut self, gateway: Gateway) {
-        self.gateway_names.insert(gateway.id, gateway.name.clone());
-        self.gateways.insert(gateway.name.clone(), Arc::new(gateway));
+        let (id, name) = (gateway.id, gateway.name.clone());
+        self.gateway_names.insert(id, name.clone());
+        // A deleted gateway's name can be taken by a new one: the old id names nothing.
+        if let Some(old) = self.gateways.insert(name, Arc::new(gateway))
+            && old.id != id
+        {
+            self.gateway_names.remove(&old.id);
+        }
+    }
+
+    /// Removes the gateway with this id, if it is still the one its name maps to, and
+    /// every key that belongs to it.
+    pub fn remove_gateway_by_id(&mut self, id: Uuid) {
+        let Some(name) = self.gateway_names.get(&id).cloned() else { return };
+        if self.gateways.get(&name).is_some_and(|g| g.id == id) {
+            self.remove_gateway(&name);
+        } else {
+            self.gateway_names.remove(&id);
+        }
     }
 
     /// Removes a gateway and every key that belongs to it.
@@ -189,5 +220,20 @@ mod tests {
         assert_eq!(view.keys_in(a.id), 1, "a key removed twice is counted once");
         view.remove_gateway("a");
         assert_eq!((view.keys_in(a.id), view.keys_in(b.id), view.key_count()), (0, 1, 1));
+    }
+
+    #[test]
+    fn a_gateway_removed_by_id_spares_a_newer_one_of_the_same_name() {
+        let (old, new) = (gateway("a"), gateway("a"));
+        let mut view = View::new(vec![old.clone()], vec![]);
+        view.upsert_gateway(new.clone());
+        assert_eq!(view.gateway_name(old.id), None, "the old id names nothing once the name is taken");
+        view.remove_gateway_by_id(old.id);
+        assert_eq!(view.gateway("a").map(|g| g.id), Some(new.id));
+        let k = key(&new);
+        view.upsert_key(k.clone(), vec![KeySecret::current(SecretHash::of("n"))]);
+        assert_eq!(view.key_ids_in(new.id), vec![k.id]);
+        view.remove_gateway_by_id(new.id);
+        assert_eq!((view.gateway_count(), view.key_count()), (0, 0));
     }
 }

@@ -73,6 +73,46 @@ pub struct Snapshot {
     pub usage: Vec<Counters>,
 }
 
+/// What changed in storage since a cursor: each changed row as it is now, deleted ones as
+/// removals (PostgreSQL, where several replicas follow each other's changes).
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub gateways: Vec<Gateway>,
+    pub removed_gateways: Vec<Uuid>,
+    /// Live keys with every secret that authenticates them.
+    pub keys: Vec<(ApiKey, Vec<KeySecret>)>,
+    pub removed_keys: Vec<Uuid>,
+    pub prices: Vec<(String, Price)>,
+    pub removed_prices: Vec<String>,
+    /// Tokens are revoked, never deleted: a revocation is a changed token.
+    pub access_tokens: Vec<StoredToken>,
+    /// The cursor to ask from next time.
+    pub next: i64,
+    /// The highest change version among the rows returned (0 when none).
+    pub version: i64,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.gateways.is_empty()
+            && self.removed_gateways.is_empty()
+            && self.keys.is_empty()
+            && self.removed_keys.is_empty()
+            && self.prices.is_empty()
+            && self.removed_prices.is_empty()
+            && self.access_tokens.is_empty()
+    }
+}
+
+/// Wakes a replica when another one commits a change (PostgreSQL `LISTEN`). A wake-up
+/// carries no data: the changes are read with [`Store::changes_since`].
+#[async_trait]
+pub trait ChangeListener: Send {
+    /// Resolves at the next notification; an error when the connection was lost (drop
+    /// this listener and listen anew: notifications sent meanwhile are gone).
+    async fn changed(&mut self) -> Result<(), StoreError>;
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Page<'a> {
     /// Return items after this id (ids are time-ordered UUIDv7).
@@ -83,10 +123,30 @@ pub struct Page<'a> {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<(), StoreError>;
-    /// Claims the database for this process (one replica per database until scale-out):
+    /// Claims the database for this process alone (a replica without shared counters):
     /// fails when another serving process already holds it.
     async fn claim(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    /// Claims the database as one of several replicas (each with shared counters): fails
+    /// when a process that claimed it alone is serving.
+    async fn claim_shared(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Whether several replicas can serve from this store and follow each other's changes
+    /// ([`Store::changes_since`], [`Store::listen_changes`]): PostgreSQL, not SQLite.
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// Everything that changed since `cursor` (0: every row ever, deleted ones as
+    /// removals), and the cursor to ask from next time. The same change may come twice:
+    /// applying it must be idempotent.
+    async fn changes_since(&self, _cursor: i64) -> Result<Changes, StoreError> {
+        Err(StoreError::Unsupported("changes are followed on PostgreSQL only: SQLite serves one replica".into()))
+    }
+    /// A dedicated connection that wakes this replica when another commits a change.
+    async fn listen_changes(&self) -> Result<Box<dyn ChangeListener>, StoreError> {
+        Err(StoreError::Unsupported("changes are followed on PostgreSQL only: SQLite serves one replica".into()))
     }
     /// Gives the database up (at shutdown), so the next process can claim it at once.
     async fn release(&self) {}

@@ -1,16 +1,18 @@
 //! PostgreSQL (`postgres://…`): the same schema as SQLite and the shared queries
-//! (`rows.rs`), plus the advisory lock that keeps one serving process per database.
+//! (`rows.rs`), plus what several replicas on one database need: the advisory lock that
+//! keeps a replica without shared counters alone, the changes since a cursor and the
+//! `LISTEN` connection that wakes a replica when another commits one.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use uuid::Uuid;
 
 use super::rows::unavailable;
 use super::sealing::Sealer;
-use super::{Page, Snapshot, Store, StoreError};
+use super::{ChangeListener, Changes, Page, Snapshot, Store, StoreError};
 use crate::domain::access::AuditEvent;
 use crate::domain::budget::Counters;
 use crate::domain::gateway::Gateway;
@@ -21,10 +23,18 @@ use crate::domain::tokens::StoredToken;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/postgres");
 
+/// The channel the migration's triggers notify at every commit that changes the view.
+const CHANNEL: &str = "portcullis_changes";
+
+/// The advisory lock replicas claim the database with; arbitrary, fixed: "portcullis" on
+/// a phone keypad.
+const LOCK: i64 = 7_678_285_547;
+
 pub struct PostgresStore {
     pool: PgPool,
     url: String,
-    /// Holds the advisory lock that makes this process the database's only replica.
+    /// Holds the advisory lock: exclusive for a replica alone (in-process counters), shared
+    /// among replicas with shared counters.
     claim: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
     sealer: Sealer,
 }
@@ -41,30 +51,110 @@ impl PostgresStore {
     }
 }
 
-super::rows::store_impl!(PostgresStore, {
-    async fn claim(&self) -> Result<(), StoreError> {
+impl PostgresStore {
+    /// Takes the advisory lock with `call` on a connection of its own, held until release.
+    async fn take_lock(&self, call: &str, refusal: &str) -> Result<(), StoreError> {
         use sqlx::Connection;
-        /// Arbitrary, fixed: "portcullis" on a phone keypad.
-        const LOCK: i64 = 7_678_285_547;
         let mut held = self.claim.lock().await;
         if held.is_some() {
             return Ok(());
         }
         let mut conn = sqlx::PgConnection::connect(&self.url).await.map_err(unavailable)?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(LOCK)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let got: bool =
+            sqlx::query_scalar(&format!("SELECT {call}")).bind(LOCK).fetch_one(&mut conn).await.map_err(unavailable)?;
         if !got {
-            return Err(StoreError::Unavailable(
-                "another portcullis process is serving from this database; several replicas need scale-out \
-                 (shared counters), which this version does not have"
-                    .into(),
-            ));
+            return Err(StoreError::Unavailable(refusal.into()));
         }
         *held = Some(conn);
         Ok(())
+    }
+}
+
+/// The `LISTEN portcullis_changes` connection.
+struct Listening(PgListener);
+
+#[async_trait]
+impl ChangeListener for Listening {
+    async fn changed(&mut self) -> Result<(), StoreError> {
+        match self.0.try_recv().await {
+            Ok(Some(_)) => Ok(()),
+            // sqlx would re-LISTEN by itself on the next call, but what was notified
+            // meanwhile is gone: the caller must know, to read everything again.
+            Ok(None) => Err(StoreError::Unavailable("the LISTEN connection was lost".into())),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
+
+super::rows::store_impl!(PostgresStore, {
+    async fn claim(&self) -> Result<(), StoreError> {
+        self.take_lock(
+            "pg_try_advisory_lock($1)",
+            "another portcullis process is serving from this database; to run several replicas give every \
+             replica the same --redis-url (shared counters)",
+        )
+        .await
+    }
+
+    async fn claim_shared(&self) -> Result<(), StoreError> {
+        self.take_lock(
+            "pg_try_advisory_lock_shared($1)",
+            "another portcullis process is serving from this database alone (started without --redis-url, \
+             its counters in process); stop it or give every replica the same --redis-url",
+        )
+        .await
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    /// The cursor is a transaction id, not a change version: sequence values commit out
+    /// of order (version 11 can commit, and be read, before version 10 does), so "rows
+    /// with a version above the highest one read" would miss 10 for good. Instead every
+    /// row carries the id of the transaction that last wrote it (`txid`, set by the
+    /// trigger), and one REPEATABLE READ snapshot reads both the rows written from
+    /// `cursor` on and `pg_snapshot_xmin` of that snapshot, the next cursor: every
+    /// transaction below it had finished, so its rows were in this snapshot, and every one
+    /// the snapshot missed (running or not yet started) has an id at or above it. A change
+    /// can thus be read twice (the margin between the two), never missed; a long
+    /// transaction anywhere on the server holds the cursor back and widens that margin.
+    async fn changes_since(&self, cursor: i64) -> Result<Changes, StoreError> {
+        use super::rows::{access_tokens, gateways, keys, prices};
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let next: i64 =
+            sqlx::query_scalar("SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT)")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        let (gateways, removed_gateways, v1) = gateways::changed_since(&mut tx, &self.sealer, cursor).await?;
+        let (keys, removed_keys, v2) = keys::changed_since(&mut tx, cursor).await?;
+        let (prices, removed_prices, v3) = prices::changed_since(&mut tx, cursor).await?;
+        let (access_tokens, v4) = access_tokens::changed_since(&mut tx, cursor).await?;
+        tx.rollback().await.map_err(unavailable)?;
+        Ok(Changes {
+            gateways,
+            removed_gateways,
+            keys,
+            removed_keys,
+            prices,
+            removed_prices,
+            access_tokens,
+            next,
+            version: v1.max(v2).max(v3).max(v4),
+        })
+    }
+
+    async fn listen_changes(&self) -> Result<Box<dyn ChangeListener>, StoreError> {
+        // Its own connection (not from the pool, which PgBouncer-style poolers may front
+        // in transaction mode, where LISTEN does not work).
+        let mut listener = PgListener::connect(&self.url).await.map_err(unavailable)?;
+        listener.listen(CHANNEL).await.map_err(unavailable)?;
+        Ok(Box::new(Listening(listener)))
     }
 
     async fn release(&self) {

@@ -59,6 +59,17 @@ fn opt_time(row: &impl Columns, col: &str) -> Result<Option<DateTime<Utc>>, Stor
     v.map(|v| from_micros(col, v)).transpose()
 }
 
+/// A row's change version (PostgreSQL), for `Changes::version`.
+fn version(row: &impl Columns) -> Result<i64, StoreError> {
+    get(row, "version")
+}
+
+/// Whether a soft-deletable row is deleted.
+fn deleted(row: &impl Columns) -> Result<bool, StoreError> {
+    let at: Option<i64> = get(row, "deleted_at")?;
+    Ok(at.is_some())
+}
+
 fn hash(row: &impl Columns) -> Result<SecretHash, StoreError> {
     let b: Vec<u8> = get(row, "secret_hash")?;
     SecretHash::from_slice(&b).ok_or_else(|| StoreError::Corrupt("secret_hash: not 32 bytes".into()))

@@ -1,11 +1,11 @@
 //! Management (access) tokens: stored by hash, revoked rather than deleted.
 
 use chrono::{DateTime, Utc};
-use sqlx::Pool;
+use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use super::backend::{Backend, Columns, query};
-use super::{found, get, hash, opt_time, time, unavailable, uuid, write_err};
+use super::{found, get, hash, opt_time, time, unavailable, uuid, version, write_err};
 use crate::domain::access::{AccessToken, Role};
 use crate::domain::secret::SecretHash;
 use crate::domain::tokens::StoredToken;
@@ -25,26 +25,44 @@ fn token_from(row: &impl Columns) -> Result<AccessToken, StoreError> {
     })
 }
 
+const TOKEN_COLUMNS: &str =
+    "id, name, secret_hash, prefix, role, gateways, created_at, expires_at, last_used_at, revoked_at, bootstrap";
+
+fn stored_from(r: &impl Columns) -> Result<StoredToken, StoreError> {
+    Ok(StoredToken {
+        token: token_from(r)?,
+        hash: hash(r)?,
+        prefix: get(r, "prefix")?,
+        last_used_at: opt_time(r, "last_used_at")?,
+        bootstrap: get(r, "bootstrap")?,
+    })
+}
+
 /// Every token, revoked ones included.
 pub(crate) async fn load<D: Backend>(pool: &Pool<D>) -> Result<Vec<StoredToken>, StoreError> {
-    let rows = query(
-        "SELECT id, name, secret_hash, prefix, role, gateways, created_at, expires_at, last_used_at, revoked_at, \
-         bootstrap FROM access_tokens",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(unavailable)?;
-    rows.iter()
-        .map(|r| {
-            Ok(StoredToken {
-                token: token_from(r)?,
-                hash: hash(r)?,
-                prefix: get(r, "prefix")?,
-                last_used_at: opt_time(r, "last_used_at")?,
-                bootstrap: get(r, "bootstrap")?,
-            })
-        })
-        .collect()
+    let rows =
+        query(format!("SELECT {TOKEN_COLUMNS} FROM access_tokens")).fetch_all(pool).await.map_err(unavailable)?;
+    rows.iter().map(stored_from).collect()
+}
+
+/// Tokens written by transactions from `since` on (PostgreSQL, see
+/// `PostgresStore::changes_since`), revoked ones included, and the highest version.
+pub(crate) async fn changed_since<D: Backend>(
+    tx: &mut Transaction<'_, D>,
+    since: i64,
+) -> Result<(Vec<StoredToken>, i64), StoreError> {
+    let rows = query(format!("SELECT {TOKEN_COLUMNS}, version FROM access_tokens WHERE txid >= $1 ORDER BY version"))
+        .bind(since)
+        .fetch_all(tx)
+        .await
+        .map_err(unavailable)?;
+    let mut max = 0;
+    let mut tokens = Vec::with_capacity(rows.len());
+    for r in &rows {
+        max = max.max(version(r)?);
+        tokens.push(stored_from(r)?);
+    }
+    Ok((tokens, max))
 }
 
 pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, s: &StoredToken) -> Result<(), StoreError> {

@@ -1,11 +1,11 @@
 //! Gateways: their rows, with the provider credential sealed at rest.
 
 use chrono::{DateTime, Utc};
-use sqlx::Pool;
+use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use super::backend::{Backend, Columns, query};
-use super::{found, get, time, unavailable, uuid, write_err};
+use super::{deleted, found, get, time, unavailable, uuid, version, write_err};
 use crate::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
 use crate::store::sealing::Sealer;
 use crate::store::{StoreError, to_micros};
@@ -121,4 +121,24 @@ pub(crate) async fn list<D: Backend>(pool: &Pool<D>, sealer: &Sealer) -> Result<
         .await
         .map_err(unavailable)?;
     rows.iter().map(|r| gateway_from(r, sealer)).collect()
+}
+
+/// Gateways written by transactions from `since` on (PostgreSQL, see
+/// `PostgresStore::changes_since`): live ones, the ids of deleted ones, the highest version.
+pub(crate) async fn changed_since<D: Backend>(
+    tx: &mut Transaction<'_, D>,
+    sealer: &Sealer,
+    since: i64,
+) -> Result<(Vec<Gateway>, Vec<Uuid>, i64), StoreError> {
+    let rows = query("SELECT * FROM gateways WHERE txid >= $1 ORDER BY version")
+        .bind(since)
+        .fetch_all(tx)
+        .await
+        .map_err(unavailable)?;
+    let (mut live, mut removed, mut max) = (Vec::new(), Vec::new(), 0);
+    for r in &rows {
+        max = max.max(version(r)?);
+        if deleted(r)? { removed.push(uuid(r, "id")?) } else { live.push(gateway_from(r, sealer)?) }
+    }
+    Ok((live, removed, max))
 }

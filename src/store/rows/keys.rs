@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::Pool;
+use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use super::backend::{Backend, Columns, query};
-use super::{found, get, hash, opt_time, time, unavailable, uuid, write_err};
+use super::{deleted, found, get, hash, opt_time, time, unavailable, uuid, version, write_err};
 use crate::domain::budget::Counters;
 use crate::domain::key::{ApiKey, Limits, ResetPeriod};
 use crate::domain::secret::SecretHash;
@@ -203,4 +203,26 @@ pub(crate) async fn rotate<D: Backend>(
     .await
     .map_err(write_err("a key with this secret"))?;
     found(done)
+}
+
+/// Keys written by transactions from `since` on (PostgreSQL, see
+/// `PostgresStore::changes_since`): live ones with all their secrets, the ids of deleted
+/// ones, the highest version.
+pub(crate) async fn changed_since<D: Backend>(
+    tx: &mut Transaction<'_, D>,
+    since: i64,
+) -> Result<(LiveKeys, Vec<Uuid>, i64), StoreError> {
+    let rows = query(format!(
+        "SELECT {KEY_COLUMNS}, {KEY_SECRET_COLUMNS}, deleted_at, version FROM api_keys WHERE txid >= $1 ORDER BY version"
+    ))
+    .bind(since)
+    .fetch_all(tx)
+    .await
+    .map_err(unavailable)?;
+    let (mut live, mut removed, mut max) = (Vec::new(), Vec::new(), 0);
+    for r in &rows {
+        max = max.max(version(r)?);
+        if deleted(r)? { removed.push(uuid(r, "id")?) } else { live.push((key_from(r)?, secrets(r)?)) }
+    }
+    Ok((live, removed, max))
 }

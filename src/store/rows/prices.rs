@@ -1,10 +1,10 @@
 //! Model prices, per million tokens.
 
 use chrono::{DateTime, Utc};
-use sqlx::Pool;
+use sqlx::{Pool, Transaction};
 
 use super::backend::{Backend, Columns, query};
-use super::{found, get, unavailable};
+use super::{found, get, unavailable, version};
 use crate::domain::pricing::Price;
 use crate::store::{StoreError, to_micros};
 
@@ -49,4 +49,35 @@ pub(crate) async fn delete<D: Backend>(pool: &Pool<D>, model: &str) -> Result<()
 pub(crate) async fn list<D: Backend>(pool: &Pool<D>) -> Result<Vec<(String, Price)>, StoreError> {
     let rows = query("SELECT * FROM model_prices ORDER BY model").fetch_all(pool).await.map_err(unavailable)?;
     rows.iter().map(price_from).collect()
+}
+
+/// Prices set, and models whose price was deleted (tombstones in `model_price_deletions`),
+/// by transactions from `since` on (PostgreSQL, see `PostgresStore::changes_since`), and
+/// the highest version.
+pub(crate) async fn changed_since<D: Backend>(
+    tx: &mut Transaction<'_, D>,
+    since: i64,
+) -> Result<(Vec<(String, Price)>, Vec<String>, i64), StoreError> {
+    let set = query("SELECT * FROM model_prices WHERE txid >= $1 ORDER BY version")
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    let gone = query("SELECT model, version FROM model_price_deletions WHERE txid >= $1 ORDER BY version")
+        .bind(since)
+        .fetch_all(tx)
+        .await
+        .map_err(unavailable)?;
+    let mut max = 0;
+    let mut prices = Vec::with_capacity(set.len());
+    for r in &set {
+        max = max.max(version(r)?);
+        prices.push(price_from(r)?);
+    }
+    let mut removed = Vec::with_capacity(gone.len());
+    for r in &gone {
+        max = max.max(version(r)?);
+        removed.push(get(r, "model")?);
+    }
+    Ok((prices, removed, max))
 }
