@@ -337,8 +337,7 @@ impl Running {
             }
         };
         if let Some(counters) = &self.shared.shared_counters {
-            // Settles Redis did not take yet, then this replica leaves the count.
-            counters.tick(self.shared.clock.monotonic()).await;
+            // The other replicas' shares of each window grow at once.
             counters.leave().await;
         }
         if !upkeep::flush_usage(&*self.store, &self.shared, true).await {

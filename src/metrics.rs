@@ -247,10 +247,16 @@ pub fn counter_store(s: crate::shared_counters::CounterStatus) -> String {
             u64::from(s.replicas),
         ),
         (
-            "portcullis_counter_pending_settles",
+            "portcullis_counter_drift_tokens",
             "gauge",
-            "Settled responses waiting for Redis to take them.",
-            s.pending_settles as u64,
+            "Tokens the usage ledger held beyond Redis at the last reconciliation (raised to the ledger).",
+            s.drift_tokens,
+        ),
+        (
+            "portcullis_counter_drift_micro_usd",
+            "gauge",
+            "Micro-USD the usage ledger held beyond Redis at the last reconciliation (raised to the ledger).",
+            s.drift_micros,
         ),
     ];
     let mut out = String::new();

@@ -13,7 +13,6 @@
 //! - `pc:{k}:rz`: reservation id → deadline (ms); `pc:{k}:rh`: id → `tokens:micros:period`;
 //! - `pc:{k}:done`: settled ids → when, kept a while so a retried settle charges nothing.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,9 +58,6 @@ const BREAKER_FAILURES: u32 = 3;
 const BREAKER_OPEN_MICROS: i64 = 1_000_000;
 /// Expired reservations released per Check, at most (bounded work in Redis).
 const SWEEP_PER_CHECK: u32 = 16;
-/// Settles waiting for Redis to come back, at most (the oldest are dropped: their
-/// reservations expire and their usage is in the ledger).
-const MAX_PENDING_SETTLES: usize = 100_000;
 /// A replica is counted alive while its heartbeat is younger than this.
 const REPLICA_ALIVE_MS: i64 = 10_000;
 /// Budget hashes outlive their period by this (late settles), and a never-resetting
@@ -195,6 +191,25 @@ if not h[1] then return {n} end
 return {n, h[1], h[2], h[3], h[4], h[5], h[6]}
 "#;
 
+/// Raises a period's counters to the ledger's totals where they are behind (never lowers
+/// them: Redis is ahead by what was not flushed yet); returns how far behind tokens and
+/// micro-USD were. Counters that are missing stay missing: the next Check seeds them.
+const RAISE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+local fields = {'req', 'pt', 'ct', 't', 'm'}
+local drift = {0, 0}
+for i, f in ipairs(fields) do
+  local have = tonumber(redis.call('HGET', KEYS[1], f) or '0') or 0
+  local want = tonumber(ARGV[i])
+  if want > have then
+    redis.call('HSET', KEYS[1], f, ARGV[i])
+    if f == 't' then drift[1] = want - have end
+    if f == 'm' then drift[2] = want - have end
+  end
+end
+return drift
+"#;
+
 const HEARTBEAT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -203,14 +218,6 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - tonumb
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 6)
 return redis.call('ZCARD', KEYS[1])
 "#;
-
-/// A settle Redis did not take (unreachable), retried until it does: idempotent by id.
-#[derive(Debug, Clone)]
-struct PendingSettle {
-    key_id: Uuid,
-    ticket: Ticket,
-    metered: Metered,
-}
 
 /// The breaker and what the metrics show of the shared counters.
 #[derive(Debug, Default)]
@@ -223,6 +230,9 @@ struct Health {
     down: AtomicBool,
     outage_decisions: AtomicU64,
     replicas: AtomicU32,
+    /// Usage the ledger holds and Redis did not, found by the last reconciliation.
+    drift_tokens: AtomicU64,
+    drift_micros: AtomicU64,
 }
 
 pub struct SharedCounters {
@@ -232,7 +242,6 @@ pub struct SharedCounters {
     /// same meters as `Limiters::meters`).
     local: InProcess,
     health: Health,
-    pending: Mutex<VecDeque<PendingSettle>>,
     replica_id: String,
     rng: Mutex<u64>,
     admit: Script,
@@ -240,6 +249,7 @@ pub struct SharedCounters {
     attach: Script,
     usage: Script,
     heartbeat: Script,
+    raise: Script,
 }
 
 impl std::fmt::Debug for SharedCounters {
@@ -254,7 +264,9 @@ pub struct CounterStatus {
     pub up: bool,
     pub outage_decisions: u64,
     pub replicas: u32,
-    pub pending_settles: usize,
+    /// Tokens and micro-USD the ledger held beyond Redis at the last reconciliation.
+    pub drift_tokens: u64,
+    pub drift_micros: u64,
 }
 
 impl SharedCounters {
@@ -276,7 +288,6 @@ impl SharedCounters {
             settings,
             local,
             health: Health { replicas: AtomicU32::new(1), ..Default::default() },
-            pending: Mutex::new(VecDeque::new()),
             replica_id: Uuid::now_v7().to_string(),
             rng: Mutex::new(u64::from_le_bytes(seed) | 1),
             admit: Script::new(ADMIT),
@@ -284,6 +295,7 @@ impl SharedCounters {
             attach: Script::new(ATTACH),
             usage: Script::new(USAGE),
             heartbeat: Script::new(HEARTBEAT),
+            raise: Script::new(RAISE),
         })
     }
 
@@ -292,7 +304,8 @@ impl SharedCounters {
             up: !self.health.down.load(Relaxed),
             outage_decisions: self.health.outage_decisions.load(Relaxed),
             replicas: self.health.replicas.load(Relaxed),
-            pending_settles: self.pending.lock().map_or(0, |p| p.len()),
+            drift_tokens: self.health.drift_tokens.load(Relaxed),
+            drift_micros: self.health.drift_micros.load(Relaxed),
         }
     }
 
@@ -311,6 +324,7 @@ impl SharedCounters {
 
     fn succeeded(&self) {
         self.health.failures.store(0, Relaxed);
+        self.health.open_until.store(0, Relaxed);
         if self.health.down.swap(false, Relaxed) {
             tracing::warn!("Redis is reachable again: counting on the shared counters");
         }
@@ -489,14 +503,13 @@ impl SharedCounters {
         }
     }
 
-    async fn settle_shared(&self, p: &PendingSettle, now: Mono) -> Result<(), ()> {
-        let keys = Keys::of(p.key_id, p.ticket.period_start);
-        let m = &p.metered;
+    async fn settle_shared(&self, key_id: Uuid, ticket: &Ticket, m: &Metered, now: Mono) -> Result<(), ()> {
+        let keys = Keys::of(key_id, ticket.period_start);
         let tokens = m.prompt_tokens.saturating_add(m.completion_tokens).min(MAX_EXACT);
         let tombstone_ms = (self.settings.reservation_ttl.as_millis() as i64).max(600_000) * 2;
         let mut inv = self.settle.prepare_invoke();
         inv.key(&keys.budget).key(&keys.deadlines).key(&keys.holds).key(&keys.done);
-        inv.arg(p.ticket.id)
+        inv.arg(ticket.id)
             .arg(m.prompt_tokens.min(MAX_EXACT))
             .arg(m.completion_tokens.min(MAX_EXACT))
             .arg(tokens)
@@ -506,32 +519,55 @@ impl SharedCounters {
         self.call::<i64>(inv, now).await.map(drop)
     }
 
-    fn queue(&self, p: PendingSettle) {
-        if let Ok(mut q) = self.pending.lock() {
-            if q.len() >= MAX_PENDING_SETTLES {
-                q.pop_front();
-            }
-            q.push_back(p);
-        }
-    }
-
     /// Once a second: announces this replica (the others count it for their share of each
-    /// window in the failure mode), probes Redis while it is down, and retries the settles
-    /// it did not take.
+    /// window in the failure mode) and probes Redis while it is down.
     pub async fn tick(&self, now: Mono) {
         let mut inv = self.heartbeat.prepare_invoke();
         inv.key("pc:replicas").arg(&self.replica_id).arg(REPLICA_ALIVE_MS);
         if let Ok(n) = self.call::<u32>(inv, now).await {
             self.health.replicas.store(n.max(1), Relaxed);
-        } else {
-            return;
         }
-        while let Some(p) = self.pending.lock().ok().and_then(|mut q| q.pop_front()) {
-            if self.settle_shared(&p, now).await.is_err() {
-                if let Ok(mut q) = self.pending.lock() {
-                    q.push_front(p);
+    }
+
+    /// Reconciles with the ledger: `rows` are ledger totals (every replica's increments)
+    /// per key and period. What this replica knows of each key rises to them (its seeds
+    /// and its failure mode start from there), and each budgeted key's counters in Redis
+    /// rise to them where they are behind (a settle Redis missed while unreachable, usage
+    /// decided in the failure mode): raised, never added, so nothing counts twice. The
+    /// drift found is kept for the metrics.
+    pub async fn reconcile(&self, rows: &[crate::domain::budget::Counters], budgeted: impl Fn(Uuid) -> bool, now: Now) {
+        let (mut tokens, mut micros) = (0u64, 0u64);
+        let mut reached = true;
+        for row in rows {
+            self.local.meters.observe_ledger(row, now.wall);
+            if !budgeted(row.key_id) {
+                continue;
+            }
+            if !self.closed(now.mono) {
+                reached = false;
+                continue;
+            }
+            let keys = Keys::of(row.key_id, row.period_start);
+            let mut inv = self.raise.prepare_invoke();
+            inv.key(&keys.budget)
+                .arg(row.requests.min(MAX_EXACT))
+                .arg(row.prompt_tokens.min(MAX_EXACT))
+                .arg(row.completion_tokens.min(MAX_EXACT))
+                .arg(row.total_tokens().min(MAX_EXACT))
+                .arg(row.cost_micros.clamp(0, MAX_EXACT as i64));
+            match self.call::<Vec<i64>>(inv, now.mono).await {
+                Ok(d) => {
+                    tokens = tokens.saturating_add(d.first().copied().unwrap_or(0).max(0) as u64);
+                    micros = micros.saturating_add(d.get(1).copied().unwrap_or(0).max(0) as u64);
                 }
-                break;
+                Err(()) => reached = false,
+            }
+        }
+        if reached {
+            self.health.drift_tokens.store(tokens, Relaxed);
+            self.health.drift_micros.store(micros, Relaxed);
+            if tokens > 0 || micros > 0 {
+                tracing::warn!(tokens, micros, "Redis counters were behind the usage ledger: raised to it");
             }
         }
     }
@@ -586,11 +622,12 @@ impl Counters for SharedCounters {
         let recorded = self.local.meters.record(key_id, reset_period, ticket, charge, now.wall);
         Box::pin(async move {
             let Some(metered) = recorded else { return Metered::default() };
-            if let Some(ticket) = ticket {
-                let p = PendingSettle { key_id, ticket, metered };
-                if !self.closed(now.mono) || self.settle_shared(&p, now.mono).await.is_err() {
-                    self.queue(p);
-                }
+            // Missed (Redis unreachable): the reservation expires there and reconciliation
+            // brings the usage in from the ledger.
+            if let Some(ticket) = ticket
+                && self.closed(now.mono)
+            {
+                let _ = self.settle_shared(key_id, &ticket, &metered, now.mono).await;
             }
             metered
         })

@@ -42,6 +42,11 @@ pub fn spawn(shared: &Arc<Shared>, store: &DynStore, upkeep: Upkeep) {
                 counters.tick(shared.clock.monotonic()).await;
             }
         });
+        let (store, since) = (Arc::clone(store), Arc::new(std::sync::Mutex::new(None)));
+        every(RECONCILE_EVERY, shared, move |shared| {
+            let (store, since) = (Arc::clone(&store), Arc::clone(&since));
+            async move { reconcile(&*store, &shared, &since).await }
+        });
     }
     let store = Arc::clone(store);
     every(upkeep.flush_every.max(Duration::from_millis(10)), shared, move |shared| {
@@ -108,6 +113,40 @@ pub fn sweep(shared: &Shared, ttl: chrono::Duration) -> usize {
         tracing::warn!(expired, "released budget reservations that metering never settled");
     }
     expired
+}
+
+/// How often the shared counters are compared with the usage ledger.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+
+/// Compares the shared counters with the ledger rows written since the last pass (with a
+/// minute's margin: replicas stamp rows with their own clocks), raising Redis to the
+/// ledger where it is behind and what this replica knows of each key.
+pub async fn reconcile(
+    store: &dyn Store,
+    shared: &Shared,
+    since: &std::sync::Mutex<Option<chrono::DateTime<chrono::Utc>>>,
+) {
+    let Some(counters) = &shared.shared_counters else { return };
+    let now = shared.clock.read();
+    let from =
+        since.lock().ok().and_then(|s| *s).map_or(chrono::DateTime::UNIX_EPOCH, |t| t - chrono::Duration::minutes(1));
+    let rows = match store.usage_changed_since(from).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::debug!(error = %e, "reconciliation skipped: the ledger cannot be read");
+            return;
+        }
+    };
+    let budgeted = |id| {
+        shared
+            .view_for_metering()
+            .key_by_id(id)
+            .is_some_and(|k| k.limits.token_limit.is_some() || k.limits.cost_limit_micros.is_some())
+    };
+    counters.reconcile(&rows, budgeted, now).await;
+    if let Ok(mut s) = since.lock() {
+        *s = Some(now.wall);
+    }
 }
 
 /// Audit events deleted per statement: small batches keep each write short.

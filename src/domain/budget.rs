@@ -471,6 +471,20 @@ impl Meters {
         Some(inner.counters(key_id, reset_period, now).clone())
     }
 
+    /// Raises what this process knows of a key's usage to the ledger's totals for the same
+    /// period (all replicas' increments), never lowering it.
+    pub fn observe_ledger(&self, row: &Counters, now: DateTime<Utc>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            let c = inner.counters(row.key_id, row.reset_period, now);
+            if c.period_start == row.period_start {
+                c.requests = c.requests.max(row.requests);
+                c.prompt_tokens = c.prompt_tokens.max(row.prompt_tokens);
+                c.completion_tokens = c.completion_tokens.max(row.completion_tokens);
+                c.cost_micros = c.cost_micros.max(row.cost_micros);
+            }
+        }
+    }
+
     /// What to write to the ledger since the last call: per key and period, the usage
     /// metered here (increments: other replicas add theirs), with each key's last use and
     /// denial. A key whose last use changed without usage comes with zero increments.

@@ -203,7 +203,11 @@ pub trait Store: Send + Sync + 'static {
         previous_valid_until: Option<DateTime<Utc>>,
     ) -> Result<(), StoreError>;
 
-    /// Writes usage totals (absolute, per key and period) and last use/denial.
+    /// Ledger rows (every replica's increments added up, per key and period) written at or
+    /// after `since`: what reconciliation compares the shared counters with.
+    async fn usage_changed_since(&self, since: DateTime<Utc>) -> Result<Vec<Counters>, StoreError>;
+
+    /// Adds usage increments (per key and period) and moves last use/denial forward.
     async fn save_usage(&self, counters: &[Counters], now: DateTime<Utc>) -> Result<(), StoreError>;
 
     async fn set_price(&self, model: &str, price: &Price, now: DateTime<Utc>) -> Result<(), StoreError>;

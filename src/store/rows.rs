@@ -184,6 +184,10 @@ macro_rules! store_impl {
                 $crate::store::rows::audit::list(&self.pool, gateway, before, limit).await
             }
 
+            async fn usage_changed_since(&self, since: DateTime<Utc>) -> Result<Vec<Counters>, StoreError> {
+                $crate::store::rows::usage::changed_since(&self.pool, since).await
+            }
+
             async fn save_usage(&self, counters: &[Counters], now: DateTime<Utc>) -> Result<(), StoreError> {
                 $crate::store::rows::usage::save(&self.pool, counters, now).await
             }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Pool;
 use uuid::Uuid;
 
-use super::backend::{Backend, query};
+use super::backend::{Backend, Columns, query};
 use super::{get, time, unavailable, uuid};
 use crate::domain::budget::Counters;
 use crate::domain::key::ResetPeriod;
@@ -27,21 +27,44 @@ pub(crate) async fn load_latest<D: Backend>(
     .await
     .map_err(unavailable)?;
     for r in &rows {
-        let key_id = uuid(r, "key_id")?;
-        let period: String = get(r, "reset_period")?;
-        let reset_period =
-            ResetPeriod::parse(&period).ok_or_else(|| StoreError::Corrupt(format!("reset_period: '{period}'")))?;
-        let c = usage.entry(key_id).or_insert_with(|| Counters::empty(key_id, reset_period, DateTime::UNIX_EPOCH));
-        c.reset_period = reset_period;
-        c.period_start = time(r, "period_start")?;
-        c.period_end = crate::domain::period::bounds(reset_period, c.period_start).1;
-        c.requests = stored_count(get(r, "requests")?);
-        c.prompt_tokens = stored_count(get(r, "prompt_tokens")?);
-        c.completion_tokens = stored_count(get(r, "completion_tokens")?);
-        let cost: i64 = get(r, "cost_micros")?;
-        c.cost_micros = if cost < 0 { i64::MAX } else { cost };
+        let row = from_row(r)?;
+        let c = usage
+            .entry(row.key_id)
+            .or_insert_with(|| Counters::empty(row.key_id, row.reset_period, DateTime::UNIX_EPOCH));
+        (c.reset_period, c.period_start, c.period_end) = (row.reset_period, row.period_start, row.period_end);
+        (c.requests, c.prompt_tokens, c.completion_tokens, c.cost_micros) =
+            (row.requests, row.prompt_tokens, row.completion_tokens, row.cost_micros);
     }
     Ok(())
+}
+
+/// Ledger rows (totals of every replica's increments) written at or after `since`, for
+/// reconciling the shared counters.
+pub(crate) async fn changed_since<D: Backend>(
+    pool: &Pool<D>,
+    since: DateTime<Utc>,
+) -> Result<Vec<Counters>, StoreError> {
+    let rows = query("SELECT * FROM key_usage WHERE updated_at >= $1")
+        .bind(to_micros(since))
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)?;
+    rows.iter().map(from_row).collect()
+}
+
+/// One ledger row: a key's usage in one period.
+fn from_row(r: &impl Columns) -> Result<Counters, StoreError> {
+    let key_id = uuid(r, "key_id")?;
+    let period: String = get(r, "reset_period")?;
+    let reset_period =
+        ResetPeriod::parse(&period).ok_or_else(|| StoreError::Corrupt(format!("reset_period: '{period}'")))?;
+    let mut c = Counters::empty(key_id, reset_period, time(r, "period_start")?);
+    c.requests = stored_count(get(r, "requests")?);
+    c.prompt_tokens = stored_count(get(r, "prompt_tokens")?);
+    c.completion_tokens = stored_count(get(r, "completion_tokens")?);
+    let cost: i64 = get(r, "cost_micros")?;
+    c.cost_micros = if cost < 0 { i64::MAX } else { cost };
+    Ok(c)
 }
 
 /// Keys written per statement: 8 bound values each, far below what SQLite (32,766) and
