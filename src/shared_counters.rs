@@ -108,7 +108,9 @@ if budgeted then
     if ARGV[10] == '' then return {-1} end
     redis.call('HSET', KEYS[2], 'req', ARGV[10], 'pt', ARGV[11], 'ct', ARGV[12], 't', ARGV[13], 'm', ARGV[14], 'rt', '0', 'rm', '0')
   end
-  redis.call('PEXPIREAT', KEYS[2], ARGV[7])
+  -- Kept until the period's end (by the replica's calendar, never before Redis's now)
+  -- and a grace after it.
+  redis.call('PEXPIREAT', KEYS[2], int(math.max(tonumber(ARGV[7]), now) + tonumber(ARGV[17])))
   local h = redis.call('HMGET', KEYS[2], 't', 'm', 'rt', 'rm')
   used_t, used_m, rt, rm = num(h[1]), num(h[2]), num(h[3]), num(h[4])
   if token_limit >= 0 and used_t + rt >= token_limit then
@@ -389,7 +391,7 @@ impl SharedCounters {
     async fn admit_shared(&self, key: &ApiKey, ask: Hold, now: Now) -> Result<Outcome, ()> {
         let limits = &key.limits;
         let (start, end) = period::bounds(limits.reset_period, now.wall);
-        let expire_at = end.map_or(now.wall.timestamp_millis(), |e| e.timestamp_millis()) + BUDGET_GRACE_MS;
+        let period_end_ms = end.map_or(0, |e| e.timestamp_millis());
         let keys = Keys::of(key.id, start);
         let id = self.next_id();
         let limit = |l: Option<u64>| l.map_or(-1, |l| l.min(MAX_EXACT) as i64);
@@ -406,14 +408,14 @@ impl SharedCounters {
                 .arg(ask.tokens.min(MAX_EXACT))
                 .arg(ask.micros.clamp(0, MAX_EXACT as i64))
                 .arg(ttl_ms)
-                .arg(expire_at)
+                .arg(period_end_ms)
                 .arg(SWEEP_PER_CHECK)
                 .arg(&keys.budget_prefix);
             match &seed {
                 None => inv.arg("").arg("").arg("").arg("").arg(""),
                 Some(s) => inv.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&s[3]).arg(&s[4]),
             };
-            inv.arg(id).arg(start.timestamp_micros());
+            inv.arg(id).arg(start.timestamp_micros()).arg(BUDGET_GRACE_MS);
             let reply: Vec<i64> = self.call(inv, now.mono).await?;
             match reply.first() {
                 Some(-1) => {

@@ -20,7 +20,13 @@ use portcullis::pb::pricing_service_client::PricingServiceClient;
 use sqlx::Connection;
 use tonic::Code;
 
-const REDIS: &[&str] = &["--redis-url", "redis://127.0.0.1:6379"];
+/// The Redis the tests share (`PORTCULLIS_TEST_REDIS`, as scripts/test-services.sh sets).
+fn redis_url() -> String {
+    std::env::var("PORTCULLIS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+const DEMO: &str = "demo.gateway.local";
+const CHAT: &str = "/v1/chat/completions";
+
 /// How long a change may take to reach the other replica here: the promise is 1 s; the
 /// margin is for a loaded test machine.
 const WITHIN: Duration = Duration::from_secs(2);
@@ -47,8 +53,10 @@ async fn drop_db(name: &str) {
 }
 
 async fn two_replicas(url: &str) -> (TestServer, TestServer) {
-    let a = TestServer::start_on(tempfile::tempdir().unwrap(), url.to_string(), REDIS).await;
-    let b = TestServer::start_on(tempfile::tempdir().unwrap(), url.to_string(), REDIS).await;
+    let redis = redis_url();
+    let flags = ["--redis-url", redis.as_str()];
+    let a = TestServer::start_on(tempfile::tempdir().unwrap(), url.to_string(), &flags).await;
+    let b = TestServer::start_on(tempfile::tempdir().unwrap(), url.to_string(), &flags).await;
     (a, b)
 }
 
@@ -329,20 +337,141 @@ async fn with_the_database_down_check_answers_from_memory_admin_is_unavailable_a
 #[tokio::test]
 async fn replicas_share_a_database_only_with_shared_counters() {
     let (url, name) = fresh_db().await;
-    let mut shared = TestServer::start_on(tempfile::tempdir().unwrap(), url.clone(), REDIS).await;
+    let redis = redis_url();
+    let with_redis: &[&str] = &["--redis-url", redis.as_str()];
+    let mut shared = TestServer::start_on(tempfile::tempdir().unwrap(), url.clone(), with_redis).await;
     let err = TestServer::try_start_on(url.clone(), &[]).await.err().expect("a replica without --redis-url is refused");
     assert!(err.contains("another portcullis process is serving from this database"), "{err}");
     assert!(err.contains("--redis-url"), "the refusal says what to add: {err}");
     shared.stop().await;
 
     let mut alone = TestServer::start_on(tempfile::tempdir().unwrap(), url.clone(), &[]).await;
-    let err = TestServer::try_start_on(url.clone(), REDIS).await.err().expect("no replica joins one serving alone");
+    let err =
+        TestServer::try_start_on(url.clone(), with_redis).await.err().expect("no replica joins one serving alone");
     assert!(err.contains("another portcullis process is serving from this database alone"), "{err}");
     alone.stop().await;
     drop_db(&name).await;
 
     let dir = tempfile::tempdir().unwrap();
     let sqlite = format!("sqlite://{}", dir.path().join("p.db").display());
-    let err = TestServer::try_start_on(sqlite, REDIS).await.err().expect("--redis-url with SQLite is refused");
+    let err = TestServer::try_start_on(sqlite, with_redis).await.err().expect("--redis-url with SQLite is refused");
     assert!(err.contains("--redis-url needs a PostgreSQL --database-url: SQLite serves one replica"), "{err}");
+}
+
+/// The loopback Envoy config with every replica in `ports` as an endpoint of the
+/// ext_authz / ext_proc cluster (health-checked, round robin), panic mode off.
+fn every_replica(ports: &[u16]) -> impl FnOnce(String) -> String + use<> {
+    let endpoints: String = ports
+        .iter()
+        .map(|p| {
+            format!("        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}\n")
+        })
+        .collect();
+    move |config: String| {
+        let one = "        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: __AUTHZ_PORT__}}}\n";
+        assert!(config.contains(one), "the loopback config lists the authz endpoint as expected");
+        config.replace(one, &endpoints).replace(
+            "  - name: portcullis_authz\n",
+            "  - name: portcullis_authz\n    common_lb_config: {healthy_panic_threshold: {value: 0}}\n",
+        )
+    }
+}
+
+/// Checks a replica answered and responses it metered, from its metrics.
+fn work_done(server: &TestServer) -> (u64, u64) {
+    let text = server.running().shared.metrics.render(0, 0);
+    let sum = |prefix: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    (sum("portcullis_checks_total{"), sum("portcullis_metered_responses_total "))
+}
+
+async fn key_with_limits(keys: &mut Keys, name: &str, limits: pb::Limits) -> (String, String) {
+    let r = keys
+        .create_key(pb::CreateKeyRequest {
+            gateway: "demo".into(),
+            name: name.into(),
+            limits: Some(limits),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.key.unwrap().id, r.secret)
+}
+
+async fn usage_on(server: &TestServer, id: &str) -> pb::KeyUsage {
+    let (_, mut keys) = server.clients().await;
+    keys.get_key_usage(pb::GetKeyUsageRequest { id: id.into() }).await.unwrap().into_inner()
+}
+
+/// Through a real Envoy balancing Checks and metering streams over two replicas: a key's
+/// requests per minute are exact across them, its token budget is shared (a response is
+/// settled by whichever replica meters it), and both replicas report the same usage.
+#[tokio::test]
+async fn limits_are_exact_across_replicas_behind_envoy() {
+    let (url, name) = fresh_db().await;
+    let (a, b) = two_replicas(&url).await;
+    let upstream = FakeUpstream::start().await;
+    let envoy =
+        Envoy::start_with(a.authz_port(), upstream.port, every_replica(&[a.authz_port(), b.authz_port()])).await;
+    let (mut gw, mut keys) = a.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let rpm = pb::Limits { requests_per_minute: Some(5), ..Default::default() };
+    let (per_minute_id, per_minute) = key_with_limits(&mut keys, "rpm", rpm).await;
+    let tokens = pb::Limits { token_limit: Some(100), ..Default::default() };
+    let (budget_id, budget) = key_with_limits(&mut keys, "budget", tokens).await;
+    for id in [&per_minute_id, &budget_id] {
+        let id: uuid::Uuid = id.parse().unwrap();
+        eventually("B knows the keys", WITHIN, || async {
+            b.running().shared.view().unwrap().key_by_id(id).is_some().then_some(())
+        })
+        .await;
+    }
+
+    let h = [("x-api-key", per_minute.as_str())];
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let r = envoy.send(DEMO, CHAT, &h).await;
+        if r.status == 429 {
+            assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok_and(|s| (1..=60).contains(&s))));
+            assert_eq!(r.header("x-ratelimit-limit-requests"), Some("5"));
+        }
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 5, "5 a minute across both replicas: {statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 7, "{statuses:?}");
+
+    // 42 tokens a response (the fake upstream's 12 + 30): three fit under 100, the fourth
+    // is refused, whichever replica checked or metered each one.
+    let h = [("x-api-key", budget.as_str())];
+    for n in 1..=3u64 {
+        assert_eq!(envoy.send(DEMO, CHAT, &h).await.status, 200, "request {n}");
+        eventually("the response is settled", WITHIN, || async {
+            let u = usage_on(&a, &budget_id).await;
+            (u.requests == n && u.reserved_tokens == 0).then_some(())
+        })
+        .await;
+    }
+    let refused = envoy.send(DEMO, CHAT, &h).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["error"]["code"], "token_limit_exceeded");
+    for server in [&a, &b] {
+        let u = usage_on(server, &budget_id).await;
+        assert_eq!((u.requests, u.total_tokens), (3, 126), "every replica reads the shared counters");
+    }
+    // Round robin over one cluster for both filters: a request's Check and its metering
+    // stream usually go to different replicas (here, every time).
+    let (on_a, on_b) = (work_done(&a), work_done(&b));
+    assert_eq!(on_a.0 + on_b.0, 16, "every Check answered once: {on_a:?} {on_b:?}");
+    assert_eq!(on_a.1 + on_b.1, 8, "every allowed response metered once: {on_a:?} {on_b:?}");
+    assert!(on_a.0 + on_a.1 > 0 && on_b.0 + on_b.1 > 0, "both replicas served: {on_a:?} {on_b:?}");
+    drop(envoy);
+    let (mut a, mut b) = (a, b);
+    a.stop().await;
+    b.stop().await;
+    drop_db(&name).await;
 }
