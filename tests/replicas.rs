@@ -63,7 +63,12 @@ async fn two_replicas(url: &str) -> (TestServer, TestServer) {
 /// The HTTP status replica `server`'s Check answers for `secret` on gateway `gateway`
 /// (200: allowed).
 async fn check(server: &TestServer, gateway: &str, secret: &str) -> i32 {
-    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", server.authz_port()))
+    check_on(server.authz_port(), gateway, secret).await
+}
+
+/// The HTTP status the Check on `authz_port` answers.
+async fn check_on(authz_port: u16, gateway: &str, secret: &str) -> i32 {
+    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{authz_port}"))
         .unwrap()
         .connect()
         .await
@@ -473,5 +478,74 @@ async fn limits_are_exact_across_replicas_behind_envoy() {
     let (mut a, mut b) = (a, b);
     a.stop().await;
     b.stop().await;
+    drop_db(&name).await;
+}
+
+/// A replica killed (SIGKILL) under load: Envoy's health checks take it out, the other
+/// keeps serving, no key goes over its limit, and the reservation the dead replica made
+/// expires after `--reservation-ttl` instead of holding the budget for ever.
+#[tokio::test]
+async fn a_killed_replica_leaves_the_others_serving_and_its_reservations_expire() {
+    use common::process::{Proc, clients};
+    let (url, name) = fresh_db().await;
+    let redis = redis_url();
+    let env = [
+        ("PORTCULLIS_REDIS_URL", redis.as_str()),
+        ("PORTCULLIS_RESERVATION_TTL", "2s"),
+        ("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN),
+    ];
+    let (authz_a, authz_b) = (free_port(), free_port());
+    let (admin_a, admin_b) = (free_port(), free_port());
+    let mut a = Proc::spawn(&url, authz_a, admin_a, &env);
+    a.wait_for("admin listener").await;
+    let mut b = Proc::spawn(&url, authz_b, admin_b, &env);
+    b.wait_for("admin listener").await;
+    let upstream = FakeUpstream::start().await;
+    let envoy = Envoy::start_with(authz_a, upstream.port, every_replica(&[authz_a, authz_b])).await;
+    let (mut gw, mut keys) = clients(admin_a, OWNER_TOKEN).await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (_, per_minute) =
+        key_with_limits(&mut keys, "rpm", pb::Limits { requests_per_minute: Some(20), ..Default::default() }).await;
+    let (_, budget) =
+        key_with_limits(&mut keys, "budget", pb::Limits { token_limit: Some(100), ..Default::default() }).await;
+    let (_, probe) = key_with_limits(&mut keys, "probe", pb::Limits::default()).await;
+    eventually("B knows the keys", WITHIN, || async { (check_on(authz_b, "demo", &probe).await == 200).then_some(()) })
+        .await;
+    // A admits a request of the budget key whose response never comes: it holds the budget.
+    assert_eq!(check_on(authz_a, "demo", &budget).await, 200);
+    let h = [("x-api-key", per_minute.as_str())];
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(envoy.send(DEMO, CHAT, &h).await.status);
+    }
+    a.child.kill().await.unwrap();
+    let hb = [("x-api-key", budget.as_str())];
+    assert_eq!(check_on(authz_b, "demo", &budget).await, 429, "held in flight by the dead replica's reservation");
+    // Checks that find A dead are retried on B (the reference config retries a Check that
+    // never reached a replica); Envoy's health checks then take A out.
+    for _ in 0..20 {
+        statuses.push(envoy.send(DEMO, CHAT, &h).await.status);
+    }
+    eventually("Envoy's health checks take A out", Duration::from_secs(10), || async {
+        let clusters = http::request(envoy.admin_port, "GET", "admin", "/clusters", &[], None).await;
+        let flags = format!("portcullis_authz::127.0.0.1:{authz_a}::health_flags::");
+        clusters.body.lines().any(|l| l.starts_with(&flags) && l.contains("failed_active_hc")).then_some(())
+    })
+    .await;
+    for _ in 0..20 {
+        statuses.push(envoy.send(DEMO, CHAT, &h).await.status);
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(admitted, 20, "exactly the key's 20 a minute, across the kill: {statuses:?}");
+    assert!(statuses[statuses.len() - 10..].iter().all(|s| *s == 429), "B keeps deciding: {statuses:?}");
+    let failed = statuses.iter().filter(|s| **s == 503).count();
+    assert!(failed <= 2, "one failed connection takes A out: {statuses:?}");
+    // The dead replica's reservation holds the budget until its TTL, then frees it.
+    eventually("the dead replica's reservation expires", Duration::from_secs(10), || async {
+        (envoy.send(DEMO, CHAT, &hb).await.status == 200).then_some(())
+    })
+    .await;
+    drop(envoy);
+    let _ = b.sigterm().await;
     drop_db(&name).await;
 }
