@@ -191,7 +191,13 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     upkeep::spawn(
         &shared,
         &store,
-        Upkeep { reservation_ttl: ttl, audit_retention: retention, flush_every: args.usage_flush_interval },
+        Upkeep {
+            reservation_ttl: ttl,
+            audit_retention: retention,
+            usage_history_retention: chrono::Duration::from_std(args.usage_history_retention)
+                .context("--usage-history-retention is too large")?,
+            flush_every: args.usage_flush_interval,
+        },
     );
     crate::sync::spawn(&shared, &store);
 

@@ -193,6 +193,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION", default_value = "365d", value_parser = humantime::parse_duration)]
     pub audit_retention: Duration,
 
+    /// Usage history (each key's usage per hour and model, for charts) older than this is
+    /// deleted (hourly); 0 keeps it all.
+    #[arg(long, env = "PORTCULLIS_USAGE_HISTORY_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
+    pub usage_history_retention: Duration,
+
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `portcullis=debug`.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
     pub log: String,
