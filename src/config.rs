@@ -129,6 +129,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// After SIGTERM, keep serving this long while health reports NOT_SERVING, so load
+    /// balancers (Envoy's health checks) move traffic to the other replicas before this one
+    /// stops accepting. Set it above two health-check intervals behind a balancer.
+    #[arg(long, env = "PORTCULLIS_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// TLS on the admin listener: PEM certificate chain (with --admin-tls-key).
     #[arg(long, env = "PORTCULLIS_ADMIN_TLS_CERT", requires = "admin_tls_key")]
     pub admin_tls_cert: Option<PathBuf>,
