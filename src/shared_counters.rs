@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{RedisResult, Script};
 use uuid::Uuid;
 
@@ -237,8 +239,100 @@ struct Health {
     drift_micros: AtomicU64,
 }
 
+/// One Redis (a multiplexed connection that reconnects by itself), or a Redis Cluster
+/// (every key of one API key in one slot, by its hash tag).
+enum Redis {
+    Single(ConnectionManager),
+    Cluster {
+        client: ClusterClient,
+        /// Made at the first call that finds none (a replica starts while Redis is down).
+        conn: tokio::sync::Mutex<Option<ClusterConnection>>,
+        timeout: Duration,
+    },
+}
+
+/// A connection of either kind, for one call.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Redis {
+    /// `url`, or several comma-separated URLs: the seed nodes of a Redis Cluster.
+    fn open(url: &str, timeout: Duration) -> Result<Redis, String> {
+        let connect_timeout = timeout.max(Duration::from_millis(250));
+        let nodes: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let bad = |e: redis::RedisError| format!("--redis-url is not a Redis URL ({}): {e}", redact(url));
+        if nodes.len() > 1 {
+            let client = ClusterClient::builder(nodes)
+                .connection_timeout(connect_timeout)
+                .response_timeout(timeout)
+                // A script that timed out may have run: never sent twice.
+                .retries(0)
+                .build()
+                .map_err(bad)?;
+            return Ok(Redis::Cluster { client, conn: tokio::sync::Mutex::new(None), timeout: connect_timeout });
+        }
+        let client = redis::Client::open(url).map_err(bad)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(connect_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("connecting to Redis at {}: {e}", redact(url)))?;
+        Ok(Redis::Single(conn))
+    }
+
+    async fn conn(&self) -> RedisResult<Conn> {
+        match self {
+            Redis::Single(c) => Ok(Conn::Single(c.clone())),
+            Redis::Cluster { client, conn, timeout } => {
+                let mut slot = conn.lock().await;
+                if let Some(c) = slot.as_ref() {
+                    return Ok(Conn::Cluster(c.clone()));
+                }
+                let c = tokio::time::timeout(*timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connecting timed out")))??;
+                *slot = Some(c.clone());
+                Ok(Conn::Cluster(c))
+            }
+        }
+    }
+}
+
 pub struct SharedCounters {
-    conn: ConnectionManager,
+    redis: Redis,
     settings: Settings,
     /// Decides while Redis is unreachable; also this replica's ledger and last uses (the
     /// same meters as `Limiters::meters`).
@@ -274,19 +368,11 @@ pub struct CounterStatus {
 impl SharedCounters {
     /// Connects lazily (a replica starts while Redis is down, in the failure mode).
     pub fn new(settings: Settings, local: InProcess) -> Result<Self, String> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| format!("--redis-url is not a Redis URL ({}): {e}", redact(&settings.url)))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(settings.timeout))
-            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("connecting to Redis at {}: {e}", redact(&settings.url)))?;
+        let redis = Redis::open(&settings.url, settings.timeout)?;
         let mut seed = [0u8; 8];
         let _ = getrandom::fill(&mut seed);
         Ok(SharedCounters {
-            conn,
+            redis,
             settings,
             local,
             health: Health { replicas: AtomicU32::new(1), ..Default::default() },
@@ -352,8 +438,11 @@ impl SharedCounters {
         invocation: redis::ScriptInvocation<'_>,
         now: Mono,
     ) -> Result<T, ()> {
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.settings.timeout, invocation.invoke_async::<T>(&mut conn)).await {
+        let call = async {
+            let mut conn = self.redis.conn().await?;
+            invocation.invoke_async::<T>(&mut conn).await
+        };
+        match tokio::time::timeout(self.settings.timeout, call).await {
             Ok(Ok(v)) => {
                 self.succeeded();
                 Ok(v)
@@ -577,9 +666,12 @@ impl SharedCounters {
 
     /// Forgets this replica at shutdown, so the others' shares grow at once.
     pub async fn leave(&self) {
-        let mut conn = self.conn.clone();
         let forget = redis::cmd("ZREM").arg("pc:replicas").arg(&self.replica_id).to_owned();
-        let _ = tokio::time::timeout(self.settings.timeout, forget.query_async::<i64>(&mut conn)).await;
+        let call = async {
+            let mut conn = self.redis.conn().await?;
+            forget.query_async::<i64>(&mut conn).await
+        };
+        let _ = tokio::time::timeout(self.settings.timeout, call).await;
     }
 }
 
@@ -707,8 +799,11 @@ pub fn redact(url: &str) -> String {
 
 /// Whether a reply is a usable connection: used by `start` to log Redis's state once.
 pub async fn ping(counters: &Arc<SharedCounters>) -> RedisResult<()> {
-    let mut conn = counters.conn.clone();
-    match tokio::time::timeout(Duration::from_secs(2), redis::cmd("PING").query_async::<String>(&mut conn)).await {
+    let ping = async {
+        let mut conn = counters.redis.conn().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(r) => r.map(drop),
         Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out"))),
     }

@@ -217,6 +217,72 @@ macro_rules! test_with_both_counters {
     };
 }
 
+/// A Redis Cluster of three primaries on free ports, stopped when dropped.
+struct Cluster {
+    nodes: Vec<PrivateRedis>,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let mut node = PrivateRedis { port: common::free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+            node.up_with(&["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]).await;
+            nodes.push(node);
+        }
+        let cli = std::env::var("PORTCULLIS_TEST_REDIS_SERVER")
+            .map(|s| s.replace("redis-server", "redis-cli"))
+            .unwrap_or_else(|_| "redis-cli".into());
+        let out = std::process::Command::new(cli)
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (Debian's redis-tools, installed with redis-server)");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        for node in &nodes {
+            let url = node.url();
+            eventually("every node sees the cluster ready", StdDuration::from_secs(20), || {
+                let url = url.clone();
+                async move {
+                    let client = redis::Client::open(url).ok()?;
+                    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                    let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.ok()?;
+                    info.contains("cluster_state:ok").then_some(())
+                }
+            })
+            .await;
+        }
+        Cluster { nodes }
+    }
+
+    /// Every node, comma-separated: how `--redis-url` names a cluster.
+    fn url(&self) -> String {
+        self.nodes.iter().map(PrivateRedis::url).collect::<Vec<_>>().join(",")
+    }
+}
+
+macro_rules! test_on_a_cluster {
+    ($($name:ident),* $(,)?) => {
+        mod redis_cluster_counters {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let cluster = super::Cluster::start().await;
+                    super::$name(&super::shared_on(&cluster.url(), super::FailureMode::Deny)).await;
+                }
+            )*
+        }
+    };
+}
+
+test_on_a_cluster!(
+    requests_per_minute_are_exact,
+    reservations_are_capped_and_settled_once,
+    usage_counts_in_the_period_of_its_admission,
+    an_unsettled_reservation_expires,
+);
+
 test_with_both_counters!(
     requests_per_minute_are_exact,
     reservations_are_capped_and_settled_once,
@@ -314,9 +380,14 @@ impl PrivateRedis {
     }
 
     async fn up(&mut self) {
+        self.up_with(&[]).await;
+    }
+
+    async fn up_with(&mut self, extra: &[&str]) {
         let bin = std::env::var("PORTCULLIS_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let child = std::process::Command::new(bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(extra)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(std::process::Stdio::null())
