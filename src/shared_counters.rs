@@ -243,12 +243,14 @@ struct Health {
 /// (every key of one API key in one slot, by its hash tag).
 enum Redis {
     Single(ConnectionManager),
-    Cluster {
-        client: ClusterClient,
-        /// Made at the first call that finds none (a replica starts while Redis is down).
-        conn: tokio::sync::Mutex<Option<ClusterConnection>>,
-        timeout: Duration,
-    },
+    Cluster(Box<Cluster>),
+}
+
+struct Cluster {
+    client: ClusterClient,
+    /// Made at the first call that finds none (a replica starts while Redis is down).
+    conn: tokio::sync::Mutex<Option<ClusterConnection>>,
+    timeout: Duration,
 }
 
 /// A connection of either kind, for one call.
@@ -300,7 +302,8 @@ impl Redis {
                 .retries(0)
                 .build()
                 .map_err(bad)?;
-            return Ok(Redis::Cluster { client, conn: tokio::sync::Mutex::new(None), timeout: connect_timeout });
+            let conn = tokio::sync::Mutex::new(None);
+            return Ok(Redis::Cluster(Box::new(Cluster { client, conn, timeout: connect_timeout })));
         }
         let client = redis::Client::open(url).map_err(bad)?;
         let config = ConnectionManagerConfig::new()
@@ -316,7 +319,8 @@ impl Redis {
     async fn conn(&self) -> RedisResult<Conn> {
         match self {
             Redis::Single(c) => Ok(Conn::Single(c.clone())),
-            Redis::Cluster { client, conn, timeout } => {
+            Redis::Cluster(cluster) => {
+                let Cluster { client, conn, timeout } = &**cluster;
                 let mut slot = conn.lock().await;
                 if let Some(c) = slot.as_ref() {
                     return Ok(Conn::Cluster(c.clone()));
