@@ -383,6 +383,52 @@ async fn changes_since_returns_every_change_the_view_needs(db: &Db) {
     assert!(all.removed_keys.contains(&k.id) && all.removed_gateways.contains(&g.id), "from 0: deletions too");
 }
 
+/// Usage history: increments per key, hour and model add up, read back per hour or day,
+/// per key or gateway, by model or not; old hours are pruned.
+async fn usage_history_adds_up_and_reads_back(db: &Db) {
+    use portcullis::domain::budget::UsageBucket;
+    use portcullis::store::{Granularity, HistoryQuery, HistoryScope};
+    let s = &db.store;
+    let g = gateway("hist");
+    s.insert_gateway(&g).await.unwrap();
+    let (a, b) = (Secret::generate(SecretKind::ApiKey), Secret::generate(SecretKind::ApiKey));
+    let (ka, kb) = (key(&g, "a", &a), key(&g, "b", &b));
+    s.insert_key(&ka, &a.hash()).await.unwrap();
+    s.insert_key(&kb, &b.hash()).await.unwrap();
+    let day = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+    let bucket = |k: &ApiKey, hours: i64, model: &str, n: u64| UsageBucket {
+        key_id: k.id,
+        hour: day + Duration::hours(hours),
+        model: model.into(),
+        requests: n,
+        prompt_tokens: 10 * n,
+        completion_tokens: 20 * n,
+        cost_micros: 5 * n as i64,
+    };
+    let rows = [bucket(&ka, 1, "m1", 1), bucket(&ka, 1, "m2", 2), bucket(&ka, 30, "m1", 4), bucket(&kb, 2, "m1", 8)];
+    s.save_usage_history(&rows).await.unwrap();
+    s.save_usage_history(&rows[..1]).await.expect("increments add up");
+    let q = |scope, granularity, by_model| HistoryQuery {
+        scope,
+        from: day,
+        to: day + Duration::days(2),
+        granularity,
+        by_model,
+    };
+    let per_day = s.usage_history(&q(HistoryScope::Key(ka.id), Granularity::Day, false)).await.unwrap();
+    let got: Vec<_> = per_day.iter().map(|r| (r.start, r.requests, r.completion_tokens, r.cost_micros)).collect();
+    assert_eq!(got, vec![(day, 4, 80, 20), (day + Duration::days(1), 4, 80, 20)]);
+    let by_model = s.usage_history(&q(HistoryScope::Key(ka.id), Granularity::Hour, true)).await.unwrap();
+    let got: Vec<_> = by_model.iter().map(|r| (r.start, r.model.as_deref(), r.requests)).collect();
+    let h = |n| day + Duration::hours(n);
+    assert_eq!(got, vec![(h(1), Some("m1"), 2), (h(1), Some("m2"), 2), (h(30), Some("m1"), 4)]);
+    let gateway = s.usage_history(&q(HistoryScope::Gateway(g.id), Granularity::Day, false)).await.unwrap();
+    assert_eq!(gateway.iter().map(|r| r.requests).collect::<Vec<_>>(), vec![12, 4], "both keys, per day");
+    assert_eq!(s.prune_usage_history(day + Duration::hours(2), 10).await.unwrap(), 2, "the hour-1 rows");
+    let left = s.usage_history(&q(HistoryScope::Gateway(g.id), Granularity::Day, false)).await.unwrap();
+    assert_eq!(left.iter().map(|r| r.requests).collect::<Vec<_>>(), vec![8, 4]);
+}
+
 macro_rules! test_with_all_storage_impls {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -409,6 +455,7 @@ macro_rules! test_with_all_storage_impls {
 }
 
 test_with_all_storage_impls!(
+    usage_history_adds_up_and_reads_back,
     gateways_and_keys,
     usage_prices_tokens_and_audit,
     provider_keys_are_sealed,

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::domain::access::AuditEvent;
-use crate::domain::budget::Counters;
+use crate::domain::budget::{Counters, UsageBucket};
 use crate::domain::gateway::Gateway;
 use crate::domain::key::ApiKey;
 use crate::domain::pricing::Price;
@@ -111,6 +111,42 @@ pub trait ChangeListener: Send {
     /// Resolves at the next notification; an error when the connection was lost (drop
     /// this listener and listen anew: notifications sent meanwhile are gone).
     async fn changed(&mut self) -> Result<(), StoreError>;
+}
+
+/// Whose usage history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryScope {
+    Key(Uuid),
+    Gateway(Uuid),
+}
+
+/// The width of a usage-history bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    Hour,
+    Day,
+}
+
+/// A usage-history question: one key's or one gateway's usage from `from` (included) to
+/// `to` (excluded), per hour or day (UTC), optionally by model.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryQuery {
+    pub scope: HistoryScope,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub granularity: Granularity,
+    pub by_model: bool,
+}
+
+/// Usage in one bucket (and with one model, when asked by model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRow {
+    pub start: DateTime<Utc>,
+    pub model: Option<String>,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_micros: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -271,6 +307,13 @@ pub trait Store: Send + Sync + 'static {
         new_prefix: &str,
         previous_valid_until: Option<DateTime<Utc>>,
     ) -> Result<(), StoreError>;
+
+    /// Adds usage-history increments (per key, hour and model).
+    async fn save_usage_history(&self, buckets: &[UsageBucket]) -> Result<(), StoreError>;
+    /// Usage over time (see [`HistoryQuery`]), oldest first.
+    async fn usage_history(&self, q: &HistoryQuery) -> Result<Vec<HistoryRow>, StoreError>;
+    /// Deletes up to `batch` usage-history rows of hours before `cutoff`; returns how many.
+    async fn prune_usage_history(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, StoreError>;
 
     /// Ledger rows (every replica's increments added up, per key and period) written at or
     /// after `since`: what reconciliation compares the shared counters with.

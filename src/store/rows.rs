@@ -231,6 +231,18 @@ macro_rules! store_impl {
                 $crate::store::rows::audit::search(&self.pool, q).await
             }
 
+            async fn save_usage_history(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+                $crate::store::rows::usage::save_history(&self.pool, buckets).await
+            }
+
+            async fn usage_history(&self, q: &$crate::store::HistoryQuery) -> Result<Vec<$crate::store::HistoryRow>, StoreError> {
+                $crate::store::rows::usage::history(&self.pool, q).await
+            }
+
+            async fn prune_usage_history(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, StoreError> {
+                $crate::store::rows::usage::prune_history(&self.pool, cutoff, batch).await
+            }
+
             async fn usage_changed_since(&self, since: DateTime<Utc>) -> Result<Vec<Counters>, StoreError> {
                 $crate::store::rows::usage::changed_since(&self.pool, since).await
             }
