@@ -149,13 +149,6 @@ pub struct HistoryRow {
     pub cost_micros: i64,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct Page<'a> {
-    /// Return items after this id (ids are time-ordered UUIDv7).
-    pub after: Option<&'a str>,
-    pub limit: u32,
-}
-
 /// The order ListKeys returns keys in; ties (and `Id`) go by id, i.e. creation order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeyOrder {
@@ -273,7 +266,6 @@ pub trait Store: Send + Sync + 'static {
     async fn update_key(&self, key: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn delete_key(&self, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError>;
-    async fn list_keys(&self, gateway_id: Uuid, page: Page<'_>) -> Result<Vec<ApiKey>, StoreError>;
     /// Live keys of a gateway as `q` asks, each with the cursor that starts the page after it.
     async fn search_keys(&self, q: &KeyQuery) -> Result<Vec<(ApiKey, KeyCursor)>, StoreError>;
 
@@ -285,13 +277,6 @@ pub trait Store: Send + Sync + 'static {
     async fn save_token_last_used(&self, used: &[(Uuid, DateTime<Utc>)]) -> Result<(), StoreError>;
 
     async fn insert_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
-    /// Newest first, before the event with id `before`, optionally of one gateway.
-    async fn list_audit(
-        &self,
-        gateway: Option<&str>,
-        before: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<AuditEvent>, StoreError>;
     /// Audit events as `q` asks, newest first.
     async fn search_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
     /// Deletes up to `batch` audit events from before `cutoff` (oldest first); returns how

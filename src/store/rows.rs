@@ -173,10 +173,6 @@ macro_rules! store_impl {
                 $crate::store::rows::keys::find(&self.pool, id).await
             }
 
-            async fn list_keys(&self, gateway_id: Uuid, page: Page<'_>) -> Result<Vec<ApiKey>, StoreError> {
-                $crate::store::rows::keys::list(&self.pool, gateway_id, page).await
-            }
-
             async fn search_keys(
                 &self,
                 q: &$crate::store::KeyQuery,
@@ -216,15 +212,6 @@ macro_rules! store_impl {
 
             async fn prune_audit(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, StoreError> {
                 $crate::store::rows::audit::prune(&self.pool, cutoff, batch).await
-            }
-
-            async fn list_audit(
-                &self,
-                gateway: Option<&str>,
-                before: Option<&str>,
-                limit: u32,
-            ) -> Result<Vec<AuditEvent>, StoreError> {
-                $crate::store::rows::audit::list(&self.pool, gateway, before, limit).await
             }
 
             async fn search_audit(&self, q: &$crate::store::AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {

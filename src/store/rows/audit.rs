@@ -41,26 +41,6 @@ pub(crate) async fn prune<D: Backend>(pool: &Pool<D>, cutoff: DateTime<Utc>, bat
     .map_err(unavailable)
 }
 
-/// Newest first, before the event with id `before`, optionally of one gateway.
-pub(crate) async fn list<D: Backend>(
-    pool: &Pool<D>,
-    gateway: Option<&str>,
-    before: Option<&str>,
-    limit: u32,
-) -> Result<Vec<AuditEvent>, StoreError> {
-    let rows = query(
-        "SELECT * FROM audit_events WHERE (CAST($1 AS TEXT) IS NULL OR gateway = $1) AND (CAST($2 AS TEXT) IS NULL OR id < $2) \
-         ORDER BY id DESC LIMIT $3",
-    )
-    .bind(gateway)
-    .bind(before)
-    .bind(i64::from(limit))
-    .fetch_all(pool)
-    .await
-    .map_err(unavailable)?;
-    rows.iter().map(event_from).collect()
-}
-
 /// Events as `q` asks (every filter together), newest first.
 pub(crate) async fn search<D: Backend>(pool: &Pool<D>, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
     let mut p = Params::new();

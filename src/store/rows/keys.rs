@@ -8,13 +8,15 @@ use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use super::backend::{Backend, Columns, query};
-use super::{Params, contains_pattern, deleted, found, get, hash, opt_time, time, unavailable, uuid, version, write_err};
+use super::{
+    Params, contains_pattern, deleted, found, get, hash, opt_time, time, unavailable, uuid, version, write_err,
+};
 use crate::domain::budget::Counters;
 use crate::domain::key::{ApiKey, KeyStatus, Limits, ResetPeriod};
 use crate::domain::period;
 use crate::domain::secret::SecretHash;
 use crate::domain::view::KeySecret;
-use crate::store::{CursorValue, KeyCursor, KeyOrder, KeyQuery, Page, StoreError, to_micros};
+use crate::store::{CursorValue, KeyCursor, KeyOrder, KeyQuery, StoreError, to_micros};
 
 const KEY_COLUMNS: &str = "id, gateway_id, name, secret_hash, prefix, enabled, legacy, cost_limit_micros, \
     token_limit, requests_per_minute, reset_period, created_at, expires_at, last_used_at";
@@ -165,30 +167,13 @@ pub(crate) async fn find<D: Backend>(pool: &Pool<D>, id: Uuid) -> Result<Option<
     row.as_ref().map(key_from).transpose()
 }
 
-pub(crate) async fn list<D: Backend>(
-    pool: &Pool<D>,
-    gateway_id: Uuid,
-    page: Page<'_>,
-) -> Result<Vec<ApiKey>, StoreError> {
-    let rows = query(format!(
-        "SELECT {KEY_COLUMNS} FROM api_keys WHERE gateway_id = $1 AND deleted_at IS NULL AND id > $2 \
-         ORDER BY id LIMIT $3"
-    ))
-    .bind(gateway_id.to_string())
-    .bind(page.after.unwrap_or(""))
-    .bind(i64::from(page.limit))
-    .fetch_all(pool)
-    .await
-    .map_err(unavailable)?;
-    rows.iter().map(key_from).collect()
-}
-
 /// Live keys of a gateway as `q` asks, each with its cursor: filtered by name and status,
 /// ordered by one expression and then by id (both ascending or both descending), from
 /// after `q.after` (keyset paging: no offset to skip over).
 pub(crate) async fn search<D: Backend>(pool: &Pool<D>, q: &KeyQuery) -> Result<Vec<(ApiKey, KeyCursor)>, StoreError> {
     let mut p = Params::new();
-    let mut sql = format!("SELECT {}, ", KEY_COLUMNS.split(", ").map(|c| format!("k.{c}")).collect::<Vec<_>>().join(", "));
+    let mut sql =
+        format!("SELECT {}, ", KEY_COLUMNS.split(", ").map(|c| format!("k.{c}")).collect::<Vec<_>>().join(", "));
     let sort = match q.order {
         KeyOrder::Id => "k.id",
         KeyOrder::Name => "LOWER(k.name)",
@@ -220,9 +205,10 @@ pub(crate) async fn search<D: Backend>(pool: &Pool<D>, q: &KeyQuery) -> Result<V
     match q.status {
         None => {}
         Some(KeyStatus::Disabled) => sql.push_str(" AND k.enabled = FALSE"),
-        Some(KeyStatus::Active) => {
-            sql.push_str(&format!(" AND k.enabled = TRUE AND (k.expires_at IS NULL OR k.expires_at > {})", p.add(to_micros(q.now))))
-        }
+        Some(KeyStatus::Active) => sql.push_str(&format!(
+            " AND k.enabled = TRUE AND (k.expires_at IS NULL OR k.expires_at > {})",
+            p.add(to_micros(q.now))
+        )),
         Some(KeyStatus::Expired) => {
             sql.push_str(&format!(" AND k.enabled = TRUE AND k.expires_at <= {}", p.add(to_micros(q.now))))
         }
