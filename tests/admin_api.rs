@@ -326,7 +326,12 @@ async fn list_keys_pages_in_creation_order() {
     let mut pages = 0;
     loop {
         let page = keys
-            .list_keys(pb::ListKeysRequest { gateway: "demo".into(), page_size: 2, page_token: token })
+            .list_keys(pb::ListKeysRequest {
+                gateway: "demo".into(),
+                page_size: 2,
+                page_token: token,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
