@@ -19,10 +19,12 @@ use crate::admin::bootstrap::ensure_access;
 use crate::admin::gateways::GatewayServiceServer;
 use crate::admin::keys::KeyServiceServer;
 use crate::admin::pricing::PricingServiceServer;
+use crate::admin::usage::{UsageApi, UsageServiceServer};
 use crate::admin::{AccessApi, AuditApi};
 use crate::admin::{Admin, AdminAuth, AdminLimits, GatewayApi, KeyApi, MAX_REQUEST_BYTES};
 use crate::authz::{AuthorizationServer, AuthzService, ExternalProcessorServer, MeterService};
 use crate::config::{ServeArgs, ServeRole};
+use crate::console::AdminHttp;
 use crate::domain::access::Rate;
 use crate::domain::budget::Meters;
 use crate::domain::check::Limiters;
@@ -31,7 +33,7 @@ use crate::domain::counters::{Counters, InProcess};
 use crate::domain::pricing::PriceBook;
 use crate::domain::tokens::TokenRegistry;
 use crate::domain::view::View;
-use crate::listen::{self, FrontDoor, Limits};
+use crate::listen::{self, FrontDoor, Limits, Protocols};
 use crate::shared_counters::{self, SharedCounters};
 use crate::state::Shared;
 use crate::store::{self, DynStore};
@@ -45,6 +47,7 @@ const ADMIN_HEALTH: &[&str] = &[
     "portcullis.admin.v1.PricingService",
     "portcullis.admin.v1.AccessService",
     "portcullis.admin.v1.AuditService",
+    "portcullis.admin.v1.UsageService",
 ];
 
 /// The service names this role serves, "" first.
@@ -223,7 +226,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         let threads = args.authz_threads.max(1);
         let tls = authz_tls.is_some();
         // One connection cap across the threads sharing the listener.
-        let door = FrontDoor::new("authz", &limits, authz_tls);
+        let door = FrontDoor::new("authz", &limits, authz_tls, Protocols::Http2);
         for _ in 0..threads {
             let listener = listener.try_clone().context("sharing the authz listener")?;
             let (door, shared, health, stop, drain) =
@@ -238,7 +241,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     if args.role != ServeRole::Authz {
         let (listener, addr) = bind(args.admin_addr, "admin").await?;
         let tls = admin_tls.is_some();
-        let incoming = FrontDoor::new("admin", &limits, admin_tls).incoming(listener);
+        let incoming = FrontDoor::new("admin", &limits, admin_tls, Protocols::Http2AndHttp1).incoming(listener);
         admin_addr = Some(addr);
         let writes = Rate {
             burst: args.admin_write_burst,
@@ -257,10 +260,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building reflection v1alpha")?;
-        let router = limits
-            .server()
-            .timeout(args.admin_request_timeout)
-            .add_service(health_server.clone())
+        let routes = tonic::service::Routes::new(health_server.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(Intercepted::new(
@@ -280,12 +280,21 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
                 auth.clone(),
             ))
             .add_service(Intercepted::new(
-                AuditServiceServer::new(AuditApi(admin)).max_decoding_message_size(MAX_REQUEST_BYTES),
+                AuditServiceServer::new(AuditApi(Arc::clone(&admin))).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth.clone(),
+            ))
+            .add_service(Intercepted::new(
+                UsageServiceServer::new(UsageApi(admin)).max_decoding_message_size(MAX_REQUEST_BYTES),
                 auth,
             ));
+        // gRPC, gRPC-Web (browsers: HTTP/1.1 too) and the console's files on one port.
+        let service = AdminHttp::new(routes, args.console);
+        let server = limits.server().timeout(args.admin_request_timeout).accept_http1(true);
         let stop = signal();
-        tasks.push(tokio::spawn(async move { Ok(router.serve_with_incoming_shutdown(incoming, stop).await?) }));
-        tracing::info!(%addr, tls, "admin listener (admin API, health, reflection) ready");
+        tasks
+            .push(tokio::spawn(async move { Ok(server.serve_with_incoming_shutdown(service, incoming, stop).await?) }));
+        let console = args.console;
+        tracing::info!(%addr, tls, console, "admin listener (admin API, gRPC-Web, health, reflection, console) ready");
     }
     let mut metrics_addr = None;
     if let Some(addr) = args.metrics_addr {

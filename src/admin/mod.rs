@@ -10,6 +10,7 @@ mod error;
 pub mod gateways;
 pub mod keys;
 pub mod pricing;
+pub mod usage;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,7 @@ pub use error::{AdminError, AdminResult};
 pub use gateways::GatewayApi;
 pub use keys::KeyApi;
 pub use pricing::PricingApi;
+pub use usage::UsageApi;
 
 /// What every admin service works with.
 pub struct Admin {
@@ -324,11 +326,6 @@ fn page_size(n: u32) -> Result<u32, crate::domain::FieldError> {
         }
         n => Ok(n),
     }
-}
-
-/// `page_token`: the id of the last item of the previous page.
-fn page_after(token: &str) -> Result<Option<String>, crate::domain::FieldError> {
-    if token.is_empty() { Ok(None) } else { Ok(Some(keys::parse_id("page_token", token)?.to_string())) }
 }
 
 /// Runs an admin mutation to completion even if the caller goes away. tonic drops a
