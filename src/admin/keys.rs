@@ -325,8 +325,13 @@ impl KeyService for KeyApi {
                     if req.clear_expires_at {
                         key.expires_at = None;
                     }
+                    // A reset-period change carries the stored usage into the new period;
+                    // no flush may write this replica's pending usage to the old period
+                    // between that and the counters moving to the new rule.
+                    let _flush = admin.shared.flush.lock().await;
                     admin.store.update_key(&key, now).await.map_err(store_err("key"))?;
                     admin.shared.view_mut()?.replace_key(key.clone());
+                    admin.shared.limiters.meters.follow_rule(key.id, key.limits.reset_period, now);
                     AdminResult::Ok(key_to_pb(&key, &gateway, now))
                 }
                 .await;

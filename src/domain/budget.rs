@@ -527,6 +527,16 @@ impl Meters {
         Some(inner.counters(key_id, reset_period, now).clone())
     }
 
+    /// Moves a key's counters to its (changed) reset period now, with the usage metered
+    /// here and not written yet (see `Inner::counters`).
+    pub fn follow_rule(&self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) {
+        if let Ok(mut inner) = self.inner.lock()
+            && inner.keys.contains_key(&key_id)
+        {
+            inner.counters(key_id, reset_period, now);
+        }
+    }
+
     /// Counts one metered response in the usage history: its key's hour at `at`, by model.
     pub fn note_history(&self, key_id: Uuid, model: &str, at: DateTime<Utc>, m: &Metered) {
         let secs = at.timestamp();

@@ -114,37 +114,48 @@ pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, k: &ApiKey, hash: &Secret
 /// same transaction), as every replica's counters re-key it: the budget neither resets nor
 /// inflates, also after a restart.
 pub(crate) async fn update<D: Backend>(pool: &Pool<D>, k: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await.map_err(unavailable)?;
-    let before: Option<String> = query("SELECT reset_period FROM api_keys WHERE id = $1 AND deleted_at IS NULL")
+    // The rule the usage was counted under, read first: a transaction that reads before it
+    // writes cannot take SQLite's write lock while the usage flush holds it. The update
+    // below only applies while that rule is still the stored one.
+    for _ in 0..3 {
+        let before: Option<String> = query("SELECT reset_period FROM api_keys WHERE id = $1 AND deleted_at IS NULL")
+            .bind(k.id.to_string())
+            .fetch_optional(pool)
+            .await
+            .map_err(unavailable)?
+            .map(|r| get(&r, "reset_period"))
+            .transpose()?;
+        let Some(before) = before else { return Err(StoreError::NotFound) };
+        let mut tx = pool.begin().await.map_err(unavailable)?;
+        let done = query(
+            "UPDATE api_keys SET name = $1, enabled = $2, cost_limit_micros = $3, token_limit = $4, \
+             requests_per_minute = $5, reset_period = $6, expires_at = $7 \
+             WHERE id = $8 AND deleted_at IS NULL AND reset_period = $9",
+        )
+        .bind(&k.name)
+        .bind(k.enabled)
+        .bind(k.limits.cost_limit_micros)
+        .bind(k.limits.token_limit.map(|t| t as i64))
+        .bind(k.limits.requests_per_minute.map(i64::from))
+        .bind(k.limits.reset_period.as_str())
+        .bind(k.expires_at.map(to_micros))
         .bind(k.id.to_string())
-        .fetch_optional(&mut tx)
+        .bind(&before)
+        .execute(&mut tx)
         .await
-        .map_err(unavailable)?
-        .map(|r| get(&r, "reset_period"))
-        .transpose()?;
-    let done = query(
-        "UPDATE api_keys SET name = $1, enabled = $2, cost_limit_micros = $3, token_limit = $4, \
-         requests_per_minute = $5, reset_period = $6, expires_at = $7 WHERE id = $8 AND deleted_at IS NULL",
-    )
-    .bind(&k.name)
-    .bind(k.enabled)
-    .bind(k.limits.cost_limit_micros)
-    .bind(k.limits.token_limit.map(|t| t as i64))
-    .bind(k.limits.requests_per_minute.map(i64::from))
-    .bind(k.limits.reset_period.as_str())
-    .bind(k.expires_at.map(to_micros))
-    .bind(k.id.to_string())
-    .execute(&mut tx)
-    .await
-    .map_err(write_err("a key with this name in the gateway"))?;
-    found(done)?;
-    let old = before.as_deref().and_then(ResetPeriod::parse);
-    if let Some(old) = old.filter(|old| *old != k.limits.reset_period) {
-        let (from, _) = crate::domain::period::bounds(old, now);
-        let (to, _) = crate::domain::period::bounds(k.limits.reset_period, now);
-        super::usage::carry(&mut tx, k.id, from, to, k.limits.reset_period, now).await?;
+        .map_err(write_err("a key with this name in the gateway"))?;
+        if done == 0 {
+            // Deleted or re-ruled meanwhile: read again.
+            continue;
+        }
+        if let Some(old) = ResetPeriod::parse(&before).filter(|old| *old != k.limits.reset_period) {
+            let (from, _) = crate::domain::period::bounds(old, now);
+            let (to, _) = crate::domain::period::bounds(k.limits.reset_period, now);
+            super::usage::carry(&mut tx, k.id, from, to, k.limits.reset_period, now).await?;
+        }
+        return tx.commit().await.map_err(unavailable);
     }
-    tx.commit().await.map_err(unavailable)
+    Err(StoreError::Unavailable("the key kept changing while it was updated; try again".into()))
 }
 
 pub(crate) async fn delete<D: Backend>(pool: &Pool<D>, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
