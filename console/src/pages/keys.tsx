@@ -1,0 +1,320 @@
+// Keys of a gateway: search, filter, sort and server paging (state in the URL), the
+// enable/disable toggle, this period's spend against limits, bulk disable/delete, Create key.
+import { useEffect, useId, useMemo, useState } from "preact/hooks";
+import { api } from "../api.js";
+import { int, tokens as fmtTokens, usd } from "../format.js";
+import { KeyStatus, type ApiKey, type KeyUsage } from "../gen/portcullis/admin/v1/keys_pb.js";
+import { currentGateway, gatewayByName } from "../gateways-store.js";
+import { expiresSoon, limitsSummary, StatusBadge } from "../keyparts.js";
+import { query, setQuery } from "../router.js";
+import { Confirm, Empty, ErrorNote, Link, Switch, Time, UsageBar, useLoad } from "../ui.js";
+import { CreateKeyDialog } from "./create-key.js";
+import { GatewayPicker } from "./gateway-picker.js";
+
+const PAGE_SIZE = 25;
+
+interface Row {
+  key: ApiKey;
+  usage?: KeyUsage;
+}
+
+type Sort = "name" | "created" | "last_used" | "expires" | "cost";
+
+async function fetchPage(gateway: string, pageToken: string): Promise<{ rows: Row[]; next: string }> {
+  const r = await api.keys.listKeys({ gateway, pageSize: PAGE_SIZE, pageToken });
+  const usages = await Promise.all(
+    r.keys.map((k) => (k.legacy ? Promise.resolve(undefined) : api.keys.getKeyUsage({ id: k.id }).catch(() => undefined))),
+  );
+  return { rows: r.keys.map((key, i) => ({ key, usage: usages[i] })), next: r.nextPageToken };
+}
+
+function sortValue(r: Row, s: Sort): number | string {
+  const t = (ts?: { seconds: bigint }) => (ts ? Number(ts.seconds) : 0);
+  switch (s) {
+    case "name":
+      return r.key.name.toLowerCase();
+    case "created":
+      return t(r.key.createdAt);
+    case "last_used":
+      return t(r.key.lastUsedAt);
+    case "expires":
+      return r.key.expiresAt ? t(r.key.expiresAt) : Number.MAX_SAFE_INTEGER;
+    case "cost":
+      return Number(r.usage?.costUsd || 0);
+  }
+}
+
+export function KeysPage() {
+  const gateway = currentGateway.value;
+  const q = query.value;
+  const search = q.get("q") ?? "";
+  const status = q.get("status") ?? "";
+  const sort = (q.get("sort") as Sort) || "created";
+  const desc = q.get("dir") !== "asc";
+  const page = q.get("page") ?? "";
+  const [history, setHistory] = useState<string[]>([]);
+  const [selected, setSelected] = useState<Set<string>>(new Set());
+  const [creating, setCreating] = useState(false);
+  const [bulk, setBulk] = useState<"disable" | "delete" | null>(null);
+  const [rowError, setRowError] = useState("");
+  const [searchDraft, setSearchDraft] = useState(search);
+  const id = useId();
+
+  useEffect(() => setSearchDraft(search), [search]);
+  useEffect(() => setSelected(new Set()), [gateway, page]);
+
+  const { data, error, loading, reload, setData } = useLoad(
+    () => (gateway ? fetchPage(gateway, page) : Promise.resolve({ rows: [], next: "" })),
+    [gateway, page],
+  );
+
+  const rows = useMemo(() => {
+    let list = data?.rows ?? [];
+    if (search) list = list.filter((r) => r.key.name.toLowerCase().includes(search.toLowerCase()));
+    if (status) list = list.filter((r) => String(r.key.status) === status);
+    const sorted = [...list].sort((a, b) => {
+      const x = sortValue(a, sort);
+      const y = sortValue(b, sort);
+      return x < y ? -1 : x > y ? 1 : 0;
+    });
+    return desc ? sorted.reverse() : sorted;
+  }, [data, search, status, sort, desc]);
+
+  const replaceKey = (k: ApiKey) =>
+    setData(data && { ...data, rows: data.rows.map((r) => (r.key.id === k.id ? { ...r, key: k } : r)) });
+
+  const toggle = async (k: ApiKey, enabled: boolean) => {
+    setRowError("");
+    try {
+      replaceKey(await api.keys.updateKey({ id: k.id, enabled }));
+    } catch (e) {
+      setRowError(`${k.name}: ${(e as Error).message}`);
+    }
+  };
+
+  const allChecked = rows.length > 0 && rows.every((r) => selected.has(r.key.id));
+  const chosen = rows.filter((r) => selected.has(r.key.id)).map((r) => r.key);
+  const gw = gatewayByName(gateway);
+
+  return (
+    <section aria-labelledby={`${id}-h`}>
+      <div class="page-head">
+        <h1 id={`${id}-h`}>API keys</h1>
+        <GatewayPicker />
+        <button type="button" class="primary" disabled={!gateway} onClick={() => setCreating(true)}>
+          Create API key
+        </button>
+      </div>
+      <p class="lead">
+        Keys clients present to gateway <strong>{gateway || "—"}</strong>
+        {gw?.inboundAuth ? (
+          <>
+            {" "}in the {gw.inboundAuth.location === 2 ? "query parameter" : "header"}{" "}
+            <code>{gw.inboundAuth.keyName || "x-api-key"}</code>
+          </>
+        ) : null}
+        . Only active keys authenticate.
+      </p>
+      <form
+        class="toolbar"
+        role="search"
+        onSubmit={(e) => {
+          e.preventDefault();
+          setQuery({ q: searchDraft.trim(), page: undefined });
+        }}
+      >
+        <div class="field inline">
+          <label for={`${id}-q`}>Search by name</label>
+          <input id={`${id}-q`} type="search" value={searchDraft} onInput={(e) => setSearchDraft(e.currentTarget.value)} placeholder="token-user01" />
+        </div>
+        <div class="field inline">
+          <label for={`${id}-status`}>Status</label>
+          <select id={`${id}-status`} value={status} onChange={(e) => setQuery({ status: e.currentTarget.value, page: undefined })}>
+            <option value="">All</option>
+            <option value={String(KeyStatus.ACTIVE)}>Active</option>
+            <option value={String(KeyStatus.DISABLED)}>Disabled</option>
+            <option value={String(KeyStatus.EXPIRED)}>Expired</option>
+          </select>
+        </div>
+        <div class="field inline">
+          <label for={`${id}-sort`}>Sort by</label>
+          <select id={`${id}-sort`} value={sort} onChange={(e) => setQuery({ sort: e.currentTarget.value, page: undefined })}>
+            <option value="created">Created</option>
+            <option value="name">Name</option>
+            <option value="last_used">Last used</option>
+            <option value="expires">Expires</option>
+            <option value="cost">Spend this period</option>
+          </select>
+        </div>
+        <button type="button" aria-label={desc ? "Descending; switch to ascending" : "Ascending; switch to descending"} onClick={() => setQuery({ dir: desc ? "asc" : "", page: undefined })}>
+          {desc ? "↓ Desc" : "↑ Asc"}
+        </button>
+        <button type="submit">Search</button>
+      </form>
+
+      {chosen.length ? (
+        <div class="bulk" role="region" aria-label="Bulk actions">
+          <span>{chosen.length} selected</span>
+          <button type="button" onClick={() => setBulk("disable")}>
+            Disable selected
+          </button>
+          <button type="button" class="danger" onClick={() => setBulk("delete")}>
+            Delete selected
+          </button>
+        </div>
+      ) : null}
+      <ErrorNote error={error || rowError} />
+      <div class="table-wrap">
+        <table class="keys">
+          <thead>
+            <tr>
+              <th scope="col" class="check">
+                <input
+                  type="checkbox"
+                  aria-label="Select all keys on this page"
+                  checked={allChecked}
+                  onChange={(e) => setSelected(e.currentTarget.checked ? new Set(rows.map((r) => r.key.id)) : new Set())}
+                />
+              </th>
+              <th scope="col">Name</th>
+              <th scope="col">Prefix</th>
+              <th scope="col">Status</th>
+              <th scope="col">Enabled</th>
+              <th scope="col">Created</th>
+              <th scope="col">Last used</th>
+              <th scope="col">Expires</th>
+              <th scope="col">Limits</th>
+              <th scope="col">This period</th>
+            </tr>
+          </thead>
+          <tbody>
+            {rows.map(({ key: k, usage: u }) => (
+              <tr key={k.id} data-key-id={k.id}>
+                <td class="check">
+                  <input
+                    type="checkbox"
+                    aria-label={`Select ${k.name}`}
+                    checked={selected.has(k.id)}
+                    onChange={(e) => {
+                      const s = new Set(selected);
+                      if (e.currentTarget.checked) s.add(k.id);
+                      else s.delete(k.id);
+                      setSelected(s);
+                    }}
+                  />
+                </td>
+                <th scope="row">
+                  <Link href={`/keys/${encodeURIComponent(k.id)}`}>{k.name}</Link>
+                </th>
+                <td class="mono">{k.prefix}…</td>
+                <td>
+                  <StatusBadge k={k} />
+                </td>
+                <td>
+                  <Switch checked={k.enabled} label={`Enable ${k.name}`} onChange={(v) => toggle(k, v)} />
+                </td>
+                <td>
+                  <Time ts={k.createdAt} dateOnly />
+                </td>
+                <td>
+                  <Time ts={k.lastUsedAt} empty="Never" />
+                </td>
+                <td>
+                  <Time ts={k.expiresAt} empty="Never" />
+                  {expiresSoon(k.expiresAt) ? <span class="badge warn-badge">Expires within 7 days</span> : null}
+                </td>
+                <td class="limits-cell">{k.legacy ? <span class="muted">None (legacy)</span> : limitsSummary(k.limits)}</td>
+                <td class="period-cell">
+                  {u ? (
+                    <>
+                      <UsageBar
+                        label="Spend"
+                        used={Number(u.costUsd || 0)}
+                        limit={k.limits?.costLimitUsd !== undefined ? Number(k.limits.costLimitUsd) : undefined}
+                        text={k.limits?.costLimitUsd !== undefined ? `${usd(u.costUsd)} of ${usd(k.limits.costLimitUsd)}` : usd(u.costUsd)}
+                      />
+                      <UsageBar
+                        label="Tokens"
+                        used={Number(u.totalTokens)}
+                        limit={k.limits?.tokenLimit !== undefined ? Number(k.limits.tokenLimit) : undefined}
+                        text={k.limits?.tokenLimit !== undefined ? `${int(u.totalTokens)} of ${fmtTokens(k.limits.tokenLimit)}` : fmtTokens(u.totalTokens)}
+                      />
+                    </>
+                  ) : (
+                    <span class="muted">—</span>
+                  )}
+                </td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      </div>
+      {!loading && !error && rows.length === 0 ? (
+        <Empty>{search || status ? "No keys match these filters on this page." : "No keys yet. Create one to hand out access to this gateway."}</Empty>
+      ) : null}
+      {loading ? <p class="muted" role="status">Loading keys…</p> : null}
+      <nav class="pager" aria-label="Pages of keys">
+        <button
+          type="button"
+          disabled={!page}
+          onClick={() => {
+            const h = [...history];
+            const prev = h.pop() ?? "";
+            setHistory(h);
+            setQuery({ page: prev });
+          }}
+        >
+          ← Previous
+        </button>
+        <span class="muted">{int(PAGE_SIZE)} keys a page</span>
+        <button
+          type="button"
+          disabled={!data?.next}
+          onClick={() => {
+            setHistory([...history, page]);
+            setQuery({ page: data!.next });
+          }}
+        >
+          Next →
+        </button>
+      </nav>
+
+      {creating && gateway ? <CreateKeyDialog gateway={gateway} onClose={() => setCreating(false)} onCreated={reload} /> : null}
+      {bulk === "disable" ? (
+        <Confirm
+          title={`Disable ${chosen.length} ${chosen.length === 1 ? "key" : "keys"}?`}
+          confirmLabel={`Disable ${chosen.length} ${chosen.length === 1 ? "key" : "keys"}`}
+          onClose={() => setBulk(null)}
+          onConfirm={async () => {
+            for (const k of chosen) await api.keys.updateKey({ id: k.id, enabled: false });
+            setSelected(new Set());
+            reload();
+          }}
+        >
+          <p>
+            {chosen.length} {chosen.length === 1 ? "key stops" : "keys stop"} authenticating at once: {chosen.map((k) => k.name).join(", ")}. They can be
+            re-enabled at any time.
+          </p>
+        </Confirm>
+      ) : null}
+      {bulk === "delete" ? (
+        <Confirm
+          title={`Delete ${chosen.length} ${chosen.length === 1 ? "key" : "keys"}?`}
+          confirmLabel={`Delete ${chosen.length} ${chosen.length === 1 ? "key" : "keys"}`}
+          danger
+          onClose={() => setBulk(null)}
+          onConfirm={async () => {
+            for (const k of chosen) await api.keys.deleteKey({ id: k.id });
+            setSelected(new Set());
+            reload();
+          }}
+        >
+          <p>
+            Deleting is permanent: {chosen.length} {chosen.length === 1 ? "key" : "keys"} ({chosen.map((k) => k.name).join(", ")}) will never authenticate
+            again. Usage history stays for audit.
+          </p>
+        </Confirm>
+      ) : null}
+    </section>
+  );
+}
