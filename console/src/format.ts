@@ -19,7 +19,8 @@ export const requests = (n: bigint | number | undefined) => plural(n ?? 0, "requ
 export function usd(s: string | undefined): string {
   const v = Number(s || "0");
   if (!Number.isFinite(v)) return `${s} USD`;
-  const digits = v !== 0 && Math.abs(v) < 0.01 ? 6 : 2;
+  const a = Math.abs(v);
+  const digits = a === 0 || a >= 1 ? 2 : a >= 0.01 ? 4 : 6;
   return `$${v.toLocaleString(undefined, { minimumFractionDigits: 2, maximumFractionDigits: digits })} USD`;
 }
 

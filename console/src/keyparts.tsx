@@ -37,14 +37,12 @@ export const RESET_LABEL: Record<ResetPeriod, string> = {
 /** "$10.00 USD · 100,000 tokens · 60 req/min, monthly" or "No limits". */
 export function limitsSummary(l: Limits | undefined): string {
   if (!l) return "No limits";
+  const period = { [ResetPeriod.NEVER]: " in total", [ResetPeriod.DAILY]: " per day", [ResetPeriod.WEEKLY]: " per week", [ResetPeriod.MONTHLY]: " per month" }[l.resetPeriod];
   const parts: string[] = [];
-  if (l.costLimitUsd !== undefined) parts.push(usd(l.costLimitUsd));
-  if (l.tokenLimit !== undefined) parts.push(`${int(l.tokenLimit)} tokens`);
+  if (l.costLimitUsd !== undefined) parts.push(usd(l.costLimitUsd) + period);
+  if (l.tokenLimit !== undefined) parts.push(`${int(l.tokenLimit)} tokens${period}`);
   if (l.requestsPerMinute !== undefined) parts.push(`${int(l.requestsPerMinute)} req/min`);
-  if (!parts.length) return "No limits";
-  const budget = l.costLimitUsd !== undefined || l.tokenLimit !== undefined;
-  const period = { [ResetPeriod.NEVER]: "", [ResetPeriod.DAILY]: " per day", [ResetPeriod.WEEKLY]: " per week", [ResetPeriod.MONTHLY]: " per month" }[l.resetPeriod];
-  return parts.join(" · ") + (budget ? period || " in total" : "");
+  return parts.length ? parts.join(" · ") : "No limits";
 }
 
 export interface LimitsDraft {

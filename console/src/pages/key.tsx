@@ -136,7 +136,7 @@ export function KeyPage(props: { id: string }) {
             {int(u.totalTokens)} <span class="unit">tokens</span>
           </p>
           <p class="muted">
-            {fmtTokens(u.promptTokens)} prompt · {fmtTokens(u.completionTokens)} completion
+            {int(u.promptTokens)} prompt · {int(u.completionTokens)} completion tokens
           </p>
           <UsageBar
             label="Token budget"
