@@ -23,6 +23,7 @@ use crate::admin::{AccessApi, AuditApi};
 use crate::admin::{Admin, AdminAuth, AdminLimits, GatewayApi, KeyApi, MAX_REQUEST_BYTES};
 use crate::authz::{AuthorizationServer, AuthzService, ExternalProcessorServer, MeterService};
 use crate::config::{ServeArgs, ServeRole};
+use crate::console::AdminHttp;
 use crate::domain::access::Rate;
 use crate::domain::budget::Meters;
 use crate::domain::check::Limiters;
@@ -31,7 +32,7 @@ use crate::domain::counters::{Counters, InProcess};
 use crate::domain::pricing::PriceBook;
 use crate::domain::tokens::TokenRegistry;
 use crate::domain::view::View;
-use crate::listen::{self, FrontDoor, Limits};
+use crate::listen::{self, FrontDoor, Limits, Protocols};
 use crate::shared_counters::{self, SharedCounters};
 use crate::state::Shared;
 use crate::store::{self, DynStore};
@@ -216,7 +217,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         let threads = args.authz_threads.max(1);
         let tls = authz_tls.is_some();
         // One connection cap across the threads sharing the listener.
-        let door = FrontDoor::new("authz", &limits, authz_tls);
+        let door = FrontDoor::new("authz", &limits, authz_tls, Protocols::Http2);
         for _ in 0..threads {
             let listener = listener.try_clone().context("sharing the authz listener")?;
             let (door, shared, health, stop, drain) =
@@ -231,7 +232,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     if args.role != ServeRole::Authz {
         let (listener, addr) = bind(args.admin_addr, "admin").await?;
         let tls = admin_tls.is_some();
-        let incoming = FrontDoor::new("admin", &limits, admin_tls).incoming(listener);
+        let incoming = FrontDoor::new("admin", &limits, admin_tls, Protocols::Http2AndHttp1).incoming(listener);
         admin_addr = Some(addr);
         let writes = Rate {
             burst: args.admin_write_burst,
@@ -250,10 +251,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building reflection v1alpha")?;
-        let router = limits
-            .server()
-            .timeout(args.admin_request_timeout)
-            .add_service(health_server.clone())
+        let routes = tonic::service::Routes::new(health_server.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(Intercepted::new(
@@ -276,9 +274,14 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
                 AuditServiceServer::new(AuditApi(admin)).max_decoding_message_size(MAX_REQUEST_BYTES),
                 auth,
             ));
+        // gRPC, gRPC-Web (browsers: HTTP/1.1 too) and the console's files on one port.
+        let service = AdminHttp::new(routes, args.console);
+        let server = limits.server().timeout(args.admin_request_timeout).accept_http1(true);
         let stop = signal();
-        tasks.push(tokio::spawn(async move { Ok(router.serve_with_incoming_shutdown(incoming, stop).await?) }));
-        tracing::info!(%addr, tls, "admin listener (admin API, health, reflection) ready");
+        tasks
+            .push(tokio::spawn(async move { Ok(server.serve_with_incoming_shutdown(service, incoming, stop).await?) }));
+        let console = args.console;
+        tracing::info!(%addr, tls, console, "admin listener (admin API, gRPC-Web, health, reflection, console) ready");
     }
     let mut metrics_addr = None;
     if let Some(addr) = args.metrics_addr {

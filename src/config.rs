@@ -68,6 +68,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_ADMIN_ADDR", default_value = "127.0.0.1:50052")]
     pub admin_addr: SocketAddr,
 
+    /// Serve the web console on the admin listener (same port and origin as the admin API,
+    /// which also answers gRPC-Web). `--console=false`: paths that are not gRPC get 404.
+    #[arg(long, env = "PORTCULLIS_CONSOLE", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub console: bool,
+
     /// Threads serving Envoy (ext_authz, ext_proc), each a single-threaded runtime of its own.
     /// One keeps CPU per Check lowest; raise it when one core cannot keep up.
     #[arg(long, env = "PORTCULLIS_AUTHZ_THREADS", default_value_t = 1)]

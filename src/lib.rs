@@ -7,6 +7,7 @@ pub mod app;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod listen;
 pub mod metrics;

@@ -5,7 +5,9 @@
 //! idle sockets could hold every file descriptor. Here a connection reaches tonic only
 //! once it has completed its TLS handshake (when TLS is on) and sent the whole HTTP/2
 //! connection preface (the magic string and a SETTINGS frame) within
-//! `--handshake-timeout`; until then it is ours, and is closed at the deadline. Each
+//! `--handshake-timeout`; until then it is ours, and is closed at the deadline. A listener
+//! that also speaks HTTP/1.1 (the admin one: gRPC-Web and the console) takes, instead of
+//! the preface, a first request's complete head (request line and headers) in that time. Each
 //! listener holds at most `--max-connections` connections, idle or not: at the cap it
 //! stops accepting (the kernel queues the rest) until one closes.
 
@@ -35,6 +37,8 @@ const H2_MAGIC: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A client's first SETTINGS frame larger than this is not a real client.
 const MAX_SETTINGS_PAYLOAD: usize = 16_384;
 const FRAME_SETTINGS: u8 = 0x4;
+/// The largest first HTTP/1.1 request head (request line and headers) a listener waits for.
+const MAX_HTTP1_HEAD: usize = 64 * 1024;
 /// Longer would let idle sockets pile up again.
 const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -91,23 +95,33 @@ pub fn tls_from_args(args: &ServeArgs) -> anyhow::Result<(Option<TlsAcceptor>, O
             cert,
             key,
             args.authz_tls_client_ca.as_deref().map(|ca| ("--authz-tls-client-ca", ca)),
+            Protocols::Http2,
         )?),
         _ => None,
     };
     let admin = match (&args.admin_tls_cert, &args.admin_tls_key) {
-        (Some(cert), Some(key)) => Some(server_tls("admin", cert, key, None)?),
+        (Some(cert), Some(key)) => Some(server_tls("admin", cert, key, None, Protocols::Http2AndHttp1)?),
         _ => None,
     };
     Ok((authz, admin))
 }
 
+/// What a listener speaks: gRPC clients use HTTP/2; browsers (gRPC-Web, the console) may
+/// use HTTP/1.1 too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocols {
+    Http2,
+    Http2AndHttp1,
+}
+
 /// TLS for a listener from PEM files; with `client_ca`, only clients holding a certificate
-/// that CA signed get through the handshake.
+/// that CA signed get through the handshake. ALPN offers what the listener speaks.
 pub fn server_tls(
     flag: &str,
     cert: &Path,
     key: &Path,
     client_ca: Option<(&str, &Path)>,
+    protocols: Protocols,
 ) -> anyhow::Result<TlsAcceptor> {
     let chain = crate::pem::read_certs(&format!("--{flag}-tls-cert"), cert)?;
     let key = PrivateKeyDer::from_pem_file(key)
@@ -129,7 +143,10 @@ pub fn server_tls(
     let mut config = builder
         .with_single_cert(chain, key)
         .with_context(|| format!("--{flag}-tls-cert and --{flag}-tls-key do not make a usable certificate"))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = match protocols {
+        Protocols::Http2 => vec![b"h2".to_vec()],
+        Protocols::Http2AndHttp1 => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -195,15 +212,17 @@ pub async fn accept_next<A: Acceptor>(acceptor: &mut A, listener: &'static str) 
 #[derive(Clone)]
 pub struct FrontDoor {
     name: &'static str,
+    protocols: Protocols,
     tls: Option<TlsAcceptor>,
     permits: Arc<Semaphore>,
     handshake_timeout: Duration,
 }
 
 impl FrontDoor {
-    pub fn new(name: &'static str, limits: &Limits, tls: Option<TlsAcceptor>) -> FrontDoor {
+    pub fn new(name: &'static str, limits: &Limits, tls: Option<TlsAcceptor>, protocols: Protocols) -> FrontDoor {
         FrontDoor {
             name,
+            protocols,
             tls,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             handshake_timeout: limits.handshake_timeout,
@@ -258,29 +277,58 @@ impl FrontDoor {
             Some(tls) => Io::Tls(Box::new(tls.accept(stream).await?)),
         };
         let mut conn = Conn { io, replay: Vec::new(), replayed: 0, info, _permit: permit };
-        conn.replay = read_preface(&mut conn.io).await?;
+        conn.replay = read_preface(&mut conn.io, self.protocols).await?;
         Ok(conn)
     }
 }
 
-/// Reads the client's connection preface: the magic string, then a SETTINGS frame.
-async fn read_preface(io: &mut Io) -> io::Result<Vec<u8>> {
-    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("not an HTTP/2 client: {what}"));
-    let mut head = [0u8; H2_MAGIC.len() + 9];
-    io.read_exact(&mut head).await?;
-    if &head[..H2_MAGIC.len()] != H2_MAGIC {
-        return Err(invalid("no connection preface"));
+/// Reads the client's first bytes until they make a whole HTTP/2 connection preface (the
+/// magic string, then a SETTINGS frame) or, where HTTP/1.1 is spoken, a whole request head;
+/// returns every byte read, for tonic to read again.
+async fn read_preface(io: &mut Io, protocols: Protocols) -> io::Result<Vec<u8>> {
+    let mut read = Vec::with_capacity(256);
+    loop {
+        match preface_state(&read, protocols) {
+            Preface::Complete => return Ok(read),
+            Preface::Invalid(what) => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("not an HTTP client: {what}")));
+            }
+            Preface::Incomplete => {
+                read.reserve(1024);
+                if io.read_buf(&mut read).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
     }
-    let frame = &head[H2_MAGIC.len()..];
-    let len = usize::from(frame[0]) << 16 | usize::from(frame[1]) << 8 | usize::from(frame[2]);
-    if frame[3] != FRAME_SETTINGS || len > MAX_SETTINGS_PAYLOAD {
-        return Err(invalid("the preface is not followed by SETTINGS"));
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Preface {
+    Complete,
+    Incomplete,
+    Invalid(&'static str),
+}
+
+/// Whether `read` holds a whole preface (or HTTP/1.1 request head), may still become one,
+/// or cannot.
+fn preface_state(read: &[u8], protocols: Protocols) -> Preface {
+    let seen = read.len().min(H2_MAGIC.len());
+    if read[..seen] == H2_MAGIC[..seen] {
+        let Some(frame) = read.get(H2_MAGIC.len()..H2_MAGIC.len() + 9) else { return Preface::Incomplete };
+        let len = usize::from(frame[0]) << 16 | usize::from(frame[1]) << 8 | usize::from(frame[2]);
+        if frame[3] != FRAME_SETTINGS || len > MAX_SETTINGS_PAYLOAD {
+            return Preface::Invalid("the HTTP/2 preface is not followed by SETTINGS");
+        }
+        return if read.len() >= H2_MAGIC.len() + 9 + len { Preface::Complete } else { Preface::Incomplete };
     }
-    let mut preface = Vec::with_capacity(head.len() + len);
-    preface.extend_from_slice(&head);
-    preface.resize(head.len() + len, 0);
-    io.read_exact(&mut preface[head.len()..]).await?;
-    Ok(preface)
+    match protocols {
+        Protocols::Http2 => Preface::Invalid("no HTTP/2 connection preface"),
+        // The head ends with an empty line; hyper parses it (and refuses what is not HTTP).
+        Protocols::Http2AndHttp1 if memchr::memmem::find(read, b"\r\n\r\n").is_some() => Preface::Complete,
+        Protocols::Http2AndHttp1 if read.len() > MAX_HTTP1_HEAD => Preface::Invalid("request head too large"),
+        Protocols::Http2AndHttp1 => Preface::Incomplete,
+    }
 }
 
 enum Io {
@@ -395,6 +443,28 @@ mod tests {
             };
             std::future::ready(result)
         }
+    }
+
+    #[test]
+    fn a_connection_reaches_tonic_after_a_whole_preface_or_http1_head() {
+        use Protocols::*;
+        let mut h2 = H2_MAGIC.to_vec();
+        assert_eq!(preface_state(&h2[..10], Http2), Preface::Incomplete);
+        assert_eq!(preface_state(&h2, Http2AndHttp1), Preface::Incomplete);
+        h2.extend_from_slice(&[0, 0, 6, FRAME_SETTINGS, 0, 0, 0, 0, 0]);
+        assert_eq!(preface_state(&h2, Http2), Preface::Incomplete, "SETTINGS payload still to come");
+        h2.extend_from_slice(&[0, 3, 0, 0, 0, 100]);
+        assert_eq!(preface_state(&h2, Http2), Preface::Complete);
+        let mut bad = H2_MAGIC.to_vec();
+        bad.extend_from_slice(&[0, 0, 0, 0x1, 0, 0, 0, 0, 0]);
+        assert!(matches!(preface_state(&bad, Http2AndHttp1), Preface::Invalid(_)));
+
+        let get = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        assert!(matches!(preface_state(get, Http2), Preface::Invalid(_)), "HTTP/1.1 only where spoken");
+        assert_eq!(preface_state(&get[..20], Http2AndHttp1), Preface::Incomplete);
+        assert_eq!(preface_state(get, Http2AndHttp1), Preface::Complete);
+        let huge = vec![b'a'; MAX_HTTP1_HEAD + 1];
+        assert!(matches!(preface_state(&huge, Http2AndHttp1), Preface::Invalid(_)));
     }
 
     #[tokio::test]

@@ -8,6 +8,8 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// The body as sent (binary bodies: gRPC-Web frames).
+    pub bytes: Vec<u8>,
 }
 
 impl Response {
@@ -84,5 +86,5 @@ fn parse(raw: &[u8]) -> Option<Response> {
     } else {
         rest.to_vec()
     };
-    Some(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+    Some(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned(), bytes: body })
 }
