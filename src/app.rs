@@ -71,6 +71,7 @@ pub struct Running {
     health: HealthReporter,
     health_names: Vec<&'static str>,
     drain_timeout: Duration,
+    shutdown_delay: Duration,
     store: DynStore,
 }
 
@@ -192,7 +193,13 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     upkeep::spawn(
         &shared,
         &store,
-        Upkeep { reservation_ttl: ttl, audit_retention: retention, flush_every: args.usage_flush_interval },
+        Upkeep {
+            reservation_ttl: ttl,
+            audit_retention: retention,
+            usage_history_retention: chrono::Duration::from_std(args.usage_history_retention)
+                .context("--usage-history-retention is too large")?,
+            flush_every: args.usage_flush_interval,
+        },
     );
     crate::sync::spawn(&shared, &store);
 
@@ -313,6 +320,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         health,
         health_names,
         drain_timeout: args.drain_timeout,
+        shutdown_delay: args.shutdown_delay,
         store,
     })
 }
@@ -322,6 +330,10 @@ impl Running {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         for name in &self.health_names {
             self.health.set_service_status(name, ServingStatus::NotServing).await;
+        }
+        if !self.shutdown_delay.is_zero() {
+            tracing::info!(delay = ?self.shutdown_delay, "NOT_SERVING: still answering while balancers move traffic away");
+            tokio::time::sleep(self.shutdown_delay).await;
         }
         let _ = self.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + self.drain_timeout;

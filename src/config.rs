@@ -135,6 +135,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// After SIGTERM, keep serving this long while health reports NOT_SERVING, so load
+    /// balancers (Envoy's health checks) move traffic to the other replicas before this one
+    /// stops accepting. Set it above two health-check intervals behind a balancer.
+    #[arg(long, env = "PORTCULLIS_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// TLS on the admin listener: PEM certificate chain (with --admin-tls-key).
     #[arg(long, env = "PORTCULLIS_ADMIN_TLS_CERT", requires = "admin_tls_key")]
     pub admin_tls_cert: Option<PathBuf>,
@@ -198,6 +204,11 @@ pub struct ServeArgs {
     /// Audit events older than this are deleted (hourly); 0 keeps them all.
     #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION", default_value = "365d", value_parser = humantime::parse_duration)]
     pub audit_retention: Duration,
+
+    /// Usage history (each key's usage per hour and model, for charts) older than this is
+    /// deleted (hourly); 0 keeps it all.
+    #[arg(long, env = "PORTCULLIS_USAGE_HISTORY_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
+    pub usage_history_retention: Duration,
 
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `portcullis=debug`.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]

@@ -505,7 +505,8 @@ impl SharedCounters {
         }
     }
 
-    async fn settle_shared(&self, key_id: Uuid, ticket: &Ticket, m: &Metered, now: Mono) -> Result<(), ()> {
+    /// Settles in Redis; `Ok(false)` when the ticket was settled before (by any replica).
+    async fn settle_shared(&self, key_id: Uuid, ticket: &Ticket, m: &Metered, now: Mono) -> Result<bool, ()> {
         let keys = Keys::of(key_id, ticket.period_start);
         let tokens = m.prompt_tokens.saturating_add(m.completion_tokens).min(MAX_EXACT);
         let tombstone_ms = (self.settings.reservation_ttl.as_millis() as i64).max(600_000) * 2;
@@ -518,7 +519,7 @@ impl SharedCounters {
             .arg(m.cost_micros.clamp(0, MAX_EXACT as i64))
             .arg(0)
             .arg(tombstone_ms);
-        self.call::<i64>(inv, now).await.map(drop)
+        self.call::<i64>(inv, now).await.map(|settled| settled != 0)
     }
 
     /// Once a second: announces this replica (the others count it for their share of each
@@ -618,20 +619,24 @@ impl Counters for SharedCounters {
         ticket: Option<Ticket>,
         charge: Charge<'a>,
         now: Now,
-    ) -> CountFuture<'a, Metered> {
-        // This replica's ledger and what it knows of the key, once per ticket (a reservation
-        // made here while Redis was down is released here too).
-        let recorded = self.local.meters.record(key_id, reset_period, ticket, charge, now.wall);
+    ) -> CountFuture<'a, Option<Metered>> {
+        // What the reservation held: a reservation made here while Redis was down, or the
+        // ticket's word.
+        let held = ticket.map(|t| self.local.meters.held(key_id, t.id).unwrap_or(t.hold));
+        let metered = charge(held);
         Box::pin(async move {
-            let Some(metered) = recorded else { return Metered::default() };
-            // Missed (Redis unreachable): the reservation expires there and reconciliation
-            // brings the usage in from the ledger.
+            // Redis says whether any replica settled this ticket before; unreachable, the
+            // reservation expires there and reconciliation brings the usage in from the
+            // ledger.
             if let Some(ticket) = ticket
                 && self.closed(now.mono)
+                && self.settle_shared(key_id, &ticket, &metered, now.mono).await == Ok(false)
             {
-                let _ = self.settle_shared(key_id, &ticket, &metered, now.mono).await;
+                return None;
             }
-            metered
+            // This replica's ledger and what it knows of the key, once per ticket (releasing
+            // a reservation made here).
+            self.local.meters.record(key_id, reset_period, ticket, |_| metered, now.wall)
         })
     }
 

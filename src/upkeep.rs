@@ -16,6 +16,8 @@ pub struct Upkeep {
     pub reservation_ttl: chrono::Duration,
     /// Audit events older than this are deleted; zero keeps them all.
     pub audit_retention: chrono::Duration,
+    /// Usage-history hours older than this are deleted; zero keeps them all.
+    pub usage_history_retention: chrono::Duration,
     /// How often changed usage is written.
     pub flush_every: Duration,
 }
@@ -26,15 +28,19 @@ pub fn spawn(shared: &Arc<Shared>, store: &DynStore, upkeep: Upkeep) {
     every(Duration::from_secs(60), shared, move |shared| async move {
         sweep(&shared, ttl);
     });
-    if upkeep.audit_retention > chrono::Duration::zero() {
-        let (store, retention) = (Arc::clone(store), upkeep.audit_retention);
-        every(Duration::from_secs(3600), shared, move |shared| {
-            let (store, cutoff) = (Arc::clone(&store), shared.clock.now() - retention);
-            async move {
-                drop(shared);
-                prune_audit(&*store, cutoff).await;
-            }
-        });
+    for (what, retention) in
+        [(Retained::Audit, upkeep.audit_retention), (Retained::UsageHistory, upkeep.usage_history_retention)]
+    {
+        if retention > chrono::Duration::zero() {
+            let store = Arc::clone(store);
+            every(Duration::from_secs(3600), shared, move |shared| {
+                let (store, cutoff) = (Arc::clone(&store), shared.clock.now() - retention);
+                async move {
+                    drop(shared);
+                    prune(&*store, what, cutoff).await;
+                }
+            });
+        }
     }
     if shared.shared_counters.is_some() {
         every(Duration::from_secs(1), shared, |shared| async move {
@@ -88,6 +94,13 @@ pub async fn flush_usage(store: &dyn Store, shared: &Shared, last: bool) -> bool
             }
             Err(e) => tracing::warn!(error = %e, "could not record management-token use; will retry"),
         }
+    }
+    let history = shared.limiters.meters.take_history();
+    if !history.is_empty()
+        && let Err(e) = store.save_usage_history(&history).await
+    {
+        tracing::warn!(error = %e, rows = history.len(), "usage history flush failed; will retry");
+        shared.limiters.meters.restore_history(history);
     }
     let dirty = shared.limiters.meters.take_dirty();
     if dirty.is_empty() {
@@ -149,28 +162,50 @@ pub async fn reconcile(
     }
 }
 
-/// Audit events deleted per statement: small batches keep each write short.
-const AUDIT_PRUNE_BATCH: u32 = 5_000;
+/// Rows deleted per statement: small batches keep each write short.
+const PRUNE_BATCH: u32 = 5_000;
+
+/// What is deleted once old enough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retained {
+    /// Audit events (`--audit-retention`).
+    Audit,
+    /// Usage-history hours (`--usage-history-retention`).
+    UsageHistory,
+}
 
 /// Deletes the audit events from before `cutoff`, a batch at a time; returns how many.
 pub async fn prune_audit(store: &dyn Store, cutoff: chrono::DateTime<chrono::Utc>) -> u64 {
+    prune(store, Retained::Audit, cutoff).await
+}
+
+/// Deletes `what` from before `cutoff`, a batch at a time; returns how many.
+pub async fn prune(store: &dyn Store, what: Retained, cutoff: chrono::DateTime<chrono::Utc>) -> u64 {
+    let (name, flag) = match what {
+        Retained::Audit => ("audit events", "--audit-retention"),
+        Retained::UsageHistory => ("usage-history hours", "--usage-history-retention"),
+    };
     let mut deleted = 0;
     loop {
-        match store.prune_audit(cutoff, AUDIT_PRUNE_BATCH).await {
+        let batch = match what {
+            Retained::Audit => store.prune_audit(cutoff, PRUNE_BATCH).await,
+            Retained::UsageHistory => store.prune_usage_history(cutoff, PRUNE_BATCH).await,
+        };
+        match batch {
             Ok(n) => {
                 deleted += n;
-                if n < u64::from(AUDIT_PRUNE_BATCH) {
+                if n < u64::from(PRUNE_BATCH) {
                     break;
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not delete old audit events; next hour again");
+                tracing::warn!(error = %e, "could not delete old {name}; next hour again");
                 break;
             }
         }
     }
     if deleted > 0 {
-        tracing::info!(deleted, %cutoff, "deleted audit events older than --audit-retention");
+        tracing::info!(deleted, %cutoff, "deleted {name} older than {flag}");
     }
     deleted
 }

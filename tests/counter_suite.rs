@@ -79,7 +79,8 @@ impl Fixture {
         }
     }
 
-    async fn settle(&self, k: &ApiKey, ticket: Option<Ticket>, m: Metered) -> Metered {
+    /// Settles with charge `m`; `None` when the ticket was settled before.
+    async fn settle(&self, k: &ApiKey, ticket: Option<Ticket>, m: Metered) -> Option<Metered> {
         let charge = move |_: Option<Hold>| m;
         self.counters.settle(k.id, Some(k.limits.reset_period), ticket, &charge, now()).await
     }
@@ -125,8 +126,8 @@ async fn reservations_are_capped_and_settled_once(f: &Fixture) {
         Outcome::Budget { denial: BudgetDenial::Tokens { limit: 100, in_flight: true, .. }, .. } => {}
         other => panic!("held in flight: {other:?}"),
     }
-    assert_eq!(f.settle(&k, Some(a), used(10, 10, 0)).await, used(10, 10, 0));
-    assert_eq!(f.settle(&k, Some(a), used(10, 10, 0)).await, Metered::default(), "a second settle charges nothing");
+    assert_eq!(f.settle(&k, Some(a), used(10, 10, 0)).await, Some(used(10, 10, 0)));
+    assert_eq!(f.settle(&k, Some(a), used(10, 10, 0)).await, None, "a second settle charges nothing");
     let u = f.usage(&k).await;
     assert_eq!((u.requests, u.prompt_tokens, u.completion_tokens, u.reserved_tokens), (1, 10, 10, 40));
     // The held tokens of the first are free again.
@@ -269,8 +270,9 @@ async fn a_reservation_is_settled_on_any_replica_once() {
     let (a, b, c) = (redis(), redis(), redis());
     let k = key(Limits { token_limit: Some(100), ..Default::default() });
     let t = a.admitted(&k, ask(80, 0)).await.unwrap();
-    assert_eq!(b.settle(&k, Some(t), used(5, 15, 0)).await, used(5, 15, 0));
-    assert_eq!(c.settle(&k, Some(t), used(5, 15, 0)).await, used(5, 15, 0), "c's own ledger records it");
+    assert_eq!(b.settle(&k, Some(t), used(5, 15, 0)).await, Some(used(5, 15, 0)));
+    assert_eq!(c.settle(&k, Some(t), used(5, 15, 0)).await, None, "settled before, by another replica");
+    assert!(c.meters.take_dirty().is_empty(), "nothing for c's ledger either");
     let u = a.usage(&k).await;
     assert_eq!((u.requests, u.prompt_tokens + u.completion_tokens, u.reserved_tokens), (1, 20, 0), "counted once");
 }

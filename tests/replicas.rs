@@ -549,3 +549,47 @@ async fn a_killed_replica_leaves_the_others_serving_and_its_reservations_expire(
     let _ = b.sigterm().await;
     drop_db(&name).await;
 }
+
+/// A replica stopped with SIGTERM and `--shutdown-delay` reports NOT_SERVING, keeps
+/// answering while Envoy's health checks move traffic to the other one, then drains and
+/// exits 0: no request fails.
+#[tokio::test]
+async fn a_replica_stopped_gracefully_loses_no_request() {
+    use common::process::{Proc, clients};
+    let (url, name) = fresh_db().await;
+    let redis = redis_url();
+    let env = [
+        ("PORTCULLIS_REDIS_URL", redis.as_str()),
+        ("PORTCULLIS_SHUTDOWN_DELAY", "3s"),
+        ("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN),
+    ];
+    let (authz_a, authz_b) = (free_port(), free_port());
+    let (admin_a, admin_b) = (free_port(), free_port());
+    let mut a = Proc::spawn(&url, authz_a, admin_a, &env);
+    a.wait_for("admin listener").await;
+    let mut b = Proc::spawn(&url, authz_b, admin_b, &env);
+    b.wait_for("admin listener").await;
+    let upstream = FakeUpstream::start().await;
+    let envoy = Envoy::start_with(authz_a, upstream.port, every_replica(&[authz_a, authz_b])).await;
+    let (mut gw, mut keys) = clients(admin_a, OWNER_TOKEN).await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (_, secret) = key_with_limits(&mut keys, "k", pb::Limits::default()).await;
+    eventually("B knows the key", WITHIN, || async { (check_on(authz_b, "demo", &secret).await == 200).then_some(()) })
+        .await;
+    let h = [("x-api-key", secret.as_str())];
+    let stopping = tokio::spawn(a.sigterm());
+    let mut statuses = Vec::new();
+    while !stopping.is_finished() {
+        statuses.push(envoy.send(DEMO, CHAT, &h).await.status);
+    }
+    let (status, _) = stopping.await.unwrap();
+    assert!(status.success(), "exit 0 after the drain");
+    for _ in 0..10 {
+        statuses.push(envoy.send(DEMO, CHAT, &h).await.status);
+    }
+    assert!(statuses.len() > 20, "requests kept flowing during the stop: {}", statuses.len());
+    assert!(statuses.iter().all(|s| *s == 200), "no request failed: {statuses:?}");
+    drop(envoy);
+    let _ = b.sigterm().await;
+    drop_db(&name).await;
+}

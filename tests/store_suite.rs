@@ -10,7 +10,7 @@ use portcullis::domain::pricing::Price;
 use portcullis::domain::secret::{Secret, SecretKind};
 use portcullis::domain::tokens::StoredToken;
 use portcullis::store::sealing::Sealer;
-use portcullis::store::{DynStore, Page, StoreError};
+use portcullis::store::{AuditQuery, DynStore, KeyOrder, KeyQuery, StoreError};
 use uuid::Uuid;
 
 const SEAL_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
@@ -96,6 +96,14 @@ fn key(g: &Gateway, name: &str, secret: &Secret) -> ApiKey {
     }
 }
 
+fn key_query(gateway_id: Uuid, order: KeyOrder, descending: bool, limit: u32) -> KeyQuery {
+    KeyQuery { gateway_id, name_contains: None, status: None, order, descending, after: None, limit, now: t0() }
+}
+
+fn audit(gateway: Option<&str>, before: Option<Uuid>) -> AuditQuery {
+    AuditQuery { gateway: gateway.map(str::to_string), before, limit: 10, ..Default::default() }
+}
+
 async fn gateways_and_keys(db: &Db) {
     let s = &db.store;
     let g = gateway("alpha");
@@ -122,10 +130,10 @@ async fn gateways_and_keys(db: &Db) {
     assert!(matches!(err, StoreError::AlreadyExists("a key with this secret")), "{err:?}");
     assert_eq!(s.get_key(keys[0].id).await.unwrap().unwrap(), keys[0]);
 
-    let first = s.list_keys(g.id, Page { after: None, limit: 2 }).await.unwrap();
-    assert_eq!(first.iter().map(|k| k.id).collect::<Vec<_>>(), [keys[0].id, keys[1].id]);
-    let after = first[1].id.to_string();
-    let rest = s.list_keys(g.id, Page { after: Some(&after), limit: 10 }).await.unwrap();
+    let first = s.search_keys(&key_query(g.id, KeyOrder::Id, false, 2)).await.unwrap();
+    assert_eq!(first.iter().map(|(k, _)| k.id).collect::<Vec<_>>(), [keys[0].id, keys[1].id]);
+    let after = KeyQuery { after: Some(first[1].1.clone()), ..key_query(g.id, KeyOrder::Id, false, 10) };
+    let rest = s.search_keys(&after).await.unwrap();
     assert_eq!(rest.len(), 3);
 
     let mut changed = keys[1].clone();
@@ -251,22 +259,22 @@ async fn usage_prices_tokens_and_audit(db: &Db) {
             result: "OK".into(),
         };
         s.insert_audit(&e).await.unwrap();
-        ids.push(e.id.to_string());
+        ids.push(e.id);
     }
-    let all = s.list_audit(None, None, 10).await.unwrap();
+    let all = s.search_audit(&audit(None, None)).await.unwrap();
     assert_eq!(all.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), ["t2", "t1", "t0"], "newest first");
-    let beta = s.list_audit(Some("beta"), None, 1).await.unwrap();
+    let beta = s.search_audit(&AuditQuery { limit: 1, ..audit(Some("beta"), None) }).await.unwrap();
     assert_eq!(beta[0].target, "t2");
-    let next = s.list_audit(Some("beta"), Some(&ids[2]), 10).await.unwrap();
+    let next = s.search_audit(&audit(Some("beta"), Some(ids[2]))).await.unwrap();
     assert_eq!(next.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), ["t0"]);
 
     // Retention: events from before the cutoff go, a batch at a time, oldest first.
     assert_eq!(s.prune_audit(t0() + Duration::seconds(2), 1).await.unwrap(), 1);
-    let left = s.list_audit(None, None, 10).await.unwrap();
+    let left = s.search_audit(&audit(None, None)).await.unwrap();
     assert_eq!(left.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), ["t2", "t1"], "the oldest went first");
     assert_eq!(portcullis::upkeep::prune_audit(&**s, t0() + Duration::seconds(2)).await, 1);
     assert_eq!(portcullis::upkeep::prune_audit(&**s, t0() + Duration::seconds(2)).await, 0);
-    let left = s.list_audit(None, None, 10).await.unwrap();
+    let left = s.search_audit(&audit(None, None)).await.unwrap();
     assert_eq!(left.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), ["t2"], "the cutoff itself stays");
 }
 
@@ -383,6 +391,206 @@ async fn changes_since_returns_every_change_the_view_needs(db: &Db) {
     assert!(all.removed_keys.contains(&k.id) && all.removed_gateways.contains(&g.id), "from 0: deletions too");
 }
 
+/// ListKeys' search: by name (ignoring case; LIKE's characters are literal), by status,
+/// in every order both ways (spend from the current period's ledger row), in keyset pages
+/// that add up to the whole listing.
+async fn keys_are_searched_by_name_and_status_in_every_order(db: &Db) {
+    use portcullis::domain::key::KeyStatus;
+    let s = &db.store;
+    let g = gateway("search");
+    s.insert_gateway(&g).await.unwrap();
+    let other = gateway("other");
+    s.insert_gateway(&other).await.unwrap();
+    let hours = Duration::hours;
+    // name, enabled, expires in (days), last used (hours ago), spend this month (micros)
+    let specs = [
+        ("Alpha", true, Some(10), Some(1), 300),
+        ("beta_1", true, None, None, 100),
+        ("GAMMA%", false, Some(5), Some(3), 0),
+        ("alphabet", true, Some(-1), Some(2), 200),
+    ];
+    let mut usage = Vec::new();
+    for (i, (name, enabled, expires, used, spend)) in specs.into_iter().enumerate() {
+        let secret = Secret::generate(SecretKind::ApiKey);
+        let mut k = key(&g, name, &secret);
+        k.enabled = enabled;
+        k.created_at = t0() - hours(i as i64);
+        k.expires_at = expires.map(|d| t0() + Duration::days(d));
+        k.last_used_at = used.map(|h| t0() - hours(h));
+        s.insert_key(&k, &secret.hash()).await.unwrap();
+        let month = portcullis::domain::period::bounds(ResetPeriod::Monthly, t0()).0;
+        let mut c = Counters::empty(k.id, ResetPeriod::Monthly, month);
+        (c.requests, c.cost_micros) = (1, spend);
+        usage.push(c);
+        // Last month's spend is not this period's.
+        let mut old = Counters::empty(k.id, ResetPeriod::Monthly, month - Duration::days(3));
+        old.cost_micros = 1_000_000 * (4 - i as i64);
+        usage.push(old);
+    }
+    s.save_usage(&usage, t0()).await.unwrap();
+    let outsider = Secret::generate(SecretKind::ApiKey);
+    s.insert_key(&key(&other, "alpha-elsewhere", &outsider), &outsider.hash()).await.unwrap();
+    let gone = Secret::generate(SecretKind::ApiKey);
+    let gone_key = key(&g, "alpha-deleted", &gone);
+    s.insert_key(&gone_key, &gone.hash()).await.unwrap();
+    s.delete_key(gone_key.id, t0()).await.unwrap();
+
+    let names =
+        |rows: Vec<(ApiKey, portcullis::store::KeyCursor)>| rows.into_iter().map(|(k, _)| k.name).collect::<Vec<_>>();
+    let orders = [
+        (KeyOrder::Id, ["Alpha", "beta_1", "GAMMA%", "alphabet"]),
+        (KeyOrder::Name, ["Alpha", "alphabet", "beta_1", "GAMMA%"]),
+        (KeyOrder::CreatedAt, ["alphabet", "GAMMA%", "beta_1", "Alpha"]),
+        (KeyOrder::LastUsedAt, ["beta_1", "GAMMA%", "alphabet", "Alpha"]),
+        (KeyOrder::ExpiresAt, ["alphabet", "GAMMA%", "Alpha", "beta_1"]),
+        (KeyOrder::Spend, ["GAMMA%", "beta_1", "alphabet", "Alpha"]),
+    ];
+    for (order, want) in orders {
+        for descending in [false, true] {
+            let mut want: Vec<&str> = want.to_vec();
+            if descending {
+                want.reverse();
+            }
+            let all = names(s.search_keys(&key_query(g.id, order, descending, 10)).await.unwrap());
+            assert_eq!(all, want, "{order:?} descending={descending}");
+            // One key a page, each page after the last one's cursor.
+            let mut paged = Vec::new();
+            let mut q = key_query(g.id, order, descending, 1);
+            while let Some((k, cursor)) = s.search_keys(&q).await.unwrap().pop() {
+                paged.push(k.name);
+                q.after = Some(cursor);
+            }
+            assert_eq!(paged, want, "{order:?} descending={descending}, paged");
+        }
+    }
+
+    let filtered = |name: Option<&str>, status: Option<KeyStatus>| {
+        let q =
+            KeyQuery { name_contains: name.map(str::to_string), status, ..key_query(g.id, KeyOrder::Name, false, 10) };
+        async move { names(s.search_keys(&q).await.unwrap()) }
+    };
+    assert_eq!(filtered(Some("ALPHA"), None).await, ["Alpha", "alphabet"]);
+    assert_eq!(filtered(Some("_"), None).await, ["beta_1"], "_ is literal");
+    assert_eq!(filtered(Some("a%"), None).await, ["GAMMA%"], "% is literal");
+    assert_eq!(filtered(None, Some(KeyStatus::Active)).await, ["Alpha", "beta_1"]);
+    assert_eq!(filtered(None, Some(KeyStatus::Disabled)).await, ["GAMMA%"]);
+    assert_eq!(filtered(None, Some(KeyStatus::Expired)).await, ["alphabet"]);
+    assert_eq!(filtered(Some("alpha"), Some(KeyStatus::Active)).await, ["Alpha"]);
+    assert!(filtered(Some("zeta"), None).await.is_empty());
+}
+
+/// Audit events filtered by actor (id or name), action (an RPC or a service), target and
+/// time range, all together.
+async fn audit_events_are_filtered(db: &Db) {
+    let s = &db.store;
+    let (ci, ops) = (Uuid::now_v7(), Uuid::now_v7());
+    let events = [
+        (ci, "ci", "KeyService/UpdateKey", "k1", 0),
+        (ci, "ci", "KeyService/DeleteKey", "k2", 10),
+        (ops, "ops", "GatewayService/CreateGateway", "g1", 20),
+        (ops, "ops", "KeyService/UpdateKey", "k1", 30),
+    ];
+    for (token, name, action, target, secs) in events {
+        let e = AuditEvent {
+            id: Uuid::now_v7(),
+            at: t0() + Duration::seconds(secs),
+            token_id: Some(token),
+            token_name: name.into(),
+            action: action.into(),
+            gateway: Some("demo".into()),
+            target: target.into(),
+            result: "OK".into(),
+        };
+        s.insert_audit(&e).await.unwrap();
+    }
+    let find = |q: AuditQuery| async move {
+        let q = AuditQuery { limit: 10, ..q };
+        s.search_audit(&q).await.unwrap().into_iter().map(|e| (e.token_name, e.action, e.target)).collect::<Vec<_>>()
+    };
+    let one = |n: &str, a: &str, t: &str| (n.to_string(), a.to_string(), t.to_string());
+    assert_eq!(find(AuditQuery { actor: Some("ci".into()), ..Default::default() }).await.len(), 2);
+    assert_eq!(find(AuditQuery { actor: Some(ops.to_string()), ..Default::default() }).await.len(), 2, "by token id");
+    assert_eq!(
+        find(AuditQuery { action: Some("KeyService".into()), ..Default::default() }).await,
+        [
+            one("ops", "KeyService/UpdateKey", "k1"),
+            one("ci", "KeyService/DeleteKey", "k2"),
+            one("ci", "KeyService/UpdateKey", "k1")
+        ]
+    );
+    assert_eq!(
+        find(AuditQuery { action: Some("Key".into()), ..Default::default() }).await.len(),
+        0,
+        "a whole service name"
+    );
+    assert_eq!(
+        find(AuditQuery {
+            action: Some("KeyService/UpdateKey".into()),
+            target: Some("k1".into()),
+            actor: Some("ci".into()),
+            ..Default::default()
+        })
+        .await,
+        [one("ci", "KeyService/UpdateKey", "k1")]
+    );
+    let range = AuditQuery {
+        from: Some(t0() + Duration::seconds(10)),
+        to: Some(t0() + Duration::seconds(30)),
+        ..Default::default()
+    };
+    assert_eq!(
+        find(range).await,
+        [one("ops", "GatewayService/CreateGateway", "g1"), one("ci", "KeyService/DeleteKey", "k2")],
+        "from included, to excluded"
+    );
+}
+
+/// Usage history: increments per key, hour and model add up, read back per hour or day,
+/// per key or gateway, by model or not; old hours are pruned.
+async fn usage_history_adds_up_and_reads_back(db: &Db) {
+    use portcullis::domain::budget::UsageBucket;
+    use portcullis::store::{Granularity, HistoryQuery, HistoryScope};
+    let s = &db.store;
+    let g = gateway("hist");
+    s.insert_gateway(&g).await.unwrap();
+    let (a, b) = (Secret::generate(SecretKind::ApiKey), Secret::generate(SecretKind::ApiKey));
+    let (ka, kb) = (key(&g, "a", &a), key(&g, "b", &b));
+    s.insert_key(&ka, &a.hash()).await.unwrap();
+    s.insert_key(&kb, &b.hash()).await.unwrap();
+    let day = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+    let bucket = |k: &ApiKey, hours: i64, model: &str, n: u64| UsageBucket {
+        key_id: k.id,
+        hour: day + Duration::hours(hours),
+        model: model.into(),
+        requests: n,
+        prompt_tokens: 10 * n,
+        completion_tokens: 20 * n,
+        cost_micros: 5 * n as i64,
+    };
+    let rows = [bucket(&ka, 1, "m1", 1), bucket(&ka, 1, "m2", 2), bucket(&ka, 30, "m1", 4), bucket(&kb, 2, "m1", 8)];
+    s.save_usage_history(&rows).await.unwrap();
+    s.save_usage_history(&rows[..1]).await.expect("increments add up");
+    let q = |scope, granularity, by_model| HistoryQuery {
+        scope,
+        from: day,
+        to: day + Duration::days(2),
+        granularity,
+        by_model,
+    };
+    let per_day = s.usage_history(&q(HistoryScope::Key(ka.id), Granularity::Day, false)).await.unwrap();
+    let got: Vec<_> = per_day.iter().map(|r| (r.start, r.requests, r.completion_tokens, r.cost_micros)).collect();
+    assert_eq!(got, vec![(day, 4, 80, 20), (day + Duration::days(1), 4, 80, 20)]);
+    let by_model = s.usage_history(&q(HistoryScope::Key(ka.id), Granularity::Hour, true)).await.unwrap();
+    let got: Vec<_> = by_model.iter().map(|r| (r.start, r.model.as_deref(), r.requests)).collect();
+    let h = |n| day + Duration::hours(n);
+    assert_eq!(got, vec![(h(1), Some("m1"), 2), (h(1), Some("m2"), 2), (h(30), Some("m1"), 4)]);
+    let gateway = s.usage_history(&q(HistoryScope::Gateway(g.id), Granularity::Day, false)).await.unwrap();
+    assert_eq!(gateway.iter().map(|r| r.requests).collect::<Vec<_>>(), vec![12, 4], "both keys, per day");
+    assert_eq!(s.prune_usage_history(day + Duration::hours(2), 10).await.unwrap(), 2, "the hour-1 rows");
+    let left = s.usage_history(&q(HistoryScope::Gateway(g.id), Granularity::Day, false)).await.unwrap();
+    assert_eq!(left.iter().map(|r| r.requests).collect::<Vec<_>>(), vec![8, 4]);
+}
+
 macro_rules! test_with_all_storage_impls {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -409,6 +617,9 @@ macro_rules! test_with_all_storage_impls {
 }
 
 test_with_all_storage_impls!(
+    keys_are_searched_by_name_and_status_in_every_order,
+    audit_events_are_filtered,
+    usage_history_adds_up_and_reads_back,
     gateways_and_keys,
     usage_prices_tokens_and_audit,
     provider_keys_are_sealed,

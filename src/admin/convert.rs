@@ -157,6 +157,7 @@ pub fn key_to_pb(k: &ApiKey, gateway: &str, now: DateTime<Utc>) -> pb::ApiKey {
         created_at: Some(timestamp(k.created_at)),
         expires_at: k.expires_at.map(timestamp),
         last_used_at: k.last_used_at.map(timestamp),
+        usage: None,
     }
 }
 

@@ -326,11 +326,6 @@ fn page_size(n: u32) -> Result<u32, crate::domain::FieldError> {
     }
 }
 
-/// `page_token`: the id of the last item of the previous page.
-fn page_after(token: &str) -> Result<Option<String>, crate::domain::FieldError> {
-    if token.is_empty() { Ok(None) } else { Ok(Some(keys::parse_id("page_token", token)?.to_string())) }
-}
-
 /// Runs an admin mutation to completion even if the caller goes away. tonic drops a
 /// handler's future when the client cancels; a commit without its view update would
 /// leave Check enforcing stale state (a disabled key still admitted), so the commit and

@@ -13,7 +13,12 @@ pub(super) async fn run(conn: &Connection, gateway: Option<String>, limit: usize
     let mut page_token = String::new();
     while events.len() < limit {
         let page_size = (limit - events.len()).min(1000) as u32;
-        let req = pb::ListAuditEventsRequest { gateway: gateway.clone().unwrap_or_default(), page_size, page_token };
+        let req = pb::ListAuditEventsRequest {
+            gateway: gateway.clone().unwrap_or_default(),
+            page_size,
+            page_token,
+            ..Default::default()
+        };
         let page = client.list_audit_events(req).await.map_err(status_err)?.into_inner();
         events.extend(page.events);
         if page.next_page_token.is_empty() {

@@ -34,7 +34,12 @@ pub(super) async fn run(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
             let mut page_token = String::new();
             loop {
                 let page = client
-                    .list_keys(pb::ListKeysRequest { gateway: gateway.clone(), page_size: 1000, page_token })
+                    .list_keys(pb::ListKeysRequest {
+                        gateway: gateway.clone(),
+                        page_size: 1000,
+                        page_token,
+                        ..Default::default()
+                    })
                     .await
                     .map_err(status_err)?
                     .into_inner();

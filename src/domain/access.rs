@@ -124,6 +124,33 @@ impl AuditEvent {
     }
 }
 
+/// A value the audit trail is filtered by (actor, target): stored values are at most
+/// [`AUDIT_VALUE_MAX_BYTES`], so a longer one could never match whole.
+pub fn validate_audit_filter(field: &'static str, v: &str) -> Result<(), FieldError> {
+    if v.len() > AUDIT_VALUE_MAX_BYTES {
+        return Err(FieldError::new(field, "must be at most 256 bytes"));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(FieldError::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// An action the audit trail is filtered by: an RPC (`KeyService/UpdateKey`) or every RPC
+/// of a service (`KeyService`).
+pub fn validate_audit_action(v: &str) -> Result<(), FieldError> {
+    let word = |w: &str| !w.is_empty() && w.len() <= 64 && w.bytes().all(|b| b.is_ascii_alphabetic());
+    let ok = match v.split_once('/') {
+        None => word(v),
+        Some((service, rpc)) => word(service) && word(rpc),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new("action", "must be an RPC (KeyService/UpdateKey) or a service (KeyService)"))
+    }
+}
+
 fn cut(s: &mut String) {
     const ELLIPSIS: &str = "…";
     if s.len() <= AUDIT_VALUE_MAX_BYTES {
@@ -551,6 +578,18 @@ mod tests {
         assert!(!t.is_usable(t0 + Duration::hours(2), t0 + Duration::minutes(119), idle), "expires_at");
         t.revoked_at = Some(t0);
         assert!(!t.is_usable(t0, t0, idle));
+    }
+
+    #[test]
+    fn audit_filters_are_bounded_and_actions_shaped() {
+        assert!(validate_audit_action("KeyService").is_ok());
+        assert!(validate_audit_action("KeyService/UpdateKey").is_ok());
+        for bad in ["", "KeyService/", "/UpdateKey", "Key Service", "KeyService/Update/Key", "KeyService%"] {
+            assert_eq!(validate_audit_action(bad).unwrap_err().field, "action", "{bad}");
+        }
+        assert!(validate_audit_filter("target", &"x".repeat(256)).is_ok());
+        assert_eq!(validate_audit_filter("target", &"x".repeat(257)).unwrap_err().field, "target");
+        assert_eq!(validate_audit_filter("actor", "a\nb").unwrap_err().field, "actor");
     }
 
     #[test]

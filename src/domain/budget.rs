@@ -254,6 +254,8 @@ struct Inner {
     /// `MAX_SETTLED_RESERVATIONS`.
     settled: std::collections::HashSet<u64>,
     settled_order: VecDeque<u64>,
+    /// Usage over time since the last flush: per key, hour and model.
+    history: HashMap<(Uuid, DateTime<Utc>, Box<str>), UsageBucket>,
 }
 
 impl Inner {
@@ -277,6 +279,34 @@ impl Inner {
         c
     }
 }
+
+/// A key's usage in one hour with one model: a row of the usage history (increments
+/// until the ledger adds them up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageBucket {
+    pub key_id: Uuid,
+    /// The start of the hour.
+    pub hour: DateTime<Utc>,
+    /// The model the response named; empty when it named none.
+    pub model: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_micros: i64,
+}
+
+impl UsageBucket {
+    fn add(&mut self, requests: u64, m: &Metered) {
+        self.requests = self.requests.saturating_add(requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(m.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(m.completion_tokens);
+        self.cost_micros = self.cost_micros.saturating_add(m.cost_micros.max(0));
+    }
+}
+
+/// The longest model name kept in the usage history (longer ones are cut): a response
+/// names its model, and nothing a response says may grow memory without bound.
+const MAX_HISTORY_MODEL: usize = 128;
 
 /// What metering learned about one response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -408,6 +438,15 @@ impl Meters {
         }
     }
 
+    /// What a reservation of `key_id` made here holds (also when the sweep released it).
+    pub fn held(&self, key_id: Uuid, reservation: u64) -> Option<Hold> {
+        let inner = self.inner.lock().ok()?;
+        match (inner.reservations.get(&reservation), inner.expired.get(&reservation)) {
+            (Some(r), _) | (None, Some((r, _))) if r.key_id == key_id => Some(r.hold),
+            _ => None,
+        }
+    }
+
     /// Records one metered response and settles its reservation in one step (no Check
     /// sees the reservation gone and the usage not yet counted), once: a ticket settled
     /// here before is charged nothing (`None`). `charge` gets what the reservation held
@@ -469,6 +508,62 @@ impl Meters {
     pub fn snapshot(&self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) -> Option<Counters> {
         let mut inner = self.inner.lock().ok()?;
         Some(inner.counters(key_id, reset_period, now).clone())
+    }
+
+    /// Counts one metered response in the usage history: its key's hour at `at`, by model.
+    pub fn note_history(&self, key_id: Uuid, model: &str, at: DateTime<Utc>, m: &Metered) {
+        let secs = at.timestamp();
+        let hour = DateTime::from_timestamp(secs - secs.rem_euclid(3600), 0).unwrap_or(DateTime::UNIX_EPOCH);
+        let mut end = model.len().min(MAX_HISTORY_MODEL);
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        let model = &model[..end];
+        if let Ok(mut inner) = self.inner.lock() {
+            inner
+                .history
+                .entry((key_id, hour, model.into()))
+                .or_insert_with(|| UsageBucket {
+                    key_id,
+                    hour,
+                    model: model.to_string(),
+                    requests: 0,
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    cost_micros: 0,
+                })
+                .add(1, m);
+        }
+    }
+
+    /// The usage history since the last call, for the flusher.
+    pub fn take_history(&self) -> Vec<UsageBucket> {
+        self.inner.lock().map(|mut inner| inner.history.drain().map(|(_, b)| b).collect()).unwrap_or_default()
+    }
+
+    /// Puts what a failed flush took back (increments add up).
+    pub fn restore_history(&self, failed: Vec<UsageBucket>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            for b in failed {
+                let m = Metered {
+                    prompt_tokens: b.prompt_tokens,
+                    completion_tokens: b.completion_tokens,
+                    cost_micros: b.cost_micros,
+                };
+                let requests = b.requests;
+                inner
+                    .history
+                    .entry((b.key_id, b.hour, b.model.as_str().into()))
+                    .or_insert_with(|| UsageBucket {
+                        requests: 0,
+                        prompt_tokens: 0,
+                        completion_tokens: 0,
+                        cost_micros: 0,
+                        ..b
+                    })
+                    .add(requests, &m);
+            }
+        }
     }
 
     /// Raises what this process knows of a key's usage to the ledger's totals for the same

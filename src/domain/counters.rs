@@ -75,8 +75,8 @@ pub trait Counters: Send + Sync + fmt::Debug {
 
     /// Settles one metered response of `key_id`: charges what `charge` says (given what
     /// its reservation held) to the period its request was admitted in and gives the
-    /// reservation back, once: settling the same ticket again charges nothing. Returns
-    /// what was charged. `reset_period` is `None` once the key is deleted (its
+    /// reservation back, once: settling the same ticket again charges nothing (`None`).
+    /// Returns what was charged. `reset_period` is `None` once the key is deleted (its
     /// reservation is only given back).
     fn settle<'a>(
         &'a self,
@@ -85,7 +85,7 @@ pub trait Counters: Send + Sync + fmt::Debug {
         ticket: Option<Ticket>,
         charge: Charge<'a>,
         now: Now,
-    ) -> CountFuture<'a, Metered>;
+    ) -> CountFuture<'a, Option<Metered>>;
 
     /// The key's usage in its current period.
     fn usage<'a>(&'a self, key: &'a ApiKey, now: Now) -> CountFuture<'a, Result<Usage, Unavailable>>;
@@ -182,8 +182,8 @@ impl Counters for InProcess {
         ticket: Option<Ticket>,
         charge: Charge<'a>,
         now: Now,
-    ) -> CountFuture<'a, Metered> {
-        let m = self.meters.record(key_id, reset_period, ticket, charge, now.wall).unwrap_or_default();
+    ) -> CountFuture<'a, Option<Metered>> {
+        let m = self.meters.record(key_id, reset_period, ticket, charge, now.wall);
         Box::pin(std::future::ready(m))
     }
 

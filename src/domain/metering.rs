@@ -84,7 +84,12 @@ pub async fn settle(
     let cost_limited = limits.is_some_and(|l| l.cost_limit_micros.is_some());
     let price = price.or(highest.filter(|_| cost_limited));
     let charge = |held: Option<Hold>| seen.charge(price.as_ref(), held);
-    let metered = limiters.counters.settle(key_id, limits.map(|l| l.reset_period), reservation, &charge, now).await;
+    let settled = limiters.counters.settle(key_id, limits.map(|l| l.reset_period), reservation, &charge, now).await;
+    // A response settled before (a retried settle) counts nowhere again.
+    let metered = settled.unwrap_or_default();
+    if settled.is_some() && limits.is_some() {
+        limiters.meters.note_history(key_id, model, now.wall, &metered);
+    }
     Settled { metered, unpriced }
 }
 
@@ -161,6 +166,15 @@ mod tests {
         assert_eq!((s.metered.cost_micros, s.unpriced), (40, true));
         let c = l.meters.snapshot(usd.id, ResetPeriod::Never, now()).unwrap();
         assert_eq!((c.requests, c.cost_micros, c.reserved_micros), (1, 40, 0));
+        // The usage history has it under its hour and model, once (a second settle of the
+        // same ticket counts nowhere).
+        let again =
+            settle(&l, usd.id, Some(usd.limits), Some(r), &seen(200, reported("other", 1, 1, true), 0, true), at).await;
+        assert_eq!(again.metered, Metered::default());
+        let history = l.meters.take_history();
+        assert_eq!(history.len(), 1);
+        assert_eq!((history[0].model.as_str(), history[0].requests, history[0].cost_micros), ("other", 1, 40));
+        assert_eq!(history[0].hour, now(), "the hour it was settled in");
         // Without a USD limit an unpriced model costs nothing; a priced one its price.
         let tokens = key(Limits { token_limit: Some(1000), ..Default::default() });
         let s =

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::domain::access::AuditEvent;
-use crate::domain::budget::Counters;
+use crate::domain::budget::{Counters, UsageBucket};
 use crate::domain::gateway::Gateway;
 use crate::domain::key::ApiKey;
 use crate::domain::pricing::Price;
@@ -113,10 +113,104 @@ pub trait ChangeListener: Send {
     async fn changed(&mut self) -> Result<(), StoreError>;
 }
 
+/// Whose usage history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryScope {
+    Key(Uuid),
+    Gateway(Uuid),
+}
+
+/// The width of a usage-history bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    Hour,
+    Day,
+}
+
+/// A usage-history question: one key's or one gateway's usage from `from` (included) to
+/// `to` (excluded), per hour or day (UTC), optionally by model.
 #[derive(Debug, Clone, Copy)]
-pub struct Page<'a> {
-    /// Return items after this id (ids are time-ordered UUIDv7).
-    pub after: Option<&'a str>,
+pub struct HistoryQuery {
+    pub scope: HistoryScope,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub granularity: Granularity,
+    pub by_model: bool,
+}
+
+/// Usage in one bucket (and with one model, when asked by model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRow {
+    pub start: DateTime<Utc>,
+    pub model: Option<String>,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_micros: i64,
+}
+
+/// The order ListKeys returns keys in; ties (and `Id`) go by id, i.e. creation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyOrder {
+    #[default]
+    Id,
+    /// Case-folded name.
+    Name,
+    CreatedAt,
+    /// Never-used keys count as used before every other.
+    LastUsedAt,
+    /// Keys that never expire count as expiring after every other.
+    ExpiresAt,
+    /// USD spent in the key's current budget period, as the usage ledger has it (written
+    /// every `--usage-flush-interval`, every replica's usage added up).
+    Spend,
+}
+
+/// Where a page of keys starts: after the key with this id and this value of the sort
+/// expression (text for `Id` and `Name`, an integer for the others).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCursor {
+    pub value: CursorValue,
+    pub id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CursorValue {
+    Text(String),
+    Int(i64),
+}
+
+/// Which keys of one gateway to list, in which order, from where.
+#[derive(Debug, Clone)]
+pub struct KeyQuery {
+    pub gateway_id: Uuid,
+    /// Keys whose name contains this, ignoring case.
+    pub name_contains: Option<String>,
+    /// Keys of this status at `now` (`None`: any).
+    pub status: Option<crate::domain::key::KeyStatus>,
+    pub order: KeyOrder,
+    pub descending: bool,
+    pub after: Option<KeyCursor>,
+    pub limit: u32,
+    /// When status and the current budget period are judged.
+    pub now: DateTime<Utc>,
+}
+
+/// Which audit events to list (all filters together), newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub gateway: Option<String>,
+    /// The token that made the call: its id or its name.
+    pub actor: Option<String>,
+    /// An RPC (`KeyService/UpdateKey`), or with no `/` every RPC of a service (`KeyService`).
+    pub action: Option<String>,
+    pub target: Option<String>,
+    /// At or after.
+    pub from: Option<DateTime<Utc>>,
+    /// Before.
+    pub to: Option<DateTime<Utc>>,
+    /// Events before the one with this id.
+    pub before: Option<Uuid>,
     pub limit: u32,
 }
 
@@ -172,7 +266,8 @@ pub trait Store: Send + Sync + 'static {
     async fn update_key(&self, key: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn delete_key(&self, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError>;
-    async fn list_keys(&self, gateway_id: Uuid, page: Page<'_>) -> Result<Vec<ApiKey>, StoreError>;
+    /// Live keys of a gateway as `q` asks, each with the cursor that starts the page after it.
+    async fn search_keys(&self, q: &KeyQuery) -> Result<Vec<(ApiKey, KeyCursor)>, StoreError>;
 
     async fn insert_access_token(&self, token: &StoredToken) -> Result<(), StoreError>;
     async fn revoke_access_token(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;
@@ -182,13 +277,8 @@ pub trait Store: Send + Sync + 'static {
     async fn save_token_last_used(&self, used: &[(Uuid, DateTime<Utc>)]) -> Result<(), StoreError>;
 
     async fn insert_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
-    /// Newest first, before the event with id `before`, optionally of one gateway.
-    async fn list_audit(
-        &self,
-        gateway: Option<&str>,
-        before: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Audit events as `q` asks, newest first.
+    async fn search_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
     /// Deletes up to `batch` audit events from before `cutoff` (oldest first); returns how
     /// many it deleted.
     async fn prune_audit(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, StoreError>;
@@ -202,6 +292,13 @@ pub trait Store: Send + Sync + 'static {
         new_prefix: &str,
         previous_valid_until: Option<DateTime<Utc>>,
     ) -> Result<(), StoreError>;
+
+    /// Adds usage-history increments (per key, hour and model).
+    async fn save_usage_history(&self, buckets: &[UsageBucket]) -> Result<(), StoreError>;
+    /// Usage over time (see [`HistoryQuery`]), oldest first.
+    async fn usage_history(&self, q: &HistoryQuery) -> Result<Vec<HistoryRow>, StoreError>;
+    /// Deletes up to `batch` usage-history rows of hours before `cutoff`; returns how many.
+    async fn prune_usage_history(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, StoreError>;
 
     /// Ledger rows (every replica's increments added up, per key and period) written at or
     /// after `since`: what reconciliation compares the shared counters with.

@@ -25,6 +25,42 @@ pub(crate) fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(Box::new(e))
 }
 
+/// A statement's `$N` parameters, numbered as conditions are added.
+struct Params<'a> {
+    args: Vec<backend::Arg<'a>>,
+}
+
+impl<'a> Params<'a> {
+    fn new() -> Self {
+        Params { args: Vec::new() }
+    }
+
+    /// Adds a value; its placeholder.
+    fn add(&mut self, v: impl Into<backend::Arg<'a>>) -> String {
+        self.args.push(v.into());
+        format!("${}", self.args.len())
+    }
+
+    /// `sql` with these values bound.
+    fn query(self, sql: String) -> backend::Stmt<'a> {
+        self.args.into_iter().fold(backend::query(sql), |q, a| q.bind(a))
+    }
+}
+
+/// A `LIKE` pattern (with `ESCAPE '\'`) matching values that contain `s`.
+fn contains_pattern(s: &str) -> String {
+    let mut p = String::with_capacity(s.len() + 2);
+    p.push('%');
+    for c in s.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
 /// Maps a write error: a unique violation is `what` already existing.
 fn write_err(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
     move |e| match &e {
@@ -137,8 +173,11 @@ macro_rules! store_impl {
                 $crate::store::rows::keys::find(&self.pool, id).await
             }
 
-            async fn list_keys(&self, gateway_id: Uuid, page: Page<'_>) -> Result<Vec<ApiKey>, StoreError> {
-                $crate::store::rows::keys::list(&self.pool, gateway_id, page).await
+            async fn search_keys(
+                &self,
+                q: &$crate::store::KeyQuery,
+            ) -> Result<Vec<(ApiKey, $crate::store::KeyCursor)>, StoreError> {
+                $crate::store::rows::keys::search(&self.pool, q).await
             }
 
             async fn rotate_key(
@@ -175,13 +214,20 @@ macro_rules! store_impl {
                 $crate::store::rows::audit::prune(&self.pool, cutoff, batch).await
             }
 
-            async fn list_audit(
-                &self,
-                gateway: Option<&str>,
-                before: Option<&str>,
-                limit: u32,
-            ) -> Result<Vec<AuditEvent>, StoreError> {
-                $crate::store::rows::audit::list(&self.pool, gateway, before, limit).await
+            async fn search_audit(&self, q: &$crate::store::AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+                $crate::store::rows::audit::search(&self.pool, q).await
+            }
+
+            async fn save_usage_history(&self, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+                $crate::store::rows::usage::save_history(&self.pool, buckets).await
+            }
+
+            async fn usage_history(&self, q: &$crate::store::HistoryQuery) -> Result<Vec<$crate::store::HistoryRow>, StoreError> {
+                $crate::store::rows::usage::history(&self.pool, q).await
+            }
+
+            async fn prune_usage_history(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, StoreError> {
+                $crate::store::rows::usage::prune_history(&self.pool, cutoff, batch).await
             }
 
             async fn usage_changed_since(&self, since: DateTime<Utc>) -> Result<Vec<Counters>, StoreError> {

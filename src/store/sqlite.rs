@@ -21,9 +21,9 @@ use uuid::Uuid;
 
 use super::rows::unavailable;
 use super::sealing::Sealer;
-use super::{Page, Snapshot, Store, StoreError};
+use super::{Snapshot, Store, StoreError};
 use crate::domain::access::AuditEvent;
-use crate::domain::budget::Counters;
+use crate::domain::budget::{Counters, UsageBucket};
 use crate::domain::gateway::Gateway;
 use crate::domain::key::ApiKey;
 use crate::domain::pricing::Price;

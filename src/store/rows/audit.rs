@@ -4,10 +4,10 @@ use chrono::{DateTime, Utc};
 use sqlx::Pool;
 use uuid::Uuid;
 
-use super::backend::{Backend, query};
-use super::{get, time, unavailable, uuid};
+use super::backend::{Backend, Columns, query};
+use super::{Params, get, time, unavailable, uuid};
 use crate::domain::access::AuditEvent;
-use crate::store::{StoreError, to_micros};
+use crate::store::{AuditQuery, StoreError, to_micros};
 
 pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, e: &AuditEvent) -> Result<(), StoreError> {
     query(
@@ -41,36 +41,53 @@ pub(crate) async fn prune<D: Backend>(pool: &Pool<D>, cutoff: DateTime<Utc>, bat
     .map_err(unavailable)
 }
 
-/// Newest first, before the event with id `before`, optionally of one gateway.
-pub(crate) async fn list<D: Backend>(
-    pool: &Pool<D>,
-    gateway: Option<&str>,
-    before: Option<&str>,
-    limit: u32,
-) -> Result<Vec<AuditEvent>, StoreError> {
-    let rows = query(
-        "SELECT * FROM audit_events WHERE (CAST($1 AS TEXT) IS NULL OR gateway = $1) AND (CAST($2 AS TEXT) IS NULL OR id < $2) \
-         ORDER BY id DESC LIMIT $3",
-    )
-    .bind(gateway)
-    .bind(before)
-    .bind(i64::from(limit))
-    .fetch_all(pool)
-    .await
-    .map_err(unavailable)?;
-    rows.iter()
-        .map(|r| {
-            let token_id: Option<String> = get(r, "token_id")?;
-            Ok(AuditEvent {
-                id: uuid(r, "id")?,
-                at: time(r, "at")?,
-                token_id: token_id.and_then(|t| Uuid::parse_str(&t).ok()),
-                token_name: get(r, "token_name")?,
-                action: get(r, "action")?,
-                gateway: get(r, "gateway")?,
-                target: get(r, "target")?,
-                result: get(r, "result")?,
-            })
-        })
-        .collect()
+/// Events as `q` asks (every filter together), newest first.
+pub(crate) async fn search<D: Backend>(pool: &Pool<D>, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+    let mut p = Params::new();
+    let mut conds = Vec::new();
+    if let Some(g) = &q.gateway {
+        conds.push(format!("gateway = {}", p.add(g.clone())));
+    }
+    if let Some(actor) = &q.actor {
+        let (a, b) = (p.add(actor.clone()), p.add(actor.clone()));
+        conds.push(format!("(token_id = {a} OR token_name = {b})"));
+    }
+    match q.action.as_deref() {
+        None => {}
+        Some(service) if !service.contains('/') => {
+            // Service names are letters only: nothing to escape.
+            conds.push(format!("action LIKE {}", p.add(format!("{service}/%"))))
+        }
+        Some(action) => conds.push(format!("action = {}", p.add(action.to_string()))),
+    }
+    if let Some(t) = &q.target {
+        conds.push(format!("target = {}", p.add(t.clone())));
+    }
+    if let Some(from) = q.from {
+        conds.push(format!("at >= {}", p.add(to_micros(from))));
+    }
+    if let Some(to) = q.to {
+        conds.push(format!("at < {}", p.add(to_micros(to))));
+    }
+    if let Some(before) = q.before {
+        conds.push(format!("id < {}", p.add(before.to_string())));
+    }
+    let filter = if conds.is_empty() { String::new() } else { format!("WHERE {}", conds.join(" AND ")) };
+    let sql = format!("SELECT * FROM audit_events {filter} ORDER BY id DESC LIMIT {}", p.add(i64::from(q.limit)));
+    let rows = p.query(sql).fetch_all(pool).await.map_err(unavailable)?;
+    rows.iter().map(event_from).collect()
+}
+
+fn event_from(r: &impl Columns) -> Result<AuditEvent, StoreError> {
+    let token_id: Option<String> = get(r, "token_id")?;
+    Ok(AuditEvent {
+        id: uuid(r, "id")?,
+        at: time(r, "at")?,
+        token_id: token_id.and_then(|t| Uuid::parse_str(&t).ok()),
+        token_name: get(r, "token_name")?,
+        action: get(r, "action")?,
+        gateway: get(r, "gateway")?,
+        target: get(r, "target")?,
+        result: get(r, "result")?,
+    })
 }

@@ -8,12 +8,15 @@ use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use super::backend::{Backend, Columns, query};
-use super::{deleted, found, get, hash, opt_time, time, unavailable, uuid, version, write_err};
+use super::{
+    Params, contains_pattern, deleted, found, get, hash, opt_time, time, unavailable, uuid, version, write_err,
+};
 use crate::domain::budget::Counters;
-use crate::domain::key::{ApiKey, Limits, ResetPeriod};
+use crate::domain::key::{ApiKey, KeyStatus, Limits, ResetPeriod};
+use crate::domain::period;
 use crate::domain::secret::SecretHash;
 use crate::domain::view::KeySecret;
-use crate::store::{Page, StoreError, to_micros};
+use crate::store::{CursorValue, KeyCursor, KeyOrder, KeyQuery, StoreError, to_micros};
 
 const KEY_COLUMNS: &str = "id, gateway_id, name, secret_hash, prefix, enabled, legacy, cost_limit_micros, \
     token_limit, requests_per_minute, reset_period, created_at, expires_at, last_used_at";
@@ -164,22 +167,78 @@ pub(crate) async fn find<D: Backend>(pool: &Pool<D>, id: Uuid) -> Result<Option<
     row.as_ref().map(key_from).transpose()
 }
 
-pub(crate) async fn list<D: Backend>(
-    pool: &Pool<D>,
-    gateway_id: Uuid,
-    page: Page<'_>,
-) -> Result<Vec<ApiKey>, StoreError> {
-    let rows = query(format!(
-        "SELECT {KEY_COLUMNS} FROM api_keys WHERE gateway_id = $1 AND deleted_at IS NULL AND id > $2 \
-         ORDER BY id LIMIT $3"
-    ))
-    .bind(gateway_id.to_string())
-    .bind(page.after.unwrap_or(""))
-    .bind(i64::from(page.limit))
-    .fetch_all(pool)
-    .await
-    .map_err(unavailable)?;
-    rows.iter().map(key_from).collect()
+/// Live keys of a gateway as `q` asks, each with its cursor: filtered by name and status,
+/// ordered by one expression and then by id (both ascending or both descending), from
+/// after `q.after` (keyset paging: no offset to skip over).
+pub(crate) async fn search<D: Backend>(pool: &Pool<D>, q: &KeyQuery) -> Result<Vec<(ApiKey, KeyCursor)>, StoreError> {
+    let mut p = Params::new();
+    let mut sql =
+        format!("SELECT {}, ", KEY_COLUMNS.split(", ").map(|c| format!("k.{c}")).collect::<Vec<_>>().join(", "));
+    let sort = match q.order {
+        KeyOrder::Id => "k.id",
+        KeyOrder::Name => "LOWER(k.name)",
+        KeyOrder::CreatedAt => "k.created_at",
+        KeyOrder::LastUsedAt => "COALESCE(k.last_used_at, -1)",
+        KeyOrder::ExpiresAt => "COALESCE(k.expires_at, 9223372036854775807)",
+        KeyOrder::Spend => "COALESCE(u.cost_micros, 0)",
+    };
+    sql.push_str(&format!("{sort} AS sort_key FROM api_keys k"));
+    if q.order == KeyOrder::Spend {
+        // The ledger row of each key's current period (NEVER: the one period, from 0).
+        let start = |r: ResetPeriod| to_micros(period::bounds(r, q.now).0);
+        sql.push_str(&format!(
+            " LEFT JOIN key_usage u ON u.key_id = k.id AND u.reset_period = k.reset_period AND u.period_start = \
+             CASE k.reset_period WHEN 'daily' THEN {} WHEN 'weekly' THEN {} WHEN 'monthly' THEN {} ELSE {} END",
+            p.add(start(ResetPeriod::Daily)),
+            p.add(start(ResetPeriod::Weekly)),
+            p.add(start(ResetPeriod::Monthly)),
+            p.add(start(ResetPeriod::Never)),
+        ));
+    }
+    sql.push_str(&format!(" WHERE k.gateway_id = {} AND k.deleted_at IS NULL", p.add(q.gateway_id.to_string())));
+    if let Some(part) = q.name_contains.as_deref() {
+        // SQLite's LOWER folds ASCII letters only: fold the same way.
+        let folded = if D::NAME == "SQLite" { part.to_ascii_lowercase() } else { part.to_lowercase() };
+        sql.push_str(&format!(" AND LOWER(k.name) LIKE {} ESCAPE '\\'", p.add(contains_pattern(&folded))));
+    }
+    // As `ApiKey::status` decides it.
+    match q.status {
+        None => {}
+        Some(KeyStatus::Disabled) => sql.push_str(" AND k.enabled = FALSE"),
+        Some(KeyStatus::Active) => sql.push_str(&format!(
+            " AND k.enabled = TRUE AND (k.expires_at IS NULL OR k.expires_at > {})",
+            p.add(to_micros(q.now))
+        )),
+        Some(KeyStatus::Expired) => {
+            sql.push_str(&format!(" AND k.enabled = TRUE AND k.expires_at <= {}", p.add(to_micros(q.now))))
+        }
+    }
+    let (cmp, dir) = if q.descending { ("<", "DESC") } else { (">", "ASC") };
+    if let Some(after) = &q.after {
+        let value = match &after.value {
+            CursorValue::Text(t) => p.add(t.clone()),
+            CursorValue::Int(i) => p.add(*i),
+        };
+        let id = p.add(after.id.to_string());
+        if q.order == KeyOrder::Id {
+            sql.push_str(&format!(" AND k.id {cmp} {id}"));
+        } else {
+            sql.push_str(&format!(" AND ({sort} {cmp} {value} OR ({sort} = {value} AND k.id {cmp} {id}))"));
+        }
+    }
+    sql.push_str(&format!(" ORDER BY sort_key {dir}, k.id {dir} LIMIT {}", p.add(i64::from(q.limit))));
+    let rows = p.query(sql).fetch_all(pool).await.map_err(unavailable)?;
+    rows.iter()
+        .map(|r| {
+            let key = key_from(r)?;
+            let value = match q.order {
+                KeyOrder::Id | KeyOrder::Name => CursorValue::Text(get(r, "sort_key")?),
+                _ => CursorValue::Int(get(r, "sort_key")?),
+            };
+            let id = key.id;
+            Ok((key, KeyCursor { value, id }))
+        })
+        .collect()
 }
 
 /// Gives a live key a new secret; the old one stays valid until `previous_valid_until`

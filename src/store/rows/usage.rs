@@ -8,9 +8,9 @@ use uuid::Uuid;
 
 use super::backend::{Backend, Columns, query};
 use super::{get, time, unavailable, uuid};
-use crate::domain::budget::Counters;
+use crate::domain::budget::{Counters, UsageBucket};
 use crate::domain::key::ResetPeriod;
-use crate::store::{StoreError, to_micros};
+use crate::store::{Granularity, HistoryQuery, HistoryRow, HistoryScope, StoreError, to_micros};
 
 /// Fills in each live key's latest period: the latest under the key's current rule (a
 /// reset-period change can move usage to a period that starts earlier: MONTHLY -> NEVER).
@@ -195,16 +195,124 @@ pub(crate) async fn carry<D: Backend>(
     Ok(())
 }
 
-/// `column` plus the row's increment, saturated at `i64::MAX` (a counter never wraps
-/// negative): computed in 128 bits on PostgreSQL, checked against the headroom on SQLite.
+/// `column` of `key_usage` plus the row's increment (see [`added_to`]).
 fn added<D: Backend>(column: &str) -> String {
+    added_to::<D>("key_usage", column)
+}
+
+/// `table.column` plus the row's increment, saturated at `i64::MAX` (a counter never wraps
+/// negative): computed in 128 bits on PostgreSQL, checked against the headroom on SQLite.
+fn added_to<D: Backend>(table: &str, column: &str) -> String {
     if D::NAME == "SQLite" {
         format!(
-            "CASE WHEN key_usage.{column} > 9223372036854775807 - excluded.{column} THEN 9223372036854775807 ELSE key_usage.{column} + excluded.{column} END"
+            "CASE WHEN {table}.{column} > 9223372036854775807 - excluded.{column} \
+             THEN 9223372036854775807 ELSE {table}.{column} + excluded.{column} END"
         )
     } else {
-        format!("LEAST(key_usage.{column}::NUMERIC + excluded.{column}, 9223372036854775807)::BIGINT")
+        format!("LEAST({table}.{column}::NUMERIC + excluded.{column}, 9223372036854775807)::BIGINT")
     }
+}
+
+/// Adds usage-history increments (per key, hour and model), with the key's gateway, in
+/// one transaction: one statement per 500 rows. Rows of keys that no longer exist are
+/// skipped.
+pub(crate) async fn save_history<D: Backend>(pool: &Pool<D>, buckets: &[UsageBucket]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    for chunk in buckets.chunks(KEYS_PER_STATEMENT) {
+        let rows = values::<D>(chunk.len(), &["TEXT", "BIGINT", "TEXT", "BIGINT", "BIGINT", "BIGINT", "BIGINT"]);
+        let mut add = query(format!(
+            "INSERT INTO usage_buckets (key_id, gateway_id, hour, model, requests, prompt_tokens, \
+             completion_tokens, cost_micros) \
+             SELECT v.column1, k.gateway_id, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7 \
+             FROM (VALUES {rows}) AS v JOIN api_keys k ON k.id = v.column1 \
+             ON CONFLICT (key_id, hour, model) DO UPDATE SET \
+             requests = {}, prompt_tokens = {}, completion_tokens = {}, cost_micros = {}",
+            added_to::<D>("usage_buckets", "requests"),
+            added_to::<D>("usage_buckets", "prompt_tokens"),
+            added_to::<D>("usage_buckets", "completion_tokens"),
+            added_to::<D>("usage_buckets", "cost_micros"),
+        ));
+        for b in chunk {
+            add = add
+                .bind(b.key_id.to_string())
+                .bind(to_micros(b.hour))
+                .bind(b.model.as_str())
+                .bind(count_to_store(b.requests))
+                .bind(count_to_store(b.prompt_tokens))
+                .bind(count_to_store(b.completion_tokens))
+                .bind(b.cost_micros.max(0));
+        }
+        add.execute(&mut tx).await.map_err(unavailable)?;
+    }
+    tx.commit().await.map_err(unavailable)
+}
+
+/// Usage over time for one key or one gateway, per hour or day, optionally by model,
+/// oldest first.
+pub(crate) async fn history<D: Backend>(pool: &Pool<D>, q: &HistoryQuery) -> Result<Vec<HistoryRow>, StoreError> {
+    let width: i64 = match q.granularity {
+        Granularity::Hour => 3_600_000_000,
+        Granularity::Day => 86_400_000_000,
+    };
+    let (column, id) = match q.scope {
+        HistoryScope::Key(id) => ("key_id", id),
+        HistoryScope::Gateway(id) => ("gateway_id", id),
+    };
+    let model = if q.by_model { "model" } else { "''" };
+    // PostgreSQL sums BIGINTs as NUMERIC: saturated back into a BIGINT.
+    let sum = |c: &str| {
+        if D::NAME == "SQLite" {
+            format!("SUM({c}) AS {c}")
+        } else {
+            format!("CAST(LEAST(SUM({c}), 9223372036854775807) AS BIGINT) AS {c}")
+        }
+    };
+    let rows = query(format!(
+        "SELECT (hour / {width}) * {width} AS start, {model} AS model, {}, {}, {}, {} FROM usage_buckets \
+         WHERE {column} = $1 AND hour >= $2 AND hour < $3 GROUP BY 1, 2 ORDER BY 1, 2",
+        sum("requests"),
+        sum("prompt_tokens"),
+        sum("completion_tokens"),
+        sum("cost_micros"),
+    ))
+    .bind(id.to_string())
+    .bind(to_micros(q.from))
+    .bind(to_micros(q.to))
+    .fetch_all(pool)
+    .await
+    .map_err(unavailable)?;
+    rows.iter()
+        .map(|r| {
+            let sum = |c: &str| get::<i64>(r, c);
+            let model: String = get(r, "model")?;
+            Ok(HistoryRow {
+                start: time(r, "start")?,
+                model: q.by_model.then_some(model),
+                requests: stored_count(sum("requests")?),
+                prompt_tokens: stored_count(sum("prompt_tokens")?),
+                completion_tokens: stored_count(sum("completion_tokens")?),
+                cost_micros: sum("cost_micros")?,
+            })
+        })
+        .collect()
+}
+
+/// Deletes up to `batch` usage-history rows from hours before `cutoff`; returns how many.
+pub(crate) async fn prune_history<D: Backend>(
+    pool: &Pool<D>,
+    cutoff: DateTime<Utc>,
+    batch: u32,
+) -> Result<u64, StoreError> {
+    let done = query(
+        "DELETE FROM usage_buckets WHERE (key_id, hour, model) IN \
+         (SELECT key_id, hour, model FROM usage_buckets WHERE hour < $1 ORDER BY hour LIMIT $2)",
+    )
+    .bind(to_micros(cutoff))
+    .bind(i64::from(batch))
+    .execute(pool)
+    .await
+    .map_err(unavailable)?;
+    Ok(done)
 }
 
 /// A usage counter for an `i64` column: saturated at `i64::MAX`, never wrapped negative.
