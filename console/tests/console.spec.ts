@@ -224,6 +224,11 @@ test("bulk delete asks to confirm the count", async ({ page }) => {
     await dialog.getByRole("button", { name: "Create", exact: true }).click();
     await page.getByRole("dialog", { name: `Key ${name} created` }).getByRole("button", { name: "Done" }).click();
   }
+  // The server filters by name; the search is kept in the URL.
+  await page.getByLabel("Search by name").fill("bulk-");
+  await page.getByRole("button", { name: "Search" }).click();
+  await expect(page).toHaveURL(/q=bulk-/);
+  await expect(page.getByRole("link", { name: KEY, exact: true })).toHaveCount(0);
   await page.getByRole("checkbox", { name: "Select bulk-a" }).check();
   await page.getByRole("checkbox", { name: "Select bulk-b" }).check();
   await page.getByRole("button", { name: "Delete selected" }).click();
@@ -232,6 +237,7 @@ test("bulk delete asks to confirm the count", async ({ page }) => {
   await confirm.getByRole("button", { name: "Delete 2 keys" }).click();
   await expect(page.getByRole("link", { name: "bulk-a" })).toHaveCount(0);
   await expect(page.getByRole("link", { name: "bulk-b" })).toHaveCount(0);
+  await menu(page).getByRole("link", { name: "API keys" }).click();
   await expect(page.getByRole("link", { name: KEY, exact: true })).toBeVisible();
   done();
 });

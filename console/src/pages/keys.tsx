@@ -1,9 +1,9 @@
 // Keys of a gateway: search, filter, sort and server paging (state in the URL), the
 // enable/disable toggle, this period's spend against limits, bulk disable/delete, Create key.
-import { useEffect, useId, useMemo, useState } from "preact/hooks";
+import { useEffect, useId, useState } from "preact/hooks";
 import { api } from "../api.js";
 import { int, tokens as fmtTokens, usd } from "../format.js";
-import { KeyStatus, type ApiKey, type KeyUsage } from "../gen/portcullis/admin/v1/keys_pb.js";
+import { KeyOrder, KeyStatus, type ApiKey, type KeyUsage } from "../gen/portcullis/admin/v1/keys_pb.js";
 import { currentGateway, gatewayByName } from "../gateways-store.js";
 import { expiresSoon, limitsSummary, StatusBadge } from "../keyparts.js";
 import { query, setQuery } from "../router.js";
@@ -20,28 +20,26 @@ interface Row {
 
 type Sort = "name" | "created" | "last_used" | "expires" | "cost";
 
-async function fetchPage(gateway: string, pageToken: string): Promise<{ rows: Row[]; next: string }> {
-  const r = await api.keys.listKeys({ gateway, pageSize: PAGE_SIZE, pageToken });
-  const usages = await Promise.all(
-    r.keys.map((k) => (k.legacy ? Promise.resolve(undefined) : api.keys.getKeyUsage({ id: k.id }).catch(() => undefined))),
-  );
-  return { rows: r.keys.map((key, i) => ({ key, usage: usages[i] })), next: r.nextPageToken };
-}
+const ORDER: Record<Sort, KeyOrder> = {
+  name: KeyOrder.NAME,
+  created: KeyOrder.CREATED_AT,
+  last_used: KeyOrder.LAST_USED_AT,
+  expires: KeyOrder.EXPIRES_AT,
+  cost: KeyOrder.SPEND,
+};
 
-function sortValue(r: Row, s: Sort): number | string {
-  const t = (ts?: { seconds: bigint }) => (ts ? Number(ts.seconds) : 0);
-  switch (s) {
-    case "name":
-      return r.key.name.toLowerCase();
-    case "created":
-      return t(r.key.createdAt);
-    case "last_used":
-      return t(r.key.lastUsedAt);
-    case "expires":
-      return r.key.expiresAt ? t(r.key.expiresAt) : Number.MAX_SAFE_INTEGER;
-    case "cost":
-      return Number(r.usage?.costUsd || 0);
-  }
+/** One page, filtered, ordered and paged by the server; each key carries this period's usage. */
+async function fetchPage(gateway: string, pageToken: string, search: string, status: string, sort: Sort, desc: boolean): Promise<{ rows: Row[]; next: string }> {
+  const r = await api.keys.listKeys({
+    gateway,
+    pageSize: PAGE_SIZE,
+    pageToken,
+    nameContains: search,
+    status: status ? (Number(status) as KeyStatus) : KeyStatus.UNSPECIFIED,
+    orderBy: ORDER[sort] ?? KeyOrder.CREATED_AT,
+    descending: desc,
+  });
+  return { rows: r.keys.map((key) => ({ key, usage: key.usage })), next: r.nextPageToken };
 }
 
 export function KeysPage() {
@@ -64,21 +62,11 @@ export function KeysPage() {
   useEffect(() => setSelected(new Set()), [gateway, page]);
 
   const { data, error, loading, reload, setData } = useLoad(
-    () => (gateway ? fetchPage(gateway, page) : Promise.resolve({ rows: [], next: "" })),
-    [gateway, page],
+    () => (gateway ? fetchPage(gateway, page, search, status, sort, desc) : Promise.resolve({ rows: [], next: "" })),
+    [gateway, page, search, status, sort, desc],
   );
 
-  const rows = useMemo(() => {
-    let list = data?.rows ?? [];
-    if (search) list = list.filter((r) => r.key.name.toLowerCase().includes(search.toLowerCase()));
-    if (status) list = list.filter((r) => String(r.key.status) === status);
-    const sorted = [...list].sort((a, b) => {
-      const x = sortValue(a, sort);
-      const y = sortValue(b, sort);
-      return x < y ? -1 : x > y ? 1 : 0;
-    });
-    return desc ? sorted.reverse() : sorted;
-  }, [data, search, status, sort, desc]);
+  const rows = data?.rows ?? [];
 
   const replaceKey = (k: ApiKey) =>
     setData(data && { ...data, rows: data.rows.map((r) => (r.key.id === k.id ? { ...r, key: k } : r)) });
@@ -86,7 +74,8 @@ export function KeysPage() {
   const toggle = async (k: ApiKey, enabled: boolean) => {
     setRowError("");
     try {
-      replaceKey(await api.keys.updateKey({ id: k.id, enabled }));
+      const updated = await api.keys.updateKey({ id: k.id, enabled });
+      replaceKey(Object.assign(updated, { usage: k.usage }));
     } catch (e) {
       setRowError(`${k.name}: ${(e as Error).message}`);
     }
@@ -250,7 +239,7 @@ export function KeysPage() {
         </table>
       </div>
       {!loading && !error && rows.length === 0 ? (
-        <Empty>{search || status ? "No keys match these filters on this page." : "No keys yet. Create one to hand out access to this gateway."}</Empty>
+        <Empty>{search || status ? "No keys match these filters." : "No keys yet. Create one to hand out access to this gateway."}</Empty>
       ) : null}
       {loading ? <p class="muted" role="status">Loading keys…</p> : null}
       <nav class="pager" aria-label="Pages of keys">

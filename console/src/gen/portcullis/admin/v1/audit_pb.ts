@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file portcullis/admin/v1/audit.proto.
  */
 export const file_portcullis_admin_v1_audit: GenFile = /*@__PURE__*/
-  fileDesc("Ch9wb3J0Y3VsbGlzL2FkbWluL3YxL2F1ZGl0LnByb3RvEhNwb3J0Y3VsbGlzLmFkbWluLnYxIqkBCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgJEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHRva2VuX2lkGAMgASgJEhIKCnRva2VuX25hbWUYBCABKAkSDgoGYWN0aW9uGAUgASgJEg8KB2dhdGV3YXkYBiABKAkSDgoGdGFyZ2V0GAcgASgJEg4KBnJlc3VsdBgIIAEoCSJQChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0Eg8KB2dhdGV3YXkYASABKAkSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiYwoXTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USLwoGZXZlbnRzGAEgAygLMh8ucG9ydGN1bGxpcy5hZG1pbi52MS5BdWRpdEV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCTJ8CgxBdWRpdFNlcnZpY2USbAoPTGlzdEF1ZGl0RXZlbnRzEisucG9ydGN1bGxpcy5hZG1pbi52MS5MaXN0QXVkaXRFdmVudHNSZXF1ZXN0GiwucG9ydGN1bGxpcy5hZG1pbi52MS5MaXN0QXVkaXRFdmVudHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("Ch9wb3J0Y3VsbGlzL2FkbWluL3YxL2F1ZGl0LnByb3RvEhNwb3J0Y3VsbGlzLmFkbWluLnYxIqkBCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgJEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHRva2VuX2lkGAMgASgJEhIKCnRva2VuX25hbWUYBCABKAkSDgoGYWN0aW9uGAUgASgJEg8KB2dhdGV3YXkYBiABKAkSDgoGdGFyZ2V0GAcgASgJEg4KBnJlc3VsdBgIIAEoCSLRAQoWTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBIPCgdnYXRld2F5GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoDRISCgpwYWdlX3Rva2VuGAMgASgJEg0KBWFjdG9yGAQgASgJEg4KBmFjdGlvbhgFIAEoCRIOCgZ0YXJnZXQYBiABKAkSKAoEZnJvbRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoCdG8YCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImMKF0xpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlEi8KBmV2ZW50cxgBIAMoCzIfLnBvcnRjdWxsaXMuYWRtaW4udjEuQXVkaXRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkyfAoMQXVkaXRTZXJ2aWNlEmwKD0xpc3RBdWRpdEV2ZW50cxIrLnBvcnRjdWxsaXMuYWRtaW4udjEuTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBosLnBvcnRjdWxsaXMuYWRtaW4udjEuTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * @generated from message portcullis.admin.v1.AuditEvent
@@ -95,9 +95,47 @@ export type ListAuditEventsRequest = Message<"portcullis.admin.v1.ListAuditEvent
   pageSize: number;
 
   /**
+   * From the previous page's next_page_token, with the same filters.
+   *
    * @generated from field: string page_token = 3;
    */
   pageToken: string;
+
+  /**
+   * The filters below all apply together; empty (unset) ones do not filter.
+   * Only calls made by this management token: its id or its name.
+   *
+   * @generated from field: string actor = 4;
+   */
+  actor: string;
+
+  /**
+   * Only this RPC ("KeyService/UpdateKey"), or every RPC of a service ("KeyService").
+   *
+   * @generated from field: string action = 5;
+   */
+  action: string;
+
+  /**
+   * Only events about this target (a gateway name, key id, model or token id).
+   *
+   * @generated from field: string target = 6;
+   */
+  target: string;
+
+  /**
+   * Only events at or after this time.
+   *
+   * @generated from field: google.protobuf.Timestamp from = 7;
+   */
+  from?: Timestamp | undefined;
+
+  /**
+   * Only events before this time.
+   *
+   * @generated from field: google.protobuf.Timestamp to = 8;
+   */
+  to?: Timestamp | undefined;
 };
 
 /**

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file portcullis/admin/v1/keys.proto.
  */
 export const file_portcullis_admin_v1_keys: GenFile = /*@__PURE__*/
-  fileDesc("Ch5wb3J0Y3VsbGlzL2FkbWluL3YxL2tleXMucHJvdG8SE3BvcnRjdWxsaXMuYWRtaW4udjEi1AEKBkxpbWl0cxIbCg5jb3N0X2xpbWl0X3VzZBgBIAEoCUgAiAEBEhgKC3Rva2VuX2xpbWl0GAIgASgESAGIAQESIAoTcmVxdWVzdHNfcGVyX21pbnV0ZRgDIAEoDUgCiAEBEjYKDHJlc2V0X3BlcmlvZBgEIAEoDjIgLnBvcnRjdWxsaXMuYWRtaW4udjEuUmVzZXRQZXJpb2RCEQoPX2Nvc3RfbGltaXRfdXNkQg4KDF90b2tlbl9saW1pdEIWChRfcmVxdWVzdHNfcGVyX21pbnV0ZSLTAgoGQXBpS2V5EgoKAmlkGAEgASgJEg8KB2dhdGV3YXkYAiABKAkSDAoEbmFtZRgDIAEoCRIOCgZwcmVmaXgYBCABKAkSLgoGc3RhdHVzGAUgASgOMh4ucG9ydGN1bGxpcy5hZG1pbi52MS5LZXlTdGF0dXMSDwoHZW5hYmxlZBgGIAEoCBIOCgZsZWdhY3kYByABKAgSKwoGbGltaXRzGAggASgLMhsucG9ydGN1bGxpcy5hZG1pbi52MS5MaW1pdHMSLgoKY3JlYXRlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMbGFzdF91c2VkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKOAQoQQ3JlYXRlS2V5UmVxdWVzdBIPCgdnYXRld2F5GAEgASgJEgwKBG5hbWUYAiABKAkSKwoGbGltaXRzGAMgASgLMhsucG9ydGN1bGxpcy5hZG1pbi52MS5MaW1pdHMSLgoKZXhwaXJlc19hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiTQoRQ3JlYXRlS2V5UmVzcG9uc2USKAoDa2V5GAEgASgLMhsucG9ydGN1bGxpcy5hZG1pbi52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIhsKDUdldEtleVJlcXVlc3QSCgoCaWQYASABKAkiSQoPTGlzdEtleXNSZXF1ZXN0Eg8KB2dhdGV3YXkYASABKAkSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiVgoQTGlzdEtleXNSZXNwb25zZRIpCgRrZXlzGAEgAygLMhsucG9ydGN1bGxpcy5hZG1pbi52MS5BcGlLZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIvcBChBVcGRhdGVLZXlSZXF1ZXN0EgoKAmlkGAEgASgJEhEKBG5hbWUYAiABKAlIAIgBARIUCgdlbmFibGVkGAMgASgISAGIAQESMAoGbGltaXRzGAQgASgLMhsucG9ydGN1bGxpcy5hZG1pbi52MS5MaW1pdHNIAogBARIzCgpleHBpcmVzX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEgDiAEBEhgKEGNsZWFyX2V4cGlyZXNfYXQYBiABKAhCBwoFX25hbWVCCgoIX2VuYWJsZWRCCQoHX2xpbWl0c0INCgtfZXhwaXJlc19hdCIeChBEZWxldGVLZXlSZXF1ZXN0EgoKAmlkGAEgASgJIhMKEURlbGV0ZUtleVJlc3BvbnNlInQKFkltcG9ydExlZ2FjeUtleVJlcXVlc3QSDwoHZ2F0ZXdheRgBIAEoCRIMCgRuYW1lGAIgASgJEg4KBnNlY3JldBgDIAEoCRIrCgZsaW1pdHMYBCABKAsyGy5wb3J0Y3VsbGlzLmFkbWluLnYxLkxpbWl0cyIgChJHZXRLZXlVc2FnZVJlcXVlc3QSCgoCaWQYASABKAkisAMKCEtleVVzYWdlEg4KBmtleV9pZBgBIAEoCRIrCgZsaW1pdHMYAiABKAsyGy5wb3J0Y3VsbGlzLmFkbWluLnYxLkxpbWl0cxIwCgxwZXJpb2Rfc3RhcnQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnBlcmlvZF9lbmQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJlcXVlc3RzGAUgASgEEhUKDXByb21wdF90b2tlbnMYBiABKAQSGQoRY29tcGxldGlvbl90b2tlbnMYByABKAQSFAoMdG90YWxfdG9rZW5zGAggASgEEhAKCGNvc3RfdXNkGAkgASgJEhwKFHJlcXVlc3RzX2xhc3RfbWludXRlGAogASgNEjIKDmxhc3RfZGVuaWVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBsYXN0X2RlbnlfcmVhc29uGAwgASgJEhcKD3Jlc2VydmVkX3Rva2VucxgNIAEoBBIUCgxyZXNlcnZlZF91c2QYDiABKAkiTwoQUm90YXRlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCRIvCgxncmFjZV9wZXJpb2QYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24qbwoJS2V5U3RhdHVzEhoKFktFWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFLRVlfU1RBVFVTX0FDVElWRRABEhcKE0tFWV9TVEFUVVNfRElTQUJMRUQQAhIWChJLRVlfU1RBVFVTX0VYUElSRUQQAypwCgtSZXNldFBlcmlvZBIWChJSRVNFVF9QRVJJT0RfTkVWRVIQABIWChJSRVNFVF9QRVJJT0RfREFJTFkQARIXChNSRVNFVF9QRVJJT0RfV0VFS0xZEAISGAoUUkVTRVRfUEVSSU9EX01PTlRITFkQAzLJBQoKS2V5U2VydmljZRJaCglDcmVhdGVLZXkSJS5wb3J0Y3VsbGlzLmFkbWluLnYxLkNyZWF0ZUtleVJlcXVlc3QaJi5wb3J0Y3VsbGlzLmFkbWluLnYxLkNyZWF0ZUtleVJlc3BvbnNlEkkKBkdldEtleRIiLnBvcnRjdWxsaXMuYWRtaW4udjEuR2V0S2V5UmVxdWVzdBobLnBvcnRjdWxsaXMuYWRtaW4udjEuQXBpS2V5ElcKCExpc3RLZXlzEiQucG9ydGN1bGxpcy5hZG1pbi52MS5MaXN0S2V5c1JlcXVlc3QaJS5wb3J0Y3VsbGlzLmFkbWluLnYxLkxpc3RLZXlzUmVzcG9uc2USTwoJVXBkYXRlS2V5EiUucG9ydGN1bGxpcy5hZG1pbi52MS5VcGRhdGVLZXlSZXF1ZXN0GhsucG9ydGN1bGxpcy5hZG1pbi52MS5BcGlLZXkSWgoJRGVsZXRlS2V5EiUucG9ydGN1bGxpcy5hZG1pbi52MS5EZWxldGVLZXlSZXF1ZXN0GiYucG9ydGN1bGxpcy5hZG1pbi52MS5EZWxldGVLZXlSZXNwb25zZRJbCg9JbXBvcnRMZWdhY3lLZXkSKy5wb3J0Y3VsbGlzLmFkbWluLnYxLkltcG9ydExlZ2FjeUtleVJlcXVlc3QaGy5wb3J0Y3VsbGlzLmFkbWluLnYxLkFwaUtleRJVCgtHZXRLZXlVc2FnZRInLnBvcnRjdWxsaXMuYWRtaW4udjEuR2V0S2V5VXNhZ2VSZXF1ZXN0Gh0ucG9ydGN1bGxpcy5hZG1pbi52MS5LZXlVc2FnZRJaCglSb3RhdGVLZXkSJS5wb3J0Y3VsbGlzLmFkbWluLnYxLlJvdGF0ZUtleVJlcXVlc3QaJi5wb3J0Y3VsbGlzLmFkbWluLnYxLkNyZWF0ZUtleVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ch5wb3J0Y3VsbGlzL2FkbWluL3YxL2tleXMucHJvdG8SE3BvcnRjdWxsaXMuYWRtaW4udjEi1AEKBkxpbWl0cxIbCg5jb3N0X2xpbWl0X3VzZBgBIAEoCUgAiAEBEhgKC3Rva2VuX2xpbWl0GAIgASgESAGIAQESIAoTcmVxdWVzdHNfcGVyX21pbnV0ZRgDIAEoDUgCiAEBEjYKDHJlc2V0X3BlcmlvZBgEIAEoDjIgLnBvcnRjdWxsaXMuYWRtaW4udjEuUmVzZXRQZXJpb2RCEQoPX2Nvc3RfbGltaXRfdXNkQg4KDF90b2tlbl9saW1pdEIWChRfcmVxdWVzdHNfcGVyX21pbnV0ZSKBAwoGQXBpS2V5EgoKAmlkGAEgASgJEg8KB2dhdGV3YXkYAiABKAkSDAoEbmFtZRgDIAEoCRIOCgZwcmVmaXgYBCABKAkSLgoGc3RhdHVzGAUgASgOMh4ucG9ydGN1bGxpcy5hZG1pbi52MS5LZXlTdGF0dXMSDwoHZW5hYmxlZBgGIAEoCBIOCgZsZWdhY3kYByABKAgSKwoGbGltaXRzGAggASgLMhsucG9ydGN1bGxpcy5hZG1pbi52MS5MaW1pdHMSLgoKY3JlYXRlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMbGFzdF91c2VkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCgV1c2FnZRgMIAEoCzIdLnBvcnRjdWxsaXMuYWRtaW4udjEuS2V5VXNhZ2UijgEKEENyZWF0ZUtleVJlcXVlc3QSDwoHZ2F0ZXdheRgBIAEoCRIMCgRuYW1lGAIgASgJEisKBmxpbWl0cxgDIAEoCzIbLnBvcnRjdWxsaXMuYWRtaW4udjEuTGltaXRzEi4KCmV4cGlyZXNfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIk0KEUNyZWF0ZUtleVJlc3BvbnNlEigKA2tleRgBIAEoCzIbLnBvcnRjdWxsaXMuYWRtaW4udjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSIbCg1HZXRLZXlSZXF1ZXN0EgoKAmlkGAEgASgJItUBCg9MaXN0S2V5c1JlcXVlc3QSDwoHZ2F0ZXdheRgBIAEoCRIRCglwYWdlX3NpemUYAiABKA0SEgoKcGFnZV90b2tlbhgDIAEoCRIVCg1uYW1lX2NvbnRhaW5zGAQgASgJEi4KBnN0YXR1cxgFIAEoDjIeLnBvcnRjdWxsaXMuYWRtaW4udjEuS2V5U3RhdHVzEi8KCG9yZGVyX2J5GAYgASgOMh0ucG9ydGN1bGxpcy5hZG1pbi52MS5LZXlPcmRlchISCgpkZXNjZW5kaW5nGAcgASgIIlYKEExpc3RLZXlzUmVzcG9uc2USKQoEa2V5cxgBIAMoCzIbLnBvcnRjdWxsaXMuYWRtaW4udjEuQXBpS2V5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSL3AQoQVXBkYXRlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCRIRCgRuYW1lGAIgASgJSACIAQESFAoHZW5hYmxlZBgDIAEoCEgBiAEBEjAKBmxpbWl0cxgEIAEoCzIbLnBvcnRjdWxsaXMuYWRtaW4udjEuTGltaXRzSAKIAQESMwoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBIA4gBARIYChBjbGVhcl9leHBpcmVzX2F0GAYgASgIQgcKBV9uYW1lQgoKCF9lbmFibGVkQgkKB19saW1pdHNCDQoLX2V4cGlyZXNfYXQiHgoQRGVsZXRlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCSITChFEZWxldGVLZXlSZXNwb25zZSJ0ChZJbXBvcnRMZWdhY3lLZXlSZXF1ZXN0Eg8KB2dhdGV3YXkYASABKAkSDAoEbmFtZRgCIAEoCRIOCgZzZWNyZXQYAyABKAkSKwoGbGltaXRzGAQgASgLMhsucG9ydGN1bGxpcy5hZG1pbi52MS5MaW1pdHMiIAoSR2V0S2V5VXNhZ2VSZXF1ZXN0EgoKAmlkGAEgASgJIrADCghLZXlVc2FnZRIOCgZrZXlfaWQYASABKAkSKwoGbGltaXRzGAIgASgLMhsucG9ydGN1bGxpcy5hZG1pbi52MS5MaW1pdHMSMAoMcGVyaW9kX3N0YXJ0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpwZXJpb2RfZW5kGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghyZXF1ZXN0cxgFIAEoBBIVCg1wcm9tcHRfdG9rZW5zGAYgASgEEhkKEWNvbXBsZXRpb25fdG9rZW5zGAcgASgEEhQKDHRvdGFsX3Rva2VucxgIIAEoBBIQCghjb3N0X3VzZBgJIAEoCRIcChRyZXF1ZXN0c19sYXN0X21pbnV0ZRgKIAEoDRIyCg5sYXN0X2RlbmllZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQbGFzdF9kZW55X3JlYXNvbhgMIAEoCRIXCg9yZXNlcnZlZF90b2tlbnMYDSABKAQSFAoMcmVzZXJ2ZWRfdXNkGA4gASgJIk8KEFJvdGF0ZUtleVJlcXVlc3QSCgoCaWQYASABKAkSLwoMZ3JhY2VfcGVyaW9kGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uKm8KCUtleVN0YXR1cxIaChZLRVlfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFQoRS0VZX1NUQVRVU19BQ1RJVkUQARIXChNLRVlfU1RBVFVTX0RJU0FCTEVEEAISFgoSS0VZX1NUQVRVU19FWFBJUkVEEAMqcAoLUmVzZXRQZXJpb2QSFgoSUkVTRVRfUEVSSU9EX05FVkVSEAASFgoSUkVTRVRfUEVSSU9EX0RBSUxZEAESFwoTUkVTRVRfUEVSSU9EX1dFRUtMWRACEhgKFFJFU0VUX1BFUklPRF9NT05USExZEAMqngEKCEtleU9yZGVyEhkKFUtFWV9PUkRFUl9VTlNQRUNJRklFRBAAEhIKDktFWV9PUkRFUl9OQU1FEAESGAoUS0VZX09SREVSX0NSRUFURURfQVQQAhIaChZLRVlfT1JERVJfTEFTVF9VU0VEX0FUEAMSGAoUS0VZX09SREVSX0VYUElSRVNfQVQQBBITCg9LRVlfT1JERVJfU1BFTkQQBTLJBQoKS2V5U2VydmljZRJaCglDcmVhdGVLZXkSJS5wb3J0Y3VsbGlzLmFkbWluLnYxLkNyZWF0ZUtleVJlcXVlc3QaJi5wb3J0Y3VsbGlzLmFkbWluLnYxLkNyZWF0ZUtleVJlc3BvbnNlEkkKBkdldEtleRIiLnBvcnRjdWxsaXMuYWRtaW4udjEuR2V0S2V5UmVxdWVzdBobLnBvcnRjdWxsaXMuYWRtaW4udjEuQXBpS2V5ElcKCExpc3RLZXlzEiQucG9ydGN1bGxpcy5hZG1pbi52MS5MaXN0S2V5c1JlcXVlc3QaJS5wb3J0Y3VsbGlzLmFkbWluLnYxLkxpc3RLZXlzUmVzcG9uc2USTwoJVXBkYXRlS2V5EiUucG9ydGN1bGxpcy5hZG1pbi52MS5VcGRhdGVLZXlSZXF1ZXN0GhsucG9ydGN1bGxpcy5hZG1pbi52MS5BcGlLZXkSWgoJRGVsZXRlS2V5EiUucG9ydGN1bGxpcy5hZG1pbi52MS5EZWxldGVLZXlSZXF1ZXN0GiYucG9ydGN1bGxpcy5hZG1pbi52MS5EZWxldGVLZXlSZXNwb25zZRJbCg9JbXBvcnRMZWdhY3lLZXkSKy5wb3J0Y3VsbGlzLmFkbWluLnYxLkltcG9ydExlZ2FjeUtleVJlcXVlc3QaGy5wb3J0Y3VsbGlzLmFkbWluLnYxLkFwaUtleRJVCgtHZXRLZXlVc2FnZRInLnBvcnRjdWxsaXMuYWRtaW4udjEuR2V0S2V5VXNhZ2VSZXF1ZXN0Gh0ucG9ydGN1bGxpcy5hZG1pbi52MS5LZXlVc2FnZRJaCglSb3RhdGVLZXkSJS5wb3J0Y3VsbGlzLmFkbWluLnYxLlJvdGF0ZUtleVJlcXVlc3QaJi5wb3J0Y3VsbGlzLmFkbWluLnYxLkNyZWF0ZUtleVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message portcullis.admin.v1.Limits
@@ -108,6 +108,14 @@ export type ApiKey = Message<"portcullis.admin.v1.ApiKey"> & {
    * @generated from field: google.protobuf.Timestamp last_used_at = 11;
    */
   lastUsedAt?: Timestamp | undefined;
+
+  /**
+   * Usage in the current budget period, as GetKeyUsage returns it. Set by ListKeys only
+   * (one call fills a whole table); unset elsewhere.
+   *
+   * @generated from field: portcullis.admin.v1.KeyUsage usage = 12;
+   */
+  usage?: KeyUsage | undefined;
 };
 
 /**
@@ -207,9 +215,35 @@ export type ListKeysRequest = Message<"portcullis.admin.v1.ListKeysRequest"> & {
   pageSize: number;
 
   /**
+   * From the previous page's next_page_token, with the same filters and order.
+   *
    * @generated from field: string page_token = 3;
    */
   pageToken: string;
+
+  /**
+   * Only keys whose name contains this, ignoring case (at most 128 characters).
+   *
+   * @generated from field: string name_contains = 4;
+   */
+  nameContains: string;
+
+  /**
+   * Only keys with this status now; KEY_STATUS_UNSPECIFIED: any.
+   *
+   * @generated from field: portcullis.admin.v1.KeyStatus status = 5;
+   */
+  status: KeyStatus;
+
+  /**
+   * @generated from field: portcullis.admin.v1.KeyOrder order_by = 6;
+   */
+  orderBy: KeyOrder;
+
+  /**
+   * @generated from field: bool descending = 7;
+   */
+  descending: boolean;
 };
 
 /**
@@ -539,6 +573,60 @@ export enum ResetPeriod {
  */
 export const ResetPeriodSchema: GenEnum<ResetPeriod> = /*@__PURE__*/
   enumDesc(file_portcullis_admin_v1_keys, 1);
+
+/**
+ * The order ListKeys returns keys in. Ties go by id (creation order).
+ *
+ * @generated from enum portcullis.admin.v1.KeyOrder
+ */
+export enum KeyOrder {
+  /**
+   * Creation order (by id), as before ordering existed.
+   *
+   * @generated from enum value: KEY_ORDER_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * By name, ignoring case.
+   *
+   * @generated from enum value: KEY_ORDER_NAME = 1;
+   */
+  NAME = 1,
+
+  /**
+   * @generated from enum value: KEY_ORDER_CREATED_AT = 2;
+   */
+  CREATED_AT = 2,
+
+  /**
+   * Keys never used come first (last when descending).
+   *
+   * @generated from enum value: KEY_ORDER_LAST_USED_AT = 3;
+   */
+  LAST_USED_AT = 3,
+
+  /**
+   * Keys that never expire come last (first when descending).
+   *
+   * @generated from enum value: KEY_ORDER_EXPIRES_AT = 4;
+   */
+  EXPIRES_AT = 4,
+
+  /**
+   * USD spent in the key's current budget period, as the usage ledger has it (written
+   * every --usage-flush-interval, so up to that much behind the `usage` shown).
+   *
+   * @generated from enum value: KEY_ORDER_SPEND = 5;
+   */
+  SPEND = 5,
+}
+
+/**
+ * Describes the enum portcullis.admin.v1.KeyOrder.
+ */
+export const KeyOrderSchema: GenEnum<KeyOrder> = /*@__PURE__*/
+  enumDesc(file_portcullis_admin_v1_keys, 2);
 
 /**
  * API keys that clients present to a gateway.
