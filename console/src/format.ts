@@ -56,3 +56,9 @@ export function relative(d: Date, now = Date.now()): string {
 }
 
 export const WEEK_MS = 7 * 86_400_000;
+
+/** A datetime-local input's value for `d`, in the browser's zone. */
+export function localInputValue(d: Date): string {
+  const pad = (n: number) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+}

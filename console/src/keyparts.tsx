@@ -2,7 +2,7 @@
 import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { useId } from "preact/hooks";
 import { KeyStatus, ResetPeriod, type ApiKey, type Limits } from "./gen/portcullis/admin/v1/keys_pb.js";
-import { int, usd, WEEK_MS, zoneName } from "./format.js";
+import { int, localInputValue, usd, WEEK_MS, zoneName } from "./format.js";
 import { Switch } from "./ui.js";
 
 export function StatusBadge(props: { k: ApiKey }) {
@@ -55,11 +55,6 @@ export interface LimitsDraft {
   reset: ResetPeriod;
   expiresOn: boolean;
   expires: string; // datetime-local value, browser's zone
-}
-
-function localInputValue(d: Date): string {
-  const pad = (n: number) => String(n).padStart(2, "0");
-  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
 }
 
 export function draftFrom(l: Limits | undefined, expires: Timestamp | undefined): LimitsDraft {

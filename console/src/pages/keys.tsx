@@ -1,7 +1,7 @@
 // Keys of a gateway: search, filter, sort and server paging (state in the URL), the
-// enable/disable toggle, this period's spend against limits, bulk disable/delete, Create key.
+// enable/disable toggle, this period's spend against limits, bulk enable/disable/delete, Create key.
 import { useEffect, useId, useState } from "preact/hooks";
-import { api } from "../api.js";
+import { api, errorText } from "../api.js";
 import { int, tokens as fmtTokens, usd } from "../format.js";
 import { KeyOrder, KeyStatus, type ApiKey, type KeyUsage } from "../gen/portcullis/admin/v1/keys_pb.js";
 import { currentGateway, gatewayByName } from "../gateways-store.js";
@@ -42,6 +42,20 @@ async function fetchPage(gateway: string, pageToken: string, search: string, sta
   return { rows: r.keys.map((key) => ({ key, usage: key.usage })), next: r.nextPageToken };
 }
 
+/** Runs `f` on every key in turn; refreshes the list even when some fail, then names those. */
+async function eachKey(keys: ApiKey[], f: (k: ApiKey) => Promise<unknown>, done: () => void): Promise<void> {
+  const failed: string[] = [];
+  for (const k of keys) {
+    try {
+      await f(k);
+    } catch (e) {
+      failed.push(`${k.name}: ${errorText(e)}`);
+    }
+  }
+  done();
+  if (failed.length) throw new Error(`${failed.length} of ${keys.length} failed. ${failed.join("; ")}`);
+}
+
 export function KeysPage() {
   const gateway = currentGateway.value;
   const q = query.value;
@@ -53,7 +67,7 @@ export function KeysPage() {
   const [history, setHistory] = useState<string[]>([]);
   const [selected, setSelected] = useState<Set<string>>(new Set());
   const [creating, setCreating] = useState(false);
-  const [bulk, setBulk] = useState<"disable" | "delete" | null>(null);
+  const [bulk, setBulk] = useState<"enable" | "disable" | "delete" | null>(null);
   const [rowError, setRowError] = useState("");
   const [searchDraft, setSearchDraft] = useState(search);
   const id = useId();
@@ -144,6 +158,9 @@ export function KeysPage() {
       {chosen.length ? (
         <div class="bulk" role="region" aria-label="Bulk actions">
           <span>{chosen.length} selected</span>
+          <button type="button" onClick={() => setBulk("enable")}>
+            Enable selected
+          </button>
           <button type="button" onClick={() => setBulk("disable")}>
             Disable selected
           </button>
@@ -269,15 +286,30 @@ export function KeysPage() {
       </nav>
 
       {creating && gateway ? <CreateKeyDialog gateway={gateway} onClose={() => setCreating(false)} onCreated={reload} /> : null}
+      {bulk === "enable" ? (
+        <Confirm
+          title={`Enable ${chosen.length} ${chosen.length === 1 ? "key" : "keys"}?`}
+          confirmLabel={`Enable ${chosen.length} ${chosen.length === 1 ? "key" : "keys"}`}
+          onClose={() => setBulk(null)}
+          onConfirm={async () => {
+            await eachKey(chosen.filter((k) => !k.enabled), (k) => api.keys.updateKey({ id: k.id, enabled: true }), reload);
+            setSelected(new Set());
+          }}
+        >
+          <p>
+            {chosen.map((k) => k.name).join(", ")}: {chosen.length === 1 ? "this key authenticates" : "these keys authenticate"} again at once, unless expired.
+            Limits and usage are unchanged.
+          </p>
+        </Confirm>
+      ) : null}
       {bulk === "disable" ? (
         <Confirm
           title={`Disable ${chosen.length} ${chosen.length === 1 ? "key" : "keys"}?`}
           confirmLabel={`Disable ${chosen.length} ${chosen.length === 1 ? "key" : "keys"}`}
           onClose={() => setBulk(null)}
           onConfirm={async () => {
-            for (const k of chosen) await api.keys.updateKey({ id: k.id, enabled: false });
+            await eachKey(chosen.filter((k) => k.enabled), (k) => api.keys.updateKey({ id: k.id, enabled: false }), reload);
             setSelected(new Set());
-            reload();
           }}
         >
           <p>
@@ -293,9 +325,8 @@ export function KeysPage() {
           danger
           onClose={() => setBulk(null)}
           onConfirm={async () => {
-            for (const k of chosen) await api.keys.deleteKey({ id: k.id });
+            await eachKey(chosen, (k) => api.keys.deleteKey({ id: k.id }), reload);
             setSelected(new Set());
-            reload();
           }}
         >
           <p>
