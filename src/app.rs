@@ -19,6 +19,7 @@ use crate::admin::bootstrap::ensure_access;
 use crate::admin::gateways::GatewayServiceServer;
 use crate::admin::keys::KeyServiceServer;
 use crate::admin::pricing::PricingServiceServer;
+use crate::admin::usage::{UsageApi, UsageServiceServer};
 use crate::admin::{AccessApi, AuditApi};
 use crate::admin::{Admin, AdminAuth, AdminLimits, GatewayApi, KeyApi, MAX_REQUEST_BYTES};
 use crate::authz::{AuthorizationServer, AuthzService, ExternalProcessorServer, MeterService};
@@ -46,6 +47,7 @@ const ADMIN_HEALTH: &[&str] = &[
     "portcullis.admin.v1.PricingService",
     "portcullis.admin.v1.AccessService",
     "portcullis.admin.v1.AuditService",
+    "portcullis.admin.v1.UsageService",
 ];
 
 /// The service names this role serves, "" first.
@@ -278,7 +280,11 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
                 auth.clone(),
             ))
             .add_service(Intercepted::new(
-                AuditServiceServer::new(AuditApi(admin)).max_decoding_message_size(MAX_REQUEST_BYTES),
+                AuditServiceServer::new(AuditApi(Arc::clone(&admin))).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth.clone(),
+            ))
+            .add_service(Intercepted::new(
+                UsageServiceServer::new(UsageApi(admin)).max_decoding_message_size(MAX_REQUEST_BYTES),
                 auth,
             ));
         // gRPC, gRPC-Web (browsers: HTTP/1.1 too) and the console's files on one port.

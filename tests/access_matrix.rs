@@ -8,6 +8,7 @@ use portcullis::pb;
 use portcullis::pb::access_service_client::AccessServiceClient;
 use portcullis::pb::audit_service_client::AuditServiceClient;
 use portcullis::pb::pricing_service_client::PricingServiceClient;
+use portcullis::pb::usage_service_client::UsageServiceClient;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -21,6 +22,7 @@ struct Clients {
     prices: PricingServiceClient<Svc>,
     access: AccessServiceClient<Svc>,
     audit: AuditServiceClient<Svc>,
+    usage: UsageServiceClient<Svc>,
 }
 
 async fn clients(server: &TestServer, token: &str) -> Clients {
@@ -32,7 +34,8 @@ async fn clients(server: &TestServer, token: &str) -> Clients {
         keys,
         prices: PricingServiceClient::with_interceptor(ch.clone(), auth.clone()),
         access: AccessServiceClient::with_interceptor(ch.clone(), auth.clone()),
-        audit: AuditServiceClient::with_interceptor(ch, auth),
+        audit: AuditServiceClient::with_interceptor(ch.clone(), auth.clone()),
+        usage: UsageServiceClient::with_interceptor(ch, auth),
     }
 }
 
@@ -78,6 +81,8 @@ const RPCS: &[(&str, bool, bool, bool, Scope)] = &[
     ("RevokeAccessToken", true, false, false, Gateway),
     ("WhoAmI", true, true, true, Free),
     ("ListAuditEvents", true, true, false, Gateway),
+    ("GetUsageHistory", true, true, true, Gateway),
+    ("GetUsageHistory/key", true, true, true, Gateway),
 ];
 
 struct Fixture {
@@ -209,6 +214,14 @@ async fn call(f: &Fixture, c: &Clients, rpc: &str, gw: &str) -> (Code, String) {
         "WhoAmI" => code(c.access.who_am_i(pb::WhoAmIRequest {}).await),
         "ListAuditEvents" => code(
             c.audit.list_audit_events(pb::ListAuditEventsRequest { gateway: gw.into(), ..Default::default() }).await,
+        ),
+        "GetUsageHistory" => code(
+            c.usage.get_usage_history(pb::GetUsageHistoryRequest { gateway: gw.into(), ..Default::default() }).await,
+        ),
+        "GetUsageHistory/key" => code(
+            c.usage
+                .get_usage_history(pb::GetUsageHistoryRequest { key_id: f.key(gw).await, ..Default::default() })
+                .await,
         ),
         other => panic!("no call for {other}"),
     }

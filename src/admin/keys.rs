@@ -40,7 +40,7 @@ pub(crate) fn parse_id(field: &'static str, id: &str) -> Result<Uuid, FieldError
 
 impl Admin {
     /// Loads a key by id and authorizes `action` on its gateway.
-    async fn key_for(&self, call: &mut Call, action: Action, id: &str) -> AdminResult<(ApiKey, String)> {
+    pub(super) async fn key_for(&self, call: &mut Call, action: Action, id: &str) -> AdminResult<(ApiKey, String)> {
         call.check(action, None)?;
         let id = parse_id("id", id)?;
         call.target(id.to_string());

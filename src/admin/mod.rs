@@ -10,6 +10,7 @@ mod error;
 pub mod gateways;
 pub mod keys;
 pub mod pricing;
+pub mod usage;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,7 @@ pub use error::{AdminError, AdminResult};
 pub use gateways::GatewayApi;
 pub use keys::KeyApi;
 pub use pricing::PricingApi;
+pub use usage::UsageApi;
 
 /// What every admin service works with.
 pub struct Admin {

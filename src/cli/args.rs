@@ -46,14 +46,55 @@ pub enum CliCommand {
         cmd: TokensCmd,
     },
     /// The audit trail: admin changes and refused calls, newest first.
-    Audit {
-        /// Only events of this gateway.
-        #[arg(long)]
-        gateway: Option<String>,
-        /// At most this many events.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
-    },
+    Audit(AuditArgs),
+}
+
+/// `portcullis audit` filters; all apply together.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only events of this gateway.
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// Only calls made by this management token (its name or id).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Only this RPC (KeyService/UpdateKey) or every RPC of a service (KeyService).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only events about this target (a gateway name, key id, model or token id).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Only events at or after this time: RFC 3339, or a duration ago (e.g. 24h, 7d).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only events before this time: RFC 3339, or a duration ago.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many events.
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StatusArg {
+    Active,
+    Disabled,
+    Expired,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OrderArg {
+    Name,
+    CreatedAt,
+    LastUsedAt,
+    ExpiresAt,
+    Spend,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GranularityArg {
+    Hour,
+    Day,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -166,10 +207,22 @@ pub enum KeysCmd {
         #[arg(long)]
         expires_at: Option<String>,
     },
-    /// List a gateway's keys: name, prefix, status, limits, created, expires.
+    /// List a gateway's keys: name, prefix, status, limits, this period's usage, created, expires.
     List {
         #[arg(long)]
         gateway: String,
+        /// Only keys whose name contains this (ignoring case).
+        #[arg(long)]
+        name: Option<String>,
+        /// Only keys with this status.
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
+        /// Order by this (default: creation order).
+        #[arg(long, value_enum)]
+        order_by: Option<OrderArg>,
+        /// Largest first.
+        #[arg(long)]
+        desc: bool,
         /// Fetch at most this many (default: all pages).
         #[arg(long)]
         limit: Option<usize>,
@@ -196,6 +249,19 @@ pub enum KeysCmd {
     Delete { id: String },
     /// The Overview: usage in the current period against the key's limits.
     Usage { id: String },
+    /// Usage over time, per hour or day (UTC), optionally per model.
+    History {
+        id: String,
+        /// Bucket width.
+        #[arg(long, value_enum, default_value = "day")]
+        by: GranularityArg,
+        /// How many days back from now (hourly: at most 31; daily: at most 366).
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+        /// One row per model.
+        #[arg(long)]
+        by_model: bool,
+    },
     /// A new secret for the key (printed once); the old one works for --grace.
     Rotate {
         id: String,

@@ -1,12 +1,13 @@
 //! `portcullis keys …`: create, list, get, enable, disable, update, delete, usage, rotate,
 //! import-legacy.
 
-use super::args::{Connection, KeysCmd};
+use super::args::{Connection, GranularityArg, KeysCmd, OrderArg, StatusArg};
 use super::connect::{Svc, connect, status_err};
 use super::output;
 use super::time::timestamp;
 use crate::pb;
 use crate::pb::key_service_client::KeyServiceClient;
+use crate::pb::usage_service_client::UsageServiceClient;
 
 pub(super) async fn run(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
     let (channel, auth) = connect(conn).await?;
@@ -29,16 +30,34 @@ pub(super) async fn run(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
                 .into_inner();
             out.created_key(&r);
         }
-        KeysCmd::List { gateway, limit } => {
+        KeysCmd::List { gateway, name, status, order_by, desc, limit } => {
+            let status = match status {
+                None => pb::KeyStatus::Unspecified,
+                Some(StatusArg::Active) => pb::KeyStatus::Active,
+                Some(StatusArg::Disabled) => pb::KeyStatus::Disabled,
+                Some(StatusArg::Expired) => pb::KeyStatus::Expired,
+            } as i32;
+            let order_by = match order_by {
+                None => pb::KeyOrder::Unspecified,
+                Some(OrderArg::Name) => pb::KeyOrder::Name,
+                Some(OrderArg::CreatedAt) => pb::KeyOrder::CreatedAt,
+                Some(OrderArg::LastUsedAt) => pb::KeyOrder::LastUsedAt,
+                Some(OrderArg::ExpiresAt) => pb::KeyOrder::ExpiresAt,
+                Some(OrderArg::Spend) => pb::KeyOrder::Spend,
+            } as i32;
             let mut all = Vec::new();
             let mut page_token = String::new();
             loop {
+                let page_size = limit.map_or(1000, |l| l.saturating_sub(all.len()).clamp(1, 1000)) as u32;
                 let page = client
                     .list_keys(pb::ListKeysRequest {
                         gateway: gateway.clone(),
-                        page_size: 1000,
+                        page_size,
                         page_token,
-                        ..Default::default()
+                        name_contains: name.clone().unwrap_or_default(),
+                        status,
+                        order_by,
+                        descending: desc,
                     })
                     .await
                     .map_err(status_err)?
@@ -88,6 +107,32 @@ pub(super) async fn run(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
         KeysCmd::Usage { id } => {
             let u = client.get_key_usage(pb::GetKeyUsageRequest { id }).await.map_err(status_err)?;
             out.usage(&u.into_inner());
+        }
+        KeysCmd::History { id, by, days, by_model } => {
+            let (channel, auth) = connect(conn).await?;
+            let mut usage: UsageServiceClient<Svc> = UsageServiceClient::with_interceptor(channel, auth);
+            let now = chrono::Utc::now();
+            let from = now - chrono::Duration::days(i64::from(days));
+            let stamp = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+                seconds: t.timestamp(),
+                nanos: t.timestamp_subsec_nanos() as i32,
+            };
+            let granularity = match by {
+                GranularityArg::Hour => pb::Granularity::Hour,
+                GranularityArg::Day => pb::Granularity::Day,
+            } as i32;
+            let h = usage
+                .get_usage_history(pb::GetUsageHistoryRequest {
+                    key_id: id,
+                    gateway: String::new(),
+                    granularity,
+                    from: Some(stamp(from)),
+                    to: Some(stamp(now)),
+                    by_model,
+                })
+                .await
+                .map_err(status_err)?;
+            out.history(&h.into_inner(), by_model);
         }
         KeysCmd::Rotate { id, grace } => {
             let grace_period = grace.map(|g| prost_types::Duration {

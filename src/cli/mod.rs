@@ -16,8 +16,8 @@ mod time;
 mod tokens;
 
 pub use args::{
-    CliCommand, Connection, GatewaySettings, GatewaysCmd, KeysCmd, LimitArgs, Location, Period, PricesCmd, RoleArg,
-    TokensCmd,
+    AuditArgs, CliCommand, Connection, GatewaySettings, GatewaysCmd, GranularityArg, KeysCmd, LimitArgs, Location,
+    OrderArg, Period, PricesCmd, RoleArg, StatusArg, TokensCmd,
 };
 pub use connect::BearerAuth;
 
@@ -28,6 +28,6 @@ pub async fn run(cmd: CliCommand, conn: Connection) -> anyhow::Result<()> {
         CliCommand::Keys { cmd } => keys::run(conn, cmd).await,
         CliCommand::Prices { cmd } => prices::run(conn, cmd).await,
         CliCommand::Tokens { cmd } => tokens::run(conn, cmd).await,
-        CliCommand::Audit { gateway, limit } => audit::run(conn, gateway, limit).await,
+        CliCommand::Audit(args) => audit::run(conn, args).await,
     }
 }

@@ -59,7 +59,7 @@ fn limits_json(l: &Option<pb::Limits>) -> Value {
 }
 
 fn key_json(k: &pb::ApiKey) -> Value {
-    json!({
+    let mut v = json!({
         "id": k.id,
         "gateway": k.gateway,
         "name": k.name,
@@ -71,6 +71,28 @@ fn key_json(k: &pb::ApiKey) -> Value {
         "created_at": ts(&k.created_at),
         "expires_at": k.expires_at.as_ref().map(|_| ts(&k.expires_at)),
         "last_used_at": k.last_used_at.as_ref().map(|_| ts(&k.last_used_at)),
+    });
+    if let Some(u) = &k.usage {
+        v["usage"] = usage_json(u);
+    }
+    v
+}
+
+fn usage_json(u: &pb::KeyUsage) -> Value {
+    json!({
+        "key_id": u.key_id,
+        "period_start": ts(&u.period_start),
+        "period_end": u.period_end.as_ref().map(|_| ts(&u.period_end)),
+        "requests": u.requests,
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "cost_usd": u.cost_usd,
+        "reserved_tokens": u.reserved_tokens,
+        "reserved_usd": u.reserved_usd,
+        "requests_last_minute": u.requests_last_minute,
+        "last_denied_at": u.last_denied_at.as_ref().map(|_| ts(&u.last_denied_at)),
+        "last_deny_reason": u.last_deny_reason,
     })
 }
 
@@ -143,21 +165,35 @@ impl Out {
         if self.json {
             return self.print_json(Value::Array(ks.iter().map(key_json).collect()));
         }
+        // Listed keys carry this period's usage; a single key (get, update) does not.
+        let with_usage = ks.iter().any(|k| k.usage.is_some());
         let rows = ks
             .iter()
             .map(|k| {
-                vec![
+                let mut row = vec![
                     k.name.clone(),
                     format!("{}…", k.prefix),
                     status_name(k.status).to_string(),
                     limits_text(&k.limits),
+                ];
+                if with_usage {
+                    let u = k.usage.clone().unwrap_or_default();
+                    row.extend([u.requests.to_string(), u.total_tokens.to_string(), format!("${}", u.cost_usd)]);
+                }
+                row.extend([
                     ts(&k.created_at),
                     if k.expires_at.is_some() { ts(&k.expires_at) } else { "never".into() },
                     k.id.clone(),
-                ]
+                ]);
+                row
             })
             .collect();
-        table(&["NAME", "PREFIX", "STATUS", "LIMITS", "CREATED AT", "EXPIRES", "ID"], rows);
+        let mut header = vec!["NAME", "PREFIX", "STATUS", "LIMITS"];
+        if with_usage {
+            header.extend(["REQUESTS", "TOKENS", "SPENT"]);
+        }
+        header.extend(["CREATED AT", "EXPIRES", "ID"]);
+        table(&header, rows);
     }
 
     pub fn created_key(&self, r: &pb::CreateKeyResponse) {
@@ -325,6 +361,49 @@ impl Out {
             })
             .collect();
         table(&["TIME", "TOKEN", "TOKEN ID", "ACTION", "GATEWAY", "TARGET", "RESULT"], rows);
+    }
+
+    pub fn history(&self, h: &pb::UsageHistory, by_model: bool) {
+        if self.json {
+            let buckets: Vec<Value> = h
+                .buckets
+                .iter()
+                .map(|b| {
+                    json!({
+                        "start": ts(&b.start), "model": b.model, "requests": b.requests,
+                        "prompt_tokens": b.prompt_tokens, "completion_tokens": b.completion_tokens,
+                        "total_tokens": b.total_tokens, "cost_usd": b.cost_usd,
+                    })
+                })
+                .collect();
+            let granularity = if h.granularity == pb::Granularity::Hour as i32 { "hour" } else { "day" };
+            return self.print_json(json!({
+                "from": ts(&h.from), "to": ts(&h.to), "granularity": granularity, "buckets": buckets,
+            }));
+        }
+        let rows = h
+            .buckets
+            .iter()
+            .map(|b| {
+                let mut row = vec![ts(&b.start)];
+                if by_model {
+                    row.push(if b.model.is_empty() { "-".into() } else { b.model.clone() });
+                }
+                row.extend([
+                    b.requests.to_string(),
+                    b.prompt_tokens.to_string(),
+                    b.completion_tokens.to_string(),
+                    format!("${}", b.cost_usd),
+                ]);
+                row
+            })
+            .collect();
+        let mut header = vec!["START"];
+        if by_model {
+            header.push("MODEL");
+        }
+        header.extend(["REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "COST"]);
+        table(&header, rows);
     }
 
     pub fn message(&self, json: Value, text: &str) {
