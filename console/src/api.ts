@@ -9,6 +9,7 @@ import { AuditService } from "./gen/portcullis/admin/v1/audit_pb.js";
 import { GatewayService } from "./gen/portcullis/admin/v1/gateways_pb.js";
 import { KeyService } from "./gen/portcullis/admin/v1/keys_pb.js";
 import { PricingService } from "./gen/portcullis/admin/v1/pricing_pb.js";
+import { UsageService } from "./gen/portcullis/admin/v1/usage_pb.js";
 
 const STORAGE_KEY = "portcullis.console.token";
 
@@ -39,6 +40,7 @@ export const api = {
   gateways: createClient(GatewayService, transport),
   keys: createClient(KeyService, transport),
   pricing: createClient(PricingService, transport),
+  usage: createClient(UsageService, transport),
 };
 
 /** Checks `candidate` with WhoAmI and signs in with it; throws the server's refusal. */

@@ -174,6 +174,85 @@ test("the Overview shows metered traffic against the limits and the last denial"
   done();
 });
 
+/** Today's UTC date as the history table writes it (days are UTC days). */
+function utcToday(page: Page): Promise<string> {
+  return page.evaluate(() => new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeZone: "UTC" }).format(new Date()));
+}
+
+test("the Overview charts usage per day and per hour, with units and a table of the buckets", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, `/keys/${encodeURIComponent(shared.keyId)}`);
+  const n = shared.successes;
+  const history = page.getByRole("region", { name: "Usage history" });
+  const totals = history.getByTestId("history-totals");
+  // Usage history is flushed every second: refresh until it has every metered response.
+  await expect(async () => {
+    await page.getByRole("button", { name: "Refresh", exact: true }).click();
+    await expect(totals).toContainText(`${n} requests`, { timeout: 1000 });
+  }).toPass({ timeout: 15_000 });
+  await expect(totals).toContainText(`Last 30 days: ${n} requests · ${42 * n} tokens (${12 * n} prompt · ${30 * n} completion) · $${(0.072 * n).toFixed(3)} USD`);
+  // The chart is drawn (canvas) with its legend naming the measure and its unit.
+  await expect(history.locator(".chart canvas").first()).toBeVisible();
+  await expect(history.locator(".u-legend")).toContainText("Requests (requests)");
+  await expect(history.locator("figcaption")).toContainText("Requests per day, in requests. Days are UTC days.");
+  // The table lists today's (UTC) requests, tokens and cost.
+  const today = history.getByRole("row").filter({ has: page.getByRole("rowheader", { name: await utcToday(page) }) });
+  await expect(today).toContainText(`${n} requests`);
+  await expect(today).toContainText(`${42 * n} tokens`);
+  await expect(today).toContainText(`$${(0.072 * n).toFixed(3)} USD`);
+
+  // Per hour over 7 days, tokens: the switch is kept in the URL and the legend follows.
+  await history.getByRole("radio", { name: "7 days, per hour" }).click();
+  await history.getByRole("radio", { name: "Tokens" }).click();
+  await expect(page).toHaveURL(/range=7d/);
+  await expect(page).toHaveURL(/measure=tokens/);
+  await expect(history.getByRole("radio", { name: "Tokens" })).toHaveAttribute("aria-checked", "true");
+  await expect(history.locator(".u-legend")).toContainText("Tokens (tokens)");
+  await expect(totals).toContainText(`Last 7 days: ${n} requests · ${42 * n} tokens`);
+  await expect(history.locator("figcaption")).toContainText("Tokens per hour, in tokens.");
+  await history.getByRole("radio", { name: "Cost (USD)" }).click();
+  await expect(history.locator(".u-legend")).toContainText("Cost (USD)");
+
+  // Readable on a phone: the chart fits 390 px and the page does not scroll sideways.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await expect(async () => {
+    const box = await history.locator(".chart canvas").first().boundingBox();
+    expect(box!.width).toBeLessThanOrEqual(390);
+    expect(box!.width).toBeGreaterThan(250);
+  }).toPass({ timeout: 5000 });
+  expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
+  done();
+});
+
+test("the gateway usage page shows totals, the key among the top spenders and usage by model", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER);
+  await menu(page).getByRole("link", { name: "Usage" }).click();
+  await expect(page.getByRole("heading", { name: "Usage", exact: true })).toBeVisible();
+  const n = shared.successes;
+  const history = page.getByRole("region", { name: "Usage of gateway demo" });
+  await expect(history.getByTestId("history-totals")).toContainText(`Last 30 days: ${n} requests · ${42 * n} tokens`);
+  await expect(history.locator(".chart canvas").first()).toBeVisible();
+
+  const top = page.getByRole("region", { name: "Top keys by spend" });
+  const row = top.getByRole("row").filter({ has: page.getByRole("link", { name: KEY, exact: true }) });
+  await expect(row).toContainText(`$${(0.072 * n).toFixed(3)} USD`);
+  await expect(row).toContainText(`${42 * n} tokens`);
+  await expect(row).toContainText(`${n} requests`);
+
+  const byModel = page.getByRole("region", { name: "Usage by model" });
+  const model = byModel.getByRole("row").filter({ has: page.getByRole("rowheader", { name: "gpt-4o-mini" }) });
+  await expect(model).toContainText(`${n} requests`);
+  await expect(model).toContainText(`${42 * n} tokens`);
+  await expect(model).toContainText(`${12 * n} prompt · ${30 * n} completion`);
+  await expect(model).toContainText(`$${(0.072 * n).toFixed(3)} USD`);
+
+  // The key's name leads to its Overview.
+  await row.getByRole("link", { name: KEY, exact: true }).click();
+  await expect(page.getByRole("heading", { name: "Overview" })).toBeVisible();
+  done();
+});
+
 test("limits and expiry are edited from the Overview", async ({ page }) => {
   const done = watch(page);
   await signIn(page, OWNER, `/keys/${encodeURIComponent(shared.keyId)}`);
@@ -214,7 +293,7 @@ test("rotate shows a new secret once; the old secret stops, the new one works", 
   done();
 });
 
-test("bulk delete asks to confirm the count", async ({ page }) => {
+test("bulk disable, enable and delete act on the selected keys; delete asks to confirm the count", async ({ page }) => {
   const done = watch(page);
   await signIn(page, OWNER);
   for (const name of ["bulk-a", "bulk-b"]) {
@@ -229,8 +308,29 @@ test("bulk delete asks to confirm the count", async ({ page }) => {
   await page.getByRole("button", { name: "Search" }).click();
   await expect(page).toHaveURL(/q=bulk-/);
   await expect(page.getByRole("link", { name: KEY, exact: true })).toHaveCount(0);
-  await page.getByRole("checkbox", { name: "Select bulk-a" }).check();
-  await page.getByRole("checkbox", { name: "Select bulk-b" }).check();
+  const selectBoth = async () => {
+    await page.getByRole("checkbox", { name: "Select bulk-a" }).check();
+    await page.getByRole("checkbox", { name: "Select bulk-b" }).check();
+  };
+  await selectBoth();
+  await page.getByRole("button", { name: "Disable selected" }).click();
+  await page.getByRole("dialog", { name: "Disable 2 keys?" }).getByRole("button", { name: "Disable 2 keys" }).click();
+  for (const name of ["bulk-a", "bulk-b"]) {
+    await expect(keyRow(page, name)).toContainText("Disabled");
+    await expect(page.getByRole("switch", { name: `Enable ${name}` })).toHaveAttribute("aria-checked", "false");
+  }
+  await selectBoth();
+  await page.getByRole("button", { name: "Enable selected" }).click();
+  const enable = page.getByRole("dialog", { name: "Enable 2 keys?" });
+  await expect(enable).toContainText(/bulk-a, bulk-b|bulk-b, bulk-a/);
+  await enable.getByRole("button", { name: "Enable 2 keys" }).click();
+  await expect(enable).toBeHidden();
+  for (const name of ["bulk-a", "bulk-b"]) {
+    await expect(keyRow(page, name)).toContainText("Active");
+    await expect(page.getByRole("switch", { name: `Enable ${name}` })).toHaveAttribute("aria-checked", "true");
+  }
+  await expect(page.getByRole("region", { name: "Bulk actions" })).toHaveCount(0);
+  await selectBoth();
   await page.getByRole("button", { name: "Delete selected" }).click();
   const confirm = page.getByRole("dialog", { name: "Delete 2 keys?" });
   await expect(confirm).toContainText(/bulk-a, bulk-b|bulk-b, bulk-a/);
@@ -306,9 +406,8 @@ test("a revoked token is sent back to sign-in with the reason", async ({ page, b
   await page.getByRole("dialog", { name: "Revoke dev-demo?" }).getByRole("button", { name: "Revoke token" }).click();
   await expect(page.getByRole("row").filter({ hasText: "dev-demo" })).toContainText("Revoked");
   done();
-  // The next call the page makes (the keys list) is refused: back to sign-in, saying why.
+  // The next call the page makes (the Usage page's history) is refused: back to sign-in, saying why.
   await menu(dev).getByRole("link", { name: "Usage" }).click();
-  await menu(dev).getByRole("link", { name: "API keys" }).click();
   await expect(dev.getByLabel("Management token")).toBeVisible();
   await expect(dev.getByRole("alert")).toContainText("Signed out");
   await dev.close();
@@ -336,6 +435,57 @@ test("the audit trail has a row for each action, newest first", async ({ page })
   expect(at("AccessService/RevokeAccessToken")).toBeLessThan(at("AccessService/CreateAccessToken"));
   expect(at("KeyService/DeleteKey")).toBeLessThan(at("KeyService/RotateKey"));
   expect(at("KeyService/RotateKey")).toBeLessThan(at("GatewayService/CreateGateway"));
+  done();
+});
+
+test("audit filters narrow the list on the server and stay in the URL", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, "/audit");
+  const body = page.locator("table.audit tbody");
+  await expect(body.getByRole("row").first()).toBeVisible();
+  const allRows = await body.getByRole("row").count();
+
+  await page.getByRole("combobox", { name: "Action" }).fill("KeyService/CreateKey");
+  await page.getByRole("button", { name: "Apply filters" }).click();
+  await expect(page).toHaveURL(/action=KeyService%2FCreateKey/);
+  // token-user01, bulk-a and bulk-b were created; nothing else shows.
+  await expect(body.getByRole("row")).toHaveCount(3);
+  for (const text of await body.getByRole("row").allTextContents()) expect(text).toContain("KeyService/CreateKey");
+  await expect(page.getByRole("status").filter({ hasText: "events shown" })).toContainText("3 events shown (filtered)");
+
+  // A whole service, and the filter survives a reload (state in the URL, token asked again).
+  await page.getByRole("combobox", { name: "Action" }).fill("AccessService");
+  await page.getByRole("button", { name: "Apply filters" }).click();
+  await expect(page).toHaveURL(/action=AccessService(&|$)/);
+  await expect(body.getByRole("row").first()).toContainText("AccessService/");
+  for (const text of await body.getByRole("row").allTextContents()) expect(text).toMatch(/AccessService\//);
+  await signIn(page, OWNER, new URL(page.url()).pathname + new URL(page.url()).search);
+  await expect(page.getByRole("combobox", { name: "Action" })).toHaveValue("AccessService");
+  for (const text of await body.getByRole("row").allTextContents()) expect(text).toMatch(/AccessService\//);
+
+  // By actor (the owner's token, by name): only its calls.
+  const owner = (await body.getByRole("row").first().getByRole("cell").nth(1).textContent())!.trim();
+  await page.getByRole("combobox", { name: "Action" }).fill("");
+  await page.getByLabel("Actor").fill(owner);
+  await page.getByRole("button", { name: "Apply filters" }).click();
+  await expect(page).toHaveURL(/actor=/);
+  await expect(body.getByRole("row").filter({ hasText: "UNAUTHENTICATED" })).toHaveCount(0);
+  for (const text of await body.getByRole("row").allTextContents()) expect(text).toContain(owner);
+  await page.getByLabel("Actor").fill("nobody-such");
+  await page.getByRole("button", { name: "Apply filters" }).click();
+  await expect(page.getByText("No events match these filters.")).toBeVisible();
+  // A time range after now: nothing.
+  await page.getByLabel("Actor").fill("");
+  const later = new Date(Date.now() + 86_400_000);
+  const pad = (x: number) => String(x).padStart(2, "0");
+  await page.getByLabel(/^From/).fill(`${later.getFullYear()}-${pad(later.getMonth() + 1)}-${pad(later.getDate())}T00:00`);
+  await page.getByRole("button", { name: "Apply filters" }).click();
+  await expect(page).toHaveURL(/from=\d{4}-\d\d-\d\dT/);
+  await expect(page.getByText("No events match these filters.")).toBeVisible();
+
+  await page.getByRole("button", { name: "Clear filters" }).click();
+  await expect(page).toHaveURL(/\/audit$/);
+  await expect(body.getByRole("row")).toHaveCount(allRows);
   done();
 });
 

@@ -19,6 +19,7 @@ export function KeyPage(props: { id: string }) {
   }, [props.id]);
   const [dialog, setDialog] = useState<"edit" | "rotate" | "delete" | null>(null);
   const [toggleError, setToggleError] = useState("");
+  const [tick, setTick] = useState(0);
 
   if (!data) {
     return (
@@ -58,7 +59,13 @@ export function KeyPage(props: { id: string }) {
           }}
         />
         <div class="actions">
-          <button type="button" onClick={reload}>
+          <button
+            type="button"
+            onClick={() => {
+              reload();
+              setTick((t) => t + 1);
+            }}
+          >
             Refresh
           </button>
           {!k.legacy ? (
@@ -179,7 +186,7 @@ export function KeyPage(props: { id: string }) {
         </div>
       </div>
 
-      <UsageHistory keyId={k.id} />
+      <UsageHistory keyId={k.id} tick={tick} />
 
       {dialog === "edit" ? <EditKeyDialog k={k} onClose={() => setDialog(null)} onSaved={(key) => { setKey(key); reload(); }} /> : null}
       {dialog === "rotate" ? <RotateDialog k={k} onClose={() => setDialog(null)} onRotated={reload} /> : null}
