@@ -21,8 +21,13 @@ export interface ChartProps {
   when: (t: number) => string;
   /** Days are UTC days: draw the time axis in UTC. */
   utc: boolean;
+  /** Counts: whole-number ticks only. */
+  integer?: boolean;
   color?: string;
 }
+
+/** 1, 2, 5, 10, 20, 50, … up to 5e15: tick steps for counts. */
+const WHOLE_STEPS = Array.from({ length: 16 }, (_, i) => [1, 2, 5].map((m) => m * 10 ** i)).flat();
 
 const HEIGHT = 240;
 
@@ -55,6 +60,7 @@ export function Chart(props: ChartProps) {
             grid: { stroke: "#eceff3" },
             ticks: { stroke: "#d9dee5" },
             values: (_u, splits) => splits.map(props.tick),
+            incrs: props.integer ? WHOLE_STEPS : undefined,
           },
         ],
         series: [
@@ -81,6 +87,6 @@ export function Chart(props: ChartProps) {
       ro.disconnect();
       plot.destroy();
     };
-  }, [props.x, props.values, props.label, props.utc]);
+  }, [props.x, props.values, props.label, props.utc, props.integer]);
   return <div ref={box} class="chart-canvas" aria-hidden="true" />;
 }

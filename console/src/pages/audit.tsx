@@ -117,7 +117,7 @@ export function AuditPage() {
         </div>
         <div class="field inline">
           <label for={`${id}-action`}>Action</label>
-          <input id={`${id}-action`} list={`${id}-actions`} value={draft.action} placeholder="KeyService or KeyService/UpdateKey" onInput={(e) => up({ action: e.currentTarget.value })} />
+          <input id={`${id}-action`} list={`${id}-actions`} value={draft.action} placeholder="KeyService/UpdateKey" onInput={(e) => up({ action: e.currentTarget.value })} />
           <datalist id={`${id}-actions`}>
             {ACTIONS.map((a) => (
               <option value={a} />
@@ -126,7 +126,7 @@ export function AuditPage() {
         </div>
         <div class="field inline">
           <label for={`${id}-target`}>Target</label>
-          <input id={`${id}-target`} value={draft.target} placeholder="key id, gateway, model, token id" onInput={(e) => up({ target: e.currentTarget.value })} />
+          <input id={`${id}-target`} value={draft.target} placeholder="key id, model, …" onInput={(e) => up({ target: e.currentTarget.value })} />
         </div>
         <div class="field inline">
           <label for={`${id}-from`}>From ({zoneName})</label>

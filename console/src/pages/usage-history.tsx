@@ -189,6 +189,7 @@ export function UsageHistory(props: { keyId?: string; gateway?: string; heading?
               tick={tick}
               when={(t) => (range === "30d" ? bucketLabel(t * 1000, range) : `${bucketLabel(t * 1000, range)} (${utcTitle(new Date(t * 1000))})`)}
               utc={range === "30d"}
+              integer={measure !== "cost"}
             />
             <figcaption class="muted">
               {m.label} per {RANGES[range].per}, in {m.unit}.{" "}
