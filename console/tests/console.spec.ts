@@ -210,7 +210,9 @@ test("the Overview charts usage per day and per hour, with units and a table of 
   await expect(history.locator(".u-legend")).toContainText("Tokens (tokens)");
   await expect(totals).toContainText(`Last 7 days: ${n} requests · ${42 * n} tokens`);
   await expect(history.locator("figcaption")).toContainText("Tokens per hour, in tokens.");
-  await history.getByRole("radio", { name: "Cost (USD)" }).click();
+  // Arrow keys move within the radio group.
+  await history.getByRole("radio", { name: "Tokens" }).press("ArrowRight");
+  await expect(history.getByRole("radio", { name: "Cost (USD)" })).toBeFocused();
   await expect(history.locator(".u-legend")).toContainText("Cost (USD)");
 
   // Readable on a phone: the chart fits 390 px and the page does not scroll sideways.

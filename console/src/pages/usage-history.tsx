@@ -3,7 +3,7 @@
 // The range and the measure are kept in the URL (?range=, ?measure=). `tick` reloads it with
 // the page around it (which then has the Refresh button).
 import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { useId } from "preact/hooks";
+import { useId, useRef } from "preact/hooks";
 import { api } from "../api.js";
 import { Chart } from "../chart.js";
 import { int, localTime, usd, utcTitle, zoneName } from "../format.js";
@@ -128,6 +128,29 @@ export function requestsText(n: bigint): string {
   return `${int(n)} ${n === 1n ? "request" : "requests"}`;
 }
 
+/** Radio buttons drawn as one segmented control: Tab reaches the chosen one, arrows move. */
+function Segmented<T extends string>(props: { label: string; value: T; options: [T, string][]; onChange: (v: T) => void }) {
+  const ref = useRef<HTMLDivElement>(null);
+  const move = (e: KeyboardEvent) => {
+    const i = props.options.findIndex(([v]) => v === props.value);
+    const d = e.key === "ArrowRight" || e.key === "ArrowDown" ? 1 : e.key === "ArrowLeft" || e.key === "ArrowUp" ? -1 : 0;
+    if (!d) return;
+    e.preventDefault();
+    const j = (i + d + props.options.length) % props.options.length;
+    props.onChange(props.options[j][0]);
+    (ref.current?.querySelectorAll<HTMLButtonElement>("[role=radio]")[j])?.focus();
+  };
+  return (
+    <div class="segmented" role="radiogroup" aria-label={props.label} ref={ref} onKeyDown={move}>
+      {props.options.map(([v, text]) => (
+        <button type="button" role="radio" aria-checked={v === props.value} tabIndex={v === props.value ? 0 : -1} onClick={() => props.onChange(v)}>
+          {text}
+        </button>
+      ))}
+    </div>
+  );
+}
+
 /** Range and measure switches, the chart, totals and the table; `title` names the subject. */
 export function UsageHistory(props: { keyId?: string; gateway?: string; heading?: string; tick?: number }) {
   const id = useId();
@@ -139,7 +162,9 @@ export function UsageHistory(props: { keyId?: string; gateway?: string; heading?
     () => (props.keyId || props.gateway ? api.usage.getUsageHistory(historyRequest(target, range)) : Promise.resolve(undefined)),
     [props.keyId, props.gateway, range, props.tick],
   );
-  const rows = data ? fill(data, range) : [];
+  // What is drawn follows the data's own granularity, not the switch, while a new range loads.
+  const shown: Range = data ? (data.granularity === Granularity.HOUR ? "7d" : "30d") : range;
+  const rows = data ? fill(data, shown) : [];
   const totals = sum(data?.buckets ?? []);
   const used = rows.filter((r) => r.totals.requests > 0n || r.totals.totalTokens > 0n || r.totals.costMicros > 0n).reverse();
   const m = MEASURES[measure];
@@ -151,20 +176,18 @@ export function UsageHistory(props: { keyId?: string; gateway?: string; heading?
     <section class="history" aria-labelledby={`${id}-h`}>
       <div class="history-head">
         <h2 id={`${id}-h`}>{props.heading ?? "Usage history"}</h2>
-        <div class="segmented" role="radiogroup" aria-label="Range">
-          {(Object.keys(RANGES) as Range[]).map((r) => (
-            <button type="button" role="radio" aria-checked={r === range} onClick={() => setQuery({ range: r === "30d" ? undefined : r })}>
-              {RANGES[r].label}
-            </button>
-          ))}
-        </div>
-        <div class="segmented" role="radiogroup" aria-label="Measure">
-          {(Object.keys(MEASURES) as Measure[]).map((k) => (
-            <button type="button" role="radio" aria-checked={k === measure} onClick={() => setQuery({ measure: k === "requests" ? undefined : k })}>
-              {k === "cost" ? "Cost (USD)" : MEASURES[k].label}
-            </button>
-          ))}
-        </div>
+        <Segmented
+          label="Range"
+          value={range}
+          options={(Object.keys(RANGES) as Range[]).map((r) => [r, RANGES[r].label])}
+          onChange={(r) => setQuery({ range: r === "30d" ? undefined : r })}
+        />
+        <Segmented
+          label="Measure"
+          value={measure}
+          options={(Object.keys(MEASURES) as Measure[]).map((k) => [k, k === "cost" ? "Cost (USD)" : MEASURES[k].label])}
+          onChange={(k) => setQuery({ measure: k === "requests" ? undefined : k })}
+        />
         {props.tick === undefined ? (
           <button type="button" onClick={reload}>
             Refresh
@@ -175,7 +198,7 @@ export function UsageHistory(props: { keyId?: string; gateway?: string; heading?
       {data ? (
         <>
           <p class="totals" data-testid="history-totals">
-            {range === "30d" ? "Last 30 days" : "Last 7 days"}: <strong>{requestsText(totals.requests)}</strong> ·{" "}
+            {shown === "30d" ? "Last 30 days" : "Last 7 days"}: <strong>{requestsText(totals.requests)}</strong> ·{" "}
             <strong>{tokensText(totals.totalTokens)}</strong> ({int(totals.promptTokens)} prompt · {int(totals.completionTokens)} completion) ·{" "}
             <strong>{usd(microsToUsd(totals.costMicros))}</strong>
           </p>
@@ -187,29 +210,29 @@ export function UsageHistory(props: { keyId?: string; gateway?: string; heading?
               unit={m.unit}
               format={format}
               tick={tick}
-              when={(t) => (range === "30d" ? bucketLabel(t * 1000, range) : `${bucketLabel(t * 1000, range)} (${utcTitle(new Date(t * 1000))})`)}
-              utc={range === "30d"}
+              when={(t) => (shown === "30d" ? bucketLabel(t * 1000, shown) : `${bucketLabel(t * 1000, shown)} (${utcTitle(new Date(t * 1000))})`)}
+              utc={shown === "30d"}
               integer={measure !== "cost"}
             />
             <figcaption class="muted">
-              {m.label} per {RANGES[range].per}, in {m.unit}.{" "}
-              {range === "30d" ? "Days are UTC days." : `Hours in ${zoneName}; hover a bar for its UTC time.`} Updated every few seconds as
+              {m.label} per {RANGES[shown].per}, in {m.unit}.{" "}
+              {shown === "30d" ? "Days are UTC days." : `Hours in ${zoneName}; hover a bar for its UTC time.`} Updated every few seconds as
               replicas flush usage.
             </figcaption>
           </figure>
           <details class="history-table" open={used.length > 0 && used.length <= 10}>
             <summary>
-              Table: {used.length} {used.length === 1 ? RANGES[range].per : `${RANGES[range].per}s`} with usage
+              Table: {used.length} {used.length === 1 ? RANGES[shown].per : `${RANGES[shown].per}s`} with usage
             </summary>
             {used.length ? (
               <div class="table-wrap">
                 <table>
                   <caption class="sr-only">
-                    {m.label} per {RANGES[range].per}, newest first
+                    {m.label} per {RANGES[shown].per}, newest first
                   </caption>
                   <thead>
                     <tr>
-                      <th scope="col">{range === "30d" ? "Day (UTC)" : `Hour (${zoneName})`}</th>
+                      <th scope="col">{shown === "30d" ? "Day (UTC)" : `Hour (${zoneName})`}</th>
                       <th scope="col">Requests</th>
                       <th scope="col">Tokens</th>
                       <th scope="col">Cost (USD)</th>
@@ -220,7 +243,7 @@ export function UsageHistory(props: { keyId?: string; gateway?: string; heading?
                       <tr>
                         <th scope="row">
                           <time dateTime={new Date(r.start).toISOString()} title={utcTitle(new Date(r.start))}>
-                            {range === "30d" ? dayFmt.format(new Date(r.start)) : localTime(new Date(r.start))}
+                            {shown === "30d" ? dayFmt.format(new Date(r.start)) : localTime(new Date(r.start))}
                           </time>
                         </th>
                         <td>{requestsText(r.totals.requests)}</td>
