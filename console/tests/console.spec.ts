@@ -386,6 +386,11 @@ test("an owner creates developer and admin tokens; each sees the menus of its ro
   const dev = await asRole(browser, shared.devToken);
   await expect(menu(dev).getByRole("link")).toHaveText(["API keys", "Usage"]);
   await expect(dev.getByRole("heading", { name: "API keys" })).toBeVisible();
+  // A developer scoped to demo reads its usage too.
+  await menu(dev).getByRole("link", { name: "Usage" }).click();
+  await expect(dev.getByRole("region", { name: "Usage of gateway demo" }).getByTestId("history-totals")).toContainText("Last 30 days:");
+  await expect(dev.getByRole("region", { name: "Usage by model" }).getByRole("rowheader", { name: "gpt-4o-mini" })).toBeVisible();
+  await expect(dev.getByRole("alert")).toHaveCount(0);
   await dev.close();
 
   const admin = await asRole(browser, shared.adminToken);
