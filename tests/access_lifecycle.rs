@@ -192,7 +192,12 @@ async fn the_audit_trail_answers_who_changed_this_key_and_when() {
     let mut page_token = String::new();
     loop {
         let page = audit_owner
-            .list_audit_events(pb::ListAuditEventsRequest { gateway: "alpha".into(), page_size: 2, page_token })
+            .list_audit_events(pb::ListAuditEventsRequest {
+                gateway: "alpha".into(),
+                page_size: 2,
+                page_token,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();

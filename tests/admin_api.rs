@@ -326,7 +326,12 @@ async fn list_keys_pages_in_creation_order() {
     let mut pages = 0;
     loop {
         let page = keys
-            .list_keys(pb::ListKeysRequest { gateway: "demo".into(), page_size: 2, page_token: token })
+            .list_keys(pb::ListKeysRequest {
+                gateway: "demo".into(),
+                page_size: 2,
+                page_token: token,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -642,7 +647,9 @@ async fn timestamps_and_durations_outside_the_protobuf_ranges_are_refused() {
     }
     // Nothing changed, and every listed time is one protobuf-JSON clients can print.
     let listed = keys.list_keys(pb::ListKeysRequest { gateway: "demo".into(), ..Default::default() }).await.unwrap();
-    assert_eq!(listed.into_inner().keys, vec![key.clone()]);
+    // Listed keys also carry their usage, which the created key does not.
+    let listed: Vec<_> = listed.into_inner().keys.into_iter().map(|k| pb::ApiKey { usage: None, ..k }).collect();
+    assert_eq!(listed, vec![key.clone()]);
     let tokens = access.list_access_tokens(pb::ListAccessTokensRequest {}).await.unwrap().into_inner().tokens;
     assert!(!tokens.iter().any(|t| t.name == "ci"));
     let rotated = keys

@@ -210,3 +210,78 @@ async fn cli_manages_tokens_and_reads_the_audit_trail() {
     let (ok, _, err) = cli_as(&url, &secret, &["tokens", "whoami"]).await;
     assert_eq!((ok, err.trim()), (false, "error: Unauthorized (UNAUTHENTICATED)"));
 }
+
+#[tokio::test]
+async fn cli_filters_and_orders_keys_reads_usage_history_and_filters_the_audit_trail() {
+    use chrono::{DurationRound, Utc};
+    let server = TestServer::start().await;
+    let url = server.admin_url();
+    assert!(cli(&url, &["gateways", "create", "demo"]).await.0);
+    for name in ["alpha", "beta", "alphabet"] {
+        assert!(cli(&url, &["keys", "create", name, "--gateway", "demo"]).await.0);
+    }
+    let (ok, out, _) = cli(&url, &["keys", "list", "--gateway", "demo", "--json"]).await;
+    assert!(ok);
+    let keys: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id_of = |name: &str| keys.as_array().unwrap().iter().find(|k| k["name"] == name).unwrap()["id"].clone();
+    let beta = id_of("beta").as_str().unwrap().to_string();
+    assert_eq!(keys[0]["usage"]["cost_usd"], "0.00", "{out}");
+    assert!(cli(&url, &["keys", "disable", &beta]).await.0);
+
+    let (ok, out, err) =
+        cli(&url, &["keys", "list", "--gateway", "demo", "--name", "ALPHA", "--order-by", "name", "--desc"]).await;
+    assert!(ok, "{err}");
+    let header = out.lines().next().unwrap();
+    assert!(header.starts_with("NAME") && header.contains("SPENT"), "{out}");
+    let names: Vec<&str> = out.lines().skip(1).map(|l| l.split_whitespace().next().unwrap()).collect();
+    assert_eq!(names, ["alphabet", "alpha"], "{out}");
+    let (ok, out, _) = cli(&url, &["keys", "list", "--gateway", "demo", "--status", "disabled", "--json"]).await;
+    assert!(ok);
+    let disabled: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(disabled.as_array().unwrap().len(), 1);
+    assert_eq!(disabled[0]["name"], "beta");
+    let (ok, _, err) = cli(&url, &["keys", "list", "--gateway", "demo", "--order-by", "colour"]).await;
+    assert!(!ok && err.contains("--order-by"), "{err}");
+
+    // History: written to the ledger beside the server, an hour ago by the real clock (the
+    // CLI asks for the last N days from now).
+    let store = portcullis::store::open(&server.db_url, portcullis::store::sealing::Sealer::default()).await.unwrap();
+    let hour = Utc::now().duration_trunc(chrono::Duration::hours(1)).unwrap() - chrono::Duration::hours(1);
+    let row = |model: &str, n: u64| portcullis::domain::budget::UsageBucket {
+        key_id: uuid::Uuid::parse_str(&beta).unwrap(),
+        hour,
+        model: model.into(),
+        requests: n,
+        prompt_tokens: 100 * n,
+        completion_tokens: 10 * n,
+        cost_micros: 1_500_000 * n as i64,
+    };
+    store.save_usage_history(&[row("gpt-4.1", 2), row("claude", 1)]).await.unwrap();
+    let (ok, out, err) = cli(&url, &["keys", "history", &beta, "--by", "hour", "--days", "2", "--by-model"]).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("START") && out.contains("MODEL"), "{out}");
+    assert!(
+        out.contains("gpt-4.1") && out.contains("$3.00") && out.contains("claude") && out.contains("$1.50"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&url, &["keys", "history", &beta, "--json"]).await;
+    assert!(ok);
+    let h: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(h["granularity"], "day");
+    assert_eq!(h["buckets"][0]["requests"], 3);
+    assert_eq!(h["buckets"][0]["cost_usd"], "4.50");
+    let (ok, _, err) = cli(&url, &["keys", "history", &beta, "--by", "hour", "--days", "40"]).await;
+    assert!(!ok && err.contains("from"), "{err}");
+
+    // The audit trail filtered: the server's clock is 2026-11-23 12:00.
+    let (ok, out, err) = cli(&url, &["audit", "--action", "KeyService/UpdateKey", "--target", &beta, "--json"]).await;
+    assert!(ok, "{err}");
+    let events: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(events.as_array().unwrap().len(), 1, "{out}");
+    let (ok, out, _) = cli(&url, &["audit", "--action", "KeyService", "--until", "2026-11-23T11:00:00Z"]).await;
+    assert!(ok && out.lines().count() == 1, "only the header: {out}");
+    let (ok, out, _) = cli(&url, &["audit", "--action", "KeyService", "--since", "2026-11-23T11:00:00Z"]).await;
+    assert!(ok && out.lines().count() == 5, "three creations and a disable: {out}");
+    let (ok, _, err) = cli(&url, &["audit", "--since", "yesterday"]).await;
+    assert!(!ok && err.contains("--since"), "{err}");
+}
