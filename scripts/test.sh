@@ -13,6 +13,12 @@ python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet --disable
 source scripts/test-services.sh
 # The TLS tests make their certificates with the openssl command-line tool.
 command -v openssl >/dev/null || portcullis_apt_install openssl
+# The console's browser tests (tests/console_browser.rs) drive Debian's Chromium with Playwright
+# from console/node_modules; Playwright's own browser download cannot work here and is skipped.
+[ -x "${PORTCULLIS_CHROMIUM:-/usr/bin/chromium}" ] || portcullis_apt_install chromium
+(cd console && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+# The committed console bundle and generated client must be what the sources build.
+(cd console && npm run --silent check)
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked "$@"

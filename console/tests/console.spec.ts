@@ -1,0 +1,510 @@
+// The console end to end: a real portcullis behind a real Envoy, driven through Chromium.
+// One serial story, as an operator would live it: sign in, set up a gateway and a price, hand
+// out a key, watch it work through Envoy, switch it off and on, change its limits, read its
+// Overview after metered traffic, rotate it, delete it; then tokens for other roles, their
+// menus, a revoked token sent back to sign-in, and the audit row of every action.
+import { expect, test, type Browser, type Page } from "@playwright/test";
+import { callGateway } from "./envoy.js";
+
+test.describe.configure({ mode: "serial" });
+
+const OWNER = process.env.OWNER_TOKEN ?? "";
+const KEY = "token-user01";
+const shared: { secret: string; rotated: string; keyId: string; devToken: string; adminToken: string; successes: number } = {
+  secret: "",
+  rotated: "",
+  keyId: "",
+  devToken: "",
+  adminToken: "",
+  successes: 0,
+};
+
+/** Fails the test on CSP violations, page errors, or a secret in the URL. */
+function watch(page: Page): () => void {
+  const problems: string[] = [];
+  page.on("console", (m) => {
+    if (/Content Security Policy|Refused to/i.test(m.text())) problems.push(`CSP: ${m.text()}`);
+  });
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("framenavigated", (f) => {
+    if (/pc[sm]_|token=/.test(f.url())) problems.push(`secret-looking URL: ${f.url()}`);
+  });
+  return () => expect(problems).toEqual([]);
+}
+
+async function signIn(page: Page, token: string, path = "/keys"): Promise<void> {
+  await page.goto(path);
+  await page.getByLabel("Management token").fill(token);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await expect(page.getByRole("navigation", { name: "Main" })).toBeVisible();
+}
+
+function menu(page: Page) {
+  return page.getByRole("navigation", { name: "Main" });
+}
+
+function keyRow(page: Page, name: string) {
+  return page.getByRole("row").filter({ has: page.getByRole("link", { name, exact: true }) });
+}
+
+async function expectGateway(secret: string, status: number) {
+  await expect(async () => {
+    const r = await callGateway(secret);
+    expect(r.status, r.body).toBe(status);
+  }).toPass({ timeout: 10_000 });
+  if (status === 200) shared.successes += 1;
+}
+
+test("sign-in refuses a wrong token and accepts the owner's; the token is kept in memory only", async ({ page }) => {
+  expect(OWNER, "OWNER_TOKEN must be set by the harness").not.toBe("");
+  const done = watch(page);
+  await page.goto("/keys");
+  await page.getByLabel("Management token").fill("pcm_not_a_real_token_000000000000000000");
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await expect(page.getByRole("alert")).toContainText("Unauthorized");
+  await page.getByLabel("Management token").fill(OWNER);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  for (const item of ["API keys", "Usage", "Gateways", "Model prices", "Audit trail", "Management tokens"])
+    await expect(menu(page).getByRole("link", { name: item })).toBeVisible();
+  expect(await page.evaluate(() => [localStorage.length, sessionStorage.length, document.cookie])).toEqual([0, 0, ""]);
+  // Not remembered: a reload asks again.
+  await page.reload();
+  await expect(page.getByLabel("Management token")).toBeVisible();
+  done();
+});
+
+test("an owner creates the gateway and a model price", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, "/gateways");
+  await page.getByRole("button", { name: "Create gateway" }).click();
+  const dialog = page.getByRole("dialog", { name: "Create gateway" });
+  await dialog.getByRole("textbox", { name: "Name (required)" }).fill("demo");
+  await dialog.getByLabel("Value").fill("Bearer sk-provider-secret");
+  await dialog.getByRole("button", { name: "Create", exact: true }).click();
+  await expect(dialog).toBeHidden();
+  const row = page.getByRole("row").filter({ hasText: "demo" });
+  await expect(row).toContainText("x-api-key");
+  await expect(row).toContainText("set");
+  await expect(page.locator("body")).not.toContainText("sk-provider-secret");
+
+  await menu(page).getByRole("link", { name: "Model prices" }).click();
+  await page.getByRole("button", { name: "Set a price" }).click();
+  const price = page.getByRole("dialog");
+  await price.getByLabel("Model").fill("gpt-4o-mini");
+  await price.getByLabel("Input, USD per million tokens").fill("1000");
+  await price.getByLabel("Output, USD per million tokens").fill("2000");
+  await price.getByRole("button", { name: "Save price" }).click();
+  await expect(page.getByRole("row").filter({ hasText: "gpt-4o-mini" })).toContainText("$1,000.00 USD / 1M tokens");
+  done();
+});
+
+test("create key shows the secret once with a curl, and the key works through Envoy", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER);
+  await page.getByRole("button", { name: "Create API key" }).click();
+  const dialog = page.getByRole("dialog", { name: "Create API key" });
+  await dialog.getByRole("button", { name: "Create", exact: true }).click();
+  await expect(dialog.getByRole("alert")).toContainText("Name is required");
+  await dialog.getByRole("textbox", { name: "Name (required)" }).fill(KEY);
+  await dialog.getByRole("switch", { name: "Cost limit (USD)" }).click();
+  await dialog.getByLabel("Cost limit, USD").fill("5");
+  await dialog.getByRole("switch", { name: "Requests per minute" }).click();
+  await dialog.getByLabel("Requests per minute (rolling 60 s)").fill("100");
+  await dialog.getByRole("button", { name: "Create", exact: true }).click();
+
+  const shown = page.getByRole("dialog", { name: `Key ${KEY} created` });
+  const secret = await shown.getByRole("textbox", { name: "API key", exact: true }).inputValue();
+  expect(secret).toMatch(/^pcs_[0-9A-Za-z]{38}$/);
+  await expect(shown).toContainText("shown this once");
+  await expect(shown.locator("pre.curl")).toContainText(`x-api-key: ${secret}`);
+  await shown.getByRole("button", { name: "Done" }).click();
+  await expect(shown).toBeHidden();
+  // Dropped with the dialog: nowhere on the page any more.
+  expect(await page.content()).not.toContain(secret);
+  shared.secret = secret;
+
+  const row = keyRow(page, KEY);
+  await expect(row).toContainText(secret.slice(0, 12));
+  await expect(row).toContainText("Active");
+  await expect(row).toContainText("$5.00 USD");
+  await expect(row).toContainText("100 req/min");
+  await expectGateway(secret, 200);
+  done();
+});
+
+test("the toggle disables the key (Envoy refuses it with 401) and enables it again", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER);
+  const toggle = page.getByRole("switch", { name: `Enable ${KEY}` });
+  await expect(toggle).toHaveAttribute("aria-checked", "true");
+  await toggle.click();
+  await expect(toggle).toHaveAttribute("aria-checked", "false");
+  await expect(keyRow(page, KEY)).toContainText("Disabled");
+  const refused = await callGateway(shared.secret);
+  expect(refused.status).toBe(401);
+  expect(refused.body).toContain("Invalid authentication token");
+  await toggle.click();
+  await expect(toggle).toHaveAttribute("aria-checked", "true");
+  await expect(keyRow(page, KEY)).toContainText("Active");
+  await expectGateway(shared.secret, 200);
+  done();
+});
+
+test("the Overview shows metered traffic against the limits and the last denial", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER);
+  await page.getByRole("link", { name: KEY, exact: true }).click();
+  shared.keyId = decodeURIComponent(new URL(page.url()).pathname.split("/").pop()!);
+  await expect(page.getByRole("heading", { name: "Overview" })).toBeVisible();
+  // The fake upstream reports 12 prompt + 30 completion tokens a response; the price book says
+  // 1000 / 2000 USD per million, so each response costs 0.072 USD.
+  const n = shared.successes;
+  await expect(async () => {
+    await page.getByRole("button", { name: "Refresh" }).click();
+    await expect(page.getByTestId("requests")).toHaveText(`${n} requests`, { timeout: 1000 });
+  }).toPass({ timeout: 15_000 });
+  await expect(page.getByTestId("tokens")).toHaveText(`${42 * n} tokens`);
+  await expect(page.getByText(`${12 * n} prompt · ${30 * n} completion tokens`)).toBeVisible();
+  await expect(page.getByTestId("cost")).toHaveText(`$${(0.072 * n).toFixed(3)} USD`);
+  await expect(page.getByRole("meter", { name: "Cost budget" })).toHaveAttribute("aria-valuetext", `$${(0.072 * n).toFixed(3)} USD of $5.00 USD`);
+  await expect(page.getByRole("meter", { name: "Last minute" })).toHaveAttribute("aria-valuetext", new RegExp(`of 100 req/min`));
+  await expect(page.getByTestId("deny-reason")).not.toBeEmpty();
+  // Times in the browser's zone, UTC on hover.
+  await expect(page.locator("time").first()).toHaveAttribute("title", /UTC$/);
+  done();
+});
+
+/** Today's UTC date as the history table writes it (days are UTC days). */
+function utcToday(page: Page): Promise<string> {
+  return page.evaluate(() => new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeZone: "UTC" }).format(new Date()));
+}
+
+test("the Overview charts usage per day and per hour, with units and a table of the buckets", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, `/keys/${encodeURIComponent(shared.keyId)}`);
+  const n = shared.successes;
+  const history = page.getByRole("region", { name: "Usage history" });
+  const totals = history.getByTestId("history-totals");
+  // Usage history is flushed every second: refresh until it has every metered response.
+  await expect(async () => {
+    await page.getByRole("button", { name: "Refresh", exact: true }).click();
+    await expect(totals).toContainText(`${n} requests`, { timeout: 1000 });
+  }).toPass({ timeout: 15_000 });
+  await expect(totals).toContainText(`Last 30 days: ${n} requests · ${42 * n} tokens (${12 * n} prompt · ${30 * n} completion) · $${(0.072 * n).toFixed(3)} USD`);
+  // The chart is drawn (canvas) with its legend naming the measure and its unit.
+  await expect(history.locator(".chart canvas").first()).toBeVisible();
+  await expect(history.locator(".u-legend")).toContainText("Requests (requests)");
+  await expect(history.locator("figcaption")).toContainText("Requests per day, in requests. Days are UTC days.");
+  // The table lists today's (UTC) requests, tokens and cost.
+  const today = history.getByRole("row").filter({ has: page.getByRole("rowheader", { name: await utcToday(page) }) });
+  await expect(today).toContainText(`${n} requests`);
+  await expect(today).toContainText(`${42 * n} tokens`);
+  await expect(today).toContainText(`$${(0.072 * n).toFixed(3)} USD`);
+
+  // Per hour over 7 days, tokens: the switch is kept in the URL and the legend follows.
+  await history.getByRole("radio", { name: "7 days, per hour" }).click();
+  await history.getByRole("radio", { name: "Tokens" }).click();
+  await expect(page).toHaveURL(/range=7d/);
+  await expect(page).toHaveURL(/measure=tokens/);
+  await expect(history.getByRole("radio", { name: "Tokens" })).toHaveAttribute("aria-checked", "true");
+  await expect(history.locator(".u-legend")).toContainText("Tokens (tokens)");
+  await expect(totals).toContainText(`Last 7 days: ${n} requests · ${42 * n} tokens`);
+  await expect(history.locator("figcaption")).toContainText("Tokens per hour, in tokens.");
+  // Arrow keys move within the radio group.
+  await history.getByRole("radio", { name: "Tokens" }).press("ArrowRight");
+  await expect(history.getByRole("radio", { name: "Cost (USD)" })).toBeFocused();
+  await expect(history.locator(".u-legend")).toContainText("Cost (USD)");
+
+  // Readable on a phone: the chart fits 390 px and the page does not scroll sideways.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await expect(async () => {
+    const box = await history.locator(".chart canvas").first().boundingBox();
+    expect(box!.width).toBeLessThanOrEqual(390);
+    expect(box!.width).toBeGreaterThan(250);
+  }).toPass({ timeout: 5000 });
+  expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
+  done();
+});
+
+test("the gateway usage page shows totals, the key among the top spenders and usage by model", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER);
+  await menu(page).getByRole("link", { name: "Usage" }).click();
+  await expect(page.getByRole("heading", { name: "Usage", exact: true })).toBeVisible();
+  const n = shared.successes;
+  const history = page.getByRole("region", { name: "Usage of gateway demo" });
+  await expect(history.getByTestId("history-totals")).toContainText(`Last 30 days: ${n} requests · ${42 * n} tokens`);
+  await expect(history.locator(".chart canvas").first()).toBeVisible();
+
+  const top = page.getByRole("region", { name: "Top keys by spend" });
+  const row = top.getByRole("row").filter({ has: page.getByRole("link", { name: KEY, exact: true }) });
+  await expect(row).toContainText(`$${(0.072 * n).toFixed(3)} USD`);
+  await expect(row).toContainText(`${42 * n} tokens`);
+  await expect(row).toContainText(`${n} requests`);
+
+  const byModel = page.getByRole("region", { name: "Usage by model" });
+  const model = byModel.getByRole("row").filter({ has: page.getByRole("rowheader", { name: "gpt-4o-mini" }) });
+  await expect(model).toContainText(`${n} requests`);
+  await expect(model).toContainText(`${42 * n} tokens`);
+  await expect(model).toContainText(`${12 * n} prompt · ${30 * n} completion`);
+  await expect(model).toContainText(`$${(0.072 * n).toFixed(3)} USD`);
+
+  // The key's name leads to its Overview.
+  await row.getByRole("link", { name: KEY, exact: true }).click();
+  await expect(page.getByRole("heading", { name: "Overview" })).toBeVisible();
+  done();
+});
+
+test("limits and expiry are edited from the Overview", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, `/keys/${encodeURIComponent(shared.keyId)}`);
+  await page.getByRole("button", { name: "Edit limits" }).click();
+  const dialog = page.getByRole("dialog", { name: `Edit ${KEY}` });
+  await dialog.getByRole("switch", { name: "Token limit" }).click();
+  await dialog.getByLabel("Token limit, tokens").fill("1000");
+  await dialog.getByLabel("Reset limit period").selectOption({ label: "Daily (00:00 UTC)" });
+  await dialog.getByRole("switch", { name: "Expiration" }).click();
+  const soon = new Date(Date.now() + 3 * 86_400_000);
+  const pad = (x: number) => String(x).padStart(2, "0");
+  await dialog.getByLabel(/Expires at/).fill(`${soon.getFullYear()}-${pad(soon.getMonth() + 1)}-${pad(soon.getDate())}T12:00`);
+  await dialog.getByRole("button", { name: "Save" }).click();
+  await expect(dialog).toBeHidden();
+  await expect(page.locator(".facts")).toContainText("1,000 tokens per day");
+  await expect(page.getByText("Within 7 days")).toBeVisible();
+  await expect(page.getByRole("meter", { name: "Token budget" })).toHaveAttribute("aria-valuetext", /of 1,000 tokens/);
+  await expectGateway(shared.secret, 200);
+  done();
+});
+
+test("rotate shows a new secret once; the old secret stops, the new one works", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, `/keys/${encodeURIComponent(shared.keyId)}`);
+  await page.getByRole("button", { name: "Rotate" }).click();
+  const dialog = page.getByRole("dialog", { name: `Rotate ${KEY}` });
+  await dialog.getByLabel("Old secret keeps working for").selectOption({ label: "None: the old secret stops at once" });
+  await dialog.getByRole("button", { name: "Rotate key" }).click();
+  const shown = page.getByRole("dialog", { name: `New secret for ${KEY}` });
+  const rotated = await shown.getByRole("textbox", { name: "New API key", exact: true }).inputValue();
+  expect(rotated).toMatch(/^pcs_/);
+  expect(rotated).not.toBe(shared.secret);
+  await shown.getByRole("button", { name: "Done" }).click();
+  expect(await page.content()).not.toContain(rotated);
+  shared.rotated = rotated;
+  expect((await callGateway(shared.secret)).status).toBe(401);
+  await expectGateway(rotated, 200);
+  done();
+});
+
+test("bulk disable, enable and delete act on the selected keys; delete asks to confirm the count", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER);
+  for (const name of ["bulk-a", "bulk-b"]) {
+    await page.getByRole("button", { name: "Create API key" }).click();
+    const dialog = page.getByRole("dialog", { name: "Create API key" });
+    await dialog.getByRole("textbox", { name: "Name (required)" }).fill(name);
+    await dialog.getByRole("button", { name: "Create", exact: true }).click();
+    await page.getByRole("dialog", { name: `Key ${name} created` }).getByRole("button", { name: "Done" }).click();
+  }
+  // The server filters by name; the search is kept in the URL.
+  await page.getByLabel("Search by name").fill("bulk-");
+  await page.getByRole("button", { name: "Search" }).click();
+  await expect(page).toHaveURL(/q=bulk-/);
+  await expect(page.getByRole("link", { name: KEY, exact: true })).toHaveCount(0);
+  const selectBoth = async () => {
+    await page.getByRole("checkbox", { name: "Select bulk-a" }).check();
+    await page.getByRole("checkbox", { name: "Select bulk-b" }).check();
+  };
+  await selectBoth();
+  await page.getByRole("button", { name: "Disable selected" }).click();
+  await page.getByRole("dialog", { name: "Disable 2 keys?" }).getByRole("button", { name: "Disable 2 keys" }).click();
+  for (const name of ["bulk-a", "bulk-b"]) {
+    await expect(keyRow(page, name)).toContainText("Disabled");
+    await expect(page.getByRole("switch", { name: `Enable ${name}` })).toHaveAttribute("aria-checked", "false");
+  }
+  await selectBoth();
+  await page.getByRole("button", { name: "Enable selected" }).click();
+  const enable = page.getByRole("dialog", { name: "Enable 2 keys?" });
+  await expect(enable).toContainText(/bulk-a, bulk-b|bulk-b, bulk-a/);
+  await enable.getByRole("button", { name: "Enable 2 keys" }).click();
+  await expect(enable).toBeHidden();
+  for (const name of ["bulk-a", "bulk-b"]) {
+    await expect(keyRow(page, name)).toContainText("Active");
+    await expect(page.getByRole("switch", { name: `Enable ${name}` })).toHaveAttribute("aria-checked", "true");
+  }
+  await expect(page.getByRole("region", { name: "Bulk actions" })).toHaveCount(0);
+  await selectBoth();
+  await page.getByRole("button", { name: "Delete selected" }).click();
+  const confirm = page.getByRole("dialog", { name: "Delete 2 keys?" });
+  await expect(confirm).toContainText(/bulk-a, bulk-b|bulk-b, bulk-a/);
+  await confirm.getByRole("button", { name: "Delete 2 keys" }).click();
+  await expect(page.getByRole("link", { name: "bulk-a" })).toHaveCount(0);
+  await expect(page.getByRole("link", { name: "bulk-b" })).toHaveCount(0);
+  await menu(page).getByRole("link", { name: "API keys" }).click();
+  await expect(page.getByRole("link", { name: KEY, exact: true })).toBeVisible();
+  done();
+});
+
+test("delete needs the key's name typed; the key never works again", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, `/keys/${encodeURIComponent(shared.keyId)}`);
+  await page.getByRole("button", { name: "Delete" }).click();
+  const dialog = page.getByRole("dialog", { name: `Delete key ${KEY}?` });
+  const confirm = dialog.getByRole("button", { name: "Delete key" });
+  await expect(confirm).toBeDisabled();
+  await dialog.getByLabel(/Type .* to confirm/).fill("token-user0");
+  await expect(confirm).toBeDisabled();
+  await dialog.getByLabel(/Type .* to confirm/).fill(KEY);
+  await confirm.click();
+  await expect(page.getByRole("heading", { name: "API keys" })).toBeVisible();
+  await expect(page.getByRole("link", { name: KEY, exact: true })).toHaveCount(0);
+  expect((await callGateway(shared.rotated)).status).toBe(401);
+  done();
+});
+
+async function createToken(page: Page, name: string, role: string, gateway?: string): Promise<string> {
+  await page.getByRole("button", { name: "Create token" }).click();
+  const dialog = page.getByRole("dialog", { name: "Create management token" });
+  await dialog.getByRole("textbox", { name: "Name (required)" }).fill(name);
+  await dialog.getByLabel("Role").selectOption({ label: role });
+  if (gateway) await dialog.getByRole("checkbox", { name: gateway }).check();
+  await dialog.getByRole("button", { name: "Create", exact: true }).click();
+  const shown = page.getByRole("dialog", { name: `Token ${name} created` });
+  const secret = await shown.getByRole("textbox", { name: "Management token", exact: true }).inputValue();
+  expect(secret).toMatch(/^pcm_/);
+  await shown.getByRole("button", { name: "Done" }).click();
+  await expect(page.getByRole("row").filter({ hasText: name })).toContainText("Active");
+  return secret;
+}
+
+test("an owner creates developer and admin tokens; each sees the menus of its role", async ({ page, browser }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, "/tokens");
+  shared.devToken = await createToken(page, "dev-demo", "Developer: keys and usage of its gateways", "demo");
+  shared.adminToken = await createToken(page, "ops-admin", "Admin: gateways, keys, prices, audit");
+  done();
+
+  const dev = await asRole(browser, shared.devToken);
+  await expect(menu(dev).getByRole("link")).toHaveText(["API keys", "Usage"]);
+  await expect(dev.getByRole("heading", { name: "API keys" })).toBeVisible();
+  // A developer scoped to demo reads its usage too.
+  await menu(dev).getByRole("link", { name: "Usage" }).click();
+  await expect(dev.getByRole("region", { name: "Usage of gateway demo" }).getByTestId("history-totals")).toContainText("Last 30 days:");
+  await expect(dev.getByRole("region", { name: "Usage by model" }).getByRole("rowheader", { name: "gpt-4o-mini" })).toBeVisible();
+  await expect(dev.getByRole("alert")).toHaveCount(0);
+  await dev.close();
+
+  const admin = await asRole(browser, shared.adminToken);
+  await expect(menu(admin).getByRole("link")).toHaveText(["API keys", "Usage", "Gateways", "Model prices", "Audit trail"]);
+  await admin.close();
+});
+
+async function asRole(browser: Browser, token: string): Promise<Page> {
+  const ctx = await browser.newContext();
+  const page = await ctx.newPage();
+  await signIn(page, token);
+  return page;
+}
+
+test("a revoked token is sent back to sign-in with the reason", async ({ page, browser }) => {
+  const dev = await asRole(browser, shared.devToken);
+  const done = watch(page);
+  await signIn(page, OWNER, "/tokens");
+  await page.getByRole("button", { name: "Revoke dev-demo" }).click();
+  await page.getByRole("dialog", { name: "Revoke dev-demo?" }).getByRole("button", { name: "Revoke token" }).click();
+  await expect(page.getByRole("row").filter({ hasText: "dev-demo" })).toContainText("Revoked");
+  done();
+  // The next call the page makes (the Usage page's history) is refused: back to sign-in, saying why.
+  await menu(dev).getByRole("link", { name: "Usage" }).click();
+  await expect(dev.getByLabel("Management token")).toBeVisible();
+  await expect(dev.getByRole("alert")).toContainText("Signed out");
+  await dev.close();
+});
+
+test("the audit trail has a row for each action, newest first", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, "/audit");
+  const table = page.locator("table.audit");
+  for (const action of [
+    "GatewayService/CreateGateway",
+    "PricingService/SetModelPrice",
+    "KeyService/CreateKey",
+    "KeyService/UpdateKey",
+    "KeyService/RotateKey",
+    "KeyService/DeleteKey",
+    "AccessService/CreateAccessToken",
+    "AccessService/RevokeAccessToken",
+  ])
+    await expect(table.getByRole("row").filter({ hasText: action }).first()).toContainText("OK");
+  // Refused calls are audited too: the revoked token's last call is the newest row.
+  await expect(table.getByRole("row").nth(1)).toContainText("UNAUTHENTICATED");
+  const rows = await table.getByRole("row").allTextContents();
+  const at = (action: string) => rows.findIndex((r) => r.includes(action));
+  expect(at("AccessService/RevokeAccessToken")).toBeLessThan(at("AccessService/CreateAccessToken"));
+  expect(at("KeyService/DeleteKey")).toBeLessThan(at("KeyService/RotateKey"));
+  expect(at("KeyService/RotateKey")).toBeLessThan(at("GatewayService/CreateGateway"));
+  done();
+});
+
+test("audit filters narrow the list on the server and stay in the URL", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, "/audit");
+  const body = page.locator("table.audit tbody");
+  await expect(body.getByRole("row").first()).toBeVisible();
+  const allRows = await body.getByRole("row").count();
+
+  await page.getByRole("combobox", { name: "Action" }).fill("KeyService/CreateKey");
+  await page.getByRole("button", { name: "Apply filters" }).click();
+  await expect(page).toHaveURL(/action=KeyService%2FCreateKey/);
+  // token-user01, bulk-a and bulk-b were created; nothing else shows.
+  await expect(body.getByRole("row")).toHaveCount(3);
+  for (const text of await body.getByRole("row").allTextContents()) expect(text).toContain("KeyService/CreateKey");
+  await expect(page.getByRole("status").filter({ hasText: "events shown" })).toContainText("3 events shown (filtered)");
+
+  // A whole service, and the filter survives a reload (state in the URL, token asked again).
+  await page.getByRole("combobox", { name: "Action" }).fill("AccessService");
+  await page.getByRole("button", { name: "Apply filters" }).click();
+  await expect(page).toHaveURL(/action=AccessService(&|$)/);
+  await expect(body.getByRole("row").first()).toContainText("AccessService/");
+  for (const text of await body.getByRole("row").allTextContents()) expect(text).toMatch(/AccessService\//);
+  await signIn(page, OWNER, new URL(page.url()).pathname + new URL(page.url()).search);
+  await expect(page.getByRole("combobox", { name: "Action" })).toHaveValue("AccessService");
+  for (const text of await body.getByRole("row").allTextContents()) expect(text).toMatch(/AccessService\//);
+
+  // By actor (the owner's token, by name): only its calls.
+  const owner = (await body.getByRole("row").first().getByRole("cell").nth(1).textContent())!.trim();
+  await page.getByRole("combobox", { name: "Action" }).fill("");
+  await page.getByLabel("Actor").fill(owner);
+  await page.getByRole("button", { name: "Apply filters" }).click();
+  await expect(page).toHaveURL(/actor=/);
+  await expect(body.getByRole("row").filter({ hasText: "UNAUTHENTICATED" })).toHaveCount(0);
+  for (const text of await body.getByRole("row").allTextContents()) expect(text).toContain(owner);
+  await page.getByLabel("Actor").fill("nobody-such");
+  await page.getByRole("button", { name: "Apply filters" }).click();
+  await expect(page.getByText("No events match these filters.")).toBeVisible();
+  // A time range after now: nothing.
+  await page.getByLabel("Actor").fill("");
+  const later = new Date(Date.now() + 86_400_000);
+  const pad = (x: number) => String(x).padStart(2, "0");
+  await page.getByLabel(/^From/).fill(`${later.getFullYear()}-${pad(later.getMonth() + 1)}-${pad(later.getDate())}T00:00`);
+  await page.getByRole("button", { name: "Apply filters" }).click();
+  await expect(page).toHaveURL(/from=\d{4}-\d\d-\d\dT/);
+  await expect(page.getByText("No events match these filters.")).toBeVisible();
+
+  await page.getByRole("button", { name: "Clear filters" }).click();
+  await expect(page).toHaveURL(/\/audit$/);
+  await expect(body.getByRole("row")).toHaveCount(allRows);
+  done();
+});
+
+test("the console is usable at 390 px: menu, keys and the create dialog fit", async ({ page }) => {
+  await page.setViewportSize({ width: 390, height: 844 });
+  const done = watch(page);
+  await signIn(page, OWNER);
+  await expect(menu(page).getByRole("link", { name: "API keys" })).toBeInViewport();
+  await page.getByRole("button", { name: "Create API key" }).click();
+  const dialog = page.getByRole("dialog", { name: "Create API key" });
+  const box = await dialog.boundingBox();
+  expect(box!.width).toBeLessThanOrEqual(390);
+  expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
+  done();
+});
