@@ -1,0 +1,208 @@
+//! What deciding limits costs on each counter backend: a full Check (decode, decide,
+//! encode) of keys with requests/min + token + USD limits (never reached), 1,000 keys in
+//! turn, 32 Checks in flight, on the in-process counters and on Redis (one script per
+//! Check, `PORTCULLIS_BENCH_REDIS`, default `redis://127.0.0.1:6379`). Prints Portcullis's
+//! CPU per Check (this thread: the runtime and the Redis client share it), Redis's CPU per
+//! Check (from `INFO cpu`) and Checks per second, each backend against the in-process one
+//! in the same run. Run: `cargo bench --bench counters`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use portcullis::authz::AuthzService;
+use portcullis::domain::budget::Meters;
+use portcullis::domain::check::Limiters;
+use portcullis::domain::clock::SystemClock;
+use portcullis::domain::counters::InProcess;
+use portcullis::domain::gateway::{Gateway, InboundAuth};
+use portcullis::domain::key::{ApiKey, Limits, ResetPeriod};
+use portcullis::domain::pricing::PriceBook;
+use portcullis::domain::secret::{Secret, SecretKind};
+use portcullis::domain::tokens::TokenRegistry;
+use portcullis::domain::view::{KeySecret, View};
+use portcullis::shared_counters::{FailureMode, Settings, SharedCounters};
+use portcullis::state::Shared;
+use prost::Message;
+use uuid::Uuid;
+
+const KEYS: usize = 1_000;
+const IN_FLIGHT: usize = 32;
+const CHECKS: usize = 64_000;
+
+fn request(secret: &str) -> Vec<u8> {
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#;
+    let headers: HashMap<String, String> = [
+        (":authority", "demo.gateway.local"),
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+        ("content-length", &body.len().to_string()),
+        ("x-api-key", secret),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            context_extensions: HashMap::from([("gateway".to_string(), "demo".to_string())]),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "POST".into(),
+                    path: "/v1/chat/completions".into(),
+                    headers,
+                    body: body.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+    .encode_to_vec()
+}
+
+/// CPU this thread has used, in nanoseconds (`/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Redis's CPU so far, in microseconds (`INFO cpu`).
+async fn redis_cpu_us(url: &str) -> u64 {
+    let client = redis::Client::open(url).expect("a Redis URL");
+    let mut c = client.get_multiplexed_async_connection().await.expect("Redis answers (PORTCULLIS_BENCH_REDIS)");
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await.expect("INFO cpu");
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .map(|s| (s * 1e6) as u64)
+        .sum()
+}
+
+struct Run {
+    cpu_ns: f64,
+    redis_ns: f64,
+    per_second: f64,
+}
+
+async fn run(svc: Arc<AuthzService>, requests: Arc<Vec<Vec<u8>>>, redis: Option<&str>) -> Run {
+    let go = |n: usize| {
+        let mut set = tokio::task::JoinSet::new();
+        for worker in 0..IN_FLIGHT {
+            let (svc, requests) = (Arc::clone(&svc), Arc::clone(&requests));
+            set.spawn(async move {
+                for i in 0..n / IN_FLIGHT {
+                    let bytes = &requests[(worker * 31 + i) % requests.len()];
+                    let req = CheckRequest::decode(bytes.as_slice()).unwrap();
+                    let resp = svc.decide(&req).await;
+                    assert!(matches!(resp.http_response, Some(HttpResponse::OkResponse(_))), "admitted");
+                    std::hint::black_box(resp.encode_to_vec());
+                }
+            });
+        }
+        set.join_all()
+    };
+    go(CHECKS / 8).await;
+    let redis_before = match redis {
+        Some(url) => redis_cpu_us(url).await,
+        None => 0,
+    };
+    let (cpu, wall) = (thread_cpu_ns(), Instant::now());
+    go(CHECKS).await;
+    let (cpu, wall) = (thread_cpu_ns() - cpu, wall.elapsed());
+    let redis_ns = match redis {
+        Some(url) => (redis_cpu_us(url).await - redis_before) as f64 * 1000.0 / CHECKS as f64,
+        None => 0.0,
+    };
+    Run { cpu_ns: cpu as f64 / CHECKS as f64, redis_ns, per_second: CHECKS as f64 / wall.as_secs_f64() }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let redis_url = std::env::var("PORTCULLIS_BENCH_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let gateway = Gateway {
+        id: Uuid::now_v7(),
+        name: "demo".into(),
+        inbound: InboundAuth::default(),
+        upstream: None,
+        default_reservation_tokens: 0,
+        created_at: Utc::now(),
+    };
+    let limits = Limits {
+        requests_per_minute: Some(1_000_000),
+        token_limit: Some(1 << 40),
+        cost_limit_micros: Some(1 << 50),
+        reset_period: ResetPeriod::Monthly,
+    };
+    let mut keys = Vec::new();
+    let mut requests = Vec::new();
+    for i in 0..KEYS {
+        let s = Secret::generate(SecretKind::ApiKey);
+        let key = ApiKey {
+            id: Uuid::now_v7(),
+            gateway_id: gateway.id,
+            name: format!("k{i}"),
+            prefix: s.display_prefix(),
+            enabled: true,
+            legacy: false,
+            limits,
+            created_at: Utc::now(),
+            expires_at: None,
+            last_used_at: None,
+        };
+        keys.push((key, vec![KeySecret::current(s.hash())]));
+        requests.push(request(s.expose()));
+    }
+    let requests = Arc::new(requests);
+    let service = |limiters: Limiters| {
+        let view = View::new(vec![gateway.clone()], keys.clone());
+        let tokens = TokenRegistry::new(vec![], false, chrono::Duration::hours(1));
+        Arc::new(AuthzService::new(Arc::new(Shared::new(view, tokens, limiters, Arc::new(SystemClock)))))
+    };
+    let in_process = service(Limiters::default());
+    let meters = Arc::new(Meters::default());
+    let settings = Settings {
+        url: redis_url.clone(),
+        timeout: Duration::from_millis(200),
+        failure_mode: FailureMode::Deny,
+        reservation_ttl: Duration::from_secs(600),
+    };
+    let counters = SharedCounters::new(settings, InProcess::new(Arc::clone(&meters))).expect("a Redis URL");
+    let mut limiters = Limiters::in_process(Arc::clone(&meters), PriceBook::default());
+    limiters.counters = Arc::new(counters);
+    let on_redis = service(limiters);
+
+    println!("Checks of keys with requests/min + token + USD limits: {KEYS} keys, {IN_FLIGHT} in flight, {CHECKS} Checks");
+    let mut rounds = Vec::new();
+    for _ in 0..2 {
+        let a = run(Arc::clone(&in_process), Arc::clone(&requests), None).await;
+        let b = run(Arc::clone(&on_redis), Arc::clone(&requests), Some(&redis_url)).await;
+        rounds.push((a, b));
+    }
+    for (i, (a, b)) in rounds.iter().enumerate() {
+        println!(
+            "round {}: in process {:>6.0} ns CPU/Check {:>8.0} Checks/s | Redis: portcullis {:>6.0} ns + redis {:>6.0} ns CPU/Check {:>8.0} Checks/s",
+            i + 1,
+            a.cpu_ns,
+            a.per_second,
+            b.cpu_ns,
+            b.redis_ns,
+            b.per_second
+        );
+    }
+    let (a, b) = rounds.last().expect("two rounds");
+    println!();
+    println!(
+        "Redis counters vs in process: portcullis CPU {:.2}x, portcullis + Redis CPU {:.2}x, Checks/s {:.2}x (one client thread)",
+        b.cpu_ns / a.cpu_ns,
+        (b.cpu_ns + b.redis_ns) / a.cpu_ns,
+        b.per_second / a.per_second
+    );
+}
