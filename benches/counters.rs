@@ -179,7 +179,9 @@ async fn main() {
     limiters.counters = Arc::new(counters);
     let on_redis = service(limiters);
 
-    println!("Checks of keys with requests/min + token + USD limits: {KEYS} keys, {IN_FLIGHT} in flight, {CHECKS} Checks");
+    println!(
+        "Checks of keys with requests/min + token + USD limits: {KEYS} keys, {IN_FLIGHT} in flight, {CHECKS} Checks"
+    );
     let mut rounds = Vec::new();
     for _ in 0..2 {
         let a = run(Arc::clone(&in_process), Arc::clone(&requests), None).await;

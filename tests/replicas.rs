@@ -593,3 +593,25 @@ async fn a_replica_stopped_gracefully_loses_no_request() {
     let _ = b.sigterm().await;
     drop_db(&name).await;
 }
+
+/// Replicas started at the same moment on a fresh database with the same
+/// `--bootstrap-token` both start and both accept it (the second to store it takes the
+/// first's).
+#[tokio::test]
+async fn replicas_started_together_share_the_bootstrap_token() {
+    let (url, name) = fresh_db().await;
+    let redis = redis_url();
+    let flags = ["--redis-url", redis.as_str()];
+    // Migrated first, so the two race on the token alone.
+    portcullis::app::migrate(&url).await.unwrap();
+    let (a, b) =
+        tokio::join!(TestServer::try_start_on(url.clone(), &flags), TestServer::try_start_on(url.clone(), &flags));
+    let (mut a, mut b) = (a.expect("one replica starts"), b.expect("the other starts too"));
+    for server in [&a, &b] {
+        let (mut gw, _) = server.clients().await;
+        gw.list_gateways(pb::ListGatewaysRequest::default()).await.expect("the bootstrap token is accepted");
+    }
+    a.stop().await;
+    b.stop().await;
+    drop_db(&name).await;
+}

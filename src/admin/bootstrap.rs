@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::domain::access::{AuditEvent, validate_bootstrap_secret};
 use crate::domain::secret::{Secret, SecretKind};
 use crate::domain::tokens::{StoredToken, TokenRegistry};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// The audit trail's name for what start-up does on the variable's behalf.
 const BOOTSTRAP_ACTOR: &str = "PORTCULLIS_BOOTSTRAP_TOKEN";
@@ -39,9 +39,20 @@ pub async fn ensure_access(
     match tokens.get(&hash).cloned() {
         None => {
             let stored = StoredToken::bootstrap(hash, now);
-            store.insert_access_token(&stored).await.context("storing the bootstrap token")?;
-            tracing::info!(token_id = %stored.token.id, "bootstrap owner token stored");
-            tokens.insert(stored);
+            match store.insert_access_token(&stored).await {
+                Ok(()) => {
+                    tracing::info!(token_id = %stored.token.id, "bootstrap owner token stored");
+                    tokens.insert(stored);
+                }
+                // Another replica starting at the same time stored it first: take theirs.
+                Err(StoreError::AlreadyExists(_)) => {
+                    let theirs = store.load().await.context("loading the bootstrap token another replica stored")?;
+                    let found = theirs.access_tokens.into_iter().find(|t| t.hash == hash);
+                    let Some(found) = found else { bail!("the bootstrap token was stored and is gone again") };
+                    tokens.insert(found);
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("storing the bootstrap token")),
+            }
         }
         Some(mut stored) => {
             if stored.needs_restoring() {
