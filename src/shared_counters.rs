@@ -10,7 +10,7 @@
 //! - `pc:{k}:b:<period start µs>`: the period's usage and reservations (integer fields
 //!   `req`, `pt`, `ct`, `t` tokens, `m` micro-USD, `rt`/`rm` reserved), seeded from the
 //!   ledger when missing, expiring after the period;
-//! - `pc:{k}:rz`: reservation id → deadline (ms); `pc:{k}:rh`: id → `tokens:micros:period`;
+//! - `pc:{k}:rz`: reservations in flight, `id:tokens:micros:period`, scored by deadline (ms);
 //! - `pc:{k}:done`: settled ids → when, kept a while so a retried settle charges nothing.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -80,19 +80,17 @@ local function int(x) return string.format('%d', x) end
 local function num(v) return tonumber(v or '0') or 0 end
 -- Reservations past their deadline give their hold back (a bounded number per call).
 local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
-for _, id in ipairs(stale) do
-  local v = redis.call('HGET', KEYS[4], id)
-  if v then
-    local tok, mic, per = string.match(v, '^(%d+):(%d+):(%-?%d+)$')
-    local bk = ARGV[9] .. (per or '')
-    if tok and redis.call('EXISTS', bk) == 1 then
-      local h = redis.call('HMGET', bk, 'rt', 'rm')
+for _, r in ipairs(stale) do
+  local tok, mic, per = string.match(r, '^%d+:(%d+):(%d+):(%-?%d+)$')
+  local bk = ARGV[9] .. (per or '')
+  if tok then
+    local h = redis.call('HMGET', bk, 'rt', 'rm')
+    if h[1] then
       redis.call('HSET', bk, 'rt', int(math.max(0, num(h[1]) - tonumber(tok))), 'rm', int(math.max(0, num(h[2]) - tonumber(mic))))
     end
-    redis.call('HDEL', KEYS[4], id)
   end
-  redis.call('ZREM', KEYS[3], id)
 end
+if #stale > 0 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, #stale - 1) end
 -- The window: admissions older than 60 s leave from the tail.
 local in_window, oldest = 0, nil
 if rpm_limit > 0 then
@@ -106,14 +104,18 @@ end
 local function reset_in() if oldest then return oldest + 60000 - now end return 0 end
 local used_t, used_m, rt, rm = 0, 0, 0, 0
 if budgeted then
-  if redis.call('EXISTS', KEYS[2]) == 0 then
+  local h = redis.call('HMGET', KEYS[2], 't', 'm', 'rt', 'rm')
+  if not h[1] then
+    -- Missing (a new period, or Redis lost it): seeded from the ledger, if absent.
     if ARGV[10] == '' then return {-1} end
     redis.call('HSET', KEYS[2], 'req', ARGV[10], 'pt', ARGV[11], 'ct', ARGV[12], 't', ARGV[13], 'm', ARGV[14], 'rt', '0', 'rm', '0')
+    -- Kept until the period's end (by the replica's calendar, never before Redis's now)
+    -- and a grace after it; a budget that never resets is kept.
+    if tonumber(ARGV[7]) > 0 then
+      redis.call('PEXPIREAT', KEYS[2], int(math.max(tonumber(ARGV[7]), now) + tonumber(ARGV[17])))
+    end
+    h = {ARGV[13], ARGV[14], '0', '0'}
   end
-  -- Kept until the period's end (by the replica's calendar, never before Redis's now)
-  -- and a grace after it.
-  redis.call('PEXPIREAT', KEYS[2], int(math.max(tonumber(ARGV[7]), now) + tonumber(ARGV[17])))
-  local h = redis.call('HMGET', KEYS[2], 't', 'm', 'rt', 'rm')
   used_t, used_m, rt, rm = num(h[1]), num(h[2]), num(h[3]), num(h[4])
   if token_limit >= 0 and used_t + rt >= token_limit then
     return {2, used_t < token_limit and 1 or 0, in_window, reset_in()}
@@ -137,10 +139,9 @@ if budgeted then
   if cost_limit >= 0 then mic = math.min(mic, cost_limit - used_m - rm) end
   mic = math.max(mic, 0)
   redis.call('HSET', KEYS[2], 'rt', int(rt + tok), 'rm', int(rm + mic))
-  redis.call('ZADD', KEYS[3], int(now + tonumber(ARGV[6])), ARGV[15])
-  redis.call('HSET', KEYS[4], ARGV[15], int(tok) .. ':' .. int(mic) .. ':' .. ARGV[16])
+  -- One member per reservation: id:tokens:micros:period, scored by its deadline.
+  redis.call('ZADD', KEYS[3], int(now + tonumber(ARGV[6])), ARGV[15] .. ':' .. int(tok) .. ':' .. int(mic) .. ':' .. ARGV[16])
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]) * 4 + 86400000)
-  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[6]) * 4 + 86400000)
 end
 return {0, 0, in_window, reset_in(), int(tok), int(mic), int(used_t), int(used_m)}
 "#;
@@ -148,33 +149,27 @@ return {0, 0, in_window, reset_in(), int(tok), int(mic), int(used_t), int(used_m
 const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local id = ARGV[1]
 local function int(x) return string.format('%d', x) end
 local function num(v) return tonumber(v or '0') or 0 end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[7]))
-if redis.call('ZSCORE', KEYS[4], id) then return 0 end
-local live = 2
-local v = redis.call('HGET', KEYS[3], id)
-if v then
-  live = 1
-  local tok, mic = string.match(v, '^(%d+):(%d+):')
-  if tok and redis.call('EXISTS', KEYS[1]) == 1 then
-    local h = redis.call('HMGET', KEYS[1], 'rt', 'rm')
-    redis.call('HSET', KEYS[1], 'rt', int(math.max(0, num(h[1]) - tonumber(tok))), 'rm', int(math.max(0, num(h[2]) - tonumber(mic))))
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[8]))
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
+-- Live (not swept yet): its hold comes back with the charge.
+local live = redis.call('ZREM', KEYS[2], ARGV[7])
+local h = redis.call('HMGET', KEYS[1], 'req', 'pt', 'ct', 't', 'm', 'rt', 'rm')
+if h[1] then
+  local rt, rm = num(h[6]), num(h[7])
+  if live == 1 then
+    rt = math.max(0, rt - tonumber(ARGV[9]))
+    rm = math.max(0, rm - tonumber(ARGV[10]))
   end
-  redis.call('HDEL', KEYS[3], id)
-  redis.call('ZREM', KEYS[2], id)
+  redis.call('HSET', KEYS[1], 'req', int(num(h[1]) + 1), 'pt', int(num(h[2]) + tonumber(ARGV[2])),
+    'ct', int(num(h[3]) + tonumber(ARGV[3])), 't', int(num(h[4]) + tonumber(ARGV[4])),
+    'm', int(num(h[5]) + tonumber(ARGV[5])), 'rt', int(rt), 'rm', int(rm))
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'req', 1)
-  redis.call('HINCRBY', KEYS[1], 'pt', ARGV[2])
-  redis.call('HINCRBY', KEYS[1], 'ct', ARGV[3])
-  redis.call('HINCRBY', KEYS[1], 't', ARGV[4])
-  redis.call('HINCRBY', KEYS[1], 'm', ARGV[5])
-end
-redis.call('ZADD', KEYS[4], int(now), id)
-redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]))
-return live
+redis.call('ZADD', KEYS[3], int(now), ARGV[1])
+redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[8]))
+if live == 1 then return 1 end
+return 2
 "#;
 
 const ATTACH: &str = r#"
@@ -494,7 +489,7 @@ impl SharedCounters {
         // are missing (a new period, or Redis lost them).
         for _ in 0..2 {
             let mut inv = self.admit.prepare_invoke();
-            inv.key(&keys.rpm).key(&keys.budget).key(&keys.deadlines).key(&keys.holds);
+            inv.key(&keys.rpm).key(&keys.budget).key(&keys.reservations);
             inv.arg(limits.requests_per_minute.unwrap_or(0))
                 .arg(limit(limits.token_limit))
                 .arg(limit(limits.cost_limit_micros.map(|m| m.max(0) as u64)))
@@ -604,14 +599,17 @@ impl SharedCounters {
         let tokens = m.prompt_tokens.saturating_add(m.completion_tokens).min(MAX_EXACT);
         let tombstone_ms = (self.settings.reservation_ttl.as_millis() as i64).max(600_000) * 2;
         let mut inv = self.settle.prepare_invoke();
-        inv.key(&keys.budget).key(&keys.deadlines).key(&keys.holds).key(&keys.done);
+        inv.key(&keys.budget).key(&keys.reservations).key(&keys.done);
         inv.arg(ticket.id)
             .arg(m.prompt_tokens.min(MAX_EXACT))
             .arg(m.completion_tokens.min(MAX_EXACT))
             .arg(tokens)
             .arg(m.cost_micros.clamp(0, MAX_EXACT as i64))
             .arg(0)
-            .arg(tombstone_ms);
+            .arg(Keys::member(ticket))
+            .arg(tombstone_ms)
+            .arg(ticket.hold.tokens.min(MAX_EXACT))
+            .arg(ticket.hold.micros.clamp(0, MAX_EXACT as i64));
         self.call::<i64>(inv, now).await.map(|settled| settled != 0)
     }
 
@@ -703,7 +701,7 @@ impl Counters for SharedCounters {
             // mid-stream stops extending it, and it expires.
             let ttl_ms = self.settings.reservation_ttl.as_millis().min(u128::from(u32::MAX)) as i64;
             let mut inv = self.attach.prepare_invoke();
-            inv.key(&keys.deadlines).arg(ticket.id).arg(ttl_ms);
+            inv.key(&keys.reservations).arg(Keys::member(&ticket)).arg(ttl_ms);
             let _ = self.call::<i64>(inv, now.mono).await;
         })
     }
@@ -776,8 +774,8 @@ struct Keys {
     rpm: String,
     budget: String,
     budget_prefix: String,
-    deadlines: String,
-    holds: String,
+    /// Reservations in flight: `id:tokens:micros:period start` scored by deadline (ms).
+    reservations: String,
     done: String,
 }
 
@@ -789,10 +787,21 @@ impl Keys {
             rpm: format!("{tag}rpm"),
             budget: format!("{budget_prefix}{}", period_start.timestamp_micros()),
             budget_prefix,
-            deadlines: format!("{tag}rz"),
-            holds: format!("{tag}rh"),
+            reservations: format!("{tag}rz"),
             done: format!("{tag}done"),
         }
+    }
+
+    /// A reservation's member in the reservations set, as the admit script wrote it: the
+    /// ticket says everything in it.
+    fn member(ticket: &Ticket) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            ticket.id,
+            ticket.hold.tokens,
+            ticket.hold.micros,
+            ticket.period_start.timestamp_micros()
+        )
     }
 }
 
