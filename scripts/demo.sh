@@ -69,7 +69,11 @@ Portcullis demo is running (logs in .demo/). Try it:
     -H 'Host: demo.gateway.local' -H 'x-api-key: $secret' \\
     -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi"}]}'
 
-Manage it (dev mode accepts the management token "test-token"):
+Manage it (dev mode accepts the management token "test-token"), in the browser:
+
+  http://127.0.0.1:$ADMIN/   (paste test-token)
+
+or with the CLI:
 
   export PORTCULLIS_ADMIN_URL=http://127.0.0.1:$ADMIN PORTCULLIS_TOKEN=test-token
   $bin keys list --gateway demo
