@@ -479,6 +479,31 @@ async fn reconciliation_raises_redis_to_the_ledger() {
     assert_eq!(f.usage(&k).await.completion_tokens, 70, "never lowered");
 }
 
+/// Redis slow (every client paused for 3 s): a Check waits at most `--redis-timeout`, then the
+/// failure mode decides; when Redis answers again the counting is shared again.
+#[tokio::test]
+async fn a_slow_redis_costs_a_timeout_not_the_check() {
+    let r = PrivateRedis::start().await;
+    let f = shared_on(&r.url(), FailureMode::Local);
+    let k = key(Limits { requests_per_minute: Some(100), ..Default::default() });
+    assert!(matches!(f.admit(&k, Hold::default()).await, Ok(Outcome::Admitted { .. })));
+    let shared = f.shared.as_ref().unwrap();
+    assert_eq!(shared.status().outage_decisions, 0);
+    let client = redis::Client::open(r.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = redis::cmd("CLIENT").arg("PAUSE").arg(3_000).arg("ALL").query_async(&mut c).await.unwrap();
+    // The Check answers from this replica's counters instead of waiting for Redis.
+    assert!(matches!(f.admit(&k, Hold::default()).await, Ok(Outcome::Admitted { .. })));
+    assert_eq!(shared.status().outage_decisions, 1, "decided in the failure mode: {:?}", shared.status());
+    // The pause ends by itself.
+    eventually("Redis decides again", StdDuration::from_secs(10), || async {
+        let before = shared.status().outage_decisions;
+        let answered = matches!(f.admit(&k, Hold::default()).await, Ok(Outcome::Admitted { .. }));
+        (answered && shared.status().outage_decisions == before).then_some(())
+    })
+    .await;
+}
+
 async fn redis_usage(url: &str, k: &ApiKey) -> Usage {
     let f = shared_on(url, FailureMode::Deny);
     f.usage(k).await
