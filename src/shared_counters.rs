@@ -679,7 +679,7 @@ impl SharedCounters {
 
 impl Counters for SharedCounters {
     fn admit<'a>(&'a self, key: &'a ApiKey, ask: Hold, now: Now) -> CountFuture<'a, Result<Outcome, Unavailable>> {
-        Box::pin(async move {
+        CountFuture::later(async move {
             if self.closed(now.mono)
                 && let Ok(outcome) = self.admit_shared(key, ask, now).await
             {
@@ -692,7 +692,7 @@ impl Counters for SharedCounters {
     fn attach<'a>(&'a self, key_id: Uuid, ticket: Ticket, now: Now) -> CountFuture<'a, ()> {
         // A reservation made here while Redis was down.
         self.local.meters.attach(key_id, ticket.id, now.mono);
-        Box::pin(async move {
+        CountFuture::later(async move {
             if !self.closed(now.mono) {
                 return;
             }
@@ -718,7 +718,7 @@ impl Counters for SharedCounters {
         // ticket's word.
         let held = ticket.map(|t| self.local.meters.held(key_id, t.id).unwrap_or(t.hold));
         let metered = charge(held);
-        Box::pin(async move {
+        CountFuture::later(async move {
             // Redis says whether any replica settled this ticket before; unreachable, the
             // reservation expires there and reconciliation brings the usage in from the
             // ledger.
@@ -735,7 +735,7 @@ impl Counters for SharedCounters {
     }
 
     fn usage<'a>(&'a self, key: &'a ApiKey, now: Now) -> CountFuture<'a, Result<Usage, Unavailable>> {
-        Box::pin(async move {
+        CountFuture::later(async move {
             let known = self.local.usage_now(key, now)?;
             if !self.closed(now.mono) {
                 return Ok(known);

@@ -118,14 +118,6 @@ pub enum Step {
     Limit(Pending),
 }
 
-/// Decides one request: [`identify`], then [`limit`] when the key has limits.
-pub async fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now) -> Decision {
-    match identify(view, limiters, req, at) {
-        Step::Done(d) => d,
-        Step::Limit(p) => limit(limiters, p, at).await,
-    }
-}
-
 /// Identifies the gateway, finds the key and checks its status (on wall time). A key
 /// without limits is admitted here (marked used); one with limits is left to [`limit`]
 /// with what the request would reserve. A denial of a known key is noted for its Overview.
@@ -253,6 +245,14 @@ mod tests {
     use super::*;
     use crate::domain::clock::{Clock, ManualClock};
     use crate::domain::counters::now_or_never;
+
+    /// One request decided as the Check does: [`identify`], then [`limit`].
+    async fn decide(view: &View, limiters: &Limiters, req: &RequestParts<'_>, at: Now) -> Decision {
+        match identify(view, limiters, req, at) {
+            Step::Done(d) => d,
+            Step::Limit(p) => limit(limiters, p, at).await,
+        }
+    }
     use crate::domain::gateway::{DEFAULT_KEY_NAME, InboundAuth, KeyLocation, UpstreamAuth};
     use crate::domain::key::{Limits, NewKey};
     use crate::domain::request::strip_bearer;

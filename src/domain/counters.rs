@@ -17,7 +17,37 @@ use super::clock::{Mono, Now};
 use super::key::{ApiKey, ResetPeriod};
 use super::window::{Admission, RequestWindows};
 
-pub type CountFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// What a counters call answers with: at once (in process; no allocation on the request
+/// path), or later (a remote store).
+pub struct CountFuture<'a, T>(Answer<'a, T>);
+
+enum Answer<'a, T> {
+    /// Taken by the one poll that returns it.
+    Ready(Option<T>),
+    Later(Pin<Box<dyn Future<Output = T> + Send + 'a>>),
+}
+
+impl<'a, T> CountFuture<'a, T> {
+    pub fn ready(value: T) -> Self {
+        CountFuture(Answer::Ready(Some(value)))
+    }
+
+    pub fn later(f: impl Future<Output = T> + Send + 'a) -> Self {
+        CountFuture(Answer::Later(Box::pin(f)))
+    }
+}
+
+impl<T: Unpin> Future for CountFuture<'_, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        match &mut self.get_mut().0 {
+            // Polled again after it answered (a caller's bug): it never answers twice.
+            Answer::Ready(value) => value.take().map_or(std::task::Poll::Pending, std::task::Poll::Ready),
+            Answer::Later(f) => f.as_mut().poll(cx),
+        }
+    }
+}
 
 /// What the counters answered for one request of a key with limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,12 +197,12 @@ impl InProcess {
 
 impl Counters for InProcess {
     fn admit<'a>(&'a self, key: &'a ApiKey, ask: Hold, now: Now) -> CountFuture<'a, Result<Outcome, Unavailable>> {
-        Box::pin(std::future::ready(self.admit_now(key, ask, key.limits.requests_per_minute, now)))
+        CountFuture::ready(self.admit_now(key, ask, key.limits.requests_per_minute, now))
     }
 
     fn attach<'a>(&'a self, key_id: Uuid, ticket: Ticket, now: Now) -> CountFuture<'a, ()> {
         self.meters.attach(key_id, ticket.id, now.mono);
-        Box::pin(std::future::ready(()))
+        CountFuture::ready(())
     }
 
     fn settle<'a>(
@@ -184,11 +214,11 @@ impl Counters for InProcess {
         now: Now,
     ) -> CountFuture<'a, Option<Metered>> {
         let m = self.meters.record(key_id, reset_period, ticket, charge, now.wall);
-        Box::pin(std::future::ready(m))
+        CountFuture::ready(m)
     }
 
     fn usage<'a>(&'a self, key: &'a ApiKey, now: Now) -> CountFuture<'a, Result<Usage, Unavailable>> {
-        Box::pin(std::future::ready(self.usage_now(key, now)))
+        CountFuture::ready(self.usage_now(key, now))
     }
 
     fn sweep(&self, now: Mono, ttl: Duration) -> usize {
