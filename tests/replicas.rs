@@ -481,29 +481,46 @@ async fn limits_are_exact_across_replicas_behind_envoy() {
     drop_db(&name).await;
 }
 
+/// Two `portcullis serve` processes on a fresh PostgreSQL database and the test Redis,
+/// with one more setting each, behind a real Envoy balancing both; gateway "demo" created.
+struct ProcessPair {
+    name: String,
+    a: common::process::Proc,
+    b: common::process::Proc,
+    authz_a: u16,
+    authz_b: u16,
+    envoy: Envoy,
+    _upstream: FakeUpstream,
+    keys: Keys,
+}
+
+impl ProcessPair {
+    async fn start(setting: (&str, &str)) -> ProcessPair {
+        use common::process::{Proc, clients};
+        let (url, name) = fresh_db().await;
+        let redis = redis_url();
+        let env = [("PORTCULLIS_REDIS_URL", redis.as_str()), setting, ("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN)];
+        let (authz_a, authz_b) = (free_port(), free_port());
+        let (admin_a, admin_b) = (free_port(), free_port());
+        let mut a = Proc::spawn(&url, authz_a, admin_a, &env);
+        a.wait_for("admin listener").await;
+        let mut b = Proc::spawn(&url, authz_b, admin_b, &env);
+        b.wait_for("admin listener").await;
+        let upstream = FakeUpstream::start().await;
+        let envoy = Envoy::start_with(authz_a, upstream.port, every_replica(&[authz_a, authz_b])).await;
+        let (mut gw, keys) = clients(admin_a, OWNER_TOKEN).await;
+        gw.create_gateway(gateway_req("demo")).await.unwrap();
+        ProcessPair { name, a, b, authz_a, authz_b, envoy, _upstream: upstream, keys }
+    }
+}
+
 /// A replica killed (SIGKILL) under load: Envoy's health checks take it out, the other
 /// keeps serving, no key goes over its limit, and the reservation the dead replica made
 /// expires after `--reservation-ttl` instead of holding the budget for ever.
 #[tokio::test]
 async fn a_killed_replica_leaves_the_others_serving_and_its_reservations_expire() {
-    use common::process::{Proc, clients};
-    let (url, name) = fresh_db().await;
-    let redis = redis_url();
-    let env = [
-        ("PORTCULLIS_REDIS_URL", redis.as_str()),
-        ("PORTCULLIS_RESERVATION_TTL", "2s"),
-        ("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN),
-    ];
-    let (authz_a, authz_b) = (free_port(), free_port());
-    let (admin_a, admin_b) = (free_port(), free_port());
-    let mut a = Proc::spawn(&url, authz_a, admin_a, &env);
-    a.wait_for("admin listener").await;
-    let mut b = Proc::spawn(&url, authz_b, admin_b, &env);
-    b.wait_for("admin listener").await;
-    let upstream = FakeUpstream::start().await;
-    let envoy = Envoy::start_with(authz_a, upstream.port, every_replica(&[authz_a, authz_b])).await;
-    let (mut gw, mut keys) = clients(admin_a, OWNER_TOKEN).await;
-    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let ProcessPair { name, mut a, b, authz_a, authz_b, envoy, _upstream, mut keys } =
+        ProcessPair::start(("PORTCULLIS_RESERVATION_TTL", "2s")).await;
     let (_, per_minute) =
         key_with_limits(&mut keys, "rpm", pb::Limits { requests_per_minute: Some(20), ..Default::default() }).await;
     let (_, budget) =
@@ -555,24 +572,8 @@ async fn a_killed_replica_leaves_the_others_serving_and_its_reservations_expire(
 /// exits 0: no request fails.
 #[tokio::test]
 async fn a_replica_stopped_gracefully_loses_no_request() {
-    use common::process::{Proc, clients};
-    let (url, name) = fresh_db().await;
-    let redis = redis_url();
-    let env = [
-        ("PORTCULLIS_REDIS_URL", redis.as_str()),
-        ("PORTCULLIS_SHUTDOWN_DELAY", "3s"),
-        ("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER_TOKEN),
-    ];
-    let (authz_a, authz_b) = (free_port(), free_port());
-    let (admin_a, admin_b) = (free_port(), free_port());
-    let mut a = Proc::spawn(&url, authz_a, admin_a, &env);
-    a.wait_for("admin listener").await;
-    let mut b = Proc::spawn(&url, authz_b, admin_b, &env);
-    b.wait_for("admin listener").await;
-    let upstream = FakeUpstream::start().await;
-    let envoy = Envoy::start_with(authz_a, upstream.port, every_replica(&[authz_a, authz_b])).await;
-    let (mut gw, mut keys) = clients(admin_a, OWNER_TOKEN).await;
-    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let ProcessPair { name, a, b, authz_b, envoy, _upstream, mut keys, .. } =
+        ProcessPair::start(("PORTCULLIS_SHUTDOWN_DELAY", "3s")).await;
     let (_, secret) = key_with_limits(&mut keys, "k", pb::Limits::default()).await;
     eventually("B knows the key", WITHIN, || async { (check_on(authz_b, "demo", &secret).await == 200).then_some(()) })
         .await;
