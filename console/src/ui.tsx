@@ -130,6 +130,60 @@ export function useLoad<T>(load: () => Promise<T>, deps: unknown[]) {
   return { data, error, loading, reload: () => setTick((t) => t + 1), setData };
 }
 
+/** A dialog form's footer: Cancel, and a submit button that reads `busyLabel` while busy. */
+export function FormFoot(props: { onCancel: () => void; busy: boolean; busyLabel: string; label: string; danger?: boolean; disabled?: boolean }) {
+  return (
+    <footer class="dialog-foot">
+      <button type="button" onClick={props.onCancel}>
+        Cancel
+      </button>
+      <button type="submit" class={props.danger ? "danger" : "primary"} disabled={props.disabled || props.busy}>
+        {props.busy ? props.busyLabel : props.label}
+      </button>
+    </footer>
+  );
+}
+
+/** A result dialog's footer (e.g. after a secret shown once): a single Done button. */
+export function DoneFoot(props: { onDone: () => void }) {
+  return (
+    <footer class="dialog-foot">
+      <button type="button" class="primary" onClick={props.onDone}>
+        Done
+      </button>
+    </footer>
+  );
+}
+
+/** A table's header row: one column header per entry; `actions` adds a last, visually hidden "Actions" one. */
+export function TableHead(props: { cols: ComponentChildren[]; actions?: boolean }) {
+  return (
+    <thead>
+      <tr>
+        {props.cols.map((c, i) => (
+          <th key={i} scope="col">
+            {c}
+          </th>
+        ))}
+        {props.actions ? (
+          <th scope="col">
+            <span class="sr-only">Actions</span>
+          </th>
+        ) : null}
+      </tr>
+    </thead>
+  );
+}
+
+/** A muted "Loading …" status line. */
+export function Loading(props: { children: ComponentChildren }) {
+  return (
+    <p class="muted" role="status">
+      {props.children}
+    </p>
+  );
+}
+
 /** A confirmation; with `typeToConfirm`, the operator must type that text first. */
 export function Confirm(props: {
   title: string;
@@ -171,14 +225,7 @@ export function Confirm(props: {
           ) : null}
           <ErrorNote error={error} />
         </div>
-        <footer class="dialog-foot">
-          <button type="button" onClick={props.onClose}>
-            Cancel
-          </button>
-          <button type="submit" class={props.danger ? "danger" : "primary"} disabled={!ok || busy}>
-            {busy ? "Working…" : props.confirmLabel}
-          </button>
-        </footer>
+        <FormFoot onCancel={props.onClose} busy={busy} busyLabel="Working…" label={props.confirmLabel} danger={props.danger} disabled={!ok} />
       </form>
     </Dialog>
   );

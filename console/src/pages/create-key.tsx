@@ -5,7 +5,7 @@ import { api } from "../api.js";
 import { KeyLocation } from "../gen/portcullis/admin/v1/gateways_pb.js";
 import { gatewayByName } from "../gateways-store.js";
 import { draftFrom, LimitsFields, limitsFrom } from "../keyparts.js";
-import { CopyButton, Dialog, ErrorNote, SecretOnce, useAction } from "../ui.js";
+import { CopyButton, Dialog, DoneFoot, ErrorNote, FormFoot, SecretOnce, useAction } from "../ui.js";
 
 /** A curl that calls the gateway through Envoy with `secret` where the gateway wants it. */
 export function curlFor(gatewayName: string, baseUrl: string, secret: string): string {
@@ -63,11 +63,7 @@ export function CreateKeyDialog(props: { gateway: string; onClose: () => void; o
         <div class="dialog-body">
           <SecretWithCurl gateway={props.gateway} secret={secret.secret} label="API key" />
         </div>
-        <footer class="dialog-foot">
-          <button type="button" class="primary" onClick={close}>
-            Done
-          </button>
-        </footer>
+        <DoneFoot onDone={close} />
       </Dialog>
     );
   }
@@ -110,14 +106,7 @@ export function CreateKeyDialog(props: { gateway: string; onClose: () => void; o
           <LimitsFields draft={draft} set={setDraft} />
           <ErrorNote error={error} />
         </div>
-        <footer class="dialog-foot">
-          <button type="button" onClick={close}>
-            Cancel
-          </button>
-          <button type="submit" class="primary" disabled={busy}>
-            {busy ? "Creating…" : "Create"}
-          </button>
-        </footer>
+        <FormFoot onCancel={close} busy={busy} busyLabel="Creating…" label="Create" />
       </form>
     </Dialog>
   );

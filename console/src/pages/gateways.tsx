@@ -6,7 +6,7 @@ import { int } from "../format.js";
 import { KeyLocation, type Gateway } from "../gen/portcullis/admin/v1/gateways_pb.js";
 import { loadGateways } from "../gateways-store.js";
 import { href } from "../router.js";
-import { Confirm, Dialog, Empty, ErrorNote, Link, Time, useAction, useLoad } from "../ui.js";
+import { Confirm, Dialog, Empty, ErrorNote, FormFoot, Link, TableHead, Time, useAction, useLoad } from "../ui.js";
 
 export function GatewaysPage() {
   const id = useId();
@@ -31,18 +31,7 @@ export function GatewaysPage() {
       <ErrorNote error={error} />
       <div class="table-wrap">
         <table>
-          <thead>
-            <tr>
-              <th scope="col">Name</th>
-              <th scope="col">Client key</th>
-              <th scope="col">Provider credential</th>
-              <th scope="col">Default reservation</th>
-              <th scope="col">Created</th>
-              <th scope="col">
-                <span class="sr-only">Actions</span>
-              </th>
-            </tr>
-          </thead>
+          <TableHead cols={["Name", "Client key", "Provider credential", "Default reservation", "Created"]} actions />
           <tbody>
             {(data?.gateways ?? []).map((g) => (
               <tr key={g.id}>
@@ -198,14 +187,7 @@ function GatewayDialog(props: { gateway?: Gateway; onClose: () => void; onSaved:
           </div>
           <ErrorNote error={error} />
         </div>
-        <footer class="dialog-foot">
-          <button type="button" onClick={props.onClose}>
-            Cancel
-          </button>
-          <button type="submit" class="primary" disabled={busy}>
-            {busy ? "Saving…" : g ? "Save" : "Create"}
-          </button>
-        </footer>
+        <FormFoot onCancel={props.onClose} busy={busy} busyLabel="Saving…" label={g ? "Save" : "Create"} />
       </form>
     </Dialog>
   );

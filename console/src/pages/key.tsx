@@ -7,7 +7,7 @@ import { int, tokens as fmtTokens, usd } from "../format.js";
 import type { ApiKey } from "../gen/portcullis/admin/v1/keys_pb.js";
 import { draftFrom, expiresSoon, LimitsFields, limitsFrom, limitsSummary, RESET_LABEL, StatusBadge } from "../keyparts.js";
 import { href, navigate } from "../router.js";
-import { Confirm, Dialog, ErrorNote, Link, Switch, Time, UsageBar, useAction, useLoad } from "../ui.js";
+import { Confirm, Dialog, DoneFoot, ErrorNote, FormFoot, Link, Switch, Time, UsageBar, useAction, useLoad } from "../ui.js";
 import { SecretWithCurl } from "./create-key.js";
 import { UsageHistory } from "./usage-history.js";
 
@@ -244,14 +244,7 @@ function EditKeyDialog(props: { k: ApiKey; onClose: () => void; onSaved: (k: Api
           <LimitsFields draft={draft} set={setDraft} />
           <ErrorNote error={error} />
         </div>
-        <footer class="dialog-foot">
-          <button type="button" onClick={props.onClose}>
-            Cancel
-          </button>
-          <button type="submit" class="primary" disabled={busy}>
-            {busy ? "Saving…" : "Save"}
-          </button>
-        </footer>
+        <FormFoot onCancel={props.onClose} busy={busy} busyLabel="Saving…" label="Save" />
       </form>
     </Dialog>
   );
@@ -279,11 +272,7 @@ function RotateDialog(props: { k: ApiKey; onClose: () => void; onRotated: () => 
         <div class="dialog-body">
           <SecretWithCurl gateway={props.k.gateway} secret={secret} label="New API key" />
         </div>
-        <footer class="dialog-foot">
-          <button type="button" class="primary" onClick={close}>
-            Done
-          </button>
-        </footer>
+        <DoneFoot onDone={close} />
       </Dialog>
     );
   }
@@ -311,14 +300,7 @@ function RotateDialog(props: { k: ApiKey; onClose: () => void; onRotated: () => 
           </div>
           <ErrorNote error={error} />
         </div>
-        <footer class="dialog-foot">
-          <button type="button" onClick={close}>
-            Cancel
-          </button>
-          <button type="submit" class="primary" disabled={busy}>
-            {busy ? "Rotating…" : "Rotate key"}
-          </button>
-        </footer>
+        <FormFoot onCancel={close} busy={busy} busyLabel="Rotating…" label="Rotate key" />
       </form>
     </Dialog>
   );

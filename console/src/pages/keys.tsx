@@ -7,7 +7,7 @@ import { KeyOrder, KeyStatus, type ApiKey, type KeyUsage } from "../gen/portcull
 import { currentGateway, gatewayByName } from "../gateways-store.js";
 import { expiresSoon, limitsSummary, StatusBadge } from "../keyparts.js";
 import { query, setQuery } from "../router.js";
-import { Confirm, Empty, ErrorNote, Link, Switch, Time, UsageBar, useLoad } from "../ui.js";
+import { Confirm, Empty, ErrorNote, Link, Loading, Switch, Time, UsageBar, useLoad } from "../ui.js";
 import { CreateKeyDialog } from "./create-key.js";
 import { GatewayPicker } from "./gateway-picker.js";
 
@@ -258,7 +258,7 @@ export function KeysPage() {
       {!loading && !error && rows.length === 0 ? (
         <Empty>{search || status ? "No keys match these filters." : "No keys yet. Create one to hand out access to this gateway."}</Empty>
       ) : null}
-      {loading ? <p class="muted" role="status">Loading keys…</p> : null}
+      {loading ? <Loading>Loading keys…</Loading> : null}
       <nav class="pager" aria-label="Pages of keys">
         <button
           type="button"

@@ -3,7 +3,7 @@ import { useId, useState } from "preact/hooks";
 import { api, isAdmin } from "../api.js";
 import { usd } from "../format.js";
 import type { ModelPrice } from "../gen/portcullis/admin/v1/pricing_pb.js";
-import { Confirm, Dialog, Empty, ErrorNote, useAction, useLoad } from "../ui.js";
+import { Confirm, Dialog, Empty, ErrorNote, FormFoot, TableHead, useAction, useLoad } from "../ui.js";
 
 export function PricesPage() {
   const id = useId();
@@ -25,16 +25,7 @@ export function PricesPage() {
       <ErrorNote error={error} />
       <div class="table-wrap">
         <table>
-          <thead>
-            <tr>
-              <th scope="col">Model</th>
-              <th scope="col">Input (prompt)</th>
-              <th scope="col">Output (completion)</th>
-              <th scope="col">
-                <span class="sr-only">Actions</span>
-              </th>
-            </tr>
-          </thead>
+          <TableHead cols={["Model", "Input (prompt)", "Output (completion)"]} actions />
           <tbody>
             {prices.map((p) => (
               <tr key={p.model}>
@@ -117,14 +108,7 @@ function PriceDialog(props: { price?: ModelPrice; onClose: () => void; onSaved: 
           </div>
           <ErrorNote error={error} />
         </div>
-        <footer class="dialog-foot">
-          <button type="button" onClick={props.onClose}>
-            Cancel
-          </button>
-          <button type="submit" class="primary" disabled={busy}>
-            {busy ? "Saving…" : "Save price"}
-          </button>
-        </footer>
+        <FormFoot onCancel={props.onClose} busy={busy} busyLabel="Saving…" label="Save price" />
       </form>
     </Dialog>
   );

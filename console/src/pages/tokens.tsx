@@ -5,7 +5,7 @@ import { api, me } from "../api.js";
 import { zoneName } from "../format.js";
 import { Role, TokenStatus, type AccessToken } from "../gen/portcullis/admin/v1/access_pb.js";
 import { gateways } from "../gateways-store.js";
-import { Confirm, Dialog, Empty, ErrorNote, SecretOnce, Time, useAction, useLoad } from "../ui.js";
+import { Confirm, Dialog, DoneFoot, Empty, ErrorNote, FormFoot, SecretOnce, TableHead, Time, useAction, useLoad } from "../ui.js";
 
 export const ROLE_LABEL: Record<Role, string> = {
   [Role.UNSPECIFIED]: "Unknown",
@@ -37,21 +37,7 @@ export function TokensPage() {
       <ErrorNote error={error} />
       <div class="table-wrap">
         <table>
-          <thead>
-            <tr>
-              <th scope="col">Name</th>
-              <th scope="col">Role</th>
-              <th scope="col">Gateways</th>
-              <th scope="col">Prefix</th>
-              <th scope="col">Status</th>
-              <th scope="col">Created</th>
-              <th scope="col">Last used</th>
-              <th scope="col">Expires</th>
-              <th scope="col">
-                <span class="sr-only">Actions</span>
-              </th>
-            </tr>
-          </thead>
+          <TableHead cols={["Name", "Role", "Gateways", "Prefix", "Status", "Created", "Last used", "Expires"]} actions />
           <tbody>
             {(data?.tokens ?? []).map((t) => (
               <tr key={t.id}>
@@ -124,11 +110,7 @@ function CreateTokenDialog(props: { onClose: () => void; onCreated: () => void }
         <div class="dialog-body">
           <SecretOnce secret={secret} label="Management token" />
         </div>
-        <footer class="dialog-foot">
-          <button type="button" class="primary" onClick={close}>
-            Done
-          </button>
-        </footer>
+        <DoneFoot onDone={close} />
       </Dialog>
     );
   }
@@ -186,14 +168,7 @@ function CreateTokenDialog(props: { onClose: () => void; onCreated: () => void }
           </div>
           <ErrorNote error={error} />
         </div>
-        <footer class="dialog-foot">
-          <button type="button" onClick={close}>
-            Cancel
-          </button>
-          <button type="submit" class="primary" disabled={busy}>
-            {busy ? "Creating…" : "Create"}
-          </button>
-        </footer>
+        <FormFoot onCancel={close} busy={busy} busyLabel="Creating…" label="Create" />
       </form>
     </Dialog>
   );

@@ -9,7 +9,7 @@ import { Chart } from "../chart.js";
 import { int, localTime, usd, utcTitle, zoneName } from "../format.js";
 import { Granularity, type UsageBucket, type UsageHistory as History } from "../gen/portcullis/admin/v1/usage_pb.js";
 import { query, setQuery } from "../router.js";
-import { ErrorNote, useLoad } from "../ui.js";
+import { ErrorNote, Loading, TableHead, useLoad } from "../ui.js";
 
 export type Range = "30d" | "7d";
 export type Measure = "requests" | "tokens" | "cost";
@@ -230,14 +230,7 @@ export function UsageHistory(props: { keyId?: string; gateway?: string; heading?
                   <caption class="sr-only">
                     {m.label} per {RANGES[shown].per}, newest first
                   </caption>
-                  <thead>
-                    <tr>
-                      <th scope="col">{shown === "30d" ? "Day (UTC)" : `Hour (${zoneName})`}</th>
-                      <th scope="col">Requests</th>
-                      <th scope="col">Tokens</th>
-                      <th scope="col">Cost (USD)</th>
-                    </tr>
-                  </thead>
+                  <TableHead cols={[shown === "30d" ? "Day (UTC)" : `Hour (${zoneName})`, "Requests", "Tokens", "Cost (USD)"]} />
                   <tbody>
                     {used.map((r) => (
                       <tr>
@@ -260,9 +253,7 @@ export function UsageHistory(props: { keyId?: string; gateway?: string; heading?
           </details>
         </>
       ) : loading ? (
-        <p class="muted" role="status">
-          Loading usage history…
-        </p>
+        <Loading>Loading usage history…</Loading>
       ) : null}
     </section>
   );

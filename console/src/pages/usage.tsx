@@ -9,7 +9,7 @@ import type { UsageBucket } from "../gen/portcullis/admin/v1/usage_pb.js";
 import { currentGateway } from "../gateways-store.js";
 import { StatusBadge } from "../keyparts.js";
 import { href, query } from "../router.js";
-import { Empty, ErrorNote, Link, Time, useLoad } from "../ui.js";
+import { Empty, ErrorNote, Link, Loading, TableHead, Time, useLoad } from "../ui.js";
 import { GatewayPicker } from "./gateway-picker.js";
 import { historyRequest, microsToUsd, rangeFromQuery, RANGES, requestsText, sum, tokensText, UsageHistory, type Range } from "./usage-history.js";
 
@@ -55,15 +55,7 @@ function TopKeys(props: { gateway: string }) {
       {keys.length ? (
         <div class="table-wrap">
           <table class="top-keys">
-            <thead>
-              <tr>
-                <th scope="col">Key</th>
-                <th scope="col">Spend (USD)</th>
-                <th scope="col">Tokens</th>
-                <th scope="col">Requests</th>
-                <th scope="col">Period since</th>
-              </tr>
-            </thead>
+            <TableHead cols={["Key", "Spend (USD)", "Tokens", "Requests", "Period since"]} />
             <tbody>
               {keys.map((k) => (
                 <tr key={k.id}>
@@ -84,11 +76,7 @@ function TopKeys(props: { gateway: string }) {
       ) : !loading && !error ? (
         <Empty>No keys on this gateway yet.</Empty>
       ) : null}
-      {loading ? (
-        <p class="muted" role="status">
-          Loading keys…
-        </p>
-      ) : null}
+      {loading ? <Loading>Loading keys…</Loading> : null}
     </section>
   );
 }
@@ -108,14 +96,7 @@ function ByModel(props: { gateway: string; range: Range }) {
       {models.length ? (
         <div class="table-wrap">
           <table class="by-model">
-            <thead>
-              <tr>
-                <th scope="col">Model</th>
-                <th scope="col">Requests</th>
-                <th scope="col">Tokens</th>
-                <th scope="col">Cost (USD)</th>
-              </tr>
-            </thead>
+            <TableHead cols={["Model", "Requests", "Tokens", "Cost (USD)"]} />
             <tbody>
               {models.map(({ model, t }) => (
                 <tr key={model}>
@@ -148,11 +129,7 @@ function ByModel(props: { gateway: string; range: Range }) {
       ) : !loading && !error ? (
         <Empty>No usage in this range.</Empty>
       ) : null}
-      {loading ? (
-        <p class="muted" role="status">
-          Loading usage by model…
-        </p>
-      ) : null}
+      {loading ? <Loading>Loading usage by model…</Loading> : null}
     </section>
   );
 }
