@@ -100,10 +100,19 @@ fn version(row: &impl Columns) -> Result<i64, StoreError> {
     get(row, "version")
 }
 
-/// Whether a soft-deletable row is deleted.
-fn deleted(row: &impl Columns) -> Result<bool, StoreError> {
-    let at: Option<i64> = get(row, "deleted_at")?;
-    Ok(at.is_some())
+/// Changed rows of a soft-deleted table (PostgreSQL, for `Changes`): the live ones
+/// decoded, the ids of the deleted ones, and the highest change version among them.
+fn split_changes<R: Columns, T>(
+    rows: &[R],
+    decode: impl Fn(&R) -> Result<T, StoreError>,
+) -> Result<(Vec<T>, Vec<Uuid>, i64), StoreError> {
+    let (mut live, mut removed, mut max) = (Vec::new(), Vec::new(), 0);
+    for r in rows {
+        max = max.max(version(r)?);
+        let deleted_at: Option<i64> = get(r, "deleted_at")?;
+        if deleted_at.is_some() { removed.push(uuid(r, "id")?) } else { live.push(decode(r)?) }
+    }
+    Ok((live, removed, max))
 }
 
 fn hash(row: &impl Columns) -> Result<SecretHash, StoreError> {

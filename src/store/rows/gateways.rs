@@ -5,7 +5,7 @@ use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use super::backend::{Backend, Columns, query};
-use super::{deleted, found, get, time, unavailable, uuid, version, write_err};
+use super::{found, get, split_changes, time, unavailable, uuid, write_err};
 use crate::domain::gateway::{Gateway, InboundAuth, KeyLocation, UpstreamAuth};
 use crate::store::sealing::Sealer;
 use crate::store::{StoreError, to_micros};
@@ -135,10 +135,5 @@ pub(crate) async fn changed_since<D: Backend>(
         .fetch_all(tx)
         .await
         .map_err(unavailable)?;
-    let (mut live, mut removed, mut max) = (Vec::new(), Vec::new(), 0);
-    for r in &rows {
-        max = max.max(version(r)?);
-        if deleted(r)? { removed.push(uuid(r, "id")?) } else { live.push(gateway_from(r, sealer)?) }
-    }
-    Ok((live, removed, max))
+    split_changes(&rows, |r| gateway_from(r, sealer))
 }

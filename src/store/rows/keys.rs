@@ -8,9 +8,7 @@ use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use super::backend::{Backend, Columns, query};
-use super::{
-    Params, contains_pattern, deleted, found, get, hash, opt_time, time, unavailable, uuid, version, write_err,
-};
+use super::{Params, contains_pattern, found, get, hash, opt_time, split_changes, time, unavailable, uuid, write_err};
 use crate::domain::budget::Counters;
 use crate::domain::key::{ApiKey, KeyStatus, Limits, ResetPeriod};
 use crate::domain::period;
@@ -289,10 +287,5 @@ pub(crate) async fn changed_since<D: Backend>(
     .fetch_all(tx)
     .await
     .map_err(unavailable)?;
-    let (mut live, mut removed, mut max) = (Vec::new(), Vec::new(), 0);
-    for r in &rows {
-        max = max.max(version(r)?);
-        if deleted(r)? { removed.push(uuid(r, "id")?) } else { live.push((key_from(r)?, secrets(r)?)) }
-    }
-    Ok((live, removed, max))
+    split_changes(&rows, |r| Ok((key_from(r)?, secrets(r)?)))
 }

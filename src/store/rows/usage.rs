@@ -116,12 +116,8 @@ pub(crate) async fn save<D: Backend>(
              SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8 \
              FROM (VALUES {rows}) AS v WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = v.column1) \
              ON CONFLICT (key_id, period_start) DO UPDATE SET reset_period = excluded.reset_period, \
-             requests = {}, prompt_tokens = {}, completion_tokens = {}, cost_micros = {}, \
-             updated_at = excluded.updated_at",
-            added::<D>("requests"),
-            added::<D>("prompt_tokens"),
-            added::<D>("completion_tokens"),
-            added::<D>("cost_micros"),
+             {}, updated_at = excluded.updated_at",
+            increments::<D>("key_usage"),
         ));
         for c in chunk {
             totals = totals
@@ -177,12 +173,8 @@ pub(crate) async fn carry<D: Backend>(
          SELECT key_id, $1, $2, requests, prompt_tokens, completion_tokens, cost_micros, $3 \
          FROM key_usage WHERE key_id = $4 AND period_start = $5 \
          ON CONFLICT (key_id, period_start) DO UPDATE SET reset_period = excluded.reset_period, \
-         requests = {}, prompt_tokens = {}, completion_tokens = {}, cost_micros = {}, \
-         updated_at = excluded.updated_at",
-        added::<D>("requests"),
-        added::<D>("prompt_tokens"),
-        added::<D>("completion_tokens"),
-        added::<D>("cost_micros"),
+         {}, updated_at = excluded.updated_at",
+        increments::<D>("key_usage"),
     ))
     .bind(to_micros(to))
     .bind(to_period.as_str())
@@ -195,9 +187,12 @@ pub(crate) async fn carry<D: Backend>(
     Ok(())
 }
 
-/// `column` of `key_usage` plus the row's increment (see [`added_to`]).
-fn added<D: Backend>(column: &str) -> String {
-    added_to::<D>("key_usage", column)
+/// The `ON CONFLICT … DO UPDATE SET` assignments that add a row's usage counts
+/// (requests, prompt and completion tokens, micro-USD) to `table`'s.
+fn increments<D: Backend>(table: &str) -> String {
+    ["requests", "prompt_tokens", "completion_tokens", "cost_micros"]
+        .map(|column| format!("{column} = {}", added_to::<D>(table, column)))
+        .join(", ")
 }
 
 /// `table.column` plus the row's increment, saturated at `i64::MAX` (a counter never wraps
@@ -226,11 +221,8 @@ pub(crate) async fn save_history<D: Backend>(pool: &Pool<D>, buckets: &[UsageBuc
              SELECT v.column1, k.gateway_id, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7 \
              FROM (VALUES {rows}) AS v JOIN api_keys k ON k.id = v.column1 \
              ON CONFLICT (key_id, hour, model) DO UPDATE SET \
-             requests = {}, prompt_tokens = {}, completion_tokens = {}, cost_micros = {}",
-            added_to::<D>("usage_buckets", "requests"),
-            added_to::<D>("usage_buckets", "prompt_tokens"),
-            added_to::<D>("usage_buckets", "completion_tokens"),
-            added_to::<D>("usage_buckets", "cost_micros"),
+             {}",
+            increments::<D>("usage_buckets"),
         ));
         for b in chunk {
             add = add
