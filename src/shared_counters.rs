@@ -62,8 +62,8 @@ const BREAKER_OPEN_MICROS: i64 = 1_000_000;
 const SWEEP_PER_CHECK: u32 = 16;
 /// A replica is counted alive while its heartbeat is younger than this.
 const REPLICA_ALIVE_MS: i64 = 10_000;
-/// Budget hashes outlive their period by this (late settles), and a never-resetting
-/// one lives this long after its last use (it is reseeded from the ledger after).
+/// Budget hashes outlive their period by this (late settles); a budget that never resets
+/// is kept (reconciliation and the seed step rebuild it if Redis loses it).
 const BUDGET_GRACE_MS: i64 = 7 * 24 * 3_600_000;
 /// Lua numbers are doubles: every integer sent to a script stays below 2^53 (a limit
 /// above it is as good as none).
@@ -489,7 +489,7 @@ impl SharedCounters {
         // are missing (a new period, or Redis lost them).
         for _ in 0..2 {
             let mut inv = self.admit.prepare_invoke();
-            inv.key(&keys.rpm).key(&keys.budget).key(&keys.reservations);
+            inv.key(keys.rpm()).key(keys.budget()).key(keys.reservations());
             inv.arg(limits.requests_per_minute.unwrap_or(0))
                 .arg(limit(limits.token_limit))
                 .arg(limit(limits.cost_limit_micros.map(|m| m.max(0) as u64)))
@@ -498,7 +498,7 @@ impl SharedCounters {
                 .arg(ttl_ms)
                 .arg(period_end_ms)
                 .arg(SWEEP_PER_CHECK)
-                .arg(&keys.budget_prefix);
+                .arg(keys.budget_prefix());
             match &seed {
                 None => inv.arg("").arg("").arg("").arg("").arg(""),
                 Some(s) => inv.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&s[3]).arg(&s[4]),
@@ -599,7 +599,7 @@ impl SharedCounters {
         let tokens = m.prompt_tokens.saturating_add(m.completion_tokens).min(MAX_EXACT);
         let tombstone_ms = (self.settings.reservation_ttl.as_millis() as i64).max(600_000) * 2;
         let mut inv = self.settle.prepare_invoke();
-        inv.key(&keys.budget).key(&keys.reservations).key(&keys.done);
+        inv.key(keys.budget()).key(keys.reservations()).key(keys.done());
         inv.arg(ticket.id)
             .arg(m.prompt_tokens.min(MAX_EXACT))
             .arg(m.completion_tokens.min(MAX_EXACT))
@@ -643,7 +643,7 @@ impl SharedCounters {
             }
             let keys = Keys::of(row.key_id, row.period_start);
             let mut inv = self.raise.prepare_invoke();
-            inv.key(&keys.budget)
+            inv.key(keys.budget())
                 .arg(row.requests.min(MAX_EXACT))
                 .arg(row.prompt_tokens.min(MAX_EXACT))
                 .arg(row.completion_tokens.min(MAX_EXACT))
@@ -701,7 +701,7 @@ impl Counters for SharedCounters {
             // mid-stream stops extending it, and it expires.
             let ttl_ms = self.settings.reservation_ttl.as_millis().min(u128::from(u32::MAX)) as i64;
             let mut inv = self.attach.prepare_invoke();
-            inv.key(&keys.reservations).arg(Keys::member(&ticket)).arg(ttl_ms);
+            inv.key(keys.reservations()).arg(Keys::member(&ticket)).arg(ttl_ms);
             let _ = self.call::<i64>(inv, now.mono).await;
         })
     }
@@ -743,7 +743,7 @@ impl Counters for SharedCounters {
             let (start, _) = period::bounds(key.limits.reset_period, now.wall);
             let keys = Keys::of(key.id, start);
             let mut inv = self.usage.prepare_invoke();
-            inv.key(&keys.rpm).key(&keys.budget);
+            inv.key(keys.rpm()).key(keys.budget());
             let Ok(r) = self.call::<Vec<i64>>(inv, now.mono).await else { return Ok(known) };
             let at = |i: usize| r.get(i).copied().unwrap_or(0).max(0);
             let mut u = known;
@@ -769,27 +769,42 @@ impl Counters for SharedCounters {
     }
 }
 
-/// The Redis keys of one API key (and one budget period), under its hash tag.
+/// The Redis keys of one API key (and one budget period), under its hash tag; each built
+/// only when a call uses it.
 struct Keys {
-    rpm: String,
-    budget: String,
-    budget_prefix: String,
-    /// Reservations in flight: `id:tokens:micros:period start` scored by deadline (ms).
-    reservations: String,
-    done: String,
+    /// `pc:{<key id>}:`.
+    tag: String,
+    period_start_micros: i64,
 }
 
 impl Keys {
     fn of(key_id: Uuid, period_start: DateTime<Utc>) -> Keys {
-        let tag = format!("pc:{{{key_id}}}:");
-        let budget_prefix = format!("{tag}b:");
-        Keys {
-            rpm: format!("{tag}rpm"),
-            budget: format!("{budget_prefix}{}", period_start.timestamp_micros()),
-            budget_prefix,
-            reservations: format!("{tag}rz"),
-            done: format!("{tag}done"),
-        }
+        Keys { tag: format!("pc:{{{key_id}}}:"), period_start_micros: period_start.timestamp_micros() }
+    }
+
+    /// Admission times of the requests-per-minute window, newest first.
+    fn rpm(&self) -> String {
+        format!("{}rpm", self.tag)
+    }
+
+    /// Every period's usage hash starts with this.
+    fn budget_prefix(&self) -> String {
+        format!("{}b:", self.tag)
+    }
+
+    /// The period's usage and reservations.
+    fn budget(&self) -> String {
+        format!("{}b:{}", self.tag, self.period_start_micros)
+    }
+
+    /// Reservations in flight: `id:tokens:micros:period start` scored by deadline (ms).
+    fn reservations(&self) -> String {
+        format!("{}rz", self.tag)
+    }
+
+    /// Settled reservation ids, kept a while.
+    fn done(&self) -> String {
+        format!("{}done", self.tag)
     }
 
     /// A reservation's member in the reservations set, as the admit script wrote it: the
@@ -810,7 +825,7 @@ pub fn redact(url: &str) -> String {
     crate::store::redact_url(url)
 }
 
-/// Whether a reply is a usable connection: used by `start` to log Redis's state once.
+/// Whether Redis answers a PING (within 2 s): `start` logs its state once.
 pub async fn ping(counters: &Arc<SharedCounters>) -> RedisResult<()> {
     let ping = async {
         let mut conn = counters.redis.conn().await?;
