@@ -227,7 +227,11 @@ impl Cluster {
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let mut node = PrivateRedis { port: common::free_port(), dir: tempfile::tempdir().unwrap(), child: None };
-            node.up_with(&["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]).await;
+            // The cluster bus gets a free port of its own: the default (the port + 10000) may be
+            // taken, or above 65535.
+            let bus = common::free_port().to_string();
+            node.up_with(&["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", &bus])
+                .await;
             nodes.push(node);
         }
         let cli = std::env::var("PORTCULLIS_TEST_REDIS_SERVER")
