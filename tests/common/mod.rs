@@ -155,8 +155,28 @@ pub async fn create_key(keys: &mut Keys, gateway: &str, name: &str) -> (pb::ApiK
     (r.key.unwrap(), r.secret)
 }
 
+/// A port for a child process to listen on, free when asked. It is taken below Linux's
+/// ephemeral range (32768–60999), where the kernel never puts the local end of an outgoing
+/// connection: a port from bind(0) could be taken by any test's client before the child
+/// binds it. Each test process starts its search elsewhere, so concurrent ones rarely meet.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// The project's fake OpenAI-compatible upstream (tools/fake_upstream.py).
@@ -213,10 +233,9 @@ impl Envoy {
     /// Starts with the loopback config changed by `edit` (e.g. ext_proc in blocking mode).
     pub async fn start_with(authz_port: u16, upstream_port: u16, edit: impl FnOnce(String) -> String) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let template = edit(std::fs::read_to_string(manifest_dir().join("envoy/loopback.yaml")).unwrap());
         let config = template
-            .replace("__LISTEN_PORT__", &port.to_string())
+            .replace("__LISTEN_PORT__", "0")
             .replace("__ADMIN_PORT__", "0")
             .replace("__AUTHZ_PORT__", &authz_port.to_string())
             .replace("__UPSTREAM_PORT__", &upstream_port.to_string());
@@ -251,9 +270,24 @@ impl Envoy {
             }
         })
         .await;
-        eventually("envoy ready", Duration::from_secs(30), || async move {
-            let r = http::try_request(admin_port, "GET", "admin", "/ready", &[], None).await?;
-            (r.status == 200).then_some(())
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("envoy exited before it was ready ({status}); its log is above");
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for envoy ready");
+            let r = http::try_request(admin_port, "GET", "admin", "/ready", &[], None).await;
+            if r.is_some_and(|r| r.status == 200) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The listener binds port 0; the admin API says which port it got.
+        let port = eventually("envoy's listener port", Duration::from_secs(10), || async move {
+            let r = http::try_request(admin_port, "GET", "admin", "/listeners?format=json", &[], None).await?;
+            let listeners: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+            let port = &listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"];
+            u16::try_from(port.as_u64()?).ok()
         })
         .await;
         Envoy { _child: child, access_log, port, admin_port, _dir: dir }
