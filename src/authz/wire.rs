@@ -1,0 +1,198 @@
+//! The ext_authz `Check` on the wire: the parts of Envoy's `CheckRequest` Check reads,
+//! decoded straight from the gRPC frame, and the tonic service that answers it.
+//!
+//! Envoy's `CheckRequest` also carries the peers' addresses and certificates, the
+//! request's id, time, host, scheme and protocol, and metadata: decoding all of that into
+//! owned strings and maps is about half of what a Check allocates, and Check reads none of
+//! it. The messages here keep the field numbers of `envoy.service.auth.v3` for what Check
+//! reads; protobuf skips every other field on decoding.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
+use tonic::body::Body;
+use tonic::codegen::Body as RequestBody;
+use tonic::codegen::{BoxFuture, Service, StdError, http};
+use tonic::server::{Grpc, NamedService, UnaryService};
+
+use super::AuthzService;
+
+/// `envoy.service.auth.v3.CheckRequest`, as far as Check reads it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CheckInput {
+    #[prost(message, optional, tag = "1")]
+    pub attributes: Option<Attributes>,
+}
+
+/// `envoy.service.auth.v3.AttributeContext`: the request and the route's
+/// `context_extensions` (which name the gateway).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Attributes {
+    #[prost(message, optional, tag = "4")]
+    pub request: Option<RequestAttributes>,
+    #[prost(map = "string, string", tag = "10")]
+    pub context_extensions: HashMap<String, String>,
+}
+
+/// `AttributeContext.Request`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RequestAttributes {
+    #[prost(message, optional, tag = "2")]
+    pub http: Option<HttpAttributes>,
+}
+
+/// `AttributeContext.HttpRequest`: headers (or, with `encode_raw_headers`, the header
+/// map), path and body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HttpAttributes {
+    #[prost(map = "string, string", tag = "3")]
+    pub headers: HashMap<String, String>,
+    #[prost(message, optional, tag = "13")]
+    pub header_map: Option<HeaderMap>,
+    #[prost(string, tag = "4")]
+    pub path: String,
+    #[prost(string, tag = "11")]
+    pub body: String,
+    #[prost(bytes = "vec", tag = "12")]
+    pub raw_body: Vec<u8>,
+}
+
+impl CheckInput {
+    /// What Check reads of a full `CheckRequest` (tests and benches build those).
+    pub fn of(request: &envoy_types::pb::envoy::service::auth::v3::CheckRequest) -> CheckInput {
+        use prost::Message;
+        CheckInput::decode(request.encode_to_vec().as_slice()).unwrap_or_default()
+    }
+}
+
+const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+/// The `envoy.service.auth.v3.Authorization` service: `Check`, decoded as [`CheckInput`].
+#[derive(Clone)]
+pub struct AuthorizationServer {
+    service: Arc<AuthzService>,
+}
+
+impl AuthorizationServer {
+    pub fn new(service: AuthzService) -> Self {
+        AuthorizationServer { service: Arc::new(service) }
+    }
+}
+
+impl NamedService for AuthorizationServer {
+    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
+}
+
+struct Unary(Arc<AuthzService>);
+
+impl UnaryService<CheckInput> for Unary {
+    type Response = CheckResponse;
+    type Future = BoxFuture<tonic::Response<CheckResponse>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<CheckInput>) -> Self::Future {
+        let service = Arc::clone(&self.0);
+        // A denial is a CheckResponse with an HTTP status, never a gRPC error: Envoy
+        // would map a gRPC error to `status_on_error` and lose our body.
+        Box::pin(async move { Ok(tonic::Response::new(service.decide(request.get_ref()).await)) })
+    }
+}
+
+impl<B> Service<http::Request<B>> for AuthorizationServer
+where
+    B: RequestBody + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != CHECK_PATH {
+            return Box::pin(async { Ok(tonic::Status::unimplemented("").into_http()) });
+        }
+        let unary = Unary(Arc::clone(&self.service));
+        Box::pin(async move {
+            let mut grpc = Grpc::new(tonic_prost::ProstCodec::<CheckResponse, CheckInput>::default());
+            Ok(grpc.unary(unary, request).await)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::core::v3::{Address, HeaderValue, Metadata, SocketAddress, address};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+
+    use super::*;
+
+    /// Everything Envoy sends decodes to what Check reads, and the rest is skipped.
+    #[test]
+    fn the_parts_check_reads_decode_as_envoy_sent_them() {
+        let peer = |port| Peer {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "127.0.0.1".into(),
+                    port_specifier: Some(
+                        envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(port),
+                    ),
+                    ..Default::default()
+                })),
+            }),
+            principal: "spiffe://peer".into(),
+            ..Default::default()
+        };
+        let headers = HashMap::from([
+            (":path".to_string(), "/v1/chat/completions?x=1".to_string()),
+            ("x-api-key".to_string(), "pcs_secret".to_string()),
+        ]);
+        let header_map = HeaderMap {
+            headers: vec![HeaderValue { key: "x-api-key".into(), raw_value: b"raw".to_vec(), ..Default::default() }],
+        };
+        let full = CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(peer(50000)),
+                destination: Some(peer(10000)),
+                request: Some(Request {
+                    time: Some(Default::default()),
+                    http: Some(HttpRequest {
+                        id: "12345".into(),
+                        method: "POST".into(),
+                        headers: headers.clone(),
+                        header_map: Some(header_map.clone()),
+                        path: "/v1/chat/completions?x=1".into(),
+                        host: "demo.gateway.local".into(),
+                        scheme: "http".into(),
+                        size: 42,
+                        protocol: "HTTP/1.1".into(),
+                        body: "{\"max_tokens\":5}".into(),
+                        raw_body: b"\x00raw".to_vec(),
+                        ..Default::default()
+                    }),
+                }),
+                context_extensions: HashMap::from([("gateway".to_string(), "demo".to_string())]),
+                metadata_context: Some(Metadata::default()),
+                ..Default::default()
+            }),
+        };
+        let input = CheckInput::of(&full);
+        let attributes = input.attributes.expect("attributes");
+        assert_eq!(attributes.context_extensions.get("gateway").map(String::as_str), Some("demo"));
+        let http = attributes.request.and_then(|r| r.http).expect("http");
+        assert_eq!(http.headers, headers);
+        assert_eq!(http.header_map, Some(header_map));
+        assert_eq!(http.path, "/v1/chat/completions?x=1");
+        assert_eq!(http.body, "{\"max_tokens\":5}");
+        assert_eq!(http.raw_body, b"\x00raw");
+        // An empty request decodes to empty parts (Check answers it with a denial).
+        assert_eq!(CheckInput::of(&CheckRequest::default()), CheckInput::default());
+    }
+}
