@@ -387,7 +387,7 @@ proptest! {
     fn check_never_allows_without_a_key_and_never_leaks_one(r in req()) {
         let w = world();
         let (request, headers, path) = check_request(&r, w);
-        let response = now_or_never(w.service.decide(&CheckInput::of(&request))).expect("in-process counters answer at once");
+        let response = now_or_never(w.service.decide(&CheckInput::of(&request))).expect("in-process counters answer at once").to_response();
         let Some(HttpResponse::OkResponse(ok)) = &response.http_response else { return Ok(()) };
         let everything = format!("{headers:?}{path}");
         let key_id = response.dynamic_metadata.as_ref().and_then(|m| m.fields.get("key_id")).and_then(|v| match &v.kind {

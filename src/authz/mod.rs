@@ -5,7 +5,7 @@ mod response;
 mod wire;
 
 pub use meter::{ExternalProcessorServer, MeterService};
-pub use wire::{AuthorizationServer, CheckInput};
+pub use wire::{Answer, AuthorizationServer, CheckInput};
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -13,7 +13,6 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
-use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 
 use crate::domain::check::{self, Decision, Denial, Step};
 use crate::domain::request::RequestParts;
@@ -31,7 +30,7 @@ impl AuthzService {
     /// Decides one CheckRequest. Never fails: faults become a 503 denial. Its span (at
     /// debug level, free when off) names the gateway, the key and the decision.
     #[tracing::instrument(level = "debug", name = "check", skip_all, fields(gateway, key_id, decision))]
-    pub async fn decide(&self, req: &CheckInput) -> CheckResponse {
+    pub async fn decide(&self, req: &CheckInput) -> Answer {
         let attrs = req.attributes.as_ref();
         let gateway = attrs.and_then(|a| a.context_extensions.get("gateway")).map(String::as_str);
         let span = tracing::Span::current();
@@ -65,7 +64,7 @@ impl AuthzService {
             Err(e) => {
                 tracing::error!(error = %e, "check denied: internal error");
                 self.shared.metrics.internal_error();
-                return response::internal_error();
+                return Answer::Other(response::internal_error());
             }
         };
         // The view's lock is not held while the counters decide (they may be remote).
@@ -85,7 +84,7 @@ impl AuthzService {
         }
         self.shared.metrics.check(&decision);
         log_decision(&decision);
-        response::from_decision(&decision, now)
+        response::from_decision(decision, now)
     }
 }
 

@@ -20,6 +20,7 @@ use tonic::codegen::{BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, UnaryService};
 
 use super::AuthzService;
+use crate::domain::check::Admitted;
 
 /// `envoy.service.auth.v3.CheckRequest`, as far as Check reads it.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -69,6 +70,165 @@ impl CheckInput {
     }
 }
 
+/// A protobuf writer that either counts bytes or writes them, so a message is sized and
+/// written by the same code (a nested message's length comes before its fields).
+pub(super) trait Out {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+/// Counts what would be written.
+struct Len(usize);
+
+impl Out for Len {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0 += bytes.len();
+    }
+}
+
+impl<B: prost::bytes::BufMut> Out for B {
+    fn put(&mut self, bytes: &[u8]) {
+        self.put_slice(bytes);
+    }
+}
+
+const VARINT: u32 = 0;
+const LENGTH_DELIMITED: u32 = 2;
+
+fn varint(out: &mut dyn Out, mut value: u64) {
+    let (mut bytes, mut n) = ([0u8; 10], 0);
+    while value >= 0x80 {
+        bytes[n] = (value as u8) | 0x80;
+        value >>= 7;
+        n += 1;
+    }
+    bytes[n] = value as u8;
+    out.put(&bytes[..=n]);
+}
+
+fn key(out: &mut dyn Out, tag: u32, wire_type: u32) {
+    varint(out, u64::from(tag << 3 | wire_type));
+}
+
+/// A `string` (or `bytes`) field.
+pub(super) fn string(out: &mut dyn Out, tag: u32, value: &str) {
+    key(out, tag, LENGTH_DELIMITED);
+    varint(out, value.len() as u64);
+    out.put(value.as_bytes());
+}
+
+/// An integer or enum field (proto3: zero is not written).
+pub(super) fn int(out: &mut dyn Out, tag: u32, value: u64) {
+    if value != 0 {
+        key(out, tag, VARINT);
+        varint(out, value);
+    }
+}
+
+/// A message field whose fields `body` writes.
+pub(super) fn message(out: &mut dyn Out, tag: u32, body: &dyn Fn(&mut dyn Out)) {
+    let mut len = Len(0);
+    body(&mut len);
+    key(out, tag, LENGTH_DELIMITED);
+    varint(out, len.0 as u64);
+    body(out);
+}
+
+/// Text formatted on the stack (numbers, ids), for fields of an answer.
+pub(super) struct Text<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Text<N> {
+    pub(super) fn of(value: impl std::fmt::Display) -> Self {
+        use std::fmt::Write;
+        let mut text = Text { bytes: [0; N], len: 0 };
+        // Every caller's N holds its longest value; a longer one would be cut, never panic.
+        let _ = write!(text, "{value}");
+        text
+    }
+
+    pub(super) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
+    }
+}
+
+impl<const N: usize> std::fmt::Write for Text<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > N {
+            return Err(std::fmt::Error);
+        }
+        self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// A `CheckResponse` as sent: an allowed request's is written straight from the decision
+/// by [`super::response`] (no intermediate message, no allocation); denials are built as
+/// messages.
+pub enum Answer {
+    Allow(Admitted),
+    Other(CheckResponse),
+}
+
+impl Answer {
+    /// The answer as Envoy reads it (tests, benches).
+    pub fn to_response(&self) -> CheckResponse {
+        use prost::Message;
+        match self {
+            Answer::Other(r) => r.clone(),
+            Answer::Allow(_) => CheckResponse::decode(self.encode_to_vec().as_slice()).unwrap_or_default(),
+        }
+    }
+
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Answer::Allow(_))
+    }
+}
+
+impl prost::Message for Answer {
+    fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
+        match self {
+            Answer::Allow(a) => super::response::write_allow(a, buf),
+            Answer::Other(r) => r.encode_raw(buf),
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        // Answers are only sent; one read back merges as a plain CheckResponse.
+        if let Answer::Allow(_) = self {
+            *self = Answer::Other(CheckResponse::default());
+        }
+        match self {
+            Answer::Other(r) => r.merge_field(tag, wire_type, buf, ctx),
+            Answer::Allow(_) => Ok(()),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        match self {
+            Answer::Allow(a) => {
+                let mut len = Len(0);
+                super::response::write_allow(a, &mut len);
+                len.0
+            }
+            Answer::Other(r) => r.encoded_len(),
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Answer::Other(CheckResponse::default());
+    }
+}
+
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
 /// The `envoy.service.auth.v3.Authorization` service: `Check`, decoded as [`CheckInput`].
@@ -90,8 +250,8 @@ impl NamedService for AuthorizationServer {
 struct Unary(Arc<AuthzService>);
 
 impl UnaryService<CheckInput> for Unary {
-    type Response = CheckResponse;
-    type Future = BoxFuture<tonic::Response<CheckResponse>, tonic::Status>;
+    type Response = Answer;
+    type Future = BoxFuture<tonic::Response<Answer>, tonic::Status>;
 
     fn call(&mut self, request: tonic::Request<CheckInput>) -> Self::Future {
         let service = Arc::clone(&self.0);
@@ -120,7 +280,7 @@ where
         }
         let unary = Unary(Arc::clone(&self.service));
         Box::pin(async move {
-            let mut grpc = Grpc::new(tonic_prost::ProstCodec::<CheckResponse, CheckInput>::default());
+            let mut grpc = Grpc::new(tonic_prost::ProstCodec::<Answer, CheckInput>::default());
             Ok(grpc.unary(unary, request).await)
         })
     }

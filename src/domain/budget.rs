@@ -202,17 +202,19 @@ pub struct Ticket {
     pub period_start: DateTime<Utc>,
 }
 
+/// `id.tokens.micros.prompt.period_start_micros`, all decimal.
+impl std::fmt::Display for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Ticket { id, hold, period_start } = self;
+        let micros = period_start.timestamp_micros();
+        write!(f, "{id}.{}.{}.{}.{micros}", hold.tokens, hold.micros, hold.prompt_tokens)
+    }
+}
+
 impl Ticket {
-    /// `id.tokens.micros.prompt.period_start_micros`, all decimal.
+    /// As [`Display`](std::fmt::Display) writes it.
     pub fn encode(&self) -> String {
-        format!(
-            "{}.{}.{}.{}.{}",
-            self.id,
-            self.hold.tokens,
-            self.hold.micros,
-            self.hold.prompt_tokens,
-            self.period_start.timestamp_micros()
-        )
+        self.to_string()
     }
 
     /// Reads what [`Ticket::encode`] wrote; `None` for anything else.
