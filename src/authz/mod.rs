@@ -50,8 +50,8 @@ impl AuthzService {
             None => (&empty, ""),
         };
         let body = match http {
-            Some(h) if !h.raw_body.is_empty() => h.raw_body.as_slice(),
-            Some(h) => h.body.as_bytes(),
+            Some(h) if !h.raw_body.is_empty() => &h.raw_body[..],
+            Some(h) => &h.body[..],
             None => &[],
         };
         let parts = RequestParts { gateway, headers, path, body };

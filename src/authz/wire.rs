@@ -56,10 +56,12 @@ pub struct HttpAttributes {
     pub header_map: Option<HeaderMap>,
     #[prost(string, tag = "4")]
     pub path: String,
-    #[prost(string, tag = "11")]
-    pub body: String,
-    #[prost(bytes = "vec", tag = "12")]
-    pub raw_body: Vec<u8>,
+    /// A `string` on the wire, read as bytes: Check reads the body as bytes anyway, so
+    /// it is neither checked for UTF-8 nor copied out of the frame.
+    #[prost(bytes = "bytes", tag = "11")]
+    pub body: prost::bytes::Bytes,
+    #[prost(bytes = "bytes", tag = "12")]
+    pub raw_body: prost::bytes::Bytes,
 }
 
 impl CheckInput {
@@ -67,6 +69,67 @@ impl CheckInput {
     pub fn of(request: &envoy_types::pb::envoy::service::auth::v3::CheckRequest) -> CheckInput {
         use prost::Message;
         CheckInput::decode(request.encode_to_vec().as_slice()).unwrap_or_default()
+    }
+}
+
+/// `envoy.service.ext_proc.v3.ProcessingRequest`, as far as metering reads it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProcessingInput {
+    #[prost(oneof = "Part", tags = "2, 3, 4, 5, 6, 7")]
+    pub part: Option<Part>,
+    /// `metadata_context` (an `envoy.config.core.v3.Metadata`), left encoded: metering
+    /// reads it once per stream, not with every body chunk.
+    #[prost(bytes = "bytes", tag = "8")]
+    pub metadata_context: prost::bytes::Bytes,
+    #[prost(bool, tag = "10")]
+    pub observability_mode: bool,
+}
+
+/// Which part of the HTTP exchange a message carries.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Part {
+    #[prost(message, tag = "2")]
+    RequestHeaders(Headers),
+    #[prost(message, tag = "3")]
+    ResponseHeaders(Headers),
+    #[prost(message, tag = "4")]
+    RequestBody(BodyChunk),
+    #[prost(message, tag = "5")]
+    ResponseBody(BodyChunk),
+    #[prost(message, tag = "6")]
+    RequestTrailers(Trailers),
+    #[prost(message, tag = "7")]
+    ResponseTrailers(Trailers),
+}
+
+/// `HttpHeaders`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Headers {
+    #[prost(message, optional, tag = "1")]
+    pub headers: Option<HeaderMap>,
+    #[prost(bool, tag = "3")]
+    pub end_of_stream: bool,
+}
+
+/// `HttpBody`: a chunk, shared with the frame it came in (not copied).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BodyChunk {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub body: prost::bytes::Bytes,
+    #[prost(bool, tag = "2")]
+    pub end_of_stream: bool,
+}
+
+/// `HttpTrailers`: metering reads only that they came.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Trailers {}
+
+impl ProcessingInput {
+    /// What metering reads of a full `ProcessingRequest` (tests build those).
+    #[cfg(test)]
+    pub fn of(request: &envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest) -> ProcessingInput {
+        use prost::Message;
+        ProcessingInput::decode(request.encode_to_vec().as_slice()).unwrap_or_default()
     }
 }
 
@@ -229,23 +292,64 @@ impl prost::Message for Answer {
     }
 }
 
-const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+/// A gRPC method Envoy calls, decoded with the messages of this module.
+pub trait Method: Send + Sync + 'static {
+    /// The service's full name.
+    const SERVICE: &'static str;
+    /// The method's path (`/service/method`).
+    const PATH: &'static str;
 
-/// The `envoy.service.auth.v3.Authorization` service: `Check`, decoded as [`CheckInput`].
-#[derive(Clone)]
-pub struct AuthorizationServer {
-    service: Arc<AuthzService>,
+    /// Answers one call (the path is checked).
+    fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Body>, Infallible>
+    where
+        B: RequestBody + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static;
 }
 
-impl AuthorizationServer {
-    pub fn new(service: AuthzService) -> Self {
-        AuthorizationServer { service: Arc::new(service) }
+/// A tonic service for one [`Method`].
+pub struct Server<M> {
+    method: Arc<M>,
+}
+
+impl<M> Server<M> {
+    pub fn new(method: M) -> Self {
+        Server { method: Arc::new(method) }
     }
 }
 
-impl NamedService for AuthorizationServer {
-    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
+impl<M> Clone for Server<M> {
+    fn clone(&self) -> Self {
+        Server { method: Arc::clone(&self.method) }
+    }
 }
+
+impl<M: Method> NamedService for Server<M> {
+    const NAME: &'static str = M::SERVICE;
+}
+
+impl<M: Method, B> Service<http::Request<B>> for Server<M>
+where
+    B: RequestBody + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != M::PATH {
+            return Box::pin(async { Ok(tonic::Status::unimplemented("").into_http()) });
+        }
+        Arc::clone(&self.method).call(request)
+    }
+}
+
+/// `envoy.service.auth.v3.Authorization`.
+pub type AuthorizationServer = Server<AuthzService>;
 
 struct Unary(Arc<AuthzService>);
 
@@ -261,27 +365,18 @@ impl UnaryService<CheckInput> for Unary {
     }
 }
 
-impl<B> Service<http::Request<B>> for AuthorizationServer
-where
-    B: RequestBody + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+impl Method for AuthzService {
+    const SERVICE: &'static str = "envoy.service.auth.v3.Authorization";
+    const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != CHECK_PATH {
-            return Box::pin(async { Ok(tonic::Status::unimplemented("").into_http()) });
-        }
-        let unary = Unary(Arc::clone(&self.service));
+    fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Body>, Infallible>
+    where
+        B: RequestBody + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
         Box::pin(async move {
             let mut grpc = Grpc::new(tonic_prost::ProstCodec::<Answer, CheckInput>::default());
-            Ok(grpc.unary(unary, request).await)
+            Ok(grpc.unary(Unary(self), request).await)
         })
     }
 }
@@ -350,8 +445,8 @@ mod tests {
         assert_eq!(http.headers, headers);
         assert_eq!(http.header_map, Some(header_map));
         assert_eq!(http.path, "/v1/chat/completions?x=1");
-        assert_eq!(http.body, "{\"max_tokens\":5}");
-        assert_eq!(http.raw_body, b"\x00raw");
+        assert_eq!(http.body, "{\"max_tokens\":5}".as_bytes());
+        assert_eq!(http.raw_body, b"\x00raw".as_slice());
         // An empty request decodes to empty parts (Check answers it with a denial).
         assert_eq!(CheckInput::of(&CheckRequest::default()), CheckInput::default());
     }
