@@ -261,7 +261,8 @@ struct Inner {
     settled: std::collections::HashSet<u64>,
     settled_order: VecDeque<u64>,
     /// Usage over time since the last flush: per key, hour and model.
-    history: HashMap<(Uuid, DateTime<Utc>, Box<str>), UsageBucket>,
+    /// (Most hours of a key see one model: found without building a key.)
+    history: HashMap<(Uuid, DateTime<Utc>), Vec<UsageBucket>>,
 }
 
 impl Inner {
@@ -565,19 +566,7 @@ impl Meters {
         }
         let model = &model[..end];
         if let Ok(mut inner) = self.shards.of(key_id).lock() {
-            inner
-                .history
-                .entry((key_id, hour, model.into()))
-                .or_insert_with(|| UsageBucket {
-                    key_id,
-                    hour,
-                    model: model.to_string(),
-                    requests: 0,
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
-                    cost_micros: 0,
-                })
-                .add(1, m);
+            add_history(&mut inner, key_id, hour, model, 1, m);
         }
     }
 
@@ -586,7 +575,7 @@ impl Meters {
         let mut out = Vec::new();
         for shard in self.shards.all() {
             if let Ok(mut inner) = shard.lock() {
-                out.extend(inner.history.drain().map(|(_, b)| b));
+                out.extend(inner.history.drain().flat_map(|(_, b)| b));
             }
         }
         out
@@ -601,18 +590,7 @@ impl Meters {
                     completion_tokens: b.completion_tokens,
                     cost_micros: b.cost_micros,
                 };
-                let requests = b.requests;
-                inner
-                    .history
-                    .entry((b.key_id, b.hour, b.model.as_str().into()))
-                    .or_insert_with(|| UsageBucket {
-                        requests: 0,
-                        prompt_tokens: 0,
-                        completion_tokens: 0,
-                        cost_micros: 0,
-                        ..b
-                    })
-                    .add(requests, &m);
+                add_history(&mut inner, b.key_id, b.hour, &b.model, b.requests, &m);
             }
         }
     }
@@ -742,6 +720,27 @@ fn expire_reservations(inner: &mut Inner, now: Mono, ttl: i64) -> usize {
         inner.expired.remove(&id);
     }
     stale.len()
+}
+
+/// Adds `requests` and `m` to the usage history of `key_id` in `hour` with `model`.
+fn add_history(inner: &mut Inner, key_id: Uuid, hour: DateTime<Utc>, model: &str, requests: u64, m: &Metered) {
+    let buckets = inner.history.entry((key_id, hour)).or_default();
+    let at = match buckets.iter().position(|b| b.model == model) {
+        Some(at) => at,
+        None => {
+            buckets.push(UsageBucket {
+                key_id,
+                hour,
+                model: model.to_string(),
+                requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cost_micros: 0,
+            });
+            buckets.len() - 1
+        }
+    };
+    buckets[at].add(requests, m);
 }
 
 /// Counts one metered response: in the key's counters when it belongs to their period, and
