@@ -137,6 +137,12 @@ impl ProcessingInput {
 /// written by the same code (a nested message's length comes before its fields).
 pub(super) trait Out {
     fn put(&mut self, bytes: &[u8]);
+
+    /// The count, when this only counts: a nested message then adds its length without
+    /// going through its fields again.
+    fn count(&mut self) -> Option<&mut usize> {
+        None
+    }
 }
 
 /// Counts what would be written.
@@ -145,6 +151,10 @@ struct Len(usize);
 impl Out for Len {
     fn put(&mut self, bytes: &[u8]) {
         self.0 += bytes.len();
+    }
+
+    fn count(&mut self) -> Option<&mut usize> {
+        Some(&mut self.0)
     }
 }
 
@@ -193,7 +203,10 @@ pub(super) fn message(out: &mut dyn Out, tag: u32, body: &dyn Fn(&mut dyn Out)) 
     body(&mut len);
     key(out, tag, LENGTH_DELIMITED);
     varint(out, len.0 as u64);
-    body(out);
+    match out.count() {
+        Some(count) => *count += len.0,
+        None => body(out),
+    }
 }
 
 /// Text formatted on the stack (numbers, ids), for fields of an answer.
