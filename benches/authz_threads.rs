@@ -28,12 +28,17 @@ fn env_or(name: &str, default: u32) -> u32 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// A port below the ephemeral range, free when asked.
+/// A port below the ephemeral range, free when asked, never the same one twice.
 fn free_port() -> u16 {
-    (20_000..32_000)
-        .map(|p| p + (std::process::id() % 1000) as u16)
-        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 10_000) as u16;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn wait_port(port: u16) {
@@ -119,6 +124,7 @@ fn serve(db: &std::path::Path, threads: u32) -> Server {
         .arg("--database-url")
         .arg(format!("sqlite://{}", db.display()))
         .env("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -204,9 +210,12 @@ fn main() {
         let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["serve", "--authz-addr", &format!("127.0.0.1:{authz}")])
             .args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--log", "warn"])
+            // Seeding writes more keys than one token's default write burst.
+            .args(["--admin-write-burst", "100000", "--admin-writes-per-second", "100000"])
             .arg("--database-url")
             .arg(format!("sqlite://{}", db.display()))
             .env("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER)
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
