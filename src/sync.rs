@@ -42,8 +42,9 @@ struct Wake {
 }
 
 /// Starts following the changes other replicas make, if the store is shared by replicas
-/// (PostgreSQL); both tasks end once `shared` is dropped.
-pub fn spawn(shared: &Arc<Shared>, store: &DynStore) {
+/// (PostgreSQL), from `cursor` (`Store::change_cursor` before the view was loaded); both
+/// tasks end once `shared` is dropped.
+pub fn spawn(shared: &Arc<Shared>, store: &DynStore, cursor: i64) {
     if !store.is_shared() {
         return;
     }
@@ -51,7 +52,7 @@ pub fn spawn(shared: &Arc<Shared>, store: &DynStore) {
     // Dropped when the reader ends, which stops the listener.
     let (alive, gone) = watch::channel(());
     tokio::spawn(listen(Arc::clone(store), Arc::clone(&wake), gone));
-    tokio::spawn(follow(Arc::downgrade(shared), Arc::clone(store), wake, alive));
+    tokio::spawn(follow(Arc::downgrade(shared), Arc::clone(store), cursor, wake, alive));
 }
 
 /// Doubling waits between failed attempts, up to `BACKOFF_MAX`.
@@ -78,7 +79,7 @@ impl Backoff {
 async fn listen(store: DynStore, wake: Arc<Wake>, mut stop: watch::Receiver<()>) {
     let mut backoff = Backoff::new();
     let mut lost = false;
-    // The reader reads everything at start anyway.
+    // The reader starts from the cursor of the view loaded at start.
     let mut first = true;
     loop {
         let connected = tokio::select! {
@@ -125,9 +126,10 @@ async fn listen(store: DynStore, wake: Arc<Wake>, mut stop: watch::Receiver<()>)
 }
 
 /// Reads and applies changes while the server lives.
-async fn follow(shared: Weak<Shared>, store: DynStore, wake: Arc<Wake>, _alive: watch::Sender<()>) {
-    // `None`: read everything (at start, after the listener reconnected, periodically).
-    let mut cursor: Option<i64> = None;
+async fn follow(shared: Weak<Shared>, store: DynStore, start: i64, wake: Arc<Wake>, _alive: watch::Sender<()>) {
+    // `None`: read everything (after the listener reconnected, periodically); the view
+    // loaded at start is everything up to `start`.
+    let mut cursor: Option<i64> = Some(start);
     let mut last_full = Instant::now();
     let mut backoff = Backoff::new();
     let mut failing = false;
@@ -209,7 +211,7 @@ impl Plan {
             let same = view
                 .key_by_id(k.id)
                 .is_some_and(|have| ApiKey { last_used_at: have.last_used_at, ..k.clone() } == **have)
-                && view.secrets_of(k.id) == Some(secrets.as_slice());
+                && view.secrets_of(k.id).as_deref() == Some(secrets.as_slice());
             if !same {
                 plan.keys.push((k, secrets));
             }

@@ -65,7 +65,8 @@ impl StoreError {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub gateways: Vec<Gateway>,
-    /// Live keys with every secret that authenticates them.
+    /// Live keys with every secret that authenticates them (empty from
+    /// [`Store::load_each`], which hands them over one by one instead).
     pub keys: Vec<(ApiKey, Vec<KeySecret>)>,
     pub access_tokens: Vec<StoredToken>,
     pub prices: Vec<(String, Price)>,
@@ -238,6 +239,13 @@ pub trait Store: Send + Sync + 'static {
     async fn changes_since(&self, _cursor: i64) -> Result<Changes, StoreError> {
         Err(StoreError::Unsupported("changes are followed on PostgreSQL only: SQLite serves one replica".into()))
     }
+    /// The cursor to follow changes from (see [`Store::changes_since`]) after a load
+    /// that starts once this returns: that load sees every change committed before, and
+    /// one committed after has a transaction id at or above it (0 where changes are not
+    /// followed).
+    async fn change_cursor(&self) -> Result<i64, StoreError> {
+        Ok(0)
+    }
     /// A dedicated connection that wakes this replica when another commits a change.
     async fn listen_changes(&self) -> Result<Box<dyn ChangeListener>, StoreError> {
         Err(StoreError::Unsupported("changes are followed on PostgreSQL only: SQLite serves one replica".into()))
@@ -250,7 +258,15 @@ pub trait Store: Send + Sync + 'static {
             "backup writes SQLite files; back PostgreSQL up with pg_dump or its replication".into(),
         ))
     }
-    async fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Everything the request path needs, read at start.
+    async fn load(&self) -> Result<Snapshot, StoreError> {
+        let mut keys = Vec::new();
+        let snapshot = self.load_each(&mut |k, secrets| keys.push((k, secrets))).await?;
+        Ok(Snapshot { keys, ..snapshot })
+    }
+    /// The same, but each live key is handed to `each` as storage reads it and
+    /// `Snapshot::keys` stays empty: a million keys are never held twice, nor as rows.
+    async fn load_each(&self, each: &mut (dyn FnMut(ApiKey, Vec<KeySecret>) + Send)) -> Result<Snapshot, StoreError>;
 
     async fn insert_gateway(&self, gateway: &Gateway) -> Result<(), StoreError>;
     /// Replaces a live gateway's settings, found by id.
@@ -261,6 +277,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_gateways(&self) -> Result<Vec<Gateway>, StoreError>;
 
     async fn insert_key(&self, key: &ApiKey, hash: &SecretHash) -> Result<(), StoreError>;
+    /// Inserts many new keys at once (an import, a bench's seed): all or none.
+    async fn insert_keys(&self, keys: &[(ApiKey, SecretHash)]) -> Result<(), StoreError>;
     /// Replaces a live key's mutable fields (name, enabled, limits, expiry).
     /// Changing the reset period carries the current usage into the new period.
     async fn update_key(&self, key: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError>;

@@ -19,7 +19,9 @@ use uuid::Uuid;
 use self::backend::{Backend, Columns, Read};
 use super::sealing::Sealer;
 use super::{Snapshot, StoreError, from_micros};
+use crate::domain::key::ApiKey;
 use crate::domain::secret::SecretHash;
+use crate::domain::view::KeySecret;
 
 pub(crate) fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(Box::new(e))
@@ -120,14 +122,18 @@ fn hash(row: &impl Columns) -> Result<SecretHash, StoreError> {
     SecretHash::from_slice(&b).ok_or_else(|| StoreError::Corrupt("secret_hash: not 32 bytes".into()))
 }
 
-/// Everything the request path needs, read at start.
-pub(crate) async fn load<D: Backend>(pool: &Pool<D>, sealer: &Sealer) -> Result<Snapshot, StoreError> {
+/// Everything the request path needs, read at start, each live key handed to `each`.
+pub(crate) async fn load<D: Backend>(
+    pool: &Pool<D>,
+    sealer: &Sealer,
+    each: &mut (dyn FnMut(ApiKey, Vec<KeySecret>) + Send),
+) -> Result<Snapshot, StoreError> {
     let gateways = gateways::list(pool, sealer).await?;
-    let (keys, mut usage) = keys::load_live(pool).await?;
+    let mut usage = keys::load_live(pool, each).await?;
     usage::load_latest(pool, &mut usage).await?;
     let prices = prices::list(pool).await?;
     let access_tokens = access_tokens::load(pool).await?;
-    Ok(Snapshot { gateways, keys, access_tokens, prices, usage: usage.into_values().collect() })
+    Ok(Snapshot { gateways, keys: Vec::new(), access_tokens, prices, usage: usage.into_values().collect() })
 }
 
 /// `impl Store` for a backend struct with `pool`, `sealer` and a `MIGRATOR` in scope, by
@@ -142,8 +148,11 @@ macro_rules! store_impl {
                 MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Unavailable(Box::new(e)))
             }
 
-            async fn load(&self) -> Result<Snapshot, StoreError> {
-                $crate::store::rows::load(&self.pool, &self.sealer).await
+            async fn load_each(
+                &self,
+                each: &mut (dyn FnMut(ApiKey, Vec<$crate::domain::view::KeySecret>) + Send),
+            ) -> Result<Snapshot, StoreError> {
+                $crate::store::rows::load(&self.pool, &self.sealer, each).await
             }
 
             async fn insert_gateway(&self, g: &Gateway) -> Result<(), StoreError> {
@@ -168,6 +177,10 @@ macro_rules! store_impl {
 
             async fn insert_key(&self, k: &ApiKey, hash: &SecretHash) -> Result<(), StoreError> {
                 $crate::store::rows::keys::insert(&self.pool, k, hash).await
+            }
+
+            async fn insert_keys(&self, keys: &[(ApiKey, SecretHash)]) -> Result<(), StoreError> {
+                $crate::store::rows::keys::insert_many(&self.pool, keys).await
             }
 
             async fn update_key(&self, k: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError> {

@@ -58,28 +58,32 @@ fn secrets(row: &impl Columns) -> Result<Vec<KeySecret>, StoreError> {
 /// Live keys with every secret that authenticates them.
 type LiveKeys = Vec<(ApiKey, Vec<KeySecret>)>;
 
-/// Every live key with its secrets, and the last use and denial of those that have one
-/// (as counters of no period yet: the usage rows fill that in).
-pub(crate) async fn load_live<D: Backend>(pool: &Pool<D>) -> Result<(LiveKeys, HashMap<Uuid, Counters>), StoreError> {
-    let rows = query(format!("SELECT {KEY_COLUMNS}, {KEY_SECRET_COLUMNS} FROM api_keys WHERE deleted_at IS NULL"))
-        .fetch_all(pool)
-        .await
-        .map_err(unavailable)?;
-    let mut keys = Vec::with_capacity(rows.len());
+/// Hands every live key with its secrets to `each` as its row arrives (none kept: a
+/// million keys are never held twice); returns the last use and denial of those that
+/// have one (as counters of no period yet: the usage rows fill that in).
+pub(crate) async fn load_live<D: Backend>(
+    pool: &Pool<D>,
+    each: &mut (dyn FnMut(ApiKey, Vec<KeySecret>) + Send),
+) -> Result<HashMap<Uuid, Counters>, StoreError> {
     let mut usage = HashMap::new();
-    for r in &rows {
-        let key = key_from(r)?;
-        let last_denied_at = opt_time(r, "last_denied_at")?;
-        if key.last_used_at.is_some() || last_denied_at.is_some() {
-            let mut c = Counters::empty(key.id, key.limits.reset_period, DateTime::UNIX_EPOCH);
-            c.last_used_at = key.last_used_at;
-            c.last_denied_at = last_denied_at;
-            c.last_deny_reason = get(r, "last_deny_reason")?;
-            usage.insert(key.id, c);
-        }
-        keys.push((key, secrets(r)?));
-    }
-    Ok((keys, usage))
+    query(format!("SELECT {KEY_COLUMNS}, {KEY_SECRET_COLUMNS} FROM api_keys WHERE deleted_at IS NULL"))
+        .for_each(pool, |r: D::Row| {
+            let key = key_from(&r)?;
+            let last_denied_at = opt_time(&r, "last_denied_at")?;
+            if key.last_used_at.is_some() || last_denied_at.is_some() {
+                let mut c = Counters::empty(key.id, key.limits.reset_period, DateTime::UNIX_EPOCH);
+                c.last_used_at = key.last_used_at;
+                c.last_denied_at = last_denied_at;
+                c.last_deny_reason = get(&r, "last_deny_reason")?;
+                usage.insert(key.id, c);
+            }
+            let secrets = secrets(&r)?;
+            each(key, secrets);
+            Ok(())
+        })
+        .await
+        .map_err(unavailable)??;
+    Ok(usage)
 }
 
 pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, k: &ApiKey, hash: &SecretHash) -> Result<(), StoreError> {
@@ -104,6 +108,61 @@ pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, k: &ApiKey, hash: &Secret
     .await
     .map_err(write_err("a key with this name in the gateway"))?;
     Ok(())
+}
+
+/// Keys inserted per statement: 14 bound values each, below what SQLite (32,766) and
+/// PostgreSQL (65,535) accept in one statement.
+const KEYS_PER_INSERT: usize = 1_000;
+
+/// Inserts many new keys (an import, a bench's seed) in one transaction, a thousand rows
+/// per statement; none is inserted if one fails.
+pub(crate) async fn insert_many<D: Backend>(pool: &Pool<D>, keys: &[(ApiKey, SecretHash)]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    for chunk in keys.chunks(KEYS_PER_INSERT) {
+        let mut stmt =
+            query(format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES {}", placeholders::<D>(chunk.len(), 14)));
+        for (k, hash) in chunk {
+            stmt = stmt
+                .bind(k.id.to_string())
+                .bind(k.gateway_id.to_string())
+                .bind(&k.name)
+                .bind(&hash.0[..])
+                .bind(&k.prefix)
+                .bind(k.enabled)
+                .bind(k.legacy)
+                .bind(k.limits.cost_limit_micros)
+                .bind(k.limits.token_limit.map(|t| t as i64))
+                .bind(k.limits.requests_per_minute.map(i64::from))
+                .bind(k.limits.reset_period.as_str())
+                .bind(to_micros(k.created_at))
+                .bind(k.expires_at.map(to_micros))
+                .bind(k.last_used_at.map(to_micros));
+        }
+        stmt.execute(&mut tx).await.map_err(write_err("a key with this name in the gateway"))?;
+    }
+    tx.commit().await.map_err(unavailable)
+}
+
+/// `rows` tuples of `columns` parameters: `$1`, `$2`, ... for PostgreSQL, `?` for SQLite
+/// (which looks numbered parameters up by a linear search).
+fn placeholders<D: Backend>(rows: usize, columns: usize) -> String {
+    let numbered = D::NAME != "SQLite";
+    let mut sql = String::with_capacity(rows * columns * 6);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..columns {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            if numbered {
+                sql.push_str(&format!("${}", r * columns + c + 1));
+            } else {
+                sql.push('?');
+            }
+        }
+        sql.push(')');
+    }
+    sql
 }
 
 /// Replaces a live key's mutable fields (name, enabled, limits, expiry).
