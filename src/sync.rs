@@ -142,7 +142,11 @@ async fn follow(shared: Weak<Shared>, store: DynStore, start: i64, wake: Arc<Wak
             // No admin write of this replica between reading and applying: a change read
             // before that write committed is never applied over it.
             let _writes = shared.writes.lock().await;
-            match store.changes_since(cursor.unwrap_or(0)).await {
+            // Keys unchanged in the view are dropped as they are read (reading from 0
+            // reads every key).
+            let mut changed =
+                |k: &ApiKey, secrets: &[KeySecret]| shared.view().is_ok_and(|v| !unchanged(&v, k, secrets));
+            match store.changes_since_keeping(cursor.unwrap_or(0), &mut changed).await {
                 Ok(changes) => {
                     let (next, version) = (changes.next, changes.version);
                     apply(&shared, changes).map(|applied| (next, version, applied))
@@ -207,12 +211,7 @@ impl Plan {
             }
         }
         for (k, secrets) in c.keys.drain(..) {
-            // Last use is written by the usage flush without a new version: not a change.
-            let same = view
-                .key_by_id(k.id)
-                .is_some_and(|have| ApiKey { last_used_at: have.last_used_at, ..k.clone() } == **have)
-                && view.secrets_of(k.id).as_deref() == Some(secrets.as_slice());
-            if !same {
+            if !unchanged(view, &k, &secrets) {
                 plan.keys.push((k, secrets));
             }
         }
@@ -223,6 +222,19 @@ impl Plan {
     fn len(&self) -> usize {
         self.gateways.len() + self.removed_gateways.len() + self.keys.len() + self.removed_keys.len()
     }
+}
+
+/// Whether the view has this key as read, with these secrets. Last use is written by the
+/// usage flush without a new version: not a change.
+fn unchanged(view: &View, k: &ApiKey, secrets: &[KeySecret]) -> bool {
+    let Some(have) = view.key_by_id(k.id) else { return false };
+    // Every field named, so that a new one is compared too.
+    let ApiKey { id, gateway_id, name, prefix, enabled, legacy, limits, created_at, expires_at, last_used_at: _ } = k;
+    let same = (*id, *gateway_id, *enabled, *legacy, *limits, *created_at, *expires_at)
+        == (have.id, have.gateway_id, have.enabled, have.legacy, have.limits, have.created_at, have.expires_at)
+        && *name == have.name
+        && *prefix == have.prefix;
+    same && view.secrets_of(k.id).as_deref() == Some(secrets)
 }
 
 /// Applies what differs; returns how many things changed here.

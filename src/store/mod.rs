@@ -105,6 +105,9 @@ impl Changes {
     }
 }
 
+/// Which live keys a read of changes keeps (see [`Store::changes_since_keeping`]).
+pub type KeepKey<'a> = dyn for<'k> FnMut(&'k ApiKey, &'k [KeySecret]) -> bool + Send + 'a;
+
 /// Wakes a replica when another one commits a change (PostgreSQL `LISTEN`). A wake-up
 /// carries no data: the changes are read with [`Store::changes_since`].
 #[async_trait]
@@ -236,7 +239,12 @@ pub trait Store: Send + Sync + 'static {
     /// Everything that changed since `cursor` (0: every row ever, deleted ones as
     /// removals), and the cursor to ask from next time. The same change may come twice:
     /// applying it must be idempotent.
-    async fn changes_since(&self, _cursor: i64) -> Result<Changes, StoreError> {
+    async fn changes_since(&self, cursor: i64) -> Result<Changes, StoreError> {
+        self.changes_since_keeping(cursor, &mut |_, _| true).await
+    }
+    /// The same, with only the live keys `keep` wants (the others are dropped as they are
+    /// read: following from 0 reads every key, and keeps only what differs from the view).
+    async fn changes_since_keeping(&self, _cursor: i64, _keep: &mut KeepKey<'_>) -> Result<Changes, StoreError> {
         Err(StoreError::Unsupported("changes are followed on PostgreSQL only: SQLite serves one replica".into()))
     }
     /// The cursor to follow changes from (see [`Store::changes_since`]) after a load

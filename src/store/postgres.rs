@@ -122,7 +122,7 @@ super::rows::store_impl!(PostgresStore, {
     /// the snapshot missed (running or not yet started) has an id at or above it. A change
     /// can thus be read twice (the margin between the two), never missed; a long
     /// transaction anywhere on the server holds the cursor back and widens that margin.
-    async fn changes_since(&self, cursor: i64) -> Result<Changes, StoreError> {
+    async fn changes_since_keeping(&self, cursor: i64, keep: &mut super::KeepKey<'_>) -> Result<Changes, StoreError> {
         use super::rows::{access_tokens, gateways, keys, prices};
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -131,7 +131,7 @@ super::rows::store_impl!(PostgresStore, {
             .map_err(unavailable)?;
         let next: i64 = sqlx::query_scalar(XMIN).fetch_one(&mut *tx).await.map_err(unavailable)?;
         let (gateways, removed_gateways, v1) = gateways::changed_since(&mut tx, &self.sealer, cursor).await?;
-        let (keys, removed_keys, v2) = keys::changed_since(&mut tx, cursor).await?;
+        let (keys, removed_keys, v2) = keys::changed_since(&mut tx, cursor, keep).await?;
         let (prices, removed_prices, v3) = prices::changed_since(&mut tx, cursor).await?;
         let (access_tokens, v4) = access_tokens::changed_since(&mut tx, cursor).await?;
         tx.rollback().await.map_err(unavailable)?;

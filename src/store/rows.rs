@@ -110,11 +110,30 @@ fn split_changes<R: Columns, T>(
 ) -> Result<(Vec<T>, Vec<Uuid>, i64), StoreError> {
     let (mut live, mut removed, mut max) = (Vec::new(), Vec::new(), 0);
     for r in rows {
-        max = max.max(version(r)?);
-        let deleted_at: Option<i64> = get(r, "deleted_at")?;
-        if deleted_at.is_some() { removed.push(uuid(r, "id")?) } else { live.push(decode(r)?) }
+        let (v, row) = split_row(r, &decode)?;
+        max = max.max(v);
+        match row {
+            Changed::Live(t) => live.push(t),
+            Changed::Removed(id) => removed.push(id),
+        }
     }
     Ok((live, removed, max))
+}
+
+/// A changed row of a soft-deleted table.
+enum Changed<T> {
+    Live(T),
+    Removed(Uuid),
+}
+
+/// One changed row: its change version, and the row decoded or the id of a deleted one.
+fn split_row<R: Columns, T>(
+    r: &R,
+    decode: impl Fn(&R) -> Result<T, StoreError>,
+) -> Result<(i64, Changed<T>), StoreError> {
+    let deleted_at: Option<i64> = get(r, "deleted_at")?;
+    let row = if deleted_at.is_some() { Changed::Removed(uuid(r, "id")?) } else { Changed::Live(decode(r)?) };
+    Ok((version(r)?, row))
 }
 
 fn hash(row: &impl Columns) -> Result<SecretHash, StoreError> {

@@ -8,7 +8,9 @@ use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use super::backend::{Backend, Columns, query};
-use super::{Params, contains_pattern, found, get, hash, opt_time, split_changes, time, unavailable, uuid, write_err};
+use super::{
+    Changed, Params, contains_pattern, found, get, hash, opt_time, split_row, time, unavailable, uuid, write_err,
+};
 use crate::domain::budget::Counters;
 use crate::domain::key::{ApiKey, KeyStatus, Limits, ResetPeriod};
 use crate::domain::period;
@@ -333,18 +335,33 @@ pub(crate) async fn rotate<D: Backend>(
 }
 
 /// Keys written by transactions from `since` on (PostgreSQL, see
-/// `PostgresStore::changes_since`): live ones with all their secrets, the ids of deleted
-/// ones, the highest version.
+/// `PostgresStore::changes_since`): the live ones `keep` wants, with all their secrets
+/// (the others dropped as they are read: a full read of a million keys keeps only what
+/// differs from the view), the ids of deleted ones, the highest version.
 pub(crate) async fn changed_since<D: Backend>(
     tx: &mut Transaction<'_, D>,
     since: i64,
+    keep: &mut crate::store::KeepKey<'_>,
 ) -> Result<(LiveKeys, Vec<Uuid>, i64), StoreError> {
-    let rows = query(format!(
+    let (mut live, mut removed, mut max) = (Vec::new(), Vec::new(), 0);
+    query(format!(
         "SELECT {KEY_COLUMNS}, {KEY_SECRET_COLUMNS}, deleted_at, version FROM api_keys WHERE txid >= $1 ORDER BY version"
     ))
     .bind(since)
-    .fetch_all(tx)
+    .for_each(tx, |r: D::Row| {
+        let (v, row) = split_row(&r, |r| Ok((key_from(r)?, secrets(r)?)))?;
+        max = max.max(v);
+        match row {
+            Changed::Live((k, secrets)) => {
+                if keep(&k, &secrets) {
+                    live.push((k, secrets));
+                }
+            }
+            Changed::Removed(id) => removed.push(id),
+        }
+        Ok::<_, StoreError>(())
+    })
     .await
-    .map_err(unavailable)?;
-    split_changes(&rows, |r| Ok((key_from(r)?, secrets(r)?)))
+    .map_err(unavailable)??;
+    Ok((live, removed, max))
 }
