@@ -12,7 +12,7 @@
 //!
 //! Run: `cargo bench --bench million` (N = `MILLION_KEYS`, default 1000000; backends =
 //! `MILLION_BACKENDS`, default `sqlite,postgres`; `MILLION_CHECK=0` skips the Check
-//! rounds). Seeding a million keys takes about a minute per backend.
+//! rounds; `MILLION_USED=1` gives every key a last use, as keys in service have). Seeding a million keys takes about a minute per backend.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -75,8 +75,8 @@ fn secret(run: &str, i: usize) -> Secret {
 }
 
 /// N keys (with all three limits) spread over gateways of `KEYS_PER_GATEWAY`, seeded
-/// through the store; the gateways' names.
-async fn seed(url: &str, n: usize) -> Vec<String> {
+/// through the store, each with a last use if `used`; the gateways' names.
+async fn seed(url: &str, n: usize, used: bool) -> Vec<String> {
     let s = store::open(url, Sealer::default()).await.unwrap();
     s.migrate().await.unwrap();
     let run = Uuid::now_v7().simple().to_string();
@@ -90,7 +90,11 @@ async fn seed(url: &str, n: usize) -> Vec<String> {
         let g = &gateways[i / KEYS_PER_GATEWAY];
         let sec = secret(&run, i);
         let kind = NewKey::Managed { limits: limits(), expires_at: None };
-        batch.push((ApiKey::new(g.id, &format!("key-{i}"), sec.expose(), kind, Utc::now()), sec.hash()));
+        let mut k = ApiKey::new(g.id, &format!("key-{i}"), sec.expose(), kind, Utc::now());
+        if used {
+            k.last_used_at = Some(Utc::now());
+        }
+        batch.push((k, sec.hash()));
         if batch.len() == SEED_BATCH || i + 1 == n {
             s.insert_keys(&batch).await.unwrap();
             batch.clear();
@@ -298,6 +302,12 @@ async fn postgres_database() -> Option<(String, String, String)> {
     Some((admin, name, url))
 }
 
+async fn analyze(url: &str) {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query("ANALYZE").execute(&mut c).await.unwrap();
+}
+
 async fn drop_postgres(admin: &str, name: &str) {
     use sqlx::Connection;
     if let Ok(mut c) = sqlx::PgConnection::connect(admin).await {
@@ -305,8 +315,9 @@ async fn drop_postgres(admin: &str, name: &str) {
     }
 }
 
-fn report(backend: &str, n: usize, s: &Started) {
-    println!("{backend}, {n} keys with all three limits:");
+fn report(backend: &str, n: usize, used: bool, s: &Started) {
+    let used = if used { ", each used before" } else { "" };
+    println!("{backend}, {n} keys with all three limits{used}:");
     println!("  SERVING after          {:>8.2} s", s.ready.as_secs_f64());
     println!("  RSS at SERVING         {:>8.0} MB", s.rss);
     println!("  peak RSS (VmHWM)       {:>8.0} MB", s.peak);
@@ -321,20 +332,33 @@ fn report(backend: &str, n: usize, s: &Started) {
 async fn main() {
     let n: usize = std::env::var("MILLION_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let backends = std::env::var("MILLION_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
+    let used = std::env::var("MILLION_USED").is_ok_and(|v| v == "1");
     for backend in backends.split(',').map(str::trim) {
-        let dir = tempfile::tempdir().unwrap();
+        // `MILLION_KEEP=1`: the seeded SQLite file and the server's log stay, for a profile.
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, _tmp) = match std::env::var("MILLION_KEEP").is_ok_and(|v| v == "1") {
+            true => (tmp.keep(), None),
+            false => (tmp.path().to_path_buf(), Some(tmp)),
+        };
+        if _tmp.is_none() {
+            println!("keeping {}", dir.display());
+        }
+        let dir = dir.as_path();
         match backend {
             "sqlite" => {
-                let url = format!("sqlite://{}", dir.path().join("million.db").display());
-                let gateways = seed(&url, n).await;
-                report("SQLite", n, &serve(&url, &gateways, dir.path()).await);
+                let url = format!("sqlite://{}", dir.join("million.db").display());
+                let gateways = seed(&url, n, used).await;
+                report("SQLite", n, used, &serve(&url, &gateways, dir).await);
             }
             "postgres" => {
                 let Some((admin, name, url)) = postgres_database().await else { continue };
-                let gateways = seed(&url, n).await;
-                let started = serve(&url, &gateways, dir.path()).await;
+                let gateways = seed(&url, n, used).await;
+                // What autovacuum does within a minute of a bulk load: the planner needs the
+                // table's statistics to read a gateway's keys from their index.
+                analyze(&url).await;
+                let started = serve(&url, &gateways, dir).await;
                 drop_postgres(&admin, &name).await;
-                report("PostgreSQL", n, &started);
+                report("PostgreSQL", n, used, &started);
             }
             other => println!("unknown backend '{other}' in MILLION_BACKENDS (sqlite, postgres)"),
         }

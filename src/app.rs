@@ -151,8 +151,10 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     // Following other replicas' changes starts from before the load, not from scratch
     // (which would read every key again at once).
     let cursor = store.change_cursor().await.context("reading the change cursor")?;
-    // Keys go into the view as storage reads them: never all held twice.
+    // Keys go into the view as storage reads them: never all held twice, and its tables
+    // sized once (growing them re-reads every key).
     let mut view = View::default();
+    view.reserve_keys(usize::try_from(store.count_keys().await.context("counting keys")?).unwrap_or(0));
     let snapshot = store
         .load_each(&mut |k, secrets| view.upsert_key(k, secrets))
         .await

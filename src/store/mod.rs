@@ -292,6 +292,8 @@ pub trait Store: Send + Sync + 'static {
     async fn update_key(&self, key: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn delete_key(&self, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError>;
+    /// How many live keys there are (to size the view before a load).
+    async fn count_keys(&self) -> Result<u64, StoreError>;
     /// Live keys of a gateway as `q` asks, each with the cursor that starts the page after it.
     async fn search_keys(&self, q: &KeyQuery) -> Result<Vec<(ApiKey, KeyCursor)>, StoreError>;
 

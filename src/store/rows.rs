@@ -210,6 +210,10 @@ macro_rules! store_impl {
                 $crate::store::rows::keys::delete(&self.pool, id, now).await
             }
 
+            async fn count_keys(&self) -> Result<u64, StoreError> {
+                $crate::store::rows::keys::count(&self.pool).await
+            }
+
             async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError> {
                 $crate::store::rows::keys::find(&self.pool, id).await
             }

@@ -227,6 +227,17 @@ pub(crate) async fn delete<D: Backend>(pool: &Pool<D>, id: Uuid, now: DateTime<U
     found(done)
 }
 
+/// How many live keys there are.
+pub(crate) async fn count<D: Backend>(pool: &Pool<D>) -> Result<u64, StoreError> {
+    let row = query("SELECT COUNT(*) AS n FROM api_keys WHERE deleted_at IS NULL")
+        .fetch_optional(pool)
+        .await
+        .map_err(unavailable)?
+        .ok_or(StoreError::NotFound)?;
+    let n: i64 = get(&row, "n")?;
+    Ok(n.max(0) as u64)
+}
+
 /// The live key with this id.
 pub(crate) async fn find<D: Backend>(pool: &Pool<D>, id: Uuid) -> Result<Option<ApiKey>, StoreError> {
     let row = query(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 AND deleted_at IS NULL"))
