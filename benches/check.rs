@@ -12,7 +12,7 @@ use chrono::Utc;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::google::rpc;
-use portcullis::authz::AuthzService;
+use portcullis::authz::{AuthzService, CheckInput};
 use portcullis::domain::check::Limiters;
 use portcullis::domain::clock::SystemClock;
 use portcullis::domain::counters::now_or_never;
@@ -143,7 +143,7 @@ fn main() {
         resp.encode_to_vec().len()
     });
     let run = |bytes: &[u8]| {
-        let req = CheckRequest::decode(bytes).unwrap();
+        let req = CheckInput::decode(bytes).unwrap();
         now_or_never(svc.decide(&req)).expect("in-process counters answer at once").encode_to_vec().len()
     };
     let allow = measure("portcullis: allow, no limits", || run(&without));

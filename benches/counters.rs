@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use portcullis::authz::AuthzService;
+use portcullis::authz::{AuthzService, CheckInput};
 use portcullis::domain::budget::Meters;
 use portcullis::domain::check::Limiters;
 use portcullis::domain::clock::SystemClock;
@@ -100,9 +99,9 @@ async fn run(svc: Arc<AuthzService>, requests: Arc<Vec<Vec<u8>>>, redis: Option<
             set.spawn(async move {
                 for i in 0..n / IN_FLIGHT {
                     let bytes = &requests[(worker * 31 + i) % requests.len()];
-                    let req = CheckRequest::decode(bytes.as_slice()).unwrap();
+                    let req = CheckInput::decode(bytes.as_slice()).unwrap();
                     let resp = svc.decide(&req).await;
-                    assert!(matches!(resp.http_response, Some(HttpResponse::OkResponse(_))), "admitted");
+                    assert!(resp.is_allow(), "admitted");
                     std::hint::black_box(resp.encode_to_vec());
                 }
             });

@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request as AttrRequest};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, OkHttpResponse};
-use portcullis::authz::AuthzService;
+use portcullis::authz::{AuthzService, CheckInput};
 use portcullis::domain::asked::Asked;
 use portcullis::domain::budget::Hold;
 use portcullis::domain::check::Limiters;
@@ -387,7 +387,7 @@ proptest! {
     fn check_never_allows_without_a_key_and_never_leaks_one(r in req()) {
         let w = world();
         let (request, headers, path) = check_request(&r, w);
-        let response = now_or_never(w.service.decide(&request)).expect("in-process counters answer at once");
+        let response = now_or_never(w.service.decide(&CheckInput::of(&request))).expect("in-process counters answer at once").to_response();
         let Some(HttpResponse::OkResponse(ok)) = &response.http_response else { return Ok(()) };
         let everything = format!("{headers:?}{path}");
         let key_id = response.dynamic_metadata.as_ref().and_then(|m| m.fields.get("key_id")).and_then(|v| match &v.kind {

@@ -6,27 +6,37 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use envoy_types::pb::envoy::config::core::v3::HeaderMap;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
-use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, Metadata};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Reply;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyResponse, CommonResponse, HeadersResponse, ProcessingRequest, ProcessingResponse, TrailersResponse,
+    BodyResponse, CommonResponse, HeadersResponse, ProcessingResponse, TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::value::Kind;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use prost::Message;
+use tokio_stream::Stream;
+use tonic::body::Body;
+use tonic::codegen::Body as RequestBody;
+use tonic::codegen::{BoxFuture, StdError, http};
+use tonic::server::{Grpc, StreamingService};
+use tonic::{Status, Streaming};
 use uuid::Uuid;
+
+use super::wire::{Method, Part, ProcessingInput, Server};
 
 use crate::domain::budget::Ticket;
 use crate::domain::counters::now_or_never;
 use crate::domain::estimate::ContentEstimate;
 use crate::domain::metering::{self, Observed, Settled};
 use crate::domain::usage::UsageParser;
-use crate::state::Shared;
+use crate::state::{MeteringGuard, Shared};
 
-pub use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+/// An attach to shared counters, awaited before the stream reads on.
+type Attaching = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 const AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 
@@ -105,10 +115,12 @@ fn continue_() -> Option<CommonResponse> {
 
 impl Exchange {
     /// Takes one message; returns the reply Envoy waits for (blocking mode).
-    fn on_message(&mut self, m: ProcessingRequest) -> Reply {
+    fn on_message(&mut self, m: ProcessingInput) -> Reply {
         self.seen = true;
         if self.key_id.is_none()
-            && let Some(md) = m.metadata_context.as_ref().and_then(|c| c.filter_metadata.get(AUTHZ_NAMESPACE))
+            && !m.metadata_context.is_empty()
+            && let Ok(mut metadata) = Metadata::decode(m.metadata_context)
+            && let Some(md) = metadata.filter_metadata.remove(AUTHZ_NAMESPACE)
         {
             let text = |k: &str| match md.fields.get(k).and_then(|v| v.kind.as_ref()) {
                 Some(Kind::StringValue(s)) => Some(s.clone()),
@@ -117,8 +129,8 @@ impl Exchange {
             self.key_id = text("key_id").and_then(|s| Uuid::parse_str(&s).ok());
             self.reservation = text("reservation").and_then(|s| Ticket::decode(&s));
         }
-        match m.request {
-            Some(Msg::ResponseHeaders(h)) => {
+        match m.part {
+            Some(Part::ResponseHeaders(h)) => {
                 let content_type = header(&h.headers, "content-type").unwrap_or_default();
                 self.status = header(&h.headers, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
                 self.parser = Some(UsageParser::new(&content_type));
@@ -129,7 +141,7 @@ impl Exchange {
                 self.done |= h.end_of_stream;
                 Reply::ResponseHeaders(HeadersResponse { response: continue_() })
             }
-            Some(Msg::ResponseBody(b)) => {
+            Some(Part::ResponseBody(b)) => {
                 // Without the headers (Envoy not sending them), the body tells its kind.
                 if self.content_encoding.is_none() {
                     self.parser.get_or_insert_with(|| UsageParser::new("")).feed(&b.body);
@@ -138,10 +150,10 @@ impl Exchange {
                 self.done |= b.end_of_stream;
                 Reply::ResponseBody(BodyResponse { response: continue_() })
             }
-            Some(Msg::RequestHeaders(_)) => Reply::RequestHeaders(HeadersResponse { response: continue_() }),
-            Some(Msg::RequestBody(_)) => Reply::RequestBody(BodyResponse { response: continue_() }),
-            Some(Msg::RequestTrailers(_)) => Reply::RequestTrailers(TrailersResponse::default()),
-            Some(Msg::ResponseTrailers(_)) | None => {
+            Some(Part::RequestHeaders(_)) => Reply::RequestHeaders(HeadersResponse { response: continue_() }),
+            Some(Part::RequestBody(_)) => Reply::RequestBody(BodyResponse { response: continue_() }),
+            Some(Part::RequestTrailers(_)) => Reply::RequestTrailers(TrailersResponse::default()),
+            Some(Part::ResponseTrailers(_)) | None => {
                 self.done = true;
                 Reply::ResponseTrailers(TrailersResponse::default())
             }
@@ -149,17 +161,22 @@ impl Exchange {
     }
 
     /// Once the metadata names a reservation: from now on the end of this stream settles
-    /// it, however long the response takes (the sweep leaves it alone).
-    async fn attach(&mut self, shared: &Shared) {
+    /// it, however long the response takes (the sweep leaves it alone). In-process
+    /// counters attach at once; shared ones return what to wait for before the stream
+    /// reads on (so a settle never overtakes its attach).
+    fn attach(&mut self, shared: &Arc<Shared>) -> Option<Attaching> {
         if self.attached {
-            return;
+            return None;
         }
-        if let Some(key_id) = self.key_id {
-            self.attached = true;
-            if let Some(ticket) = self.reservation {
-                shared.limiters.counters.attach(key_id, ticket, shared.clock.read()).await;
-            }
-        }
+        let key_id = self.key_id?;
+        self.attached = true;
+        let ticket = self.reservation?;
+        let now = shared.clock.read();
+        // A lazy future does nothing until polled: dropping the one that is not ready
+        // and asking again from a future that owns `shared` attaches once.
+        shared.limiters.counters.attach(key_id, ticket, now).into_ready().err()?;
+        let shared = Arc::clone(shared);
+        Some(Box::pin(async move { shared.limiters.counters.attach(key_id, ticket, now).await }))
     }
 
     /// Records the response (once), whatever it reported; a cut stream still counts.
@@ -202,86 +219,135 @@ impl Exchange {
     }
 }
 
-/// Records its exchange at the end of the stream, and also when the task is cancelled
-/// (the runtime shutting down) or panics (on drop), so an attached reservation is always
-/// settled.
-struct Metering {
+/// Records the exchange now when the counters answer at once (in process), else from a
+/// task on this runtime (shared counters), counted until it has recorded.
+fn record(exchange: Exchange, shared: &Arc<Shared>) {
+    let owned = Arc::clone(shared);
+    let mut settling = Box::pin(async move { exchange.finish(&owned).await });
+    if now_or_never(settling.as_mut()).is_none()
+        && let Ok(runtime) = tokio::runtime::Handle::try_current()
+    {
+        let guard = shared.metering_started();
+        runtime.spawn(async move {
+            settling.await;
+            drop(guard);
+        });
+    }
+}
+
+/// One response's metering stream: reads Envoy's messages as they come (answering each
+/// in blocking mode, nothing in observability mode) and records the exchange when the
+/// stream ends, or when it is dropped (Envoy resetting it, the runtime shutting down).
+pub struct MeterStream {
+    inbound: Streaming<ProcessingInput>,
     exchange: Option<Exchange>,
     shared: Arc<Shared>,
+    /// An attach to the shared counters that must finish before reading on.
+    attaching: Option<Attaching>,
+    /// A reply held while attaching.
+    reply: Option<ProcessingResponse>,
+    /// Counts the stream as in flight until it has recorded (graceful shutdown waits).
+    _guard: MeteringGuard,
 }
 
-impl Metering {
-    async fn finish(mut self) {
+impl MeterStream {
+    fn end(&mut self) -> Poll<Option<Result<ProcessingResponse, Status>>> {
         if let Some(exchange) = self.exchange.take() {
-            exchange.finish(&self.shared).await;
+            record(exchange, &self.shared);
         }
+        Poll::Ready(None)
     }
 }
 
-impl Drop for Metering {
+impl Drop for MeterStream {
     fn drop(&mut self) {
-        let Some(exchange) = self.exchange.take() else { return };
-        let shared = Arc::clone(&self.shared);
-        // In-process counters settle at once; shared ones need a task (when a runtime is
-        // still there to run it).
-        let mut settling = Box::pin(async move { exchange.finish(&shared).await });
-        if now_or_never(settling.as_mut()).is_none()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let guard = self.shared.metering_started();
-            runtime.spawn(async move {
-                settling.await;
-                drop(guard);
-            });
+        if let Some(exchange) = self.exchange.take() {
+            record(exchange, &self.shared);
         }
     }
 }
 
-#[tonic::async_trait]
-impl ExternalProcessor for MeterService {
-    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+impl Stream for MeterStream {
+    type Item = Result<ProcessingResponse, Status>;
 
-    async fn process(
-        &self,
-        request: Request<Streaming<ProcessingRequest>>,
-    ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(8);
-        let shared = Arc::clone(&self.shared);
-        let guard = shared.metering_started();
-        tokio::spawn(async move {
-            let _guard = guard;
-            // Recorded before the guard goes, however this task ends.
-            let mut metering = Metering { exchange: Some(Exchange::default()), shared };
-            let Metering { exchange: Some(exchange), shared } = &mut metering else { return };
-            // Envoy closing the stream early (a cut response) ends the loop too.
-            while let Ok(Some(m)) = inbound.message().await {
-                // In observability mode Envoy ignores replies; otherwise it waits for each.
-                let observe_only = m.observability_mode;
-                let reply = exchange.on_message(m);
-                exchange.attach(shared).await;
-                if !observe_only {
-                    let resp = ProcessingResponse { response: Some(reply), ..Default::default() };
-                    if tx.send(Ok(resp)).await.is_err() {
-                        break;
-                    }
-                }
-                if exchange.done {
-                    break;
-                }
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(attaching) = this.attaching.as_mut() {
+                ready!(attaching.as_mut().poll(cx));
+                this.attaching = None;
             }
-            metering.finish().await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            if let Some(reply) = this.reply.take() {
+                return Poll::Ready(Some(Ok(reply)));
+            }
+            let Some(exchange) = this.exchange.as_mut() else { return Poll::Ready(None) };
+            if exchange.done {
+                return this.end();
+            }
+            // Envoy closing the stream early (a cut response) ends it too.
+            let Some(Ok(m)) = ready!(Pin::new(&mut this.inbound).poll_next(cx)) else { return this.end() };
+            // In observability mode Envoy ignores replies; otherwise it waits for each.
+            let observe_only = m.observability_mode;
+            let reply = exchange.on_message(m);
+            this.attaching = exchange.attach(&this.shared);
+            if !observe_only {
+                this.reply = Some(ProcessingResponse { response: Some(reply), ..Default::default() });
+            }
+        }
     }
 }
+
+impl MeterService {
+    fn stream(&self, inbound: Streaming<ProcessingInput>) -> MeterStream {
+        MeterStream {
+            inbound,
+            exchange: Some(Exchange::default()),
+            shared: Arc::clone(&self.shared),
+            attaching: None,
+            reply: None,
+            _guard: self.shared.metering_started(),
+        }
+    }
+}
+
+struct Process(Arc<MeterService>);
+
+impl StreamingService<ProcessingInput> for Process {
+    type Response = ProcessingResponse;
+    type ResponseStream = MeterStream;
+    type Future = std::future::Ready<Result<tonic::Response<MeterStream>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<Streaming<ProcessingInput>>) -> Self::Future {
+        std::future::ready(Ok(tonic::Response::new(self.0.stream(request.into_inner()))))
+    }
+}
+
+impl Method for MeterService {
+    const SERVICE: &'static str = "envoy.service.ext_proc.v3.ExternalProcessor";
+    const PATH: &'static str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
+
+    fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Body>, Infallible>
+    where
+        B: RequestBody + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        Box::pin(async move {
+            let mut grpc = Grpc::new(tonic_prost::ProstCodec::<ProcessingResponse, ProcessingInput>::default());
+            Ok(grpc.streaming(Process(self), request).await)
+        })
+    }
+}
+
+/// `envoy.service.ext_proc.v3.ExternalProcessor`.
+pub type ExternalProcessorServer = Server<MeterService>;
 
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
 
-    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, Metadata};
-    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders};
+    use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
     use envoy_types::pb::google::protobuf::{Struct, Value};
 
     use super::*;
@@ -311,8 +377,8 @@ mod tests {
         Msg::ResponseBody(HttpBody { body: b.as_bytes().to_vec(), end_of_stream, ..Default::default() })
     }
 
-    fn msg(request: Msg, md: Option<Metadata>) -> ProcessingRequest {
-        ProcessingRequest { request: Some(request), metadata_context: md, ..Default::default() }
+    fn msg(request: Msg, md: Option<Metadata>) -> ProcessingInput {
+        ProcessingInput::of(&ProcessingRequest { request: Some(request), metadata_context: md, ..Default::default() })
     }
 
     #[test]

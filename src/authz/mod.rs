@@ -2,8 +2,10 @@
 
 mod meter;
 mod response;
+mod wire;
 
 pub use meter::{ExternalProcessorServer, MeterService};
+pub use wire::{Answer, AuthorizationServer, CheckInput};
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -11,15 +13,10 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
-use tonic::{Request, Response, Status};
 
 use crate::domain::check::{self, Decision, Denial, Step};
 use crate::domain::request::RequestParts;
 use crate::state::Shared;
-
-pub use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 
 pub struct AuthzService {
     shared: Arc<Shared>,
@@ -33,7 +30,7 @@ impl AuthzService {
     /// Decides one CheckRequest. Never fails: faults become a 503 denial. Its span (at
     /// debug level, free when off) names the gateway, the key and the decision.
     #[tracing::instrument(level = "debug", name = "check", skip_all, fields(gateway, key_id, decision))]
-    pub async fn decide(&self, req: &CheckRequest) -> CheckResponse {
+    pub async fn decide(&self, req: &CheckInput) -> Answer {
         let attrs = req.attributes.as_ref();
         let gateway = attrs.and_then(|a| a.context_extensions.get("gateway")).map(String::as_str);
         let span = tracing::Span::current();
@@ -53,8 +50,8 @@ impl AuthzService {
             None => (&empty, ""),
         };
         let body = match http {
-            Some(h) if !h.raw_body.is_empty() => h.raw_body.as_slice(),
-            Some(h) => h.body.as_bytes(),
+            Some(h) if !h.raw_body.is_empty() => &h.raw_body[..],
+            Some(h) => &h.body[..],
             None => &[],
         };
         let parts = RequestParts { gateway, headers, path, body };
@@ -67,7 +64,7 @@ impl AuthzService {
             Err(e) => {
                 tracing::error!(error = %e, "check denied: internal error");
                 self.shared.metrics.internal_error();
-                return response::internal_error();
+                return Answer::Other(response::internal_error());
             }
         };
         // The view's lock is not held while the counters decide (they may be remote).
@@ -87,7 +84,7 @@ impl AuthzService {
         }
         self.shared.metrics.check(&decision);
         log_decision(&decision);
-        response::from_decision(&decision, now)
+        response::from_decision(decision, now)
     }
 }
 
@@ -137,15 +134,6 @@ fn log_decision(decision: &Decision) {
             Some(id) => tracing::info!(reason = %reason, key_id = %id, "denied: invalid key"),
             None => tracing::info!(reason = %reason, "denied: invalid key"),
         },
-    }
-}
-
-#[tonic::async_trait]
-impl Authorization for AuthzService {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        // A denial is a CheckResponse with an HTTP status, never a gRPC error: Envoy
-        // would map a gRPC error to `status_on_error` and lose our body.
-        Ok(Response::new(self.decide(request.get_ref()).await))
     }
 }
 

@@ -2,7 +2,6 @@
 //! for in-flight requests. In memory; a flusher persists what changed.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
@@ -10,6 +9,7 @@ use uuid::Uuid;
 use super::clock::{Mono, Now};
 use super::key::{ApiKey, Limits, ResetPeriod};
 use super::period;
+use super::shards::{SHARDS, Sharded};
 
 /// Tokens a request of a key with a token or USD limit reserves when it names no
 /// `max_tokens` and its gateway's `default_reservation_tokens` is 0 (capped, like every
@@ -23,12 +23,16 @@ pub const MAX_RESERVATION_TOKENS: u64 = 1 << 20;
 
 /// At most this many expired reservations are remembered (oldest forgotten first), so a
 /// stream that opens after its reservation expired is still charged at least its
-/// reservation. About 64 bytes each.
+/// reservation. About 64 bytes each. The bound is shared out evenly over the shards.
 pub const MAX_EXPIRED_RESERVATIONS: usize = 65_536;
 
 /// At most this many settled reservation ids are remembered (oldest forgotten first), so
-/// settling one again charges nothing.
+/// settling one again charges nothing. The bound is shared out evenly over the shards.
 pub const MAX_SETTLED_RESERVATIONS: usize = 65_536;
+
+/// What one shard remembers.
+const EXPIRED_PER_SHARD: usize = MAX_EXPIRED_RESERVATIONS / SHARDS;
+const SETTLED_PER_SHARD: usize = MAX_SETTLED_RESERVATIONS / SHARDS;
 
 /// One key's usage in its current period.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,17 +202,19 @@ pub struct Ticket {
     pub period_start: DateTime<Utc>,
 }
 
+/// `id.tokens.micros.prompt.period_start_micros`, all decimal.
+impl std::fmt::Display for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Ticket { id, hold, period_start } = self;
+        let micros = period_start.timestamp_micros();
+        write!(f, "{id}.{}.{}.{}.{micros}", hold.tokens, hold.micros, hold.prompt_tokens)
+    }
+}
+
 impl Ticket {
-    /// `id.tokens.micros.prompt.period_start_micros`, all decimal.
+    /// As [`Display`](std::fmt::Display) writes it.
     pub fn encode(&self) -> String {
-        format!(
-            "{}.{}.{}.{}.{}",
-            self.id,
-            self.hold.tokens,
-            self.hold.micros,
-            self.hold.prompt_tokens,
-            self.period_start.timestamp_micros()
-        )
+        self.to_string()
     }
 
     /// Reads what [`Ticket::encode`] wrote; `None` for anything else.
@@ -242,7 +248,7 @@ struct Inner {
     keys: HashMap<Uuid, Counters>,
     reservations: HashMap<u64, Reservation>,
     /// Reservations the sweep released, by id, with when (monotonic), oldest first in
-    /// `expired_order`; bounded by `MAX_EXPIRED_RESERVATIONS`.
+    /// `expired_order`; bounded by `EXPIRED_PER_SHARD`.
     expired: HashMap<u64, (Reservation, Mono)>,
     expired_order: VecDeque<u64>,
     rng: u64,
@@ -251,11 +257,12 @@ struct Inner {
     /// What was metered since the last flush, per key and period: the ledger's increments.
     deltas: HashMap<(Uuid, DateTime<Utc>), Counters>,
     /// Reservations settled here, oldest first in `settled_order`; bounded by
-    /// `MAX_SETTLED_RESERVATIONS`.
+    /// `SETTLED_PER_SHARD`.
     settled: std::collections::HashSet<u64>,
     settled_order: VecDeque<u64>,
     /// Usage over time since the last flush: per key, hour and model.
-    history: HashMap<(Uuid, DateTime<Utc>, Box<str>), UsageBucket>,
+    /// (Most hours of a key see one model: found without building a key.)
+    history: HashMap<(Uuid, DateTime<Utc>), Vec<UsageBucket>>,
 }
 
 impl Inner {
@@ -333,9 +340,11 @@ pub struct Metered {
     pub cost_micros: i64,
 }
 
+/// Every key's counters, reservations and pending ledger increments in this process,
+/// split by key over [`SHARDS`] locks.
 #[derive(Debug, Default)]
 pub struct Meters {
-    inner: Mutex<Inner>,
+    shards: Sharded<Inner>,
 }
 
 /// The lock was poisoned: callers on the request path deny.
@@ -344,8 +353,13 @@ pub struct MetersUnavailable;
 
 impl Meters {
     pub fn new(counters: Vec<Counters>) -> Self {
-        let keys = counters.into_iter().map(|c| (c.key_id, c)).collect();
-        Meters { inner: Mutex::new(Inner { keys, ..Default::default() }) }
+        let meters = Meters::default();
+        for c in counters {
+            if let Ok(mut inner) = meters.shards.of(c.key_id).lock() {
+                inner.keys.insert(c.key_id, c);
+            }
+        }
+        meters
     }
 
     /// Check for a key with a token or cost limit: deny once used (plus in-flight
@@ -355,7 +369,7 @@ impl Meters {
     /// flight). Returns the reservation.
     pub fn admit(&self, key: &ApiKey, ask: Hold, now: Now) -> Result<Result<Ticket, BudgetDenial>, MetersUnavailable> {
         let Hold { tokens, micros, prompt_tokens } = ask;
-        let mut inner = self.inner.lock().map_err(|_| MetersUnavailable)?;
+        let mut inner = self.shards.of(key.id).lock().map_err(|_| MetersUnavailable)?;
         let Limits { cost_limit_micros, token_limit, reset_period, .. } = key.limits;
         let c = inner.counters(key.id, reset_period, now.wall);
         let reset_at = c.period_end;
@@ -404,7 +418,7 @@ impl Meters {
     /// end of that stream settles it. A reservation that had already expired (the response
     /// took longer than the TTL to start) is held again. False if it is unknown.
     pub fn attach(&self, key_id: Uuid, reservation: u64, now: Mono) -> bool {
-        let Ok(mut inner) = self.inner.lock() else { return false };
+        let Ok(mut inner) = self.shards.of(key_id).lock() else { return false };
         if let Some(r) = inner.reservations.get_mut(&reservation) {
             if r.key_id != key_id {
                 return false;
@@ -428,19 +442,24 @@ impl Meters {
 
     /// Reservations in flight and how many of them have an open metering stream.
     pub fn in_flight(&self) -> (usize, usize) {
-        let Ok(inner) = self.inner.lock() else { return (0, 0) };
-        (inner.reservations.len(), inner.reservations.values().filter(|r| r.attached).count())
+        let (mut all, mut attached) = (0, 0);
+        for shard in self.shards.all() {
+            let Ok(inner) = shard.lock() else { continue };
+            all += inner.reservations.len();
+            attached += inner.reservations.values().filter(|r| r.attached).count();
+        }
+        (all, attached)
     }
 
     /// Gives a reservation back without usage (the request was refused after all).
     pub fn release(&self, key_id: Uuid, reservation: u64) -> Option<Hold> {
-        let mut inner = self.inner.lock().ok()?;
+        let mut inner = self.shards.of(key_id).lock().ok()?;
         release(&mut inner, key_id, reservation)
     }
 
     /// Notes an admitted request (`last_used_at`, requests in the last minute).
     pub fn touch(&self, key_id: Uuid, reset_period: ResetPeriod, now: Now) {
-        if let Ok(mut inner) = self.inner.lock() {
+        if let Ok(mut inner) = self.shards.of(key_id).lock() {
             let c = inner.counters(key_id, reset_period, now.wall);
             c.last_used_at = Some(now.wall);
             c.count_recent(now.mono);
@@ -450,14 +469,14 @@ impl Meters {
 
     /// Notes a denied request of the key (the Overview's last denial and its reason).
     pub fn note_denial(&self, key_id: Uuid, reset_period: ResetPeriod, reason: &str, now: DateTime<Utc>) {
-        if let Ok(mut inner) = self.inner.lock() {
+        if let Ok(mut inner) = self.shards.of(key_id).lock() {
             note_denial(&mut inner, key_id, reset_period, reason, now);
         }
     }
 
     /// What a reservation of `key_id` made here holds (also when the sweep released it).
     pub fn held(&self, key_id: Uuid, reservation: u64) -> Option<Hold> {
-        let inner = self.inner.lock().ok()?;
+        let inner = self.shards.of(key_id).lock().ok()?;
         match (inner.reservations.get(&reservation), inner.expired.get(&reservation)) {
             (Some(r), _) | (None, Some((r, _))) if r.key_id == key_id => Some(r.hold),
             _ => None,
@@ -478,7 +497,7 @@ impl Meters {
         charge: impl FnOnce(Option<Hold>) -> Metered,
         now: DateTime<Utc>,
     ) -> Option<Metered> {
-        let Ok(mut inner) = self.inner.lock() else { return Some(charge(ticket.map(|t| t.hold))) };
+        let Ok(mut inner) = self.shards.of(key_id).lock() else { return Some(charge(ticket.map(|t| t.hold))) };
         if ticket.is_some_and(|t| inner.settled.contains(&t.id)) {
             return None;
         }
@@ -490,7 +509,7 @@ impl Meters {
         if let Some(t) = ticket {
             inner.settled.insert(t.id);
             inner.settled_order.push_back(t.id);
-            while inner.settled_order.len() > MAX_SETTLED_RESERVATIONS {
+            while inner.settled_order.len() > SETTLED_PER_SHARD {
                 if let Some(old) = inner.settled_order.pop_front() {
                     inner.settled.remove(&old);
                 }
@@ -511,7 +530,7 @@ impl Meters {
         micros: i64,
         now: DateTime<Utc>,
     ) {
-        if let Ok(mut inner) = self.inner.lock() {
+        if let Ok(mut inner) = self.shards.of(key_id).lock() {
             let c = inner.counters(key_id, reset_period, now);
             if c.period_start == period_start {
                 // The split between prompt and completion is not shared; the total is.
@@ -523,14 +542,14 @@ impl Meters {
 
     /// The key's counters for the period `now` is in.
     pub fn snapshot(&self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) -> Option<Counters> {
-        let mut inner = self.inner.lock().ok()?;
+        let mut inner = self.shards.of(key_id).lock().ok()?;
         Some(inner.counters(key_id, reset_period, now).clone())
     }
 
     /// Moves a key's counters to its (changed) reset period now, with the usage metered
     /// here and not written yet (see `Inner::counters`).
     pub fn follow_rule(&self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) {
-        if let Ok(mut inner) = self.inner.lock()
+        if let Ok(mut inner) = self.shards.of(key_id).lock()
             && inner.keys.contains_key(&key_id)
         {
             inner.counters(key_id, reset_period, now);
@@ -546,49 +565,32 @@ impl Meters {
             end -= 1;
         }
         let model = &model[..end];
-        if let Ok(mut inner) = self.inner.lock() {
-            inner
-                .history
-                .entry((key_id, hour, model.into()))
-                .or_insert_with(|| UsageBucket {
-                    key_id,
-                    hour,
-                    model: model.to_string(),
-                    requests: 0,
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
-                    cost_micros: 0,
-                })
-                .add(1, m);
+        if let Ok(mut inner) = self.shards.of(key_id).lock() {
+            add_history(&mut inner, key_id, hour, model, 1, m);
         }
     }
 
     /// The usage history since the last call, for the flusher.
     pub fn take_history(&self) -> Vec<UsageBucket> {
-        self.inner.lock().map(|mut inner| inner.history.drain().map(|(_, b)| b).collect()).unwrap_or_default()
+        let mut out = Vec::new();
+        for shard in self.shards.all() {
+            if let Ok(mut inner) = shard.lock() {
+                out.extend(inner.history.drain().flat_map(|(_, b)| b));
+            }
+        }
+        out
     }
 
     /// Puts what a failed flush took back (increments add up).
     pub fn restore_history(&self, failed: Vec<UsageBucket>) {
-        if let Ok(mut inner) = self.inner.lock() {
-            for b in failed {
+        for b in failed {
+            if let Ok(mut inner) = self.shards.of(b.key_id).lock() {
                 let m = Metered {
                     prompt_tokens: b.prompt_tokens,
                     completion_tokens: b.completion_tokens,
                     cost_micros: b.cost_micros,
                 };
-                let requests = b.requests;
-                inner
-                    .history
-                    .entry((b.key_id, b.hour, b.model.as_str().into()))
-                    .or_insert_with(|| UsageBucket {
-                        requests: 0,
-                        prompt_tokens: 0,
-                        completion_tokens: 0,
-                        cost_micros: 0,
-                        ..b
-                    })
-                    .add(requests, &m);
+                add_history(&mut inner, b.key_id, b.hour, &b.model, b.requests, &m);
             }
         }
     }
@@ -596,7 +598,7 @@ impl Meters {
     /// Raises what this process knows of a key's usage to the ledger's totals for the same
     /// period (all replicas' increments), never lowering it.
     pub fn observe_ledger(&self, row: &Counters, now: DateTime<Utc>) {
-        if let Ok(mut inner) = self.inner.lock() {
+        if let Ok(mut inner) = self.shards.of(row.key_id).lock() {
             let c = inner.counters(row.key_id, row.reset_period, now);
             if c.period_start == row.period_start {
                 c.requests = c.requests.max(row.requests);
@@ -611,24 +613,10 @@ impl Meters {
     /// metered here (increments: other replicas add theirs), with each key's last use and
     /// denial. A key whose last use changed without usage comes with zero increments.
     pub fn take_dirty(&self) -> Vec<Counters> {
-        let Ok(mut inner) = self.inner.lock() else { return vec![] };
-        let inner = &mut *inner;
-        let mut out: Vec<Counters> = inner.deltas.drain().map(|(_, d)| d).collect();
-        for d in &mut out {
-            if let Some(c) = inner.keys.get(&d.key_id) {
-                d.last_used_at = c.last_used_at;
-                d.last_denied_at = c.last_denied_at;
-                d.last_deny_reason.clone_from(&c.last_deny_reason);
-            }
-            inner.dirty.remove(&d.key_id);
-        }
-        for id in inner.dirty.drain() {
-            if let Some(c) = inner.keys.get(&id) {
-                let mut d = Counters::empty(id, c.reset_period, c.period_start);
-                d.last_used_at = c.last_used_at;
-                d.last_denied_at = c.last_denied_at;
-                d.last_deny_reason.clone_from(&c.last_deny_reason);
-                out.push(d);
+        let mut out = Vec::new();
+        for shard in self.shards.all() {
+            if let Ok(mut inner) = shard.lock() {
+                take_dirty(&mut inner, &mut out);
             }
         }
         out
@@ -637,8 +625,8 @@ impl Meters {
     /// Puts what a failed flush took back, to be written with the next one (increments
     /// add up; nothing is counted twice).
     pub fn restore(&self, failed: Vec<Counters>) {
-        if let Ok(mut inner) = self.inner.lock() {
-            for d in failed {
+        for d in failed {
+            if let Ok(mut inner) = self.shards.of(d.key_id).lock() {
                 inner.dirty.insert(d.key_id);
                 let slot = inner
                     .deltas
@@ -655,50 +643,104 @@ impl Meters {
     /// stream that opens after all is still charged at least what it held; those are
     /// forgotten after another `ttl`. Ages are measured on the monotonic clock.
     pub fn expire_reservations(&self, now: Mono, ttl: Duration) -> usize {
-        let Ok(mut inner) = self.inner.lock() else { return 0 };
         let ttl = ttl.num_microseconds().unwrap_or(i64::MAX);
-        let mut stale: Vec<(Mono, u64)> = inner
-            .reservations
-            .iter()
-            .filter(|(_, r)| !r.attached && now.micros_since(r.created) > ttl)
-            .map(|(id, r)| (r.created, *id))
-            .collect();
-        stale.sort_unstable();
-        for &(_, id) in &stale {
-            if let Some(r) = inner.reservations.get(&id).copied()
-                && release(&mut inner, r.key_id, id).is_some()
-            {
-                inner.expired.insert(id, (r, now));
-                inner.expired_order.push_back(id);
+        let mut released = 0;
+        for shard in self.shards.all() {
+            if let Ok(mut inner) = shard.lock() {
+                released += expire_reservations(&mut inner, now, ttl);
             }
         }
-        // Forget the oldest: by age, then down to the bound. Ids settled meanwhile are
-        // gone from the map already; their entries in the order are skipped.
-        while let Some(&id) = inner.expired_order.front() {
-            let keep = match inner.expired.get(&id) {
-                None => false,
-                Some((_, at)) => now.micros_since(*at) <= ttl && inner.expired_order.len() <= MAX_EXPIRED_RESERVATIONS,
-            };
-            if keep {
-                break;
-            }
-            inner.expired_order.pop_front();
-            inner.expired.remove(&id);
-        }
-        stale.len()
+        released
     }
 
     /// Whether counters of this key are held.
     pub fn holds(&self, key_id: Uuid) -> bool {
-        self.inner.lock().is_ok_and(|inner| inner.keys.contains_key(&key_id))
+        self.shards.of(key_id).lock().is_ok_and(|inner| inner.keys.contains_key(&key_id))
     }
 
     /// Forgets a deleted key's counters (its stored history stays).
     pub fn forget(&self, key_id: Uuid) {
-        if let Ok(mut inner) = self.inner.lock() {
+        if let Ok(mut inner) = self.shards.of(key_id).lock() {
             inner.keys.remove(&key_id);
         }
     }
+}
+
+/// One shard's part of [`Meters::take_dirty`], appended to `out`.
+fn take_dirty(inner: &mut Inner, out: &mut Vec<Counters>) {
+    let first = out.len();
+    out.extend(inner.deltas.drain().map(|(_, d)| d));
+    for d in &mut out[first..] {
+        if let Some(c) = inner.keys.get(&d.key_id) {
+            d.last_used_at = c.last_used_at;
+            d.last_denied_at = c.last_denied_at;
+            d.last_deny_reason.clone_from(&c.last_deny_reason);
+        }
+        inner.dirty.remove(&d.key_id);
+    }
+    for id in inner.dirty.drain() {
+        if let Some(c) = inner.keys.get(&id) {
+            let mut d = Counters::empty(id, c.reset_period, c.period_start);
+            d.last_used_at = c.last_used_at;
+            d.last_denied_at = c.last_denied_at;
+            d.last_deny_reason.clone_from(&c.last_deny_reason);
+            out.push(d);
+        }
+    }
+}
+
+/// One shard's part of [`Meters::expire_reservations`]; `ttl` in microseconds.
+fn expire_reservations(inner: &mut Inner, now: Mono, ttl: i64) -> usize {
+    let mut stale: Vec<(Mono, u64)> = inner
+        .reservations
+        .iter()
+        .filter(|(_, r)| !r.attached && now.micros_since(r.created) > ttl)
+        .map(|(id, r)| (r.created, *id))
+        .collect();
+    stale.sort_unstable();
+    for &(_, id) in &stale {
+        if let Some(r) = inner.reservations.get(&id).copied()
+            && release(inner, r.key_id, id).is_some()
+        {
+            inner.expired.insert(id, (r, now));
+            inner.expired_order.push_back(id);
+        }
+    }
+    // Forget the oldest: by age, then down to the bound. Ids settled meanwhile are
+    // gone from the map already; their entries in the order are skipped.
+    while let Some(&id) = inner.expired_order.front() {
+        let keep = match inner.expired.get(&id) {
+            None => false,
+            Some((_, at)) => now.micros_since(*at) <= ttl && inner.expired_order.len() <= EXPIRED_PER_SHARD,
+        };
+        if keep {
+            break;
+        }
+        inner.expired_order.pop_front();
+        inner.expired.remove(&id);
+    }
+    stale.len()
+}
+
+/// Adds `requests` and `m` to the usage history of `key_id` in `hour` with `model`.
+fn add_history(inner: &mut Inner, key_id: Uuid, hour: DateTime<Utc>, model: &str, requests: u64, m: &Metered) {
+    let buckets = inner.history.entry((key_id, hour)).or_default();
+    let at = match buckets.iter().position(|b| b.model == model) {
+        Some(at) => at,
+        None => {
+            buckets.push(UsageBucket {
+                key_id,
+                hour,
+                model: model.to_string(),
+                requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cost_micros: 0,
+            });
+            buckets.len() - 1
+        }
+    };
+    buckets[at].add(requests, m);
 }
 
 /// Counts one metered response: in the key's counters when it belongs to their period, and
@@ -1032,7 +1074,7 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 5, 5, 0, 0, 0).unwrap();
         let k = key(Limits { token_limit: Some(u64::MAX), ..Default::default() });
         let m = Meters::default();
-        let ids: Vec<u64> = (0..MAX_EXPIRED_RESERVATIONS + 10)
+        let ids: Vec<u64> = (0..EXPIRED_PER_SHARD + 10)
             .map(|i| {
                 let made = Now { wall: now, mono: Mono::from_micros(i as i64) };
                 m.admit(&k, hold(1, 0), made).unwrap().unwrap().id
@@ -1040,11 +1082,8 @@ mod tests {
             .collect();
         let later = Mono::default() + Duration::minutes(11);
         assert_eq!(m.expire_reservations(later, Duration::minutes(10)), ids.len());
-        let inner = m.inner.lock().unwrap();
-        assert_eq!(
-            (inner.expired.len(), inner.expired_order.len()),
-            (MAX_EXPIRED_RESERVATIONS, MAX_EXPIRED_RESERVATIONS)
-        );
+        let inner = m.shards.of(k.id).lock().unwrap();
+        assert_eq!((inner.expired.len(), inner.expired_order.len()), (EXPIRED_PER_SHARD, EXPIRED_PER_SHARD));
         assert!(
             !inner.expired.contains_key(&ids[0]) && inner.expired.contains_key(&ids[ids.len() - 1]),
             "oldest first"

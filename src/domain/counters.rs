@@ -35,6 +35,14 @@ impl<'a, T> CountFuture<'a, T> {
     pub fn later(f: impl Future<Output = T> + Send + 'a) -> Self {
         CountFuture(Answer::Later(Box::pin(f)))
     }
+
+    /// The answer when it is already there (in-process counters), else the future.
+    pub fn into_ready(self) -> Result<T, Self> {
+        match self.0 {
+            Answer::Ready(Some(value)) => Ok(value),
+            other => Err(CountFuture(other)),
+        }
+    }
 }
 
 impl<T: Unpin> Future for CountFuture<'_, T> {

@@ -120,8 +120,44 @@ impl ContentEstimate {
         if !self.active {
             return;
         }
-        for &b in chunk {
-            self.byte(b);
+        let mut i = 0;
+        while i < chunk.len() {
+            let rest = &chunk[i..];
+            // Runs that change nothing but counts are skipped or counted in one step: up
+            // to the next quote between tokens; up to the next quote, backslash or line
+            // break inside a string.
+            let run = match self.state {
+                State::Outside => memchr::memchr(b'"', rest).unwrap_or(rest.len()),
+                State::Key | State::Value if !self.escape && self.unicode_left == 0 => {
+                    let end = memchr::memchr3(b'"', b'\\', b'\n', rest).unwrap_or(rest.len());
+                    memchr::memchr(b'\r', &rest[..end]).unwrap_or(end)
+                }
+                _ => 0,
+            };
+            if run > 0 {
+                if self.state != State::Outside {
+                    self.plain(&rest[..run]);
+                }
+                i += run;
+                continue;
+            }
+            self.byte(chunk[i]);
+            i += 1;
+        }
+    }
+
+    /// Bytes inside a string that are neither a quote, a backslash nor a line break, as
+    /// [`Self::byte`] would count them one by one.
+    fn plain(&mut self, run: &[u8]) {
+        self.add(run.len() as u64);
+        if self.state == State::Key {
+            match self.key_len.checked_add(run.len()).filter(|&end| end <= KEY_CAP) {
+                Some(end) => {
+                    self.key[self.key_len..end].copy_from_slice(run);
+                    self.key_len = end;
+                }
+                None => self.key_len = KEY_CAP + 1,
+            }
         }
     }
 
@@ -292,6 +328,59 @@ pub fn charge_unreported(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs skipped or counted in one step give what reading byte by byte gives, for
+    /// bodies made of the bytes the scanner cares about, in both modes.
+    #[test]
+    fn runs_count_as_bytes_one_by_one() {
+        const PIECES: &[&str] = &[
+            "\"content\"",
+            "\"text\"",
+            "\"model\"",
+            "\"data\"",
+            "\"reasoning_content_x\"",
+            ":",
+            "\"",
+            "\\",
+            "\\\"",
+            "\\u00e9",
+            "\\ud83d",
+            "\\uzz",
+            "\\n",
+            "\n",
+            "\r",
+            "abc",
+            " ",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            "é",
+            "data: ",
+        ];
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..3000 {
+            let pieces = next() % 40;
+            let body: String = (0..pieces).map(|_| PIECES[(next() % PIECES.len() as u64) as usize]).collect();
+            let body = body.as_bytes();
+            for start in [ContentEstimate::new("application/json"), ContentEstimate::request()] {
+                let (mut fast, mut slow) = (start.clone(), start);
+                fast.feed(body);
+                for &b in body {
+                    slow.byte(b);
+                }
+                assert_eq!(fast.bytes, slow.bytes, "{:?}", String::from_utf8_lossy(body));
+                assert_eq!((fast.state, fast.pending, fast.key_len), (slow.state, slow.pending, slow.key_len));
+            }
+        }
+    }
 
     fn bytes_of(ct: &str, body: &[u8]) -> u64 {
         let mut e = ContentEstimate::new(ct);

@@ -16,6 +16,7 @@ pub mod period;
 pub mod pricing;
 pub mod request;
 pub mod secret;
+pub mod shards;
 pub mod tokens;
 pub mod usage;
 pub mod view;

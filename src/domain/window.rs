@@ -6,11 +6,11 @@
 //! wall-clock step neither frees slots early nor holds them longer.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 
 use uuid::Uuid;
 
 use super::clock::Mono;
+use super::shards::Sharded;
 
 pub const WINDOW_MICROS: i64 = 60_000_000;
 
@@ -75,21 +75,21 @@ impl Window {
     }
 }
 
-/// Every key's window, in this process.
+/// Every key's window, in this process, split by key over [`Sharded`] locks.
 #[derive(Debug, Default)]
 pub struct RequestWindows {
-    windows: Mutex<HashMap<Uuid, Window>>,
+    windows: Sharded<HashMap<Uuid, Window>>,
 }
 
 impl RequestWindows {
     /// `None` only if the lock was poisoned: the caller must deny.
     pub fn admit(&self, key: Uuid, limit: u32, now: Mono) -> Option<Admission> {
-        let mut windows = self.windows.lock().ok()?;
+        let mut windows = self.windows.of(key).lock().ok()?;
         Some(windows.entry(key).or_default().admit(limit, now))
     }
 
     pub fn peek(&self, key: Uuid, limit: u32, now: Mono) -> Option<Admission> {
-        let windows = self.windows.lock().ok()?;
+        let windows = self.windows.of(key).lock().ok()?;
         Some(
             windows
                 .get(&key)
@@ -100,13 +100,15 @@ impl RequestWindows {
     }
 
     pub fn count(&self, key: Uuid, now: Mono) -> usize {
-        self.windows.lock().ok().and_then(|w| w.get(&key).map(|w| w.count(now))).unwrap_or(0)
+        self.windows.of(key).lock().ok().and_then(|w| w.get(&key).map(|w| w.count(now))).unwrap_or(0)
     }
 
     /// Forgets windows with nothing left inside them.
     pub fn sweep(&self, now: Mono) {
-        if let Ok(mut w) = self.windows.lock() {
-            w.retain(|_, win| win.count(now) > 0);
+        for shard in self.windows.all() {
+            if let Ok(mut w) = shard.lock() {
+                w.retain(|_, win| win.count(now) > 0);
+            }
         }
     }
 }
