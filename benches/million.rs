@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use portcullis::authz::AuthzService;
+use portcullis::authz::{AuthzService, CheckInput};
 use portcullis::cli::BearerAuth;
 use portcullis::domain::check::Limiters;
 use portcullis::domain::clock::SystemClock;
@@ -275,9 +275,9 @@ fn check_ns(svc: &AuthzService, requests: &[Vec<u8>], passes: usize) -> f64 {
     let mut allowed = 0;
     for _ in 0..passes {
         for r in requests {
-            let req = CheckRequest::decode(r.as_slice()).unwrap();
+            let req = CheckInput::decode(r.as_slice()).unwrap();
             let resp = now_or_never(svc.decide(&req)).expect("in-process counters answer at once");
-            allowed += usize::from(resp.status.as_ref().is_some_and(|s| s.code == 0));
+            allowed += usize::from(resp.is_allow());
             black_box(resp.encode_to_vec());
         }
     }
