@@ -148,7 +148,17 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
         None => store.claim().await.context("claiming the database")?,
         Some(_) => store.claim_shared().await.context("claiming the database")?,
     }
-    let snapshot = store.load().await.context("loading gateways, keys and tokens")?;
+    // Following other replicas' changes starts from before the load, not from scratch
+    // (which would read every key again at once).
+    let cursor = store.change_cursor().await.context("reading the change cursor")?;
+    // Keys go into the view as storage reads them: never all held twice, and its tables
+    // sized once (growing them re-reads every key).
+    let mut view = View::default();
+    view.reserve_keys(usize::try_from(store.count_keys().await.context("counting keys")?).unwrap_or(0));
+    let snapshot = store
+        .load_each(&mut |k, secrets| view.upsert_key(k, secrets))
+        .await
+        .context("loading gateways, keys and tokens")?;
     let idle = chrono::Duration::from_std(args.session_idle_timeout).context("--session-idle-timeout is too large")?;
     if idle <= chrono::Duration::zero() {
         bail!("--session-idle-timeout must be longer than 0s");
@@ -161,7 +171,9 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             "--dev is on: the management token `test-token` is accepted as an owner; never use this in production"
         );
     }
-    let view = View::new(snapshot.gateways, snapshot.keys);
+    for g in snapshot.gateways {
+        view.upsert_gateway(g);
+    }
     tracing::info!(database = %url, gateways = view.gateway_count(), keys = view.key_count(), "storage migrated and view loaded");
     let meters = Arc::new(Meters::new(snapshot.usage));
     let mut limiters = Limiters::in_process(Arc::clone(&meters), PriceBook::new(snapshot.prices));
@@ -203,7 +215,7 @@ pub async fn start(args: &ServeArgs, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
             flush_every: args.usage_flush_interval,
         },
     );
-    crate::sync::spawn(&shared, &store);
+    crate::sync::spawn(&shared, &store, cursor);
 
     let (health, health_server) = tonic_health::server::health_reporter();
     let (shutdown, rx) = watch::channel(false);

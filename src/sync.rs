@@ -42,8 +42,9 @@ struct Wake {
 }
 
 /// Starts following the changes other replicas make, if the store is shared by replicas
-/// (PostgreSQL); both tasks end once `shared` is dropped.
-pub fn spawn(shared: &Arc<Shared>, store: &DynStore) {
+/// (PostgreSQL), from `cursor` (`Store::change_cursor` before the view was loaded); both
+/// tasks end once `shared` is dropped.
+pub fn spawn(shared: &Arc<Shared>, store: &DynStore, cursor: i64) {
     if !store.is_shared() {
         return;
     }
@@ -51,7 +52,7 @@ pub fn spawn(shared: &Arc<Shared>, store: &DynStore) {
     // Dropped when the reader ends, which stops the listener.
     let (alive, gone) = watch::channel(());
     tokio::spawn(listen(Arc::clone(store), Arc::clone(&wake), gone));
-    tokio::spawn(follow(Arc::downgrade(shared), Arc::clone(store), wake, alive));
+    tokio::spawn(follow(Arc::downgrade(shared), Arc::clone(store), cursor, wake, alive));
 }
 
 /// Doubling waits between failed attempts, up to `BACKOFF_MAX`.
@@ -78,7 +79,7 @@ impl Backoff {
 async fn listen(store: DynStore, wake: Arc<Wake>, mut stop: watch::Receiver<()>) {
     let mut backoff = Backoff::new();
     let mut lost = false;
-    // The reader reads everything at start anyway.
+    // The reader starts from the cursor of the view loaded at start.
     let mut first = true;
     loop {
         let connected = tokio::select! {
@@ -125,9 +126,10 @@ async fn listen(store: DynStore, wake: Arc<Wake>, mut stop: watch::Receiver<()>)
 }
 
 /// Reads and applies changes while the server lives.
-async fn follow(shared: Weak<Shared>, store: DynStore, wake: Arc<Wake>, _alive: watch::Sender<()>) {
-    // `None`: read everything (at start, after the listener reconnected, periodically).
-    let mut cursor: Option<i64> = None;
+async fn follow(shared: Weak<Shared>, store: DynStore, start: i64, wake: Arc<Wake>, _alive: watch::Sender<()>) {
+    // `None`: read everything (after the listener reconnected, periodically); the view
+    // loaded at start is everything up to `start`.
+    let mut cursor: Option<i64> = Some(start);
     let mut last_full = Instant::now();
     let mut backoff = Backoff::new();
     let mut failing = false;
@@ -140,7 +142,11 @@ async fn follow(shared: Weak<Shared>, store: DynStore, wake: Arc<Wake>, _alive: 
             // No admin write of this replica between reading and applying: a change read
             // before that write committed is never applied over it.
             let _writes = shared.writes.lock().await;
-            match store.changes_since(cursor.unwrap_or(0)).await {
+            // Keys unchanged in the view are dropped as they are read (reading from 0
+            // reads every key).
+            let mut changed =
+                |k: &ApiKey, secrets: &[KeySecret]| shared.view().is_ok_and(|v| !unchanged(&v, k, secrets));
+            match store.changes_since_keeping(cursor.unwrap_or(0), &mut changed).await {
                 Ok(changes) => {
                     let (next, version) = (changes.next, changes.version);
                     apply(&shared, changes).map(|applied| (next, version, applied))
@@ -205,12 +211,7 @@ impl Plan {
             }
         }
         for (k, secrets) in c.keys.drain(..) {
-            // Last use is written by the usage flush without a new version: not a change.
-            let same = view
-                .key_by_id(k.id)
-                .is_some_and(|have| ApiKey { last_used_at: have.last_used_at, ..k.clone() } == **have)
-                && view.secrets_of(k.id) == Some(secrets.as_slice());
-            if !same {
+            if !unchanged(view, &k, &secrets) {
                 plan.keys.push((k, secrets));
             }
         }
@@ -221,6 +222,19 @@ impl Plan {
     fn len(&self) -> usize {
         self.gateways.len() + self.removed_gateways.len() + self.keys.len() + self.removed_keys.len()
     }
+}
+
+/// Whether the view has this key as read, with these secrets. Last use is written by the
+/// usage flush without a new version: not a change.
+fn unchanged(view: &View, k: &ApiKey, secrets: &[KeySecret]) -> bool {
+    let Some(have) = view.key_by_id(k.id) else { return false };
+    // Every field named, so that a new one is compared too.
+    let ApiKey { id, gateway_id, name, prefix, enabled, legacy, limits, created_at, expires_at, last_used_at: _ } = k;
+    let same = (*id, *gateway_id, *enabled, *legacy, *limits, *created_at, *expires_at)
+        == (have.id, have.gateway_id, have.enabled, have.legacy, have.limits, have.created_at, have.expires_at)
+        && *name == have.name
+        && *prefix == have.prefix;
+    same && view.secrets_of(k.id).as_deref() == Some(secrets)
 }
 
 /// Applies what differs; returns how many things changed here.

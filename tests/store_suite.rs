@@ -9,6 +9,7 @@ use portcullis::domain::key::{ApiKey, Limits, ResetPeriod};
 use portcullis::domain::pricing::Price;
 use portcullis::domain::secret::{Secret, SecretKind};
 use portcullis::domain::tokens::StoredToken;
+use portcullis::domain::view::KeySecret;
 use portcullis::store::sealing::Sealer;
 use portcullis::store::{AuditQuery, DynStore, KeyOrder, KeyQuery, StoreError};
 use uuid::Uuid;
@@ -591,6 +592,34 @@ async fn usage_history_adds_up_and_reads_back(db: &Db) {
     assert_eq!(left.iter().map(|r| r.requests).collect::<Vec<_>>(), vec![8, 4]);
 }
 
+async fn many_keys_are_inserted_at_once_or_not_at_all(db: &Db) {
+    let s = &db.store;
+    let g = gateway("bulk");
+    s.insert_gateway(&g).await.unwrap();
+    // More than one statement's worth, so the chunks are seen to join up.
+    let secrets: Vec<Secret> = (0..1_203).map(|_| Secret::generate(SecretKind::ApiKey)).collect();
+    let keys: Vec<(ApiKey, _)> =
+        secrets.iter().enumerate().map(|(i, sec)| (key(&g, &format!("bulk-{i}"), sec), sec.hash())).collect();
+    s.insert_keys(&keys).await.unwrap();
+    let snap = s.load().await.unwrap();
+    assert_eq!(snap.keys.len(), keys.len());
+    for (k, hash) in [&keys[0], &keys[1_202]] {
+        let (loaded, loaded_secrets) = snap.keys.iter().find(|(x, _)| x.id == k.id).unwrap();
+        assert_eq!((loaded, loaded_secrets.as_slice()), (k, &[KeySecret::current(*hash)][..]));
+    }
+    // A name taken (in the second chunk) inserts none of them.
+    let sec = Secret::generate(SecretKind::ApiKey);
+    let mut again: Vec<(ApiKey, _)> = (0..1_001)
+        .map(|i| {
+            let sec = Secret::generate(SecretKind::ApiKey);
+            (key(&g, &format!("again-{i}"), &sec), sec.hash())
+        })
+        .collect();
+    again.push((key(&g, "bulk-7", &sec), sec.hash()));
+    assert!(matches!(s.insert_keys(&again).await, Err(StoreError::AlreadyExists(_))));
+    assert_eq!(s.load().await.unwrap().keys.len(), keys.len());
+}
+
 macro_rules! test_with_all_storage_impls {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -624,5 +653,6 @@ test_with_all_storage_impls!(
     usage_prices_tokens_and_audit,
     provider_keys_are_sealed,
     a_flush_of_many_keys_writes_each,
-    changes_since_returns_every_change_the_view_needs
+    changes_since_returns_every_change_the_view_needs,
+    many_keys_are_inserted_at_once_or_not_at_all
 );

@@ -1,11 +1,18 @@
 //! The in-memory view the request path reads: gateways by name, keys by secret hash.
 //! Admin writes update it explicitly after they commit; nothing on the request path
 //! touches storage.
+//!
+//! Built to hold a million keys in a few hundred bytes each: every key is one slot (its
+//! record and its current secret's hash) in a vector, found through two tables of slot
+//! numbers (4 bytes a bucket) by secret hash and by id. Secrets other than a key's one
+//! current secret (a rotated-out secret in its grace period) sit in a small map of their own.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use hashbrown::HashTable;
 use uuid::Uuid;
 
 use super::gateway::Gateway;
@@ -25,25 +32,68 @@ impl KeySecret {
     }
 }
 
+/// One key: its record and the hash of its first secret without an end (its current
+/// secret), which `View::by_hash` finds it by.
+#[derive(Debug)]
+struct Slot {
+    key: Arc<ApiKey>,
+    hash: SecretHash,
+}
+
 #[derive(Debug, Default)]
 pub struct View {
     gateways: HashMap<String, Arc<Gateway>>,
     gateway_names: HashMap<Uuid, String>,
-    keys: HashMap<SecretHash, (Arc<ApiKey>, Option<DateTime<Utc>>)>,
-    secrets_by_key: HashMap<Uuid, Vec<KeySecret>>,
+    /// Every key; a removed key's slot is reused (`free`).
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    /// Slots by their current secret's hash.
+    by_hash: HashTable<u32>,
+    /// Slots by key id.
+    by_id: HashTable<u32>,
+    ids: std::hash::RandomState,
+    /// The secrets of keys that have other secrets than one current one (a rotated-out
+    /// secret, or none at all), each key's in the order given.
+    unusual: HashMap<Uuid, Vec<KeySecret>>,
+    /// Those other secrets: the slot of their key and their end.
+    others: HashMap<SecretHash, (u32, Option<DateTime<Utc>>)>,
     keys_per_gateway: HashMap<Uuid, usize>,
+}
+
+/// A secret hash is SHA-256: its first bytes are as good a hash as any.
+fn hash_of(h: &SecretHash) -> u64 {
+    u64::from_le_bytes([h.0[0], h.0[1], h.0[2], h.0[3], h.0[4], h.0[5], h.0[6], h.0[7]])
+}
+
+fn live(slots: &[Option<Slot>], i: u32) -> &Slot {
+    slots[i as usize].as_ref().expect("the view's tables name live slots only")
 }
 
 impl View {
     pub fn new(gateways: Vec<Gateway>, keys: Vec<(ApiKey, Vec<KeySecret>)>) -> Self {
-        let mut view = View::default();
-        for g in gateways {
-            view.upsert_gateway(g);
-        }
+        let mut view = View::with_gateways(gateways);
+        view.reserve_keys(keys.len());
         for (k, secrets) in keys {
             view.upsert_key(k, secrets);
         }
         view
+    }
+
+    /// A view of these gateways and no keys yet (they are added as storage reads them).
+    pub fn with_gateways(gateways: Vec<Gateway>) -> Self {
+        let mut view = View::default();
+        for g in gateways {
+            view.upsert_gateway(g);
+        }
+        view
+    }
+
+    /// Room for `n` more keys.
+    pub fn reserve_keys(&mut self, n: usize) {
+        self.slots.reserve(n);
+        let (slots, ids) = (&self.slots, &self.ids);
+        self.by_hash.reserve(n, |&i| hash_of(&live(slots, i).hash));
+        self.by_id.reserve(n, |&i| ids.hash_one(live(slots, i).key.id));
     }
 
     pub fn gateway(&self, name: &str) -> Option<&Arc<Gateway>> {
@@ -57,26 +107,45 @@ impl View {
 
     /// The key a secret belongs to, if that secret is valid at `now`.
     pub fn key_by_hash(&self, hash: &SecretHash, now: DateTime<Utc>) -> Option<&Arc<ApiKey>> {
-        let (key, valid_until) = self.keys.get(hash)?;
-        valid_until.is_none_or(|until| now < until).then_some(key)
+        let slots = &self.slots;
+        if let Some(&i) = self.by_hash.find(hash_of(hash), |&i| live(slots, i).hash == *hash) {
+            return Some(&live(slots, i).key);
+        }
+        let (i, valid_until) = self.others.get(hash)?;
+        valid_until.is_none_or(|until| now < until).then(|| &live(slots, *i).key)
     }
 
+    fn slot_of(&self, id: Uuid) -> Option<u32> {
+        let slots = &self.slots;
+        self.by_id.find(self.ids.hash_one(id), |&i| live(slots, i).key.id == id).copied()
+    }
+
+    /// A key with no secret at all is in the view but found by nothing.
     pub fn key_by_id(&self, id: Uuid) -> Option<&Arc<ApiKey>> {
-        let first = self.secrets_by_key.get(&id)?.first()?;
-        self.keys.get(&first.hash).map(|(k, _)| k)
+        let i = self.slot_of(id)?;
+        if self.unusual.get(&id).is_some_and(Vec::is_empty) {
+            return None;
+        }
+        Some(&live(&self.slots, i).key)
     }
 
-    /// Every secret of a key, by id.
-    pub fn secrets_of(&self, id: Uuid) -> Option<&[KeySecret]> {
-        self.secrets_by_key.get(&id).map(Vec::as_slice)
+    /// Every secret of a key, by id, in the order it was given.
+    pub fn secrets_of(&self, id: Uuid) -> Option<Vec<KeySecret>> {
+        let i = self.slot_of(id)?;
+        Some(match self.unusual.get(&id) {
+            Some(secrets) => secrets.clone(),
+            None => vec![KeySecret::current(live(&self.slots, i).hash)],
+        })
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Arc<ApiKey>> {
+        self.slots.iter().flatten().map(|s| &s.key)
     }
 
     /// The ids of every key of one gateway.
     pub fn key_ids_in(&self, gateway_id: Uuid) -> Vec<Uuid> {
-        let mut ids: Vec<Uuid> =
-            self.keys.values().filter(|(k, _)| k.gateway_id == gateway_id).map(|(k, _)| k.id).collect();
+        let mut ids: Vec<Uuid> = self.keys().filter(|k| k.gateway_id == gateway_id).map(|k| k.id).collect();
         ids.sort_unstable();
-        ids.dedup();
         ids
     }
 
@@ -85,7 +154,7 @@ impl View {
     }
 
     pub fn key_count(&self) -> usize {
-        self.secrets_by_key.len()
+        self.by_id.len()
     }
 
     /// Keys of one gateway.
@@ -119,27 +188,63 @@ impl View {
     pub fn remove_gateway(&mut self, name: &str) {
         if let Some(g) = self.gateways.remove(name) {
             self.gateway_names.remove(&g.id);
-            let ids: Vec<Uuid> = self.keys.values().filter(|(k, _)| k.gateway_id == g.id).map(|(k, _)| k.id).collect();
-            for id in ids {
+            for id in self.key_ids_in(g.id) {
                 self.remove_key(id);
             }
         }
     }
 
-    /// Inserts or replaces a key; `secrets` are every secret that authenticates it.
+    /// Inserts or replaces a key; `secrets` are every secret that authenticates it. A
+    /// secret another key had moves to this one.
     pub fn upsert_key(&mut self, key: ApiKey, secrets: Vec<KeySecret>) {
         self.remove_key(key.id);
         *self.keys_per_gateway.entry(key.gateway_id).or_default() += 1;
-        let key = Arc::new(key);
-        for s in &secrets {
-            self.keys.insert(s.hash, (Arc::clone(&key), s.valid_until));
+        let current = secrets.iter().find(|s| s.valid_until.is_none()).map(|s| s.hash);
+        let (id, key) = (key.id, Arc::new(key));
+        // A key without a current secret keeps a hash no table finds it by.
+        let slot = Slot { key, hash: current.unwrap_or(SecretHash([0; 32])) };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(slot);
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                u32::try_from(self.slots.len() - 1).expect("fewer than 4 billion keys")
+            }
+        };
+        let slots = &self.slots;
+        let ids = &self.ids;
+        self.by_id.insert_unique(ids.hash_one(id), i, |&j| ids.hash_one(live(slots, j).key.id));
+        if let Some(hash) = current {
+            self.others.remove(&hash);
+            match self.by_hash.find_mut(hash_of(&hash), |&j| live(slots, j).hash == hash) {
+                Some(j) => *j = i,
+                None => {
+                    self.by_hash.insert_unique(hash_of(&hash), i, |&j| hash_of(&live(slots, j).hash));
+                }
+            }
         }
-        self.secrets_by_key.insert(key.id, secrets);
+        let usual = secrets.len() == 1 && current.is_some();
+        if !usual {
+            let mut first = true;
+            for s in &secrets {
+                if first && Some(s.hash) == current {
+                    first = false;
+                    continue;
+                }
+                if let Ok(e) = self.by_hash.find_entry(hash_of(&s.hash), |&j| live(slots, j).hash == s.hash) {
+                    e.remove();
+                }
+                self.others.insert(s.hash, (i, s.valid_until));
+            }
+            self.unusual.insert(id, secrets);
+        }
     }
 
     /// Replaces a key's record, keeping the secrets it already has.
     pub fn replace_key(&mut self, key: ApiKey) {
-        let secrets = self.secrets_by_key.get(&key.id).cloned().unwrap_or_default();
+        let secrets = self.secrets_of(key.id).unwrap_or_default();
         self.upsert_key(key, secrets);
     }
 
@@ -147,7 +252,7 @@ impl View {
     /// `previous_valid_until` (or stops now); older rotated-out secrets stop.
     pub fn rotate_key(&mut self, id: Uuid, new_hash: SecretHash, previous_valid_until: Option<DateTime<Utc>>) {
         let Some(key) = self.key_by_id(id).cloned() else { return };
-        let old = self.secrets_by_key.get(&id).and_then(|s| s.iter().find(|s| s.valid_until.is_none()).copied());
+        let old = self.secrets_of(id).and_then(|s| s.iter().find(|s| s.valid_until.is_none()).copied());
         let mut secrets = vec![KeySecret::current(new_hash)];
         if let (Some(old), Some(until)) = (old, previous_valid_until) {
             secrets.push(KeySecret { hash: old.hash, valid_until: Some(until) });
@@ -156,20 +261,29 @@ impl View {
     }
 
     pub fn remove_key(&mut self, id: Uuid) {
-        if let Some(secrets) = self.secrets_by_key.remove(&id) {
-            let mut gateway = None;
+        let Some(i) = self.slot_of(id) else { return };
+        let ids = &self.ids;
+        if let Ok(e) = self.by_id.find_entry(ids.hash_one(id), |&j| j == i) {
+            e.remove();
+        }
+        let slot = self.slots[i as usize].take().expect("a live slot");
+        self.free.push(i);
+        // Only the entries that still name this slot: a secret another key took is its.
+        if let Ok(e) = self.by_hash.find_entry(hash_of(&slot.hash), |&j| j == i) {
+            e.remove();
+        }
+        if let Some(secrets) = self.unusual.remove(&id) {
             for s in secrets {
-                if let Some((k, _)) = self.keys.remove(&s.hash) {
-                    gateway = Some(k.gateway_id);
+                if self.others.get(&s.hash).is_some_and(|(j, _)| *j == i) {
+                    self.others.remove(&s.hash);
                 }
             }
-            if let Some(g) = gateway
-                && let Some(n) = self.keys_per_gateway.get_mut(&g)
-            {
-                *n -= 1;
-                if *n == 0 {
-                    self.keys_per_gateway.remove(&g);
-                }
+        }
+        let g = slot.key.gateway_id;
+        if let Some(n) = self.keys_per_gateway.get_mut(&g) {
+            *n -= 1;
+            if *n == 0 {
+                self.keys_per_gateway.remove(&g);
             }
         }
     }
@@ -235,5 +349,62 @@ mod tests {
         assert_eq!(view.key_ids_in(new.id), vec![k.id]);
         view.remove_gateway_by_id(new.id);
         assert_eq!((view.gateway_count(), view.key_count()), (0, 0));
+    }
+
+    #[test]
+    fn rotated_out_secrets_work_until_their_end_and_go_with_their_key() {
+        let g = gateway("a");
+        let (k, other) = (key(&g), key(&g));
+        let t = g.created_at;
+        let (old, new) = (SecretHash::of("old"), SecretHash::of("new"));
+        let mut view = View::new(vec![g.clone()], vec![(k.clone(), vec![KeySecret::current(old)])]);
+        view.rotate_key(k.id, new, Some(t + chrono::Duration::hours(1)));
+        let found = |view: &View, h: &SecretHash, at| view.key_by_hash(h, at).map(|k| k.id);
+        assert_eq!(found(&view, &new, t), Some(k.id));
+        assert_eq!(found(&view, &old, t), Some(k.id), "the old secret works during the grace period");
+        assert_eq!(found(&view, &old, t + chrono::Duration::hours(1)), None, "and stops at its end");
+        let secrets =
+            vec![KeySecret::current(new), KeySecret { hash: old, valid_until: Some(t + chrono::Duration::hours(1)) }];
+        assert_eq!(view.secrets_of(k.id), Some(secrets.clone()), "in the order given");
+        view.replace_key(k.clone());
+        assert_eq!(view.secrets_of(k.id), Some(secrets), "an update keeps every secret");
+        // A rotation without grace drops the old secret.
+        view.rotate_key(k.id, SecretHash::of("newer"), None);
+        assert_eq!((found(&view, &new, t), found(&view, &old, t)), (None, None));
+        assert_eq!(view.secrets_of(k.id), Some(vec![KeySecret::current(SecretHash::of("newer"))]));
+        // A secret another key is given moves to it; removing the first key leaves it there.
+        view.upsert_key(other.clone(), vec![KeySecret::current(SecretHash::of("newer"))]);
+        assert_eq!(found(&view, &SecretHash::of("newer"), t), Some(other.id));
+        view.remove_key(k.id);
+        assert_eq!(found(&view, &SecretHash::of("newer"), t), Some(other.id));
+        assert_eq!((view.key_by_id(k.id).is_none(), view.key_count()), (true, 1));
+        // A key without a secret is counted but found by nothing.
+        view.upsert_key(k.clone(), vec![]);
+        assert_eq!((view.key_by_id(k.id).is_none(), view.key_count(), view.keys_in(g.id)), (true, 2, 2));
+        assert_eq!(view.secrets_of(k.id), Some(vec![]));
+    }
+
+    #[test]
+    fn slots_of_removed_keys_are_reused() {
+        let g = gateway("a");
+        let keys: Vec<ApiKey> = (0..100).map(|_| key(&g)).collect();
+        let mut view = View::with_gateways(vec![g.clone()]);
+        for (i, k) in keys.iter().enumerate() {
+            view.upsert_key(k.clone(), vec![KeySecret::current(SecretHash::of(&i.to_string()))]);
+        }
+        for k in &keys[..50] {
+            view.remove_key(k.id);
+        }
+        for (i, k) in keys[..50].iter().enumerate() {
+            view.upsert_key(k.clone(), vec![KeySecret::current(SecretHash::of(&format!("again-{i}")))]);
+        }
+        assert_eq!((view.slots.len(), view.key_count(), view.keys_in(g.id)), (100, 100, 100));
+        let now = g.created_at;
+        for (i, k) in keys.iter().enumerate() {
+            let secret = if i < 50 { format!("again-{i}") } else { i.to_string() };
+            assert_eq!(view.key_by_hash(&SecretHash::of(&secret), now).map(|k| k.id), Some(k.id));
+            assert_eq!(view.key_by_id(k.id).map(|k| k.id), Some(k.id));
+        }
+        assert_eq!(view.key_by_hash(&SecretHash::of("0"), now), None, "a removed key's secret finds nothing");
     }
 }

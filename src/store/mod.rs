@@ -65,7 +65,8 @@ impl StoreError {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub gateways: Vec<Gateway>,
-    /// Live keys with every secret that authenticates them.
+    /// Live keys with every secret that authenticates them (empty from
+    /// [`Store::load_each`], which hands them over one by one instead).
     pub keys: Vec<(ApiKey, Vec<KeySecret>)>,
     pub access_tokens: Vec<StoredToken>,
     pub prices: Vec<(String, Price)>,
@@ -103,6 +104,9 @@ impl Changes {
             && self.access_tokens.is_empty()
     }
 }
+
+/// Which live keys a read of changes keeps (see [`Store::changes_since_keeping`]).
+pub type KeepKey<'a> = dyn for<'k> FnMut(&'k ApiKey, &'k [KeySecret]) -> bool + Send + 'a;
 
 /// Wakes a replica when another one commits a change (PostgreSQL `LISTEN`). A wake-up
 /// carries no data: the changes are read with [`Store::changes_since`].
@@ -235,8 +239,20 @@ pub trait Store: Send + Sync + 'static {
     /// Everything that changed since `cursor` (0: every row ever, deleted ones as
     /// removals), and the cursor to ask from next time. The same change may come twice:
     /// applying it must be idempotent.
-    async fn changes_since(&self, _cursor: i64) -> Result<Changes, StoreError> {
+    async fn changes_since(&self, cursor: i64) -> Result<Changes, StoreError> {
+        self.changes_since_keeping(cursor, &mut |_, _| true).await
+    }
+    /// The same, with only the live keys `keep` wants (the others are dropped as they are
+    /// read: following from 0 reads every key, and keeps only what differs from the view).
+    async fn changes_since_keeping(&self, _cursor: i64, _keep: &mut KeepKey<'_>) -> Result<Changes, StoreError> {
         Err(StoreError::Unsupported("changes are followed on PostgreSQL only: SQLite serves one replica".into()))
+    }
+    /// The cursor to follow changes from (see [`Store::changes_since`]) after a load
+    /// that starts once this returns: that load sees every change committed before, and
+    /// one committed after has a transaction id at or above it (0 where changes are not
+    /// followed).
+    async fn change_cursor(&self) -> Result<i64, StoreError> {
+        Ok(0)
     }
     /// A dedicated connection that wakes this replica when another commits a change.
     async fn listen_changes(&self) -> Result<Box<dyn ChangeListener>, StoreError> {
@@ -250,7 +266,15 @@ pub trait Store: Send + Sync + 'static {
             "backup writes SQLite files; back PostgreSQL up with pg_dump or its replication".into(),
         ))
     }
-    async fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Everything the request path needs, read at start.
+    async fn load(&self) -> Result<Snapshot, StoreError> {
+        let mut keys = Vec::new();
+        let snapshot = self.load_each(&mut |k, secrets| keys.push((k, secrets))).await?;
+        Ok(Snapshot { keys, ..snapshot })
+    }
+    /// The same, but each live key is handed to `each` as storage reads it and
+    /// `Snapshot::keys` stays empty: a million keys are never held twice, nor as rows.
+    async fn load_each(&self, each: &mut (dyn FnMut(ApiKey, Vec<KeySecret>) + Send)) -> Result<Snapshot, StoreError>;
 
     async fn insert_gateway(&self, gateway: &Gateway) -> Result<(), StoreError>;
     /// Replaces a live gateway's settings, found by id.
@@ -261,11 +285,15 @@ pub trait Store: Send + Sync + 'static {
     async fn list_gateways(&self) -> Result<Vec<Gateway>, StoreError>;
 
     async fn insert_key(&self, key: &ApiKey, hash: &SecretHash) -> Result<(), StoreError>;
+    /// Inserts many new keys at once (an import, a bench's seed): all or none.
+    async fn insert_keys(&self, keys: &[(ApiKey, SecretHash)]) -> Result<(), StoreError>;
     /// Replaces a live key's mutable fields (name, enabled, limits, expiry).
     /// Changing the reset period carries the current usage into the new period.
     async fn update_key(&self, key: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn delete_key(&self, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError>;
+    /// How many live keys there are (to size the view before a load).
+    async fn count_keys(&self) -> Result<u64, StoreError>;
     /// Live keys of a gateway as `q` asks, each with the cursor that starts the page after it.
     async fn search_keys(&self, q: &KeyQuery) -> Result<Vec<(ApiKey, KeyCursor)>, StoreError>;
 

@@ -26,6 +26,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/
 /// The channel the migration's triggers notify at every commit that changes the view.
 const CHANNEL: &str = "portcullis_changes";
 
+/// The oldest transaction still running (the cursor of `changes_since`).
+const XMIN: &str = "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT)";
+
 /// The advisory lock replicas claim the database with; arbitrary, fixed: "portcullis" on
 /// a phone keypad.
 const LOCK: i64 = 7_678_285_547;
@@ -119,20 +122,16 @@ super::rows::store_impl!(PostgresStore, {
     /// the snapshot missed (running or not yet started) has an id at or above it. A change
     /// can thus be read twice (the margin between the two), never missed; a long
     /// transaction anywhere on the server holds the cursor back and widens that margin.
-    async fn changes_since(&self, cursor: i64) -> Result<Changes, StoreError> {
+    async fn changes_since_keeping(&self, cursor: i64, keep: &mut super::KeepKey<'_>) -> Result<Changes, StoreError> {
         use super::rows::{access_tokens, gateways, keys, prices};
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        let next: i64 =
-            sqlx::query_scalar("SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT)")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+        let next: i64 = sqlx::query_scalar(XMIN).fetch_one(&mut *tx).await.map_err(unavailable)?;
         let (gateways, removed_gateways, v1) = gateways::changed_since(&mut tx, &self.sealer, cursor).await?;
-        let (keys, removed_keys, v2) = keys::changed_since(&mut tx, cursor).await?;
+        let (keys, removed_keys, v2) = keys::changed_since(&mut tx, cursor, keep).await?;
         let (prices, removed_prices, v3) = prices::changed_since(&mut tx, cursor).await?;
         let (access_tokens, v4) = access_tokens::changed_since(&mut tx, cursor).await?;
         tx.rollback().await.map_err(unavailable)?;
@@ -147,6 +146,12 @@ super::rows::store_impl!(PostgresStore, {
             next,
             version: v1.max(v2).max(v3).max(v4),
         })
+    }
+
+    /// `pg_snapshot_xmin` now: every transaction below it has finished, so a load that
+    /// starts later sees its rows; one running or starting later has an id at or above it.
+    async fn change_cursor(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar(XMIN).fetch_one(&self.pool).await.map_err(unavailable)
     }
 
     async fn listen_changes(&self) -> Result<Box<dyn ChangeListener>, StoreError> {

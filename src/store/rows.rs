@@ -19,7 +19,9 @@ use uuid::Uuid;
 use self::backend::{Backend, Columns, Read};
 use super::sealing::Sealer;
 use super::{Snapshot, StoreError, from_micros};
+use crate::domain::key::ApiKey;
 use crate::domain::secret::SecretHash;
+use crate::domain::view::KeySecret;
 
 pub(crate) fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(Box::new(e))
@@ -108,11 +110,30 @@ fn split_changes<R: Columns, T>(
 ) -> Result<(Vec<T>, Vec<Uuid>, i64), StoreError> {
     let (mut live, mut removed, mut max) = (Vec::new(), Vec::new(), 0);
     for r in rows {
-        max = max.max(version(r)?);
-        let deleted_at: Option<i64> = get(r, "deleted_at")?;
-        if deleted_at.is_some() { removed.push(uuid(r, "id")?) } else { live.push(decode(r)?) }
+        let (v, row) = split_row(r, &decode)?;
+        max = max.max(v);
+        match row {
+            Changed::Live(t) => live.push(t),
+            Changed::Removed(id) => removed.push(id),
+        }
     }
     Ok((live, removed, max))
+}
+
+/// A changed row of a soft-deleted table.
+enum Changed<T> {
+    Live(T),
+    Removed(Uuid),
+}
+
+/// One changed row: its change version, and the row decoded or the id of a deleted one.
+fn split_row<R: Columns, T>(
+    r: &R,
+    decode: impl Fn(&R) -> Result<T, StoreError>,
+) -> Result<(i64, Changed<T>), StoreError> {
+    let deleted_at: Option<i64> = get(r, "deleted_at")?;
+    let row = if deleted_at.is_some() { Changed::Removed(uuid(r, "id")?) } else { Changed::Live(decode(r)?) };
+    Ok((version(r)?, row))
 }
 
 fn hash(row: &impl Columns) -> Result<SecretHash, StoreError> {
@@ -120,14 +141,18 @@ fn hash(row: &impl Columns) -> Result<SecretHash, StoreError> {
     SecretHash::from_slice(&b).ok_or_else(|| StoreError::Corrupt("secret_hash: not 32 bytes".into()))
 }
 
-/// Everything the request path needs, read at start.
-pub(crate) async fn load<D: Backend>(pool: &Pool<D>, sealer: &Sealer) -> Result<Snapshot, StoreError> {
+/// Everything the request path needs, read at start, each live key handed to `each`.
+pub(crate) async fn load<D: Backend>(
+    pool: &Pool<D>,
+    sealer: &Sealer,
+    each: &mut (dyn FnMut(ApiKey, Vec<KeySecret>) + Send),
+) -> Result<Snapshot, StoreError> {
     let gateways = gateways::list(pool, sealer).await?;
-    let (keys, mut usage) = keys::load_live(pool).await?;
+    let mut usage = keys::load_live(pool, each).await?;
     usage::load_latest(pool, &mut usage).await?;
     let prices = prices::list(pool).await?;
     let access_tokens = access_tokens::load(pool).await?;
-    Ok(Snapshot { gateways, keys, access_tokens, prices, usage: usage.into_values().collect() })
+    Ok(Snapshot { gateways, keys: Vec::new(), access_tokens, prices, usage: usage.into_values().collect() })
 }
 
 /// `impl Store` for a backend struct with `pool`, `sealer` and a `MIGRATOR` in scope, by
@@ -142,8 +167,11 @@ macro_rules! store_impl {
                 MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Unavailable(Box::new(e)))
             }
 
-            async fn load(&self) -> Result<Snapshot, StoreError> {
-                $crate::store::rows::load(&self.pool, &self.sealer).await
+            async fn load_each(
+                &self,
+                each: &mut (dyn FnMut(ApiKey, Vec<$crate::domain::view::KeySecret>) + Send),
+            ) -> Result<Snapshot, StoreError> {
+                $crate::store::rows::load(&self.pool, &self.sealer, each).await
             }
 
             async fn insert_gateway(&self, g: &Gateway) -> Result<(), StoreError> {
@@ -170,12 +198,20 @@ macro_rules! store_impl {
                 $crate::store::rows::keys::insert(&self.pool, k, hash).await
             }
 
+            async fn insert_keys(&self, keys: &[(ApiKey, SecretHash)]) -> Result<(), StoreError> {
+                $crate::store::rows::keys::insert_many(&self.pool, keys).await
+            }
+
             async fn update_key(&self, k: &ApiKey, now: DateTime<Utc>) -> Result<(), StoreError> {
                 $crate::store::rows::keys::update(&self.pool, k, now).await
             }
 
             async fn delete_key(&self, id: Uuid, now: DateTime<Utc>) -> Result<(), StoreError> {
                 $crate::store::rows::keys::delete(&self.pool, id, now).await
+            }
+
+            async fn count_keys(&self) -> Result<u64, StoreError> {
+                $crate::store::rows::keys::count(&self.pool).await
             }
 
             async fn get_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError> {

@@ -23,6 +23,13 @@ pub(crate) trait Backend: Database<Row: Columns> {
     fn execute<'c>(on: On<'c, Self>, stmt: Stmt<'c>) -> Pending<'c, u64>;
     fn fetch_all<'c>(on: On<'c, Self>, stmt: Stmt<'c>) -> Pending<'c, Vec<Self::Row>>;
     fn fetch_optional<'c>(on: On<'c, Self>, stmt: Stmt<'c>) -> Pending<'c, Option<Self::Row>>;
+    /// Hands each row to `each` as it arrives, none kept (a million keys at start); stops
+    /// at the first error, the database's (outer) or `each`'s (inner).
+    fn for_each<'c, E: Send + 'c>(
+        on: On<'c, Self>,
+        stmt: Stmt<'c>,
+        each: impl FnMut(Self::Row) -> Result<(), E> + Send + 'c,
+    ) -> Pending<'c, Result<(), E>>;
 }
 
 impl<D> Backend for D
@@ -69,6 +76,26 @@ where
                 On::Pool(pool) => D::bound(&stmt).fetch_optional(pool).await,
                 On::Conn(conn) => D::bound(&stmt).fetch_optional(conn).await,
             }
+        })
+    }
+
+    fn for_each<'c, E: Send + 'c>(
+        on: On<'c, D>,
+        stmt: Stmt<'c>,
+        mut each: impl FnMut(D::Row) -> Result<(), E> + Send + 'c,
+    ) -> Pending<'c, Result<(), E>> {
+        use tokio_stream::StreamExt;
+        Box::pin(async move {
+            let mut rows = match on {
+                On::Pool(pool) => D::bound(&stmt).fetch(pool),
+                On::Conn(conn) => D::bound(&stmt).fetch(conn),
+            };
+            while let Some(row) = rows.next().await {
+                if let Err(e) = each(row?) {
+                    return Ok(Err(e));
+                }
+            }
+            Ok(Ok(()))
         })
     }
 }
@@ -146,6 +173,18 @@ impl<'a> Stmt<'a> {
         'a: 'c,
     {
         D::fetch_optional(on.into(), self)
+    }
+
+    /// See [`Backend::for_each`].
+    pub(crate) fn for_each<'c, D: Backend, E: Send + 'c>(
+        self,
+        on: impl Into<On<'c, D>>,
+        each: impl FnMut(D::Row) -> Result<(), E> + Send + 'c,
+    ) -> Pending<'c, Result<(), E>>
+    where
+        'a: 'c,
+    {
+        D::for_each(on.into(), self, each)
     }
 }
 

@@ -8,7 +8,9 @@ use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use super::backend::{Backend, Columns, query};
-use super::{Params, contains_pattern, found, get, hash, opt_time, split_changes, time, unavailable, uuid, write_err};
+use super::{
+    Changed, Params, contains_pattern, found, get, hash, opt_time, split_row, time, unavailable, uuid, write_err,
+};
 use crate::domain::budget::Counters;
 use crate::domain::key::{ApiKey, KeyStatus, Limits, ResetPeriod};
 use crate::domain::period;
@@ -58,28 +60,32 @@ fn secrets(row: &impl Columns) -> Result<Vec<KeySecret>, StoreError> {
 /// Live keys with every secret that authenticates them.
 type LiveKeys = Vec<(ApiKey, Vec<KeySecret>)>;
 
-/// Every live key with its secrets, and the last use and denial of those that have one
-/// (as counters of no period yet: the usage rows fill that in).
-pub(crate) async fn load_live<D: Backend>(pool: &Pool<D>) -> Result<(LiveKeys, HashMap<Uuid, Counters>), StoreError> {
-    let rows = query(format!("SELECT {KEY_COLUMNS}, {KEY_SECRET_COLUMNS} FROM api_keys WHERE deleted_at IS NULL"))
-        .fetch_all(pool)
-        .await
-        .map_err(unavailable)?;
-    let mut keys = Vec::with_capacity(rows.len());
+/// Hands every live key with its secrets to `each` as its row arrives (none kept: a
+/// million keys are never held twice); returns the last use and denial of those that
+/// have one (as counters of no period yet: the usage rows fill that in).
+pub(crate) async fn load_live<D: Backend>(
+    pool: &Pool<D>,
+    each: &mut (dyn FnMut(ApiKey, Vec<KeySecret>) + Send),
+) -> Result<HashMap<Uuid, Counters>, StoreError> {
     let mut usage = HashMap::new();
-    for r in &rows {
-        let key = key_from(r)?;
-        let last_denied_at = opt_time(r, "last_denied_at")?;
-        if key.last_used_at.is_some() || last_denied_at.is_some() {
-            let mut c = Counters::empty(key.id, key.limits.reset_period, DateTime::UNIX_EPOCH);
-            c.last_used_at = key.last_used_at;
-            c.last_denied_at = last_denied_at;
-            c.last_deny_reason = get(r, "last_deny_reason")?;
-            usage.insert(key.id, c);
-        }
-        keys.push((key, secrets(r)?));
-    }
-    Ok((keys, usage))
+    query(format!("SELECT {KEY_COLUMNS}, {KEY_SECRET_COLUMNS} FROM api_keys WHERE deleted_at IS NULL"))
+        .for_each(pool, |r: D::Row| {
+            let key = key_from(&r)?;
+            let last_denied_at = opt_time(&r, "last_denied_at")?;
+            if key.last_used_at.is_some() || last_denied_at.is_some() {
+                let mut c = Counters::empty(key.id, key.limits.reset_period, DateTime::UNIX_EPOCH);
+                c.last_used_at = key.last_used_at;
+                c.last_denied_at = last_denied_at;
+                c.last_deny_reason = get(&r, "last_deny_reason")?;
+                usage.insert(key.id, c);
+            }
+            let secrets = secrets(&r)?;
+            each(key, secrets);
+            Ok(())
+        })
+        .await
+        .map_err(unavailable)??;
+    Ok(usage)
 }
 
 pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, k: &ApiKey, hash: &SecretHash) -> Result<(), StoreError> {
@@ -104,6 +110,61 @@ pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, k: &ApiKey, hash: &Secret
     .await
     .map_err(write_err("a key with this name in the gateway"))?;
     Ok(())
+}
+
+/// Keys inserted per statement: 14 bound values each, below what SQLite (32,766) and
+/// PostgreSQL (65,535) accept in one statement.
+const KEYS_PER_INSERT: usize = 1_000;
+
+/// Inserts many new keys (an import, a bench's seed) in one transaction, a thousand rows
+/// per statement; none is inserted if one fails.
+pub(crate) async fn insert_many<D: Backend>(pool: &Pool<D>, keys: &[(ApiKey, SecretHash)]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    for chunk in keys.chunks(KEYS_PER_INSERT) {
+        let mut stmt =
+            query(format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES {}", placeholders::<D>(chunk.len(), 14)));
+        for (k, hash) in chunk {
+            stmt = stmt
+                .bind(k.id.to_string())
+                .bind(k.gateway_id.to_string())
+                .bind(&k.name)
+                .bind(&hash.0[..])
+                .bind(&k.prefix)
+                .bind(k.enabled)
+                .bind(k.legacy)
+                .bind(k.limits.cost_limit_micros)
+                .bind(k.limits.token_limit.map(|t| t as i64))
+                .bind(k.limits.requests_per_minute.map(i64::from))
+                .bind(k.limits.reset_period.as_str())
+                .bind(to_micros(k.created_at))
+                .bind(k.expires_at.map(to_micros))
+                .bind(k.last_used_at.map(to_micros));
+        }
+        stmt.execute(&mut tx).await.map_err(write_err("a key with this name in the gateway"))?;
+    }
+    tx.commit().await.map_err(unavailable)
+}
+
+/// `rows` tuples of `columns` parameters: `$1`, `$2`, ... for PostgreSQL, `?` for SQLite
+/// (which looks numbered parameters up by a linear search).
+fn placeholders<D: Backend>(rows: usize, columns: usize) -> String {
+    let numbered = D::NAME != "SQLite";
+    let mut sql = String::with_capacity(rows * columns * 6);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..columns {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            if numbered {
+                sql.push_str(&format!("${}", r * columns + c + 1));
+            } else {
+                sql.push('?');
+            }
+        }
+        sql.push(')');
+    }
+    sql
 }
 
 /// Replaces a live key's mutable fields (name, enabled, limits, expiry).
@@ -164,6 +225,17 @@ pub(crate) async fn delete<D: Backend>(pool: &Pool<D>, id: Uuid, now: DateTime<U
         .await
         .map_err(unavailable)?;
     found(done)
+}
+
+/// How many live keys there are.
+pub(crate) async fn count<D: Backend>(pool: &Pool<D>) -> Result<u64, StoreError> {
+    let row = query("SELECT COUNT(*) AS n FROM api_keys WHERE deleted_at IS NULL")
+        .fetch_optional(pool)
+        .await
+        .map_err(unavailable)?
+        .ok_or(StoreError::NotFound)?;
+    let n: i64 = get(&row, "n")?;
+    Ok(n.max(0) as u64)
 }
 
 /// The live key with this id.
@@ -274,18 +346,33 @@ pub(crate) async fn rotate<D: Backend>(
 }
 
 /// Keys written by transactions from `since` on (PostgreSQL, see
-/// `PostgresStore::changes_since`): live ones with all their secrets, the ids of deleted
-/// ones, the highest version.
+/// `PostgresStore::changes_since`): the live ones `keep` wants, with all their secrets
+/// (the others dropped as they are read: a full read of a million keys keeps only what
+/// differs from the view), the ids of deleted ones, the highest version.
 pub(crate) async fn changed_since<D: Backend>(
     tx: &mut Transaction<'_, D>,
     since: i64,
+    keep: &mut crate::store::KeepKey<'_>,
 ) -> Result<(LiveKeys, Vec<Uuid>, i64), StoreError> {
-    let rows = query(format!(
+    let (mut live, mut removed, mut max) = (Vec::new(), Vec::new(), 0);
+    query(format!(
         "SELECT {KEY_COLUMNS}, {KEY_SECRET_COLUMNS}, deleted_at, version FROM api_keys WHERE txid >= $1 ORDER BY version"
     ))
     .bind(since)
-    .fetch_all(tx)
+    .for_each(tx, |r: D::Row| {
+        let (v, row) = split_row(&r, |r| Ok((key_from(r)?, secrets(r)?)))?;
+        max = max.max(v);
+        match row {
+            Changed::Live((k, secrets)) => {
+                if keep(&k, &secrets) {
+                    live.push((k, secrets));
+                }
+            }
+            Changed::Removed(id) => removed.push(id),
+        }
+        Ok::<_, StoreError>(())
+    })
     .await
-    .map_err(unavailable)?;
-    split_changes(&rows, |r| Ok((key_from(r)?, secrets(r)?)))
+    .map_err(unavailable)??;
+    Ok((live, removed, max))
 }
