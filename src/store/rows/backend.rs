@@ -282,3 +282,46 @@ impl<R> Columns for R where
         + Read<Option<Vec<u8>>>
 {
 }
+
+/// `VALUES` rows of `rows` tuples, one parameter per entry of `types` each (`column1`,
+/// `column2`, ... in both backends), in order: numbered `$1`, `$2`, ... for PostgreSQL,
+/// plain `?` for SQLite, which looks a numbered or named parameter up by a linear search
+/// (thousands of them made a flush ten times slower). A parameter with a type is cast to
+/// it (a `VALUES` list joined to a table needs its columns typed); `""` leaves it as is
+/// (an `INSERT`'s columns type it).
+pub(crate) fn values<D: Backend>(rows: usize, types: &[&str]) -> String {
+    let numbered = D::NAME != "SQLite";
+    let mut sql = String::with_capacity(rows * types.len() * 24);
+    let mut n = 0;
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for (i, t) in types.iter().enumerate() {
+            n += 1;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let param = if numbered { format!("${n}") } else { "?".to_string() };
+            match *t {
+                "" => sql.push_str(&param),
+                t => sql.push_str(&format!("CAST({param} AS {t})")),
+            }
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_rows_are_numbered_in_order() {
+        let pg = values::<sqlx::Postgres>(2, &["TEXT", "BIGINT"]);
+        assert_eq!(pg, "(CAST($1 AS TEXT), CAST($2 AS BIGINT)), (CAST($3 AS TEXT), CAST($4 AS BIGINT))");
+        let lite = values::<sqlx::Sqlite>(2, &["TEXT", "BIGINT"]);
+        assert_eq!(lite, "(CAST(? AS TEXT), CAST(? AS BIGINT)), (CAST(? AS TEXT), CAST(? AS BIGINT))");
+        assert_eq!(values::<sqlx::Postgres>(2, &["", ""]), "($1, $2), ($3, $4)", "untyped");
+        assert_eq!(values::<sqlx::Sqlite>(1, &["", ""]), "(?, ?)");
+    }
+}

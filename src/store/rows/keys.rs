@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
-use super::backend::{Backend, Columns, query};
+use super::backend::{Backend, Columns, Stmt, query, values};
 use super::{
     Changed, Params, contains_pattern, found, get, hash, opt_time, split_row, time, unavailable, uuid, write_err,
 };
@@ -89,27 +89,29 @@ pub(crate) async fn load_live<D: Backend>(
 }
 
 pub(crate) async fn insert<D: Backend>(pool: &Pool<D>, k: &ApiKey, hash: &SecretHash) -> Result<(), StoreError> {
-    query(format!(
-        "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-    ))
-    .bind(k.id.to_string())
-    .bind(k.gateway_id.to_string())
-    .bind(&k.name)
-    .bind(&hash.0[..])
-    .bind(&k.prefix)
-    .bind(k.enabled)
-    .bind(k.legacy)
-    .bind(k.limits.cost_limit_micros)
-    .bind(k.limits.token_limit.map(|t| t as i64))
-    .bind(k.limits.requests_per_minute.map(i64::from))
-    .bind(k.limits.reset_period.as_str())
-    .bind(to_micros(k.created_at))
-    .bind(k.expires_at.map(to_micros))
-    .bind(k.last_used_at.map(to_micros))
-    .execute(pool)
-    .await
-    .map_err(write_err("a key with this name in the gateway"))?;
+    bind_key(query(format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES {}", values::<D>(1, &[""; 14]))), k, hash)
+        .execute(pool)
+        .await
+        .map_err(write_err("a key with this name in the gateway"))?;
     Ok(())
+}
+
+/// Binds one key's `KEY_COLUMNS`, in order.
+fn bind_key<'a>(stmt: Stmt<'a>, k: &'a ApiKey, hash: &'a SecretHash) -> Stmt<'a> {
+    stmt.bind(k.id.to_string())
+        .bind(k.gateway_id.to_string())
+        .bind(&k.name)
+        .bind(&hash.0[..])
+        .bind(&k.prefix)
+        .bind(k.enabled)
+        .bind(k.legacy)
+        .bind(k.limits.cost_limit_micros)
+        .bind(k.limits.token_limit.map(|t| t as i64))
+        .bind(k.limits.requests_per_minute.map(i64::from))
+        .bind(k.limits.reset_period.as_str())
+        .bind(to_micros(k.created_at))
+        .bind(k.expires_at.map(to_micros))
+        .bind(k.last_used_at.map(to_micros))
 }
 
 /// Keys inserted per statement: 14 bound values each, below what SQLite (32,766) and
@@ -121,54 +123,14 @@ const KEYS_PER_INSERT: usize = 1_000;
 pub(crate) async fn insert_many<D: Backend>(pool: &Pool<D>, keys: &[(ApiKey, SecretHash)]) -> Result<(), StoreError> {
     let mut tx = pool.begin().await.map_err(unavailable)?;
     for chunk in keys.chunks(KEYS_PER_INSERT) {
-        let mut stmt =
-            query(format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES {}", placeholders::<D>(chunk.len(), 14)));
-        for (k, hash) in chunk {
-            stmt = stmt
-                .bind(k.id.to_string())
-                .bind(k.gateway_id.to_string())
-                .bind(&k.name)
-                .bind(&hash.0[..])
-                .bind(&k.prefix)
-                .bind(k.enabled)
-                .bind(k.legacy)
-                .bind(k.limits.cost_limit_micros)
-                .bind(k.limits.token_limit.map(|t| t as i64))
-                .bind(k.limits.requests_per_minute.map(i64::from))
-                .bind(k.limits.reset_period.as_str())
-                .bind(to_micros(k.created_at))
-                .bind(k.expires_at.map(to_micros))
-                .bind(k.last_used_at.map(to_micros));
-        }
+        let sql = format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES {}", values::<D>(chunk.len(), &[""; 14]));
+        let stmt = chunk.iter().fold(query(sql), |stmt, (k, hash)| bind_key(stmt, k, hash));
         stmt.execute(&mut tx).await.map_err(write_err("a key with this name in the gateway"))?;
     }
     tx.commit().await.map_err(unavailable)
 }
 
-/// `rows` tuples of `columns` parameters: `$1`, `$2`, ... for PostgreSQL, `?` for SQLite
-/// (which looks numbered parameters up by a linear search).
-fn placeholders<D: Backend>(rows: usize, columns: usize) -> String {
-    let numbered = D::NAME != "SQLite";
-    let mut sql = String::with_capacity(rows * columns * 6);
-    for r in 0..rows {
-        sql.push_str(if r == 0 { "(" } else { ", (" });
-        for c in 0..columns {
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            if numbered {
-                sql.push_str(&format!("${}", r * columns + c + 1));
-            } else {
-                sql.push('?');
-            }
-        }
-        sql.push(')');
-    }
-    sql
-}
-
-/// Replaces a live key's mutable fields (name, enabled, limits, expiry).
-/// Replaces a live key's mutable fields. When its reset period changes, the usage of its
+/// Replaces a live key's mutable fields (name, enabled, limits, expiry). When its reset period changes, the usage of its
 /// current period is carried into the period the new rule puts `now` in (added, in the
 /// same transaction), as every replica's counters re-key it: the budget neither resets nor
 /// inflates, also after a restart.

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Pool;
 use uuid::Uuid;
 
-use super::backend::{Backend, Columns, query};
+use super::backend::{Backend, Columns, query, values};
 use super::{get, time, unavailable, uuid};
 use crate::domain::budget::{Counters, UsageBucket};
 use crate::domain::key::ResetPeriod;
@@ -70,32 +70,6 @@ fn from_row(r: &impl Columns) -> Result<Counters, StoreError> {
 /// Keys written per statement: 8 bound values each, far below what SQLite (32,766) and
 /// PostgreSQL (65,535) accept in one statement.
 const KEYS_PER_STATEMENT: usize = 500;
-
-/// `VALUES` rows of `rows` tuples, each of these typed columns (`column1`, `column2`, ...
-/// in both backends), their parameters in order: numbered `$1`, `$2`, ... for PostgreSQL,
-/// plain `?` for SQLite, which looks a numbered or named parameter up by a linear search
-/// (thousands of them made a flush ten times slower).
-fn values<D: Backend>(rows: usize, types: &[&str]) -> String {
-    let numbered = D::NAME != "SQLite";
-    let mut sql = String::with_capacity(rows * types.len() * 24);
-    let mut n = 0;
-    for r in 0..rows {
-        sql.push_str(if r == 0 { "(" } else { ", (" });
-        for (i, t) in types.iter().enumerate() {
-            n += 1;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            if numbered {
-                sql.push_str(&format!("CAST(${n} AS {t})"));
-            } else {
-                sql.push_str(&format!("CAST(? AS {t})"));
-            }
-        }
-        sql.push(')');
-    }
-    sql
-}
 
 /// Adds usage increments (per key and period: what this replica metered since its last
 /// flush; other replicas add theirs, nobody overwrites a total) and moves last use/denial
@@ -322,14 +296,6 @@ pub(crate) fn stored_count(v: i64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn values_rows_are_numbered_in_order() {
-        let pg = values::<sqlx::Postgres>(2, &["TEXT", "BIGINT"]);
-        assert_eq!(pg, "(CAST($1 AS TEXT), CAST($2 AS BIGINT)), (CAST($3 AS TEXT), CAST($4 AS BIGINT))");
-        let lite = values::<sqlx::Sqlite>(2, &["TEXT", "BIGINT"]);
-        assert_eq!(lite, "(CAST(? AS TEXT), CAST(? AS BIGINT)), (CAST(? AS TEXT), CAST(? AS BIGINT))");
-    }
 
     #[test]
     fn usage_counts_never_wrap_and_damage_reads_as_exhausted() {
