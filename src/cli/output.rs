@@ -92,7 +92,7 @@ fn usage_json(u: &pb::KeyUsage) -> Value {
         "reserved_usd": u.reserved_usd,
         "requests_last_minute": u.requests_last_minute,
         "last_denied_at": u.last_denied_at.as_ref().map(|_| ts(&u.last_denied_at)),
-        "last_deny_reason": u.last_deny_reason,
+        "last_deny_reason": (!u.last_deny_reason.is_empty()).then_some(&u.last_deny_reason),
     })
 }
 
@@ -227,22 +227,9 @@ impl Out {
     pub fn usage(&self, u: &pb::KeyUsage) {
         let limits = u.limits.clone().unwrap_or_default();
         if self.json {
-            return self.print_json(json!({
-                "key_id": u.key_id,
-                "limits": limits_json(&u.limits),
-                "period_start": ts(&u.period_start),
-                "period_end": u.period_end.as_ref().map(|_| ts(&u.period_end)),
-                "requests": u.requests,
-                "prompt_tokens": u.prompt_tokens,
-                "completion_tokens": u.completion_tokens,
-                "total_tokens": u.total_tokens,
-                "cost_usd": u.cost_usd,
-                "requests_last_minute": u.requests_last_minute,
-                "reserved_tokens": u.reserved_tokens,
-                "reserved_usd": u.reserved_usd,
-                "last_denied_at": u.last_denied_at.as_ref().map(|_| ts(&u.last_denied_at)),
-                "last_deny_reason": (!u.last_deny_reason.is_empty()).then_some(&u.last_deny_reason),
-            }));
+            let mut v = usage_json(u);
+            v["limits"] = limits_json(&u.limits);
+            return self.print_json(v);
         }
         let of = |limit: Option<String>| limit.map(|l| format!(" of {l}")).unwrap_or_default();
         let period_end = if u.period_end.is_some() { ts(&u.period_end) } else { "never resets".into() };

@@ -212,12 +212,7 @@ impl std::fmt::Display for Ticket {
 }
 
 impl Ticket {
-    /// As [`Display`](std::fmt::Display) writes it.
-    pub fn encode(&self) -> String {
-        self.to_string()
-    }
-
-    /// Reads what [`Ticket::encode`] wrote; `None` for anything else.
+    /// Reads what [`Display`](std::fmt::Display) wrote; `None` for anything else.
     pub fn decode(s: &str) -> Option<Ticket> {
         let mut parts = s.split('.');
         let id = parts.next()?.parse().ok()?;
@@ -843,7 +838,7 @@ mod tests {
             hold: Hold { tokens: 4096, micros: 12_345, prompt_tokens: 96 },
             period_start: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
         };
-        assert_eq!(Ticket::decode(&t.encode()), Some(t));
+        assert_eq!(Ticket::decode(&t.to_string()), Some(t));
         for bad in ["", "1", "1.2.3.4", "1.2.3.4.5.6", "x.2.3.4.5", "1.2.3.4.99999999999999999999"] {
             assert_eq!(Ticket::decode(bad), None, "{bad}");
         }
