@@ -11,12 +11,12 @@
 //! drive two). On a machine with fewer than 4 cores, h2load and the server share them: the
 //! ratio is then bounded by the cores left.
 
-use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use std::process::{Child, Command, Stdio};
+
+use common::{check_request, free_port, wait_port};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use portcullis::cli::BearerAuth;
 use portcullis::pb;
 use prost::Message;
@@ -26,27 +26,6 @@ const KEYS: usize = 1_000;
 
 fn env_or(name: &str, default: u32) -> u32 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// A port below the ephemeral range, free when asked, never the same one twice.
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 10_000) as u16;
-    loop {
-        let port = base + NEXT.fetch_add(1, Ordering::Relaxed);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -61,43 +40,8 @@ fn ticks_per_second() -> f64 {
     out.and_then(|o| String::from_utf8(o.stdout).ok()).and_then(|s| s.trim().parse().ok()).unwrap_or(100.0)
 }
 
-/// A gRPC-framed CheckRequest as Envoy sends it for a chat completion (reference config:
-/// gateway in `context_extensions`, the body included).
-fn framed_check(secret: &str) -> Vec<u8> {
-    let body = r#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#;
-    let headers: HashMap<String, String> = [
-        (":authority", "demo.gateway.local"),
-        (":method", "POST"),
-        (":path", "/v1/chat/completions"),
-        (":scheme", "http"),
-        ("content-type", "application/json"),
-        ("content-length", &body.len().to_string()),
-        ("x-forwarded-proto", "http"),
-        ("x-request-id", "3f1c5e2a-7d4b-4c1e-9a6f-0b8d2e4f6a10"),
-        ("x-api-key", secret),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let message = CheckRequest {
-        attributes: Some(AttributeContext {
-            context_extensions: HashMap::from([("gateway".to_string(), "demo".to_string())]),
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    method: "POST".into(),
-                    path: "/v1/chat/completions".into(),
-                    host: "demo.gateway.local".into(),
-                    scheme: "http".into(),
-                    headers,
-                    body: body.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-    .encode_to_vec();
+/// A CheckRequest as gRPC frames it (what h2load sends).
+fn framed(message: Vec<u8>) -> Vec<u8> {
     let mut framed = vec![0u8];
     framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
     framed.extend_from_slice(&message);
@@ -107,6 +51,7 @@ fn framed_check(secret: &str) -> Vec<u8> {
 struct Server {
     child: Child,
     authz: u16,
+    admin: u16,
 }
 
 impl Drop for Server {
@@ -116,11 +61,13 @@ impl Drop for Server {
     }
 }
 
-fn serve(db: &std::path::Path, threads: u32) -> Server {
+/// `portcullis serve` on the SQLite file `db` with `threads` authz threads and `flags`.
+fn serve(db: &std::path::Path, threads: u32, flags: &[&str]) -> Server {
     let (authz, admin) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["serve", "--authz-addr", &format!("127.0.0.1:{authz}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
         .args(["--authz-threads", &threads.to_string(), "--log", "warn"])
+        .args(flags)
         .arg("--database-url")
         .arg(format!("sqlite://{}", db.display()))
         .env("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER)
@@ -130,7 +77,7 @@ fn serve(db: &std::path::Path, threads: u32) -> Server {
         .unwrap();
     wait_port(admin);
     wait_port(authz);
-    Server { child, authz }
+    Server { child, authz, admin }
 }
 
 /// Gateway "demo" with `KEYS` keys without limits and `KEYS` with all three; returns one
@@ -191,8 +138,7 @@ fn h2load(port: u16, body: &std::path::Path, n: u32) -> f64 {
 async fn allowed(port: u16, secret: &str) -> bool {
     use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
     let mut client = AuthorizationClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
-    let framed = framed_check(secret);
-    let req = CheckRequest::decode(&framed[5..]).unwrap();
+    let req = CheckRequest::decode(check_request(secret, "demo").as_slice()).unwrap();
     let r = client.check(req).await.unwrap().into_inner();
     r.status.is_some_and(|s| s.code == 0)
 }
@@ -205,26 +151,11 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("bench.db");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let secrets = {
-        let (authz, admin) = (free_port(), free_port());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["serve", "--authz-addr", &format!("127.0.0.1:{authz}")])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--log", "warn"])
-            // Seeding writes more keys than one token's default write burst.
-            .args(["--admin-write-burst", "100000", "--admin-writes-per-second", "100000"])
-            .arg("--database-url")
-            .arg(format!("sqlite://{}", db.display()))
-            .env("PORTCULLIS_BOOTSTRAP_TOKEN", OWNER)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_port(admin);
-        let secrets = rt.block_on(seed(admin));
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let _ = child.wait();
-        secrets
-    };
+    // Seeding writes more keys than one token's default write burst; each write is
+    // committed when answered, so the server can be stopped at once after.
+    let seeding = serve(&db, 1, &["--admin-write-burst", "100000", "--admin-writes-per-second", "100000"]);
+    let secrets = rt.block_on(seed(seeding.admin));
+    drop(seeding);
     let tick = ticks_per_second();
     println!(
         "h2load -n {n} straight at Check (no Envoy), {} cores; requests/s and Portcullis CPU per Check",
@@ -232,10 +163,10 @@ fn main() {
     );
     for (kind, secret) in [("no limits", &secrets.0), ("rpm + token + USD limits", &secrets.1)] {
         let body = dir.path().join("check.bin");
-        std::fs::write(&body, framed_check(secret)).unwrap();
+        std::fs::write(&body, framed(check_request(secret, "demo"))).unwrap();
         let mut rps = Vec::new();
         for threads in [1, 2] {
-            let server = serve(&db, threads);
+            let server = serve(&db, threads, &[]);
             assert!(rt.block_on(allowed(server.authz, secret)), "the benchmark's key is allowed");
             h2load(server.authz, &body, n / 10); // warm up
             let before = cpu_ticks(server.child.id());

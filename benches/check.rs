@@ -3,14 +3,16 @@
 //! measured in the same run (decode, SHA-256 + HashMap lookup, encode a bare OK).
 //! Reported as ns per Check and as a ratio to the baseline. Run: `cargo bench --bench check`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use common::check_request;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use envoy_types::pb::google::rpc;
 use portcullis::authz::{AuthzService, CheckInput};
 use portcullis::domain::check::Limiters;
@@ -29,37 +31,6 @@ use uuid::Uuid;
 
 const KEYS: usize = 10_000;
 const ITERS: u32 = 300_000;
-
-fn check_request(secret: &str) -> Vec<u8> {
-    let mut headers = HashMap::new();
-    for (k, v) in [
-        (":authority", "demo.gateway.local"),
-        (":method", "POST"),
-        (":path", "/v1/chat/completions"),
-        ("content-type", "application/json"),
-        ("user-agent", "OpenAI/Python 1.54.0"),
-        ("x-request-id", "5c2a4d4e-2f0b-4a55-9a0f-8c6f0b7c1e11"),
-        ("x-api-key", secret),
-    ] {
-        headers.insert(k.to_string(), v.to_string());
-    }
-    let req = CheckRequest {
-        attributes: Some(AttributeContext {
-            context_extensions: HashMap::from([("gateway".to_string(), "demo".to_string())]),
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    method: "POST".into(),
-                    path: "/v1/chat/completions".into(),
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    };
-    req.encode_to_vec()
-}
 
 fn measure(name: &str, mut f: impl FnMut() -> usize) -> f64 {
     for _ in 0..ITERS / 10 {
@@ -125,10 +96,10 @@ fn main() {
     ));
     let svc = AuthzService::new(shared);
 
-    let with_rpm = check_request(secrets[0].expose());
-    let without = check_request(secrets[1].expose());
-    let all_limits = check_request(secrets[2].expose());
-    let unknown = check_request(Secret::generate(SecretKind::ApiKey).expose());
+    let with_rpm = check_request(secrets[0].expose(), "demo");
+    let without = check_request(secrets[1].expose(), "demo");
+    let all_limits = check_request(secrets[2].expose(), "demo");
+    let unknown = check_request(Secret::generate(SecretKind::ApiKey).expose(), "demo");
 
     println!("Check decision, {KEYS} keys in the view, {ITERS} iterations each");
     let baseline = measure("baseline: decode + SHA-256 + HashMap + encode", || {

@@ -6,13 +6,13 @@
 //! Check (from `INFO cpu`) and Checks per second, each backend against the in-process one
 //! in the same run. Run: `cargo bench --bench counters`.
 
-use std::collections::HashMap;
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use common::check_request;
 use portcullis::authz::{AuthzService, CheckInput};
 use portcullis::domain::budget::Meters;
 use portcullis::domain::check::Limiters;
@@ -32,38 +32,6 @@ use uuid::Uuid;
 const KEYS: usize = 1_000;
 const IN_FLIGHT: usize = 32;
 const CHECKS: usize = 64_000;
-
-fn request(secret: &str) -> Vec<u8> {
-    let body = r#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#;
-    let headers: HashMap<String, String> = [
-        (":authority", "demo.gateway.local"),
-        (":method", "POST"),
-        (":path", "/v1/chat/completions"),
-        ("content-type", "application/json"),
-        ("content-length", &body.len().to_string()),
-        ("x-api-key", secret),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            context_extensions: HashMap::from([("gateway".to_string(), "demo".to_string())]),
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    method: "POST".into(),
-                    path: "/v1/chat/completions".into(),
-                    headers,
-                    body: body.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-    .encode_to_vec()
-}
 
 /// CPU this thread has used, in nanoseconds (`/proc/thread-self/schedstat`).
 fn thread_cpu_ns() -> u64 {
@@ -157,7 +125,7 @@ async fn main() {
             last_used_at: None,
         };
         keys.push((key, vec![KeySecret::current(s.hash())]));
-        requests.push(request(s.expose()));
+        requests.push(check_request(s.expose(), "demo"));
     }
     let requests = Arc::new(requests);
     let service = |limiters: Limiters| {

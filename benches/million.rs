@@ -14,15 +14,15 @@
 //! `MILLION_BACKENDS`, default `sqlite,postgres`; `MILLION_CHECK=0` skips the Check
 //! rounds; `MILLION_USED=1` gives every key a last use, as keys in service have). Seeding a million keys takes about a minute per backend.
 
-use std::collections::HashMap;
+mod common;
+
 use std::hint::black_box;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use common::{check_request, free_port};
 use portcullis::authz::{AuthzService, CheckInput};
 use portcullis::cli::BearerAuth;
 use portcullis::domain::check::Limiters;
@@ -103,10 +103,6 @@ async fn seed(url: &str, n: usize, used: bool) -> Vec<String> {
     s.release().await;
     eprintln!("  seeded {n} keys in {:.1} s", started.elapsed().as_secs_f64());
     gateways.into_iter().map(|g| g.name).collect()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// VmRSS and VmHWM of a process, in MB.
@@ -209,37 +205,6 @@ async fn serve(url: &str, gateways: &[String], dir: &std::path::Path) -> Started
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (settled_rss, _) = memory(pid);
     Started { ready, rss, peak, calls, settled_rss }
-}
-
-fn check_request(secret: &str, gateway: &str) -> Vec<u8> {
-    let mut headers = HashMap::new();
-    for (k, v) in [
-        (":authority", "demo.gateway.local"),
-        (":method", "POST"),
-        (":path", "/v1/chat/completions"),
-        ("content-type", "application/json"),
-        ("content-length", "64"),
-        ("x-api-key", secret),
-    ] {
-        headers.insert(k.to_string(), v.to_string());
-    }
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            context_extensions: HashMap::from([("gateway".to_string(), gateway.to_string())]),
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    method: "POST".into(),
-                    path: "/v1/chat/completions".into(),
-                    headers,
-                    body: r#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[]}"#.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-    .encode_to_vec()
 }
 
 /// An authz service over a view of `n` keys (all three limits), and Checks of `ACTIVE` of
