@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
-use common::check_request;
+use common::{check_request, key};
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use envoy_types::pb::google::rpc;
 use portcullis::authz::{AuthzService, CheckInput};
@@ -19,10 +19,9 @@ use portcullis::domain::check::Limiters;
 use portcullis::domain::clock::SystemClock;
 use portcullis::domain::counters::now_or_never;
 use portcullis::domain::gateway::{Gateway, InboundAuth, UpstreamAuth};
-use portcullis::domain::key::{ApiKey, Limits, ResetPeriod};
+use portcullis::domain::key::{Limits, ResetPeriod};
 use portcullis::domain::secret::{Secret, SecretKind};
 use portcullis::domain::tokens::TokenRegistry;
-use portcullis::domain::view::KeySecret;
 use portcullis::domain::view::View;
 use portcullis::state::Shared;
 use prost::Message;
@@ -70,21 +69,7 @@ fn main() {
             },
             _ => Limits::default(),
         };
-        keys.push((
-            ApiKey {
-                id: Uuid::now_v7(),
-                gateway_id: gateway.id,
-                name: format!("k{i}"),
-                prefix: s.display_prefix(),
-                enabled: true,
-                legacy: false,
-                limits,
-                created_at: Utc::now(),
-                expires_at: None,
-                last_used_at: None,
-            },
-            vec![KeySecret::current(s.hash())],
-        ));
+        keys.push(key(gateway.id, format!("k{i}"), &s, limits));
         secrets.push(s);
     }
     let ideal: HashMap<[u8; 32], u64> = keys.iter().enumerate().map(|(i, (_, h))| (h[0].hash.0, i as u64)).collect();

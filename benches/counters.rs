@@ -12,18 +12,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::check_request;
+use common::{check_request, key};
 use portcullis::authz::{AuthzService, CheckInput};
 use portcullis::domain::budget::Meters;
 use portcullis::domain::check::Limiters;
 use portcullis::domain::clock::SystemClock;
 use portcullis::domain::counters::InProcess;
 use portcullis::domain::gateway::{Gateway, InboundAuth};
-use portcullis::domain::key::{ApiKey, Limits, ResetPeriod};
+use portcullis::domain::key::{Limits, ResetPeriod};
 use portcullis::domain::pricing::PriceBook;
 use portcullis::domain::secret::{Secret, SecretKind};
 use portcullis::domain::tokens::TokenRegistry;
-use portcullis::domain::view::{KeySecret, View};
+use portcullis::domain::view::View;
 use portcullis::shared_counters::{FailureMode, Settings, SharedCounters};
 use portcullis::state::Shared;
 use prost::Message;
@@ -112,19 +112,7 @@ async fn main() {
     let mut requests = Vec::new();
     for i in 0..KEYS {
         let s = Secret::generate(SecretKind::ApiKey);
-        let key = ApiKey {
-            id: Uuid::now_v7(),
-            gateway_id: gateway.id,
-            name: format!("k{i}"),
-            prefix: s.display_prefix(),
-            enabled: true,
-            legacy: false,
-            limits,
-            created_at: Utc::now(),
-            expires_at: None,
-            last_used_at: None,
-        };
-        keys.push((key, vec![KeySecret::current(s.hash())]));
+        keys.push(key(gateway.id, format!("k{i}"), &s, limits));
         requests.push(check_request(s.expose(), "demo"));
     }
     let requests = Arc::new(requests);

@@ -76,3 +76,25 @@ pub fn wait_port(port: u16) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// An enabled key of `gateway_id` for `secret`, with `limits`, as the view holds it.
+pub fn key(
+    gateway_id: uuid::Uuid,
+    name: String,
+    secret: &portcullis::domain::secret::Secret,
+    limits: portcullis::domain::key::Limits,
+) -> (portcullis::domain::key::ApiKey, Vec<portcullis::domain::view::KeySecret>) {
+    let key = portcullis::domain::key::ApiKey {
+        id: uuid::Uuid::now_v7(),
+        gateway_id,
+        name,
+        prefix: secret.display_prefix(),
+        enabled: true,
+        legacy: false,
+        limits,
+        created_at: chrono::Utc::now(),
+        expires_at: None,
+        last_used_at: None,
+    };
+    (key, vec![portcullis::domain::view::KeySecret::current(secret.hash())])
+}
