@@ -18,10 +18,14 @@ use portcullis::shared_counters::{FailureMode, Settings, SharedCounters};
 use uuid::Uuid;
 
 use common::eventually;
+use common::replicas::PrivateRedis;
 
 fn redis_url() -> String {
     std::env::var("PORTCULLIS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
+
+/// The longest wait for Redis on a Check.
+const TIMEOUT: StdDuration = StdDuration::from_millis(200);
 
 /// Reservations never settled are released after this (short, so a test can see it).
 const TTL: StdDuration = StdDuration::from_millis(300);
@@ -40,8 +44,7 @@ fn in_process() -> Fixture {
 
 fn shared_on(url: &str, failure_mode: FailureMode) -> Fixture {
     let meters = Arc::new(Meters::default());
-    let settings =
-        Settings { url: url.into(), timeout: StdDuration::from_millis(200), failure_mode, reservation_ttl: TTL };
+    let settings = Settings { url: url.into(), timeout: TIMEOUT, failure_mode, reservation_ttl: TTL };
     let shared = Arc::new(SharedCounters::new(settings, InProcess::new(Arc::clone(&meters))).unwrap());
     Fixture { counters: Arc::clone(&shared) as Arc<dyn Counters>, meters, shared: Some(shared) }
 }
@@ -226,7 +229,7 @@ impl Cluster {
     async fn start() -> Cluster {
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            let mut node = PrivateRedis { port: common::free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+            let mut node = PrivateRedis::unstarted();
             // The cluster bus gets a free port of its own: the default (the port + 10000) may be
             // taken, or above 65535.
             let bus = common::free_port().to_string();
@@ -365,65 +368,6 @@ async fn lost_counters_are_rebuilt_from_the_ledger() {
     assert_eq!(g.usage(&k).await.prompt_tokens + g.usage(&k).await.completion_tokens, 50, "seeded once");
 }
 
-/// A private Redis the test can stop and start again on the same port.
-struct PrivateRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateRedis {
-    async fn start() -> PrivateRedis {
-        let mut r = PrivateRedis { port: common::free_port(), dir: tempfile::tempdir().unwrap(), child: None };
-        r.up().await;
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn up(&mut self) {
-        self.up_with(&[]).await;
-    }
-
-    async fn up_with(&mut self, extra: &[&str]) {
-        let bin = std::env::var("PORTCULLIS_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let child = std::process::Command::new(bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(extra)
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/test-services.sh installs it; PORTCULLIS_TEST_REDIS_SERVER names it)");
-        self.child = Some(child);
-        let url = self.url();
-        eventually("the private Redis answers", StdDuration::from_secs(10), || {
-            let url = url.clone();
-            async move {
-                let client = redis::Client::open(url).ok()?;
-                let mut c = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING").query_async::<String>(&mut c).await.ok()
-            }
-        })
-        .await;
-    }
-
-    fn down(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.down();
-    }
-}
-
 /// Redis down: `local` keeps deciding with the replica's own counters (counted in the
 /// status), `deny` refuses keys with limits; when Redis is back, counting is shared again
 /// and the settles it missed reach it.
@@ -496,8 +440,12 @@ async fn a_slow_redis_costs_a_timeout_not_the_check() {
     let client = redis::Client::open(r.url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let _: String = redis::cmd("CLIENT").arg("PAUSE").arg(3_000).arg("ALL").query_async(&mut c).await.unwrap();
-    // The Check answers from this replica's counters instead of waiting for Redis.
+    // The Check answers from this replica's counters instead of waiting for Redis: within
+    // the timeout (200 ms here) and a margin for a loaded machine, far below the 3 s pause.
+    let started = std::time::Instant::now();
     assert!(matches!(f.admit(&k, Hold::default()).await, Ok(Outcome::Admitted { .. })));
+    let waited = started.elapsed();
+    assert!(waited <= TIMEOUT + StdDuration::from_millis(300), "the Check waited {waited:?} for a paused Redis");
     assert_eq!(shared.status().outage_decisions, 1, "decided in the failure mode: {:?}", shared.status());
     // The pause ends by itself.
     eventually("Redis decides again", StdDuration::from_secs(10), || async {

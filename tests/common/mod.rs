@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod process;
+pub mod replicas;
 pub mod tls;
 
 use std::path::PathBuf;
