@@ -247,6 +247,19 @@ impl Replicas {
         env: &[(&str, &str)],
         routing: Routing,
     ) -> Replicas {
+        Self::start_on_with(n, db_url, db_name, redis, env, routing, |c| c).await
+    }
+
+    /// The same, with Envoy's config further changed by `edit`.
+    pub async fn start_on_with(
+        n: usize,
+        db_url: &str,
+        db_name: &str,
+        redis: &str,
+        env: &[(&str, &str)],
+        routing: Routing,
+        edit: impl FnOnce(String) -> String,
+    ) -> Replicas {
         let mut replicas = Vec::new();
         for _ in 0..n {
             let (authz, admin, metrics) = (free_port(), free_port(), free_port());
@@ -264,8 +277,14 @@ impl Replicas {
         let upstream = FakeUpstream::start().await;
         let ports: Vec<u16> = replicas.iter().map(|r| r.authz).collect();
         let envoy = match routing {
-            Routing::Balanced => Envoy::start_with(ports[0], upstream.port, every_replica(&ports)).await,
-            Routing::Split => Envoy::start_with(ports[0], upstream.port, split(ports[0], ports[1])).await,
+            Routing::Balanced => {
+                let balanced = every_replica(&ports);
+                Envoy::start_with(ports[0], upstream.port, |c| edit(balanced(c))).await
+            }
+            Routing::Split => {
+                let split = split(ports[0], ports[1]);
+                Envoy::start_with(ports[0], upstream.port, |c| edit(split(c))).await
+            }
         };
         let (mut gateways, keys) = replicas[0].clients().await;
         gateways.create_gateway(gateway_req("demo")).await.unwrap();
