@@ -142,7 +142,7 @@ function GatewayDialog(props: { gateway?: Gateway; onClose: () => void; onSaved:
               <label for={`${id}-name`}>
                 Name <span class="req">(required)</span>
               </label>
-              <input id={`${id}-name`} required autocomplete="off" placeholder="openai-prod" value={name} onInput={(e) => setName(e.currentTarget.value)} />
+              <input id={`${id}-name`} required autoFocus autocomplete="off" placeholder="openai-prod" value={name} onInput={(e) => setName(e.currentTarget.value)} />
               <p class="hint">What Envoy routes name in context_extensions.gateway.</p>
             </div>
           ) : null}

@@ -96,7 +96,7 @@ function PriceDialog(props: { price?: ModelPrice; onClose: () => void; onSaved: 
         <div class="dialog-body">
           <div class="field">
             <label for={`${id}-m`}>Model</label>
-            <input id={`${id}-m`} required readOnly={!!props.price} value={model} placeholder="gpt-4o-mini" onInput={(e) => setModel(e.currentTarget.value)} />
+            <input id={`${id}-m`} required autoFocus={!props.price} readOnly={!!props.price} value={model} placeholder="gpt-4o-mini" onInput={(e) => setModel(e.currentTarget.value)} />
           </div>
           <div class="field">
             <label for={`${id}-i`}>Input, USD per million tokens</label>

@@ -139,7 +139,7 @@ function CreateTokenDialog(props: { onClose: () => void; onCreated: () => void }
             <label for={`${id}-n`}>
               Name <span class="req">(required)</span>
             </label>
-            <input id={`${id}-n`} required autocomplete="off" placeholder="ci-deployer" value={name} onInput={(e) => setName(e.currentTarget.value)} />
+            <input id={`${id}-n`} required autoFocus autocomplete="off" placeholder="ci-deployer" value={name} onInput={(e) => setName(e.currentTarget.value)} />
           </div>
           <div class="field">
             <label for={`${id}-r`}>Role</label>
