@@ -338,7 +338,7 @@ test("the keys page badges a legacy key and flags a key expiring within 7 days (
   // A secret clients already hold, brought under management; it authenticates through Envoy.
   const imported = await adminApi(OWNER).keys.importLegacyKey({ gateway: "demo", name: LEGACY, secret: LEGACY_SECRET });
   expect(imported.legacy).toBe(true);
-  expect((await callGateway(LEGACY_SECRET)).status).toBe(200);
+  await expect(async () => expect((await callGateway(LEGACY_SECRET)).status).toBe(200)).toPass({ timeout: 10_000 });
 
   // Remembered in this tab, so that a reload re-reads the list: last use reaches it with the next
   // usage flush (every second).
@@ -346,6 +346,7 @@ test("the keys page badges a legacy key and flags a key expiring within 7 days (
   await page.getByLabel("Management token").fill(OWNER);
   await page.getByRole("checkbox", { name: /Remember in this tab/ }).check();
   await page.getByRole("button", { name: "Sign in" }).click();
+  await expect(menu(page)).toBeVisible();
   const legacy = keyRow(page, LEGACY);
   await expect(async () => {
     await page.reload();
@@ -803,6 +804,8 @@ test("keyboard: sign-in and the create-key dialog in order with a visible focus;
   await expect(menu(page)).toBeVisible();
 
   const create = page.getByRole("button", { name: "Create API key" });
+  // Enabled once the gateways are loaded.
+  await expect(create).toBeEnabled();
   await create.focus();
   await page.keyboard.press("Enter");
   const dialog = page.getByRole("dialog", { name: "Create API key" });
