@@ -645,7 +645,7 @@ test("audit filters narrow the list on the server and stay in the URL", async ({
   for (const text of await body.getByRole("row").allTextContents()) expect(text).toMatch(/AccessService\//);
 
   // By actor (the owner's token, by name): only its calls.
-  const owner = (await body.getByRole("row").first().getByRole("cell").nth(1).textContent())!.trim();
+  const owner = (await body.getByRole("row").first().getByRole("cell").nth(1).innerText()).trim();
   await page.getByRole("combobox", { name: "Action" }).fill("");
   await page.getByLabel("Actor").fill(owner);
   await page.getByRole("button", { name: "Apply filters" }).click();
@@ -925,5 +925,34 @@ test("the keys page fits 1280 px without sideways scrolling, and is usable at 39
   await expect(soon.locator(".badge.off")).toHaveText("Disabled");
   await toggle.click();
   await expect(toggle).toHaveAttribute("aria-checked", "true");
+  done();
+});
+
+test("the gateways, prices, tokens and audit tables: column headers at 1280 px, cards whose values carry their column names at 390 px", async ({ page }) => {
+  const done = watch(page);
+  // The admin deleted gpt-4o-mini's price: one to show.
+  await adminApi(OWNER).pricing.setModelPrice({ price: { model: "gpt-4o", inputUsdPerMillion: "2.5", outputUsdPerMillion: "10" } });
+  await signIn(page, OWNER, "/gateways");
+  const tables: [string, string[]][] = [
+    ["Gateways", ["Name", "Client key", "Provider credential", "Default reservation", "Created"]],
+    ["Model prices", ["Model", "Input (prompt)", "Output (completion)"]],
+    ["Management tokens", ["Name", "Role", "Gateways", "Prefix", "Status", "Created", "Last used", "Expires"]],
+    ["Audit trail", ["When", "Actor", "Action", "Gateway", "Target", "Result"]],
+  ];
+  for (const [link, labels] of tables) {
+    await page.setViewportSize({ width: 1280, height: 800 });
+    await menu(page).getByRole("link", { name: link }).click();
+    await expect(page.getByRole("heading", { name: link, exact: true })).toBeVisible();
+    const row = page.locator("table.stack tbody tr").first();
+    await expect(row).toBeVisible();
+    for (const label of labels) {
+      await expect(page.getByRole("columnheader", { name: label }).first(), `${link}: ${label}`).toBeVisible();
+      await expect(row.locator(".cell-label").getByText(label, { exact: true }), `${link}: ${label}`).toBeHidden();
+    }
+    await page.setViewportSize({ width: 390, height: 844 });
+    await expect(async () => expect(await scrollsSideways(page)).toBe(false)).toPass({ timeout: 5000 });
+    for (const label of labels) await expectLabelled(row, label);
+  }
+  await expectLabelled(page.locator("table.audit tbody tr").first(), "Result", "OK");
   done();
 });
