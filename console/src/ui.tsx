@@ -185,6 +185,15 @@ export function TableHead(props: { cols: ComponentChildren[]; actions?: boolean 
   );
 }
 
+/**
+ * A cell's column name, shown before its value only where a table is laid out as cards (narrow
+ * screens, `table.stack`; the column headers are hidden there) and hidden (display: none, so
+ * also from screen readers) where the table has its column headers.
+ */
+export function CellLabel(props: { children: ComponentChildren }) {
+  return <span class="cell-label">{props.children}</span>;
+}
+
 /** A muted "Loading …" status line. */
 export function Loading(props: { children: ComponentChildren }) {
   return (

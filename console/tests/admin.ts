@@ -5,6 +5,7 @@ import { createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { GatewayService } from "../src/gen/portcullis/admin/v1/gateways_pb.js";
 import { KeyService } from "../src/gen/portcullis/admin/v1/keys_pb.js";
+import { PricingService } from "../src/gen/portcullis/admin/v1/pricing_pb.js";
 
 export function adminApi(token: string) {
   const baseUrl = process.env.CONSOLE_URL;
@@ -14,5 +15,9 @@ export function adminApi(token: string) {
     return next(req);
   };
   const transport = createGrpcWebTransport({ baseUrl, interceptors: [auth] });
-  return { gateways: createClient(GatewayService, transport), keys: createClient(KeyService, transport) };
+  return {
+    gateways: createClient(GatewayService, transport),
+    keys: createClient(KeyService, transport),
+    pricing: createClient(PricingService, transport),
+  };
 }

@@ -354,7 +354,8 @@ test("the keys page badges a legacy key and flags a key expiring within 7 days (
   }).toPass({ timeout: 15_000 });
   await expect(legacy.locator(".badge.legacy")).toHaveText("Legacy");
   await expect(legacy.locator(".badge.ok")).toHaveText("Active");
-  await expect(legacy.locator(".limits-cell")).toHaveText("None (legacy)");
+  // What the cell shows (innerText): its column name, for the narrow layout, is in the DOM but hidden.
+  await expect(legacy.locator(".limits-cell")).toHaveText("None (legacy)", { useInnerText: true });
   await expect(legacy).not.toContainText("Expires within 7 days");
   // The edit above set token-user01 to expire in 3 days.
   const key = keyRow(page, KEY);
@@ -644,7 +645,7 @@ test("audit filters narrow the list on the server and stay in the URL", async ({
   for (const text of await body.getByRole("row").allTextContents()) expect(text).toMatch(/AccessService\//);
 
   // By actor (the owner's token, by name): only its calls.
-  const owner = (await body.getByRole("row").first().getByRole("cell").nth(1).textContent())!.trim();
+  const owner = (await body.getByRole("row").first().getByRole("cell").nth(1).innerText()).trim();
   await page.getByRole("combobox", { name: "Action" }).fill("");
   await page.getByLabel("Actor").fill(owner);
   await page.getByRole("button", { name: "Apply filters" }).click();
@@ -843,6 +844,25 @@ test("keyboard: sign-in and the create-key dialog in order with a visible focus;
   done();
 });
 
+/** The key cards' labels checked at both widths (each also a column header). */
+const LABELS = ["Name", "Prefix", "Status", "Enabled", "Created", "Last used", "Expires", "Limits", "This period"];
+
+/**
+ * In a card (390 px): the cell labelled `label` shows it, and its value (the element after the
+ * label; containing `value` when given) right of it on the same line, within 390 px.
+ */
+async function expectLabelled(row: Locator, label: string, value?: string): Promise<void> {
+  const name = row.locator(".cell-label").getByText(label, { exact: true });
+  const shown = name.locator("xpath=following-sibling::*[1]");
+  await expect(name, label).toBeVisible();
+  await expect(shown, `${label}: its value`).toBeVisible();
+  if (value !== undefined) await expect(shown, `${label}: ${value}`).toContainText(value);
+  const [l, v] = [(await name.boundingBox())!, (await shown.boundingBox())!];
+  expect(v.x, `${label}: ${value} after its label`).toBeGreaterThanOrEqual(l.x + l.width);
+  expect(v.x + v.width, `${label}: ${value} within 390 px`).toBeLessThanOrEqual(390);
+  expect(Math.abs(v.y - l.y), `${label}: ${value} starts on its label's line`).toBeLessThan(l.height);
+}
+
 test("the keys page fits 1280 px without sideways scrolling, and is usable at 390 px", async ({ page }) => {
   const done = watch(page);
   await signIn(page, OWNER, "/keys?gateway=fleet&sort=expires&dir=asc");
@@ -856,12 +876,35 @@ test("the keys page fits 1280 px without sideways scrolling, and is usable at 39
     const box = (await page.getByRole("columnheader", { name: col }).boundingBox())!;
     expect(box.x + box.width, col).toBeLessThanOrEqual(1280);
   }
+  // The column headers name the values; the cells' own labels (for the cards) are not shown, so
+  // each name shows once, in its header, and is not part of what the cells say.
+  const soon = rows.first();
+  await expect(soon).toContainText("fleet-04");
+  const table = page.locator("table.keys");
+  for (const label of LABELS) {
+    await expect(soon.getByText(label, { exact: true }), label).toBeHidden();
+    await expect(table.getByText(label, { exact: true }).filter({ visible: true }), label).toHaveCount(1);
+    await expect(page.getByRole("columnheader", { name: label, exact: true })).toBeVisible();
+  }
+  await expect(soon.getByRole("cell", { name: "Never", exact: true })).toHaveCount(1);
 
   // 390 px: no sideways scroll; each key a card whose name, status, toggle and flag are in view.
   await page.setViewportSize({ width: 390, height: 844 });
   await expect(async () => expect(await scrollsSideways(page)).toBe(false)).toPass({ timeout: 5000 });
-  const soon = rows.first();
   await expect(soon).toContainText("fleet-04");
+  // Each value carries its column's name, at its left on the same line; the headers are hidden,
+  // the table is still a table (rows and cells) to assistive technology.
+  for (const label of LABELS) {
+    await expect(page.getByRole("columnheader", { name: label, exact: true })).toBeHidden();
+    await expect(soon.getByText(label, { exact: true }), label).toBeVisible();
+  }
+  await expectLabelled(soon, "Last used", "Never");
+  await expectLabelled(soon, "Expires", await soon.locator("time").nth(1).innerText());
+  await expectLabelled(soon, "Created", await soon.locator("time").first().innerText());
+  await expectLabelled(soon, "Status", "Active");
+  await expectLabelled(soon, "Limits", "No limits");
+  await expectLabelled(soon, "Enabled");
+  await expect(soon.getByRole("cell").filter({ hasText: "Last used" })).toHaveCount(1);
   const toggle = page.getByRole("switch", { name: "Enable fleet-04" });
   for (const part of [
     soon.getByRole("link", { name: "fleet-04" }),
@@ -882,5 +925,34 @@ test("the keys page fits 1280 px without sideways scrolling, and is usable at 39
   await expect(soon.locator(".badge.off")).toHaveText("Disabled");
   await toggle.click();
   await expect(toggle).toHaveAttribute("aria-checked", "true");
+  done();
+});
+
+test("the gateways, prices, tokens and audit tables: column headers at 1280 px, cards whose values carry their column names at 390 px", async ({ page }) => {
+  const done = watch(page);
+  // The admin deleted gpt-4o-mini's price: one to show.
+  await adminApi(OWNER).pricing.setModelPrice({ price: { model: "gpt-4o", inputUsdPerMillion: "2.5", outputUsdPerMillion: "10" } });
+  await signIn(page, OWNER, "/gateways");
+  const tables: [string, string[]][] = [
+    ["Gateways", ["Name", "Client key", "Provider credential", "Default reservation", "Created"]],
+    ["Model prices", ["Model", "Input (prompt)", "Output (completion)"]],
+    ["Management tokens", ["Name", "Role", "Gateways", "Prefix", "Status", "Created", "Last used", "Expires"]],
+    ["Audit trail", ["When", "Actor", "Action", "Gateway", "Target", "Result"]],
+  ];
+  for (const [link, labels] of tables) {
+    await page.setViewportSize({ width: 1280, height: 800 });
+    await menu(page).getByRole("link", { name: link }).click();
+    await expect(page.getByRole("heading", { name: link, exact: true })).toBeVisible();
+    const row = page.locator("table.stack tbody tr").first();
+    await expect(row).toBeVisible();
+    for (const label of labels) {
+      await expect(page.getByRole("columnheader", { name: label }).first(), `${link}: ${label}`).toBeVisible();
+      await expect(row.locator(".cell-label").getByText(label, { exact: true }), `${link}: ${label}`).toBeHidden();
+    }
+    await page.setViewportSize({ width: 390, height: 844 });
+    await expect(async () => expect(await scrollsSideways(page)).toBe(false)).toPass({ timeout: 5000 });
+    for (const label of labels) await expectLabelled(row, label);
+  }
+  await expectLabelled(page.locator("table.audit tbody tr").first(), "Result", "OK");
   done();
 });
