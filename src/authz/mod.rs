@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use wire::HeaderLine;
 
 use crate::domain::check::{self, Decision, Denial, Step};
 use crate::domain::request::{Headers, RequestParts};
@@ -92,15 +92,11 @@ impl AuthzService {
 /// `header_map` entries (one per header line) as Envoy writes `headers`: lowercase
 /// names, and a header sent more than once joined with `,`, so a key header sent twice
 /// reads the same whichever encoding Envoy uses (and is refused).
-fn joined_headers<'a>(entries: impl Iterator<Item = &'a HeaderValue>) -> HashMap<String, String> {
+fn joined_headers<'a>(entries: impl Iterator<Item = &'a HeaderLine>) -> HashMap<String, String> {
     let mut out: HashMap<String, String> = HashMap::new();
-    for hv in entries {
-        let value = if hv.raw_value.is_empty() {
-            Cow::Borrowed(hv.value.as_str())
-        } else {
-            String::from_utf8_lossy(&hv.raw_value)
-        };
-        match out.entry(hv.key.to_ascii_lowercase()) {
+    for line in entries {
+        let value = line.value();
+        match out.entry(wire::text(&line.key).to_ascii_lowercase()) {
             Entry::Occupied(mut joined) => {
                 let joined = joined.get_mut();
                 joined.push(',');
@@ -142,11 +138,12 @@ fn log_decision(decision: &Decision) {
 mod tests {
     use super::*;
 
-    fn entry(key: &str, value: &str, raw: bool) -> HeaderValue {
+    fn entry(key: &str, value: &str, raw: bool) -> HeaderLine {
+        let (key, value) = (key.to_string().into(), value.to_string().into());
         if raw {
-            HeaderValue { key: key.into(), raw_value: value.as_bytes().to_vec(), ..Default::default() }
+            HeaderLine { key, raw_value: value, ..Default::default() }
         } else {
-            HeaderValue { key: key.into(), value: value.into(), ..Default::default() }
+            HeaderLine { key, value, ..Default::default() }
         }
     }
 

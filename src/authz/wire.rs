@@ -12,7 +12,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::config::core::v3::HeaderMap;
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use tonic::body::Body;
 use tonic::codegen::Body as RequestBody;
@@ -53,7 +52,7 @@ pub struct HttpAttributes {
     #[prost(message, repeated, tag = "3")]
     pub headers: Vec<Entry>,
     #[prost(message, optional, tag = "13")]
-    pub header_map: Option<HeaderMap>,
+    pub header_map: Option<HeaderLines>,
     /// Read as bytes, like the headers: borrowed as text, not copied.
     #[prost(bytes = "bytes", tag = "4")]
     pub path: prost::bytes::Bytes,
@@ -75,6 +74,89 @@ pub struct Entry {
     pub name: prost::bytes::Bytes,
     #[prost(bytes = "bytes", tag = "2")]
     pub value: prost::bytes::Bytes,
+}
+
+/// `envoy.config.core.v3.HeaderMap`: one entry per header line, sharing the frame.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeaderLines {
+    #[prost(message, repeated, tag = "1")]
+    pub headers: Vec<HeaderLine>,
+}
+
+/// `envoy.config.core.v3.HeaderValue`: the value as text, or (as Envoy sends it since
+/// `raw_value` came) as bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeaderLine {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key: prost::bytes::Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: prost::bytes::Bytes,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub raw_value: prost::bytes::Bytes,
+}
+
+impl HeaderLine {
+    pub fn value(&self) -> Cow<'_, str> {
+        text(if self.raw_value.is_empty() { &self.value } else { &self.raw_value })
+    }
+}
+
+impl HeaderLines {
+    /// The first line named `name` (any case).
+    pub fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.headers.iter().find(|h| h.key.eq_ignore_ascii_case(name.as_bytes())).map(HeaderLine::value)
+    }
+}
+
+/// `envoy.config.core.v3.Metadata`, as far as metering reads it: the string fields of
+/// each namespace in `filter_metadata` (a map, read as its entries).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MetadataInput {
+    #[prost(message, repeated, tag = "1")]
+    pub filter_metadata: Vec<Namespace>,
+}
+
+/// One `filter_metadata` entry: a namespace and its `google.protobuf.Struct`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Namespace {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub name: prost::bytes::Bytes,
+    #[prost(message, optional, tag = "2")]
+    pub fields: Option<StructInput>,
+}
+
+/// `google.protobuf.Struct`: its fields, as entries.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StructInput {
+    #[prost(message, repeated, tag = "1")]
+    pub fields: Vec<Field>,
+}
+
+/// One `Struct.fields` entry; only a `string_value` is read (any other kind reads as
+/// empty).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Field {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub name: prost::bytes::Bytes,
+    #[prost(message, optional, tag = "2")]
+    pub value: Option<StringValue>,
+}
+
+/// `google.protobuf.Value`, as far as a string goes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StringValue {
+    #[prost(bytes = "bytes", tag = "3")]
+    pub string_value: prost::bytes::Bytes,
+}
+
+impl MetadataInput {
+    /// The string field `field` of `namespace` (the last entry of each wins, as in a map);
+    /// `None` when absent, empty, not a string or not UTF-8.
+    pub fn string(&self, namespace: &str, field: &str) -> Option<&str> {
+        let ns = self.filter_metadata.iter().rev().find(|n| n.name == namespace.as_bytes())?;
+        let f = ns.fields.as_ref()?.fields.iter().rev().find(|f| f.name == field.as_bytes())?;
+        std::str::from_utf8(&f.value.as_ref()?.string_value).ok().filter(|s| !s.is_empty())
+    }
 }
 
 /// Text that is valid UTF-8 (as Envoy writes it) is borrowed; any other byte reads as the
@@ -136,7 +218,7 @@ pub enum Part {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Headers {
     #[prost(message, optional, tag = "1")]
-    pub headers: Option<HeaderMap>,
+    pub headers: Option<HeaderLines>,
     #[prost(bool, tag = "3")]
     pub end_of_stream: bool,
 }
@@ -547,7 +629,7 @@ mod tests {
             (":path".to_string(), "/v1/chat/completions?x=1".to_string()),
             ("x-api-key".to_string(), "pcs_secret".to_string()),
         ]);
-        let header_map = HeaderMap {
+        let header_map = envoy_types::pb::envoy::config::core::v3::HeaderMap {
             headers: vec![HeaderValue { key: "x-api-key".into(), raw_value: b"raw".to_vec(), ..Default::default() }],
         };
         let full = CheckRequest {
@@ -586,7 +668,9 @@ mod tests {
         }
         assert_eq!(http.headers.len(), headers.len());
         assert_eq!(http.headers.get("host"), None);
-        assert_eq!(http.header_map, Some(header_map));
+        let lines = http.header_map.expect("header_map");
+        assert_eq!(lines.headers.len(), 1);
+        assert_eq!(lines.get("X-Api-Key").as_deref(), Some("raw"));
         assert_eq!(http.path, "/v1/chat/completions?x=1");
         assert_eq!(http.body, "{\"max_tokens\":5}".as_bytes());
         assert_eq!(http.raw_body, b"\x00raw".as_slice());
@@ -644,6 +728,39 @@ mod tests {
         assert_eq!(collected.trailers().map(|t| t["grpc-status"].clone()), Some(http::HeaderValue::from_static("0")));
         let bytes = collected.to_bytes();
         assert_eq!(&bytes[..], &framed(&answer.encode_to_vec())[..]);
+    }
+
+    /// Metering reads string fields of the ext_authz namespace from Envoy's metadata, as
+    /// Envoy encodes it; other namespaces and other kinds of value are not mistaken for them.
+    #[test]
+    fn metadata_strings_read_from_their_namespace_only() {
+        use envoy_types::pb::google::protobuf::value::Kind;
+        use envoy_types::pb::google::protobuf::{Struct, Value};
+        use prost::Message;
+        let value = |kind| Value { kind: Some(kind) };
+        let authz = Struct {
+            fields: HashMap::from([
+                ("key_id".to_string(), value(Kind::StringValue("k-1".into()))),
+                ("number".to_string(), value(Kind::NumberValue(7.0))),
+                ("empty".to_string(), value(Kind::StringValue(String::new()))),
+            ]),
+        };
+        let other =
+            Struct { fields: HashMap::from([("reservation".to_string(), value(Kind::StringValue("r".into())))]) };
+        let md = Metadata {
+            filter_metadata: HashMap::from([
+                ("envoy.filters.http.ext_authz".to_string(), authz),
+                ("other".to_string(), other),
+            ]),
+            ..Default::default()
+        };
+        let read = MetadataInput::decode(md.encode_to_vec().as_slice()).expect("metadata");
+        assert_eq!(read.string("envoy.filters.http.ext_authz", "key_id"), Some("k-1"));
+        assert_eq!(read.string("envoy.filters.http.ext_authz", "reservation"), None, "another namespace's field");
+        assert_eq!(read.string("envoy.filters.http.ext_authz", "number"), None, "not a string");
+        assert_eq!(read.string("envoy.filters.http.ext_authz", "empty"), None);
+        assert_eq!(read.string("other", "reservation"), Some("r"));
+        assert_eq!(read.string("missing", "key_id"), None);
     }
 
     /// A header that is not UTF-8 (which prost's strings would refuse) is read with
