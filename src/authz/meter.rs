@@ -320,7 +320,7 @@ impl Method for MeterService {
         B::Error: Into<StdError> + Send + 'static,
     {
         Box::pin(async move {
-            let mut grpc = Grpc::new(tonic_prost::ProstCodec::<ProcessingResponse, ProcessingInput>::default());
+            let mut grpc = Grpc::new(SmallBuffers);
             Ok(grpc.streaming(Process(self), request).await)
         })
     }
@@ -328,6 +328,33 @@ impl Method for MeterService {
 
 /// `envoy.service.ext_proc.v3.ExternalProcessor`.
 pub type ExternalProcessorServer = Server<MeterService>;
+
+/// tonic's protobuf codec with buffers that start small. Its default gives every stream
+/// an 8 KiB buffer each way, though Envoy's messages are a few hundred bytes (the buffers
+/// grow for larger body chunks); one of those a response made glibc's malloc consolidate
+/// its free lists on every metered response.
+#[derive(Debug, Clone, Copy, Default)]
+struct SmallBuffers;
+
+/// Where the buffers start; under glibc's 1 KiB threshold for large requests.
+const STREAM_BUFFER: usize = 512;
+/// tonic's default: a stream yields to the runtime after encoding this much.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+impl tonic::codec::Codec for SmallBuffers {
+    type Encode = ProcessingResponse;
+    type Decode = ProcessingInput;
+    type Encoder = tonic_prost::ProstEncoder<ProcessingResponse>;
+    type Decoder = tonic_prost::ProstDecoder<ProcessingInput>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD))
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -162,7 +162,11 @@ impl MetadataInput {
 /// Text that is valid UTF-8 (as Envoy writes it) is borrowed; any other byte reads as the
 /// replacement character, so a key among other bytes is still seen.
 pub fn text(bytes: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(bytes)
+    // The strict check first: it is the common case, and much faster than the lossy one.
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 impl crate::domain::request::Headers for Vec<Entry> {
