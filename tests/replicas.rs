@@ -294,12 +294,70 @@ async fn changes_reach_the_other_replica_without_a_notification_and_out_of_commi
 
 #[tokio::test]
 async fn with_the_database_down_check_answers_from_memory_admin_is_unavailable_and_sync_resumes() {
+    /// Meters one response of `key_id` on `server` over ext_proc, as Envoy sends it (the
+    /// ext_authz metadata, then the response's headers and body with its usage).
+    async fn meter(server: &TestServer, key_id: &str) {
+        use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+        use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+        use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Part;
+        use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
+        use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+        let key_id = Value { kind: Some(Kind::StringValue(key_id.into())) };
+        let authz = Struct { fields: HashMap::from([("key_id".to_string(), key_id)]) };
+        let metadata = Metadata {
+            filter_metadata: HashMap::from([("envoy.filters.http.ext_authz".into(), authz)]),
+            ..Default::default()
+        };
+        let header =
+            |k: &str, v: &str| HeaderValue { key: k.into(), raw_value: v.as_bytes().to_vec(), ..Default::default() };
+        let headers = HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![header(":status", "200"), header("content-type", "application/json")],
+            }),
+            ..Default::default()
+        };
+        let body = br#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#.to_vec();
+        let stream = [
+            ProcessingRequest {
+                metadata_context: Some(metadata),
+                request: Some(Part::ResponseHeaders(headers)),
+                ..Default::default()
+            },
+            ProcessingRequest {
+                request: Some(Part::ResponseBody(HttpBody { body, end_of_stream: true, ..Default::default() })),
+                ..Default::default()
+            },
+        ];
+        let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", server.authz_port()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut replies =
+            ExternalProcessorClient::new(ch).process(tokio_stream::iter(stream)).await.unwrap().into_inner();
+        for _ in 0..2 {
+            replies.message().await.unwrap().expect("a reply to each part");
+        }
+    }
+    /// Advisory locks held on database `name` (each replica's claim).
+    async fn claims(name: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND l.granted AND d.datname = $1",
+        )
+        .bind(name)
+        .fetch_one(&mut admin_conn().await)
+        .await
+        .unwrap()
+    }
+
     let (url, name) = fresh_db().await;
     let (mut a, mut b) = two_replicas(&url).await;
     let (mut gw, mut keys) = a.clients().await;
     gw.create_gateway(gateway_req("demo")).await.unwrap();
-    let (_, secret) = create_key(&mut keys, "demo", "kept").await;
+    let (kept, secret) = create_key(&mut keys, "demo", "kept").await;
     answers(&b, "demo", &secret, 200, "B has the key").await;
+    assert_eq!(claims(&name).await, 2, "each replica claims the database");
 
     let mut c = admin_conn().await;
     sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false")).execute(&mut c).await.unwrap();
@@ -312,8 +370,33 @@ async fn with_the_database_down_check_answers_from_memory_admin_is_unavailable_a
     assert_eq!(down.code(), Code::Unavailable, "{down:?}");
     assert_eq!(check(&a, "demo", &secret).await, 200, "A's Check answers from memory");
     assert_eq!(check(&b, "demo", &secret).await, 200, "B's Check answers from memory");
+    assert_eq!(claims(&name).await, 0, "the claims ended with their connections");
+    // Usage metered meanwhile waits in memory.
+    meter(&a, &kept.id).await;
+    meter(&b, &kept.id).await;
 
     sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).execute(&mut c).await.unwrap();
+    // ... and is in the ledger once the database is back, each replica's increments added.
+    eventually("the usage metered while down is written", Duration::from_secs(15), || {
+        let (url, id) = (url.clone(), kept.id.clone());
+        async move {
+            let mut db = sqlx::PgConnection::connect(&url).await.ok()?;
+            let row: Option<(i64, i64, i64)> =
+                sqlx::query_as("SELECT requests, prompt_tokens, completion_tokens FROM key_usage WHERE key_id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut db)
+                    .await
+                    .ok()?;
+            (row == Some((2, 6, 8))).then_some(())
+        }
+    })
+    .await;
+    // The claims that ended with the killed connections are taken again.
+    eventually("both replicas claim the database again", Duration::from_secs(15), || {
+        let name = &name;
+        async move { (claims(name).await == 2).then_some(()) }
+    })
+    .await;
     let (_, later) = eventually("A writes again", Duration::from_secs(15), || {
         let mut keys = keys.clone();
         async move {
