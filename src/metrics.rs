@@ -252,7 +252,7 @@ pub fn counter_store(s: crate::shared_counters::CounterStatus) -> String {
         (
             "portcullis_counter_outage_decisions_total",
             "counter",
-            "Checks decided by --counter-failure-mode because Redis did not answer (or the key's counters were not seeded from the ledger in time).",
+            "Checks decided by --counter-failure-mode because Redis did not answer.",
             s.outage_decisions,
         ),
         (
@@ -284,6 +284,18 @@ pub fn counter_store(s: crate::shared_counters::CounterStatus) -> String {
             "counter",
             "Missed settles dropped beyond the bound (their reservations wait for --reservation-ttl).",
             s.settles_dropped,
+        ),
+        (
+            "portcullis_counter_seeds_pending",
+            "gauge",
+            "Key periods Redis lacked, seeded from this replica's memory, whose ledger read (or its retry) is pending.",
+            s.seeds_pending,
+        ),
+        (
+            "portcullis_counter_seeds_dropped_total",
+            "counter",
+            "Ledger reads of key periods seeded from memory dropped beyond the bound (reconciliation raises them later).",
+            s.seeds_dropped,
         ),
     ];
     let mut out = String::new();

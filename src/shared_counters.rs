@@ -8,8 +8,9 @@
 //! Layout: every key of one API key `k` shares the hash tag `{k}` (one Redis Cluster slot):
 //! - `pc:{k}:rpm`: admission times (ms), newest first, none older than 60 s;
 //! - `pc:{k}:b:<period start µs>`: the period's usage and reservations (integer fields
-//!   `req`, `pt`, `ct`, `t` tokens, `m` micro-USD, `rt`/`rm` reserved), seeded from the
-//!   ledger when missing, expiring after the period;
+//!   `req`, `pt`, `ct`, `t` tokens, `m` micro-USD, `rt`/`rm` reserved), seeded when
+//!   missing by the Check from the replica's memory and raised to the ledger in the
+//!   background, expiring after the period;
 //! - `pc:{k}:rz`: reservations in flight, `id:tokens:micros:period`, scored by deadline (ms);
 //! - `pc:{k}:done`: settled ids → when, kept a while so a retried settle charges nothing.
 
@@ -75,11 +76,11 @@ const BUDGET_GRACE_MS: i64 = 7 * 24 * 3_600_000;
 pub const MAX_MISSED_SETTLES: usize = 65_536;
 /// Missed settles replayed per tick, at most (bounded work once Redis is back).
 const REPLAY_PER_TICK: usize = 4_096;
-/// Seed requests waiting for the ledger, at most; beyond it a Check is decided by the
-/// failure mode.
+/// Periods waiting for the seeder to read them from the ledger (queued, being read, or
+/// whose read failed and is retried at the tick), at most; beyond it a request is dropped
+/// (counted): that period's counters stay at what the replica's memory held (its mirror
+/// of the ledger, at most a reconciliation old) until reconciliation raises them.
 const SEED_QUEUE: usize = 1_024;
-/// A seed whose ledger read failed is not asked for again before this (µs).
-const SEED_RETRY_MICROS: i64 = 1_000_000;
 /// Lua numbers are doubles: every integer sent to a script stays below 2^53 (a limit
 /// above it is as good as none).
 const MAX_EXACT: u64 = 1 << 53;
@@ -120,9 +121,19 @@ local function reset_in() if oldest then return oldest + 60000 - now end return 
 local used_t, used_m, rt, rm = 0, 0, 0, 0
 if budgeted then
   local h = redis.call('HMGET', KEYS[2], 't', 'm', 'rt', 'rm')
-  -- Missing (a new period, or Redis lost it): the replica has it seeded from the ledger
-  -- (SEED) and asks again.
-  if not h[1] then return {-1} end
+  if not h[1] then
+    -- Missing (a new period, or Redis lost it): the replica asks again with what its
+    -- memory holds of the period (ARGV 11-15), set here if still absent, never added to;
+    -- its seeder raises them to the ledger in the background (SEED).
+    if ARGV[11] == '' then return {-1} end
+    redis.call('HSET', KEYS[2], 'req', ARGV[11], 'pt', ARGV[12], 'ct', ARGV[13], 't', ARGV[14], 'm', ARGV[15], 'rt', '0', 'rm', '0')
+    -- Kept until the period's end (by the replica's calendar, never before Redis's now)
+    -- and a grace after it; a budget that never resets is kept.
+    if tonumber(ARGV[16]) > 0 then
+      redis.call('PEXPIREAT', KEYS[2], int(math.max(tonumber(ARGV[16]), now) + tonumber(ARGV[17])))
+    end
+    h = {ARGV[14], ARGV[15], '0', '0'}
+  end
   used_t, used_m, rt, rm = num(h[1]), num(h[2]), num(h[3]), num(h[4])
   if token_limit >= 0 and used_t + rt >= token_limit then
     return {2, used_t < token_limit and 1 or 0, in_window, reset_in()}
@@ -221,11 +232,12 @@ end
 return drift
 "#;
 
-/// Seeds a period's counters from the ledger if they are absent: the ledger's totals plus
-/// what the seeding replica metered and did not write yet (ARGV 1-5), expiring after the
-/// period (ARGV 6, by the replica's calendar, never before Redis's now) and a grace
-/// (ARGV 7). Present (another replica seeded them, or a Check recreated them), they are
-/// raised to those totals where behind, never added to. Returns 1 when it created them.
+/// Raises a period's counters to the ledger: the ledger's totals plus what the seeder's
+/// replica metered and did not write yet (ARGV 1-5). Present (a Check seeded them from
+/// memory, or another replica did), they are raised to those totals where behind, never
+/// added to; absent (the Check's seed did not get through), they are set, expiring after
+/// the period (ARGV 6, by the replica's calendar, never before Redis's now) and a grace
+/// (ARGV 7). Returns 1 when it created them.
 const SEED: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -347,20 +359,33 @@ struct Seen {
     at: Mono,
 }
 
-/// A period's counters to seed from the ledger (Redis has none).
+/// A period's counters Redis lacked (seeded from the replica's memory by the Check), to be
+/// raised to the ledger by the seeder.
 #[derive(Debug, Clone, Copy)]
 pub struct SeedRequest {
     pub key_id: Uuid,
     pub reset_period: ResetPeriod,
     pub period_start: DateTime<Utc>,
     period_end_ms: i64,
+    /// When it was asked (or asked again), on the replica's monotonic clock and on this
+    /// process's: the seeder's calls feed the breaker at the time they are made.
     asked: Mono,
+    asked_at: std::time::Instant,
 }
 
-/// A seed being read, or one whose read failed (not asked for again before a pause).
+impl SeedRequest {
+    /// The replica's monotonic clock now.
+    fn now(&self) -> Mono {
+        let elapsed = i64::try_from(self.asked_at.elapsed().as_micros()).unwrap_or(i64::MAX);
+        Mono::from_micros(self.asked.micros().saturating_add(elapsed))
+    }
+}
+
+/// A period the seeder reads (queued or being read), or one whose read or raise failed,
+/// asked again at the next tick.
 enum Seeding {
-    Pending(tokio::sync::watch::Sender<bool>),
-    Failed(Mono),
+    Pending,
+    Failed(SeedRequest),
 }
 
 /// How the seeder reads a key's period from the ledger: its totals (every replica's
@@ -481,8 +506,11 @@ pub struct SharedCounters {
     /// never go uncounted in the window it decides with).
     unrecorded: Mutex<HashSet<Uuid>>,
     backlog: AtomicBool,
-    /// Seeds being read from the ledger, by key and period start (µs).
+    /// Periods the seeder reads from the ledger (one read per key and period in flight),
+    /// by key and period start (µs); bounded by [`SEED_QUEUE`].
     seeds: Mutex<HashMap<(Uuid, i64), Seeding>>,
+    /// Seed requests dropped beyond the bound.
+    seeds_dropped: AtomicU64,
     seed_tx: tokio::sync::mpsc::Sender<SeedRequest>,
     seed_rx: Mutex<Option<tokio::sync::mpsc::Receiver<SeedRequest>>>,
     admit: Script,
@@ -513,6 +541,10 @@ pub struct CounterStatus {
     /// Settles Redis missed, waiting to be replayed; and those dropped beyond the bound.
     pub settles_pending: u64,
     pub settles_dropped: u64,
+    /// Periods seeded from memory waiting for their ledger read (or its retry); and seed
+    /// requests dropped beyond the bound.
+    pub seeds_pending: u64,
+    pub seeds_dropped: u64,
 }
 
 impl SharedCounters {
@@ -534,6 +566,7 @@ impl SharedCounters {
             unrecorded: Mutex::new(HashSet::new()),
             backlog: AtomicBool::new(false),
             seeds: Mutex::new(HashMap::new()),
+            seeds_dropped: AtomicU64::new(0),
             seed_tx,
             seed_rx: Mutex::new(Some(seed_rx)),
             admit: Script::new(ADMIT),
@@ -556,6 +589,8 @@ impl SharedCounters {
             drift_micros: self.health.drift_micros.load(Relaxed),
             settles_pending: self.missed.len() as u64,
             settles_dropped: self.missed.dropped(),
+            seeds_pending: self.seeds.lock().map_or(0, |s| s.len() as u64),
+            seeds_dropped: self.seeds_dropped.load(Relaxed),
         }
     }
 
@@ -681,13 +716,16 @@ impl SharedCounters {
     async fn admit_shared(&self, key: &ApiKey, ask: Hold, now: Now) -> Result<Outcome, ()> {
         let limits = &key.limits;
         let (start, end) = period::bounds(limits.reset_period, now.wall);
+        let period_end_ms = end.map_or(0, |e| e.timestamp_millis());
         let keys = Keys::of(key.id, start);
         let id = self.next_id();
         let limit = |l: Option<u64>| l.map_or(-1, |l| l.min(MAX_EXACT) as i64);
         let ttl_ms = self.settings.reservation_ttl.as_millis().min(u128::from(u32::MAX)) as i64;
-        // At most twice: the second time once the period's counters were seeded from the
-        // ledger, when they were missing (a new period, or Redis lost them).
-        for attempt in 0..2 {
+        let mut seed: Option<[String; 5]> = None;
+        // At most twice: the second time with what this replica's memory holds of the
+        // period, when its counters are missing (a new period, or Redis lost them). The
+        // Check never reads the database: the seeder raises them to the ledger afterwards.
+        for _ in 0..2 {
             let mut inv = self.admit.prepare_invoke();
             inv.key(keys.rpm()).key(keys.budget()).key(keys.reservations());
             inv.arg(limits.requests_per_minute.unwrap_or(0))
@@ -700,56 +738,90 @@ impl SharedCounters {
                 .arg(keys.budget_prefix())
                 .arg(id)
                 .arg(start.timestamp_micros());
+            match &seed {
+                None => inv.arg("").arg("").arg("").arg("").arg(""),
+                Some(s) => inv.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&s[3]).arg(&s[4]),
+            };
+            inv.arg(period_end_ms).arg(BUDGET_GRACE_MS);
             let reply: Vec<i64> = self.call(inv, now.mono).await?;
             match reply.first() {
-                Some(-1) if attempt == 0 => {
-                    let request = SeedRequest {
+                Some(-1) if seed.is_none() => {
+                    seed = Some(self.remembered(key, start, now));
+                    self.ask_ledger(SeedRequest {
                         key_id: key.id,
                         reset_period: limits.reset_period,
                         period_start: start,
-                        period_end_ms: end.map_or(0, |e| e.timestamp_millis()),
+                        period_end_ms,
                         asked: now.mono,
-                    };
-                    self.await_seed(request).await;
+                        asked_at: std::time::Instant::now(),
+                    });
                 }
-                Some(-1) => return Err(()),
+                Some(-1) | None => return Err(()),
                 Some(&code) => return Ok(self.outcome(key, code, &reply, ask, id, start, now)),
-                None => return Err(()),
             }
         }
         Err(())
     }
 
-    /// Asks the seeder for a period's counters from the ledger (one read per key and
-    /// period, whichever Checks ask) and waits for them at most `--redis-timeout`: the
-    /// Check never reads the database itself, and one not seeded by then is decided by
-    /// the failure mode.
-    async fn await_seed(&self, request: SeedRequest) {
-        let slot = (request.key_id, request.period_start.timestamp_micros());
-        let mut done = {
-            let Ok(mut seeds) = self.seeds.lock() else { return };
-            match seeds.get(&slot) {
-                Some(Seeding::Pending(tx)) => tx.subscribe(),
-                Some(Seeding::Failed(at)) if request.asked.micros_since(*at) < SEED_RETRY_MICROS => return,
-                _ => {
-                    let (tx, rx) = tokio::sync::watch::channel(false);
-                    if self.seed_tx.try_send(request).is_err() {
-                        return;
-                    }
-                    seeds.insert(slot, Seeding::Pending(tx));
-                    rx
-                }
-            }
-        };
-        let _ = tokio::time::timeout(self.settings.timeout, done.wait_for(|seeded| *seeded)).await;
+    /// What this replica's memory holds of `key`'s period starting `start`, as the admit
+    /// script's seed (requests, prompt, completion and all tokens, micro-USD): its mirror of
+    /// the ledger (raised by reconciliation and by what Redis showed at its Checks) with
+    /// the usage it metered and has not written yet. Nothing for another period.
+    fn remembered(&self, key: &ApiKey, start: DateTime<Utc>, now: Now) -> [String; 5] {
+        let known = self.local.usage_now(key, now).unwrap_or_default();
+        let same = known.period_start == Some(start);
+        let v = |n: u64| if same { n.min(MAX_EXACT).to_string() } else { "0".into() };
+        let total = known.prompt_tokens.saturating_add(known.completion_tokens);
+        let micros = if same { known.cost_micros.clamp(0, MAX_EXACT as i64).to_string() } else { "0".into() };
+        [v(known.requests), v(known.prompt_tokens), v(known.completion_tokens), v(total), micros]
     }
 
-    /// Seeds the period `request` names from `ledger` (its totals in the ledger) plus what
-    /// this replica metered and did not write yet: set if absent, raised where behind if
-    /// present, never added to. Wakes the Checks waiting for it.
+    /// Asks the seeder, without waiting, to raise a period's counters to the ledger: one
+    /// read per key and period in flight, whichever Checks ask; beyond [`SEED_QUEUE`] the
+    /// request is dropped (counted). The Check goes on at once.
+    fn ask_ledger(&self, request: SeedRequest) {
+        let slot = (request.key_id, request.period_start.timestamp_micros());
+        let Ok(mut seeds) = self.seeds.lock() else { return };
+        match seeds.get(&slot) {
+            Some(Seeding::Pending) => {}
+            // Asked again at the next tick.
+            Some(Seeding::Failed(_)) => {}
+            None if seeds.len() >= SEED_QUEUE => {
+                self.seeds_dropped.fetch_add(1, Relaxed);
+            }
+            None => {
+                if self.seed_tx.try_send(request).is_ok() {
+                    seeds.insert(slot, Seeding::Pending);
+                } else {
+                    self.seeds_dropped.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Sends the seeder the periods whose read or raise failed (the tick, once a second).
+    fn retry_seeds(&self, now: Mono) {
+        let Ok(mut seeds) = self.seeds.lock() else { return };
+        for state in seeds.values_mut() {
+            if let Seeding::Failed(request) = *state {
+                let request = SeedRequest { asked: now, asked_at: std::time::Instant::now(), ..request };
+                match self.seed_tx.try_send(request) {
+                    Ok(()) => *state = Seeding::Pending,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+
+    /// Raises the period `request` names to `ledger` (its totals in the ledger, every
+    /// replica's flushed increments) plus what this replica metered and has not written
+    /// yet (read after the ledger, so an increment flushed meanwhile counts at most once):
+    /// set if absent, raised where behind if present, never added to. A failed read or
+    /// raise is asked again at the next tick.
     pub async fn seed(&self, request: SeedRequest, ledger: Result<Option<crate::domain::budget::Counters>, String>) {
         let slot = (request.key_id, request.period_start.timestamp_micros());
-        let seeded = match ledger {
+        let raised = match ledger {
+            Ok(_) if !self.closed(request.now()) => false,
             Ok(row) => {
                 let mut total = row.unwrap_or_else(|| {
                     crate::domain::budget::Counters::empty(request.key_id, request.reset_period, request.period_start)
@@ -770,17 +842,18 @@ impl SharedCounters {
                     .arg(total.cost_micros.clamp(0, MAX_EXACT as i64))
                     .arg(request.period_end_ms)
                     .arg(BUDGET_GRACE_MS);
-                self.call::<i64>(inv, request.asked).await.is_ok()
+                self.call::<i64>(inv, request.now()).await.is_ok()
             }
             Err(e) => {
-                tracing::debug!(error = %e, key = %request.key_id, "could not read the ledger to seed the key's counters");
+                tracing::debug!(error = %e, key = %request.key_id, "could not read the ledger to raise the key's counters; retried at the next tick");
                 false
             }
         };
         if let Ok(mut seeds) = self.seeds.lock() {
-            let before = if seeded { seeds.remove(&slot) } else { seeds.insert(slot, Seeding::Failed(request.asked)) };
-            if let Some(Seeding::Pending(tx)) = before {
-                let _ = tx.send(true);
+            if raised {
+                seeds.remove(&slot);
+            } else {
+                seeds.insert(slot, Seeding::Failed(request));
             }
         }
     }
@@ -887,12 +960,14 @@ impl SharedCounters {
 
     /// Once a second: announces this replica (the others count it for their share of each
     /// window in the failure mode) and probes Redis while it is down. Once Redis answers,
-    /// records what this replica admitted alone meanwhile and replays the settles it missed.
+    /// asks the seeder again for the periods whose ledger read or raise failed, records what
+    /// this replica admitted alone meanwhile and replays the settles it missed.
     pub async fn tick(&self, now: Mono) {
         let mut inv = self.heartbeat.prepare_invoke();
         inv.key("pc:replicas").arg(&self.replica_id).arg(REPLICA_ALIVE_MS);
         if let Ok(n) = self.call::<u32>(inv, now).await {
             self.health.replicas.store(n.max(1), Relaxed);
+            self.retry_seeds(now);
             if self.record_backlog(now).await {
                 self.replay_settles(now).await;
             }
@@ -957,8 +1032,9 @@ impl SharedCounters {
         }
     }
 
-    /// Runs the seeder: each period whose counters Redis lacks is read from the ledger with
-    /// `read` (off the request path) and seeded. Ends with the counters.
+    /// Runs the seeder: each period whose counters Redis lacked (seeded from memory by a
+    /// Check) is read from the ledger with `read`, off the request path, and its counters
+    /// raised to it. Ends with the counters.
     pub fn spawn_seeder(
         counters: &Arc<SharedCounters>,
         read: impl Fn(Uuid, DateTime<Utc>) -> LedgerRead + Send + 'static,

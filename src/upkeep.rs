@@ -43,7 +43,8 @@ pub fn spawn(shared: &Arc<Shared>, store: &DynStore, upkeep: Upkeep) {
         }
     }
     if let Some(counters) = &shared.shared_counters {
-        // Counters Redis lacks are seeded from the ledger, off the request path.
+        // Counters a Check seeded from memory (Redis lacked them) are raised to the ledger
+        // here, off the request path.
         let ledger = Arc::clone(store);
         crate::shared_counters::SharedCounters::spawn_seeder(counters, move |key_id, period_start| {
             let ledger = Arc::clone(&ledger);

@@ -29,8 +29,28 @@ fn redis_url() -> String {
 const TTL: StdDuration = StdDuration::from_millis(300);
 
 /// The usage ledger as the seeder reads it (every replica's flushed increments), per key
-/// and period start: what a test says the ledger holds.
-type Ledger = Arc<std::sync::Mutex<HashMap<(Uuid, i64), LedgerRow>>>;
+/// and period start: what a test says the ledger holds. A read waits for a permit of
+/// `gate` (open unless a test closes it: a database that does not answer) and fails while
+/// `down` (a database that refuses).
+#[derive(Default)]
+struct FakeLedger {
+    rows: std::sync::Mutex<HashMap<(Uuid, i64), LedgerRow>>,
+    gate: Option<tokio::sync::Semaphore>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+type Ledger = Arc<FakeLedger>;
+
+impl FakeLedger {
+    fn holds(&self, row: LedgerRow) {
+        self.rows.lock().unwrap().insert((row.key_id, row.period_start.timestamp_micros()), row);
+    }
+
+    /// Lets `n` reads through a closed gate.
+    fn answer(&self, n: usize) {
+        self.gate.as_ref().expect("a closed gate").add_permits(n);
+    }
+}
 
 /// Counters of one implementation, with the meters (ledger, last uses) they record in.
 struct Fixture {
@@ -52,14 +72,32 @@ fn shared_on(url: &str, failure_mode: FailureMode) -> Fixture {
 
 /// Shared counters on `url` whose seeder reads the fixture's ledger.
 fn shared_with(url: &str, failure_mode: FailureMode, reservation_ttl: StdDuration) -> Fixture {
+    shared_reading(url, failure_mode, reservation_ttl, Ledger::default())
+}
+
+/// Shared counters whose seeder's ledger reads wait until the test lets them through
+/// ([`FakeLedger::answer`]).
+fn shared_with_a_slow_ledger(failure_mode: FailureMode) -> Fixture {
+    let ledger = Arc::new(FakeLedger { gate: Some(tokio::sync::Semaphore::new(0)), ..Default::default() });
+    shared_reading(&redis_url(), failure_mode, TTL, ledger)
+}
+
+fn shared_reading(url: &str, failure_mode: FailureMode, reservation_ttl: StdDuration, ledger: Ledger) -> Fixture {
     let meters = Arc::new(Meters::default());
     let settings = Settings { url: url.into(), timeout: StdDuration::from_millis(200), failure_mode, reservation_ttl };
     let shared = Arc::new(SharedCounters::new(settings, InProcess::new(Arc::clone(&meters))).unwrap());
-    let ledger = Ledger::default();
-    let rows = Arc::clone(&ledger);
+    let reads = Arc::clone(&ledger);
     SharedCounters::spawn_seeder(&shared, move |key_id, period_start| {
-        let row = rows.lock().unwrap().get(&(key_id, period_start.timestamp_micros())).cloned();
-        Box::pin(async move { Ok(row) })
+        let ledger = Arc::clone(&reads);
+        Box::pin(async move {
+            if let Some(gate) = &ledger.gate {
+                gate.acquire().await.map_err(|e| e.to_string())?.forget();
+            }
+            if ledger.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("the database is down".to_string());
+            }
+            Ok(ledger.rows.lock().unwrap().get(&(key_id, period_start.timestamp_micros())).cloned())
+        })
     });
     Fixture { counters: Arc::clone(&shared) as Arc<dyn Counters>, meters, shared: Some(shared), ledger }
 }
@@ -365,50 +403,95 @@ async fn a_reservation_is_settled_on_any_replica_once() {
     assert_eq!((u.requests, u.prompt_tokens + u.completion_tokens, u.reserved_tokens), (1, 20, 0), "counted once");
 }
 
-/// Counters Redis lost (a restart without persistence, a failover, an eviction) are
-/// rebuilt from the ledger (every replica's usage), never from what one replica's memory
-/// holds, plus what this replica metered and did not write yet: set if absent, never added
-/// twice.
+/// Forgets everything Redis holds of `k` (a restart without persistence, a failover, an
+/// eviction).
+async fn redis_loses(k: &ApiKey) {
+    let mut conn = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let lost: Vec<String> = redis::cmd("KEYS").arg(format!("pc:{{{}}}:*", k.id)).query_async(&mut conn).await.unwrap();
+    assert!(!lost.is_empty());
+    let _: i64 = redis::cmd("DEL").arg(&lost).query_async(&mut conn).await.unwrap();
+}
+
+/// Counters Redis lacks (lost in a restart without persistence, a failover, an eviction;
+/// or a new period) are seeded by the Check at once from what this replica's memory holds
+/// (its mirror of the ledger and the usage it has not written yet): the Check never waits
+/// for the database. In the background the seeder reads the key's period from the ledger
+/// (every replica's usage) and raises the counters to it plus this replica's unwritten
+/// usage: set if absent, raised if behind, never added twice.
 #[tokio::test]
-async fn lost_counters_are_rebuilt_from_the_ledger() {
-    let f = redis();
+async fn lost_counters_are_seeded_from_memory_at_once_and_raised_to_the_ledger() {
+    let f = shared_with_a_slow_ledger(FailureMode::Deny);
+    let shared = f.shared.as_ref().unwrap();
     let k = key(Limits { token_limit: Some(100), ..Default::default() });
     // Another replica spent 40 and wrote it to the ledger; this one's memory knows nothing.
     let start = Utc.timestamp_opt(0, 0).unwrap();
     let mut row = LedgerRow::empty(k.id, ResetPeriod::Never, start);
     (row.requests, row.prompt_tokens, row.completion_tokens) = (2, 15, 25);
-    f.ledger.lock().unwrap().insert((k.id, start.timestamp_micros()), row);
-    let t = f.admitted(&k, ask(100, 0)).await.unwrap();
-    assert_eq!(t.hold.tokens, 60, "seeded from the ledger: 40 used, 60 left");
+    f.ledger.holds(row);
+    // The ledger does not answer: the Check does not wait for it.
+    let t = tokio::time::timeout(StdDuration::from_secs(2), f.admitted(&k, ask(100, 0)))
+        .await
+        .expect("the Check answers while the ledger read waits")
+        .unwrap();
+    assert_eq!(t.hold.tokens, 100, "seeded from memory, which knows nothing of the other replica's 40");
+    assert_eq!(shared.status().outage_decisions, 0, "decided in Redis, not by the failure mode");
+    assert_eq!(shared.status().seeds_pending, 1);
+    // The ledger answers: the counters reach it.
+    f.ledger.answer(1);
+    eventually("raised to the ledger", StdDuration::from_secs(5), || async {
+        let u = redis_usage(&redis_url(), &k).await;
+        (u.requests == 2 && u.prompt_tokens + u.completion_tokens == 40).then_some(())
+    })
+    .await;
+    assert_eq!(shared.status().seeds_pending, 0);
+    assert!(matches!(f.admit(&k, ask(1, 0)).await, Ok(Outcome::Budget { .. })), "40 used, 100 held");
     f.settle(&k, Some(t), used(0, 10, 0)).await;
     // Redis loses everything of the key; this replica has not written its 10 yet.
-    let mut conn = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let lost: Vec<String> = redis::cmd("KEYS").arg(format!("pc:{{{}}}:*", k.id)).query_async(&mut conn).await.unwrap();
-    assert!(!lost.is_empty());
-    let _: i64 = redis::cmd("DEL").arg(&lost).query_async(&mut conn).await.unwrap();
-    let again = f.admitted(&k, ask(100, 0)).await.unwrap();
-    assert_eq!(again.hold.tokens, 50, "the ledger's 40 and this replica's unwritten 10: 50 left");
-    let g = redis();
-    let u = g.usage(&k).await;
-    assert_eq!((u.requests, u.prompt_tokens + u.completion_tokens), (3, 50), "seeded once");
+    redis_loses(&k).await;
+    let again = tokio::time::timeout(StdDuration::from_secs(2), f.admitted(&k, ask(100, 0)))
+        .await
+        .expect("the Check answers while the ledger read waits")
+        .unwrap();
+    assert_eq!(again.hold.tokens, 90, "memory: its own unwritten 10 (the other replica's 40 never reached it)");
+    f.ledger.answer(1);
+    eventually("raised to the ledger", StdDuration::from_secs(5), || async {
+        (shared.status().seeds_pending == 0).then_some(())
+    })
+    .await;
+    let u = redis_usage(&redis_url(), &k).await;
+    assert_eq!(
+        (u.requests, u.prompt_tokens + u.completion_tokens, u.reserved_tokens),
+        (3, 50, 90),
+        "the ledger's 40 and this replica's unwritten 10, once: raised, never added to the memory seed"
+    );
+    assert!(matches!(f.admit(&k, ask(1, 0)).await, Ok(Outcome::Budget { .. })), "50 used, 90 held");
 }
 
-/// While the ledger cannot be read (the database down too), a key whose counters Redis
-/// lost is decided by the failure mode: `deny` refuses it, it never fails open.
+/// A key's period the ledger cannot be read for (the database down too) is still decided
+/// in Redis, from memory: the failure mode decides only when Redis cannot be reached. The
+/// read is tried again at each tick, and the counters reach the ledger once it answers.
 #[tokio::test]
-async fn a_key_that_cannot_be_seeded_is_decided_by_the_failure_mode() {
-    let meters = Arc::new(Meters::default());
-    let settings = Settings {
-        url: redis_url(),
-        timeout: StdDuration::from_millis(200),
-        failure_mode: FailureMode::Deny,
-        reservation_ttl: TTL,
-    };
-    let shared = Arc::new(SharedCounters::new(settings, InProcess::new(meters)).unwrap());
-    SharedCounters::spawn_seeder(&shared, |_, _| Box::pin(async { Err("the database is down".to_string()) }));
+async fn a_key_whose_ledger_cannot_be_read_is_decided_from_memory_and_raised_when_it_answers() {
+    let f = shared_on(&redis_url(), FailureMode::Deny);
+    let shared = f.shared.as_ref().unwrap();
+    f.ledger.down.store(true, std::sync::atomic::Ordering::Relaxed);
     let k = key(Limits { token_limit: Some(100), ..Default::default() });
-    assert!(matches!(shared.admit(&k, ask(1, 0), now()).await, Err(Unavailable(_))));
-    assert_eq!(shared.status().outage_decisions, 1);
+    let mut row = LedgerRow::empty(k.id, ResetPeriod::Never, Utc.timestamp_opt(0, 0).unwrap());
+    row.completion_tokens = 100;
+    f.ledger.holds(row);
+    let t = f.admitted(&k, ask(1, 0)).await.unwrap();
+    assert_eq!(t.hold.tokens, 1, "admitted from memory");
+    assert_eq!(shared.status().outage_decisions, 0, "not by the failure mode: Redis answered");
+    f.ledger.down.store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually("the failed read is retried at the tick", StdDuration::from_secs(5), || async {
+        shared.tick(now().mono).await;
+        (shared.status().seeds_pending == 0).then_some(())
+    })
+    .await;
+    assert!(
+        matches!(f.admit(&k, ask(1, 0)).await, Ok(Outcome::Budget { denial: BudgetDenial::Tokens { .. }, .. })),
+        "the ledger's 100 spent"
+    );
 }
 
 /// A private Redis the test can stop and start again on the same port.
@@ -490,9 +573,9 @@ async fn outages_follow_the_failure_mode_and_recover() {
     assert!(!status.up && status.outage_decisions >= 1, "{status:?}");
     // Deny: keys with limits get 503.
     assert!(matches!(deny.admit(&k, ask(1, 0)).await, Err(Unavailable(_))));
-    // Redis comes back empty (no persistence): the next Check has the key's counters
-    // seeded from the ledger (empty here) and what this replica metered and did not write
-    // yet, outage usage included, once.
+    // Redis comes back empty (no persistence): the next Check seeds the key's counters
+    // from this replica's memory (what it metered, outage usage included), once; the
+    // seeder raises them to the ledger (empty here) and the unwritten usage: no change.
     r.up().await;
     let shared = local.shared.as_ref().unwrap();
     eventually("Redis counts again", StdDuration::from_secs(10), || async {
@@ -583,6 +666,14 @@ async fn a_replica_alone_admits_its_share_of_the_window() {
     assert_eq!(admitted, 2, "5 per minute over 2 replicas: 2 each");
 }
 
+/// Waits until the seeder has raised the periods Checks seeded from memory to the ledger.
+async fn seeded(shared: &SharedCounters) {
+    eventually("the seeder is done", StdDuration::from_secs(5), || async {
+        (shared.status().seeds_pending == 0).then_some(())
+    })
+    .await;
+}
+
 /// Makes the private Redis write its data to disk, so a restart is a blip that keeps it.
 async fn save(r: &PrivateRedis) {
     let mut c = redis::Client::open(r.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
@@ -600,6 +691,7 @@ async fn a_settle_missed_while_redis_was_away_gives_its_reservation_back_when_it
     let shared = f.shared.as_ref().unwrap();
     let k = key(Limits { token_limit: Some(150), ..Default::default() });
     let t = f.admitted(&k, ask(100, 0)).await.unwrap();
+    seeded(shared).await;
     save(&r).await;
     r.down();
     assert_eq!(f.settle(&k, Some(t), used(0, 30, 0)).await, Some(used(0, 30, 0)), "metered here meanwhile");
