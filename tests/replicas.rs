@@ -68,6 +68,17 @@ async fn check(server: &TestServer, gateway: &str, secret: &str) -> i32 {
 
 /// The HTTP status the Check on `authz_port` answers.
 async fn check_on(authz_port: u16, gateway: &str, secret: &str) -> i32 {
+    check_with(authz_port, gateway, secret, &[]).await
+}
+
+/// The HTTP status replica `server`'s Check answers for a request with an empty body (it
+/// holds nothing against budgets: only what was used decides).
+async fn check_empty(server: &TestServer, gateway: &str, secret: &str) -> i32 {
+    check_with(server.authz_port(), gateway, secret, &[("content-length", "0")]).await
+}
+
+/// The HTTP status the Check on `authz_port` answers, with `extra` request headers.
+async fn check_with(authz_port: u16, gateway: &str, secret: &str, extra: &[(&str, &str)]) -> i32 {
     let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{authz_port}"))
         .unwrap()
         .connect()
@@ -80,6 +91,7 @@ async fn check_on(authz_port: u16, gateway: &str, secret: &str) -> i32 {
         ("content-type".to_string(), "application/json".to_string()),
         ("x-api-key".to_string(), secret.to_string()),
     ]);
+    let headers = headers.into_iter().chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect();
     let req = CheckRequest {
         attributes: Some(AttributeContext {
             context_extensions: HashMap::from([("gateway".to_string(), gateway.to_string())]),
@@ -292,14 +304,76 @@ async fn changes_reach_the_other_replica_without_a_notification_and_out_of_commi
     drop_db(&name).await;
 }
 
+/// Meters one response of `key_id` on `server` over ext_proc, as Envoy sends it (the
+/// ext_authz metadata without a reservation, then the response's headers and body with
+/// its usage): charged to this replica's ledger.
+async fn meter(server: &TestServer, key_id: &str, (prompt, completion): (u64, u64)) {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Part;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let key_id = Value { kind: Some(Kind::StringValue(key_id.into())) };
+    let authz = Struct { fields: HashMap::from([("key_id".to_string(), key_id)]) };
+    let metadata = Metadata {
+        filter_metadata: HashMap::from([("envoy.filters.http.ext_authz".into(), authz)]),
+        ..Default::default()
+    };
+    let header =
+        |k: &str, v: &str| HeaderValue { key: k.into(), raw_value: v.as_bytes().to_vec(), ..Default::default() };
+    let headers = HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: vec![header(":status", "200"), header("content-type", "application/json")],
+        }),
+        ..Default::default()
+    };
+    let body = format!(r#"{{"usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion}}}}}"#).into_bytes();
+    let stream = [
+        ProcessingRequest {
+            metadata_context: Some(metadata),
+            request: Some(Part::ResponseHeaders(headers)),
+            ..Default::default()
+        },
+        ProcessingRequest {
+            request: Some(Part::ResponseBody(HttpBody { body, end_of_stream: true, ..Default::default() })),
+            ..Default::default()
+        },
+    ];
+    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", server.authz_port()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut replies = ExternalProcessorClient::new(ch).process(tokio_stream::iter(stream)).await.unwrap().into_inner();
+    for _ in 0..2 {
+        replies.message().await.unwrap().expect("a reply to each part");
+    }
+}
+
 #[tokio::test]
 async fn with_the_database_down_check_answers_from_memory_admin_is_unavailable_and_sync_resumes() {
+    /// Advisory locks held on database `name` (each replica's claim).
+    async fn claims(name: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND l.granted AND d.datname = $1",
+        )
+        .bind(name)
+        .fetch_one(&mut admin_conn().await)
+        .await
+        .unwrap()
+    }
+
     let (url, name) = fresh_db().await;
     let (mut a, mut b) = two_replicas(&url).await;
     let (mut gw, mut keys) = a.clients().await;
     gw.create_gateway(gateway_req("demo")).await.unwrap();
-    let (_, secret) = create_key(&mut keys, "demo", "kept").await;
+    let (kept, secret) = create_key(&mut keys, "demo", "kept").await;
+    let budget = pb::Limits { token_limit: Some(1_000_000), ..Default::default() };
+    let (limited_id, limited) = key_with_limits(&mut keys, "limited", budget).await;
     answers(&b, "demo", &secret, 200, "B has the key").await;
+    answers(&a, "demo", &limited, 200, "A counts the limited key in Redis").await;
+    assert_eq!(claims(&name).await, 2, "each replica claims the database");
 
     let mut c = admin_conn().await;
     sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false")).execute(&mut c).await.unwrap();
@@ -312,8 +386,49 @@ async fn with_the_database_down_check_answers_from_memory_admin_is_unavailable_a
     assert_eq!(down.code(), Code::Unavailable, "{down:?}");
     assert_eq!(check(&a, "demo", &secret).await, 200, "A's Check answers from memory");
     assert_eq!(check(&b, "demo", &secret).await, 200, "B's Check answers from memory");
+    assert_eq!(claims(&name).await, 0, "the claims ended with their connections");
+    // Redis loses the limited key's counters while the database is down: A's Check does
+    // not wait for the ledger; it seeds them from memory and decides in Redis (not by the
+    // failure mode), and the ledger read waits for the database.
+    redis_forgets(&limited_id).await;
+    let counters = a.running().shared.shared_counters.clone().expect("A counts in Redis");
+    let before = counters.status().outage_decisions;
+    let answered = tokio::time::timeout(Duration::from_secs(5), check(&a, "demo", &limited))
+        .await
+        .expect("A's Check answers while the database is unreachable");
+    assert_eq!(answered, 200, "A's Check answers from memory");
+    assert_eq!(counters.status().outage_decisions, before, "decided in Redis, not by the failure mode");
+    assert!(counters.status().seeds_pending >= 1, "the ledger read waits for the database: {:?}", counters.status());
+    // Usage metered meanwhile waits in memory.
+    meter(&a, &kept.id, (3, 4)).await;
+    meter(&b, &kept.id, (3, 4)).await;
 
     sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).execute(&mut c).await.unwrap();
+    // ... and is in the ledger once the database is back, each replica's increments added.
+    eventually("the usage metered while down is written", Duration::from_secs(15), || {
+        let (url, id) = (url.clone(), kept.id.clone());
+        async move {
+            let mut db = sqlx::PgConnection::connect(&url).await.ok()?;
+            let row: Option<(i64, i64, i64)> =
+                sqlx::query_as("SELECT requests, prompt_tokens, completion_tokens FROM key_usage WHERE key_id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut db)
+                    .await
+                    .ok()?;
+            (row == Some((2, 6, 8))).then_some(())
+        }
+    })
+    .await;
+    eventually("the ledger read is done once the database answers", Duration::from_secs(15), || async {
+        (counters.status().seeds_pending == 0).then_some(())
+    })
+    .await;
+    // The claims that ended with the killed connections are taken again.
+    eventually("both replicas claim the database again", Duration::from_secs(15), || {
+        let name = &name;
+        async move { (claims(name).await == 2).then_some(()) }
+    })
+    .await;
     let (_, later) = eventually("A writes again", Duration::from_secs(15), || {
         let mut keys = keys.clone();
         async move {
@@ -332,6 +447,70 @@ async fn with_the_database_down_check_answers_from_memory_admin_is_unavailable_a
         async move { (check(b, "demo", &later).await == 200).then_some(()) }
     })
     .await;
+
+    drop((gw, keys));
+    a.stop().await;
+    b.stop().await;
+    drop_db(&name).await;
+}
+
+/// Forgets everything Redis holds of API key `id` (what a Redis restarted empty, a
+/// failover or an eviction does to it).
+async fn redis_forgets(id: &str) {
+    let mut conn = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let held: Vec<String> = redis::cmd("KEYS").arg(format!("pc:{{{id}}}:*")).query_async(&mut conn).await.unwrap();
+    if !held.is_empty() {
+        let _: i64 = redis::cmd("DEL").arg(&held).query_async(&mut conn).await.unwrap();
+    }
+}
+
+/// Redis loses a key's counters after another replica spent its budget and wrote that to
+/// the ledger (and never to Redis, nor to this replica's memory): this replica's next
+/// Check seeds the counters from its memory at once, and its seeder raises them to the
+/// ledger in the background, so the Check refuses within one database round trip (well
+/// inside a second; asserted within `WITHIN`), and the admin API reports the ledger's
+/// usage.
+#[tokio::test]
+async fn after_redis_loses_a_key_a_budget_spent_on_the_other_replica_refuses_within_a_second() {
+    let (url, name) = fresh_db().await;
+    let (mut a, mut b) = two_replicas(&url).await;
+    let (mut gw, mut keys) = a.clients().await;
+    gw.create_gateway(gateway_req("demo")).await.unwrap();
+    let (id, secret) =
+        key_with_limits(&mut keys, "budget", pb::Limits { token_limit: Some(1_000), ..Default::default() }).await;
+    assert_eq!(check_empty(&a, "demo", &secret).await, 200, "A counts the key in Redis");
+    let key_id: uuid::Uuid = id.parse().unwrap();
+    eventually("B knows the key", WITHIN, || async {
+        b.running().shared.view().unwrap().key_by_id(key_id).is_some().then_some(())
+    })
+    .await;
+    // B meters responses that use the whole budget; they reach the ledger, not Redis.
+    meter(&b, &id, (600, 400)).await;
+    eventually("B wrote its usage to the ledger", Duration::from_secs(5), || {
+        let (url, id) = (url.clone(), id.clone());
+        async move {
+            let mut db = sqlx::PgConnection::connect(&url).await.ok()?;
+            let tokens: Option<i64> =
+                sqlx::query_scalar("SELECT prompt_tokens + completion_tokens FROM key_usage WHERE key_id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut db)
+                    .await
+                    .ok()?;
+            (tokens == Some(1_000)).then_some(())
+        }
+    })
+    .await;
+    // Redis restarts empty (for this key).
+    redis_forgets(&id).await;
+    let lost = std::time::Instant::now();
+    eventually("A's Check refuses the spent budget", WITHIN, || async {
+        (check_empty(&a, "demo", &secret).await == 429).then_some(())
+    })
+    .await;
+    assert!(lost.elapsed() < WITHIN, "refused {:?} after Redis lost the key", lost.elapsed());
+    let u = usage_on(&a, &id).await;
+    assert_eq!(u.total_tokens, 1_000, "the admin API reads the counters raised to the ledger: {u:?}");
+    assert_eq!(check_empty(&b, "demo", &secret).await, 429, "B reads the same counters");
 
     drop((gw, keys));
     a.stop().await;

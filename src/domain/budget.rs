@@ -604,6 +604,12 @@ impl Meters {
         }
     }
 
+    /// Usage of `key_id`'s period starting `period_start` metered here and not written to
+    /// the ledger yet (what a seed from the ledger adds to it).
+    pub fn pending(&self, key_id: Uuid, period_start: DateTime<Utc>) -> Option<Counters> {
+        self.shards.of(key_id).lock().ok()?.deltas.get(&(key_id, period_start)).cloned()
+    }
+
     /// What to write to the ledger since the last call: per key and period, the usage
     /// metered here (increments: other replicas add theirs), with each key's last use and
     /// denial. A key whose last use changed without usage comes with zero increments.
