@@ -64,6 +64,9 @@ pub struct Metrics {
     completion_tokens: AtomicU64,
     usage_missing: AtomicU64,
     flush_failures: AtomicU64,
+    /// The last usage flush failed (the database did not answer); cleared by one that
+    /// succeeds.
+    database_down: std::sync::atomic::AtomicBool,
     metering_without_metadata: AtomicU64,
     /// Responses of models without a price, by model: at most `UNPRICED_SERIES` models
     /// (names cut to `MODEL_LABEL_MAX` bytes), the rest under `other`.
@@ -138,6 +141,12 @@ impl Metrics {
         self.flush_failures.fetch_add(1, Relaxed);
     }
 
+    /// Whether the database answered the last usage flush; true when that changed its
+    /// state (down, or back), for logging once per change.
+    pub fn database(&self, up: bool) -> bool {
+        self.database_down.swap(!up, Relaxed) == up
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, gateways: usize, keys: usize) -> String {
         let mut out = String::new();
@@ -185,6 +194,12 @@ impl Metrics {
                 "counter",
                 "Usage flushes that failed (retried).",
                 self.flush_failures.load(Relaxed),
+            ),
+            (
+                "portcullis_database_up",
+                "gauge",
+                "1 while the database answers the usage flush; 0 while usage waits in memory.",
+                u64::from(!self.database_down.load(Relaxed)),
             ),
             ("portcullis_gateways", "gauge", "Gateways in the in-memory view.", gateways as u64),
             ("portcullis_keys", "gauge", "Keys in the in-memory view.", keys as u64),
@@ -257,6 +272,30 @@ pub fn counter_store(s: crate::shared_counters::CounterStatus) -> String {
             "gauge",
             "Micro-USD the usage ledger held beyond Redis at the last reconciliation (raised to the ledger).",
             s.drift_micros,
+        ),
+        (
+            "portcullis_counter_missed_settles",
+            "gauge",
+            "Settles Redis did not get (unreachable), waiting to give their reservations back there.",
+            s.settles_pending,
+        ),
+        (
+            "portcullis_counter_missed_settles_dropped_total",
+            "counter",
+            "Missed settles dropped beyond the bound (their reservations wait for --reservation-ttl).",
+            s.settles_dropped,
+        ),
+        (
+            "portcullis_counter_seeds_pending",
+            "gauge",
+            "Key periods Redis lacked, seeded from this replica's memory, whose ledger read (or its retry) is pending.",
+            s.seeds_pending,
+        ),
+        (
+            "portcullis_counter_seeds_dropped_total",
+            "counter",
+            "Ledger reads of key periods seeded from memory dropped beyond the bound (reconciliation raises them later).",
+            s.seeds_dropped,
         ),
     ];
     let mut out = String::new();

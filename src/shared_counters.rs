@@ -8,11 +8,15 @@
 //! Layout: every key of one API key `k` shares the hash tag `{k}` (one Redis Cluster slot):
 //! - `pc:{k}:rpm`: admission times (ms), newest first, none older than 60 s;
 //! - `pc:{k}:b:<period start µs>`: the period's usage and reservations (integer fields
-//!   `req`, `pt`, `ct`, `t` tokens, `m` micro-USD, `rt`/`rm` reserved), seeded from the
-//!   ledger when missing, expiring after the period;
+//!   `req`, `pt`, `ct`, `t` tokens, `m` micro-USD, `rt`/`rm` reserved), seeded when
+//!   missing by the Check from the replica's memory and raised to the ledger in the
+//!   background, expiring after the period;
 //! - `pc:{k}:rz`: reservations in flight, `id:tokens:micros:period`, scored by deadline (ms);
 //! - `pc:{k}:done`: settled ids → when, kept a while so a retried settle charges nothing.
 
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +33,7 @@ use crate::domain::clock::{Mono, Now};
 use crate::domain::counters::{Charge, CountFuture, Counters, InProcess, Outcome, Unavailable, Usage};
 use crate::domain::key::{ApiKey, ResetPeriod};
 use crate::domain::period;
+use crate::domain::shards::Sharded;
 use crate::domain::window::{Admission, WINDOW_MICROS};
 
 /// What a replica does while Redis is unreachable (`--counter-failure-mode`).
@@ -65,6 +70,17 @@ const REPLICA_ALIVE_MS: i64 = 10_000;
 /// Budget hashes outlive their period by this (late settles); a budget that never resets
 /// is kept (reconciliation and the seed step rebuild it if Redis loses it).
 const BUDGET_GRACE_MS: i64 = 7 * 24 * 3_600_000;
+/// Settles Redis missed (unreachable) waiting to be replayed, at most; beyond it the oldest
+/// is dropped (counted): its reservation then waits for `--reservation-ttl` in Redis.
+/// About 64 bytes each.
+pub const MAX_MISSED_SETTLES: usize = 65_536;
+/// Missed settles replayed per tick, at most (bounded work once Redis is back).
+const REPLAY_PER_TICK: usize = 4_096;
+/// Periods waiting for the seeder to read them from the ledger (queued, being read, or
+/// whose read failed and is retried at the tick), at most; beyond it a request is dropped
+/// (counted): that period's counters stay at what the replica's memory held (its mirror
+/// of the ledger, at most a reconciliation old) until reconciliation raises them.
+const SEED_QUEUE: usize = 1_024;
 /// Lua numbers are doubles: every integer sent to a script stays below 2^53 (a limit
 /// above it is as good as none).
 const MAX_EXACT: u64 = 1 << 53;
@@ -79,10 +95,10 @@ local budgeted = token_limit >= 0 or cost_limit >= 0
 local function int(x) return string.format('%d', x) end
 local function num(v) return tonumber(v or '0') or 0 end
 -- Reservations past their deadline give their hold back (a bounded number per call).
-local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
+local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[7]))
 for _, r in ipairs(stale) do
   local tok, mic, per = string.match(r, '^%d+:(%d+):(%d+):(%-?%d+)$')
-  local bk = ARGV[9] .. (per or '')
+  local bk = ARGV[8] .. (per or '')
   if tok then
     local h = redis.call('HMGET', bk, 'rt', 'rm')
     if h[1] then
@@ -106,15 +122,17 @@ local used_t, used_m, rt, rm = 0, 0, 0, 0
 if budgeted then
   local h = redis.call('HMGET', KEYS[2], 't', 'm', 'rt', 'rm')
   if not h[1] then
-    -- Missing (a new period, or Redis lost it): seeded from the ledger, if absent.
-    if ARGV[10] == '' then return {-1} end
-    redis.call('HSET', KEYS[2], 'req', ARGV[10], 'pt', ARGV[11], 'ct', ARGV[12], 't', ARGV[13], 'm', ARGV[14], 'rt', '0', 'rm', '0')
+    -- Missing (a new period, or Redis lost it): the replica asks again with what its
+    -- memory holds of the period (ARGV 11-15), set here if still absent, never added to;
+    -- its seeder raises them to the ledger in the background (SEED).
+    if ARGV[11] == '' then return {-1} end
+    redis.call('HSET', KEYS[2], 'req', ARGV[11], 'pt', ARGV[12], 'ct', ARGV[13], 't', ARGV[14], 'm', ARGV[15], 'rt', '0', 'rm', '0')
     -- Kept until the period's end (by the replica's calendar, never before Redis's now)
     -- and a grace after it; a budget that never resets is kept.
-    if tonumber(ARGV[7]) > 0 then
-      redis.call('PEXPIREAT', KEYS[2], int(math.max(tonumber(ARGV[7]), now) + tonumber(ARGV[17])))
+    if tonumber(ARGV[16]) > 0 then
+      redis.call('PEXPIREAT', KEYS[2], int(math.max(tonumber(ARGV[16]), now) + tonumber(ARGV[17])))
     end
-    h = {ARGV[13], ARGV[14], '0', '0'}
+    h = {ARGV[14], ARGV[15], '0', '0'}
   end
   used_t, used_m, rt, rm = num(h[1]), num(h[2]), num(h[3]), num(h[4])
   if token_limit >= 0 and used_t + rt >= token_limit then
@@ -140,7 +158,7 @@ if budgeted then
   mic = math.max(mic, 0)
   redis.call('HSET', KEYS[2], 'rt', int(rt + tok), 'rm', int(rm + mic))
   -- One member per reservation: id:tokens:micros:period, scored by its deadline.
-  redis.call('ZADD', KEYS[3], int(now + tonumber(ARGV[6])), ARGV[15] .. ':' .. int(tok) .. ':' .. int(mic) .. ':' .. ARGV[16])
+  redis.call('ZADD', KEYS[3], int(now + tonumber(ARGV[6])), ARGV[9] .. ':' .. int(tok) .. ':' .. int(mic) .. ':' .. ARGV[10])
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]) * 4 + 86400000)
 end
 return {0, 0, in_window, reset_in(), int(tok), int(mic), int(used_t), int(used_m)}
@@ -162,9 +180,14 @@ if h[1] then
     rt = math.max(0, rt - tonumber(ARGV[9]))
     rm = math.max(0, rm - tonumber(ARGV[10]))
   end
-  redis.call('HSET', KEYS[1], 'req', int(num(h[1]) + 1), 'pt', int(num(h[2]) + tonumber(ARGV[2])),
-    'ct', int(num(h[3]) + tonumber(ARGV[3])), 't', int(num(h[4]) + tonumber(ARGV[4])),
-    'm', int(num(h[5]) + tonumber(ARGV[5])), 'rt', int(rt), 'rm', int(rm))
+  if ARGV[6] == '1' then
+    -- Release only: the usage is in the ledger already (reconciliation raises to it).
+    redis.call('HSET', KEYS[1], 'rt', int(rt), 'rm', int(rm))
+  else
+    redis.call('HSET', KEYS[1], 'req', int(num(h[1]) + 1), 'pt', int(num(h[2]) + tonumber(ARGV[2])),
+      'ct', int(num(h[3]) + tonumber(ARGV[3])), 't', int(num(h[4]) + tonumber(ARGV[4])),
+      'm', int(num(h[5]) + tonumber(ARGV[5])), 'rt', int(rt), 'rm', int(rm))
+  end
 end
 redis.call('ZADD', KEYS[3], int(now), ARGV[1])
 redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[8]))
@@ -209,6 +232,53 @@ end
 return drift
 "#;
 
+/// Raises a period's counters to the ledger: the ledger's totals plus what the seeder's
+/// replica metered and did not write yet (ARGV 1-5). Present (a Check seeded them from
+/// memory, or another replica did), they are raised to those totals where behind, never
+/// added to; absent (the Check's seed did not get through), they are set, expiring after
+/// the period (ARGV 6, by the replica's calendar, never before Redis's now) and a grace
+/// (ARGV 7). Returns 1 when it created them.
+const SEED: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fields = {'req', 'pt', 'ct', 't', 'm'}
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'req', ARGV[1], 'pt', ARGV[2], 'ct', ARGV[3], 't', ARGV[4], 'm', ARGV[5], 'rt', '0', 'rm', '0')
+  if tonumber(ARGV[6]) > 0 then
+    redis.call('PEXPIREAT', KEYS[1], string.format('%d', math.max(tonumber(ARGV[6]), now) + tonumber(ARGV[7])))
+  end
+  return 1
+end
+for i, f in ipairs(fields) do
+  local have = tonumber(redis.call('HGET', KEYS[1], f) or '0') or 0
+  if tonumber(ARGV[i]) > have then redis.call('HSET', KEYS[1], f, ARGV[i]) end
+end
+return 0
+"#;
+
+/// Records admissions a replica decided alone while Redis was unreachable into a key's
+/// window: ARGV are their ages (ms) when sent, so they land at Redis's now minus their
+/// age, whatever the replica's clock says. The window stays newest first; returns how
+/// many admissions it holds now.
+const RECORD: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local times = {}
+for _, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local at = tonumber(v)
+  if at and now - at < 60000 then table.insert(times, at) end
+end
+for i = 1, #ARGV do
+  local at = now - tonumber(ARGV[i])
+  if now - at < 60000 then table.insert(times, at) end
+end
+table.sort(times, function(a, b) return a > b end)
+redis.call('DEL', KEYS[1])
+for _, at in ipairs(times) do redis.call('RPUSH', KEYS[1], string.format('%d', at)) end
+if #times > 0 then redis.call('PEXPIRE', KEYS[1], 60000) end
+return #times
+"#;
+
 const HEARTBEAT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -233,6 +303,94 @@ struct Health {
     drift_tokens: AtomicU64,
     drift_micros: AtomicU64,
 }
+
+/// Settles Redis did not get (unreachable, or a call that failed), replayed when it
+/// answers again: release-only, since their usage is in this replica's ledger already and
+/// reaches Redis by reconciliation (raised, never added). Bounded: beyond
+/// [`MAX_MISSED_SETTLES`] the oldest is dropped and counted.
+#[derive(Debug, Default)]
+pub struct MissedSettles {
+    queue: Mutex<VecDeque<(Uuid, Ticket)>>,
+    dropped: AtomicU64,
+}
+
+impl MissedSettles {
+    pub fn push(&self, key_id: Uuid, ticket: Ticket) {
+        let mut q = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if q.len() >= MAX_MISSED_SETTLES {
+            q.pop_front();
+            self.dropped.fetch_add(1, Relaxed);
+        }
+        q.push_back((key_id, ticket));
+    }
+
+    fn pop(&self) -> Option<(Uuid, Ticket)> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front()
+    }
+
+    /// Puts one whose replay failed back in front.
+    fn unpop(&self, key_id: Uuid, ticket: Ticket) {
+        let mut q = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if q.len() < MAX_MISSED_SETTLES {
+            q.push_front((key_id, ticket));
+        } else {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.lock().map_or(0, |q| q.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
+}
+
+/// The last count of a key's shared window this replica saw (at a Check decided in
+/// Redis): what a local window starts from when Redis goes away.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    count: u32,
+    at: Mono,
+}
+
+/// A period's counters Redis lacked (seeded from the replica's memory by the Check), to be
+/// raised to the ledger by the seeder.
+#[derive(Debug, Clone, Copy)]
+pub struct SeedRequest {
+    pub key_id: Uuid,
+    pub reset_period: ResetPeriod,
+    pub period_start: DateTime<Utc>,
+    period_end_ms: i64,
+    /// When it was asked (or asked again), on the replica's monotonic clock and on this
+    /// process's: the seeder's calls feed the breaker at the time they are made.
+    asked: Mono,
+    asked_at: std::time::Instant,
+}
+
+impl SeedRequest {
+    /// The replica's monotonic clock now.
+    fn now(&self) -> Mono {
+        let elapsed = i64::try_from(self.asked_at.elapsed().as_micros()).unwrap_or(i64::MAX);
+        Mono::from_micros(self.asked.micros().saturating_add(elapsed))
+    }
+}
+
+/// A period the seeder reads (queued or being read), or one whose read or raise failed,
+/// asked again at the next tick.
+enum Seeding {
+    Pending,
+    Failed(SeedRequest),
+}
+
+/// How the seeder reads a key's period from the ledger: its totals (every replica's
+/// increments), `None` when it has none.
+pub type LedgerRead = Pin<Box<dyn Future<Output = Result<Option<crate::domain::budget::Counters>, String>> + Send>>;
 
 /// One Redis (a multiplexed connection that reconnects by itself), or a Redis Cluster
 /// (every key of one API key in one slot, by its hash tag).
@@ -339,12 +497,30 @@ pub struct SharedCounters {
     health: Health,
     replica_id: String,
     rng: Mutex<u64>,
+    /// Settles Redis missed, replayed when it answers again.
+    missed: MissedSettles,
+    /// The last shared window count seen per key with a requests-per-minute limit.
+    seen: Sharded<HashMap<Uuid, Seen>>,
+    /// Keys with admissions decided here while Redis was away that Redis has not recorded
+    /// yet; while any is left, this replica keeps deciding alone (so its own admissions
+    /// never go uncounted in the window it decides with).
+    unrecorded: Mutex<HashSet<Uuid>>,
+    backlog: AtomicBool,
+    /// Periods the seeder reads from the ledger (one read per key and period in flight),
+    /// by key and period start (µs); bounded by [`SEED_QUEUE`].
+    seeds: Mutex<HashMap<(Uuid, i64), Seeding>>,
+    /// Seed requests dropped beyond the bound.
+    seeds_dropped: AtomicU64,
+    seed_tx: tokio::sync::mpsc::Sender<SeedRequest>,
+    seed_rx: Mutex<Option<tokio::sync::mpsc::Receiver<SeedRequest>>>,
     admit: Script,
     settle: Script,
     attach: Script,
     usage: Script,
     heartbeat: Script,
     raise: Script,
+    seed: Script,
+    record: Script,
 }
 
 impl std::fmt::Debug for SharedCounters {
@@ -362,6 +538,13 @@ pub struct CounterStatus {
     /// Tokens and micro-USD the ledger held beyond Redis at the last reconciliation.
     pub drift_tokens: u64,
     pub drift_micros: u64,
+    /// Settles Redis missed, waiting to be replayed; and those dropped beyond the bound.
+    pub settles_pending: u64,
+    pub settles_dropped: u64,
+    /// Periods seeded from memory waiting for their ledger read (or its retry); and seed
+    /// requests dropped beyond the bound.
+    pub seeds_pending: u64,
+    pub seeds_dropped: u64,
 }
 
 impl SharedCounters {
@@ -370,6 +553,7 @@ impl SharedCounters {
         let redis = Redis::open(&settings.url, settings.timeout)?;
         let mut seed = [0u8; 8];
         let _ = getrandom::fill(&mut seed);
+        let (seed_tx, seed_rx) = tokio::sync::mpsc::channel(SEED_QUEUE);
         Ok(SharedCounters {
             redis,
             settings,
@@ -377,12 +561,22 @@ impl SharedCounters {
             health: Health { replicas: AtomicU32::new(1), ..Default::default() },
             replica_id: Uuid::now_v7().to_string(),
             rng: Mutex::new(u64::from_le_bytes(seed) | 1),
+            missed: MissedSettles::default(),
+            seen: Sharded::default(),
+            unrecorded: Mutex::new(HashSet::new()),
+            backlog: AtomicBool::new(false),
+            seeds: Mutex::new(HashMap::new()),
+            seeds_dropped: AtomicU64::new(0),
+            seed_tx,
+            seed_rx: Mutex::new(Some(seed_rx)),
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
             attach: Script::new(ATTACH),
             usage: Script::new(USAGE),
             heartbeat: Script::new(HEARTBEAT),
             raise: Script::new(RAISE),
+            seed: Script::new(SEED),
+            record: Script::new(RECORD),
         })
     }
 
@@ -393,6 +587,10 @@ impl SharedCounters {
             replicas: self.health.replicas.load(Relaxed),
             drift_tokens: self.health.drift_tokens.load(Relaxed),
             drift_micros: self.health.drift_micros.load(Relaxed),
+            settles_pending: self.missed.len() as u64,
+            settles_dropped: self.missed.dropped(),
+            seeds_pending: self.seeds.lock().map_or(0, |s| s.len() as u64),
+            seeds_dropped: self.seeds_dropped.load(Relaxed),
         }
     }
 
@@ -463,16 +661,55 @@ impl SharedCounters {
         match self.settings.failure_mode {
             FailureMode::Deny => Err(Unavailable("the shared counters (Redis) are unreachable")),
             FailureMode::Local => {
-                // This replica's share: all replicas together never admit more than N.
+                let Some(limit) = key.limits.requests_per_minute else {
+                    return self.local.admit_now(key, ask, None, now);
+                };
+                // This replica's share of the window (the limit over the replicas last seen
+                // alive), less its share of what the shared window held when last seen:
+                // those admissions are taken to leave only a minute after they were seen.
                 let replicas = self.health.replicas.load(Relaxed).max(1);
-                let share = key.limits.requests_per_minute.map(|n| n / replicas);
-                if share == Some(0) {
-                    let limit = key.limits.requests_per_minute.unwrap_or(0);
-                    let admission = Admission { admitted: false, limit, remaining: 0, reset_in_micros: WINDOW_MICROS };
+                let (seeded, leaves_in) = self.seeded(key.id, replicas, now.mono);
+                let share = (limit / replicas).saturating_sub(seeded);
+                if share == 0 {
+                    let reset_in_micros = if seeded > 0 { leaves_in } else { WINDOW_MICROS };
+                    let admission = Admission { admitted: false, limit, remaining: 0, reset_in_micros };
                     return Ok(Outcome::RateLimited(admission));
                 }
-                self.local.admit_now(key, ask, share, now)
+                // The headers show the key's limit, not the share.
+                let as_key = |a: Admission| Admission { limit, ..a };
+                let outcome = self.local.admit_now(key, ask, Some(share), now)?;
+                Ok(match outcome {
+                    Outcome::Admitted { rpm, reservation } => {
+                        // Redis records it when it answers again.
+                        if let Ok(mut keys) = self.unrecorded.lock() {
+                            keys.insert(key.id);
+                            self.backlog.store(true, Relaxed);
+                        }
+                        Outcome::Admitted { rpm: rpm.map(as_key), reservation }
+                    }
+                    Outcome::RateLimited(a) => Outcome::RateLimited(as_key(a)),
+                    Outcome::Budget { denial, rpm } => Outcome::Budget { denial, rpm: rpm.map(as_key) },
+                })
             }
+        }
+    }
+
+    /// How many slots of `key_id`'s local window the shared window's last seen count
+    /// takes (this replica's part of it: the count over the replicas, rounded up, so all
+    /// of them together account for all of it), and in how many µs they free.
+    fn seeded(&self, key_id: Uuid, replicas: u32, now: Mono) -> (u32, i64) {
+        let seen = self.seen.of(key_id).lock().ok().and_then(|s| s.get(&key_id).copied());
+        match seen {
+            Some(Seen { count, at }) if now.micros_since(at) < WINDOW_MICROS => {
+                (count.div_ceil(replicas), WINDOW_MICROS - now.micros_since(at))
+            }
+            _ => (0, 0),
+        }
+    }
+
+    fn saw(&self, key_id: Uuid, count: u32, at: Mono) {
+        if let Ok(mut seen) = self.seen.of(key_id).lock() {
+            seen.insert(key_id, Seen { count, at });
         }
     }
 
@@ -485,8 +722,9 @@ impl SharedCounters {
         let limit = |l: Option<u64>| l.map_or(-1, |l| l.min(MAX_EXACT) as i64);
         let ttl_ms = self.settings.reservation_ttl.as_millis().min(u128::from(u32::MAX)) as i64;
         let mut seed: Option<[String; 5]> = None;
-        // At most twice: the second time with the ledger's usage, when the period's counters
-        // are missing (a new period, or Redis lost them).
+        // At most twice: the second time with what this replica's memory holds of the
+        // period, when its counters are missing (a new period, or Redis lost them). The
+        // Check never reads the database: the seeder raises them to the ledger afterwards.
         for _ in 0..2 {
             let mut inv = self.admit.prepare_invoke();
             inv.key(keys.rpm()).key(keys.budget()).key(keys.reservations());
@@ -496,31 +734,128 @@ impl SharedCounters {
                 .arg(ask.tokens.min(MAX_EXACT))
                 .arg(ask.micros.clamp(0, MAX_EXACT as i64))
                 .arg(ttl_ms)
-                .arg(period_end_ms)
                 .arg(SWEEP_PER_CHECK)
-                .arg(keys.budget_prefix());
+                .arg(keys.budget_prefix())
+                .arg(id)
+                .arg(start.timestamp_micros());
             match &seed {
                 None => inv.arg("").arg("").arg("").arg("").arg(""),
                 Some(s) => inv.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&s[3]).arg(&s[4]),
             };
-            inv.arg(id).arg(start.timestamp_micros()).arg(BUDGET_GRACE_MS);
+            inv.arg(period_end_ms).arg(BUDGET_GRACE_MS);
             let reply: Vec<i64> = self.call(inv, now.mono).await?;
             match reply.first() {
-                Some(-1) => {
-                    let known = self.local.usage_now(key, now).unwrap_or_default();
-                    let same = known.period_start == Some(start);
-                    let v = |n: u64| if same { n.min(MAX_EXACT).to_string() } else { "0".into() };
-                    let total = known.prompt_tokens.saturating_add(known.completion_tokens);
-                    let micros =
-                        if same { known.cost_micros.clamp(0, MAX_EXACT as i64).to_string() } else { "0".into() };
-                    seed =
-                        Some([v(known.requests), v(known.prompt_tokens), v(known.completion_tokens), v(total), micros]);
+                Some(-1) if seed.is_none() => {
+                    seed = Some(self.remembered(key, start, now));
+                    self.ask_ledger(SeedRequest {
+                        key_id: key.id,
+                        reset_period: limits.reset_period,
+                        period_start: start,
+                        period_end_ms,
+                        asked: now.mono,
+                        asked_at: std::time::Instant::now(),
+                    });
                 }
+                Some(-1) | None => return Err(()),
                 Some(&code) => return Ok(self.outcome(key, code, &reply, ask, id, start, now)),
-                None => return Err(()),
             }
         }
         Err(())
+    }
+
+    /// What this replica's memory holds of `key`'s period starting `start`, as the admit
+    /// script's seed (requests, prompt, completion and all tokens, micro-USD): its mirror of
+    /// the ledger (raised by reconciliation and by what Redis showed at its Checks) with
+    /// the usage it metered and has not written yet. Nothing for another period.
+    fn remembered(&self, key: &ApiKey, start: DateTime<Utc>, now: Now) -> [String; 5] {
+        let known = self.local.usage_now(key, now).unwrap_or_default();
+        let same = known.period_start == Some(start);
+        let v = |n: u64| if same { n.min(MAX_EXACT).to_string() } else { "0".into() };
+        let total = known.prompt_tokens.saturating_add(known.completion_tokens);
+        let micros = if same { known.cost_micros.clamp(0, MAX_EXACT as i64).to_string() } else { "0".into() };
+        [v(known.requests), v(known.prompt_tokens), v(known.completion_tokens), v(total), micros]
+    }
+
+    /// Asks the seeder, without waiting, to raise a period's counters to the ledger: one
+    /// read per key and period in flight, whichever Checks ask; beyond [`SEED_QUEUE`] the
+    /// request is dropped (counted). The Check goes on at once.
+    fn ask_ledger(&self, request: SeedRequest) {
+        let slot = (request.key_id, request.period_start.timestamp_micros());
+        let Ok(mut seeds) = self.seeds.lock() else { return };
+        match seeds.get(&slot) {
+            Some(Seeding::Pending) => {}
+            // Asked again at the next tick.
+            Some(Seeding::Failed(_)) => {}
+            None if seeds.len() >= SEED_QUEUE => {
+                self.seeds_dropped.fetch_add(1, Relaxed);
+            }
+            None => {
+                if self.seed_tx.try_send(request).is_ok() {
+                    seeds.insert(slot, Seeding::Pending);
+                } else {
+                    self.seeds_dropped.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Sends the seeder the periods whose read or raise failed (the tick, once a second).
+    fn retry_seeds(&self, now: Mono) {
+        let Ok(mut seeds) = self.seeds.lock() else { return };
+        for state in seeds.values_mut() {
+            if let Seeding::Failed(request) = *state {
+                let request = SeedRequest { asked: now, asked_at: std::time::Instant::now(), ..request };
+                match self.seed_tx.try_send(request) {
+                    Ok(()) => *state = Seeding::Pending,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+
+    /// Raises the period `request` names to `ledger` (its totals in the ledger, every
+    /// replica's flushed increments) plus what this replica metered and has not written
+    /// yet (read after the ledger, so an increment flushed meanwhile counts at most once):
+    /// set if absent, raised where behind if present, never added to. A failed read or
+    /// raise is asked again at the next tick.
+    pub async fn seed(&self, request: SeedRequest, ledger: Result<Option<crate::domain::budget::Counters>, String>) {
+        let slot = (request.key_id, request.period_start.timestamp_micros());
+        let raised = match ledger {
+            Ok(_) if !self.closed(request.now()) => false,
+            Ok(row) => {
+                let mut total = row.unwrap_or_else(|| {
+                    crate::domain::budget::Counters::empty(request.key_id, request.reset_period, request.period_start)
+                });
+                if let Some(mine) = self.local.meters.pending(request.key_id, request.period_start) {
+                    total.requests = total.requests.saturating_add(mine.requests);
+                    total.prompt_tokens = total.prompt_tokens.saturating_add(mine.prompt_tokens);
+                    total.completion_tokens = total.completion_tokens.saturating_add(mine.completion_tokens);
+                    total.cost_micros = total.cost_micros.saturating_add(mine.cost_micros.max(0));
+                }
+                let keys = Keys::of(request.key_id, request.period_start);
+                let mut inv = self.seed.prepare_invoke();
+                inv.key(keys.budget())
+                    .arg(total.requests.min(MAX_EXACT))
+                    .arg(total.prompt_tokens.min(MAX_EXACT))
+                    .arg(total.completion_tokens.min(MAX_EXACT))
+                    .arg(total.total_tokens().min(MAX_EXACT))
+                    .arg(total.cost_micros.clamp(0, MAX_EXACT as i64))
+                    .arg(request.period_end_ms)
+                    .arg(BUDGET_GRACE_MS);
+                self.call::<i64>(inv, request.now()).await.is_ok()
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, key = %request.key_id, "could not read the ledger to raise the key's counters; retried at the next tick");
+                false
+            }
+        };
+        if let Ok(mut seeds) = self.seeds.lock() {
+            if raised {
+                seeds.remove(&slot);
+            } else {
+                seeds.insert(slot, Seeding::Failed(request));
+            }
+        }
     }
 
     /// Reads the admit script's answer.
@@ -557,6 +892,9 @@ impl SharedCounters {
                             period_start: start,
                         }
                     });
+                if key.limits.requests_per_minute.is_some() {
+                    self.saw(key.id, at(2).clamp(0, i64::from(u32::MAX)) as u32, now.mono);
+                }
                 // What this replica knows of the key's usage, for the failure mode.
                 self.local.meters.observe_shared(
                     key.id,
@@ -568,12 +906,15 @@ impl SharedCounters {
                 );
                 Outcome::Admitted { rpm, reservation }
             }
-            1 => Outcome::RateLimited(rpm.unwrap_or(Admission {
-                admitted: false,
-                limit: 0,
-                remaining: 0,
-                reset_in_micros: at(3).max(0) * 1000,
-            })),
+            1 => {
+                self.saw(key.id, at(2).clamp(0, i64::from(u32::MAX)) as u32, now.mono);
+                Outcome::RateLimited(rpm.unwrap_or(Admission {
+                    admitted: false,
+                    limit: 0,
+                    remaining: 0,
+                    reset_in_micros: at(3).max(0) * 1000,
+                }))
+            }
             2 => Outcome::Budget {
                 denial: BudgetDenial::Tokens {
                     limit: key.limits.token_limit.unwrap_or(0),
@@ -594,7 +935,11 @@ impl SharedCounters {
     }
 
     /// Settles in Redis; `Ok(false)` when the ticket was settled before (by any replica).
-    async fn settle_shared(&self, key_id: Uuid, ticket: &Ticket, m: &Metered, now: Mono) -> Result<bool, ()> {
+    /// Without `m`, only gives the reservation back (and remembers the ticket as settled):
+    /// the replay of a settle Redis missed, whose usage the ledger has.
+    async fn settle_shared(&self, key_id: Uuid, ticket: &Ticket, m: Option<&Metered>, now: Mono) -> Result<bool, ()> {
+        let release_only = m.is_none();
+        let m = m.copied().unwrap_or_default();
         let keys = Keys::of(key_id, ticket.period_start);
         let tokens = m.prompt_tokens.saturating_add(m.completion_tokens).min(MAX_EXACT);
         let tombstone_ms = (self.settings.reservation_ttl.as_millis() as i64).max(600_000) * 2;
@@ -605,7 +950,7 @@ impl SharedCounters {
             .arg(m.completion_tokens.min(MAX_EXACT))
             .arg(tokens)
             .arg(m.cost_micros.clamp(0, MAX_EXACT as i64))
-            .arg(0)
+            .arg(u8::from(release_only))
             .arg(Keys::member(ticket))
             .arg(tombstone_ms)
             .arg(ticket.hold.tokens.min(MAX_EXACT))
@@ -614,13 +959,95 @@ impl SharedCounters {
     }
 
     /// Once a second: announces this replica (the others count it for their share of each
-    /// window in the failure mode) and probes Redis while it is down.
+    /// window in the failure mode) and probes Redis while it is down. Once Redis answers,
+    /// asks the seeder again for the periods whose ledger read or raise failed, records what
+    /// this replica admitted alone meanwhile and replays the settles it missed.
     pub async fn tick(&self, now: Mono) {
         let mut inv = self.heartbeat.prepare_invoke();
         inv.key("pc:replicas").arg(&self.replica_id).arg(REPLICA_ALIVE_MS);
         if let Ok(n) = self.call::<u32>(inv, now).await {
             self.health.replicas.store(n.max(1), Relaxed);
+            self.retry_seeds(now);
+            if self.record_backlog(now).await {
+                self.replay_settles(now).await;
+            }
         }
+    }
+
+    /// Records into Redis's windows the admissions this replica decided alone while Redis
+    /// was away (until then it keeps deciding alone); true once none is left.
+    async fn record_backlog(&self, now: Mono) -> bool {
+        if !self.backlog.load(Relaxed) {
+            return true;
+        }
+        let keys: Vec<Uuid> = match self.unrecorded.lock() {
+            Ok(mut keys) => keys.drain().collect(),
+            Err(_) => return false,
+        };
+        for (i, &key_id) in keys.iter().enumerate() {
+            let times = self.local.windows.take(key_id);
+            let ages: Vec<i64> = times
+                .iter()
+                .map(|&t| (now.micros() - t).max(0) / 1000)
+                .filter(|&age| age < WINDOW_MICROS / 1000)
+                .collect();
+            if ages.is_empty() {
+                continue;
+            }
+            let mut inv = self.record.prepare_invoke();
+            inv.key(Keys::of(key_id, DateTime::UNIX_EPOCH).rpm());
+            for age in &ages {
+                inv.arg(age);
+            }
+            match self.call::<i64>(inv, now).await {
+                Ok(count) => self.saw(key_id, count.clamp(0, i64::from(u32::MAX)) as u32, now),
+                Err(()) => {
+                    self.local.windows.restore(key_id, times);
+                    if let Ok(mut left) = self.unrecorded.lock() {
+                        left.extend(&keys[i..]);
+                    }
+                    return false;
+                }
+            }
+        }
+        match self.unrecorded.lock() {
+            Ok(left) if left.is_empty() => {
+                self.backlog.store(false, Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Replays settles Redis missed (a bounded number per call): each gives its
+    /// reservation back, once, and adds no usage (the ledger has it; reconciliation raises
+    /// Redis to it), so nothing counts twice.
+    async fn replay_settles(&self, now: Mono) {
+        for _ in 0..REPLAY_PER_TICK {
+            let Some((key_id, ticket)) = self.missed.pop() else { return };
+            if self.settle_shared(key_id, &ticket, None, now).await.is_err() {
+                self.missed.unpop(key_id, ticket);
+                return;
+            }
+        }
+    }
+
+    /// Runs the seeder: each period whose counters Redis lacked (seeded from memory by a
+    /// Check) is read from the ledger with `read`, off the request path, and its counters
+    /// raised to it. Ends with the counters.
+    pub fn spawn_seeder(
+        counters: &Arc<SharedCounters>,
+        read: impl Fn(Uuid, DateTime<Utc>) -> LedgerRead + Send + 'static,
+    ) {
+        let Some(mut requests) = counters.seed_rx.lock().ok().and_then(|mut rx| rx.take()) else { return };
+        let counters = Arc::downgrade(counters);
+        tokio::spawn(async move {
+            while let Some(request) = requests.recv().await {
+                let row = read(request.key_id, request.period_start).await;
+                let Some(counters) = counters.upgrade() else { break };
+                counters.seed(request, row).await;
+            }
+        });
     }
 
     /// Reconciles with the ledger: `rows` are ledger totals (every replica's increments)
@@ -680,7 +1107,9 @@ impl SharedCounters {
 impl Counters for SharedCounters {
     fn admit<'a>(&'a self, key: &'a ApiKey, ask: Hold, now: Now) -> CountFuture<'a, Result<Outcome, Unavailable>> {
         CountFuture::later(async move {
+            // Admissions decided here while Redis was away are recorded there first.
             if self.closed(now.mono)
+                && !self.backlog.load(Relaxed)
                 && let Ok(outcome) = self.admit_shared(key, ask, now).await
             {
                 return Ok(outcome);
@@ -720,13 +1149,19 @@ impl Counters for SharedCounters {
         let metered = charge(held);
         CountFuture::later(async move {
             // Redis says whether any replica settled this ticket before; unreachable, the
-            // reservation expires there and reconciliation brings the usage in from the
-            // ledger.
-            if let Some(ticket) = ticket
-                && self.closed(now.mono)
-                && self.settle_shared(key_id, &ticket, &metered, now.mono).await == Ok(false)
-            {
-                return None;
+            // settle is queued and its reservation given back there once Redis answers,
+            // and reconciliation brings the usage in from the ledger.
+            if let Some(ticket) = ticket {
+                let settled = if self.closed(now.mono) {
+                    self.settle_shared(key_id, &ticket, Some(&metered), now.mono).await
+                } else {
+                    Err(())
+                };
+                match settled {
+                    Ok(false) => return None,
+                    Ok(true) => {}
+                    Err(()) => self.missed.push(key_id, ticket),
+                }
             }
             // This replica's ledger and what it knows of the key, once per ticket (releasing
             // a reservation made here).
@@ -765,6 +1200,11 @@ impl Counters for SharedCounters {
 
     fn sweep(&self, now: Mono, ttl: chrono::Duration) -> usize {
         // Redis sweeps its reservations at each Check; these are the failure mode's.
+        for shard in self.seen.all() {
+            if let Ok(mut seen) = shard.lock() {
+                seen.retain(|_, s| now.micros_since(s.at) < WINDOW_MICROS);
+            }
+        }
         self.local.sweep(now, ttl)
     }
 }
@@ -834,5 +1274,24 @@ pub async fn ping(counters: &Arc<SharedCounters>) -> RedisResult<()> {
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(r) => r.map(drop),
         Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missed_settles_are_bounded_dropping_the_oldest() {
+        let missed = MissedSettles::default();
+        let ticket = |id| Ticket { id, hold: Hold::default(), period_start: DateTime::UNIX_EPOCH };
+        let key = Uuid::now_v7();
+        for id in 0..=MAX_MISSED_SETTLES as u64 {
+            missed.push(key, ticket(id));
+        }
+        assert_eq!((missed.len(), missed.dropped()), (MAX_MISSED_SETTLES, 1));
+        assert_eq!(missed.pop().map(|(_, t)| t.id), Some(1), "the oldest went first");
+        missed.unpop(key, ticket(1));
+        assert_eq!(missed.pop().map(|(_, t)| t.id), Some(1), "a failed replay goes back in front");
     }
 }

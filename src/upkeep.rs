@@ -42,7 +42,14 @@ pub fn spawn(shared: &Arc<Shared>, store: &DynStore, upkeep: Upkeep) {
             });
         }
     }
-    if shared.shared_counters.is_some() {
+    if let Some(counters) = &shared.shared_counters {
+        // Counters a Check seeded from memory (Redis lacked them) are raised to the ledger
+        // here, off the request path.
+        let ledger = Arc::clone(store);
+        crate::shared_counters::SharedCounters::spawn_seeder(counters, move |key_id, period_start| {
+            let ledger = Arc::clone(&ledger);
+            Box::pin(async move { ledger.period_usage(key_id, period_start).await.map_err(|e| e.to_string()) })
+        });
         every(Duration::from_secs(1), shared, |shared| async move {
             if let Some(counters) = &shared.shared_counters {
                 counters.tick(shared.clock.monotonic()).await;
@@ -52,6 +59,16 @@ pub fn spawn(shared: &Arc<Shared>, store: &DynStore, upkeep: Upkeep) {
         every(RECONCILE_EVERY, shared, move |shared| {
             let (store, since) = (Arc::clone(&store), Arc::clone(&since));
             async move { reconcile(&*store, &shared, &since).await }
+        });
+    }
+    if store.is_shared() {
+        let store = Arc::clone(store);
+        every(CLAIM_CHECK_EVERY, shared, move |shared| {
+            let store = Arc::clone(&store);
+            async move {
+                drop(shared);
+                keep_claim(&*store).await;
+            }
         });
     }
     let store = Arc::clone(store);
@@ -80,10 +97,27 @@ where
     });
 }
 
-/// Writes changed usage counters and token last-use times; on failure they stay dirty
-/// for the next attempt.
+/// How often a claim on a shared database is checked (and taken again if it was lost).
+const CLAIM_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Takes the database's claim again if the connection holding it was lost.
+async fn keep_claim(store: &dyn Store) {
+    match store.keep_claim().await {
+        Ok(true) => tracing::warn!("the database claim was lost (connection gone) and is taken again"),
+        Ok(false) => {}
+        // Down: tried again at the next check (the flush logs the outage).
+        Err(e) if e.is_transient() => tracing::debug!(error = %e, "the database claim cannot be checked now"),
+        // Refused: a process that serves alone took the database meanwhile.
+        Err(e) => tracing::error!(error = %e, "the database claim was lost and cannot be taken again"),
+    }
+}
+
+/// Writes changed usage counters and token last-use times; on failure they stay in memory
+/// for the next attempt. The database going away and coming back is logged once each
+/// (and shown by `portcullis_database_up`), not at every attempt.
 pub async fn flush_usage(store: &dyn Store, shared: &Shared, last: bool) -> bool {
     let _one_at_a_time = shared.flush.lock().await;
+    let mut failure = None;
     let used = shared.tokens.read().map(|t| t.last_used_to_write(last)).unwrap_or_default();
     if !used.is_empty() {
         match store.save_token_last_used(&used).await {
@@ -92,26 +126,39 @@ pub async fn flush_usage(store: &dyn Store, shared: &Shared, last: bool) -> bool
                     t.persisted(&used);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "could not record management-token use; will retry"),
+            Err(e) => failure = Some(("management-token use", e)),
         }
     }
     let history = shared.limiters.meters.take_history();
     if !history.is_empty()
         && let Err(e) = store.save_usage_history(&history).await
     {
-        tracing::warn!(error = %e, rows = history.len(), "usage history flush failed; will retry");
         shared.limiters.meters.restore_history(history);
+        failure = failure.or(Some(("usage history", e)));
     }
     let dirty = shared.limiters.meters.take_dirty();
-    if dirty.is_empty() {
-        return true;
+    if !dirty.is_empty()
+        && let Err(e) = store.save_usage(&dirty, shared.clock.now()).await
+    {
+        shared.metrics.flush_failed();
+        let keys = dirty.len();
+        shared.limiters.meters.restore(dirty);
+        failure = Some(("usage", e));
+        tracing::debug!(keys, "usage kept in memory for the next flush");
     }
-    match store.save_usage(&dirty, shared.clock.now()).await {
-        Ok(()) => true,
-        Err(e) => {
-            shared.metrics.flush_failed();
-            tracing::error!(error = %e, keys = dirty.len(), "usage flush failed; will retry");
-            shared.limiters.meters.restore(dirty);
+    match failure {
+        None => {
+            if shared.metrics.database(true) {
+                tracing::warn!("the database answers again: usage kept in memory is written");
+            }
+            true
+        }
+        Some((what, e)) => {
+            if shared.metrics.database(false) {
+                tracing::error!(error = %e, "could not write {what}: the database is unreachable; usage is kept in memory and written when it answers");
+            } else {
+                tracing::debug!(error = %e, "could not write {what}; will retry");
+            }
             false
         }
     }
@@ -131,9 +178,10 @@ pub fn sweep(shared: &Shared, ttl: chrono::Duration) -> usize {
 /// How often the shared counters are compared with the usage ledger.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
-/// Compares the shared counters with the ledger rows written since the last pass (with a
-/// minute's margin: replicas stamp rows with their own clocks), raising Redis to the
-/// ledger where it is behind and what this replica knows of each key.
+/// Compares the shared counters with the ledger rows written since the last pass (by the
+/// database's clock, which stamps them, with a minute's margin for transactions still
+/// running when the last pass read), raising Redis to the ledger where it is behind and
+/// what this replica knows of each key.
 pub async fn reconcile(
     store: &dyn Store,
     shared: &Shared,
@@ -143,8 +191,8 @@ pub async fn reconcile(
     let now = shared.clock.read();
     let from =
         since.lock().ok().and_then(|s| *s).map_or(chrono::DateTime::UNIX_EPOCH, |t| t - chrono::Duration::minutes(1));
-    let rows = match store.usage_changed_since(from).await {
-        Ok(rows) => rows,
+    let (rows, read_at) = match store.usage_changed_since(from).await {
+        Ok(read) => read,
         Err(e) => {
             tracing::debug!(error = %e, "reconciliation skipped: the ledger cannot be read");
             return;
@@ -158,7 +206,7 @@ pub async fn reconcile(
     };
     counters.reconcile(&rows, budgeted, now).await;
     if let Ok(mut s) = since.lock() {
-        *s = Some(now.wall);
+        *s = Some(read_at);
     }
 }
 

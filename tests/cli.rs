@@ -191,6 +191,38 @@ async fn cli_manages_tokens_and_reads_the_audit_trail() {
     let (ok, out, _) = cli(&url, &["audit", "--limit", "3"]).await;
     assert!(ok && out.starts_with("TIME") && out.lines().count() == 4, "{out}");
 
+    // By actor, named or by id: the developer's calls (its key, its refused delete), none of the
+    // owner's; and the owner's, none of the developer's.
+    let actions_of = |out: &str| -> Vec<(String, String)> {
+        let events: serde_json::Value = serde_json::from_str(out).unwrap();
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["token_name"].as_str().unwrap().to_string(), e["action"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let (ok, out, err) = cli(&url, &["audit", "--actor", "token-user01", "--json"]).await;
+    assert!(ok, "{err}");
+    let by_name = actions_of(&out);
+    assert!(by_name.iter().all(|(who, _)| who == "token-user01"), "{by_name:?}");
+    for action in ["GatewayService/DeleteGateway", "KeyService/CreateKey"] {
+        assert!(by_name.iter().any(|(_, a)| a == action), "{action} missing: {by_name:?}");
+    }
+    let (ok, out, _) = cli(&url, &["audit", "--actor", dev["id"].as_str().unwrap(), "--json"]).await;
+    assert!(ok);
+    assert_eq!(actions_of(&out), by_name, "the same events by the token's id");
+    let (ok, out, _) = cli(&url, &["tokens", "whoami", "--json"]).await;
+    assert!(ok, "{out}");
+    let owner = serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["name"].as_str().unwrap().to_string();
+    let (ok, out, _) = cli(&url, &["audit", "--actor", &owner, "--json"]).await;
+    assert!(ok);
+    let by_owner = actions_of(&out);
+    assert!(by_owner.iter().all(|(who, _)| *who == owner), "{by_owner:?}");
+    assert!(by_owner.iter().any(|(_, a)| a == "AccessService/CreateAccessToken"), "{by_owner:?}");
+    let (ok, out, _) = cli(&url, &["audit", "--actor", "nobody-such"]).await;
+    assert!(ok && out.lines().count() == 1, "only the header: {out}");
+
     // Address and token from flags, with no environment.
     let out = Command::new(BIN)
         .args(["--admin-url", &url, "--token", OWNER_TOKEN, "tokens", "list"])
@@ -212,7 +244,7 @@ async fn cli_manages_tokens_and_reads_the_audit_trail() {
 }
 
 #[tokio::test]
-async fn cli_filters_and_orders_keys_reads_usage_history_and_filters_the_audit_trail() {
+async fn cli_filters_and_orders_keys_reads_key_and_gateway_usage_history_and_filters_the_audit_trail() {
     use chrono::{DurationRound, Utc};
     let server = TestServer::start().await;
     let url = server.admin_url();
@@ -284,4 +316,34 @@ async fn cli_filters_and_orders_keys_reads_usage_history_and_filters_the_audit_t
     assert!(ok && out.lines().count() == 5, "three creations and a disable: {out}");
     let (ok, _, err) = cli(&url, &["audit", "--since", "yesterday"]).await;
     assert!(!ok && err.contains("--since"), "{err}");
+
+    // A gateway's history adds up its keys' and no other gateway's.
+    assert!(cli(&url, &["gateways", "create", "other"]).await.0);
+    let (ok, out, _) = cli(&url, &["keys", "create", "elsewhere", "--gateway", "other", "--json"]).await;
+    assert!(ok);
+    let elsewhere = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_str().unwrap().to_string();
+    let alpha = id_of("alpha").as_str().unwrap().to_string();
+    let in_key = |id: &str, model: &str, n: u64| portcullis::domain::budget::UsageBucket {
+        key_id: uuid::Uuid::parse_str(id).unwrap(),
+        ..row(model, n)
+    };
+    store.save_usage_history(&[in_key(&alpha, "gpt-4.1", 4), in_key(&elsewhere, "gpt-4.1", 7)]).await.unwrap();
+    let (ok, out, err) = cli(&url, &["gateways", "history", "demo", "--json"]).await;
+    assert!(ok, "{err}");
+    let h: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(h["granularity"], "day");
+    assert_eq!(h["buckets"].as_array().unwrap().len(), 1, "{out}");
+    assert_eq!((h["buckets"][0]["requests"].as_u64(), h["buckets"][0]["cost_usd"].as_str()), (Some(7), Some("10.50")));
+    let (ok, out, err) = cli(&url, &["gateways", "history", "demo", "--by", "hour", "--days", "2", "--by-model"]).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("START") && out.contains("MODEL"), "{out}");
+    let rows: Vec<Vec<&str>> = out.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 2, "one hour, two models: {out}");
+    assert!(rows.iter().any(|r| r[1..] == ["gpt-4.1", "6", "600", "60", "$9.00"]), "{out}");
+    assert!(rows.iter().any(|r| r[1..] == ["claude", "1", "100", "10", "$1.50"]), "{out}");
+    let (ok, out, _) = cli(&url, &["gateways", "history", "other", "--json"]).await;
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["buckets"][0]["requests"], 7, "{out}");
+    let (ok, _, err) = cli(&url, &["gateways", "history", "nosuch"]).await;
+    assert!(!ok && err.contains("NOT_FOUND"), "{err}");
 }

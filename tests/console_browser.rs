@@ -46,12 +46,14 @@ async fn the_console_hands_out_keys_that_work_through_envoy() {
 
     let console_url = format!("http://127.0.0.1:{admin}");
     let envoy_port = envoy.port.to_string();
+    let upstream_port = upstream.port.to_string();
     let status = tokio::task::spawn_blocking(move || {
         Command::new("npx")
             .args(["--no-install", "playwright", "test"])
             .current_dir(&console)
             .env("CONSOLE_URL", &console_url)
             .env("ENVOY_PORT", &envoy_port)
+            .env("UPSTREAM_PORT", &upstream_port)
             .env("OWNER_TOKEN", OWNER_TOKEN)
             .env("PORTCULLIS_CHROMIUM", chromium())
             .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")

@@ -6,11 +6,12 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use chrono::{Datelike, Duration, TimeZone, Utc};
-use portcullis::domain::budget::{BudgetDenial, Hold, Metered, Meters, Ticket};
+use portcullis::domain::budget::{BudgetDenial, Counters as LedgerRow, Hold, Metered, Meters, Ticket};
 use portcullis::domain::clock::{Clock, Mono, Now, SystemClock};
 use portcullis::domain::counters::{Counters, InProcess, Outcome, Unavailable, Usage};
 use portcullis::domain::key::{ApiKey, Limits, NewKey, ResetPeriod};
@@ -19,6 +20,7 @@ use uuid::Uuid;
 
 use common::eventually;
 use common::replicas::PrivateRedis;
+use proptest::strategy::Strategy as _;
 
 fn redis_url() -> String {
     std::env::var("PORTCULLIS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -30,23 +32,78 @@ const TIMEOUT: StdDuration = StdDuration::from_millis(200);
 /// Reservations never settled are released after this (short, so a test can see it).
 const TTL: StdDuration = StdDuration::from_millis(300);
 
+/// The usage ledger as the seeder reads it (every replica's flushed increments), per key
+/// and period start: what a test says the ledger holds. A read waits for a permit of
+/// `gate` (open unless a test closes it: a database that does not answer) and fails while
+/// `down` (a database that refuses).
+#[derive(Default)]
+struct FakeLedger {
+    rows: std::sync::Mutex<HashMap<(Uuid, i64), LedgerRow>>,
+    gate: Option<tokio::sync::Semaphore>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+type Ledger = Arc<FakeLedger>;
+
+impl FakeLedger {
+    fn holds(&self, row: LedgerRow) {
+        self.rows.lock().unwrap().insert((row.key_id, row.period_start.timestamp_micros()), row);
+    }
+
+    /// Lets `n` reads through a closed gate.
+    fn answer(&self, n: usize) {
+        self.gate.as_ref().expect("a closed gate").add_permits(n);
+    }
+}
+
 /// Counters of one implementation, with the meters (ledger, last uses) they record in.
 struct Fixture {
     counters: Arc<dyn Counters>,
     meters: Arc<Meters>,
     shared: Option<Arc<SharedCounters>>,
+    ledger: Ledger,
 }
 
 fn in_process() -> Fixture {
     let meters = Arc::new(Meters::default());
-    Fixture { counters: Arc::new(InProcess::new(Arc::clone(&meters))), meters, shared: None }
+    let counters = Arc::new(InProcess::new(Arc::clone(&meters)));
+    Fixture { counters, meters, shared: None, ledger: Ledger::default() }
 }
 
 fn shared_on(url: &str, failure_mode: FailureMode) -> Fixture {
+    shared_with(url, failure_mode, TTL)
+}
+
+/// Shared counters on `url` whose seeder reads the fixture's ledger.
+fn shared_with(url: &str, failure_mode: FailureMode, reservation_ttl: StdDuration) -> Fixture {
+    shared_reading(url, failure_mode, reservation_ttl, Ledger::default())
+}
+
+/// Shared counters whose seeder's ledger reads wait until the test lets them through
+/// ([`FakeLedger::answer`]).
+fn shared_with_a_slow_ledger(failure_mode: FailureMode) -> Fixture {
+    let ledger = Arc::new(FakeLedger { gate: Some(tokio::sync::Semaphore::new(0)), ..Default::default() });
+    shared_reading(&redis_url(), failure_mode, TTL, ledger)
+}
+
+fn shared_reading(url: &str, failure_mode: FailureMode, reservation_ttl: StdDuration, ledger: Ledger) -> Fixture {
     let meters = Arc::new(Meters::default());
-    let settings = Settings { url: url.into(), timeout: TIMEOUT, failure_mode, reservation_ttl: TTL };
+    let settings = Settings { url: url.into(), timeout: TIMEOUT, failure_mode, reservation_ttl };
     let shared = Arc::new(SharedCounters::new(settings, InProcess::new(Arc::clone(&meters))).unwrap());
-    Fixture { counters: Arc::clone(&shared) as Arc<dyn Counters>, meters, shared: Some(shared) }
+    let reads = Arc::clone(&ledger);
+    SharedCounters::spawn_seeder(&shared, move |key_id, period_start| {
+        let ledger = Arc::clone(&reads);
+        Box::pin(async move {
+            if let Some(gate) = &ledger.gate {
+                gate.acquire().await.map_err(|e| e.to_string())?.forget();
+            }
+            if ledger.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("the database is down".to_string());
+            }
+            Ok(ledger.rows.lock().unwrap().get(&(key_id, period_start.timestamp_micros())).cloned())
+        })
+    });
+    Fixture { counters: Arc::clone(&shared) as Arc<dyn Counters>, meters, shared: Some(shared), ledger }
 }
 
 fn redis() -> Fixture {
@@ -350,22 +407,92 @@ async fn a_reservation_is_settled_on_any_replica_once() {
     assert_eq!((u.requests, u.prompt_tokens + u.completion_tokens, u.reserved_tokens), (1, 20, 0), "counted once");
 }
 
-/// Counters Redis lost (a restart without persistence, a failover, an eviction) are
-/// rebuilt from what the replica's ledger knows, once: set if absent, never added twice.
+/// Forgets everything Redis holds of `k` (a restart without persistence, a failover, an
+/// eviction).
+async fn redis_loses(k: &ApiKey) {
+    assert!(common::replicas::redis_forgets(&redis_url(), &k.id.to_string()).await > 0, "Redis held the key");
+}
+
+/// Counters Redis lacks (lost in a restart without persistence, a failover, an eviction;
+/// or a new period) are seeded by the Check at once from what this replica's memory holds
+/// (its mirror of the ledger and the usage it has not written yet): the Check never waits
+/// for the database. In the background the seeder reads the key's period from the ledger
+/// (every replica's usage) and raises the counters to it plus this replica's unwritten
+/// usage: set if absent, raised if behind, never added twice.
 #[tokio::test]
-async fn lost_counters_are_rebuilt_from_the_ledger() {
-    let f = redis();
+async fn lost_counters_are_seeded_from_memory_at_once_and_raised_to_the_ledger() {
+    let f = shared_with_a_slow_ledger(FailureMode::Deny);
+    let shared = f.shared.as_ref().unwrap();
     let k = key(Limits { token_limit: Some(100), ..Default::default() });
-    let t = f.admitted(&k, ask(10, 0)).await.unwrap();
-    f.settle(&k, Some(t), used(30, 20, 0)).await;
-    let mut conn = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let lost: Vec<String> = redis::cmd("KEYS").arg(format!("pc:{{{}}}:*", k.id)).query_async(&mut conn).await.unwrap();
-    assert!(!lost.is_empty());
-    let _: i64 = redis::cmd("DEL").arg(&lost).query_async(&mut conn).await.unwrap();
-    let again = f.admitted(&k, ask(100, 0)).await.unwrap();
-    assert_eq!(again.hold.tokens, 50, "50 used before the loss: 50 left");
-    let g = redis();
-    assert_eq!(g.usage(&k).await.prompt_tokens + g.usage(&k).await.completion_tokens, 50, "seeded once");
+    // Another replica spent 40 and wrote it to the ledger; this one's memory knows nothing.
+    let start = Utc.timestamp_opt(0, 0).unwrap();
+    let mut row = LedgerRow::empty(k.id, ResetPeriod::Never, start);
+    (row.requests, row.prompt_tokens, row.completion_tokens) = (2, 15, 25);
+    f.ledger.holds(row);
+    // The ledger does not answer: the Check does not wait for it.
+    let t = tokio::time::timeout(StdDuration::from_secs(2), f.admitted(&k, ask(100, 0)))
+        .await
+        .expect("the Check answers while the ledger read waits")
+        .unwrap();
+    assert_eq!(t.hold.tokens, 100, "seeded from memory, which knows nothing of the other replica's 40");
+    assert_eq!(shared.status().outage_decisions, 0, "decided in Redis, not by the failure mode");
+    assert_eq!(shared.status().seeds_pending, 1);
+    // The ledger answers: the counters reach it.
+    f.ledger.answer(1);
+    eventually("raised to the ledger", StdDuration::from_secs(5), || async {
+        let u = redis_usage(&redis_url(), &k).await;
+        (u.requests == 2 && u.prompt_tokens + u.completion_tokens == 40).then_some(())
+    })
+    .await;
+    assert_eq!(shared.status().seeds_pending, 0);
+    assert!(matches!(f.admit(&k, ask(1, 0)).await, Ok(Outcome::Budget { .. })), "40 used, 100 held");
+    f.settle(&k, Some(t), used(0, 10, 0)).await;
+    // Redis loses everything of the key; this replica has not written its 10 yet.
+    redis_loses(&k).await;
+    let again = tokio::time::timeout(StdDuration::from_secs(2), f.admitted(&k, ask(100, 0)))
+        .await
+        .expect("the Check answers while the ledger read waits")
+        .unwrap();
+    assert_eq!(again.hold.tokens, 90, "memory: its own unwritten 10 (the other replica's 40 never reached it)");
+    f.ledger.answer(1);
+    eventually("raised to the ledger", StdDuration::from_secs(5), || async {
+        (shared.status().seeds_pending == 0).then_some(())
+    })
+    .await;
+    let u = redis_usage(&redis_url(), &k).await;
+    assert_eq!(
+        (u.requests, u.prompt_tokens + u.completion_tokens, u.reserved_tokens),
+        (3, 50, 90),
+        "the ledger's 40 and this replica's unwritten 10, once: raised, never added to the memory seed"
+    );
+    assert!(matches!(f.admit(&k, ask(1, 0)).await, Ok(Outcome::Budget { .. })), "50 used, 90 held");
+}
+
+/// A key's period the ledger cannot be read for (the database down too) is still decided
+/// in Redis, from memory: the failure mode decides only when Redis cannot be reached. The
+/// read is tried again at each tick, and the counters reach the ledger once it answers.
+#[tokio::test]
+async fn a_key_whose_ledger_cannot_be_read_is_decided_from_memory_and_raised_when_it_answers() {
+    let f = shared_on(&redis_url(), FailureMode::Deny);
+    let shared = f.shared.as_ref().unwrap();
+    f.ledger.down.store(true, std::sync::atomic::Ordering::Relaxed);
+    let k = key(Limits { token_limit: Some(100), ..Default::default() });
+    let mut row = LedgerRow::empty(k.id, ResetPeriod::Never, Utc.timestamp_opt(0, 0).unwrap());
+    row.completion_tokens = 100;
+    f.ledger.holds(row);
+    let t = f.admitted(&k, ask(1, 0)).await.unwrap();
+    assert_eq!(t.hold.tokens, 1, "admitted from memory");
+    assert_eq!(shared.status().outage_decisions, 0, "not by the failure mode: Redis answered");
+    f.ledger.down.store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually("the failed read is retried at the tick", StdDuration::from_secs(5), || async {
+        shared.tick(now().mono).await;
+        (shared.status().seeds_pending == 0).then_some(())
+    })
+    .await;
+    assert!(
+        matches!(f.admit(&k, ask(1, 0)).await, Ok(Outcome::Budget { denial: BudgetDenial::Tokens { .. }, .. })),
+        "the ledger's 100 spent"
+    );
 }
 
 /// Redis down: `local` keeps deciding with the replica's own counters (counted in the
@@ -388,8 +515,9 @@ async fn outages_follow_the_failure_mode_and_recover() {
     assert!(!status.up && status.outage_decisions >= 1, "{status:?}");
     // Deny: keys with limits get 503.
     assert!(matches!(deny.admit(&k, ask(1, 0)).await, Err(Unavailable(_))));
-    // Redis comes back empty (no persistence): the next Check rebuilds the key's counters
-    // from what this replica's ledger holds, outage usage included, once.
+    // Redis comes back empty (no persistence): the next Check seeds the key's counters
+    // from this replica's memory (what it metered, outage usage included), once; the
+    // seeder raises them to the ledger (empty here) and the unwritten usage: no change.
     r.up().await;
     let shared = local.shared.as_ref().unwrap();
     eventually("Redis counts again", StdDuration::from_secs(10), || async {
@@ -447,8 +575,9 @@ async fn a_slow_redis_costs_a_timeout_not_the_check() {
     let waited = started.elapsed();
     assert!(waited <= TIMEOUT + StdDuration::from_millis(300), "the Check waited {waited:?} for a paused Redis");
     assert_eq!(shared.status().outage_decisions, 1, "decided in the failure mode: {:?}", shared.status());
-    // The pause ends by itself.
+    // The pause ends by itself; the next tick records the admission decided meanwhile.
     eventually("Redis decides again", StdDuration::from_secs(10), || async {
+        shared.tick(now().mono).await;
         let before = shared.status().outage_decisions;
         let answered = matches!(f.admit(&k, Hold::default()).await, Ok(Outcome::Admitted { .. }));
         (answered && shared.status().outage_decisions == before).then_some(())
@@ -481,4 +610,179 @@ async fn a_replica_alone_admits_its_share_of_the_window() {
         }
     }
     assert_eq!(admitted, 2, "5 per minute over 2 replicas: 2 each");
+}
+
+/// Waits until the seeder has raised the periods Checks seeded from memory to the ledger.
+async fn seeded(shared: &SharedCounters) {
+    eventually("the seeder is done", StdDuration::from_secs(5), || async {
+        (shared.status().seeds_pending == 0).then_some(())
+    })
+    .await;
+}
+
+/// Makes the private Redis write its data to disk, so a restart is a blip that keeps it.
+async fn save(r: &PrivateRedis) {
+    let mut c = redis::Client::open(r.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: String = redis::cmd("SAVE").query_async(&mut c).await.unwrap();
+}
+
+/// A settle made while Redis is unreachable is replayed once it answers again: the
+/// reservation is given back at once (not after `--reservation-ttl`), the usage is counted
+/// once (the ledger has it and reconciliation raises Redis to it; the replay adds none),
+/// and a retried settle of the same ticket, anywhere, still charges nothing.
+#[tokio::test]
+async fn a_settle_missed_while_redis_was_away_gives_its_reservation_back_when_it_returns() {
+    let mut r = PrivateRedis::start().await;
+    let f = shared_with(&r.url(), FailureMode::Local, StdDuration::from_secs(600));
+    let shared = f.shared.as_ref().unwrap();
+    let k = key(Limits { token_limit: Some(150), ..Default::default() });
+    let t = f.admitted(&k, ask(100, 0)).await.unwrap();
+    seeded(shared).await;
+    save(&r).await;
+    r.down();
+    assert_eq!(f.settle(&k, Some(t), used(0, 30, 0)).await, Some(used(0, 30, 0)), "metered here meanwhile");
+    assert_eq!(shared.status().settles_pending, 1);
+    r.up().await;
+    eventually("the missed settle is replayed", StdDuration::from_secs(10), || async {
+        shared.tick(now().mono).await;
+        (shared.status().settles_pending == 0).then_some(())
+    })
+    .await;
+    let u = redis_usage(&r.url(), &k).await;
+    assert_eq!((u.reserved_tokens, u.completion_tokens), (0, 0), "the hold is back, no usage added: {u:?}");
+    // The ledger has the usage once; reconciliation raises Redis to it.
+    let ledger = f.meters.take_dirty();
+    assert_eq!(ledger.iter().map(|d| d.completion_tokens).sum::<u64>(), 30);
+    shared.reconcile(&ledger, |_| true, now()).await;
+    assert_eq!(redis_usage(&r.url(), &k).await.completion_tokens, 30);
+    let g = shared_on(&r.url(), FailureMode::Deny);
+    assert_eq!(g.settle(&k, Some(t), used(0, 30, 0)).await, None, "settled before");
+    assert_eq!(f.admitted(&k, ask(500, 0)).await.unwrap().hold.tokens, 120, "150 less the 30 used");
+    assert_eq!(shared.status().settles_dropped, 0);
+}
+
+/// Requests per minute across the failure mode's two transitions: going in, this
+/// replica's window starts from the shared count it last saw (so it admits only what the
+/// minute had left); coming back, what it admitted alone is recorded in Redis before it
+/// counts there again (so Redis does not admit those slots twice).
+#[tokio::test]
+async fn the_window_holds_into_the_failure_mode_and_back() {
+    let mut r = PrivateRedis::start().await;
+    let f = shared_on(&r.url(), FailureMode::Local);
+    let shared = f.shared.as_ref().unwrap();
+    shared.tick(now().mono).await;
+    assert_eq!(shared.status().replicas, 1);
+    let k = key(Limits { requests_per_minute: Some(10), ..Default::default() });
+    for _ in 0..6 {
+        assert!(matches!(f.admit(&k, Hold::default()).await, Ok(Outcome::Admitted { .. })));
+    }
+    save(&r).await;
+    r.down();
+    let mut alone = 0;
+    for _ in 0..10 {
+        if matches!(f.admit(&k, Hold::default()).await, Ok(Outcome::Admitted { .. })) {
+            alone += 1;
+        }
+    }
+    assert_eq!(alone, 4, "6 of 10 were taken in the shared window");
+    r.up().await;
+    let back = eventually("Redis decides again", StdDuration::from_secs(10), || async {
+        shared.tick(now().mono).await;
+        let before = shared.status().outage_decisions;
+        let outcome = f.admit(&k, Hold::default()).await;
+        (shared.status().outage_decisions == before).then_some(outcome)
+    })
+    .await;
+    assert!(matches!(back, Ok(Outcome::RateLimited(_))), "the minute is full: {back:?}");
+    assert_eq!(redis_usage(&r.url(), &k).await.requests_last_minute, 10);
+}
+
+/// One step of an arrival sequence: a Check of one of the keys, or the settle of the
+/// `nth` admission so far with what its response used.
+#[derive(Debug, Clone)]
+enum Step {
+    Admit { key: usize, tokens: u64 },
+    Settle { nth: usize, tokens: u64 },
+}
+
+/// What both implementations must agree on for one step (times aside: Redis's clock
+/// and this process's differ by the round trip).
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Admitted { remaining: Option<u32>, held: Option<u64> },
+    RateLimited,
+    Tokens { in_flight: bool },
+    Settled(Option<Metered>),
+    Other(String),
+}
+
+fn seen(o: Result<Outcome, Unavailable>) -> Seen {
+    match o {
+        Ok(Outcome::Admitted { rpm, reservation }) => {
+            Seen::Admitted { remaining: rpm.map(|a| a.remaining), held: reservation.map(|t| t.hold.tokens) }
+        }
+        Ok(Outcome::RateLimited(_)) => Seen::RateLimited,
+        Ok(Outcome::Budget { denial: BudgetDenial::Tokens { in_flight, .. }, .. }) => Seen::Tokens { in_flight },
+        other => Seen::Other(format!("{other:?}")),
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
+
+    /// Property: on the same arrival sequence (within one minute: Redis takes its own
+    /// clock, so every sequence runs well inside one window and the counts must match
+    /// exactly), Redis admits, refuses and holds exactly as the in-process counters do.
+    #[test]
+    fn the_redis_counters_decide_as_the_in_process_ones(
+        limits in proptest::collection::vec((1u32..8, proptest::option::of(10u64..300)), 3),
+        steps in proptest::collection::vec(
+            proptest::prop_oneof![
+                3 => (0usize..3, 0u64..120).prop_map(|(key, tokens)| Step::Admit { key, tokens }),
+                1 => (0usize..64, 0u64..120).prop_map(|(nth, tokens)| Step::Settle { nth, tokens }),
+            ],
+            1..40,
+        ),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (local, shared) = (in_process(), redis());
+            let keys: Vec<ApiKey> = limits
+                .iter()
+                .map(|&(rpm, tokens)| key(Limits { requests_per_minute: Some(rpm), token_limit: tokens, ..Default::default() }))
+                .collect();
+            // Each admission's ticket from each implementation (their ids differ).
+            let mut tickets: Vec<(usize, Option<Ticket>, Option<Ticket>)> = Vec::new();
+            let mut settled = std::collections::HashSet::new();
+            for step in &steps {
+                match *step {
+                    Step::Admit { key, tokens } => {
+                        let k = &keys[key];
+                        let (a, b) = (local.admit(k, ask(tokens, 0)).await, shared.admit(k, ask(tokens, 0)).await);
+                        if let (Ok(Outcome::Admitted { reservation: ra, .. }), Ok(Outcome::Admitted { reservation: rb, .. })) = (a, b) {
+                            tickets.push((key, ra, rb));
+                        }
+                        assert_eq!(seen(a), seen(b), "{step:?} of {steps:?} with {limits:?}");
+                    }
+                    Step::Settle { nth, tokens } => {
+                        let Some(&(key, ta, tb)) = tickets.get(nth) else { continue };
+                        if ta.is_none() || !settled.insert(nth) {
+                            continue;
+                        }
+                        let k = &keys[key];
+                        let m = used(0, tokens, 0);
+                        let (a, b) = (local.settle(k, ta, m).await, shared.settle(k, tb, m).await);
+                        assert_eq!(Seen::Settled(a), Seen::Settled(b), "{step:?} of {steps:?}");
+                    }
+                }
+            }
+            for k in &keys {
+                let (a, b) = (local.usage(k).await, shared.usage(k).await);
+                assert_eq!(
+                    (a.requests, a.completion_tokens, a.reserved_tokens, a.requests_last_minute),
+                    (b.requests, b.completion_tokens, b.reserved_tokens, b.requests_last_minute),
+                );
+            }
+        });
+    }
 }

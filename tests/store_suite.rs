@@ -620,6 +620,29 @@ async fn many_keys_are_inserted_at_once_or_not_at_all(db: &Db) {
     assert_eq!(s.load().await.unwrap().keys.len(), keys.len());
 }
 
+/// The ledger's rows are stamped with the database's clock, whatever the writing replica's
+/// clock says, so reconciliation (rows changed since the database's last read) never misses
+/// the rows of a replica whose clock is behind; a key's period reads back as written.
+async fn ledger_rows_carry_the_database_clock(db: &Db) {
+    let s = &db.store;
+    let g = gateway("ledger");
+    s.insert_gateway(&g).await.unwrap();
+    let sec = Secret::generate(SecretKind::ApiKey);
+    let k = key(&g, "stamped", &sec);
+    s.insert_key(&k, &sec.hash()).await.unwrap();
+    let (_, read_at) = s.usage_changed_since(DateTime::UNIX_EPOCH).await.unwrap();
+    let mut c = Counters::empty(k.id, ResetPeriod::Never, DateTime::UNIX_EPOCH);
+    (c.requests, c.prompt_tokens, c.completion_tokens, c.cost_micros) = (2, 10, 20, 30);
+    let an_hour_behind = Utc::now() - Duration::hours(1);
+    s.save_usage(std::slice::from_ref(&c), an_hour_behind).await.unwrap();
+    let (rows, _) = s.usage_changed_since(read_at - Duration::minutes(1)).await.unwrap();
+    let row = rows.iter().find(|r| r.key_id == k.id).expect("the row is seen as changed since the last read");
+    assert_eq!((row.requests, row.prompt_tokens, row.completion_tokens, row.cost_micros), (2, 10, 20, 30));
+    let period = s.period_usage(k.id, DateTime::UNIX_EPOCH).await.unwrap().expect("the key's period");
+    assert_eq!((period.requests, period.total_tokens(), period.cost_micros), (2, 30, 30));
+    assert!(s.period_usage(k.id, t0()).await.unwrap().is_none(), "no usage in another period");
+}
+
 macro_rules! test_with_all_storage_impls {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -654,5 +677,6 @@ test_with_all_storage_impls!(
     provider_keys_are_sealed,
     a_flush_of_many_keys_writes_each,
     changes_since_returns_every_change_the_view_needs,
-    many_keys_are_inserted_at_once_or_not_at_all
+    many_keys_are_inserted_at_once_or_not_at_all,
+    ledger_rows_carry_the_database_clock,
 );

@@ -12,7 +12,7 @@ export function Time(props: { ts?: Timestamp; empty?: string; rel?: boolean; dat
   if (!d) return <span class="muted">{props.empty ?? "—"}</span>;
   const text = localTime(d, !props.dateOnly);
   return (
-    <time dateTime={d.toISOString()} title={utcTitle(d)}>
+    <time class={props.dateOnly ? "date" : undefined} dateTime={d.toISOString()} title={utcTitle(d)}>
       {text}
       {props.rel ? <span class="muted"> ({relative(d)})</span> : null}
     </time>
@@ -37,7 +37,8 @@ export function Link(props: { href: string; children: ComponentChildren; class?:
   );
 }
 
-/** A modal dialog (native <dialog>: focus kept inside, Escape closes). */
+/** A modal dialog (native <dialog>: focus kept inside, Escape closes; opening focuses the field
+ * marked autoFocus, else the first control; closing returns the focus to what opened it). */
 export function Dialog(props: {
   title: string;
   onClose: () => void;
@@ -46,17 +47,26 @@ export function Dialog(props: {
 }) {
   const ref = useRef<HTMLDialogElement>(null);
   const id = useId();
+  // What had the focus when the dialog opened (read before it renders), for when it closes: a
+  // dialog removed from the page does not give the focus back by itself.
+  const [opener] = useState(() => document.activeElement);
+  // close() below queues a "close" event: once unmounted, it must not close the next dialog.
+  const live = useRef(true);
   useEffect(() => {
     const d = ref.current!;
     if (!d.open) d.showModal();
-    return () => d.open && d.close();
+    return () => {
+      live.current = false;
+      if (d.open) d.close();
+      if (opener instanceof HTMLElement && opener !== document.body && opener.isConnected) opener.focus();
+    };
   }, []);
   return (
     <dialog
       ref={ref}
       class={props.wide ? "wide" : undefined}
       aria-labelledby={`${id}-title`}
-      onClose={() => props.onClose()}
+      onClose={() => live.current && props.onClose()}
       onCancel={(e) => {
         e.preventDefault();
         props.onClose();
@@ -175,6 +185,15 @@ export function TableHead(props: { cols: ComponentChildren[]; actions?: boolean 
   );
 }
 
+/**
+ * A cell's column name, shown before its value only where a table is laid out as cards (narrow
+ * screens, `table.stack`; the column headers are hidden there) and hidden (display: none, so
+ * also from screen readers) where the table has its column headers.
+ */
+export function CellLabel(props: { children: ComponentChildren }) {
+  return <span class="cell-label">{props.children}</span>;
+}
+
 /** A muted "Loading …" status line. */
 export function Loading(props: { children: ComponentChildren }) {
   return (
@@ -216,6 +235,7 @@ export function Confirm(props: {
               </label>
               <input
                 id={`${id}-confirm`}
+                autoFocus
                 autocomplete="off"
                 spellcheck={false}
                 value={typed}

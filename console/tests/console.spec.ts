@@ -2,14 +2,24 @@
 // One serial story, as an operator would live it: sign in, set up a gateway and a price, hand
 // out a key, watch it work through Envoy, switch it off and on, change its limits, read its
 // Overview after metered traffic, rotate it, delete it; then tokens for other roles, their
-// menus, a revoked token sent back to sign-in, and the audit row of every action.
-import { expect, test, type Browser, type Page } from "@playwright/test";
-import { callGateway } from "./envoy.js";
+// menus, a revoked token sent back to sign-in, and the audit row of every action; then the keys
+// list's filters, sort and pages, and the keyboard and narrow-screen basics.
+//
+// PORTCULLIS_SCREENSHOTS=<dir> also writes the README's screenshots (console-keys.png,
+// console-overview.png, 1280 px wide) into <dir>; without it nothing is written.
+import { join } from "node:path";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { expect, test, type Browser, type Locator, type Page } from "@playwright/test";
+import { KeyStatus } from "../src/gen/portcullis/admin/v1/keys_pb.js";
+import { adminApi } from "./admin.js";
+import { callGateway, upstreamReceived } from "./envoy.js";
 
 test.describe.configure({ mode: "serial" });
 
 const OWNER = process.env.OWNER_TOKEN ?? "";
 const KEY = "token-user01";
+const LEGACY = "legacy-integration";
+const LEGACY_SECRET = "sk-legacy-integration-0123456789";
 const shared: { secret: string; rotated: string; keyId: string; devToken: string; adminToken: string; successes: number } = {
   secret: "",
   rotated: "",
@@ -73,6 +83,34 @@ test("sign-in refuses a wrong token and accepts the owner's; the token is kept i
   done();
 });
 
+test("\"Remember in this tab\" keeps the token in this tab's sessionStorage only; another context asks again", async ({ page, browser }) => {
+  const done = watch(page);
+  await page.goto("/keys");
+  await page.getByLabel("Management token").fill(OWNER);
+  await page.getByRole("checkbox", { name: /Remember in this tab/ }).check();
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await expect(menu(page).getByRole("link", { name: "Management tokens" })).toBeVisible();
+  // A reload stays signed in, from sessionStorage; nothing in localStorage or cookies.
+  await page.reload();
+  await expect(menu(page).getByRole("link", { name: "Management tokens" })).toBeVisible();
+  await expect(page.getByLabel("Management token")).toHaveCount(0);
+  expect(await page.evaluate(() => [localStorage.length, document.cookie, Object.values(sessionStorage)])).toEqual([0, "", [OWNER]]);
+  // Another browser context (another tab's storage) asks for a token.
+  const other = await browser.newContext();
+  const elsewhere = await other.newPage();
+  await elsewhere.goto("/keys");
+  await expect(elsewhere.getByLabel("Management token")).toBeVisible();
+  await expect(menu(elsewhere)).toHaveCount(0);
+  await other.close();
+  // Signing out forgets it: the next reload asks again.
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await expect(page.getByLabel("Management token")).toBeVisible();
+  expect(await page.evaluate(() => [localStorage.length, sessionStorage.length])).toEqual([0, 0]);
+  await page.reload();
+  await expect(page.getByLabel("Management token")).toBeVisible();
+  done();
+});
+
 test("an owner creates the gateway and a model price", async ({ page }) => {
   const done = watch(page);
   await signIn(page, OWNER, "/gateways");
@@ -84,7 +122,9 @@ test("an owner creates the gateway and a model price", async ({ page }) => {
   await expect(dialog).toBeHidden();
   const row = page.getByRole("row").filter({ hasText: "demo" });
   await expect(row).toContainText("x-api-key");
-  await expect(row).toContainText("set");
+  // The credential's badge is the "set" one (its text is also inside "not set").
+  await expect(row.locator(".badge.ok")).toHaveText("set");
+  await expect(row.locator(".badge.off")).toHaveCount(0);
   await expect(page.locator("body")).not.toContainText("sk-provider-secret");
 
   await menu(page).getByRole("link", { name: "Model prices" }).click();
@@ -168,7 +208,8 @@ test("the Overview shows metered traffic against the limits and the last denial"
   await expect(page.getByTestId("cost")).toHaveText(`$${(0.072 * n).toFixed(3)} USD`);
   await expect(page.getByRole("meter", { name: "Cost budget" })).toHaveAttribute("aria-valuetext", `$${(0.072 * n).toFixed(3)} USD of $5.00 USD`);
   await expect(page.getByRole("meter", { name: "Last minute" })).toHaveAttribute("aria-valuetext", new RegExp(`of 100 req/min`));
-  await expect(page.getByTestId("deny-reason")).not.toBeEmpty();
+  // The toggle test's refused call: the key was disabled.
+  await expect(page.getByTestId("deny-reason")).toHaveText("disabled");
   // Times in the browser's zone, UTC on hover.
   await expect(page.locator("time").first()).toHaveAttribute("title", /UTC$/);
   done();
@@ -276,6 +317,71 @@ test("limits and expiry are edited from the Overview", async ({ page }) => {
   done();
 });
 
+/** Whether the page scrolls sideways (wider than its viewport). */
+function scrollsSideways(page: Page): Promise<boolean> {
+  return page.evaluate(() => document.scrollingElement!.scrollWidth > document.scrollingElement!.clientWidth);
+}
+
+/** Writes a README screenshot when PORTCULLIS_SCREENSHOTS names a directory; otherwise nothing. */
+async function screenshot(page: Page, name: string, fullPage = false): Promise<void> {
+  const dir = process.env.PORTCULLIS_SCREENSHOTS;
+  if (!dir) return;
+  expect(page.viewportSize()?.width).toBe(1280);
+  // No hover or focus ring on whatever was clicked last.
+  await page.mouse.move(0, 0);
+  await page.evaluate(() => (document.activeElement as HTMLElement | null)?.blur());
+  await page.screenshot({ path: join(dir, name), fullPage, animations: "disabled", caret: "hide" });
+}
+
+test("the keys page badges a legacy key and flags a key expiring within 7 days (and the README screenshots)", async ({ page }) => {
+  const done = watch(page);
+  // A secret clients already hold, brought under management; it authenticates through Envoy.
+  const imported = await adminApi(OWNER).keys.importLegacyKey({ gateway: "demo", name: LEGACY, secret: LEGACY_SECRET });
+  expect(imported.legacy).toBe(true);
+  await expect(async () => expect((await callGateway(LEGACY_SECRET)).status).toBe(200)).toPass({ timeout: 10_000 });
+
+  // Remembered in this tab, so that a reload re-reads the list: last use reaches it with the next
+  // usage flush (every second).
+  await page.goto("/keys?gateway=demo");
+  await page.getByLabel("Management token").fill(OWNER);
+  await page.getByRole("checkbox", { name: /Remember in this tab/ }).check();
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await expect(menu(page)).toBeVisible();
+  const legacy = keyRow(page, LEGACY);
+  await expect(async () => {
+    await page.reload();
+    await expect(legacy.locator("td").nth(5)).toHaveText(/\d/, { timeout: 1000 });
+  }).toPass({ timeout: 15_000 });
+  await expect(legacy.locator(".badge.legacy")).toHaveText("Legacy");
+  await expect(legacy.locator(".badge.ok")).toHaveText("Active");
+  // What the cell shows (innerText): its column name, for the narrow layout, is in the DOM but hidden.
+  await expect(legacy.locator(".limits-cell")).toHaveText("None (legacy)", { useInnerText: true });
+  await expect(legacy).not.toContainText("Expires within 7 days");
+  // The edit above set token-user01 to expire in 3 days.
+  const key = keyRow(page, KEY);
+  await expect(key.getByText("Expires within 7 days")).toBeVisible();
+  await expect(key.locator(".badge.legacy")).toHaveCount(0);
+  await expect(key).toContainText("1,000 tokens per day");
+  // At 1280 px with every column filled (last used, an expiry and its flag, limits, bars), neither
+  // the page nor the table scrolls sideways.
+  expect(await scrollsSideways(page)).toBe(false);
+  expect(await page.locator(".table-wrap").evaluate((w) => w.scrollWidth <= w.clientWidth)).toBe(true);
+  await screenshot(page, "console-keys.png");
+
+  // The Overview with its chart, once the history has every metered response of the key.
+  await key.getByRole("link", { name: KEY, exact: true }).click();
+  const history = page.getByRole("region", { name: "Usage history" });
+  await expect(async () => {
+    await page.getByRole("button", { name: "Refresh", exact: true }).click();
+    await expect(history.getByTestId("history-totals")).toContainText(`Last 30 days: ${shared.successes} requests`, { timeout: 1000 });
+  }).toPass({ timeout: 15_000 });
+  await expect(history.locator(".chart canvas").first()).toBeVisible();
+  await expect(page.getByTestId("requests")).toHaveText(`${shared.successes} requests`);
+  expect(await scrollsSideways(page)).toBe(false);
+  await screenshot(page, "console-overview.png", true);
+  done();
+});
+
 test("rotate shows a new secret once; the old secret stops, the new one works", async ({ page }) => {
   const done = watch(page);
   await signIn(page, OWNER, `/keys/${encodeURIComponent(shared.keyId)}`);
@@ -292,6 +398,35 @@ test("rotate shows a new secret once; the old secret stops, the new one works", 
   shared.rotated = rotated;
   expect((await callGateway(shared.secret)).status).toBe(401);
   await expectGateway(rotated, 200);
+  done();
+});
+
+test("editing a gateway with the credential left empty keeps it, even under a new header name", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, "/gateways");
+  await page.getByRole("button", { name: "Edit demo" }).click();
+  const dialog = page.getByRole("dialog", { name: "Edit gateway demo" });
+  const value = dialog.getByLabel("Value");
+  await expect(value).toHaveValue("");
+  await expect(value).toHaveAttribute("placeholder", "A value is set; leave empty to keep it");
+  await dialog.getByLabel("Header name").fill("x-provider-key");
+  await dialog.getByLabel("Default reservation, tokens").fill("2048");
+  await dialog.getByRole("button", { name: "Save" }).click();
+  await expect(dialog).toBeHidden();
+  const row = page.getByRole("row").filter({ has: page.getByRole("link", { name: "demo", exact: true }) });
+  await expect(row.locator("code").nth(1)).toHaveText("x-provider-key");
+  await expect(row.locator(".badge.ok")).toHaveText("set");
+  await expect(row).toContainText("2,048 tokens");
+  // Upstream now gets the stored credential under the new name, and no longer under the old one.
+  await expect(async () => {
+    const before = (await upstreamReceived()).length;
+    expect((await callGateway(shared.rotated)).status).toBe(200);
+    const sent = (await upstreamReceived()).slice(before);
+    expect(sent).toHaveLength(1);
+    expect(sent[0].headers["x-provider-key"]).toBe("Bearer sk-provider-secret");
+    expect(sent[0].headers.authorization).toBeUndefined();
+  }).toPass({ timeout: 10_000 });
+  await expect(page.locator("body")).not.toContainText("sk-provider-secret");
   done();
 });
 
@@ -405,6 +540,37 @@ async function asRole(browser: Browser, token: string): Promise<Page> {
   return page;
 }
 
+test("a developer cannot reach the gateway screen; an admin deletes a model price", async ({ browser }) => {
+  // Typed in the address bar: the page says the role does not reach it, with nothing to edit.
+  const devCtx = await browser.newContext();
+  const dev = await devCtx.newPage();
+  await signIn(dev, shared.devToken, "/gateways");
+  await expect(dev.getByRole("heading", { name: "Not available" })).toBeVisible();
+  await expect(menu(dev).getByRole("link", { name: "Gateways" })).toHaveCount(0);
+  await expect(dev.getByRole("button", { name: /^(Edit|Create gateway)/ })).toHaveCount(0);
+  await expect(dev.getByRole("table")).toHaveCount(0);
+  await devCtx.close();
+
+  const adminCtx = await browser.newContext();
+  const admin = await adminCtx.newPage();
+  const done = watch(admin);
+  await signIn(admin, shared.adminToken, "/prices");
+  const row = admin.getByRole("row").filter({ has: admin.getByRole("rowheader", { name: "gpt-4o-mini" }) });
+  await expect(row).toBeVisible();
+  await row.getByRole("button", { name: "Delete price of gpt-4o-mini" }).click();
+  const confirm = admin.getByRole("dialog", { name: "Delete the price of gpt-4o-mini?" });
+  await confirm.getByRole("button", { name: "Delete price" }).click();
+  await expect(confirm).toBeHidden();
+  await expect(row).toHaveCount(0);
+  await expect(admin.getByText(/^No prices:/)).toBeVisible();
+  // Gone on the server, not only from the page.
+  await signIn(admin, shared.adminToken, "/prices");
+  await expect(admin.getByText(/^No prices:/)).toBeVisible();
+  await expect(admin.getByRole("rowheader", { name: "gpt-4o-mini" })).toHaveCount(0);
+  done();
+  await adminCtx.close();
+});
+
 test("a revoked token is sent back to sign-in with the reason", async ({ page, browser }) => {
   const dev = await asRole(browser, shared.devToken);
   const done = watch(page);
@@ -426,8 +592,11 @@ test("the audit trail has a row for each action, newest first", async ({ page })
   const table = page.locator("table.audit");
   for (const action of [
     "GatewayService/CreateGateway",
+    "GatewayService/UpdateGateway",
     "PricingService/SetModelPrice",
+    "PricingService/DeleteModelPrice",
     "KeyService/CreateKey",
+    "KeyService/ImportLegacyKey",
     "KeyService/UpdateKey",
     "KeyService/RotateKey",
     "KeyService/DeleteKey",
@@ -464,20 +633,31 @@ test("audit filters narrow the list on the server and stay in the URL", async ({
   await page.getByRole("combobox", { name: "Action" }).fill("AccessService");
   await page.getByRole("button", { name: "Apply filters" }).click();
   await expect(page).toHaveURL(/action=AccessService(&|$)/);
-  await expect(body.getByRole("row").first()).toContainText("AccessService/");
+  // Wait for the filtered list (the previous one had no AccessService rows), then read it.
+  const accessRows = body.getByRole("row").filter({ hasText: "AccessService/" });
+  await expect(accessRows.first()).toBeVisible();
+  await expect(body.getByRole("row").filter({ hasNotText: "AccessService/" })).toHaveCount(0);
+  const accessCount = await accessRows.count();
   for (const text of await body.getByRole("row").allTextContents()) expect(text).toMatch(/AccessService\//);
   await signIn(page, OWNER, new URL(page.url()).pathname + new URL(page.url()).search);
   await expect(page.getByRole("combobox", { name: "Action" })).toHaveValue("AccessService");
+  await expect(body.getByRole("row")).toHaveCount(accessCount);
   for (const text of await body.getByRole("row").allTextContents()) expect(text).toMatch(/AccessService\//);
 
   // By actor (the owner's token, by name): only its calls.
-  const owner = (await body.getByRole("row").first().getByRole("cell").nth(1).textContent())!.trim();
+  const owner = (await body.getByRole("row").first().getByRole("cell").nth(1).innerText()).trim();
   await page.getByRole("combobox", { name: "Action" }).fill("");
   await page.getByLabel("Actor").fill(owner);
   await page.getByRole("button", { name: "Apply filters" }).click();
   await expect(page).toHaveURL(/actor=/);
+  // The owner deleted keys (no AccessService action): once such a row shows, the list is the
+  // actor's, not the previous filter's. Every row is the owner's; nothing refused, no one else's.
+  await expect(body.getByRole("row").filter({ hasText: "KeyService/DeleteKey" }).first()).toBeVisible();
   await expect(body.getByRole("row").filter({ hasText: "UNAUTHENTICATED" })).toHaveCount(0);
-  for (const text of await body.getByRole("row").allTextContents()) expect(text).toContain(owner);
+  await expect(body.getByRole("row").filter({ hasText: "ops-admin" })).toHaveCount(0);
+  const actorRows = await body.getByRole("row").allTextContents();
+  expect(actorRows.length).toBeGreaterThan(accessCount);
+  for (const text of actorRows) expect(text).toContain(owner);
   await page.getByLabel("Actor").fill("nobody-such");
   await page.getByRole("button", { name: "Apply filters" }).click();
   await expect(page.getByText("No events match these filters.")).toBeVisible();
@@ -506,5 +686,273 @@ test("the console is usable at 390 px: menu, keys and the create dialog fit", as
   const box = await dialog.boundingBox();
   expect(box!.width).toBeLessThanOrEqual(390);
   expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
+  done();
+});
+
+/** The key names of the list's rows, top to bottom. */
+function rowNames(page: Page): Promise<string[]> {
+  return page.locator("table.keys tbody th[scope=row] a").allTextContents();
+}
+
+const FLEET = Array.from({ length: 28 }, (_, i) => `fleet-${String(i).padStart(2, "0")}`);
+
+test("the keys list filters by status, sorts and pages on the server, with its state in the URL", async ({ page }) => {
+  // A gateway of 28 keys (a page is 25): two disabled, one expiring in 2 days, one in 20.
+  const api = adminApi(OWNER);
+  await api.gateways.createGateway({ name: "fleet" });
+  const day = 86_400_000;
+  for (const name of FLEET) {
+    const expires = name === "fleet-04" ? 2 * day : name === "fleet-10" ? 20 * day : 0;
+    const r = await api.keys.createKey({ gateway: "fleet", name, expiresAt: expires ? timestampFromDate(new Date(Date.now() + expires)) : undefined });
+    if (name === "fleet-03" || name === "fleet-07") await api.keys.updateKey({ id: r.key!.id, enabled: false });
+  }
+  const done = watch(page);
+  await signIn(page, OWNER, "/keys?gateway=fleet");
+  const rows = page.locator("table.keys tbody tr");
+  const next = page.getByRole("button", { name: "Next →" });
+  const prev = page.getByRole("button", { name: "← Previous" });
+
+  // Pages: 25 then 3, every key once; Previous returns to the first page.
+  await expect(rows).toHaveCount(25);
+  await expect(prev).toBeDisabled();
+  const first = await rowNames(page);
+  await next.click();
+  await expect(page).toHaveURL(/[?&]page=/);
+  await expect(rows).toHaveCount(3);
+  await expect(next).toBeDisabled();
+  const second = await rowNames(page);
+  expect([...first, ...second].sort()).toEqual(FLEET);
+  await prev.click();
+  await expect(rows).toHaveCount(25);
+  await expect(page).not.toHaveURL(/[?&]page=/);
+  expect(await rowNames(page)).toEqual(first);
+
+  // Sort by name, then ascending: fleet-00 first, the last three on page two.
+  await page.getByLabel("Sort by").selectOption({ label: "Name" });
+  await expect(page).toHaveURL(/sort=name/);
+  await expect(rows.first()).toContainText("fleet-27");
+  await page.getByRole("button", { name: "Descending; switch to ascending" }).click();
+  await expect(page).toHaveURL(/dir=asc/);
+  await expect(rows.first()).toContainText("fleet-00");
+  expect(await rowNames(page)).toEqual(FLEET.slice(0, 25));
+  await next.click();
+  await expect(rows).toHaveCount(3);
+  expect(await rowNames(page)).toEqual(FLEET.slice(25));
+  // By expiry, soonest first (never-expiring keys last); the flag marks only the one within 7 days.
+  await page.getByLabel("Sort by").selectOption({ label: "Expires" });
+  await expect(page).toHaveURL(/sort=expires/);
+  await expect(page).not.toHaveURL(/[?&]page=/);
+  await expect(rows.nth(0)).toContainText("fleet-04");
+  await expect(rows.nth(1)).toContainText("fleet-10");
+  await expect(rows.nth(0).getByText("Expires within 7 days")).toBeVisible();
+  await expect(rows.nth(1)).not.toContainText("Expires within 7 days");
+  await expect(page.getByText("Expires within 7 days")).toHaveCount(1);
+
+  // Status: disabled ones only, then active ones only, then no expired ones.
+  const status = page.getByLabel("Status", { exact: true });
+  await status.selectOption({ label: "Disabled" });
+  await expect(page).toHaveURL(new RegExp(`status=${KeyStatus.DISABLED}`));
+  await expect(rows).toHaveCount(2);
+  await page.getByLabel("Sort by").selectOption({ label: "Name" });
+  await expect(rows.first()).toContainText("fleet-03");
+  expect(await rowNames(page)).toEqual(["fleet-03", "fleet-07"]);
+  for (const row of await rows.all()) await expect(row.locator(".badge.off")).toHaveText("Disabled");
+  // The filtered, sorted view is a link: a fresh sign-in on its URL shows the same.
+  await signIn(page, OWNER, new URL(page.url()).pathname + new URL(page.url()).search);
+  await expect(page.getByLabel("Status", { exact: true })).toHaveValue(String(KeyStatus.DISABLED));
+  await expect(page.getByLabel("Sort by")).toHaveValue("name");
+  await expect(rows).toHaveCount(2);
+  expect(await rowNames(page)).toEqual(["fleet-03", "fleet-07"]);
+  await status.selectOption({ label: "Active" });
+  await expect(rows).toHaveCount(25);
+  await expect(rows.first()).toContainText("fleet-00");
+  await expect(rows.locator(".badge.off")).toHaveCount(0);
+  await next.click();
+  await expect(rows).toHaveCount(1);
+  expect(await rowNames(page)).toEqual(["fleet-27"]);
+  await status.selectOption({ label: "Expired" });
+  await expect(rows).toHaveCount(0);
+  await expect(page.getByText("No keys match these filters.")).toBeVisible();
+  done();
+});
+
+/** The focused element's outline, as computed. */
+function focusOutline(page: Page): Promise<{ style: string; width: string; color: string }> {
+  return page.evaluate(() => {
+    const s = getComputedStyle(document.activeElement!);
+    return { style: s.outlineStyle, width: s.outlineWidth, color: s.outlineColor };
+  });
+}
+
+/** Presses Tab (or Shift+Tab) and expects `next` to have the focus, with the visible outline. */
+async function tabTo(page: Page, next: Locator, back = false): Promise<void> {
+  await page.keyboard.press(back ? "Shift+Tab" : "Tab");
+  await expect(next).toBeFocused();
+  expect(await focusOutline(page)).toEqual({ style: "solid", width: "3px", color: "rgb(240, 165, 0)" });
+}
+
+test("keyboard: sign-in and the create-key dialog in order with a visible focus; focus returns when the dialog closes", async ({ page }) => {
+  const done = watch(page);
+  await page.goto("/keys?gateway=fleet");
+  const token = page.getByLabel("Management token");
+  await expect(token).toBeFocused();
+  await tabTo(page, page.getByRole("checkbox", { name: /Remember in this tab/ }));
+  await tabTo(page, page.getByRole("button", { name: "Sign in" }));
+  await tabTo(page, page.getByRole("checkbox", { name: /Remember in this tab/ }), true);
+  await tabTo(page, token, true);
+  await page.keyboard.type(OWNER);
+  await page.keyboard.press("Enter");
+  await expect(menu(page)).toBeVisible();
+
+  const create = page.getByRole("button", { name: "Create API key" });
+  // Enabled once the gateways are loaded.
+  await expect(create).toBeEnabled();
+  await create.focus();
+  await page.keyboard.press("Enter");
+  const dialog = page.getByRole("dialog", { name: "Create API key" });
+  const name = dialog.getByRole("textbox", { name: "Name (required)" });
+  await expect(name).toBeFocused();
+  for (const next of [
+    dialog.getByRole("switch", { name: "Cost limit (USD)" }),
+    dialog.getByRole("switch", { name: "Token limit" }),
+    dialog.getByRole("switch", { name: "Requests per minute" }),
+    dialog.getByLabel("Reset limit period"),
+    dialog.getByRole("switch", { name: "Expiration" }),
+    dialog.getByRole("button", { name: "Cancel" }),
+    dialog.getByRole("button", { name: "Create", exact: true }),
+  ])
+    await tabTo(page, next);
+  // Back again; a switch turned on by keyboard puts its field next in the order.
+  await tabTo(page, dialog.getByRole("button", { name: "Cancel" }), true);
+  await tabTo(page, dialog.getByRole("switch", { name: "Expiration" }), true);
+  await tabTo(page, dialog.getByLabel("Reset limit period"), true);
+  await tabTo(page, dialog.getByRole("switch", { name: "Requests per minute" }), true);
+  await page.keyboard.press("Space");
+  await expect(dialog.getByRole("switch", { name: "Requests per minute" })).toHaveAttribute("aria-checked", "true");
+  await tabTo(page, dialog.getByLabel("Requests per minute (rolling 60 s)"));
+  await tabTo(page, dialog.getByLabel("Reset limit period"));
+  // Escape closes the dialog; the focus is back on the button that opened it.
+  await page.keyboard.press("Escape");
+  await expect(dialog).toBeHidden();
+  await expect(create).toBeFocused();
+  // And with Cancel.
+  await page.keyboard.press("Enter");
+  await expect(name).toBeFocused();
+  await dialog.getByRole("button", { name: "Cancel" }).click();
+  await expect(dialog).toBeHidden();
+  await expect(create).toBeFocused();
+  done();
+});
+
+/** The key cards' labels checked at both widths (each also a column header). */
+const LABELS = ["Name", "Prefix", "Status", "Enabled", "Created", "Last used", "Expires", "Limits", "This period"];
+
+/**
+ * In a card (390 px): the cell labelled `label` shows it, and its value (the element after the
+ * label; containing `value` when given) right of it on the same line, within 390 px.
+ */
+async function expectLabelled(row: Locator, label: string, value?: string): Promise<void> {
+  const name = row.locator(".cell-label").getByText(label, { exact: true });
+  const shown = name.locator("xpath=following-sibling::*[1]");
+  await expect(name, label).toBeVisible();
+  await expect(shown, `${label}: its value`).toBeVisible();
+  if (value !== undefined) await expect(shown, `${label}: ${value}`).toContainText(value);
+  const [l, v] = [(await name.boundingBox())!, (await shown.boundingBox())!];
+  expect(v.x, `${label}: ${value} after its label`).toBeGreaterThanOrEqual(l.x + l.width);
+  expect(v.x + v.width, `${label}: ${value} within 390 px`).toBeLessThanOrEqual(390);
+  expect(Math.abs(v.y - l.y), `${label}: ${value} starts on its label's line`).toBeLessThan(l.height);
+}
+
+test("the keys page fits 1280 px without sideways scrolling, and is usable at 390 px", async ({ page }) => {
+  const done = watch(page);
+  await signIn(page, OWNER, "/keys?gateway=fleet&sort=expires&dir=asc");
+  const rows = page.locator("table.keys tbody tr");
+  await expect(rows).toHaveCount(25);
+  // 1280 px: neither the page nor the table scrolls sideways; every column is in view.
+  expect(await scrollsSideways(page)).toBe(false);
+  const wrap = page.locator(".table-wrap");
+  expect(await wrap.evaluate((w) => w.scrollWidth <= w.clientWidth)).toBe(true);
+  for (const col of ["Name", "Status", "Enabled", "Expires", "Limits", "This period"]) {
+    const box = (await page.getByRole("columnheader", { name: col }).boundingBox())!;
+    expect(box.x + box.width, col).toBeLessThanOrEqual(1280);
+  }
+  // The column headers name the values; the cells' own labels (for the cards) are not shown, so
+  // each name shows once, in its header, and is not part of what the cells say.
+  const soon = rows.first();
+  await expect(soon).toContainText("fleet-04");
+  const table = page.locator("table.keys");
+  for (const label of LABELS) {
+    await expect(soon.getByText(label, { exact: true }), label).toBeHidden();
+    await expect(table.getByText(label, { exact: true }).filter({ visible: true }), label).toHaveCount(1);
+    await expect(page.getByRole("columnheader", { name: label, exact: true })).toBeVisible();
+  }
+  await expect(soon.getByRole("cell", { name: "Never", exact: true })).toHaveCount(1);
+
+  // 390 px: no sideways scroll; each key a card whose name, status, toggle and flag are in view.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await expect(async () => expect(await scrollsSideways(page)).toBe(false)).toPass({ timeout: 5000 });
+  await expect(soon).toContainText("fleet-04");
+  // Each value carries its column's name, at its left on the same line; the headers are hidden,
+  // the table is still a table (rows and cells) to assistive technology.
+  for (const label of LABELS) {
+    await expect(page.getByRole("columnheader", { name: label, exact: true })).toBeHidden();
+    await expect(soon.getByText(label, { exact: true }), label).toBeVisible();
+  }
+  await expectLabelled(soon, "Last used", "Never");
+  await expectLabelled(soon, "Expires", await soon.locator("time").nth(1).innerText());
+  await expectLabelled(soon, "Created", await soon.locator("time").first().innerText());
+  await expectLabelled(soon, "Status", "Active");
+  await expectLabelled(soon, "Limits", "No limits");
+  await expectLabelled(soon, "Enabled");
+  await expect(soon.getByRole("cell").filter({ hasText: "Last used" })).toHaveCount(1);
+  const toggle = page.getByRole("switch", { name: "Enable fleet-04" });
+  for (const part of [
+    soon.getByRole("link", { name: "fleet-04" }),
+    soon.locator(".badge.ok"),
+    soon.getByText("Expires within 7 days"),
+    toggle,
+    page.getByRole("button", { name: "Create API key" }),
+    page.getByRole("button", { name: "Next →" }),
+  ]) {
+    await part.scrollIntoViewIfNeeded();
+    const box = (await part.boundingBox())!;
+    expect(box.x).toBeGreaterThanOrEqual(0);
+    expect(box.x + box.width).toBeLessThanOrEqual(390);
+  }
+  // The toggle works at this width.
+  await toggle.click();
+  await expect(toggle).toHaveAttribute("aria-checked", "false");
+  await expect(soon.locator(".badge.off")).toHaveText("Disabled");
+  await toggle.click();
+  await expect(toggle).toHaveAttribute("aria-checked", "true");
+  done();
+});
+
+test("the gateways, prices, tokens and audit tables: column headers at 1280 px, cards whose values carry their column names at 390 px", async ({ page }) => {
+  const done = watch(page);
+  // The admin deleted gpt-4o-mini's price: one to show.
+  await adminApi(OWNER).pricing.setModelPrice({ price: { model: "gpt-4o", inputUsdPerMillion: "2.5", outputUsdPerMillion: "10" } });
+  await signIn(page, OWNER, "/gateways");
+  const tables: [string, string[]][] = [
+    ["Gateways", ["Name", "Client key", "Provider credential", "Default reservation", "Created"]],
+    ["Model prices", ["Model", "Input (prompt)", "Output (completion)"]],
+    ["Management tokens", ["Name", "Role", "Gateways", "Prefix", "Status", "Created", "Last used", "Expires"]],
+    ["Audit trail", ["When", "Actor", "Action", "Gateway", "Target", "Result"]],
+  ];
+  for (const [link, labels] of tables) {
+    await page.setViewportSize({ width: 1280, height: 800 });
+    await menu(page).getByRole("link", { name: link }).click();
+    await expect(page.getByRole("heading", { name: link, exact: true })).toBeVisible();
+    const row = page.locator("table.stack tbody tr").first();
+    await expect(row).toBeVisible();
+    for (const label of labels) {
+      await expect(page.getByRole("columnheader", { name: label }).first(), `${link}: ${label}`).toBeVisible();
+      await expect(row.locator(".cell-label").getByText(label, { exact: true }), `${link}: ${label}`).toBeHidden();
+    }
+    await page.setViewportSize({ width: 390, height: 844 });
+    await expect(async () => expect(await scrollsSideways(page)).toBe(false)).toPass({ timeout: 5000 });
+    for (const label of labels) await expectLabelled(row, label);
+  }
+  await expectLabelled(page.locator("table.audit tbody tr").first(), "Result", "OK");
   done();
 });

@@ -1,4 +1,5 @@
-// Client traffic through the Envoy the harness started (gateway "demo" is Host demo.gateway.local).
+// Client traffic through the Envoy the harness started (gateway "demo" is Host demo.gateway.local),
+// and what the fake upstream behind it received.
 import http from "node:http";
 
 export interface Reply {
@@ -27,5 +28,27 @@ export function callGateway(secret: string, host = "demo.gateway.local"): Promis
     );
     req.on("error", reject);
     req.end(body);
+  });
+}
+
+/** A request as the fake upstream behind Envoy received it (header names in lower case). */
+export interface Received {
+  method: string;
+  path: string;
+  headers: Record<string, string>;
+}
+
+/** Everything the fake upstream received, oldest first. */
+export function upstreamReceived(): Promise<Received[]> {
+  const port = Number(process.env.UPSTREAM_PORT);
+  if (!port) throw new Error("UPSTREAM_PORT is not set: run the suite through `cargo test --test console_browser`");
+  return new Promise((resolve, reject) => {
+    http
+      .get({ host: "127.0.0.1", port, path: "/_fake/requests" }, (res) => {
+        const chunks: Uint8Array[] = [];
+        res.on("data", (c) => chunks.push(c));
+        res.on("end", () => resolve(JSON.parse(Buffer.concat(chunks).toString()) as Received[]));
+      })
+      .on("error", reject);
   });
 }

@@ -11,12 +11,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, Metadata};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Reply;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, CommonResponse, HeadersResponse, ProcessingResponse, TrailersResponse,
 };
-use envoy_types::pb::google::protobuf::value::Kind;
 use prost::Message;
 use tokio_stream::Stream;
 use tonic::body::Body;
@@ -26,7 +24,7 @@ use tonic::server::{Grpc, StreamingService};
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
-use super::wire::{Method, Part, ProcessingInput, Server};
+use super::wire::{HeaderLines, MetadataInput, Method, Part, ProcessingInput, Server};
 
 use crate::domain::budget::Ticket;
 use crate::domain::counters::now_or_never;
@@ -100,13 +98,8 @@ fn without_metadata(shared: &Shared) {
     }
 }
 
-fn header<'a>(headers: &'a Option<HeaderMap>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
-    let hv = headers.as_ref()?.headers.iter().find(|h| h.key.eq_ignore_ascii_case(name))?;
-    Some(if hv.raw_value.is_empty() {
-        std::borrow::Cow::Borrowed(hv.value.as_str())
-    } else {
-        String::from_utf8_lossy(&hv.raw_value)
-    })
+fn header<'a>(headers: &'a Option<HeaderLines>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    headers.as_ref()?.get(name)
 }
 
 fn continue_() -> Option<CommonResponse> {
@@ -119,15 +112,10 @@ impl Exchange {
         self.seen = true;
         if self.key_id.is_none()
             && !m.metadata_context.is_empty()
-            && let Ok(mut metadata) = Metadata::decode(m.metadata_context)
-            && let Some(md) = metadata.filter_metadata.remove(AUTHZ_NAMESPACE)
+            && let Ok(metadata) = MetadataInput::decode(m.metadata_context)
         {
-            let text = |k: &str| match md.fields.get(k).and_then(|v| v.kind.as_ref()) {
-                Some(Kind::StringValue(s)) => Some(s.clone()),
-                _ => None,
-            };
-            self.key_id = text("key_id").and_then(|s| Uuid::parse_str(&s).ok());
-            self.reservation = text("reservation").and_then(|s| Ticket::decode(&s));
+            self.key_id = metadata.string(AUTHZ_NAMESPACE, "key_id").and_then(|s| Uuid::parse_str(s).ok());
+            self.reservation = metadata.string(AUTHZ_NAMESPACE, "reservation").and_then(Ticket::decode);
         }
         match m.part {
             Some(Part::ResponseHeaders(h)) => {
@@ -332,7 +320,7 @@ impl Method for MeterService {
         B::Error: Into<StdError> + Send + 'static,
     {
         Box::pin(async move {
-            let mut grpc = Grpc::new(tonic_prost::ProstCodec::<ProcessingResponse, ProcessingInput>::default());
+            let mut grpc = Grpc::new(SmallBuffers);
             Ok(grpc.streaming(Process(self), request).await)
         })
     }
@@ -341,13 +329,41 @@ impl Method for MeterService {
 /// `envoy.service.ext_proc.v3.ExternalProcessor`.
 pub type ExternalProcessorServer = Server<MeterService>;
 
+/// tonic's protobuf codec with buffers that start small. Its default gives every stream
+/// an 8 KiB buffer each way, though Envoy's messages are a few hundred bytes (the buffers
+/// grow for larger body chunks); one of those a response made glibc's malloc consolidate
+/// its free lists on every metered response.
+#[derive(Debug, Clone, Copy, Default)]
+struct SmallBuffers;
+
+/// Where the buffers start; under glibc's 1 KiB threshold for large requests.
+const STREAM_BUFFER: usize = 512;
+/// tonic's default: a stream yields to the runtime after encoding this much.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+impl tonic::codec::Codec for SmallBuffers {
+    type Encode = ProcessingResponse;
+    type Decode = ProcessingInput;
+    type Encoder = tonic_prost::ProstEncoder<ProcessingResponse>;
+    type Decoder = tonic_prost::ProstDecoder<ProcessingInput>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
 
-    use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
     use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
     use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
+    use envoy_types::pb::google::protobuf::value::Kind;
     use envoy_types::pb::google::protobuf::{Struct, Value};
 
     use super::*;

@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use wire::HeaderLine;
 
 use crate::domain::check::{self, Decision, Denial, Step};
-use crate::domain::request::RequestParts;
+use crate::domain::request::{Headers, RequestParts};
 use crate::state::Shared;
 
 pub struct AuthzService {
@@ -32,29 +32,30 @@ impl AuthzService {
     #[tracing::instrument(level = "debug", name = "check", skip_all, fields(gateway, key_id, decision))]
     pub async fn decide(&self, req: &CheckInput) -> Answer {
         let attrs = req.attributes.as_ref();
-        let gateway = attrs.and_then(|a| a.context_extensions.get("gateway")).map(String::as_str);
+        let gateway = attrs.and_then(|a| a.context_extensions.get("gateway"));
+        let gateway = gateway.as_deref();
         let span = tracing::Span::current();
         if !span.is_disabled() {
             span.record("gateway", gateway.unwrap_or(""));
         }
         let http = attrs.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
-        let empty = HashMap::new();
+        let empty = Vec::new();
         // Envoy sends `headers` unless `encode_raw_headers` is on; then only `header_map`.
         let raw;
-        let (headers, path) = match http {
+        let (headers, path): (&dyn Headers, _) = match http {
             Some(h) if h.headers.is_empty() && h.header_map.is_some() => {
                 raw = joined_headers(h.header_map.iter().flat_map(|m| &m.headers));
-                (&raw, h.path.as_str())
+                (&raw, wire::text(&h.path))
             }
-            Some(h) => (&h.headers, h.path.as_str()),
-            None => (&empty, ""),
+            Some(h) => (&h.headers, wire::text(&h.path)),
+            None => (&empty, Cow::Borrowed("")),
         };
         let body = match http {
             Some(h) if !h.raw_body.is_empty() => &h.raw_body[..],
             Some(h) => &h.body[..],
             None => &[],
         };
-        let parts = RequestParts { gateway, headers, path, body };
+        let parts = RequestParts { gateway, headers, path: &path, body };
         // One reading of each clock: wall time for expiry and periods, elapsed time for windows.
         let at = self.shared.clock.read();
         let now = at.wall;
@@ -91,15 +92,11 @@ impl AuthzService {
 /// `header_map` entries (one per header line) as Envoy writes `headers`: lowercase
 /// names, and a header sent more than once joined with `,`, so a key header sent twice
 /// reads the same whichever encoding Envoy uses (and is refused).
-fn joined_headers<'a>(entries: impl Iterator<Item = &'a HeaderValue>) -> HashMap<String, String> {
+fn joined_headers<'a>(entries: impl Iterator<Item = &'a HeaderLine>) -> HashMap<String, String> {
     let mut out: HashMap<String, String> = HashMap::new();
-    for hv in entries {
-        let value = if hv.raw_value.is_empty() {
-            Cow::Borrowed(hv.value.as_str())
-        } else {
-            String::from_utf8_lossy(&hv.raw_value)
-        };
-        match out.entry(hv.key.to_ascii_lowercase()) {
+    for line in entries {
+        let value = line.value();
+        match out.entry(wire::text(&line.key).to_ascii_lowercase()) {
             Entry::Occupied(mut joined) => {
                 let joined = joined.get_mut();
                 joined.push(',');
@@ -141,11 +138,12 @@ fn log_decision(decision: &Decision) {
 mod tests {
     use super::*;
 
-    fn entry(key: &str, value: &str, raw: bool) -> HeaderValue {
+    fn entry(key: &str, value: &str, raw: bool) -> HeaderLine {
+        let (key, value) = (key.to_string().into(), value.to_string().into());
         if raw {
-            HeaderValue { key: key.into(), raw_value: value.as_bytes().to_vec(), ..Default::default() }
+            HeaderLine { key, raw_value: value, ..Default::default() }
         } else {
-            HeaderValue { key: key.into(), value: value.into(), ..Default::default() }
+            HeaderLine { key, value, ..Default::default() }
         }
     }
 

@@ -7,17 +7,16 @@
 //! it. The messages here keep the field numbers of `envoy.service.auth.v3` for what Check
 //! reads; protobuf skips every other field on decoding.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::config::core::v3::HeaderMap;
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use tonic::body::Body;
 use tonic::codegen::Body as RequestBody;
 use tonic::codegen::{BoxFuture, Service, StdError, http};
-use tonic::server::{Grpc, NamedService, UnaryService};
+use tonic::server::NamedService;
 
 use super::AuthzService;
 use crate::domain::check::Admitted;
@@ -35,8 +34,8 @@ pub struct CheckInput {
 pub struct Attributes {
     #[prost(message, optional, tag = "4")]
     pub request: Option<RequestAttributes>,
-    #[prost(map = "string, string", tag = "10")]
-    pub context_extensions: HashMap<String, String>,
+    #[prost(message, repeated, tag = "10")]
+    pub context_extensions: Vec<Entry>,
 }
 
 /// `AttributeContext.Request`.
@@ -50,18 +49,135 @@ pub struct RequestAttributes {
 /// map), path and body.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct HttpAttributes {
-    #[prost(map = "string, string", tag = "3")]
-    pub headers: HashMap<String, String>,
+    #[prost(message, repeated, tag = "3")]
+    pub headers: Vec<Entry>,
     #[prost(message, optional, tag = "13")]
-    pub header_map: Option<HeaderMap>,
-    #[prost(string, tag = "4")]
-    pub path: String,
+    pub header_map: Option<HeaderLines>,
+    /// Read as bytes, like the headers: borrowed as text, not copied.
+    #[prost(bytes = "bytes", tag = "4")]
+    pub path: prost::bytes::Bytes,
     /// A `string` on the wire, read as bytes: Check reads the body as bytes anyway, so
     /// it is neither checked for UTF-8 nor copied out of the frame.
     #[prost(bytes = "bytes", tag = "11")]
     pub body: prost::bytes::Bytes,
     #[prost(bytes = "bytes", tag = "12")]
     pub raw_body: prost::bytes::Bytes,
+}
+
+/// One entry of a `map<string, string>` (the headers, the context extensions), as it is
+/// on the wire: a message of a name and a value. Read as a list of entries sharing the
+/// frame, not a hash map of owned strings: a Check's dozen headers cost one allocation,
+/// not two dozen and a hash of each name.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Entry {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub name: prost::bytes::Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: prost::bytes::Bytes,
+}
+
+/// `envoy.config.core.v3.HeaderMap`: one entry per header line, sharing the frame.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeaderLines {
+    #[prost(message, repeated, tag = "1")]
+    pub headers: Vec<HeaderLine>,
+}
+
+/// `envoy.config.core.v3.HeaderValue`: the value as text, or (as Envoy sends it since
+/// `raw_value` came) as bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeaderLine {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key: prost::bytes::Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: prost::bytes::Bytes,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub raw_value: prost::bytes::Bytes,
+}
+
+impl HeaderLine {
+    pub fn value(&self) -> Cow<'_, str> {
+        text(if self.raw_value.is_empty() { &self.value } else { &self.raw_value })
+    }
+}
+
+impl HeaderLines {
+    /// The first line named `name` (any case).
+    pub fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.headers.iter().find(|h| h.key.eq_ignore_ascii_case(name.as_bytes())).map(HeaderLine::value)
+    }
+}
+
+/// `envoy.config.core.v3.Metadata`, as far as metering reads it: the string fields of
+/// each namespace in `filter_metadata` (a map, read as its entries).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MetadataInput {
+    #[prost(message, repeated, tag = "1")]
+    pub filter_metadata: Vec<Namespace>,
+}
+
+/// One `filter_metadata` entry: a namespace and its `google.protobuf.Struct`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Namespace {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub name: prost::bytes::Bytes,
+    #[prost(message, optional, tag = "2")]
+    pub fields: Option<StructInput>,
+}
+
+/// `google.protobuf.Struct`: its fields, as entries.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StructInput {
+    #[prost(message, repeated, tag = "1")]
+    pub fields: Vec<Field>,
+}
+
+/// One `Struct.fields` entry; only a `string_value` is read (any other kind reads as
+/// empty).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Field {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub name: prost::bytes::Bytes,
+    #[prost(message, optional, tag = "2")]
+    pub value: Option<StringValue>,
+}
+
+/// `google.protobuf.Value`, as far as a string goes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StringValue {
+    #[prost(bytes = "bytes", tag = "3")]
+    pub string_value: prost::bytes::Bytes,
+}
+
+impl MetadataInput {
+    /// The string field `field` of `namespace` (the last entry of each wins, as in a map);
+    /// `None` when absent, empty, not a string or not UTF-8.
+    pub fn string(&self, namespace: &str, field: &str) -> Option<&str> {
+        let ns = self.filter_metadata.iter().rev().find(|n| n.name == namespace.as_bytes())?;
+        let f = ns.fields.as_ref()?.fields.iter().rev().find(|f| f.name == field.as_bytes())?;
+        std::str::from_utf8(&f.value.as_ref()?.string_value).ok().filter(|s| !s.is_empty())
+    }
+}
+
+/// Text that is valid UTF-8 (as Envoy writes it) is borrowed; any other byte reads as the
+/// replacement character, so a key among other bytes is still seen.
+pub fn text(bytes: &[u8]) -> Cow<'_, str> {
+    // The strict check first: it is the common case, and much faster than the lossy one.
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
+impl crate::domain::request::Headers for Vec<Entry> {
+    fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+        // In a map on the wire, the last entry of a name wins.
+        self.iter().rev().find(|e| e.name == name.as_bytes()).map(|e| text(&e.value))
+    }
+
+    fn any(&self, f: &mut dyn FnMut(&str, &str) -> bool) -> bool {
+        self.iter().any(|e| f(&text(&e.name), &text(&e.value)))
+    }
 }
 
 impl CheckInput {
@@ -106,7 +222,7 @@ pub enum Part {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Headers {
     #[prost(message, optional, tag = "1")]
-    pub headers: Option<HeaderMap>,
+    pub headers: Option<HeaderLines>,
     #[prost(bool, tag = "3")]
     pub end_of_stream: bool,
 }
@@ -364,33 +480,125 @@ where
 /// `envoy.service.auth.v3.Authorization`.
 pub type AuthorizationServer = Server<AuthzService>;
 
-struct Unary(Arc<AuthzService>);
-
-impl UnaryService<CheckInput> for Unary {
-    type Response = Answer;
-    type Future = BoxFuture<tonic::Response<Answer>, tonic::Status>;
-
-    fn call(&mut self, request: tonic::Request<CheckInput>) -> Self::Future {
-        let service = Arc::clone(&self.0);
-        // A denial is a CheckResponse with an HTTP status, never a gRPC error: Envoy
-        // would map a gRPC error to `status_on_error` and lose our body.
-        Box::pin(async move { Ok(tonic::Response::new(service.decide(request.get_ref()).await)) })
-    }
-}
+/// The largest `CheckRequest` read, as tonic's default: Envoy sends at most its
+/// `max_request_bytes` of body and the headers it allows.
+const MAX_CHECK_REQUEST: usize = 4 * 1024 * 1024;
 
 impl Method for AuthzService {
     const SERVICE: &'static str = "envoy.service.auth.v3.Authorization";
     const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
 
+    /// Check is one message each way, so it is served without tonic's streaming codec:
+    /// the request is decoded where h2 received it (no 8 KiB buffer to copy it into) and
+    /// the answer is written once, at its size. A denial is a `CheckResponse` with an
+    /// HTTP status, never a gRPC error: Envoy would map a gRPC error to `status_on_error`
+    /// and lose our body.
     fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Body>, Infallible>
     where
         B: RequestBody + Send + 'static,
         B::Error: Into<StdError> + Send + 'static,
     {
         Box::pin(async move {
-            let mut grpc = Grpc::new(tonic_prost::ProstCodec::<Answer, CheckInput>::default());
-            Ok(grpc.unary(Unary(self), request).await)
+            let input = match unary_message(request.into_body(), MAX_CHECK_REQUEST).await {
+                Ok(message) => <CheckInput as prost::Message>::decode(message),
+                Err(status) => return Ok(status.into_http()),
+            };
+            Ok(match input {
+                Ok(input) => unary_response(&self.decide(&input).await),
+                Err(e) => tonic::Status::internal(format!("CheckRequest: {e}")).into_http(),
+            })
         })
+    }
+}
+
+/// The one message of a unary gRPC request: its length-prefixed frame read whole
+/// (shared with what h2 received when it came in one piece).
+async fn unary_message<B>(body: B, limit: usize) -> Result<prost::bytes::Bytes, tonic::Status>
+where
+    B: RequestBody,
+    B::Error: Into<StdError>,
+{
+    use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
+    let mut body = std::pin::pin!(body);
+    let (mut first, mut rest): (Option<Bytes>, Option<BytesMut>) = (None, None);
+    let mut len = 0usize;
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = frame.map_err(|e| tonic::Status::internal(format!("reading the request: {}", e.into())))?;
+        let Ok(mut data) = frame.into_data() else { continue };
+        len += data.remaining();
+        if len > limit.saturating_add(5) {
+            return Err(tonic::Status::resource_exhausted(format!("the message is larger than {limit} bytes")));
+        }
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(data.copy_to_bytes(data.remaining())),
+            (Some(head), None) => {
+                let mut joined = BytesMut::with_capacity(len);
+                BufMut::put(&mut joined, std::mem::take(head));
+                BufMut::put(&mut joined, data);
+                rest = Some(joined);
+            }
+            (Some(_), Some(joined)) => BufMut::put(joined, data),
+        }
+    }
+    let mut frame = match rest {
+        Some(joined) => joined.freeze(),
+        None => first.unwrap_or_default(),
+    };
+    if frame.len() < 5 {
+        return Err(tonic::Status::internal("the request holds no gRPC message"));
+    }
+    if frame[0] != 0 {
+        return Err(tonic::Status::unimplemented("compressed messages are not accepted"));
+    }
+    let declared = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
+    if frame.len() != 5 + declared {
+        return Err(tonic::Status::internal("the request is not exactly one gRPC message"));
+    }
+    frame.advance(5);
+    Ok(frame)
+}
+
+/// A unary gRPC response: the message in one frame, then `grpc-status: 0`.
+fn unary_response(message: &impl prost::Message) -> http::Response<Body> {
+    use prost::bytes::BufMut;
+    let len = message.encoded_len();
+    let mut frame = prost::bytes::BytesMut::with_capacity(5 + len);
+    frame.put_u8(0);
+    frame.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    message.encode_raw(&mut frame);
+    let mut response = http::Response::new(Body::new(UnaryBody { message: Some(frame.freeze()), ended: false }));
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    response
+}
+
+/// The body of [`unary_response`]: one data frame and the trailers.
+struct UnaryBody {
+    message: Option<prost::bytes::Bytes>,
+    ended: bool,
+}
+
+impl RequestBody for UnaryBody {
+    type Data = prost::bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        if let Some(message) = self.message.take() {
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(message))));
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        self.ended = true;
+        let mut trailers = http::HeaderMap::with_capacity(1);
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
     }
 }
 
@@ -400,7 +608,10 @@ mod tests {
     use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
     use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 
+    use std::collections::HashMap;
+
     use super::*;
+    use crate::domain::request::Headers;
 
     /// Everything Envoy sends decodes to what Check reads, and the rest is skipped.
     #[test]
@@ -422,7 +633,7 @@ mod tests {
             (":path".to_string(), "/v1/chat/completions?x=1".to_string()),
             ("x-api-key".to_string(), "pcs_secret".to_string()),
         ]);
-        let header_map = HeaderMap {
+        let header_map = envoy_types::pb::envoy::config::core::v3::HeaderMap {
             headers: vec![HeaderValue { key: "x-api-key".into(), raw_value: b"raw".to_vec(), ..Default::default() }],
         };
         let full = CheckRequest {
@@ -453,14 +664,119 @@ mod tests {
         };
         let input = CheckInput::of(&full);
         let attributes = input.attributes.expect("attributes");
-        assert_eq!(attributes.context_extensions.get("gateway").map(String::as_str), Some("demo"));
+        assert_eq!(attributes.context_extensions.get("gateway").as_deref(), Some("demo"));
+        assert_eq!(attributes.context_extensions.len(), 1);
         let http = attributes.request.and_then(|r| r.http).expect("http");
-        assert_eq!(http.headers, headers);
-        assert_eq!(http.header_map, Some(header_map));
+        for (name, value) in &headers {
+            assert_eq!(http.headers.get(name).as_deref(), Some(value.as_str()), "{name}");
+        }
+        assert_eq!(http.headers.len(), headers.len());
+        assert_eq!(http.headers.get("host"), None);
+        let lines = http.header_map.expect("header_map");
+        assert_eq!(lines.headers.len(), 1);
+        assert_eq!(lines.get("X-Api-Key").as_deref(), Some("raw"));
         assert_eq!(http.path, "/v1/chat/completions?x=1");
         assert_eq!(http.body, "{\"max_tokens\":5}".as_bytes());
         assert_eq!(http.raw_body, b"\x00raw".as_slice());
         // An empty request decodes to empty parts (Check answers it with a denial).
         assert_eq!(CheckInput::of(&CheckRequest::default()), CheckInput::default());
+    }
+
+    /// The body of a request as h2 hands it over, in these pieces.
+    fn body(pieces: &[&[u8]]) -> impl RequestBody<Data = prost::bytes::Bytes, Error = Infallible> + Send + 'static {
+        let frames: Vec<Result<hyper::body::Frame<prost::bytes::Bytes>, Infallible>> =
+            pieces.iter().map(|p| Ok(hyper::body::Frame::data(prost::bytes::Bytes::copy_from_slice(p)))).collect();
+        http_body_util::StreamBody::new(tokio_stream::iter(frames))
+    }
+
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8];
+        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        out.extend_from_slice(message);
+        out
+    }
+
+    fn read(pieces: &[&[u8]], limit: usize) -> Result<Vec<u8>, tonic::Code> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        rt.block_on(unary_message(body(pieces), limit)).map(|m| m.to_vec()).map_err(|s| s.code())
+    }
+
+    /// A Check's one message is read whole however h2 split it, and anything that is not
+    /// exactly one uncompressed message within the limit is refused (Envoy then denies).
+    #[test]
+    fn a_unary_request_is_exactly_one_message() {
+        let whole = framed(b"hello");
+        assert_eq!(read(&[&whole], 64), Ok(b"hello".to_vec()));
+        assert_eq!(read(&[&whole[..2], &whole[2..6], &whole[6..]], 64), Ok(b"hello".to_vec()), "split");
+        assert_eq!(read(&[&framed(b"")], 64), Ok(vec![]), "an empty message");
+        assert_eq!(read(&[], 64), Err(tonic::Code::Internal), "no message");
+        assert_eq!(read(&[&whole[..7]], 64), Err(tonic::Code::Internal), "cut short");
+        let two = [framed(b"a"), framed(b"b")].concat();
+        assert_eq!(read(&[&two], 64), Err(tonic::Code::Internal), "two messages");
+        let mut compressed = whole.clone();
+        compressed[0] = 1;
+        assert_eq!(read(&[&compressed], 64), Err(tonic::Code::Unimplemented));
+        assert_eq!(read(&[&whole[..3], &whole[3..]], 4), Err(tonic::Code::ResourceExhausted), "over the limit");
+    }
+
+    /// The answer goes out as one gRPC frame of the message, then `grpc-status: 0`.
+    #[test]
+    fn a_unary_response_is_one_frame_and_an_ok_status() {
+        use http_body_util::BodyExt;
+        use prost::Message;
+        let answer = Answer::Other(CheckResponse { status: Some(Default::default()), ..Default::default() });
+        let response = unary_response(&answer);
+        assert_eq!(response.headers()[http::header::CONTENT_TYPE], "application/grpc");
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let collected = rt.block_on(response.into_body().collect()).expect("body");
+        assert_eq!(collected.trailers().map(|t| t["grpc-status"].clone()), Some(http::HeaderValue::from_static("0")));
+        let bytes = collected.to_bytes();
+        assert_eq!(&bytes[..], &framed(&answer.encode_to_vec())[..]);
+    }
+
+    /// Metering reads string fields of the ext_authz namespace from Envoy's metadata, as
+    /// Envoy encodes it; other namespaces and other kinds of value are not mistaken for them.
+    #[test]
+    fn metadata_strings_read_from_their_namespace_only() {
+        use envoy_types::pb::google::protobuf::value::Kind;
+        use envoy_types::pb::google::protobuf::{Struct, Value};
+        use prost::Message;
+        let value = |kind| Value { kind: Some(kind) };
+        let authz = Struct {
+            fields: HashMap::from([
+                ("key_id".to_string(), value(Kind::StringValue("k-1".into()))),
+                ("number".to_string(), value(Kind::NumberValue(7.0))),
+                ("empty".to_string(), value(Kind::StringValue(String::new()))),
+            ]),
+        };
+        let other =
+            Struct { fields: HashMap::from([("reservation".to_string(), value(Kind::StringValue("r".into())))]) };
+        let md = Metadata {
+            filter_metadata: HashMap::from([
+                ("envoy.filters.http.ext_authz".to_string(), authz),
+                ("other".to_string(), other),
+            ]),
+            ..Default::default()
+        };
+        let read = MetadataInput::decode(md.encode_to_vec().as_slice()).expect("metadata");
+        assert_eq!(read.string("envoy.filters.http.ext_authz", "key_id"), Some("k-1"));
+        assert_eq!(read.string("envoy.filters.http.ext_authz", "reservation"), None, "another namespace's field");
+        assert_eq!(read.string("envoy.filters.http.ext_authz", "number"), None, "not a string");
+        assert_eq!(read.string("envoy.filters.http.ext_authz", "empty"), None);
+        assert_eq!(read.string("other", "reservation"), Some("r"));
+        assert_eq!(read.string("missing", "key_id"), None);
+    }
+
+    /// A header that is not UTF-8 (which prost's strings would refuse) is read with
+    /// replacement characters: a key inside it is still found.
+    #[test]
+    fn headers_that_are_not_utf8_still_show_a_key() {
+        let headers = vec![
+            Entry { name: "x-api-key".into(), value: "pcs_a".into() },
+            Entry { name: "x-other".into(), value: prost::bytes::Bytes::from_static(b"\xff pcs_a \xfe") },
+        ];
+        assert_eq!(headers.get("x-api-key").as_deref(), Some("pcs_a"));
+        assert!(headers.any(&mut |name, value| name == "x-other" && value.contains("pcs_a")));
+        assert!(!headers.any(&mut |name, _| name == "x-missing"));
     }
 }

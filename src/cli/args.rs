@@ -25,7 +25,7 @@ pub struct Connection {
 
 #[derive(Debug, Subcommand)]
 pub enum CliCommand {
-    /// Create, list, inspect, update and delete gateways.
+    /// Create, list, inspect, update and delete gateways; see their usage over time.
     Gateways {
         #[command(subcommand)]
         cmd: GatewaysCmd,
@@ -156,6 +156,26 @@ pub enum GatewaysCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Usage of all the gateway's keys over time, per hour or day (UTC), optionally per model.
+    History {
+        name: String,
+        #[command(flatten)]
+        range: HistoryArgs,
+    },
+}
+
+/// The buckets `keys history` and `gateways history` ask for.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Bucket width.
+    #[arg(long, value_enum, default_value = "day")]
+    pub(super) by: GranularityArg,
+    /// How many days back from now (hourly: at most 31; daily: at most 366).
+    #[arg(long, default_value_t = 7)]
+    pub(super) days: u32,
+    /// One row per model.
+    #[arg(long)]
+    pub(super) by_model: bool,
 }
 
 #[derive(Debug, Args)]
@@ -252,15 +272,8 @@ pub enum KeysCmd {
     /// Usage over time, per hour or day (UTC), optionally per model.
     History {
         id: String,
-        /// Bucket width.
-        #[arg(long, value_enum, default_value = "day")]
-        by: GranularityArg,
-        /// How many days back from now (hourly: at most 31; daily: at most 366).
-        #[arg(long, default_value_t = 7)]
-        days: u32,
-        /// One row per model.
-        #[arg(long)]
-        by_model: bool,
+        #[command(flatten)]
+        range: HistoryArgs,
     },
     /// A new secret for the key (printed once); the old one works for --grace.
     Rotate {

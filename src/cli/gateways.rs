@@ -1,7 +1,8 @@
-//! `portcullis gateways …`: create, list, get, update, delete.
+//! `portcullis gateways …`: create, list, get, update, delete, history.
 
 use super::args::{Connection, GatewaySettings, GatewaysCmd, Location};
 use super::connect::{Svc, connect, status_err};
+use super::history;
 use super::output;
 use crate::pb;
 use crate::pb::gateway_service_client::GatewayServiceClient;
@@ -55,6 +56,7 @@ pub(super) async fn run(conn: &Connection, cmd: GatewaysCmd) -> anyhow::Result<(
                 &format!("Deleted gateway {name} and {} keys", r.deleted_keys),
             );
         }
+        GatewaysCmd::History { name, range } => history::run(conn, history::Of::Gateway(name), range).await?,
     }
     Ok(())
 }

@@ -1,13 +1,13 @@
-//! `portcullis keys …`: create, list, get, enable, disable, update, delete, usage, rotate,
-//! import-legacy.
+//! `portcullis keys …`: create, list, get, enable, disable, update, delete, usage, history,
+//! rotate, import-legacy.
 
-use super::args::{Connection, GranularityArg, KeysCmd, OrderArg, StatusArg};
+use super::args::{Connection, KeysCmd, OrderArg, StatusArg};
 use super::connect::{Svc, connect, status_err};
+use super::history;
 use super::output;
 use super::time::timestamp;
 use crate::pb;
 use crate::pb::key_service_client::KeyServiceClient;
-use crate::pb::usage_service_client::UsageServiceClient;
 
 pub(super) async fn run(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
     let (channel, auth) = connect(conn).await?;
@@ -108,32 +108,7 @@ pub(super) async fn run(conn: &Connection, cmd: KeysCmd) -> anyhow::Result<()> {
             let u = client.get_key_usage(pb::GetKeyUsageRequest { id }).await.map_err(status_err)?;
             out.usage(&u.into_inner());
         }
-        KeysCmd::History { id, by, days, by_model } => {
-            let (channel, auth) = connect(conn).await?;
-            let mut usage: UsageServiceClient<Svc> = UsageServiceClient::with_interceptor(channel, auth);
-            let now = chrono::Utc::now();
-            let from = now - chrono::Duration::days(i64::from(days));
-            let stamp = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
-                seconds: t.timestamp(),
-                nanos: t.timestamp_subsec_nanos() as i32,
-            };
-            let granularity = match by {
-                GranularityArg::Hour => pb::Granularity::Hour,
-                GranularityArg::Day => pb::Granularity::Day,
-            } as i32;
-            let h = usage
-                .get_usage_history(pb::GetUsageHistoryRequest {
-                    key_id: id,
-                    gateway: String::new(),
-                    granularity,
-                    from: Some(stamp(from)),
-                    to: Some(stamp(now)),
-                    by_model,
-                })
-                .await
-                .map_err(status_err)?;
-            out.history(&h.into_inner(), by_model);
-        }
+        KeysCmd::History { id, range } => history::run(conn, history::Of::Key(id), range).await?,
         KeysCmd::Rotate { id, grace } => {
             let grace_period = grace.map(|g| prost_types::Duration {
                 seconds: i64::try_from(g.as_secs()).unwrap_or(i64::MAX),

@@ -2,13 +2,14 @@
 //! Tables for people, `--json` for scripts, one-line errors.
 //!
 //! `args` holds the clap types, `connect` the channel to the admin API, and one file per
-//! resource runs its commands (`gateways`, `keys`, `tokens`, `prices`, `audit`), printing
-//! through `output`.
+//! resource runs its commands (`gateways`, `keys`, `tokens`, `prices`, `audit`; `history` for
+//! both keys and gateways), printing through `output`.
 
 mod args;
 mod audit;
 mod connect;
 mod gateways;
+mod history;
 mod keys;
 mod output;
 mod prices;
@@ -16,8 +17,8 @@ mod time;
 mod tokens;
 
 pub use args::{
-    AuditArgs, CliCommand, Connection, GatewaySettings, GatewaysCmd, GranularityArg, KeysCmd, LimitArgs, Location,
-    OrderArg, Period, PricesCmd, RoleArg, StatusArg, TokensCmd,
+    AuditArgs, CliCommand, Connection, GatewaySettings, GatewaysCmd, GranularityArg, HistoryArgs, KeysCmd, LimitArgs,
+    Location, OrderArg, Period, PricesCmd, RoleArg, StatusArg, TokensCmd,
 };
 pub use connect::BearerAuth;
 

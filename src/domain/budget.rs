@@ -274,28 +274,29 @@ impl Inner {
     }
 
     fn counters(&mut self, key_id: Uuid, reset_period: ResetPeriod, now: DateTime<Utc>) -> &mut Counters {
-        let c = self.keys.entry(key_id).or_insert_with(|| Counters::new(key_id, reset_period, now));
+        let Inner { keys, dirty, deltas, .. } = self;
+        let c = keys.entry(key_id).or_insert_with(|| Counters::new(key_id, reset_period, now));
         let before = c.period_start;
         // A rule change inside a running period re-keys its usage (see `roll`).
         let rekeyed = c.reset_period != reset_period && c.period_end.is_none_or(|end| now < end);
         if c.roll(reset_period, now) {
             let after = (c.period_start, c.reset_period);
-            self.dirty.insert(key_id);
+            dirty.insert(key_id);
             // What was metered here and not written yet moves with it (the store carried
             // what was written when the rule changed).
             if rekeyed
                 && before != after.0
-                && let Some(mut pending) = self.deltas.remove(&(key_id, before))
+                && let Some(mut pending) = deltas.remove(&(key_id, before))
             {
                 (pending.period_start, pending.reset_period) = after;
                 pending.period_end = period::bounds(after.1, after.0).1;
-                self.deltas
+                deltas
                     .entry((key_id, after.0))
                     .or_insert_with(|| Counters::empty(key_id, after.1, after.0))
                     .add(&pending);
             }
         }
-        self.keys.entry(key_id).or_insert_with(|| Counters::new(key_id, reset_period, now))
+        c
     }
 }
 
@@ -382,7 +383,6 @@ impl Meters {
         if let Some(denial) = denial {
             return Ok(Err(denial));
         }
-        let c = inner.counters(key.id, reset_period, now.wall);
         // Under both limits here, so what is left is positive.
         let tokens = match token_limit {
             Some(limit) => tokens.min(limit.saturating_sub(c.total_tokens().saturating_add(c.reserved_tokens))),
@@ -602,6 +602,12 @@ impl Meters {
                 c.cost_micros = c.cost_micros.max(row.cost_micros);
             }
         }
+    }
+
+    /// Usage of `key_id`'s period starting `period_start` metered here and not written to
+    /// the ledger yet (what a seed from the ledger adds to it).
+    pub fn pending(&self, key_id: Uuid, period_start: DateTime<Utc>) -> Option<Counters> {
+        self.shards.of(key_id).lock().ok()?.deltas.get(&(key_id, period_start)).cloned()
     }
 
     /// What to write to the ledger since the last call: per key and period, the usage

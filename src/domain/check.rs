@@ -205,14 +205,15 @@ fn reservation_for(gateway: &Gateway, cost_limited: bool, req: &RequestParts<'_>
     let declared = req.headers.get("content-length").and_then(|v| v.trim().parse::<u64>().ok());
     // Reads (listing models, fetching a file or a batch) and empty bodies generate
     // nothing: they hold nothing, so a response without usage is charged nothing.
-    let method = req.headers.get(":method").map_or("", String::as_str);
+    let method = req.headers.get(":method");
+    let method = method.as_deref().unwrap_or("");
     let reads = matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS");
     if reads || (req.body.is_empty() && declared == Some(0)) {
         return Hold::default();
     }
     // Bytes Envoy did not send count as prompt only in a JSON body (not an upload).
     let json =
-        req.headers.get("content-type").is_none_or(|ct| matches!(BodyKind::of(ct), BodyKind::Json | BodyKind::Unsaid));
+        req.headers.get("content-type").is_none_or(|ct| matches!(BodyKind::of(&ct), BodyKind::Json | BodyKind::Unsaid));
     let asked = Asked::read(req.body, declared.filter(|_| json));
     let default = Some(gateway.default_reservation_tokens).filter(|&t| t > 0).unwrap_or(DEFAULT_RESERVATION_TOKENS);
     let cap = match asked.output_cap {

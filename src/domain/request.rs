@@ -8,13 +8,32 @@ use std::collections::HashMap;
 use super::gateway::{Gateway, KeyLocation};
 use super::secret::{self, SecretKind, Shape};
 
+/// A request's headers as Envoy sends them: lowercase names, a header sent more than once
+/// joined with `,`.
+pub trait Headers: std::fmt::Debug + Sync {
+    /// The value of the header `name` (lowercase).
+    fn get(&self, name: &str) -> Option<Cow<'_, str>>;
+
+    /// Whether `f` holds for some header's name and value.
+    fn any(&self, f: &mut dyn FnMut(&str, &str) -> bool) -> bool;
+}
+
+impl Headers for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+        HashMap::get(self, name).map(|v| Cow::Borrowed(v.as_str()))
+    }
+
+    fn any(&self, f: &mut dyn FnMut(&str, &str) -> bool) -> bool {
+        self.iter().any(|(name, value)| f(name, value))
+    }
+}
+
 /// What Check needs from an HTTP request.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestParts<'a> {
     /// `context_extensions["gateway"]`.
     pub gateway: Option<&'a str>,
-    /// Lowercase header names, as Envoy sends them.
-    pub headers: &'a HashMap<String, String>,
+    pub headers: &'a dyn Headers,
     /// Path with query string.
     pub path: &'a str,
     /// The request body when Envoy sends it (`with_request_body`), else empty.
@@ -73,7 +92,7 @@ impl std::fmt::Display for InvalidReason {
 /// header or literal parameter).
 pub fn extract_key<'a>(
     gateway: &Gateway,
-    headers: &'a HashMap<String, String>,
+    headers: &'a dyn Headers,
     path: &'a str,
 ) -> Result<Option<Cow<'a, str>>, InvalidReason> {
     let inbound = &gateway.inbound;
@@ -85,7 +104,7 @@ pub fn extract_key<'a>(
             if value.contains(',') {
                 return Err(InvalidReason::Repeated);
             }
-            (Cow::Borrowed(value.as_str()), None)
+            (value, None)
         }
         KeyLocation::Query => match query_param(path, &inbound.key_name)? {
             Some(QueryKey { value, pair }) => (value, Some(pair)),
@@ -111,15 +130,15 @@ pub fn extract_key<'a>(
 fn carried_elsewhere(
     gateway: &Gateway,
     key: &str,
-    headers: &HashMap<String, String>,
+    headers: &dyn Headers,
     path: &str,
     pair: Option<std::ops::Range<usize>>,
 ) -> bool {
     let key_header = (gateway.inbound.location == KeyLocation::Header).then_some(gateway.inbound.key_name.as_str());
     let upstream_header = gateway.upstream.as_ref().map(|u| u.header_name.as_str());
-    let in_headers = headers.iter().any(|(name, value)| {
+    let in_headers = headers.any(&mut |name, value| {
         // `:path` is the URL, checked below without the key's own parameter.
-        let skip = name == ":path" || Some(name.as_str()) == key_header || Some(name.as_str()) == upstream_header;
+        let skip = name == ":path" || Some(name) == key_header || Some(name) == upstream_header;
         !skip && carries_key(value, key)
     });
     let carried_in_url =

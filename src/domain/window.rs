@@ -103,6 +103,24 @@ impl RequestWindows {
         self.windows.of(key).lock().ok().and_then(|w| w.get(&key).map(|w| w.count(now))).unwrap_or(0)
     }
 
+    /// Removes `key`'s window and returns its admission times (monotonic µs, oldest
+    /// first): the shared counters record what was admitted here while Redis was away.
+    pub fn take(&self, key: Uuid) -> Vec<i64> {
+        self.windows.of(key).lock().ok().and_then(|mut w| w.remove(&key)).map(|w| w.0.into()).unwrap_or_default()
+    }
+
+    /// Puts admission times taken by [`RequestWindows::take`] back (recording them failed),
+    /// with any admitted since.
+    pub fn restore(&self, key: Uuid, times: Vec<i64>) {
+        if let Ok(mut windows) = self.windows.of(key).lock() {
+            let w = windows.entry(key).or_default();
+            let mut all: Vec<i64> = times;
+            all.extend(w.0.iter().copied());
+            all.sort_unstable();
+            w.0 = all.into();
+        }
+    }
+
     /// Forgets windows with nothing left inside them.
     pub fn sweep(&self, now: Mono) {
         for shard in self.windows.all() {
@@ -211,6 +229,19 @@ mod tests {
                 assert!(in_span <= limit as usize, "case {case}: {in_span} > {limit} within 60 s");
             }
         }
+    }
+
+    #[test]
+    fn taken_times_come_back_in_order() {
+        let ws = RequestWindows::default();
+        let k = Uuid::now_v7();
+        assert!(ws.admit(k, 5, t0()).unwrap().admitted);
+        let taken = ws.take(k);
+        assert_eq!(taken, [t0().micros()]);
+        assert_eq!(ws.count(k, t0()), 0);
+        assert!(ws.admit(k, 5, t0() + Duration::seconds(1)).unwrap().admitted);
+        ws.restore(k, taken);
+        assert_eq!(ws.take(k), [t0().micros(), (t0() + Duration::seconds(1)).micros()]);
     }
 
     #[test]

@@ -258,6 +258,13 @@ pub trait Store: Send + Sync + 'static {
     async fn listen_changes(&self) -> Result<Box<dyn ChangeListener>, StoreError> {
         Err(StoreError::Unsupported("changes are followed on PostgreSQL only: SQLite serves one replica".into()))
     }
+    /// Claims the database again the way it was claimed if the connection holding the
+    /// claim was lost (the database restarted, the connection was killed): a claim lost
+    /// for good would let a process without shared counters in beside replicas. `Ok(false)`
+    /// while it holds; `Ok(true)` when it was taken again.
+    async fn keep_claim(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
     /// Gives the database up (at shutdown), so the next process can claim it at once.
     async fn release(&self) {}
     /// Writes a consistent copy of the database to a new file while serving.
@@ -329,10 +336,17 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_usage_history(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, StoreError>;
 
     /// Ledger rows (every replica's increments added up, per key and period) written at or
-    /// after `since`: what reconciliation compares the shared counters with.
-    async fn usage_changed_since(&self, since: DateTime<Utc>) -> Result<Vec<Counters>, StoreError>;
+    /// after `since` by the database's clock: what reconciliation compares the shared
+    /// counters with; and the database's clock when they were read.
+    async fn usage_changed_since(&self, since: DateTime<Utc>) -> Result<(Vec<Counters>, DateTime<Utc>), StoreError>;
 
-    /// Adds usage increments (per key and period) and moves last use/denial forward.
+    /// A key's usage in the period starting `period_start` (every replica's increments
+    /// added up), if the ledger has any: what lost shared counters are seeded from.
+    async fn period_usage(&self, key_id: Uuid, period_start: DateTime<Utc>) -> Result<Option<Counters>, StoreError>;
+
+    /// Adds usage increments (per key and period) and moves last use/denial forward. Rows
+    /// are stamped with the database's clock, never `now` (this replica's clock, which
+    /// another replica's reconciliation must not depend on); `now` is kept for callers.
     async fn save_usage(&self, counters: &[Counters], now: DateTime<Utc>) -> Result<(), StoreError>;
 
     async fn set_price(&self, model: &str, price: &Price, now: DateTime<Utc>) -> Result<(), StoreError>;

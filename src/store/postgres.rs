@@ -38,8 +38,16 @@ pub struct PostgresStore {
     url: String,
     /// Holds the advisory lock: exclusive for a replica alone (in-process counters), shared
     /// among replicas with shared counters.
-    claim: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
+    claim: tokio::sync::Mutex<Option<Claim>>,
     sealer: Sealer,
+}
+
+/// The advisory lock this process claimed the database with, and how to take it again.
+struct Claim {
+    /// The connection holding it; `None` once lost and not taken again yet.
+    conn: Option<sqlx::PgConnection>,
+    call: &'static str,
+    refusal: &'static str,
 }
 
 impl PostgresStore {
@@ -56,20 +64,24 @@ impl PostgresStore {
 
 impl PostgresStore {
     /// Takes the advisory lock with `call` on a connection of its own, held until release.
-    async fn take_lock(&self, call: &str, refusal: &str) -> Result<(), StoreError> {
-        use sqlx::Connection;
+    async fn take_lock(&self, call: &'static str, refusal: &'static str) -> Result<(), StoreError> {
         let mut held = self.claim.lock().await;
         if held.is_some() {
             return Ok(());
         }
+        let conn = self.lock_on_new_connection(call).await?.ok_or_else(|| StoreError::Unavailable(refusal.into()))?;
+        *held = Some(Claim { conn: Some(conn), call, refusal });
+        Ok(())
+    }
+
+    /// The connection holding the lock, or `None` when another process holds it in a way
+    /// that excludes this claim.
+    async fn lock_on_new_connection(&self, call: &str) -> Result<Option<sqlx::PgConnection>, StoreError> {
+        use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(&self.url).await.map_err(unavailable)?;
         let got: bool =
             sqlx::query_scalar(&format!("SELECT {call}")).bind(LOCK).fetch_one(&mut conn).await.map_err(unavailable)?;
-        if !got {
-            return Err(StoreError::Unavailable(refusal.into()));
-        }
-        *held = Some(conn);
-        Ok(())
+        Ok(got.then_some(conn))
     }
 }
 
@@ -162,8 +174,26 @@ super::rows::store_impl!(PostgresStore, {
         Ok(Box::new(Listening(listener)))
     }
 
+    /// A session's advisory lock ends with its connection: after a restart of PostgreSQL
+    /// (or `pg_terminate_backend`) nothing holds it until it is taken again here.
+    async fn keep_claim(&self) -> Result<bool, StoreError> {
+        use sqlx::Connection;
+        let mut held = self.claim.lock().await;
+        let Some(claim) = held.as_mut() else { return Ok(false) };
+        if let Some(conn) = claim.conn.as_mut() {
+            if conn.ping().await.is_ok() {
+                return Ok(false);
+            }
+            claim.conn = None;
+        }
+        // Taken meanwhile by a process that excludes this one: not transient.
+        let conn = self.lock_on_new_connection(claim.call).await?;
+        claim.conn = Some(conn.ok_or_else(|| StoreError::Config(claim.refusal.into()))?);
+        Ok(true)
+    }
+
     async fn release(&self) {
-        if let Some(conn) = self.claim.lock().await.take() {
+        if let Some(Claim { conn: Some(conn), .. }) = self.claim.lock().await.take() {
             use sqlx::Connection;
             let _ = conn.close().await;
         }

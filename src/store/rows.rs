@@ -275,12 +275,16 @@ macro_rules! store_impl {
                 $crate::store::rows::usage::prune_history(&self.pool, cutoff, batch).await
             }
 
-            async fn usage_changed_since(&self, since: DateTime<Utc>) -> Result<Vec<Counters>, StoreError> {
+            async fn usage_changed_since(&self, since: DateTime<Utc>) -> Result<(Vec<Counters>, DateTime<Utc>), StoreError> {
                 $crate::store::rows::usage::changed_since(&self.pool, since).await
             }
 
-            async fn save_usage(&self, counters: &[Counters], now: DateTime<Utc>) -> Result<(), StoreError> {
-                $crate::store::rows::usage::save(&self.pool, counters, now).await
+            async fn period_usage(&self, key_id: Uuid, period_start: DateTime<Utc>) -> Result<Option<Counters>, StoreError> {
+                $crate::store::rows::usage::of_period(&self.pool, key_id, period_start).await
+            }
+
+            async fn save_usage(&self, counters: &[Counters], _now: DateTime<Utc>) -> Result<(), StoreError> {
+                $crate::store::rows::usage::save(&self.pool, counters).await
             }
 
             async fn set_price(&self, model: &str, price: &Price, now: DateTime<Utc>) -> Result<(), StoreError> {

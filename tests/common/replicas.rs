@@ -43,6 +43,17 @@ pub async fn drop_db(name: &str) {
     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin_conn().await).await;
 }
 
+/// Forgets everything the Redis at `url` holds of API key `id` (what a restart without
+/// persistence, a failover or an eviction does to it); how many Redis keys it held.
+pub async fn redis_forgets(url: &str, id: &str) -> usize {
+    let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let held: Vec<String> = redis::cmd("KEYS").arg(format!("pc:{{{id}}}:*")).query_async(&mut conn).await.unwrap();
+    if !held.is_empty() {
+        let _: i64 = redis::cmd("DEL").arg(&held).query_async(&mut conn).await.unwrap();
+    }
+    held.len()
+}
+
 /// What a Check answered, as Envoy passes it on to the client: the HTTP status (200:
 /// allowed), the headers added to the response (or sent with the denial) and the body.
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@ import { PricingService } from "../gen/portcullis/admin/v1/pricing_pb.js";
 import { UsageService } from "../gen/portcullis/admin/v1/usage_pb.js";
 import { gateways } from "../gateways-store.js";
 import { query, setQuery } from "../router.js";
-import { Empty, ErrorNote, Time, useLoad } from "../ui.js";
+import { CellLabel, Empty, ErrorNote, Time, useLoad } from "../ui.js";
 
 /** Every service and RPC the filter can name, from the generated descriptors. */
 const ACTIONS: string[] = [AccessService, AuditService, GatewayService, KeyService, PricingService, UsageService].flatMap((s) => {
@@ -145,7 +145,7 @@ export function AuditPage() {
       </form>
       <ErrorNote error={error || moreError} />
       <div class="table-wrap">
-        <table class="audit" aria-describedby={`${id}-status`}>
+        <table class="audit stack" aria-describedby={`${id}-status`}>
           <thead>
             <tr>
               <th scope="col">When ({zoneName})</th>
@@ -160,13 +160,29 @@ export function AuditPage() {
             {events.map((e) => (
               <tr key={e.id}>
                 <td>
+                  <CellLabel>When</CellLabel>
                   <Time ts={e.time} />
                 </td>
-                <td>{e.tokenName || <span class="muted">unauthenticated</span>}</td>
-                <td class="mono">{e.action}</td>
-                <td>{e.gateway || <span class="muted">—</span>}</td>
-                <td class="mono">{e.target || <span class="muted">—</span>}</td>
-                <td>{e.result === "OK" ? <span class="badge ok">OK</span> : <span class="badge bad">{e.result}</span>}</td>
+                <td>
+                  <CellLabel>Actor</CellLabel>
+                  {e.tokenName ? <span>{e.tokenName}</span> : <span class="muted">unauthenticated</span>}
+                </td>
+                <td>
+                  <CellLabel>Action</CellLabel>
+                  <span class="mono">{e.action}</span>
+                </td>
+                <td>
+                  <CellLabel>Gateway</CellLabel>
+                  {e.gateway ? <span>{e.gateway}</span> : <span class="muted">—</span>}
+                </td>
+                <td>
+                  <CellLabel>Target</CellLabel>
+                  {e.target ? <span class="mono">{e.target}</span> : <span class="muted">—</span>}
+                </td>
+                <td>
+                  <CellLabel>Result</CellLabel>
+                  {e.result === "OK" ? <span class="badge ok">OK</span> : <span class="badge bad">{e.result}</span>}
+                </td>
               </tr>
             ))}
           </tbody>

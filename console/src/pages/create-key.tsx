@@ -96,6 +96,7 @@ export function CreateKeyDialog(props: { gateway: string; onClose: () => void; o
               id={`${id}-name`}
               required
               aria-required="true"
+              autoFocus
               autocomplete="off"
               placeholder="token-user01"
               value={name}

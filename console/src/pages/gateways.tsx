@@ -6,7 +6,7 @@ import { int } from "../format.js";
 import { KeyLocation, type Gateway } from "../gen/portcullis/admin/v1/gateways_pb.js";
 import { loadGateways } from "../gateways-store.js";
 import { href } from "../router.js";
-import { Confirm, Dialog, Empty, ErrorNote, FormFoot, Link, TableHead, Time, useAction, useLoad } from "../ui.js";
+import { CellLabel, Confirm, Dialog, Empty, ErrorNote, FormFoot, Link, TableHead, Time, useAction, useLoad } from "../ui.js";
 
 export function GatewaysPage() {
   const id = useId();
@@ -30,28 +30,37 @@ export function GatewaysPage() {
       <p class="lead">A gateway is what an Envoy route names (context_extensions.gateway).</p>
       <ErrorNote error={error} />
       <div class="table-wrap">
-        <table>
+        <table class="stack">
           <TableHead cols={["Name", "Client key", "Provider credential", "Default reservation", "Created"]} actions />
           <tbody>
             {(data?.gateways ?? []).map((g) => (
               <tr key={g.id}>
                 <th scope="row">
+                  <CellLabel>Name</CellLabel>
                   <Link href={href("/keys", { gateway: g.name })}>{g.name}</Link>
                 </th>
                 <td>
-                  {g.inboundAuth?.location === KeyLocation.QUERY ? "query parameter" : "header"} <code>{g.inboundAuth?.keyName || "x-api-key"}</code>
+                  <CellLabel>Client key</CellLabel>
+                  <span>
+                    {g.inboundAuth?.location === KeyLocation.QUERY ? "query parameter" : "header"} <code>{g.inboundAuth?.keyName || "x-api-key"}</code>
+                  </span>
                 </td>
                 <td>
+                  <CellLabel>Provider credential</CellLabel>
                   {g.upstreamAuth?.headerName ? (
-                    <>
+                    <span>
                       <code>{g.upstreamAuth.headerName}</code> {g.upstreamAuth.valueSet ? <span class="badge ok">set</span> : <span class="badge off">not set</span>}
-                    </>
+                    </span>
                   ) : (
                     <span class="muted">none</span>
                   )}
                 </td>
-                <td>{g.defaultReservationTokens ? `${int(g.defaultReservationTokens)} tokens` : <span class="muted">4,096 tokens (built-in)</span>}</td>
                 <td>
+                  <CellLabel>Default reservation</CellLabel>
+                  {g.defaultReservationTokens ? <span>{int(g.defaultReservationTokens)} tokens</span> : <span class="muted">4,096 tokens (built-in)</span>}
+                </td>
+                <td>
+                  <CellLabel>Created</CellLabel>
                   <Time ts={g.createdAt} dateOnly />
                 </td>
                 <td class="row-actions">
@@ -142,7 +151,7 @@ function GatewayDialog(props: { gateway?: Gateway; onClose: () => void; onSaved:
               <label for={`${id}-name`}>
                 Name <span class="req">(required)</span>
               </label>
-              <input id={`${id}-name`} required autocomplete="off" placeholder="openai-prod" value={name} onInput={(e) => setName(e.currentTarget.value)} />
+              <input id={`${id}-name`} required autoFocus autocomplete="off" placeholder="openai-prod" value={name} onInput={(e) => setName(e.currentTarget.value)} />
               <p class="hint">What Envoy routes name in context_extensions.gateway.</p>
             </div>
           ) : null}

@@ -239,7 +239,7 @@ function EditKeyDialog(props: { k: ApiKey; onClose: () => void; onSaved: (k: Api
         <div class="dialog-body">
           <div class="field">
             <label for={`${id}-name`}>Name</label>
-            <input id={`${id}-name`} required value={name} onInput={(e) => setName(e.currentTarget.value)} />
+            <input id={`${id}-name`} required autoFocus value={name} onInput={(e) => setName(e.currentTarget.value)} />
           </div>
           <LimitsFields draft={draft} set={setDraft} />
           <ErrorNote error={error} />

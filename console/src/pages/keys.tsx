@@ -7,7 +7,7 @@ import { KeyOrder, KeyStatus, type ApiKey, type KeyUsage } from "../gen/portcull
 import { currentGateway, gatewayByName } from "../gateways-store.js";
 import { expiresSoon, limitsSummary, StatusBadge } from "../keyparts.js";
 import { query, setQuery } from "../router.js";
-import { Confirm, Empty, ErrorNote, Link, Loading, Switch, Time, UsageBar, useLoad } from "../ui.js";
+import { CellLabel, Confirm, Empty, ErrorNote, Link, Loading, Switch, Time, UsageBar, useLoad } from "../ui.js";
 import { CreateKeyDialog } from "./create-key.js";
 import { GatewayPicker } from "./gateway-picker.js";
 
@@ -171,7 +171,7 @@ export function KeysPage() {
       ) : null}
       <ErrorNote error={error || rowError} />
       <div class="table-wrap">
-        <table class="keys">
+        <table class="keys stack">
           <thead>
             <tr>
               <th scope="col" class="check">
@@ -210,29 +210,44 @@ export function KeysPage() {
                   />
                 </td>
                 <th scope="row">
+                  <CellLabel>Name</CellLabel>
                   <Link href={`/keys/${encodeURIComponent(k.id)}`}>{k.name}</Link>
                 </th>
-                <td class="mono">{k.prefix}…</td>
                 <td>
+                  <CellLabel>Prefix</CellLabel>
+                  <span class="mono">{k.prefix}…</span>
+                </td>
+                <td>
+                  <CellLabel>Status</CellLabel>
                   <StatusBadge k={k} />
                 </td>
                 <td>
+                  <CellLabel>Enabled</CellLabel>
                   <Switch checked={k.enabled} label={`Enable ${k.name}`} onChange={(v) => toggle(k, v)} />
                 </td>
                 <td>
+                  <CellLabel>Created</CellLabel>
                   <Time ts={k.createdAt} dateOnly />
                 </td>
                 <td>
+                  <CellLabel>Last used</CellLabel>
                   <Time ts={k.lastUsedAt} empty="Never" />
                 </td>
                 <td>
-                  <Time ts={k.expiresAt} empty="Never" />
-                  {expiresSoon(k.expiresAt) ? <span class="badge warn-badge">Expires within 7 days</span> : null}
+                  <CellLabel>Expires</CellLabel>
+                  <span>
+                    <Time ts={k.expiresAt} empty="Never" />
+                    {expiresSoon(k.expiresAt) ? <span class="badge warn-badge">Expires within 7 days</span> : null}
+                  </span>
                 </td>
-                <td class="limits-cell">{k.legacy ? <span class="muted">None (legacy)</span> : limitsSummary(k.limits)}</td>
+                <td class="limits-cell">
+                  <CellLabel>Limits</CellLabel>
+                  {k.legacy ? <span class="muted">None (legacy)</span> : <span>{limitsSummary(k.limits)}</span>}
+                </td>
                 <td class="period-cell">
+                  <CellLabel>This period</CellLabel>
                   {u ? (
-                    <>
+                    <div class="period">
                       <UsageBar
                         label="Spend"
                         used={Number(u.costUsd || 0)}
@@ -245,7 +260,7 @@ export function KeysPage() {
                         limit={k.limits?.tokenLimit !== undefined ? Number(k.limits.tokenLimit) : undefined}
                         text={k.limits?.tokenLimit !== undefined ? `${int(u.totalTokens)} of ${fmtTokens(k.limits.tokenLimit)}` : fmtTokens(u.totalTokens)}
                       />
-                    </>
+                    </div>
                   ) : (
                     <span class="muted">—</span>
                   )}

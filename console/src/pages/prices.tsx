@@ -3,7 +3,7 @@ import { useId, useState } from "preact/hooks";
 import { api, isAdmin } from "../api.js";
 import { usd } from "../format.js";
 import type { ModelPrice } from "../gen/portcullis/admin/v1/pricing_pb.js";
-import { Confirm, Dialog, Empty, ErrorNote, FormFoot, TableHead, useAction, useLoad } from "../ui.js";
+import { CellLabel, Confirm, Dialog, Empty, ErrorNote, FormFoot, TableHead, useAction, useLoad } from "../ui.js";
 
 export function PricesPage() {
   const id = useId();
@@ -24,16 +24,23 @@ export function PricesPage() {
       <p class="lead">Used to meter cost. Dated variants (gpt-4o-mini-2024-07-18) use the price of the longest name they extend.</p>
       <ErrorNote error={error} />
       <div class="table-wrap">
-        <table>
+        <table class="stack">
           <TableHead cols={["Model", "Input (prompt)", "Output (completion)"]} actions />
           <tbody>
             {prices.map((p) => (
               <tr key={p.model}>
-                <th scope="row" class="mono">
-                  {p.model}
+                <th scope="row">
+                  <CellLabel>Model</CellLabel>
+                  <span class="mono">{p.model}</span>
                 </th>
-                <td>{usd(p.inputUsdPerMillion)} / 1M tokens</td>
-                <td>{usd(p.outputUsdPerMillion)} / 1M tokens</td>
+                <td>
+                  <CellLabel>Input (prompt)</CellLabel>
+                  <span>{usd(p.inputUsdPerMillion)} / 1M tokens</span>
+                </td>
+                <td>
+                  <CellLabel>Output (completion)</CellLabel>
+                  <span>{usd(p.outputUsdPerMillion)} / 1M tokens</span>
+                </td>
                 <td class="row-actions">
                   {isAdmin.value ? (
                     <>
@@ -96,7 +103,7 @@ function PriceDialog(props: { price?: ModelPrice; onClose: () => void; onSaved: 
         <div class="dialog-body">
           <div class="field">
             <label for={`${id}-m`}>Model</label>
-            <input id={`${id}-m`} required readOnly={!!props.price} value={model} placeholder="gpt-4o-mini" onInput={(e) => setModel(e.currentTarget.value)} />
+            <input id={`${id}-m`} required autoFocus={!props.price} readOnly={!!props.price} value={model} placeholder="gpt-4o-mini" onInput={(e) => setModel(e.currentTarget.value)} />
           </div>
           <div class="field">
             <label for={`${id}-i`}>Input, USD per million tokens</label>

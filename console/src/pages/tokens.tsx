@@ -5,7 +5,7 @@ import { api, me } from "../api.js";
 import { zoneName } from "../format.js";
 import { Role, TokenStatus, type AccessToken } from "../gen/portcullis/admin/v1/access_pb.js";
 import { gateways } from "../gateways-store.js";
-import { Confirm, Dialog, DoneFoot, Empty, ErrorNote, FormFoot, SecretOnce, TableHead, Time, useAction, useLoad } from "../ui.js";
+import { CellLabel, Confirm, Dialog, DoneFoot, Empty, ErrorNote, FormFoot, SecretOnce, TableHead, Time, useAction, useLoad } from "../ui.js";
 
 export const ROLE_LABEL: Record<Role, string> = {
   [Role.UNSPECIFIED]: "Unknown",
@@ -36,28 +36,44 @@ export function TokensPage() {
       <p class="lead">Who may use this console and the admin API. Owners manage everything; admins gateways, keys, prices and audit; developers keys and usage of their gateways.</p>
       <ErrorNote error={error} />
       <div class="table-wrap">
-        <table>
+        <table class="stack">
           <TableHead cols={["Name", "Role", "Gateways", "Prefix", "Status", "Created", "Last used", "Expires"]} actions />
           <tbody>
             {(data?.tokens ?? []).map((t) => (
               <tr key={t.id}>
                 <th scope="row">
-                  {t.name}
-                  {t.id === me.value?.id ? <span class="badge info">you</span> : null}
+                  <CellLabel>Name</CellLabel>
+                  <span>
+                    {t.name}
+                    {t.id === me.value?.id ? <span class="badge info">you</span> : null}
+                  </span>
                 </th>
-                <td>{ROLE_LABEL[t.role]}</td>
-                <td>{t.gateways.length ? t.gateways.join(", ") : <span class="muted">all</span>}</td>
-                <td class="mono">{t.prefix}…</td>
                 <td>
+                  <CellLabel>Role</CellLabel>
+                  <span>{ROLE_LABEL[t.role]}</span>
+                </td>
+                <td>
+                  <CellLabel>Gateways</CellLabel>
+                  {t.gateways.length ? <span>{t.gateways.join(", ")}</span> : <span class="muted">all</span>}
+                </td>
+                <td>
+                  <CellLabel>Prefix</CellLabel>
+                  <span class="mono">{t.prefix}…</span>
+                </td>
+                <td>
+                  <CellLabel>Status</CellLabel>
                   <TokenStatusBadge t={t} />
                 </td>
                 <td>
+                  <CellLabel>Created</CellLabel>
                   <Time ts={t.createdAt} dateOnly />
                 </td>
                 <td>
+                  <CellLabel>Last used</CellLabel>
                   <Time ts={t.lastUsedAt} empty="Never" />
                 </td>
                 <td>
+                  <CellLabel>Expires</CellLabel>
                   <Time ts={t.expiresAt} empty="Never" />
                 </td>
                 <td class="row-actions">
@@ -139,7 +155,7 @@ function CreateTokenDialog(props: { onClose: () => void; onCreated: () => void }
             <label for={`${id}-n`}>
               Name <span class="req">(required)</span>
             </label>
-            <input id={`${id}-n`} required autocomplete="off" placeholder="ci-deployer" value={name} onInput={(e) => setName(e.currentTarget.value)} />
+            <input id={`${id}-n`} required autoFocus autocomplete="off" placeholder="ci-deployer" value={name} onInput={(e) => setName(e.currentTarget.value)} />
           </div>
           <div class="field">
             <label for={`${id}-r`}>Role</label>

@@ -172,7 +172,7 @@ pub(crate) async fn update<D: Backend>(pool: &Pool<D>, k: &ApiKey, now: DateTime
         if let Some(old) = ResetPeriod::parse(&before).filter(|old| *old != k.limits.reset_period) {
             let (from, _) = crate::domain::period::bounds(old, now);
             let (to, _) = crate::domain::period::bounds(k.limits.reset_period, now);
-            super::usage::carry(&mut tx, k.id, from, to, k.limits.reset_period, now).await?;
+            super::usage::carry(&mut tx, k.id, from, to, k.limits.reset_period).await?;
         }
         return tx.commit().await.map_err(unavailable);
     }

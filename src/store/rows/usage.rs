@@ -38,18 +38,53 @@ pub(crate) async fn load_latest<D: Backend>(
     Ok(())
 }
 
-/// Ledger rows (totals of every replica's increments) written at or after `since`, for
-/// reconciling the shared counters.
+/// Ledger rows (totals of every replica's increments) written at or after `since` by the
+/// database's clock, for reconciling the shared counters, and that clock when they were
+/// read (the next `since`, less a margin for transactions still running).
 pub(crate) async fn changed_since<D: Backend>(
     pool: &Pool<D>,
     since: DateTime<Utc>,
-) -> Result<Vec<Counters>, StoreError> {
+) -> Result<(Vec<Counters>, DateTime<Utc>), StoreError> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    let now = query(format!("SELECT {} AS now", database_now::<D>()))
+        .fetch_optional(&mut tx)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| StoreError::Corrupt("the database's clock: no row".into()))?;
+    let now = time(&now, "now")?;
     let rows = query("SELECT * FROM key_usage WHERE updated_at >= $1")
         .bind(to_micros(since))
-        .fetch_all(pool)
+        .fetch_all(&mut tx)
         .await
         .map_err(unavailable)?;
-    rows.iter().map(from_row).collect()
+    tx.commit().await.map_err(unavailable)?;
+    Ok((rows.iter().map(from_row).collect::<Result<_, _>>()?, now))
+}
+
+/// A key's usage in the period starting `period_start`, as the ledger holds it (every
+/// replica's increments): what shared counters Redis lost are seeded from.
+pub(crate) async fn of_period<D: Backend>(
+    pool: &Pool<D>,
+    key_id: Uuid,
+    period_start: DateTime<Utc>,
+) -> Result<Option<Counters>, StoreError> {
+    let row = query("SELECT * FROM key_usage WHERE key_id = $1 AND period_start = $2")
+        .bind(key_id.to_string())
+        .bind(to_micros(period_start))
+        .fetch_optional(pool)
+        .await
+        .map_err(unavailable)?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// The database's clock in µs, as SQL: what `key_usage.updated_at` is stamped with, so
+/// reconciliation compares times of one clock, never replicas' clocks with each other.
+fn database_now<D: Backend>() -> &'static str {
+    if D::NAME == "SQLite" {
+        "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)"
+    } else {
+        "CAST(EXTRACT(EPOCH FROM now()) * 1000000 AS BIGINT)"
+    }
 }
 
 /// One ledger row: a key's usage in one period.
@@ -74,23 +109,20 @@ const KEYS_PER_STATEMENT: usize = 500;
 /// Adds usage increments (per key and period: what this replica metered since its last
 /// flush; other replicas add theirs, nobody overwrites a total) and moves last use/denial
 /// forward (never back: replicas flush in any order), in one transaction: two statements
-/// per 500 keys, however many keys changed.
-pub(crate) async fn save<D: Backend>(
-    pool: &Pool<D>,
-    counters: &[Counters],
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
+/// per 500 keys, however many keys changed. Rows are stamped `updated_at` with the
+/// database's clock (`now`, the replica's, is not compared with another replica's).
+pub(crate) async fn save<D: Backend>(pool: &Pool<D>, counters: &[Counters]) -> Result<(), StoreError> {
     let mut tx = pool.begin().await.map_err(unavailable)?;
     for chunk in counters.chunks(KEYS_PER_STATEMENT) {
-        let rows =
-            values::<D>(chunk.len(), &["TEXT", "BIGINT", "TEXT", "BIGINT", "BIGINT", "BIGINT", "BIGINT", "BIGINT"]);
+        let rows = values::<D>(chunk.len(), &["TEXT", "BIGINT", "TEXT", "BIGINT", "BIGINT", "BIGINT", "BIGINT"]);
         let mut totals = query(format!(
             "INSERT INTO key_usage (key_id, period_start, reset_period, requests, prompt_tokens, \
              completion_tokens, cost_micros, updated_at) \
-             SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8 \
+             SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, {} \
              FROM (VALUES {rows}) AS v WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = v.column1) \
              ON CONFLICT (key_id, period_start) DO UPDATE SET reset_period = excluded.reset_period, \
              {}, updated_at = excluded.updated_at",
+            database_now::<D>(),
             increments::<D>("key_usage"),
         ));
         for c in chunk {
@@ -101,8 +133,7 @@ pub(crate) async fn save<D: Backend>(
                 .bind(count_to_store(c.requests))
                 .bind(count_to_store(c.prompt_tokens))
                 .bind(count_to_store(c.completion_tokens))
-                .bind(c.cost_micros.max(0))
-                .bind(to_micros(now));
+                .bind(c.cost_micros.max(0));
         }
         totals.execute(&mut tx).await.map_err(unavailable)?;
         let rows = values::<D>(chunk.len(), &["BIGINT", "BIGINT", "TEXT", "TEXT"]);
@@ -136,7 +167,6 @@ pub(crate) async fn carry<D: Backend>(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     to_period: ResetPeriod,
-    now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     if from == to {
         return Ok(());
@@ -144,15 +174,15 @@ pub(crate) async fn carry<D: Backend>(
     query(format!(
         "INSERT INTO key_usage (key_id, period_start, reset_period, requests, prompt_tokens, \
          completion_tokens, cost_micros, updated_at) \
-         SELECT key_id, $1, $2, requests, prompt_tokens, completion_tokens, cost_micros, $3 \
-         FROM key_usage WHERE key_id = $4 AND period_start = $5 \
+         SELECT key_id, $1, $2, requests, prompt_tokens, completion_tokens, cost_micros, {} \
+         FROM key_usage WHERE key_id = $3 AND period_start = $4 \
          ON CONFLICT (key_id, period_start) DO UPDATE SET reset_period = excluded.reset_period, \
          {}, updated_at = excluded.updated_at",
+        database_now::<D>(),
         increments::<D>("key_usage"),
     ))
     .bind(to_micros(to))
     .bind(to_period.as_str())
-    .bind(to_micros(now))
     .bind(key_id.to_string())
     .bind(to_micros(from))
     .execute(&mut *tx)
