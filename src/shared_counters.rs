@@ -135,15 +135,16 @@ if budgeted then
     h = {ARGV[14], ARGV[15], '0', '0'}
   end
   used_t, used_m, rt, rm = num(h[1]), num(h[2]), num(h[3]), num(h[4])
+  -- A refusal answers the usage too: the replica's last known usage, for the failure mode.
   if token_limit >= 0 and used_t + rt >= token_limit then
-    return {2, used_t < token_limit and 1 or 0, in_window, reset_in()}
+    return {2, used_t < token_limit and 1 or 0, in_window, reset_in(), 0, 0, int(used_t), int(used_m)}
   end
   if cost_limit >= 0 and used_m + rm >= cost_limit then
-    return {3, used_m < cost_limit and 1 or 0, in_window, reset_in()}
+    return {3, used_m < cost_limit and 1 or 0, in_window, reset_in(), 0, 0, int(used_t), int(used_m)}
   end
 end
 if rpm_limit > 0 then
-  if in_window >= rpm_limit then return {1, 0, in_window, reset_in()} end
+  if in_window >= rpm_limit then return {1, 0, in_window, reset_in(), 0, 0, int(used_t), int(used_m)} end
   redis.call('LPUSH', KEYS[1], int(now))
   redis.call('PEXPIRE', KEYS[1], 60000)
   in_window = in_window + 1
@@ -229,6 +230,12 @@ for i, f in ipairs(fields) do
     if f == 'm' then drift[2] = want - have end
   end
 end
+-- The split of a total a replica saw in Redis is not shared (its memory counts it as
+-- completion): raised field by field, prompt and completion may overlap. The total
+-- decides; completion gives up the overlap.
+local h = redis.call('HMGET', KEYS[1], 'pt', 'ct', 't')
+local pt, ct, tt = tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0, tonumber(h[3] or '0') or 0
+if pt + ct > tt then redis.call('HSET', KEYS[1], 'ct', string.format('%d', math.max(tt - pt, 0))) end
 return drift
 "#;
 
@@ -253,6 +260,12 @@ for i, f in ipairs(fields) do
   local have = tonumber(redis.call('HGET', KEYS[1], f) or '0') or 0
   if tonumber(ARGV[i]) > have then redis.call('HSET', KEYS[1], f, ARGV[i]) end
 end
+-- The split of a total a replica saw in Redis is not shared (its memory counts it as
+-- completion): raised field by field, prompt and completion may overlap. The total
+-- decides; completion gives up the overlap.
+local h = redis.call('HMGET', KEYS[1], 'pt', 'ct', 't')
+local pt, ct, tt = tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0, tonumber(h[3] or '0') or 0
+if pt + ct > tt then redis.call('HSET', KEYS[1], 'ct', string.format('%d', math.max(tt - pt, 0))) end
 return 0
 "#;
 
@@ -881,6 +894,19 @@ impl SharedCounters {
             }
         });
         let (_, reset_at) = period::bounds(key.limits.reset_period, now.wall);
+        // What this replica knows of the key's usage, for the failure mode: what Redis
+        // showed, whether it admitted or refused (a budget refused here stays refused
+        // here if Redis goes away).
+        if key.limits.token_limit.is_some() || key.limits.cost_limit_micros.is_some() {
+            self.local.meters.observe_shared(
+                key.id,
+                key.limits.reset_period,
+                start,
+                at(6).max(0) as u64,
+                at(7).max(0),
+                now.wall,
+            );
+        }
         match code {
             0 => {
                 let reservation =
@@ -895,15 +921,6 @@ impl SharedCounters {
                 if key.limits.requests_per_minute.is_some() {
                     self.saw(key.id, at(2).clamp(0, i64::from(u32::MAX)) as u32, now.mono);
                 }
-                // What this replica knows of the key's usage, for the failure mode.
-                self.local.meters.observe_shared(
-                    key.id,
-                    key.limits.reset_period,
-                    start,
-                    at(6).max(0) as u64,
-                    at(7).max(0),
-                    now.wall,
-                );
                 Outcome::Admitted { rpm, reservation }
             }
             1 => {

@@ -445,6 +445,7 @@ async fn lost_counters_are_seeded_from_memory_at_once_and_raised_to_the_ledger()
     })
     .await;
     assert_eq!(shared.status().seeds_pending, 0);
+    // Refused: Redis shows this replica the key's 40 (now in its memory).
     assert!(matches!(f.admit(&k, ask(1, 0)).await, Ok(Outcome::Budget { .. })), "40 used, 100 held");
     f.settle(&k, Some(t), used(0, 10, 0)).await;
     // Redis loses everything of the key; this replica has not written its 10 yet.
@@ -453,7 +454,7 @@ async fn lost_counters_are_seeded_from_memory_at_once_and_raised_to_the_ledger()
         .await
         .expect("the Check answers while the ledger read waits")
         .unwrap();
-    assert_eq!(again.hold.tokens, 90, "memory: its own unwritten 10 (the other replica's 40 never reached it)");
+    assert_eq!(again.hold.tokens, 50, "memory: the 40 Redis showed at the refusal and its own unwritten 10");
     f.ledger.answer(1);
     eventually("raised to the ledger", StdDuration::from_secs(5), || async {
         (shared.status().seeds_pending == 0).then_some(())
@@ -462,10 +463,11 @@ async fn lost_counters_are_seeded_from_memory_at_once_and_raised_to_the_ledger()
     let u = redis_usage(&redis_url(), &k).await;
     assert_eq!(
         (u.requests, u.prompt_tokens + u.completion_tokens, u.reserved_tokens),
-        (3, 50, 90),
-        "the ledger's 40 and this replica's unwritten 10, once: raised, never added to the memory seed"
+        (3, 50, 50),
+        "the ledger's 2 requests and 40 and this replica's unwritten 1 and 10, once: raised, never added to the \
+         memory seed (whose 40 seen in Redis, counted as completion, does not count the ledger's 15 of prompt again)"
     );
-    assert!(matches!(f.admit(&k, ask(1, 0)).await, Ok(Outcome::Budget { .. })), "50 used, 90 held");
+    assert!(matches!(f.admit(&k, ask(1, 0)).await, Ok(Outcome::Budget { .. })), "50 used, 50 held");
 }
 
 /// A key's period the ledger cannot be read for (the database down too) is still decided
@@ -530,6 +532,27 @@ async fn outages_follow_the_failure_mode_and_recover() {
     let u = redis_usage(&r.url(), &k).await;
     assert_eq!((u.completion_tokens, u.reserved_tokens), (100, 1), "{u:?}");
     assert!(matches!(deny.admit(&k, ask(1, 0)).await, Ok(Outcome::Admitted { .. })));
+}
+
+/// A budget Redis refused on a replica stays refused there in `local` mode: the refusal
+/// tells the replica the key's usage (its last known usage), even though the usage was
+/// metered and settled on another replica and this one never admitted the key.
+#[tokio::test]
+async fn a_budget_redis_refused_stays_refused_in_local_mode() {
+    let mut r = PrivateRedis::start().await;
+    let (a, b) = (shared_on(&r.url(), FailureMode::Local), shared_on(&r.url(), FailureMode::Local));
+    let k = key(Limits { token_limit: Some(100), ..Default::default() });
+    let t = a.admitted(&k, ask(100, 0)).await.unwrap();
+    a.settle(&k, Some(t), used(40, 60, 0)).await;
+    let refused = b.admit(&k, ask(1, 0)).await;
+    assert!(matches!(refused, Ok(Outcome::Budget { denial: BudgetDenial::Tokens { .. }, .. })), "{refused:?}");
+    r.down();
+    let alone = b.admit(&k, ask(1, 0)).await;
+    assert_eq!(b.shared.as_ref().unwrap().status().outage_decisions, 1, "decided in the failure mode");
+    assert!(
+        matches!(alone, Ok(Outcome::Budget { denial: BudgetDenial::Tokens { .. }, .. })),
+        "the 100 Redis showed at the refusal, spent: {alone:?}"
+    );
 }
 
 /// Reconciliation raises Redis to the ledger where it is behind (a settle it missed),
