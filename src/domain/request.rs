@@ -14,8 +14,9 @@ pub trait Headers: std::fmt::Debug + Sync {
     /// The value of the header `name` (lowercase).
     fn get(&self, name: &str) -> Option<Cow<'_, str>>;
 
-    /// Whether `f` holds for some header's name and value.
-    fn any(&self, f: &mut dyn FnMut(&str, &str) -> bool) -> bool;
+    /// Whether `f` holds for some header's name and value, as bytes (whatever they are:
+    /// a key among bytes that are not UTF-8 is still there).
+    fn any(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> bool;
 }
 
 impl Headers for HashMap<String, String> {
@@ -23,8 +24,8 @@ impl Headers for HashMap<String, String> {
         HashMap::get(self, name).map(|v| Cow::Borrowed(v.as_str()))
     }
 
-    fn any(&self, f: &mut dyn FnMut(&str, &str) -> bool) -> bool {
-        self.iter().any(|(name, value)| f(name, value))
+    fn any(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> bool {
+        self.iter().any(|(name, value)| f(name.as_bytes(), value.as_bytes()))
     }
 }
 
@@ -134,15 +135,17 @@ fn carried_elsewhere(
     path: &str,
     pair: Option<std::ops::Range<usize>>,
 ) -> bool {
-    let key_header = (gateway.inbound.location == KeyLocation::Header).then_some(gateway.inbound.key_name.as_str());
-    let upstream_header = gateway.upstream.as_ref().map(|u| u.header_name.as_str());
+    let key_header = (gateway.inbound.location == KeyLocation::Header).then_some(gateway.inbound.key_name.as_bytes());
+    let upstream_header = gateway.upstream.as_ref().map(|u| u.header_name.as_bytes());
     let in_headers = headers.any(&mut |name, value| {
         // `:path` is the URL, checked below without the key's own parameter.
-        let skip = name == ":path" || Some(name) == key_header || Some(name) == upstream_header;
+        let skip = name == b":path" || Some(name) == key_header || Some(name) == upstream_header;
         !skip && carries_key(value, key)
     });
-    let carried_in_url =
-        |part: &str| carries_key(part, key) || part.contains('%') && carries_key(&decode_all(part, false).0, key);
+    let carried_in_url = |part: &str| {
+        carries_key(part.as_bytes(), key)
+            || part.contains('%') && carries_key(decode_all(part, false).0.as_bytes(), key)
+    };
     in_headers
         || match pair {
             Some(p) => carried_in_url(&path[..p.start]) || carried_in_url(&path[p.end..]),
@@ -151,15 +154,17 @@ fn carried_elsewhere(
 }
 
 /// Whether `text` holds `key`, or any well-formed key of ours (checksum and all).
-fn carries_key(text: &str, key: &str) -> bool {
+fn carries_key(text: &[u8], key: &str) -> bool {
     const API_KEY_LEN: usize = SecretKind::ApiKey.secret_len();
-    let prefix = SecretKind::ApiKey.prefix();
-    if text.len() >= key.len() && text.contains(key) {
+    let prefix = SecretKind::ApiKey.prefix().as_bytes();
+    if text.len() >= key.len() && memchr::memmem::find(text, key.as_bytes()).is_some() {
         return true;
     }
     text.len() >= API_KEY_LEN
-        && text.match_indices(prefix).any(|(i, _)| {
-            text.get(i..i + API_KEY_LEN).is_some_and(|k| secret::shape(k, SecretKind::ApiKey) == Shape::Valid)
+        && memchr::memmem::find_iter(text, prefix).any(|i| {
+            text.get(i..i + API_KEY_LEN)
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .is_some_and(|k| secret::shape(k, SecretKind::ApiKey) == Shape::Valid)
         })
 }
 
@@ -291,5 +296,44 @@ mod tests {
         let path = "/p?a=1&k=v&b=2";
         let found = query_param(path, "k").unwrap().unwrap();
         assert_eq!(&path[found.pair], "k=v");
+    }
+
+    /// Header lines as bytes, some not UTF-8 (Envoy may send any byte in a value).
+    #[derive(Debug)]
+    struct Raw(Vec<(&'static str, Vec<u8>)>);
+
+    impl Headers for Raw {
+        fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+            self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| String::from_utf8_lossy(v))
+        }
+
+        fn any(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> bool {
+            self.0.iter().any(|(n, v)| f(n.as_bytes(), v))
+        }
+    }
+
+    /// A key in a second header is found among bytes that are not UTF-8, whether it is
+    /// the presented key or any other well-formed key of ours.
+    #[test]
+    fn a_key_among_bytes_that_are_not_text_is_still_seen() {
+        let gateway = Gateway {
+            id: uuid::Uuid::nil(),
+            name: "demo".into(),
+            inbound: super::super::gateway::InboundAuth::new("x-api-key", KeyLocation::Header).unwrap(),
+            upstream: None,
+            default_reservation_tokens: 0,
+            created_at: chrono::DateTime::UNIX_EPOCH,
+        };
+        let key = secret::Secret::generate(SecretKind::ApiKey);
+        let other = secret::Secret::generate(SecretKind::ApiKey);
+        for hidden in [key.expose(), other.expose()] {
+            let mut value = b"\xff\xfe ".to_vec();
+            value.extend_from_slice(hidden.as_bytes());
+            value.extend_from_slice(b" \xc3");
+            let headers = Raw(vec![("x-api-key", key.expose().as_bytes().to_vec()), ("x-note", value)]);
+            assert_eq!(extract_key(&gateway, &headers, "/").err(), Some(InvalidReason::AlsoElsewhere));
+        }
+        let clean = Raw(vec![("x-api-key", key.expose().as_bytes().to_vec()), ("x-note", b"\xff pcs_".to_vec())]);
+        assert_eq!(extract_key(&gateway, &clean, "/").ok().flatten().as_deref(), Some(key.expose()));
     }
 }
