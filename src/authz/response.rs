@@ -154,7 +154,7 @@ fn deny(status: StatusCode, rpc_code: i32, body: String) -> CheckResponse {
 /// the provider key and `accept-encoding: identity` upstream; the requests-per-minute
 /// headers for the client; dynamic metadata `key_id`, `gateway` and, with a budget,
 /// `reservation`. Written straight from the decision: nothing is allocated.
-pub(super) fn write_allow(a: &Admitted, out: &mut dyn Out) {
+pub(super) fn write_allow(a: &Admitted, out: &mut Out) {
     let inbound = &a.gateway.inbound;
     let upstream = a.gateway.upstream.as_ref();
     let rpm = a.rpm.as_ref().map(|rpm| (Text::<10>::of(rpm.limit), Text::<10>::of(rpm.remaining)));
@@ -162,9 +162,9 @@ pub(super) fn write_allow(a: &Admitted, out: &mut dyn Out) {
     let key_id: &str = a.key.id.hyphenated().encode_lower(&mut id);
     let reservation = a.reservation.map(Text::<128>::of);
     // CheckResponse.status: google.rpc.Status with code OK (0), written empty.
-    wire::message(out, 1, &|status| wire::int(status, 1, RPC_OK as u64));
+    wire::message(out, 1, |status| wire::int(status, 1, RPC_OK as u64));
     // CheckResponse.ok_response
-    wire::message(out, 3, &|ok| {
+    wire::message(out, 3, |ok| {
         if let Some(u) = upstream {
             set_header_field(ok, 2, &u.header_name, &u.value);
         }
@@ -184,7 +184,7 @@ pub(super) fn write_allow(a: &Admitted, out: &mut dyn Out) {
         }
     });
     // CheckResponse.dynamic_metadata: a Struct of string Values.
-    wire::message(out, 4, &|md| {
+    wire::message(out, 4, |md| {
         metadata_field(md, "key_id", key_id);
         metadata_field(md, "gateway", &a.gateway.name);
         if let Some(r) = &reservation {
@@ -194,9 +194,9 @@ pub(super) fn write_allow(a: &Admitted, out: &mut dyn Out) {
 }
 
 /// A `HeaderValueOption` field that overwrites (or adds) `key: value`.
-fn set_header_field(out: &mut dyn Out, tag: u32, key: &str, value: &str) {
-    wire::message(out, tag, &|option| {
-        wire::message(option, 1, &|header| {
+fn set_header_field(out: &mut Out, tag: u32, key: &str, value: &str) {
+    wire::message(out, tag, |option| {
+        wire::message(option, 1, |header| {
             wire::string(header, 1, key);
             wire::string(header, 2, value);
         });
@@ -205,10 +205,10 @@ fn set_header_field(out: &mut dyn Out, tag: u32, key: &str, value: &str) {
 }
 
 /// One entry of `Struct.fields`: `name` to a string `Value`.
-fn metadata_field(out: &mut dyn Out, name: &str, value: &str) {
-    wire::message(out, 1, &|entry| {
+fn metadata_field(out: &mut Out, name: &str, value: &str) {
+    wire::message(out, 1, |entry| {
         wire::string(entry, 1, name);
-        wire::message(entry, 2, &|v| wire::string(v, 3, value));
+        wire::message(entry, 2, |v| wire::string(v, 3, value));
     });
 }
 

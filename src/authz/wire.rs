@@ -249,64 +249,36 @@ impl ProcessingInput {
     }
 }
 
-/// A protobuf writer that either counts bytes or writes them, so a message is sized and
-/// written by the same code (a nested message's length comes before its fields).
-pub(super) trait Out {
-    fn put(&mut self, bytes: &[u8]);
-
-    /// The count, when this only counts: a nested message then adds its length without
-    /// going through its fields again.
-    fn count(&mut self) -> Option<&mut usize> {
-        None
-    }
-}
-
-/// Counts what would be written.
-struct Len(usize);
-
-impl Out for Len {
-    fn put(&mut self, bytes: &[u8]) {
-        self.0 += bytes.len();
-    }
-
-    fn count(&mut self) -> Option<&mut usize> {
-        Some(&mut self.0)
-    }
-}
-
-impl<B: prost::bytes::BufMut> Out for B {
-    fn put(&mut self, bytes: &[u8]) {
-        self.put_slice(bytes);
-    }
-}
+/// The protobuf writer of the answers: one pass into a `Vec`. A nested message's length
+/// comes before its fields, so its fields are written first and its length is put in
+/// front of them once known (a few hundred bytes moved, instead of sizing every nested
+/// message before writing it).
+pub(super) type Out = Vec<u8>;
 
 const VARINT: u32 = 0;
 const LENGTH_DELIMITED: u32 = 2;
 
-fn varint(out: &mut dyn Out, mut value: u64) {
-    let (mut bytes, mut n) = ([0u8; 10], 0);
+fn varint(out: &mut Out, mut value: u64) {
     while value >= 0x80 {
-        bytes[n] = (value as u8) | 0x80;
+        out.push((value as u8) | 0x80);
         value >>= 7;
-        n += 1;
     }
-    bytes[n] = value as u8;
-    out.put(&bytes[..=n]);
+    out.push(value as u8);
 }
 
-fn key(out: &mut dyn Out, tag: u32, wire_type: u32) {
+fn key(out: &mut Out, tag: u32, wire_type: u32) {
     varint(out, u64::from(tag << 3 | wire_type));
 }
 
 /// A `string` (or `bytes`) field.
-pub(super) fn string(out: &mut dyn Out, tag: u32, value: &str) {
+pub(super) fn string(out: &mut Out, tag: u32, value: &str) {
     key(out, tag, LENGTH_DELIMITED);
     varint(out, value.len() as u64);
-    out.put(value.as_bytes());
+    out.extend_from_slice(value.as_bytes());
 }
 
 /// An integer or enum field (proto3: zero is not written).
-pub(super) fn int(out: &mut dyn Out, tag: u32, value: u64) {
+pub(super) fn int(out: &mut Out, tag: u32, value: u64) {
     if value != 0 {
         key(out, tag, VARINT);
         varint(out, value);
@@ -314,15 +286,15 @@ pub(super) fn int(out: &mut dyn Out, tag: u32, value: u64) {
 }
 
 /// A message field whose fields `body` writes.
-pub(super) fn message(out: &mut dyn Out, tag: u32, body: &dyn Fn(&mut dyn Out)) {
-    let mut len = Len(0);
-    body(&mut len);
+pub(super) fn message(out: &mut Out, tag: u32, body: impl FnOnce(&mut Out)) {
     key(out, tag, LENGTH_DELIMITED);
-    varint(out, len.0 as u64);
-    match out.count() {
-        Some(count) => *count += len.0,
-        None => body(out),
-    }
+    let start = out.len();
+    body(out);
+    let len = out.len() - start;
+    varint(out, len as u64);
+    // The length, written at the end, moves in front of the fields.
+    let written = out.len() - start - len;
+    out[start..].rotate_right(written);
 }
 
 /// Text formatted on the stack (numbers, ids), for fields of an answer.
@@ -357,6 +329,9 @@ impl<const N: usize> std::fmt::Write for Text<N> {
     }
 }
 
+/// Room for an allowed Check's answer (headers, key id, gateway, reservation).
+const ANSWER_CAPACITY: usize = 512;
+
 /// A `CheckResponse` as sent: an allowed request's is written straight from the decision
 /// by [`super::response`] (no intermediate message, no allocation); denials are built as
 /// messages.
@@ -383,7 +358,11 @@ impl Answer {
 impl prost::Message for Answer {
     fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
         match self {
-            Answer::Allow(a) => super::response::write_allow(a, buf),
+            Answer::Allow(a) => {
+                let mut out = Out::with_capacity(ANSWER_CAPACITY);
+                super::response::write_allow(a, &mut out);
+                buf.put_slice(&out);
+            }
             Answer::Other(r) => r.encode_raw(buf),
         }
     }
@@ -408,9 +387,9 @@ impl prost::Message for Answer {
     fn encoded_len(&self) -> usize {
         match self {
             Answer::Allow(a) => {
-                let mut len = Len(0);
-                super::response::write_allow(a, &mut len);
-                len.0
+                let mut out = Out::with_capacity(ANSWER_CAPACITY);
+                super::response::write_allow(a, &mut out);
+                out.len()
             }
             Answer::Other(r) => r.encoded_len(),
         }
@@ -559,14 +538,18 @@ where
 }
 
 /// A unary gRPC response: the message in one frame, then `grpc-status: 0`.
-fn unary_response(message: &impl prost::Message) -> http::Response<Body> {
-    use prost::bytes::BufMut;
-    let len = message.encoded_len();
-    let mut frame = prost::bytes::BytesMut::with_capacity(5 + len);
-    frame.put_u8(0);
-    frame.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    message.encode_raw(&mut frame);
-    let mut response = http::Response::new(Body::new(UnaryBody { message: Some(frame.freeze()), ended: false }));
+fn unary_response(answer: &Answer) -> http::Response<Body> {
+    // The frame's header (uncompressed, then the length), the length filled in after.
+    let mut frame: Out = Vec::with_capacity(5 + ANSWER_CAPACITY);
+    frame.extend_from_slice(&[0; 5]);
+    match answer {
+        Answer::Allow(a) => super::response::write_allow(a, &mut frame),
+        Answer::Other(r) => prost::Message::encode_raw(r, &mut frame),
+    }
+    let len = u32::try_from(frame.len() - 5).unwrap_or(u32::MAX);
+    frame[1..5].copy_from_slice(&len.to_be_bytes());
+    let message = prost::bytes::Bytes::from(frame);
+    let mut response = http::Response::new(Body::new(UnaryBody { message: Some(message), ended: false }));
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
     response
 }
@@ -765,6 +748,37 @@ mod tests {
         assert_eq!(read.string("envoy.filters.http.ext_authz", "empty"), None);
         assert_eq!(read.string("other", "reservation"), Some("r"));
         assert_eq!(read.string("missing", "key_id"), None);
+    }
+
+    /// Nested messages get their lengths in front, one byte or several, as prost writes them.
+    #[test]
+    fn nested_messages_are_written_as_prost_writes_them() {
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Inner {
+            #[prost(string, tag = "2")]
+            text: String,
+            #[prost(uint64, tag = "3")]
+            number: u64,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Outer {
+            #[prost(message, optional, tag = "1")]
+            inner: Option<Inner>,
+            #[prost(string, tag = "4")]
+            after: String,
+        }
+        use prost::Message;
+        for size in [1, 120, 127, 128, 300, 20_000] {
+            let text = "x".repeat(size);
+            let mut out = Out::new();
+            message(&mut out, 1, |m| {
+                string(m, 2, &text);
+                int(m, 3, 300);
+            });
+            string(&mut out, 4, "end");
+            let expected = Outer { inner: Some(Inner { text: text.clone(), number: 300 }), after: "end".into() };
+            assert_eq!(out, expected.encode_to_vec(), "{size}");
+        }
     }
 
     /// A header that is not UTF-8 (which prost's strings would refuse) reads with
