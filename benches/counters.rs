@@ -99,7 +99,7 @@ async fn latency_c1(svc: &AuthzService, requests: &[Vec<u8>], n: usize) -> (f64,
         let started = Instant::now();
         let req = CheckInput::decode(requests[i % requests.len()].as_slice()).unwrap();
         let resp = svc.decide(&req).await;
-        std::hint::black_box(resp.encode_to_vec());
+        std::hint::black_box(resp.encode());
         took.push(started.elapsed().as_secs_f64() * 1e6);
     }
     let mean = took.iter().sum::<f64>() / n as f64;
@@ -124,7 +124,7 @@ async fn run(svc: Arc<AuthzService>, requests: Arc<Vec<Vec<u8>>>, redis: Option<
                     let req = CheckInput::decode(bytes.as_slice()).unwrap();
                     let resp = svc.decide(&req).await;
                     assert!(resp.is_allow(), "admitted");
-                    std::hint::black_box(resp.encode_to_vec());
+                    std::hint::black_box(resp.encode());
                 }
             });
         }

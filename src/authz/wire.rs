@@ -341,62 +341,32 @@ pub enum Answer {
 }
 
 impl Answer {
+    /// Appends the answer's protobuf encoding to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Answer::Allow(a) => super::response::write_allow(a, out),
+            Answer::Other(r) => prost::Message::encode_raw(r, out),
+        }
+    }
+
+    /// The answer's protobuf encoding (benches, tests).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ANSWER_CAPACITY);
+        self.write(&mut out);
+        out
+    }
+
     /// The answer as Envoy reads it (tests, benches).
     pub fn to_response(&self) -> CheckResponse {
         use prost::Message;
         match self {
             Answer::Other(r) => r.clone(),
-            Answer::Allow(_) => CheckResponse::decode(self.encode_to_vec().as_slice()).unwrap_or_default(),
+            Answer::Allow(_) => CheckResponse::decode(self.encode().as_slice()).unwrap_or_default(),
         }
     }
 
     pub fn is_allow(&self) -> bool {
         matches!(self, Answer::Allow(_))
-    }
-}
-
-impl prost::Message for Answer {
-    fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
-        match self {
-            Answer::Allow(a) => {
-                let mut out = Out::with_capacity(ANSWER_CAPACITY);
-                super::response::write_allow(a, &mut out);
-                buf.put_slice(&out);
-            }
-            Answer::Other(r) => r.encode_raw(buf),
-        }
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl prost::bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        // Answers are only sent; one read back merges as a plain CheckResponse.
-        if let Answer::Allow(_) = self {
-            *self = Answer::Other(CheckResponse::default());
-        }
-        match self {
-            Answer::Other(r) => r.merge_field(tag, wire_type, buf, ctx),
-            Answer::Allow(_) => Ok(()),
-        }
-    }
-
-    fn encoded_len(&self) -> usize {
-        match self {
-            Answer::Allow(a) => {
-                let mut out = Out::with_capacity(ANSWER_CAPACITY);
-                super::response::write_allow(a, &mut out);
-                out.len()
-            }
-            Answer::Other(r) => r.encoded_len(),
-        }
-    }
-
-    fn clear(&mut self) {
-        *self = Answer::Other(CheckResponse::default());
     }
 }
 
@@ -542,10 +512,7 @@ fn unary_response(answer: &Answer) -> http::Response<Body> {
     // The frame's header (uncompressed, then the length), the length filled in after.
     let mut frame: Out = Vec::with_capacity(5 + ANSWER_CAPACITY);
     frame.extend_from_slice(&[0; 5]);
-    match answer {
-        Answer::Allow(a) => super::response::write_allow(a, &mut frame),
-        Answer::Other(r) => prost::Message::encode_raw(r, &mut frame),
-    }
+    answer.write(&mut frame);
     let len = u32::try_from(frame.len() - 5).unwrap_or(u32::MAX);
     frame[1..5].copy_from_slice(&len.to_be_bytes());
     let message = prost::bytes::Bytes::from(frame);
@@ -706,7 +673,6 @@ mod tests {
     #[test]
     fn a_unary_response_is_one_frame_and_an_ok_status() {
         use http_body_util::BodyExt;
-        use prost::Message;
         let answer = Answer::Other(CheckResponse { status: Some(Default::default()), ..Default::default() });
         let response = unary_response(&answer);
         assert_eq!(response.headers()[http::header::CONTENT_TYPE], "application/grpc");
@@ -714,7 +680,7 @@ mod tests {
         let collected = rt.block_on(response.into_body().collect()).expect("body");
         assert_eq!(collected.trailers().map(|t| t["grpc-status"].clone()), Some(http::HeaderValue::from_static("0")));
         let bytes = collected.to_bytes();
-        assert_eq!(&bytes[..], &framed(&answer.encode_to_vec())[..]);
+        assert_eq!(&bytes[..], &framed(&answer.encode())[..]);
     }
 
     /// Metering reads string fields of the ext_authz namespace from Envoy's metadata, as
