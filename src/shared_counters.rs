@@ -85,6 +85,17 @@ const SEED_QUEUE: usize = 1_024;
 /// above it is as good as none).
 const MAX_EXACT: u64 = 1 << 53;
 
+/// A period's usage as the scripts take it: requests, prompt, completion and all tokens,
+/// micro-USD, each within what Lua's numbers hold exactly.
+fn exact_counts(requests: u64, prompt: u64, completion: u64, micros: i64) -> [i64; 5] {
+    let n = |v: u64| v.min(MAX_EXACT) as i64;
+    [n(requests), n(prompt), n(completion), n(prompt.saturating_add(completion)), micros.clamp(0, MAX_EXACT as i64)]
+}
+
+fn exact_counts_of(c: &crate::domain::budget::Counters) -> [i64; 5] {
+    exact_counts(c.requests, c.prompt_tokens, c.completion_tokens, c.cost_micros)
+}
+
 const ADMIT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -734,7 +745,7 @@ impl SharedCounters {
         let id = self.next_id();
         let limit = |l: Option<u64>| l.map_or(-1, |l| l.min(MAX_EXACT) as i64);
         let ttl_ms = self.settings.reservation_ttl.as_millis().min(u128::from(u32::MAX)) as i64;
-        let mut seed: Option<[String; 5]> = None;
+        let mut seed: Option<[i64; 5]> = None;
         // At most twice: the second time with what this replica's memory holds of the
         // period, when its counters are missing (a new period, or Redis lost them). The
         // Check never reads the database: the seeder raises them to the ledger afterwards.
@@ -753,7 +764,7 @@ impl SharedCounters {
                 .arg(start.timestamp_micros());
             match &seed {
                 None => inv.arg("").arg("").arg("").arg("").arg(""),
-                Some(s) => inv.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&s[3]).arg(&s[4]),
+                Some(s) => inv.arg(s[0]).arg(s[1]).arg(s[2]).arg(s[3]).arg(s[4]),
             };
             inv.arg(period_end_ms).arg(BUDGET_GRACE_MS);
             let reply: Vec<i64> = self.call(inv, now.mono).await?;
@@ -780,13 +791,12 @@ impl SharedCounters {
     /// script's seed (requests, prompt, completion and all tokens, micro-USD): its mirror of
     /// the ledger (raised by reconciliation and by what Redis showed at its Checks) with
     /// the usage it metered and has not written yet. Nothing for another period.
-    fn remembered(&self, key: &ApiKey, start: DateTime<Utc>, now: Now) -> [String; 5] {
+    fn remembered(&self, key: &ApiKey, start: DateTime<Utc>, now: Now) -> [i64; 5] {
         let known = self.local.usage_now(key, now).unwrap_or_default();
-        let same = known.period_start == Some(start);
-        let v = |n: u64| if same { n.min(MAX_EXACT).to_string() } else { "0".into() };
-        let total = known.prompt_tokens.saturating_add(known.completion_tokens);
-        let micros = if same { known.cost_micros.clamp(0, MAX_EXACT as i64).to_string() } else { "0".into() };
-        [v(known.requests), v(known.prompt_tokens), v(known.completion_tokens), v(total), micros]
+        if known.period_start != Some(start) {
+            return [0; 5];
+        }
+        exact_counts(known.requests, known.prompt_tokens, known.completion_tokens, known.cost_micros)
     }
 
     /// Asks the seeder, without waiting, to raise a period's counters to the ledger: one
@@ -840,19 +850,12 @@ impl SharedCounters {
                     crate::domain::budget::Counters::empty(request.key_id, request.reset_period, request.period_start)
                 });
                 if let Some(mine) = self.local.meters.pending(request.key_id, request.period_start) {
-                    total.requests = total.requests.saturating_add(mine.requests);
-                    total.prompt_tokens = total.prompt_tokens.saturating_add(mine.prompt_tokens);
-                    total.completion_tokens = total.completion_tokens.saturating_add(mine.completion_tokens);
-                    total.cost_micros = total.cost_micros.saturating_add(mine.cost_micros.max(0));
+                    total.add(&mine);
                 }
                 let keys = Keys::of(request.key_id, request.period_start);
                 let mut inv = self.seed.prepare_invoke();
                 inv.key(keys.budget())
-                    .arg(total.requests.min(MAX_EXACT))
-                    .arg(total.prompt_tokens.min(MAX_EXACT))
-                    .arg(total.completion_tokens.min(MAX_EXACT))
-                    .arg(total.total_tokens().min(MAX_EXACT))
-                    .arg(total.cost_micros.clamp(0, MAX_EXACT as i64))
+                    .arg(&exact_counts_of(&total)[..])
                     .arg(request.period_end_ms)
                     .arg(BUDGET_GRACE_MS);
                 self.call::<i64>(inv, request.now()).await.is_ok()
@@ -1087,12 +1090,7 @@ impl SharedCounters {
             }
             let keys = Keys::of(row.key_id, row.period_start);
             let mut inv = self.raise.prepare_invoke();
-            inv.key(keys.budget())
-                .arg(row.requests.min(MAX_EXACT))
-                .arg(row.prompt_tokens.min(MAX_EXACT))
-                .arg(row.completion_tokens.min(MAX_EXACT))
-                .arg(row.total_tokens().min(MAX_EXACT))
-                .arg(row.cost_micros.clamp(0, MAX_EXACT as i64));
+            inv.key(keys.budget()).arg(&exact_counts_of(row)[..]);
             match self.call::<Vec<i64>>(inv, now.mono).await {
                 Ok(d) => {
                     tokens = tokens.saturating_add(d.first().copied().unwrap_or(0).max(0) as u64);

@@ -92,7 +92,7 @@ impl Counters {
     }
 
     /// Adds another's usage counts (increments of the same key and period).
-    fn add(&mut self, other: &Counters) {
+    pub fn add(&mut self, other: &Counters) {
         self.requests = self.requests.saturating_add(other.requests);
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
