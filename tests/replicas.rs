@@ -556,6 +556,17 @@ async fn every_kind_of_change_is_enforced_by_every_replica_within_a_second() {
         }
     };
     let via = |k: usize| k % n;
+    // Each replica refuses a token's read of gateway `demo` with `code`.
+    let read_refused = |clients: &Arc<Vec<Gateways>>, code: Code| {
+        let clients = Arc::clone(clients);
+        move |i: usize| {
+            let mut gw = clients[i].clone();
+            async move {
+                let r = gw.get_gateway(pb::GetGatewayRequest { name: "demo".into() }).await;
+                r.err().is_some_and(|s| s.code() == code)
+            }
+        }
+    };
 
     // Gateways: created (its Checks stop answering 503 gateway_not_configured), updated
     // (the key header renamed).
@@ -721,14 +732,12 @@ async fn every_kind_of_change_is_enforced_by_every_replica_within_a_second() {
     );
     access_1.revoke_access_token(pb::RevokeAccessTokenRequest { id: made[0].0.clone() }).await.unwrap();
     let t = Instant::now();
-    let clients = Arc::clone(&as_token[0]);
-    enforced_everywhere_within_a_second("management token revoked", t, n, move |i| {
-        let mut gw = clients[i].clone();
-        async move {
-            let r = gw.get_gateway(pb::GetGatewayRequest { name: "demo".into() }).await;
-            r.err().is_some_and(|s| s.code() == Code::Unauthenticated)
-        }
-    })
+    enforced_everywhere_within_a_second(
+        "management token revoked",
+        t,
+        n,
+        read_refused(&as_token[0], Code::Unauthenticated),
+    )
     .await;
     let mut db = sqlx::PgConnection::connect(&set.db_url).await.unwrap();
     sqlx::query("UPDATE access_tokens SET gateways = '[\"other\"]' WHERE CAST(id AS TEXT) = $1")
@@ -737,14 +746,12 @@ async fn every_kind_of_change_is_enforced_by_every_replica_within_a_second() {
         .await
         .unwrap();
     let t = Instant::now();
-    let clients = Arc::clone(&as_token[1]);
-    enforced_everywhere_within_a_second("management token scope narrowed", t, n, move |i| {
-        let mut gw = clients[i].clone();
-        async move {
-            let r = gw.get_gateway(pb::GetGatewayRequest { name: "demo".into() }).await;
-            r.err().is_some_and(|s| s.code() == Code::PermissionDenied)
-        }
-    })
+    enforced_everywhere_within_a_second(
+        "management token scope narrowed",
+        t,
+        n,
+        read_refused(&as_token[1], Code::PermissionDenied),
+    )
     .await;
     drop((db, admins, access, access_1, prices, as_token));
     set.stop().await;
