@@ -1057,7 +1057,8 @@ async fn with_redis_down_deny_mode_answers_503_for_keys_with_limits_only() {
 
 /// One of three replicas killed (SIGKILL) while eight clients send requests through Envoy:
 /// the others keep serving (only requests in flight to the dead one may fail, and none
-/// once Envoy took it out), a key of 60 a minute admits exactly 60 across the kill, and
+/// once Envoy took it out), a key of 60 a minute admits 60 across the kill (less only the
+/// ones in flight to the dead replica, which Redis may have counted), never more, and
 /// the reservation the dead replica made expires after `--reservation-ttl`.
 #[tokio::test]
 async fn a_replica_killed_under_load_leaves_the_others_serving_and_no_key_over_its_limit() {
@@ -1112,7 +1113,11 @@ async fn a_replica_killed_under_load_leaves_the_others_serving_and_no_key_over_i
 
     let limited: Vec<u16> = results.iter().filter(|(l, _)| *l).map(|(_, s)| *s).collect();
     let free: Vec<u16> = results.iter().filter(|(l, _)| !*l).map(|(_, s)| *s).collect();
-    assert_eq!(count(&limited, 200), 60, "exactly the key's 60 a minute across the kill (killed after {at_kill})");
+    // Never over the limit; below it only by requests of the key that were in flight to
+    // the dead replica (Redis may have admitted one whose answer died with the replica).
+    let (admitted, lost) = (count(&limited, 200), count(&limited, 503));
+    assert!(admitted <= 60, "never over the key's 60 a minute across the kill (killed after {at_kill}): {admitted}");
+    assert!(admitted + lost >= 60, "no slot lost but to a request in flight at the kill: {admitted} + {lost}");
     assert!(count(&limited, 429) > 0, "the load went past the limit");
     assert_eq!(count(&free, 200) + count(&free, 503), free.len(), "{free:?}");
     let failed = count(&limited, 503) + count(&free, 503);
