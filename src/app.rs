@@ -22,7 +22,7 @@ use crate::admin::pricing::PricingServiceServer;
 use crate::admin::usage::{UsageApi, UsageServiceServer};
 use crate::admin::{AccessApi, AuditApi};
 use crate::admin::{Admin, AdminAuth, AdminLimits, GatewayApi, KeyApi, MAX_REQUEST_BYTES};
-use crate::authz::{AuthorizationServer, AuthzService, ExternalProcessorServer, MeterService};
+use crate::authz::{self, AuthzService, MeterService, Services};
 use crate::config::{ServeArgs, ServeRole};
 use crate::console::AdminHttp;
 use crate::domain::access::Rate;
@@ -113,13 +113,12 @@ fn serve_authz(
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the authz runtime")?;
     rt.block_on(async {
         let incoming = door.incoming(TcpListener::from_std(listener)?);
-        limits
-            .server()
-            .add_service(health)
-            .add_service(AuthorizationServer::new(AuthzService::new(Arc::clone(&shared))))
-            .add_service(ExternalProcessorServer::new(MeterService::new(Arc::clone(&shared))))
-            .serve_with_incoming_shutdown(incoming, stop)
-            .await?;
+        let services = Services {
+            authz: Arc::new(AuthzService::new(Arc::clone(&shared))),
+            meter: Arc::new(MeterService::new(Arc::clone(&shared))),
+            health,
+        };
+        authz::serve(incoming, limits, services, stop).await;
         // Metering tasks live on this runtime: let them record before it goes away.
         let _ = tokio::time::timeout(drain, shared.metering_recorded()).await;
         Ok(())

@@ -24,7 +24,7 @@ use tonic::server::{Grpc, StreamingService};
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
-use super::wire::{HeaderLines, MetadataInput, Method, Part, ProcessingInput, Server};
+use super::wire::{HeaderLines, MetadataInput, Part, ProcessingInput};
 
 use crate::domain::budget::Ticket;
 use crate::domain::counters::now_or_never;
@@ -310,11 +310,12 @@ impl StreamingService<ProcessingInput> for Process {
     }
 }
 
-impl Method for MeterService {
-    const SERVICE: &'static str = "envoy.service.ext_proc.v3.ExternalProcessor";
-    const PATH: &'static str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
+impl MeterService {
+    /// The method's path.
+    pub const PATH: &'static str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
 
-    fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Body>, Infallible>
+    /// Serves one metering stream with tonic's streaming codec (small buffers).
+    pub(super) fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Body>, Infallible>
     where
         B: RequestBody + Send + 'static,
         B::Error: Into<StdError> + Send + 'static,
@@ -325,9 +326,6 @@ impl Method for MeterService {
         })
     }
 }
-
-/// `envoy.service.ext_proc.v3.ExternalProcessor`.
-pub type ExternalProcessorServer = Server<MeterService>;
 
 /// tonic's protobuf codec with buffers that start small. Its default gives every stream
 /// an 8 KiB buffer each way, though Envoy's messages are a few hundred bytes (the buffers

@@ -2,10 +2,12 @@
 
 mod meter;
 mod response;
+mod serve;
 mod wire;
 
-pub use meter::{ExternalProcessorServer, MeterService};
-pub use wire::{Answer, AuthorizationServer, CheckInput};
+pub use meter::MeterService;
+pub use serve::{Services, serve};
+pub use wire::{Answer, CheckInput};
 
 use std::borrow::Cow;
 use std::collections::HashMap;

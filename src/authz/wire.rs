@@ -13,12 +13,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
-use tonic::body::Body;
 use tonic::codegen::Body as RequestBody;
-use tonic::codegen::{BoxFuture, Service, StdError, http};
-use tonic::server::NamedService;
+use tonic::codegen::{BoxFuture, StdError, http};
 
 use super::AuthzService;
+use super::serve::Reply;
 use crate::domain::check::Admitted;
 
 /// `envoy.service.auth.v3.CheckRequest`, as far as Check reads it.
@@ -370,79 +369,20 @@ impl Answer {
     }
 }
 
-/// A gRPC method Envoy calls, decoded with the messages of this module.
-pub trait Method: Send + Sync + 'static {
-    /// The service's full name.
-    const SERVICE: &'static str;
-    /// The method's path (`/service/method`).
-    const PATH: &'static str;
-
-    /// Answers one call (the path is checked).
-    fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Body>, Infallible>
-    where
-        B: RequestBody + Send + 'static,
-        B::Error: Into<StdError> + Send + 'static;
-}
-
-/// A tonic service for one [`Method`].
-pub struct Server<M> {
-    method: Arc<M>,
-}
-
-impl<M> Server<M> {
-    pub fn new(method: M) -> Self {
-        Server { method: Arc::new(method) }
-    }
-}
-
-impl<M> Clone for Server<M> {
-    fn clone(&self) -> Self {
-        Server { method: Arc::clone(&self.method) }
-    }
-}
-
-impl<M: Method> NamedService for Server<M> {
-    const NAME: &'static str = M::SERVICE;
-}
-
-impl<M: Method, B> Service<http::Request<B>> for Server<M>
-where
-    B: RequestBody + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != M::PATH {
-            return Box::pin(async { Ok(tonic::Status::unimplemented("").into_http()) });
-        }
-        Arc::clone(&self.method).call(request)
-    }
-}
-
-/// `envoy.service.auth.v3.Authorization`.
-pub type AuthorizationServer = Server<AuthzService>;
-
 /// The largest `CheckRequest` read, as tonic's default: Envoy sends at most its
 /// `max_request_bytes` of body and the headers it allows.
 const MAX_CHECK_REQUEST: usize = 4 * 1024 * 1024;
 
-impl Method for AuthzService {
-    const SERVICE: &'static str = "envoy.service.auth.v3.Authorization";
-    const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
+impl AuthzService {
+    /// The method's path.
+    pub const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
 
     /// Check is one message each way, so it is served without tonic's streaming codec:
     /// the request is decoded where h2 received it (no 8 KiB buffer to copy it into) and
     /// the answer is written once, at its size. A denial is a `CheckResponse` with an
     /// HTTP status, never a gRPC error: Envoy would map a gRPC error to `status_on_error`
     /// and lose our body.
-    fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Body>, Infallible>
+    pub(super) fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Reply>, Infallible>
     where
         B: RequestBody + Send + 'static,
         B::Error: Into<StdError> + Send + 'static,
@@ -450,11 +390,11 @@ impl Method for AuthzService {
         Box::pin(async move {
             let input = match unary_message(request.into_body(), MAX_CHECK_REQUEST).await {
                 Ok(message) => <CheckInput as prost::Message>::decode(message),
-                Err(status) => return Ok(status.into_http()),
+                Err(status) => return Ok(status.into_http().map(Reply::Other)),
             };
             Ok(match input {
                 Ok(input) => unary_response(&self.decide(&input).await),
-                Err(e) => tonic::Status::internal(format!("CheckRequest: {e}")).into_http(),
+                Err(e) => tonic::Status::internal(format!("CheckRequest: {e}")).into_http().map(Reply::Other),
             })
         })
     }
@@ -508,7 +448,7 @@ where
 }
 
 /// A unary gRPC response: the message in one frame, then `grpc-status: 0`.
-fn unary_response(answer: &Answer) -> http::Response<Body> {
+fn unary_response(answer: &Answer) -> http::Response<Reply> {
     // The frame's header (uncompressed, then the length), the length filled in after.
     let mut frame: Out = Vec::with_capacity(5 + ANSWER_CAPACITY);
     frame.extend_from_slice(&[0; 5]);
@@ -516,13 +456,13 @@ fn unary_response(answer: &Answer) -> http::Response<Body> {
     let len = u32::try_from(frame.len() - 5).unwrap_or(u32::MAX);
     frame[1..5].copy_from_slice(&len.to_be_bytes());
     let message = prost::bytes::Bytes::from(frame);
-    let mut response = http::Response::new(Body::new(UnaryBody { message: Some(message), ended: false }));
+    let mut response = http::Response::new(Reply::Unary(UnaryBody { message: Some(message), ended: false }));
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
     response
 }
 
 /// The body of [`unary_response`]: one data frame and the trailers.
-struct UnaryBody {
+pub struct UnaryBody {
     message: Option<prost::bytes::Bytes>,
     ended: bool,
 }
