@@ -15,15 +15,14 @@ use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, CommonResponse, HeadersResponse, ProcessingResponse, TrailersResponse,
 };
+use hyper::body::Frame;
 use prost::Message;
-use tokio_stream::Stream;
-use tonic::body::Body;
+use prost::bytes::Bytes;
 use tonic::codegen::Body as RequestBody;
-use tonic::codegen::{BoxFuture, StdError, http};
-use tonic::server::{Grpc, StreamingService};
-use tonic::{Status, Streaming};
+use tonic::codegen::{StdError, http};
 use uuid::Uuid;
 
+use super::grpc::{self, Messages};
 use super::wire::{HeaderLines, MetadataInput, Part, ProcessingInput};
 
 use crate::domain::budget::Ticket;
@@ -223,134 +222,127 @@ fn record(exchange: Exchange, shared: &Arc<Shared>) {
     }
 }
 
-/// One response's metering stream: reads Envoy's messages as they come (answering each
-/// in blocking mode, nothing in observability mode) and records the exchange when the
-/// stream ends, or when it is dropped (Envoy resetting it, the runtime shutting down).
-pub struct MeterStream {
-    inbound: Streaming<ProcessingInput>,
+/// One response's metering stream, as the body of the call's response: reads Envoy's
+/// messages as they come (answering each in blocking mode, nothing in observability
+/// mode), records the exchange when the stream ends, or when it is dropped (Envoy
+/// resetting it, the runtime shutting down), and then ends with `grpc-status: 0`.
+pub struct MeterStream<B> {
+    inbound: Messages<B>,
     exchange: Option<Exchange>,
     shared: Arc<Shared>,
     /// An attach to the shared counters that must finish before reading on.
     attaching: Option<Attaching>,
     /// A reply held while attaching.
-    reply: Option<ProcessingResponse>,
+    reply: Option<Bytes>,
+    /// The trailers have been sent.
+    ended: bool,
     /// Counts the stream as in flight until it has recorded (graceful shutdown waits).
     _guard: MeteringGuard,
 }
 
-impl MeterStream {
-    fn end(&mut self) -> Poll<Option<Result<ProcessingResponse, Status>>> {
+impl<B> MeterStream<B> {
+    fn record(&mut self) {
         if let Some(exchange) = self.exchange.take() {
             record(exchange, &self.shared);
         }
-        Poll::Ready(None)
     }
 }
 
-impl Drop for MeterStream {
+impl<B> Drop for MeterStream<B> {
     fn drop(&mut self) {
-        if let Some(exchange) = self.exchange.take() {
-            record(exchange, &self.shared);
-        }
+        self.record();
     }
 }
 
-impl Stream for MeterStream {
-    type Item = Result<ProcessingResponse, Status>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
+impl<B> MeterStream<B>
+where
+    B: RequestBody<Data = Bytes> + Unpin,
+    B::Error: Into<StdError>,
+{
+    /// The next reply to send; `None` once the exchange is recorded.
+    fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         loop {
-            if let Some(attaching) = this.attaching.as_mut() {
+            if let Some(attaching) = self.attaching.as_mut() {
                 ready!(attaching.as_mut().poll(cx));
-                this.attaching = None;
+                self.attaching = None;
             }
-            if let Some(reply) = this.reply.take() {
-                return Poll::Ready(Some(Ok(reply)));
+            if let Some(reply) = self.reply.take() {
+                return Poll::Ready(Some(reply));
             }
-            let Some(exchange) = this.exchange.as_mut() else { return Poll::Ready(None) };
+            let Some(exchange) = self.exchange.as_mut() else { return Poll::Ready(None) };
             if exchange.done {
-                return this.end();
+                self.record();
+                return Poll::Ready(None);
             }
-            // Envoy closing the stream early (a cut response) ends it too.
-            let Some(Ok(m)) = ready!(Pin::new(&mut this.inbound).poll_next(cx)) else { return this.end() };
+            // Envoy closing the stream early (a cut response), or a message that cannot be
+            // read, ends it too.
+            let message = ready!(self.inbound.poll_message(cx));
+            let Some(m) = message.and_then(|m| m.ok()).and_then(|m| ProcessingInput::decode(m).ok()) else {
+                self.record();
+                return Poll::Ready(None);
+            };
             // In observability mode Envoy ignores replies; otherwise it waits for each.
             let observe_only = m.observability_mode;
             let reply = exchange.on_message(m);
-            this.attaching = exchange.attach(&this.shared);
+            self.attaching = exchange.attach(&self.shared);
             if !observe_only {
-                this.reply = Some(ProcessingResponse { response: Some(reply), ..Default::default() });
+                let reply = ProcessingResponse { response: Some(reply), ..Default::default() };
+                self.reply = Some(grpc::frame(reply.encoded_len(), |out| reply.encode_raw(out)));
             }
         }
     }
 }
 
-impl MeterService {
-    fn stream(&self, inbound: Streaming<ProcessingInput>) -> MeterStream {
-        MeterStream {
-            inbound,
-            exchange: Some(Exchange::default()),
-            shared: Arc::clone(&self.shared),
-            attaching: None,
-            reply: None,
-            _guard: self.shared.metering_started(),
+impl<B> RequestBody for MeterStream<B>
+where
+    B: RequestBody<Data = Bytes> + Unpin,
+    B::Error: Into<StdError>,
+{
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
         }
+        Poll::Ready(Some(Ok(match ready!(this.poll_reply(cx)) {
+            Some(reply) => Frame::data(reply),
+            None => {
+                this.ended = true;
+                grpc::ok_trailers()
+            }
+        })))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
     }
 }
 
-struct Process(Arc<MeterService>);
-
-impl StreamingService<ProcessingInput> for Process {
-    type Response = ProcessingResponse;
-    type ResponseStream = MeterStream;
-    type Future = std::future::Ready<Result<tonic::Response<MeterStream>, Status>>;
-
-    fn call(&mut self, request: tonic::Request<Streaming<ProcessingInput>>) -> Self::Future {
-        std::future::ready(Ok(tonic::Response::new(self.0.stream(request.into_inner()))))
-    }
-}
+/// The largest message read from Envoy (as tonic's default): a body chunk in
+/// `STREAMED` mode is bounded by Envoy's buffer, a `BUFFERED` body by the route's.
+const MAX_PROCESSING_REQUEST: usize = 4 * 1024 * 1024;
 
 impl MeterService {
     /// The method's path.
     pub const PATH: &'static str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
 
-    /// Serves one metering stream with tonic's streaming codec (small buffers).
-    pub(super) fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Body>, Infallible>
+    /// One metering stream: the response is the stream itself (see [`MeterStream`]).
+    pub(super) fn call<B>(&self, request: http::Request<B>) -> http::Response<MeterStream<B>>
     where
-        B: RequestBody + Send + 'static,
-        B::Error: Into<StdError> + Send + 'static,
+        B: RequestBody<Data = Bytes> + Unpin,
+        B::Error: Into<StdError>,
     {
-        Box::pin(async move {
-            let mut grpc = Grpc::new(SmallBuffers);
-            Ok(grpc.streaming(Process(self), request).await)
+        grpc::response(MeterStream {
+            inbound: Messages::new(request.into_body(), MAX_PROCESSING_REQUEST),
+            exchange: Some(Exchange::default()),
+            shared: Arc::clone(&self.shared),
+            attaching: None,
+            reply: None,
+            ended: false,
+            _guard: self.shared.metering_started(),
         })
-    }
-}
-
-/// tonic's protobuf codec with buffers that start small. Its default gives every stream
-/// an 8 KiB buffer each way, though Envoy's messages are a few hundred bytes (the buffers
-/// grow for larger body chunks); one of those a response made glibc's malloc consolidate
-/// its free lists on every metered response.
-#[derive(Debug, Clone, Copy, Default)]
-struct SmallBuffers;
-
-/// Where the buffers start; under glibc's 1 KiB threshold for large requests.
-const STREAM_BUFFER: usize = 512;
-/// tonic's default: a stream yields to the runtime after encoding this much.
-const YIELD_THRESHOLD: usize = 32 * 1024;
-
-impl tonic::codec::Codec for SmallBuffers {
-    type Encode = ProcessingResponse;
-    type Decode = ProcessingInput;
-    type Encoder = tonic_prost::ProstEncoder<ProcessingResponse>;
-    type Decoder = tonic_prost::ProstDecoder<ProcessingInput>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD))
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD))
     }
 }
 

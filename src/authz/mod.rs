@@ -1,5 +1,6 @@
 //! Envoy-facing: the ext_authz `Check`.
 
+mod grpc;
 mod meter;
 mod response;
 mod serve;

@@ -22,7 +22,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, http};
 
-use super::wire::UnaryBody;
+use super::grpc::UnaryBody;
+use super::meter::MeterStream;
 use super::{AuthzService, MeterService};
 use crate::listen::Limits;
 
@@ -56,15 +57,18 @@ where
         if path == AuthzService::PATH {
             return Arc::clone(&self.authz).call(request);
         }
-        let other = if path == MeterService::PATH {
-            Arc::clone(&self.meter).call(request)
-        } else if path.starts_with(HEALTH) {
+        if path == MeterService::PATH {
+            return Box::pin(std::future::ready(Ok(self
+                .meter
+                .call(request)
+                .map(|stream| Reply::Meter(Box::new(stream))))));
+        }
+        if path.starts_with(HEALTH) {
             // tonic's generated services are always ready.
-            Box::pin(self.health.clone().call(request))
-        } else {
-            return Box::pin(std::future::ready(Ok(tonic_reply(Ok(tonic::Status::unimplemented("").into_http())))));
-        };
-        Box::pin(async move { Ok(tonic_reply(other.await)) })
+            let health = self.health.clone().call(request);
+            return Box::pin(async move { Ok(tonic_reply(health.await)) });
+        }
+        Box::pin(std::future::ready(Ok(tonic_reply(Ok(tonic::Status::unimplemented("").into_http())))))
     }
 }
 
@@ -76,10 +80,12 @@ fn tonic_reply(response: Result<http::Response<Body>, Infallible>) -> http::Resp
     }
 }
 
-/// A response body: a Check's answer (one frame, then `grpc-status`), or any other
-/// method's tonic body.
+/// A response body: a Check's answer (one frame, then `grpc-status`), a metering
+/// stream, or the health service's tonic body.
 pub enum Reply {
     Unary(UnaryBody),
+    /// Boxed: a stream's state is ~600 bytes, an answer's 40.
+    Meter(Box<MeterStream<Incoming>>),
     Other(Body),
 }
 
@@ -90,6 +96,7 @@ impl hyper::body::Body for Reply {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.get_mut() {
             Reply::Unary(b) => hyper::body::Body::poll_frame(Pin::new(b), cx).map_err(|never| match never {}),
+            Reply::Meter(b) => hyper::body::Body::poll_frame(Pin::new(b.as_mut()), cx).map_err(|never| match never {}),
             Reply::Other(b) => hyper::body::Body::poll_frame(Pin::new(b), cx),
         }
     }
@@ -97,6 +104,7 @@ impl hyper::body::Body for Reply {
     fn is_end_stream(&self) -> bool {
         match self {
             Reply::Unary(b) => b.is_end_stream(),
+            Reply::Meter(b) => b.is_end_stream(),
             Reply::Other(b) => b.is_end_stream(),
         }
     }
@@ -104,6 +112,7 @@ impl hyper::body::Body for Reply {
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
             Reply::Unary(b) => b.size_hint(),
+            Reply::Meter(b) => b.size_hint(),
             Reply::Other(b) => b.size_hint(),
         }
     }

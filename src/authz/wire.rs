@@ -10,13 +10,13 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use tonic::codegen::Body as RequestBody;
 use tonic::codegen::{BoxFuture, StdError, http};
 
 use super::AuthzService;
+use super::grpc::{self, UnaryBody};
 use super::serve::Reply;
 use crate::domain::check::Admitted;
 
@@ -384,11 +384,11 @@ impl AuthzService {
     /// and lose our body.
     pub(super) fn call<B>(self: Arc<Self>, request: http::Request<B>) -> BoxFuture<http::Response<Reply>, Infallible>
     where
-        B: RequestBody + Send + 'static,
+        B: RequestBody<Data = prost::bytes::Bytes> + Unpin + Send + 'static,
         B::Error: Into<StdError> + Send + 'static,
     {
         Box::pin(async move {
-            let input = match unary_message(request.into_body(), MAX_CHECK_REQUEST).await {
+            let input = match grpc::unary_message(request.into_body(), MAX_CHECK_REQUEST).await {
                 Ok(message) => <CheckInput as prost::Message>::decode(message),
                 Err(status) => return Ok(status.into_http().map(Reply::Other)),
             };
@@ -400,96 +400,9 @@ impl AuthzService {
     }
 }
 
-/// The one message of a unary gRPC request: its length-prefixed frame read whole
-/// (shared with what h2 received when it came in one piece).
-async fn unary_message<B>(body: B, limit: usize) -> Result<prost::bytes::Bytes, tonic::Status>
-where
-    B: RequestBody,
-    B::Error: Into<StdError>,
-{
-    use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
-    let mut body = std::pin::pin!(body);
-    let (mut first, mut rest): (Option<Bytes>, Option<BytesMut>) = (None, None);
-    let mut len = 0usize;
-    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        let frame = frame.map_err(|e| tonic::Status::internal(format!("reading the request: {}", e.into())))?;
-        let Ok(mut data) = frame.into_data() else { continue };
-        len += data.remaining();
-        if len > limit.saturating_add(5) {
-            return Err(tonic::Status::resource_exhausted(format!("the message is larger than {limit} bytes")));
-        }
-        match (&mut first, &mut rest) {
-            (None, _) => first = Some(data.copy_to_bytes(data.remaining())),
-            (Some(head), None) => {
-                let mut joined = BytesMut::with_capacity(len);
-                BufMut::put(&mut joined, std::mem::take(head));
-                BufMut::put(&mut joined, data);
-                rest = Some(joined);
-            }
-            (Some(_), Some(joined)) => BufMut::put(joined, data),
-        }
-    }
-    let mut frame = match rest {
-        Some(joined) => joined.freeze(),
-        None => first.unwrap_or_default(),
-    };
-    if frame.len() < 5 {
-        return Err(tonic::Status::internal("the request holds no gRPC message"));
-    }
-    if frame[0] != 0 {
-        return Err(tonic::Status::unimplemented("compressed messages are not accepted"));
-    }
-    let declared = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
-    if frame.len() != 5 + declared {
-        return Err(tonic::Status::internal("the request is not exactly one gRPC message"));
-    }
-    frame.advance(5);
-    Ok(frame)
-}
-
-/// A unary gRPC response: the message in one frame, then `grpc-status: 0`.
+/// A unary gRPC response: the answer in one frame, then `grpc-status: 0`.
 fn unary_response(answer: &Answer) -> http::Response<Reply> {
-    // The frame's header (uncompressed, then the length), the length filled in after.
-    let mut frame: Out = Vec::with_capacity(5 + ANSWER_CAPACITY);
-    frame.extend_from_slice(&[0; 5]);
-    answer.write(&mut frame);
-    let len = u32::try_from(frame.len() - 5).unwrap_or(u32::MAX);
-    frame[1..5].copy_from_slice(&len.to_be_bytes());
-    let message = prost::bytes::Bytes::from(frame);
-    let mut response = http::Response::new(Reply::Unary(UnaryBody { message: Some(message), ended: false }));
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
-    response
-}
-
-/// The body of [`unary_response`]: one data frame and the trailers.
-pub struct UnaryBody {
-    message: Option<prost::bytes::Bytes>,
-    ended: bool,
-}
-
-impl RequestBody for UnaryBody {
-    type Data = prost::bytes::Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        if let Some(message) = self.message.take() {
-            return Poll::Ready(Some(Ok(hyper::body::Frame::data(message))));
-        }
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        self.ended = true;
-        let mut trailers = http::HeaderMap::with_capacity(1);
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended
-    }
+    grpc::response(Reply::Unary(UnaryBody::new(grpc::frame(ANSWER_CAPACITY, |out| answer.write(out)))))
 }
 
 #[cfg(test)]
@@ -572,43 +485,6 @@ mod tests {
         assert_eq!(CheckInput::of(&CheckRequest::default()), CheckInput::default());
     }
 
-    /// The body of a request as h2 hands it over, in these pieces.
-    fn body(pieces: &[&[u8]]) -> impl RequestBody<Data = prost::bytes::Bytes, Error = Infallible> + Send + 'static {
-        let frames: Vec<Result<hyper::body::Frame<prost::bytes::Bytes>, Infallible>> =
-            pieces.iter().map(|p| Ok(hyper::body::Frame::data(prost::bytes::Bytes::copy_from_slice(p)))).collect();
-        http_body_util::StreamBody::new(tokio_stream::iter(frames))
-    }
-
-    fn framed(message: &[u8]) -> Vec<u8> {
-        let mut out = vec![0u8];
-        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        out.extend_from_slice(message);
-        out
-    }
-
-    fn read(pieces: &[&[u8]], limit: usize) -> Result<Vec<u8>, tonic::Code> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-        rt.block_on(unary_message(body(pieces), limit)).map(|m| m.to_vec()).map_err(|s| s.code())
-    }
-
-    /// A Check's one message is read whole however h2 split it, and anything that is not
-    /// exactly one uncompressed message within the limit is refused (Envoy then denies).
-    #[test]
-    fn a_unary_request_is_exactly_one_message() {
-        let whole = framed(b"hello");
-        assert_eq!(read(&[&whole], 64), Ok(b"hello".to_vec()));
-        assert_eq!(read(&[&whole[..2], &whole[2..6], &whole[6..]], 64), Ok(b"hello".to_vec()), "split");
-        assert_eq!(read(&[&framed(b"")], 64), Ok(vec![]), "an empty message");
-        assert_eq!(read(&[], 64), Err(tonic::Code::Internal), "no message");
-        assert_eq!(read(&[&whole[..7]], 64), Err(tonic::Code::Internal), "cut short");
-        let two = [framed(b"a"), framed(b"b")].concat();
-        assert_eq!(read(&[&two], 64), Err(tonic::Code::Internal), "two messages");
-        let mut compressed = whole.clone();
-        compressed[0] = 1;
-        assert_eq!(read(&[&compressed], 64), Err(tonic::Code::Unimplemented));
-        assert_eq!(read(&[&whole[..3], &whole[3..]], 4), Err(tonic::Code::ResourceExhausted), "over the limit");
-    }
-
     /// The answer goes out as one gRPC frame of the message, then `grpc-status: 0`.
     #[test]
     fn a_unary_response_is_one_frame_and_an_ok_status() {
@@ -620,7 +496,7 @@ mod tests {
         let collected = rt.block_on(response.into_body().collect()).expect("body");
         assert_eq!(collected.trailers().map(|t| t["grpc-status"].clone()), Some(http::HeaderValue::from_static("0")));
         let bytes = collected.to_bytes();
-        assert_eq!(&bytes[..], &framed(&answer.encode())[..]);
+        assert_eq!(&bytes[..], &crate::authz::grpc::tests::framed(&answer.encode())[..]);
     }
 
     /// Metering reads string fields of the ext_authz namespace from Envoy's metadata, as
