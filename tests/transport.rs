@@ -391,3 +391,18 @@ async fn metrics_labels_from_responses_are_escaped_and_bounded() {
         "{unpriced:#?}"
     );
 }
+
+/// The authz listener serves Check, Process and health, nothing else: an admin call sent to
+/// it by mistake (a CLI pointed at the wrong port) is answered `UNIMPLEMENTED` at once, and
+/// the same connection goes on answering health checks.
+#[tokio::test]
+async fn the_authz_listener_answers_other_methods_unimplemented() {
+    let server = TestServer::start().await;
+    let url = format!("http://127.0.0.1:{}", server.authz_port());
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let mut gateways = pb::gateway_service_client::GatewayServiceClient::new(channel.clone());
+    let refused = gateways.list_gateways(pb::ListGatewaysRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    let health = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(health.into_inner().status, 1, "SERVING");
+}
