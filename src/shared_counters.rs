@@ -225,11 +225,12 @@ if not h[1] then return {n} end
 return {n, h[1], h[2], h[3], h[4], h[5], h[6]}
 "#;
 
-/// Raises a period's counters to the ledger's totals where they are behind (never lowers
-/// them: Redis is ahead by what was not flushed yet); returns how far behind tokens and
-/// micro-USD were. Counters that are missing stay missing: the next Check seeds them.
-const RAISE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+/// Raises the counters in KEYS[1] to ARGV 1-5 (requests, prompt, completion, total tokens,
+/// micro-USD) where they are behind, never lowering them; `drift` holds how far behind
+/// tokens and micro-USD were. The part of [`RAISE`] and [`SEED`] that is the same.
+macro_rules! raise_fields {
+    () => {
+        r#"
 local fields = {'req', 'pt', 'ct', 't', 'm'}
 local drift = {0, 0}
 for i, f in ipairs(fields) do
@@ -247,8 +248,15 @@ end
 local h = redis.call('HMGET', KEYS[1], 'pt', 'ct', 't')
 local pt, ct, tt = tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0, tonumber(h[3] or '0') or 0
 if pt + ct > tt then redis.call('HSET', KEYS[1], 'ct', string.format('%d', math.max(tt - pt, 0))) end
-return drift
-"#;
+"#
+    };
+}
+
+/// Raises a period's counters to the ledger's totals where they are behind (never lowers
+/// them: Redis is ahead by what was not flushed yet); returns how far behind tokens and
+/// micro-USD were. Counters that are missing stay missing: the next Check seeds them.
+const RAISE: &str =
+    concat!("if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end\n", raise_fields!(), "return drift\n");
 
 /// Raises a period's counters to the ledger: the ledger's totals plus what the seeder's
 /// replica metered and did not write yet (ARGV 1-5). Present (a Check seeded them from
@@ -256,10 +264,10 @@ return drift
 /// added to; absent (the Check's seed did not get through), they are set, expiring after
 /// the period (ARGV 6, by the replica's calendar, never before Redis's now) and a grace
 /// (ARGV 7). Returns 1 when it created them.
-const SEED: &str = r#"
+const SEED: &str = concat!(
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local fields = {'req', 'pt', 'ct', 't', 'm'}
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'req', ARGV[1], 'pt', ARGV[2], 'ct', ARGV[3], 't', ARGV[4], 'm', ARGV[5], 'rt', '0', 'rm', '0')
   if tonumber(ARGV[6]) > 0 then
@@ -267,18 +275,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   end
   return 1
 end
-for i, f in ipairs(fields) do
-  local have = tonumber(redis.call('HGET', KEYS[1], f) or '0') or 0
-  if tonumber(ARGV[i]) > have then redis.call('HSET', KEYS[1], f, ARGV[i]) end
-end
--- The split of a total a replica saw in Redis is not shared (its memory counts it as
--- completion): raised field by field, prompt and completion may overlap. The total
--- decides; completion gives up the overlap.
-local h = redis.call('HMGET', KEYS[1], 'pt', 'ct', 't')
-local pt, ct, tt = tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0, tonumber(h[3] or '0') or 0
-if pt + ct > tt then redis.call('HSET', KEYS[1], 'ct', string.format('%d', math.max(tt - pt, 0))) end
-return 0
-"#;
+"#,
+    raise_fields!(),
+    "return 0\n"
+);
 
 /// Records admissions a replica decided alone while Redis was unreachable into a key's
 /// window: ARGV are their ages (ms) when sent, so they land at Redis's now minus their
