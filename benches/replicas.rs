@@ -37,7 +37,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 async fn measure(n: usize) -> (f64, f64) {
     let (url, name) = fresh_db().await;
-    let mut set = Replicas::start_on_with(
+    let mut set = Replicas::start_on(
         n,
         &url,
         &name,

@@ -863,7 +863,8 @@ async fn summed(set: &Replicas, name: &str) -> f64 {
 async fn with_postgres_unreachable_checks_go_on_admin_is_unavailable_and_usage_is_written_afterwards() {
     let (url, name) = fresh_db().await;
     let forwarder = Forwarder::start("127.0.0.1:5432").await;
-    let mut set = Replicas::start_on(2, &forwarder.url_for(&url), &name, &redis_url(), &[], Routing::Balanced).await;
+    let mut set =
+        Replicas::start_on(2, &forwarder.url_for(&url), &name, &redis_url(), &[], Routing::Balanced, |c| c).await;
     let made = keys_everywhere(&mut set, &[tokens(1_000)]).await;
     let (id, secret) = made[0].clone();
     let h = [("x-api-key", secret.as_str())];
@@ -941,7 +942,7 @@ async fn on_a_private_redis(mode: &str) -> (Replicas, (String, String), (String,
     let redis = PrivateRedis::start().await;
     let (url, name) = fresh_db().await;
     let env = [("PORTCULLIS_COUNTER_FAILURE_MODE", mode)];
-    let mut set = Replicas::start_on(2, &url, &name, &redis.url(), &env, Routing::Balanced).await;
+    let mut set = Replicas::start_on(2, &url, &name, &redis.url(), &env, Routing::Balanced, |c| c).await;
     let made = keys_everywhere(&mut set, &[tokens(100), rpm(4)]).await;
     let (budget_id, budget) = made[0].clone();
     let h = [("x-api-key", budget.as_str())];
@@ -969,19 +970,15 @@ async fn on_a_private_redis(mode: &str) -> (Replicas, (String, String), (String,
 #[tokio::test]
 async fn with_redis_down_local_mode_keeps_deciding_and_an_empty_redis_is_rebuilt_from_the_ledger() {
     let (set, (_, budget), (_, per_minute), unlimited, mut redis) = on_a_private_redis("local").await;
-    let send = |secret: &String| {
-        let (port, secret) = (set.envoy.port, secret.clone());
-        async move { post(port, &secret).await }
-    };
     redis.down();
     for _ in 0..4 {
-        assert_eq!(send(&unlimited).await.status, 200, "a key without limits never touches Redis");
-        let r = send(&budget).await;
+        assert_eq!(post(set.envoy.port, &unlimited).await.status, 200, "a key without limits never touches Redis");
+        let r = post(set.envoy.port, &budget).await;
         assert_eq!((r.status, r.json()["error"]["code"].clone()), (429, "token_limit_exceeded".into()), "spent before");
     }
     let mut during = Vec::new();
     for _ in 0..8 {
-        during.push(send(&per_minute).await.status);
+        during.push(post(set.envoy.port, &per_minute).await.status);
     }
     let admitted_during = count(&during, 200);
     assert_eq!(admitted_during + count(&during, 429), 8, "decided, not failed: {during:?}");
@@ -1019,15 +1016,11 @@ async fn with_redis_down_local_mode_keeps_deciding_and_an_empty_redis_is_rebuilt
 #[tokio::test]
 async fn with_redis_down_deny_mode_answers_503_for_keys_with_limits_only() {
     let (set, (budget_id, budget), (_, per_minute), unlimited, mut redis) = on_a_private_redis("deny").await;
-    let send = |secret: &String| {
-        let (port, secret) = (set.envoy.port, secret.clone());
-        async move { post(port, &secret).await }
-    };
     redis.down();
     for _ in 0..4 {
-        assert_eq!(send(&unlimited).await.status, 200, "a key without limits never touches Redis");
+        assert_eq!(post(set.envoy.port, &unlimited).await.status, 200, "a key without limits never touches Redis");
         for secret in [&per_minute, &budget] {
-            let r = send(secret).await;
+            let r = post(set.envoy.port, secret).await;
             assert_eq!(
                 (r.status, r.json()["error"]["code"].clone()),
                 (503, "service_unavailable".into()),
@@ -1038,7 +1031,7 @@ async fn with_redis_down_deny_mode_answers_503_for_keys_with_limits_only() {
     }
     redis.up().await;
     every_replica_reports(&set, "portcullis_counter_store_up", 1.0).await;
-    assert_eq!(send(&per_minute).await.status, 200);
+    assert_eq!(post(set.envoy.port, &per_minute).await.status, 200);
     for r in &set.replicas {
         let a = r.prober().await.key("demo", &budget).await;
         assert_eq!((a.status, a.code().as_str()), (429, "token_limit_exceeded"), "the budget spent before");

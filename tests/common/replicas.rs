@@ -246,23 +246,12 @@ impl Replicas {
     /// `n` replicas on a fresh database and the test Redis, with `env` set on each.
     pub async fn start(n: usize, env: &[(&str, &str)], routing: Routing) -> Replicas {
         let (url, name) = fresh_db().await;
-        Self::start_on(n, &url, &name, &redis_url(), env, routing).await
+        Self::start_on(n, &url, &name, &redis_url(), env, routing, |c| c).await
     }
 
-    /// `n` replicas on `db_url` (database `db_name`, dropped by `stop`) and `redis`.
+    /// `n` replicas on `db_url` (database `db_name`, dropped by `stop`) and `redis`, with
+    /// Envoy's config changed by `edit`.
     pub async fn start_on(
-        n: usize,
-        db_url: &str,
-        db_name: &str,
-        redis: &str,
-        env: &[(&str, &str)],
-        routing: Routing,
-    ) -> Replicas {
-        Self::start_on_with(n, db_url, db_name, redis, env, routing, |c| c).await
-    }
-
-    /// The same, with Envoy's config further changed by `edit`.
-    pub async fn start_on_with(
         n: usize,
         db_url: &str,
         db_name: &str,
