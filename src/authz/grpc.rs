@@ -153,38 +153,49 @@ pub fn response<T>(body: T) -> http::Response<T> {
     response
 }
 
-/// The trailers of a call that succeeded.
-pub fn ok_trailers() -> Frame<Bytes> {
-    let mut trailers = http::HeaderMap::with_capacity(1);
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    Frame::trailers(trailers)
+/// The messages a call answers with, each framed, in order: `None` once there are no
+/// more (the call succeeded).
+pub trait Replies: Unpin {
+    fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>>;
 }
 
-/// A unary call's response body: one message, then the trailers.
-pub struct UnaryBody {
-    message: Option<Bytes>,
-    ended: bool,
-}
-
-impl UnaryBody {
-    pub fn new(message: Bytes) -> Self {
-        UnaryBody { message: Some(message), ended: false }
+/// A unary call's one message.
+impl Replies for Option<Bytes> {
+    fn poll_reply(&mut self, _cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        Poll::Ready(self.take())
     }
 }
 
-impl RequestBody for UnaryBody {
+/// A gRPC response body: the replies as DATA frames, then `grpc-status: 0`.
+pub struct ReplyBody<R> {
+    replies: R,
+    ended: bool,
+}
+
+impl<R> ReplyBody<R> {
+    pub fn new(replies: R) -> Self {
+        ReplyBody { replies, ended: false }
+    }
+}
+
+impl<R: Replies> RequestBody for ReplyBody<R> {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(message) = self.message.take() {
-            return Poll::Ready(Some(Ok(Frame::data(message))));
-        }
-        if self.ended {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.ended {
             return Poll::Ready(None);
         }
-        self.ended = true;
-        Poll::Ready(Some(Ok(ok_trailers())))
+        Poll::Ready(Some(Ok(match ready!(this.replies.poll_reply(cx)) {
+            Some(reply) => Frame::data(reply),
+            None => {
+                this.ended = true;
+                let mut trailers = http::HeaderMap::with_capacity(1);
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                Frame::trailers(trailers)
+            }
+        })))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -15,14 +14,13 @@ use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, CommonResponse, HeadersResponse, ProcessingResponse, TrailersResponse,
 };
-use hyper::body::Frame;
 use prost::Message;
 use prost::bytes::Bytes;
 use tonic::codegen::Body as RequestBody;
 use tonic::codegen::{StdError, http};
 use uuid::Uuid;
 
-use super::grpc::{self, Messages};
+use super::grpc::{self, Messages, Replies, ReplyBody};
 use super::wire::{HeaderLines, MetadataInput, Part, ProcessingInput};
 
 use crate::domain::budget::Ticket;
@@ -222,10 +220,10 @@ fn record(exchange: Exchange, shared: &Arc<Shared>) {
     }
 }
 
-/// One response's metering stream, as the body of the call's response: reads Envoy's
+/// One response's metering stream, the replies of the call's response body: reads Envoy's
 /// messages as they come (answering each in blocking mode, nothing in observability
-/// mode), records the exchange when the stream ends, or when it is dropped (Envoy
-/// resetting it, the runtime shutting down), and then ends with `grpc-status: 0`.
+/// mode) and records the exchange when the stream ends, or when it is dropped (Envoy
+/// resetting it, the runtime shutting down).
 pub struct MeterStream<B> {
     inbound: Messages<B>,
     exchange: Option<Exchange>,
@@ -234,8 +232,6 @@ pub struct MeterStream<B> {
     attaching: Option<Attaching>,
     /// A reply held while attaching.
     reply: Option<Bytes>,
-    /// The trailers have been sent.
-    ended: bool,
     /// Counts the stream as in flight until it has recorded (graceful shutdown waits).
     _guard: MeteringGuard,
 }
@@ -254,7 +250,7 @@ impl<B> Drop for MeterStream<B> {
     }
 }
 
-impl<B> MeterStream<B>
+impl<B> Replies for MeterStream<B>
 where
     B: RequestBody<Data = Bytes> + Unpin,
     B::Error: Into<StdError>,
@@ -293,33 +289,6 @@ where
     }
 }
 
-impl<B> RequestBody for MeterStream<B>
-where
-    B: RequestBody<Data = Bytes> + Unpin,
-    B::Error: Into<StdError>,
-{
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
-        if this.ended {
-            return Poll::Ready(None);
-        }
-        Poll::Ready(Some(Ok(match ready!(this.poll_reply(cx)) {
-            Some(reply) => Frame::data(reply),
-            None => {
-                this.ended = true;
-                grpc::ok_trailers()
-            }
-        })))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended
-    }
-}
-
 /// The largest message read from Envoy (as tonic's default): a body chunk in
 /// `STREAMED` mode is bounded by Envoy's buffer, a `BUFFERED` body by the route's.
 const MAX_PROCESSING_REQUEST: usize = 4 * 1024 * 1024;
@@ -329,20 +298,19 @@ impl MeterService {
     pub const PATH: &'static str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
 
     /// One metering stream: the response is the stream itself (see [`MeterStream`]).
-    pub(super) fn call<B>(&self, request: http::Request<B>) -> http::Response<MeterStream<B>>
+    pub(super) fn call<B>(&self, request: http::Request<B>) -> http::Response<ReplyBody<MeterStream<B>>>
     where
         B: RequestBody<Data = Bytes> + Unpin,
         B::Error: Into<StdError>,
     {
-        grpc::response(MeterStream {
+        grpc::response(ReplyBody::new(MeterStream {
             inbound: Messages::new(request.into_body(), MAX_PROCESSING_REQUEST),
             exchange: Some(Exchange::default()),
             shared: Arc::clone(&self.shared),
             attaching: None,
             reply: None,
-            ended: false,
             _guard: self.shared.metering_started(),
-        })
+        }))
     }
 }
 

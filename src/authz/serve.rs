@@ -17,12 +17,13 @@ use std::task::{Context, Poll};
 
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prost::bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_stream::{Stream, StreamExt};
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, http};
 
-use super::grpc::UnaryBody;
+use super::grpc::ReplyBody;
 use super::meter::MeterStream;
 use super::{AuthzService, MeterService};
 use crate::listen::Limits;
@@ -68,7 +69,7 @@ where
             let health = self.health.clone().call(request);
             return Box::pin(async move { Ok(tonic_reply(health.await)) });
         }
-        Box::pin(std::future::ready(Ok(tonic_reply(Ok(tonic::Status::unimplemented("").into_http())))))
+        Box::pin(std::future::ready(Ok(Reply::refused(tonic::Status::unimplemented("")))))
     }
 }
 
@@ -83,14 +84,21 @@ fn tonic_reply(response: Result<http::Response<Body>, Infallible>) -> http::Resp
 /// A response body: a Check's answer (one frame, then `grpc-status`), a metering
 /// stream, or the health service's tonic body.
 pub enum Reply {
-    Unary(UnaryBody),
+    Unary(ReplyBody<Option<Bytes>>),
     /// Boxed: a stream's state is ~600 bytes, an answer's 40.
-    Meter(Box<MeterStream<Incoming>>),
+    Meter(Box<ReplyBody<MeterStream<Incoming>>>),
     Other(Body),
 }
 
+impl Reply {
+    /// A call refused with `status` (no message, the status in the trailers).
+    pub fn refused(status: tonic::Status) -> http::Response<Reply> {
+        status.into_http().map(Reply::Other)
+    }
+}
+
 impl hyper::body::Body for Reply {
-    type Data = prost::bytes::Bytes;
+    type Data = Bytes;
     type Error = tonic::Status;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {

@@ -16,7 +16,7 @@ use tonic::codegen::Body as RequestBody;
 use tonic::codegen::{BoxFuture, StdError, http};
 
 use super::AuthzService;
-use super::grpc::{self, UnaryBody};
+use super::grpc::{self, ReplyBody};
 use super::serve::Reply;
 use crate::domain::check::Admitted;
 
@@ -390,11 +390,11 @@ impl AuthzService {
         Box::pin(async move {
             let input = match grpc::unary_message(request.into_body(), MAX_CHECK_REQUEST).await {
                 Ok(message) => <CheckInput as prost::Message>::decode(message),
-                Err(status) => return Ok(status.into_http().map(Reply::Other)),
+                Err(status) => return Ok(Reply::refused(status)),
             };
             Ok(match input {
                 Ok(input) => unary_response(&self.decide(&input).await),
-                Err(e) => tonic::Status::internal(format!("CheckRequest: {e}")).into_http().map(Reply::Other),
+                Err(e) => Reply::refused(tonic::Status::internal(format!("CheckRequest: {e}"))),
             })
         })
     }
@@ -402,7 +402,7 @@ impl AuthzService {
 
 /// A unary gRPC response: the answer in one frame, then `grpc-status: 0`.
 fn unary_response(answer: &Answer) -> http::Response<Reply> {
-    grpc::response(Reply::Unary(UnaryBody::new(grpc::frame(ANSWER_CAPACITY, |out| answer.write(out)))))
+    grpc::response(Reply::Unary(ReplyBody::new(Some(grpc::frame(ANSWER_CAPACITY, |out| answer.write(out))))))
 }
 
 #[cfg(test)]
