@@ -51,25 +51,46 @@ where
 {
     type Response = http::Response<Reply>;
     type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
+    type Future = Call;
 
     fn call(&self, request: http::Request<Incoming>) -> Self::Future {
         let path = request.uri().path();
         if path == AuthzService::PATH {
-            return Arc::clone(&self.authz).call(request);
+            return Call::Later(Arc::clone(&self.authz).call(request));
         }
         if path == MeterService::PATH {
-            return Box::pin(std::future::ready(Ok(self
-                .meter
-                .call(request)
-                .map(|stream| Reply::Meter(Box::new(stream))))));
+            return Call::now(self.meter.call(request).map(|stream| Reply::Meter(Box::new(stream))));
         }
         if path.starts_with(HEALTH) {
             // tonic's generated services are always ready.
             let health = self.health.clone().call(request);
-            return Box::pin(async move { Ok(tonic_reply(health.await)) });
+            return Call::Later(Box::pin(async move { Ok(tonic_reply(health.await)) }));
         }
-        Box::pin(std::future::ready(Ok(Reply::refused(tonic::Status::unimplemented("")))))
+        Call::now(Reply::refused(tonic::Status::unimplemented("")))
+    }
+}
+
+/// A call's response: there at once (a metering stream's, whose body does the work; a
+/// refusal), or to come (a Check's, a health check's).
+pub enum Call {
+    Now(std::future::Ready<Result<http::Response<Reply>, Infallible>>),
+    Later(BoxFuture<http::Response<Reply>, Infallible>),
+}
+
+impl Call {
+    fn now(response: http::Response<Reply>) -> Self {
+        Call::Now(std::future::ready(Ok(response)))
+    }
+}
+
+impl Future for Call {
+    type Output = Result<http::Response<Reply>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Call::Now(ready) => Pin::new(ready).poll(cx),
+            Call::Later(later) => later.as_mut().poll(cx),
+        }
     }
 }
 
